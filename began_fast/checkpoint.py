@@ -1,0 +1,89 @@
+"""Checkpoints: written atomically, read back with one clear error when the file is not one of ours.
+
+A checkpoint is a dict saved with torch.save:
+  format        CHECKPOINT_FORMAT
+  model_config, train_config, data_config   the dataclasses as dicts
+  step          steps completed
+  G, D          state_dicts (the same keys for impl="torch" and impl="triton")
+  trainer       the training step's state: optimizers, k_t, learning rates, lr-decay window, RNG states
+  fixed_z       the noise of the sample grids, so a resumed run keeps drawing the same faces
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from began_fast.config import ModelConfig
+from began_fast.model import Discriminator, Generator, carry_at
+
+CHECKPOINT_FORMAT = "began-fast/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read; the message is one line meant for the user."""
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(file_object) on a temporary file beside `path`, then rename it over `path`.
+
+    The rename is atomic on POSIX, so a crash or Ctrl-C mid-write leaves the old file whole.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (expected a .pt file written by began-fast)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        reason = type(e).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); is it a began-fast .pt file?") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a began-fast checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_of(state: dict) -> ModelConfig:
+    return ModelConfig(**state["model_config"])
+
+
+def load_models(
+    path: str | Path, device: str | torch.device = "cpu", impl: str = "auto"
+) -> tuple[Generator, Discriminator, dict]:
+    """Rebuild G and D from a checkpoint, in eval mode on `device`; also returns the whole checkpoint dict."""
+    state = load_checkpoint(path)
+    cfg = model_config_of(state)
+    G, D = Generator(cfg, impl=impl), Discriminator(cfg, impl=impl)
+    G.load_state_dict(state["G"])
+    D.load_state_dict(state["D"])
+    # A finished vanishing residual has carry 0; mid-run, the carry of the step the checkpoint was taken at.
+    carry = carry_at(state["step"], cfg)
+    G.set_carry(carry)
+    D.set_carry(carry)
+    return G.to(device).eval(), D.to(device).eval(), state

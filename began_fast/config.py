@@ -1,0 +1,179 @@
+"""Configuration dataclasses and the named presets.
+
+Every value is checked when the dataclass is built, so a bad value fails at once with one line that says
+what was wrong and what is expected (`ConfigError`), never deep inside a training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+IMAGE_SIZES = (16, 32, 64, 128, 256)
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message is one line meant for the user."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The BEGAN architecture (DESIGN.md section 2).
+
+    image_size: S in {16, 32, 64, 128, 256}; the networks work on `num_scales = log2(S/8) + 1` scales.
+    n: filters per conv (the encoder's scale i has n*(i+1)). h: embedding size. z_dim: noise size (h if None).
+    skip: the paper's skip connections from the decoder's 8x8 tensor to every scale.
+    vanishing_residual: blend each shape-preserving ELU conv with its input, the input's weight going from
+    1 to 0 over `carry_steps` steps.
+    """
+
+    image_size: int = 64
+    n: int = 128
+    h: int = 64
+    z_dim: int | None = None
+    skip: bool = False
+    vanishing_residual: bool = False
+    carry_steps: int = 16000
+
+    def __post_init__(self) -> None:
+        _require(
+            self.image_size in IMAGE_SIZES,
+            f"image_size must be a power of two in 16..256 (one of {IMAGE_SIZES}), got {self.image_size}",
+        )
+        _require(isinstance(self.n, int) and self.n >= 1, f"n (filters) must be an integer >= 1, got {self.n}")
+        _require(isinstance(self.h, int) and self.h >= 1, f"h (embedding size) must be an integer >= 1, got {self.h}")
+        _require(
+            self.z_dim is None or (isinstance(self.z_dim, int) and self.z_dim >= 1),
+            f"z_dim must be None (= h) or an integer >= 1, got {self.z_dim}",
+        )
+        _require(self.carry_steps >= 1, f"carry_steps must be >= 1, got {self.carry_steps}")
+
+    @property
+    def z_size(self) -> int:
+        return self.h if self.z_dim is None else self.z_dim
+
+    @property
+    def num_scales(self) -> int:
+        return (self.image_size // 8).bit_length()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation: Adam for G and D, the k_t balance, and the lr decay on a stalled M.
+
+    The lr is multiplied by `lr_decay_factor` when the mean of M over the last `lr_decay_window` steps is
+    no lower than the best such window mean seen so far; it never goes below `lr_floor`.
+    """
+
+    batch_size: int = 16
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    gamma: float = 0.5
+    lambda_k: float = 0.001
+    lr_decay_window: int = 3000
+    lr_decay_factor: float = 0.5
+    lr_floor: float = 2e-5
+    steps: int = 450_000
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 1000
+    checkpoint_every: int = 5000
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"betas must be two numbers in [0, 1), got {self.betas}",
+        )
+        _require(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        _require(self.lambda_k >= 0, f"lambda_k must be >= 0, got {self.lambda_k}")
+        _require(self.lr_decay_window >= 1, f"lr_decay_window must be >= 1, got {self.lr_decay_window}")
+        _require(0 < self.lr_decay_factor <= 1, f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}")
+        _require(0 <= self.lr_floor <= self.lr, f"lr_floor must be in [0, lr={self.lr}], got {self.lr_floor}")
+        _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        for name in ("log_every", "sample_every", "checkpoint_every"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+CROPS = ("celeba", "center")
+SOURCES = ("auto", "builtin", "celeba", "hdf5", "folder")
+LOADERS = ("auto", "torch", "gpu", "dali")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are cropped and delivered.
+
+    path: None for the built-in procedural faces, else a CelebA folder, an image folder or an HDF5 file.
+    crop: "celeba" takes the 128x128 box at top 50, left 25 of the 178x218 aligned faces (as
+    carpedm20/BEGAN-tensorflow); "center" takes a centred square of `crop_size` (the short side if None).
+    Then an antialiased resize to the model's image size.
+    """
+
+    path: str | None = None
+    source: str = "auto"
+    crop: str = "celeba"
+    crop_size: int | None = None
+    flip: bool = True
+    num_workers: int = 2
+    loader: str = "auto"
+    builtin_count: int = 10_000
+    builtin_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.source in SOURCES, f"data source must be one of {SOURCES}, got {self.source!r}")
+        _require(self.crop in CROPS, f"crop must be one of {CROPS}, got {self.crop!r}")
+        _require(self.crop_size is None or self.crop_size >= 1, f"crop_size must be >= 1, got {self.crop_size}")
+        _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        _require(self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}")
+        _require(self.builtin_count >= 1, f"builtin_count must be >= 1, got {self.builtin_count}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+PRESETS: dict[str, Preset] = {
+    # The paper's CelebA setting at 64x64 (Table 1 / Figure 2): n=128, h=z=64, batch 16, Adam 1e-4, gamma 0.5.
+    "paper64": Preset(ModelConfig(image_size=64, n=128, h=64), TrainConfig(batch_size=16, lr=1e-4, gamma=0.5)),
+    # The paper's 128x128 setting.
+    "paper128": Preset(ModelConfig(image_size=128, n=128, h=64), TrainConfig(batch_size=16, lr=1e-4, gamma=0.5)),
+    # A GPU default for a first run: the paper's model at 64 px, with short logging intervals.
+    "gpu64": Preset(
+        ModelConfig(image_size=64, n=128, h=64),
+        TrainConfig(batch_size=16, lr=1e-4, gamma=0.5, steps=50_000, sample_every=1000, checkpoint_every=5000),
+    ),
+    # Small enough that a 2-core CPU shows faces forming within about five minutes.
+    "demo": Preset(
+        ModelConfig(image_size=32, n=32, h=32),
+        TrainConfig(
+            batch_size=16,
+            lr=3e-4,
+            gamma=0.5,
+            steps=1500,
+            lr_decay_window=500,
+            log_every=25,
+            sample_every=250,
+            checkpoint_every=500,
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def replace(cfg, **changes):
+    """dataclasses.replace that skips None values (unset command-line flags) and re-validates."""
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,153 @@
+"""The public ops BEGAN's networks are built from, each with an `impl=` switch.
+
+impl="torch" runs PyTorch primitives (any device); impl="triton" runs the fused Triton kernels (on a CUDA
+device, or through Triton's interpreter on a CPU when TRITON_INTERPRET=1); impl="auto" picks Triton on CUDA
+and PyTorch elsewhere. The environment variable BEGAN_FAST_IMPL (auto|torch|triton) overrides "auto" for a
+whole run. When Triton is asked for but cannot be imported, the op falls back to PyTorch with one warning.
+The specification every impl is checked against is reference.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from began_fast.conv_function import TorchConvELU
+from began_fast.reference import BalanceResult, began_objective
+
+IMPLS = ("auto", "torch", "triton")
+IMPL_ENV = "BEGAN_FAST_IMPL"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"began_fast: impl='triton' unavailable ({reason}); using impl='torch'", stacklevel=3)
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map "auto" (or the BEGAN_FAST_IMPL override) to a concrete impl for tensors on `device`."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = os.environ.get(IMPL_ENV, "auto") or "auto"
+        if impl not in IMPLS:
+            raise ValueError(f"{IMPL_ENV} must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if impl == "triton" and not triton_available():
+        _warn_fallback("triton is not installed")
+        impl = "torch"
+    return impl
+
+
+def prepare_activation(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Put a network's input in the layout its impl works in (done once per network, not per layer).
+
+    The Triton kernels read channels_last (NHWC) activations: a 3x3 tap is then a contiguous run of channels,
+    the GEMM's reduction axis. PyTorch's ops take either layout; they keep the caller's.
+    """
+    if resolve_impl(impl, x.device) == "triton":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _check_conv_args(x, weight, skip, stride, upsample):
+    if x.dim() != 4:
+        raise ValueError(f"conv_elu: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if stride not in (1, 2) or upsample not in (1, 2) or (stride == 2 and upsample == 2):
+        raise ValueError(f"conv_elu: expected stride, upsample in {{1, 2}} and not both 2, got {stride}, {upsample}")
+    c_in = x.shape[1] + (0 if skip is None else skip.shape[1])
+    if tuple(weight.shape[1:]) != (c_in, 3, 3):
+        raise ValueError(f"conv_elu: weight must be (Cout, {c_in}, 3, 3) for these inputs, got {tuple(weight.shape)}")
+    if skip is not None:
+        out_hw = (x.shape[2] * upsample, x.shape[3] * upsample)
+        if skip.shape[0] != x.shape[0] or any(o % s for o, s in zip(out_hw, skip.shape[2:], strict=True)):
+            raise ValueError(
+                f"conv_elu: skip {tuple(skip.shape)} must match x's batch and divide the upsampled size {out_hw}"
+            )
+
+
+def conv_elu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    stride: int = 1,
+    upsample: int = 1,
+    skip: torch.Tensor | None = None,
+    act: bool = True,
+    wgrad_scale: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """conv3x3 (padding 1) + bias + ELU, with nearest x`upsample` and a skip concat folded into the input.
+
+    x: (B, C1, H, W); skip: (B, C2, h, w) or None, nearest-upsampled to the output size and concatenated after
+    x's channels; weight: (Cout, C1 + C2, 3, 3). Output: (B, Cout, H*upsample/stride, W*upsample/stride).
+    act=False leaves out the ELU (the decoder's RGB output). wgrad_scale: (B,) or None, multiplies each
+    sample's contribution to the weight and bias gradients only; the input gradients stay unscaled.
+    """
+    _check_conv_args(x, weight, skip, stride, upsample)
+    if resolve_impl(impl, x.device) == "triton":
+        from began_fast.conv_function import TritonConvELU
+
+        return TritonConvELU.apply(x, skip, weight, bias, wgrad_scale, stride, upsample, act)
+    return TorchConvELU.apply(x, skip, weight, bias, wgrad_scale, stride, upsample, act)
+
+
+class _ScaledLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, wgrad_scale):
+        ctx.save_for_backward(x, weight, wgrad_scale)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, scale = ctx.saved_tensors
+        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        gs = grad_y * scale.to(grad_y.dtype)[:, None]
+        return grad_x, gs.t() @ x, gs.sum(0), None
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, wgrad_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x W^T + b, with an optional per-sample scale (B,) on the weight and bias gradients only."""
+    if wgrad_scale is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _ScaledLinear.apply(x, weight, bias, wgrad_scale)
+
+
+def began_balance(
+    x: torch.Tensor,
+    rx: torch.Tensor,
+    fake: torch.Tensor,
+    rfake: torch.Tensor,
+    k: torch.Tensor | float,
+    gamma: float,
+    lambda_k: float,
+    *,
+    impl: str = "auto",
+) -> BalanceResult:
+    """BEGAN's L1 losses, k_t update and M in one op; arguments and result as reference.began_objective."""
+    if not (x.shape == rx.shape == fake.shape == rfake.shape):
+        raise ValueError(
+            f"began_balance: x, rx, fake, rfake must share one shape, got "
+            f"{tuple(x.shape)}, {tuple(rx.shape)}, {tuple(fake.shape)}, {tuple(rfake.shape)}"
+        )
+    if resolve_impl(impl, x.device) == "triton":
+        from began_fast.balance_function import triton_began_balance
+
+        return triton_began_balance(x, rx, fake, rfake, k, gamma, lambda_k)
+    return began_objective(x, rx, fake, rfake, k, gamma, lambda_k)
