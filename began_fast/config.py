@@ -112,13 +112,14 @@ class DataConfig:
 
     path: None for the built-in procedural faces, else a CelebA folder, an image folder or an HDF5 file.
     crop: "celeba" takes the 128x128 box at top 50, left 25 of the 178x218 aligned faces (as
-    carpedm20/BEGAN-tensorflow); "center" takes a centred square of `crop_size` (the short side if None).
-    Then an antialiased resize to the model's image size.
+    carpedm20/BEGAN-tensorflow); "center" takes a centred square of `crop_size` (the short side if None);
+    None takes the source's own default (the CelebA box for a CelebA folder, the centre crop elsewhere).
+    Then an antialiased (Lanczos) resize to the model's image size.
     """
 
     path: str | None = None
     source: str = "auto"
-    crop: str = "celeba"
+    crop: str | None = None
     crop_size: int | None = None
     flip: bool = True
     num_workers: int = 2
@@ -128,7 +129,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.source in SOURCES, f"data source must be one of {SOURCES}, got {self.source!r}")
-        _require(self.crop in CROPS, f"crop must be one of {CROPS}, got {self.crop!r}")
+        _require(self.crop is None or self.crop in CROPS, f"crop must be one of {CROPS} or None, got {self.crop!r}")
         _require(self.crop_size is None or self.crop_size >= 1, f"crop_size must be >= 1, got {self.crop_size}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         _require(self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}")

@@ -1,0 +1,50 @@
+"""The one tolerance table of the test suite (DESIGN.md section 5).
+
+Parity rule: a fast result is compared with the float64 reference. In float64 and float32 it must be within
+(atol, rtol) of it. In a low precision (bf16, fp16) its error against the float64 reference must be at most
+2x the error of PyTorch's own result in the same precision, plus atol: we may not be worse than the framework
+by more than a factor two. NaN never passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tol:
+    atol: float
+    rtol: float
+    reason: str
+
+
+TOLERANCES: dict[torch.dtype, Tol] = {
+    torch.float64: Tol(1e-10, 1e-9, "same math, summation order differs: only float64 rounding"),
+    torch.float32: Tol(1e-4, 1e-4, "float32 accumulation in a different order over up to 9*C*B terms"),
+    torch.bfloat16: Tol(2e-2, 0.0, "bf16 inputs/outputs (8-bit mantissa); judged relative to torch's bf16 error"),
+    torch.float16: Tol(2e-3, 0.0, "fp16 inputs/outputs (11-bit mantissa); judged relative to torch's fp16 error"),
+}
+
+
+def assert_parity(
+    fast: torch.Tensor, ref64: torch.Tensor, torch_same: torch.Tensor | None = None, *, name: str = "result"
+) -> None:
+    """Check `fast` against the float64 reference `ref64` under the rule above.
+
+    torch_same: PyTorch's own result in fast's dtype; needed for bf16 and fp16.
+    """
+    assert fast.shape == ref64.shape, f"{name}: shape {tuple(fast.shape)} != reference {tuple(ref64.shape)}"
+    assert not torch.isnan(fast).any(), f"{name}: NaN in the fast result"
+    tol = TOLERANCES[fast.dtype]
+    fast64, ref64 = fast.double(), ref64.double()
+    if fast.dtype in (torch.float64, torch.float32):
+        torch.testing.assert_close(fast64, ref64, atol=tol.atol, rtol=tol.rtol, msg=lambda m: f"{name}: {m}")
+        return
+    assert torch_same is not None, f"{name}: a {fast.dtype} comparison needs PyTorch's same-precision result"
+    err_fast = (fast64 - ref64).abs().max().item()
+    err_torch = (torch_same.double() - ref64).abs().max().item()
+    assert err_fast <= 2 * err_torch + tol.atol, (
+        f"{name}: {fast.dtype} error {err_fast:.3g} > 2 x torch's {err_torch:.3g} + atol {tol.atol}"
+    )
