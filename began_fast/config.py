@@ -67,7 +67,8 @@ class TrainConfig:
     """The optimisation: Adam for G and D, the k_t balance, and the lr decay on a stalled M.
 
     The lr is multiplied by `lr_decay_factor` when the mean of M over the last `lr_decay_window` steps is
-    no lower than the best such window mean seen so far; it never goes below `lr_floor`.
+    no lower than the best such window mean seen so far; it never goes below `lr_floor`. The run folder keeps
+    `latest.pt` (rewritten every `checkpoint_every` steps) and a snapshot every `snapshot_every` steps.
     """
 
     batch_size: int = 16
@@ -83,6 +84,7 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 1000
     checkpoint_every: int = 5000
+    snapshot_every: int = 50_000
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -97,7 +99,7 @@ class TrainConfig:
         _require(0 < self.lr_decay_factor <= 1, f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}")
         _require(0 <= self.lr_floor <= self.lr, f"lr_floor must be in [0, lr={self.lr}], got {self.lr_floor}")
         _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
-        for name in ("log_every", "sample_every", "checkpoint_every"):
+        for name in ("log_every", "sample_every", "checkpoint_every", "snapshot_every"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
 
 
@@ -164,6 +166,7 @@ PRESETS: dict[str, Preset] = {
             log_every=25,
             sample_every=250,
             checkpoint_every=500,
+            snapshot_every=500,
         ),
     ),
 }

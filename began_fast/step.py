@@ -1,0 +1,105 @@
+"""BEGAN training steps.
+
+`ReferenceStep` is the specification of one step (DESIGN.md section 3): eager float32, plain autograd, G and D
+updated simultaneously from the same forward pass (as carpedm20/BEGAN-tensorflow's grouped optimizers), L_D's
+gradient applied to D only and L_G's to G only. The fast step (fast_step.py) is checked against it.
+
+A step keeps everything it updates on the device: k_t, the learning rate, the lr-decay window and the running
+statistics. It never reads a number back to the host; the loop does that every `log_every` steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from began_fast.config import TrainConfig
+from began_fast.model import Discriminator, Generator, carry_at
+from began_fast.reference import BalanceResult, began_objective
+from began_fast.stats import MStallDecay, RunningStats
+
+
+def balance_stats(res: BalanceResult, k: torch.Tensor) -> torch.Tensor:
+    """The values RunningStats sums, in STAT_NAMES order (k is k_t, the value this step used)."""
+    return torch.stack([res.l_real, res.l_fake, res.l_d, res.l_g, k, res.m]).detach().float()
+
+
+class StepState:
+    """What every BEGAN step holds besides the networks: Adam for G and D sharing one lr tensor, k_t, the lr
+    decay, the running statistics, and the noise generator (its state is saved so that a resume is exact)."""
+
+    def __init__(self, G: Generator, D: Discriminator, cfg: TrainConfig, device: torch.device, *, fused=False):
+        self.G, self.D, self.cfg, self.device = G, D, cfg, torch.device(device)
+        self.lr = torch.tensor(cfg.lr, dtype=torch.float32, device=self.device)
+        on_cuda = self.device.type == "cuda"
+        # A tensor lr lets the decay change it in place on the device. Off CUDA, Adam takes a tensor lr only
+        # without foreach; on CUDA, the capturable (or fused) implementations read it on the device.
+        adam = dict(lr=self.lr, betas=cfg.betas, capturable=on_cuda and not fused, fused=fused or None)
+        if not on_cuda:
+            adam["foreach"] = False
+        self.opt_g = torch.optim.Adam(G.parameters(), **adam)
+        self.opt_d = torch.optim.Adam(D.parameters(), **adam)
+        self.k = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.decay = MStallDecay(self.lr, cfg.lr_decay_window, cfg.lr_decay_factor, cfg.lr_floor)
+        self.stats = RunningStats(self.device)
+        self.z_gen = torch.Generator(device=self.device)
+        self.z_gen.manual_seed(cfg.seed)
+        self.steps_done = 0
+
+    def draw_z(self, batch_size: int) -> torch.Tensor:
+        """z ~ U(-1, 1), drawn on the device from the step's own generator."""
+        dtype = self.G.decoder.fc.weight.dtype
+        z = torch.rand(batch_size, self.G.cfg.z_size, device=self.device, dtype=dtype, generator=self.z_gen)
+        return z * 2 - 1
+
+    def set_carry(self) -> None:
+        if self.G.cfg.vanishing_residual:
+            carry = carry_at(self.steps_done, self.G.cfg)
+            self.G.set_carry(carry)
+            self.D.set_carry(carry)
+
+    def state_dict(self) -> dict:
+        return {
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "k": self.k.clone(),
+            "decay": self.decay.state_dict(),
+            "z_gen": self.z_gen.get_state(),
+            "steps_done": self.steps_done,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.decay.load_state_dict(state["decay"])
+        # load_state_dict put the saved lr tensors into the param groups: point them back at the shared one.
+        for group in self.opt_g.param_groups + self.opt_d.param_groups:
+            group["lr"] = self.lr
+        self.k.copy_(state["k"])
+        self.z_gen.set_state(state["z_gen"])
+        self.steps_done = state["steps_done"]
+        self.set_carry()
+
+
+class ReferenceStep(StepState):
+    """One BEGAN step in eager float32 with plain autograd: the specification of a training step."""
+
+    def __call__(self, x: torch.Tensor) -> BalanceResult:
+        cfg, G, D = self.cfg, self.G, self.D
+        self.set_carry()
+        z = self.draw_z(x.shape[0])
+        fake = G(z)
+        rx, rfake = D(x), D(fake)
+        res = began_objective(x, rx, fake, rfake, self.k, cfg.gamma, cfg.lambda_k)
+        d_params, g_params = list(D.parameters()), list(G.parameters())
+        # Both gradients from the same forward pass: L_D to D's parameters only, L_G to G's only (through D).
+        grads_d = torch.autograd.grad(res.l_d, d_params, retain_graph=True)
+        grads_g = torch.autograd.grad(res.l_g, g_params)
+        for p, g in zip(d_params + g_params, grads_d + grads_g, strict=True):
+            p.grad = g
+        self.opt_d.step()
+        self.opt_g.step()
+        self.stats.add(balance_stats(res, self.k))
+        self.k.copy_(res.k_next)
+        self.decay.update(res.m)
+        self.steps_done += 1
+        return res

@@ -1,0 +1,217 @@
+"""The training loop behind scripts/train.py, readable top to bottom.
+
+A run folder holds config.json, stats.jsonl (a row per logging window), TensorBoard events (when tensorboard is
+installed), samples/step_XXXXXXX.png from a fixed z, convergence.png (M and k_t against the step), latest.pt
+and snapshots step_XXXXXXX.pt. The step keeps its statistics on the device; this loop reads them every
+`log_every` steps, and that read is where a NaN or inf is caught.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from began_fast import reports
+from began_fast.checkpoint import config_dict, load_checkpoint, save_checkpoint
+from began_fast.config import DataConfig, ModelConfig, TrainConfig
+from began_fast.data import make_batches
+from began_fast.model import Discriminator, Generator
+from began_fast.step import ReferenceStep
+
+SAMPLE_GRID = 64  # images in a sample grid (8 x 8)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN or inf in the losses); the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run executes, as opposed to what it trains (the configs)."""
+
+    out: Path
+    device: str = "cpu"
+    impl: str = "auto"
+    resume: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built by `setup_run` (fresh or from the run folder's latest.pt)."""
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    data_cfg: DataConfig
+    opts: RunOptions
+    G: Generator
+    D: Discriminator
+    step: ReferenceStep
+    fixed_z: torch.Tensor
+
+    @property
+    def out(self) -> Path:
+        return self.opts.out
+
+
+def setup_run(model_cfg, train_cfg, data_cfg, opts: RunOptions) -> Run:
+    """Build the networks and the step; with opts.resume, restore them from `opts.out/latest.pt`.
+
+    On resume the checkpoint's model, data and train configs stand, except `steps`, which the caller may raise.
+    """
+    device = torch.device(opts.device)
+    state = None
+    if opts.resume:
+        state = load_checkpoint(opts.out / "latest.pt")
+        model_cfg = ModelConfig(**state["model_config"])
+        data_cfg = DataConfig(**state["data_config"])
+        saved = state["train_config"]
+        saved["betas"] = tuple(saved["betas"])
+        train_cfg = dataclasses.replace(TrainConfig(**saved), steps=train_cfg.steps)
+    torch.manual_seed(train_cfg.seed)
+    G = Generator(model_cfg, impl=opts.impl).to(device)
+    D = Discriminator(model_cfg, impl=opts.impl).to(device)
+    gen = torch.Generator().manual_seed(train_cfg.seed + 1)
+    fixed_z = (torch.rand(SAMPLE_GRID, model_cfg.z_size, generator=gen) * 2 - 1).to(device)
+    step = ReferenceStep(G, D, train_cfg, device)
+    if state is not None:
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        step.load_state_dict(state["trainer"])
+        fixed_z = state["fixed_z"].to(device)
+    return Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z)
+
+
+def checkpoint_state(run: Run) -> dict:
+    return {
+        "model_config": config_dict(run.model_cfg),
+        "train_config": config_dict(run.train_cfg),
+        "data_config": config_dict(run.data_cfg),
+        "step": run.step.steps_done,
+        "G": run.G.state_dict(),
+        "D": run.D.state_dict(),
+        "trainer": run.step.state_dict(),
+        "fixed_z": run.fixed_z.cpu(),
+    }
+
+
+def write_checkpoint(run: Run) -> Path:
+    state = checkpoint_state(run)
+    latest = run.out / "latest.pt"
+    save_checkpoint(latest, state)
+    if run.step.steps_done % run.train_cfg.snapshot_every == 0:
+        save_checkpoint(run.out / f"step_{run.step.steps_done:07d}.pt", state)
+    return latest
+
+
+def write_samples(run: Run) -> None:
+    with torch.no_grad():
+        images = run.G(run.fixed_z)
+    reports.save_image_grid(images, run.out / "samples" / f"step_{run.step.steps_done:07d}.png", nrow=8)
+
+
+def open_tensorboard(out: Path):
+    """A SummaryWriter when tensorboard is installed, else None (it is an optional extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def log_window(run: Run, stats_file, writer, bar) -> dict:
+    """Read the window's means from the device (the loop's only sync), check them, and write them out."""
+    row = {"step": run.step.steps_done, **run.step.stats.read_and_reset(), "lr": run.step.lr.item()}
+    if not all(math.isfinite(v) for v in row.values()):
+        raise TrainingError(
+            f"non-finite loss in the {run.train_cfg.log_every} steps up to step {row['step']} "
+            f"(L_D={row['l_d']:.4g}, L_G={row['l_g']:.4g}, M={row['m']:.4g}); training stopped, "
+            f"the last good checkpoint is {run.out / 'latest.pt'}"
+        )
+    stats_file.write(json.dumps(row) + "\n")
+    stats_file.flush()
+    if writer is not None:
+        for key in ("m", "k", "l_d", "l_g", "l_real", "l_fake", "lr"):
+            writer.add_scalar(f"began/{key}", row[key], row["step"])
+    bar.set_postfix(M=f"{row['m']:.4f}", k=f"{row['k']:.4f}", L_D=f"{row['l_d']:.4f}", L_G=f"{row['l_g']:.4f}")
+    return row
+
+
+@contextlib.contextmanager
+def stop_on_interrupt():
+    """Turn the first Ctrl-C into a request the loop honours between steps (a step is never cut in half);
+    a second Ctrl-C interrupts at once."""
+    requested = []
+
+    def handler(signum, frame):
+        requested.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(run: Run) -> Path:
+    """Run from the step the run is at to `train_cfg.steps`; return the path of the last checkpoint.
+
+    Ctrl-C finishes the step in flight, writes a checkpoint and returns cleanly.
+    """
+    cfg, out = run.train_cfg, run.out
+    out.mkdir(parents=True, exist_ok=True)
+    run_info = {"device": run.opts.device, "impl": run.opts.impl, "torch": torch.__version__}
+    config = {"model": config_dict(run.model_cfg), "train": config_dict(run.train_cfg)}
+    config |= {"data": config_dict(run.data_cfg), "run": run_info}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    start = run.step.steps_done
+    batches = make_batches(
+        run.data_cfg,
+        run.model_cfg.image_size,
+        cfg.batch_size,
+        device=torch.device(run.opts.device),
+        seed=cfg.seed,
+        start_step=start,
+    )
+    say = (lambda *a: None) if run.opts.quiet else (lambda msg: print(msg, file=sys.stderr))
+    say(f"began-fast: {'resuming at step ' + str(start) if start else 'new run'} in {out}")
+    say(f"  data: {batches.describe()}")
+    say(f"  model: {run.model_cfg}  impl={run.opts.impl}  device={run.opts.device}")
+
+    writer = open_tensorboard(out)
+    last_checkpoint = out / "latest.pt"
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet)
+    try:
+        with open(out / "stats.jsonl", "a") as stats_file, stop_on_interrupt() as interrupted:
+            for _ in range(start, cfg.steps):
+                run.step(next(batches))
+                done = run.step.steps_done
+                bar.update(1)
+                checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps or interrupted
+                # Statistics are read before every checkpoint, so a checkpoint never holds a diverged model.
+                if done % cfg.log_every == 0 or checkpoint_due:
+                    log_window(run, stats_file, writer, bar)
+                if done % cfg.sample_every == 0 or done == cfg.steps:
+                    write_samples(run)
+                    reports.plot_convergence(reports.read_stats(out / "stats.jsonl"), out / "convergence.png")
+                if checkpoint_due:
+                    last_checkpoint = write_checkpoint(run)
+                if interrupted:
+                    say(f"interrupted at step {done}; checkpoint written to {last_checkpoint}")
+                    break
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return last_checkpoint

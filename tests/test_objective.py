@@ -1,0 +1,80 @@
+"""BEGAN's objective at its boundaries (DESIGN.md section 3) and the device-side statistics."""
+
+import pytest
+import torch
+
+from began_fast import ops
+from began_fast.reference import began_objective
+from began_fast.stats import STAT_NAMES, MStallDecay, RunningStats
+
+
+def images(seed, shape=(2, 3, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(4)]
+
+
+def test_objective_formulas():
+    x, rx, fake, rfake = images(0)
+    k, gamma, lam = 0.3, 0.7, 0.01
+    res = began_objective(x, rx, fake, rfake, k, gamma, lam)
+    l_real, l_fake = (x - rx).abs().mean(), (fake - rfake).abs().mean()
+    torch.testing.assert_close(res.l_real, l_real)
+    torch.testing.assert_close(res.l_fake, l_fake)
+    torch.testing.assert_close(res.l_d, l_real - k * l_fake)
+    torch.testing.assert_close(res.l_g, l_fake)
+    torch.testing.assert_close(res.k_next, torch.clamp(k + lam * (gamma * l_real - l_fake), 0, 1))
+    torch.testing.assert_close(res.m, l_real + (gamma * l_real - l_fake).abs())
+
+
+@pytest.mark.parametrize("k, gamma, clamp", [(0.0, 0.01, 0.0), (1.0, 1.0, 1.0), (0.9995, 1.0, 1.0)])
+def test_k_clamps(k, gamma, clamp):
+    x, rx, fake, rfake = images(1)
+    if clamp == 1.0:
+        rfake = fake + 0.01 * (rfake - fake)  # D reconstructs fakes well: the balance is positive
+    res = began_objective(x, rx, fake, rfake, k, gamma, lambda_k=1.0)
+    balance = gamma * res.l_real - res.l_fake
+    assert (balance < 0) if clamp == 0.0 else (balance > 0)  # the update pushes k past the clamp
+    assert res.k_next.item() == clamp
+
+
+def test_l1_gradient_is_zero_where_reconstruction_is_exact():
+    x, rx, fake, rfake = images(2)
+    rx = rx.clone()
+    rx[0, 0, :4] = x[0, 0, :4]  # differences of exactly 0: torch's sign(0) = 0
+    rx.requires_grad_(True)
+    res = began_objective(x, rx, fake, rfake, 0.0, 0.5, 0.001)
+    (grad,) = torch.autograd.grad(res.l_real, rx)
+    assert (grad[0, 0, :4] == 0).all()
+    assert (grad[0, 0, 4:].abs() == 1 / x.numel()).all()
+
+
+def test_began_balance_torch_impl_is_the_objective():
+    x, rx, fake, rfake = images(3)
+    a = ops.began_balance(x, rx, fake, rfake, torch.tensor(0.2, dtype=torch.float64), 0.5, 0.001, impl="torch")
+    b = began_objective(x, rx, fake, rfake, 0.2, 0.5, 0.001)
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v)
+    with pytest.raises(ValueError, match="share one shape"):
+        ops.began_balance(x, rx[:1], fake, rfake, 0.0, 0.5, 0.001, impl="torch")
+
+
+def test_running_stats_means_and_reset():
+    stats = RunningStats(torch.device("cpu"))
+    rows = torch.rand(5, len(STAT_NAMES))
+    for row in rows:
+        stats.add(row)
+    means = stats.read_and_reset()
+    assert list(means) == list(STAT_NAMES)
+    torch.testing.assert_close(torch.tensor(list(means.values())), rows.mean(0))
+    stats.add(rows[0])
+    torch.testing.assert_close(torch.tensor(list(stats.read_and_reset().values())), rows[0])
+
+
+def test_lr_decays_only_when_m_stalls_and_never_below_floor():
+    lr = torch.tensor(1.0)
+    decay = MStallDecay(lr, window=2, factor=0.5, floor=0.3)
+    history = []
+    for m in [5, 5, 4, 4, 4, 4, 3, 3, 9, 9, 9, 9]:  # window means: 5, 4, 4 (stall), 3, 9 (stall), 9 (stall)
+        decay.update(torch.tensor(float(m)))
+        history.append(lr.item())
+    assert history == pytest.approx([1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.3, 0.3, 0.3])

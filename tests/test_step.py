@@ -1,0 +1,87 @@
+"""The reference training step: loss routing, k_t, statistics, and its state for exact resumes."""
+
+import copy
+
+import torch
+
+from began_fast.config import ModelConfig, TrainConfig
+from began_fast.model import Discriminator, Generator
+from began_fast.reference import began_objective
+from began_fast.step import ReferenceStep
+
+MODEL = ModelConfig(image_size=16, n=4, h=4)
+
+
+def make_step(seed=0, **train):
+    torch.manual_seed(seed)
+    G, D = Generator(MODEL, impl="torch").double(), Discriminator(MODEL, impl="torch").double()
+    return ReferenceStep(G, D, TrainConfig(batch_size=3, **train), "cpu")
+
+
+def real_batch(seed=0):
+    return torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 1
+
+
+def test_losses_are_routed_l_d_to_d_and_l_g_to_g(monkeypatch):
+    step = make_step()
+    step.k.fill_(0.5)  # with k = 0 L_D would not depend on G at all, and routing could not be seen
+    G0, D0 = copy.deepcopy(step.G), copy.deepcopy(step.D)
+    z_gen = copy.deepcopy(step.z_gen)
+    for opt in (step.opt_g, step.opt_d):
+        monkeypatch.setattr(opt, "step", lambda: None)  # keep the gradients, skip the update
+    x = real_batch()
+    step(x)
+
+    z = torch.rand(3, 4, generator=z_gen, dtype=torch.float64) * 2 - 1
+    fake = G0(z)
+    res = began_objective(x, D0(x), fake, D0(fake), 0.5, 0.5, 0.001)
+    d_params, g_params = list(D0.parameters()), list(G0.parameters())
+    want_d = torch.autograd.grad(res.l_d, d_params, retain_graph=True)
+    want_g = torch.autograd.grad(res.l_g, g_params, retain_graph=True)
+    wrong_g = torch.autograd.grad(res.l_d, g_params)  # what G would get if L_D leaked into it
+    for p, w in zip(step.D.parameters(), want_d, strict=True):
+        torch.testing.assert_close(p.grad, w)
+    for p, w in zip(step.G.parameters(), want_g, strict=True):
+        torch.testing.assert_close(p.grad, w)
+    assert any(not torch.allclose(p.grad, bad) for p, bad in zip(step.G.parameters(), wrong_g, strict=True))
+
+
+def test_d_update_leaves_g_untouched_and_the_reverse(monkeypatch):
+    for frozen in ("opt_g", "opt_d"):
+        step = make_step()
+        before = {name: copy.deepcopy(getattr(step, name[-1].upper())) for name in ("opt_g", "opt_d")}
+        monkeypatch.setattr(getattr(step, frozen), "step", lambda: None)
+        step(real_batch())
+        still = frozen[-1].upper()  # the network whose optimizer did not run
+        moved = "D" if still == "G" else "G"
+        for a, b in zip(before[frozen].parameters(), getattr(step, still).parameters(), strict=True):
+            assert torch.equal(a, b)
+        changed = zip(before["opt_" + moved.lower()].parameters(), getattr(step, moved).parameters(), strict=True)
+        assert any(not torch.equal(a, b) for a, b in changed)
+
+
+def test_k_and_statistics_follow_the_objective():
+    step = make_step()
+    res = step(real_batch())
+    # k_0 = 0; the first balance of an untrained pair is positive. k_t is kept in float32.
+    assert step.k.item() == res.k_next.float().item() > 0
+    stats = step.stats.read_and_reset()
+    assert stats["k"] == 0.0  # the statistics record the k_t that step used
+    assert stats["m"] == res.m.float().item() and stats["l_d"] == res.l_d.float().item()
+
+
+def test_state_dict_round_trip_continues_identically():
+    a = make_step()
+    for i in range(2):
+        a(real_batch(i))
+    b = make_step(seed=123)  # different initial weights, overwritten by the load
+    b.G.load_state_dict(a.G.state_dict())
+    b.D.load_state_dict(a.D.state_dict())
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    a(real_batch(5))
+    b(real_batch(5))
+    for p, q in zip(
+        list(a.G.parameters()) + list(a.D.parameters()), list(b.G.parameters()) + list(b.D.parameters()), strict=True
+    ):
+        assert torch.equal(p, q)
+    assert torch.equal(a.k, b.k) and b.opt_g.param_groups[0]["lr"] is b.lr
