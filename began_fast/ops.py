@@ -63,6 +63,17 @@ def prepare_activation(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     return x
 
 
+def autocast_inputs(*tensors):
+    """Under autocast, cast the op's floating inputs to the autocast dtype (weights included: their gradient flows
+    back through the cast to the float32 master copy). The op then runs with autocast off, so its forward and its
+    explicit backward see one dtype. Without autocast, the tensors come back as they are."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def _check_conv_args(x, weight, skip, stride, upsample):
     if x.dim() != 4:
         raise ValueError(f"conv_elu: x must be (B, C, H, W), got shape {tuple(x.shape)}")
@@ -99,11 +110,13 @@ def conv_elu(
     sample's contribution to the weight and bias gradients only; the input gradients stay unscaled.
     """
     _check_conv_args(x, weight, skip, stride, upsample)
+    x, skip, weight, bias = autocast_inputs(x, skip, weight, bias)
     if resolve_impl(impl, x.device) == "triton":
-        from began_fast.conv_function import TritonConvELU
-
-        return TritonConvELU.apply(x, skip, weight, bias, wgrad_scale, stride, upsample, act)
-    return TorchConvELU.apply(x, skip, weight, bias, wgrad_scale, stride, upsample, act)
+        from began_fast.conv_function import TritonConvELU as function
+    else:
+        function = TorchConvELU
+    with torch.autocast(x.device.type, enabled=False):
+        return function.apply(x, skip, weight, bias, wgrad_scale, stride, upsample, act)
 
 
 class _ScaledLinear(torch.autograd.Function):
@@ -126,7 +139,9 @@ def linear(
     """y = x W^T + b, with an optional per-sample scale (B,) on the weight and bias gradients only."""
     if wgrad_scale is None:
         return torch.nn.functional.linear(x, weight, bias)
-    return _ScaledLinear.apply(x, weight, bias, wgrad_scale)
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return _ScaledLinear.apply(x, weight, bias, wgrad_scale)
 
 
 def began_balance(

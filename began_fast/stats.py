@@ -18,10 +18,15 @@ class RunningStats:
         self.sums = torch.zeros(len(STAT_NAMES), dtype=torch.float32, device=device)
         self.count = torch.zeros((), dtype=torch.float32, device=device)
 
-    def add(self, values: torch.Tensor) -> None:
-        """values: (len(STAT_NAMES),) float32 on the device, in STAT_NAMES order."""
-        self.sums.add_(values)
-        self.count.add_(1)
+    def add(self, values: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """values: (len(STAT_NAMES),) float32 on the device, in STAT_NAMES order. valid: a 0-dim bool tensor, False
+        for a step that was skipped (an fp16 overflow), whose values are left out of the means."""
+        if valid is None:
+            self.sums.add_(values)
+            self.count.add_(1)
+        else:
+            self.sums.add_(torch.where(valid, values, 0.0))
+            self.count.add_(valid.float())
 
     def read_and_reset(self) -> dict[str, float]:
         """The window's means as floats (one device-to-host copy), then start a new window."""
@@ -46,10 +51,15 @@ class MStallDecay:
         self.count = torch.zeros((), dtype=torch.float32, device=lr.device)
         self.best = torch.full((), float("inf"), dtype=torch.float32, device=lr.device)
 
-    def update(self, m: torch.Tensor) -> None:
-        """Add this step's M (0-dim float32); at a window's end, decide the decay. Only device ops."""
-        self.m_sum.add_(m)
-        self.count.add_(1)
+    def update(self, m: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add this step's M (0-dim float32); at a window's end, decide the decay. Only device ops.
+        valid: a 0-dim bool tensor, False for a skipped step, which then does not count."""
+        if valid is None:
+            self.m_sum.add_(m)
+            self.count.add_(1)
+        else:
+            self.m_sum.add_(torch.where(valid, m, 0.0))
+            self.count.add_(valid.float())
         at_end = self.count >= self.window
         mean = self.m_sum / self.window
         decayed = torch.clamp(self.lr * self.factor, min=self.floor)

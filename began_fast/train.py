@@ -22,10 +22,12 @@ from tqdm import tqdm
 
 from began_fast import reports
 from began_fast.checkpoint import config_dict, load_checkpoint, save_checkpoint
-from began_fast.config import DataConfig, ModelConfig, TrainConfig
+from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import make_batches
+from began_fast.data.gpu_resident import GpuResidentStream
+from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
-from began_fast.step import ReferenceStep
+from began_fast.step import ReferenceStep, StepState
 
 SAMPLE_GRID = 64  # images in a sample grid (8 x 8)
 
@@ -41,8 +43,17 @@ class RunOptions:
     out: Path
     device: str = "cpu"
     impl: str = "auto"
+    reference_step: bool = False  # the specification's step (three D passes, float32) instead of the fast one
+    amp: str | None = None  # None, "bf16" or "fp16"
+    cuda_graphs: bool = False
     resume: bool = False
     quiet: bool = False
+
+    def __post_init__(self):
+        if self.reference_step and (self.amp or self.cuda_graphs):
+            raise ConfigError("--reference-step runs in float32 without graphs; drop --amp / --cuda-graphs")
+        if self.cuda_graphs and not str(self.device).startswith("cuda"):
+            raise ConfigError(f"--cuda-graphs needs a CUDA device, got --device {self.device}")
 
 
 @dataclass
@@ -55,7 +66,7 @@ class Run:
     opts: RunOptions
     G: Generator
     D: Discriminator
-    step: ReferenceStep
+    step: StepState
     fixed_z: torch.Tensor
 
     @property
@@ -82,7 +93,10 @@ def setup_run(model_cfg, train_cfg, data_cfg, opts: RunOptions) -> Run:
     D = Discriminator(model_cfg, impl=opts.impl).to(device)
     gen = torch.Generator().manual_seed(train_cfg.seed + 1)
     fixed_z = (torch.rand(SAMPLE_GRID, model_cfg.z_size, generator=gen) * 2 - 1).to(device)
-    step = ReferenceStep(G, D, train_cfg, device)
+    if opts.reference_step:
+        step = ReferenceStep(G, D, train_cfg, device)
+    else:
+        step = FastStep(G, D, train_cfg, device, amp=opts.amp, impl=opts.impl)
     if state is not None:
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
@@ -163,6 +177,24 @@ def stop_on_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
+def make_feed(run: Run, batches):
+    """A callable that runs one step on the next batch: eagerly, or as a CUDA graph replay. With a GPU-resident
+    data set the graph draws the batch itself; otherwise each replay copies the loader's batch in."""
+    if not run.opts.cuda_graphs:
+        return lambda: run.step(next(batches))
+    shape = (run.train_cfg.batch_size, 3, run.model_cfg.image_size, run.model_cfg.image_size)
+    if isinstance(batches, GpuResidentStream):
+        images = batches.images
+
+        def sample_into(out):
+            images.sample_into(out, batches.generator, flip=batches.flip)
+
+        graph = CudaGraphStep(run.step, shape, sample_into=sample_into, generators=[batches.generator])
+        return graph
+    graph = CudaGraphStep(run.step, shape)
+    return lambda: graph(next(batches))
+
+
 def train(run: Run) -> Path:
     """Run from the step the run is at to `train_cfg.steps`; return the path of the last checkpoint.
 
@@ -170,7 +202,7 @@ def train(run: Run) -> Path:
     """
     cfg, out = run.train_cfg, run.out
     out.mkdir(parents=True, exist_ok=True)
-    run_info = {"device": run.opts.device, "impl": run.opts.impl, "torch": torch.__version__}
+    run_info = {key: str(value) for key, value in dataclasses.asdict(run.opts).items()} | {"torch": torch.__version__}
     config = {"model": config_dict(run.model_cfg), "train": config_dict(run.train_cfg)}
     config |= {"data": config_dict(run.data_cfg), "run": run_info}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -187,7 +219,10 @@ def train(run: Run) -> Path:
     say = (lambda *a: None) if run.opts.quiet else (lambda msg: print(msg, file=sys.stderr))
     say(f"began-fast: {'resuming at step ' + str(start) if start else 'new run'} in {out}")
     say(f"  data: {batches.describe()}")
-    say(f"  model: {run.model_cfg}  impl={run.opts.impl}  device={run.opts.device}")
+    say(f"  model: {run.model_cfg}")
+    step_kind = "reference" if run.opts.reference_step else f"fast, amp={run.opts.amp}, graphs={run.opts.cuda_graphs}"
+    say(f"  step: {step_kind}, impl={run.opts.impl}, device={run.opts.device}")
+    feed = make_feed(run, batches)
 
     writer = open_tensorboard(out)
     last_checkpoint = out / "latest.pt"
@@ -195,7 +230,7 @@ def train(run: Run) -> Path:
     try:
         with open(out / "stats.jsonl", "a") as stats_file, stop_on_interrupt() as interrupted:
             for _ in range(start, cfg.steps):
-                run.step(next(batches))
+                feed()
                 done = run.step.steps_done
                 bar.update(1)
                 checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps or interrupted

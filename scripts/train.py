@@ -3,6 +3,7 @@
     python scripts/train.py                        # built-in faces, `demo` preset on a CPU (`gpu64` on a GPU)
     python scripts/train.py --data CELEBA_DIR_OR_H5 --preset paper64 --out runs/celeba64
     python scripts/train.py --out runs/celeba64 --resume --steps 200000
+    python scripts/train.py --data celeba64.h5 --amp --cuda-graphs     # the fast path on a GPU
 
 Bad input (a missing path, an invalid value, a damaged checkpoint, a diverged run) ends with one line on stderr
 and exit status 2, never a traceback.
@@ -42,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest.pt")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--impl", choices=["auto", "torch", "triton"], default="auto", help="layer implementation")
+    p.add_argument(
+        "--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], help="mixed precision (bf16 when given bare)"
+    )
+    p.add_argument("--cuda-graphs", action="store_true", help="capture the whole step in one CUDA graph")
+    p.add_argument("--reference-step", action="store_true", help="run the specification's step (slow, float32)")
     p.add_argument("--log-every", type=int)
     p.add_argument("--sample-every", type=int)
     p.add_argument("--checkpoint-every", type=int)
@@ -69,7 +75,16 @@ def main(argv=None) -> int:
             checkpoint_every=args.checkpoint_every,
         )
         data_cfg = replace(DataConfig(), path=args.data, crop=args.crop, loader=args.loader, num_workers=args.workers)
-        opts = RunOptions(out=args.out, device=device, impl=args.impl, resume=args.resume, quiet=args.quiet)
+        opts = RunOptions(
+            out=args.out,
+            device=device,
+            impl=args.impl,
+            reference_step=args.reference_step,
+            amp=args.amp,
+            cuda_graphs=args.cuda_graphs,
+            resume=args.resume,
+            quiet=args.quiet,
+        )
         run = setup_run(model_cfg, train_cfg, data_cfg, opts)
         last = train(run)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:

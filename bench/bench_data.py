@@ -1,0 +1,82 @@
+"""Data loader throughput (GPU only): images/s delivered to the GPU as float batches, CelebA-sized JPEGs.
+
+The bench writes its own data set: NUM_FILES JPEGs of 178 x 218 (the aligned CelebA size) made from the built-in
+faces (DISTINCT faces, each saved at several JPEG qualities, so the files differ byte for byte), in a temporary
+img_align_celeba/ folder, celeba crop. Three loaders, each at 64 and 128 px, batch BATCH:
+
+- dali-mixed: DaliLoader on the GPU (nvJPEG decode, resize and normalise on the device);
+- dali-cpu: DaliLoader's CPU pipeline with every core, batches then copied to the GPU;
+- torch: TorchLoader (PIL decode in a DataLoader with every core as workers), pinned copy to the GPU.
+
+A round is BATCHES_PER_ROUND batches, the GPU synchronized at its end; extra_info records images_per_s from the
+median round. Run: pytest bench/bench_data.py --benchmark-json=bench/results/<date>-data.json
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("bench/bench_data.py needs an NVIDIA GPU (CUDA is not available)", allow_module_level=True)
+
+from began_fast.config import DataConfig
+from began_fast.data import TorchLoader, open_source
+from began_fast.data.builtin import draw_face
+
+HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+NUM_FILES = 4096
+DISTINCT = 512
+QUALITIES = (88, 89, 90, 91, 92, 93, 94, 95)  # NUM_FILES = DISTINCT * len(QUALITIES)
+BATCH = 64
+BATCHES_PER_ROUND = 32
+ROUNDS, WARMUP_BATCHES = 5, 8
+CORES = os.cpu_count() or 1
+
+
+@pytest.fixture(scope="module")
+def jpeg_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_data") / "img_align_celeba"
+    root.mkdir()
+    for i in range(DISTINCT):
+        # A 218 x 218 drawing cut to the 178 x 218 CelebA frame.
+        face = draw_face(np.random.default_rng([11, i]), 218).crop((20, 0, 198, 218))
+        for j, quality in enumerate(QUALITIES):
+            face.save(root / f"{j * DISTINCT + i:06d}.jpg", quality=quality)
+    return str(root)
+
+
+def _loader(name: str, cfg: DataConfig, image_size: int):
+    if name == "torch":
+        return TorchLoader(open_source(cfg, image_size), BATCH, seed=0, num_workers=CORES, device="cuda")
+    if not HAS_DALI:
+        pytest.skip("NVIDIA DALI is not installed (pip install 'began-fast[dali]')")
+    from began_fast.data.dali import DaliLoader
+
+    device = "cuda" if name == "dali-mixed" else "cpu"
+    return DaliLoader(cfg, image_size, BATCH, device=device, seed=0)
+
+
+@pytest.mark.parametrize("image_size", [64, 128])
+@pytest.mark.parametrize("name", ["dali-mixed", "dali-cpu", "torch"])
+def test_loader_throughput(benchmark, jpeg_dir, name, image_size):
+    cfg = DataConfig(path=jpeg_dir, num_workers=CORES)
+    loader = _loader(name, cfg, image_size)
+
+    def batches(count: int) -> None:
+        for _ in range(count):
+            batch = next(loader).to("cuda", non_blocking=True)
+        assert batch.shape == (BATCH, 3, image_size, image_size)
+        torch.cuda.synchronize()
+
+    batches(WARMUP_BATCHES)  # worker start-up, pipeline build and the first prefetches are not throughput
+    benchmark.group = f"data {image_size}px b{BATCH}"
+    info = {"loader": name, "image_size": image_size, "batch": BATCH, "cores": CORES, "describe": loader.describe()}
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(batches, args=(BATCHES_PER_ROUND,), rounds=ROUNDS, iterations=1)
+    if benchmark.stats is not None:  # None under --benchmark-disable: ran once as a smoke test
+        benchmark.extra_info["images_per_s"] = BATCHES_PER_ROUND * BATCH / benchmark.stats.stats.median

@@ -1,0 +1,251 @@
+"""The DALI loader against the torch loader: same images, same crop, same range, every file once per epoch.
+
+DALI decodes in a different library from PIL, so the parity tolerance is measured, not assumed. Measured on the
+built-in faces saved as 178x218 JPEGs (quality 90), DALI CPU pipeline vs the torch loader, in [-1, 1] units:
+- no resize (celeba box at 128 px): identical (max 6e-8): the JPEG decoders agree bit for bit;
+- 32 px: mean |diff| 0.0011, 99th percentile 2 levels (0.016), max 10 levels (0.078); 16 px: mean 0.0022,
+  max 0.086; on noisy random JPEGs (the worst case for ringing) mean 0.0024 and max 0.047 at 32 px.
+The differences come from the Lanczos-3 resize alone (DALI and PIL weigh and round the antialiased filter
+differently): a few pixels on hard edges, never a shifted or mis-cropped image. The bounds below leave about 1.5x
+headroom over those numbers; a wrong crop, a missing flip or a wrong normalisation moves the mean by 0.1 or more.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from began_fast.config import DataConfig
+from began_fast.data import DataError, SkippedImagesWarning, TorchLoader, make_batches, open_source
+from began_fast.data.builtin import draw_face
+
+HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+needs_dali = pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI is not installed (pip install 'began-fast[dali]')")
+
+MEAN_TOL = 0.004  # mean |dali - torch| over a batch, [-1, 1] units (measured <= 0.0024)
+P99_TOL = 4 / 127.5  # 99th percentile: 4 uint8 levels (measured 2)
+MAX_TOL = 16 / 127.5  # any pixel: 16 uint8 levels (measured 10, on a hard edge)
+EXACT_TOL = 1 / 127.5  # no resize: the decoders agree; one level allows for a different libjpeg-turbo build
+
+NUM_FACES = 24
+
+
+def _face(index: int, width: int = 178, height: int = 218) -> Image.Image:
+    """Built-in face `index` as a width x height RGB image (a CelebA-shaped crop of a square drawing)."""
+    side = max(width, height)
+    image = draw_face(np.random.default_rng([7, index]), side)
+    left, top = (side - width) // 2, (side - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+@pytest.fixture(scope="module")
+def celeba_dir(tmp_path_factory):
+    """A CelebA-like folder: NUM_FACES distinct 178x218 JPEGs under img_align_celeba/."""
+    root = tmp_path_factory.mktemp("celeba") / "img_align_celeba"
+    root.mkdir()
+    for i in range(NUM_FACES):
+        _face(i).save(root / f"{i:06d}.jpg", quality=90)
+    return str(root)
+
+
+def _dali(cfg: DataConfig, image_size: int, batch_size: int, **kwargs):
+    from began_fast.data.dali import DaliLoader
+
+    return DaliLoader(cfg, image_size, batch_size, device=kwargs.pop("device", "cpu"), seed=0, **kwargs)
+
+
+def _reference(cfg: DataConfig, image_size: int) -> torch.Tensor:
+    """Every image of the source as the torch loader makes it: (N, 3, S, S) float32 in [-1, 1]."""
+    source = open_source(cfg, image_size)
+    return torch.stack([source[i] for i in range(len(source))]).float() / 127.5 - 1
+
+
+def _match(batch: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The index of the reference image (or its mirror image) nearest to each image of the batch."""
+    candidates = torch.cat([reference, reference.flip(-1)])
+    distance = (batch[:, None] - candidates[None]).abs().flatten(2).mean(2)
+    return distance.argmin(1) % len(reference)
+
+
+def _assert_close_to_torch(dali: torch.Tensor, torch_batch: torch.Tensor, label: str) -> None:
+    diff = (dali.float() - torch_batch).abs()
+    mean, p99, worst = diff.mean().item(), diff.flatten().quantile(0.99).item(), diff.max().item()
+    print(f"{label}: mean {mean:.5f}, p99 {p99:.4f}, max {worst:.4f} ([-1, 1] units)")
+    assert mean < MEAN_TOL and p99 < P99_TOL and worst < MAX_TOL, f"{label}: {mean=:.5f} {p99=:.4f} {worst=:.4f}"
+
+
+def _epoch(loader) -> torch.Tensor:
+    return torch.cat([next(loader) for _ in range(len(loader))])
+
+
+@needs_dali
+@pytest.mark.parametrize("image_size", [16, 32])
+def test_celeba_batches_match_torch_loader(celeba_dir, image_size):
+    cfg = DataConfig(path=celeba_dir, flip=False, num_workers=1)
+    loader = _dali(cfg, image_size, 8)
+    images = _epoch(loader)
+    assert images.shape == (NUM_FACES, 3, image_size, image_size) and images.dtype == torch.float32
+    assert images.device.type == "cpu" and images.min() >= -1 and images.max() <= 1
+    reference = _reference(cfg, image_size)
+    order = _match(images, reference)
+    assert sorted(order.tolist()) == list(range(NUM_FACES)), "one epoch must hold every file once"
+    _assert_close_to_torch(images, reference[order], f"celeba crop, {image_size}px")
+
+
+@needs_dali
+def test_without_resize_the_decoders_agree(celeba_dir):
+    cfg = DataConfig(path=celeba_dir, flip=False, num_workers=1)
+    images = next(_dali(cfg, 128, 8))
+    reference = _reference(cfg, 128)
+    assert (images - reference[_match(images, reference)]).abs().max().item() <= EXACT_TOL
+
+
+@needs_dali
+def test_flips_are_per_sample_mirrors(celeba_dir):
+    cfg = DataConfig(path=celeba_dir, flip=True, num_workers=1)
+    images = _epoch(_dali(cfg, 32, 8))
+    reference = _reference(cfg, 32)
+    order = _match(images, reference)
+    straight = (images - reference[order]).abs().flatten(1).mean(1)
+    mirrored = (images - reference[order].flip(-1)).abs().flatten(1).mean(1)
+    flipped = mirrored < straight
+    assert 0 < flipped.sum() < NUM_FACES, "with flip on, some but not all of 24 images are mirrored"
+    _assert_close_to_torch(
+        images, torch.where(flipped[:, None, None, None], reference[order].flip(-1), reference[order]), "flips"
+    )
+
+
+@needs_dali
+def test_float16_output_is_the_float32_output_rounded(celeba_dir):
+    cfg = DataConfig(path=celeba_dir, flip=True, num_workers=1)
+    half, single = next(_dali(cfg, 32, 8, dtype=torch.float16)), next(_dali(cfg, 32, 8))
+    assert half.dtype == torch.float16
+    # Same seed, same files and flips; fp16 rounds values in [-1, 1] to within 2**-11.
+    torch.testing.assert_close(half.float(), single, atol=2**-11, rtol=0)
+
+
+@needs_dali
+@pytest.mark.parametrize("world_size, batch_size", [(2, 4), (3, 4), (2, 5)])
+def test_shards_cover_every_file_once_per_epoch(celeba_dir, world_size, batch_size):
+    # 24 files: with batch 4 every shard divides into whole batches; with batch 5 each 12-file shard drops its last
+    # 2, and no file may come twice in an epoch nor leak into the next one.
+    cfg = DataConfig(path=celeba_dir, flip=False, num_workers=1)
+    reference = _reference(cfg, 16)
+    loaders = [_dali(cfg, 16, batch_size, rank=rank, world_size=world_size) for rank in range(world_size)]
+    per_rank = NUM_FACES // world_size // batch_size
+    assert all(len(loader) == per_rank for loader in loaders)
+    epochs = []
+    for epoch in range(3):
+        seen = torch.cat([_match(_epoch(loader), reference) for loader in loaders]).tolist()
+        assert len(set(seen)) == len(seen) == world_size * per_rank * batch_size, f"epoch {epoch}: {sorted(seen)}"
+        if NUM_FACES % (world_size * batch_size) == 0:
+            assert sorted(seen) == list(range(NUM_FACES)), f"epoch {epoch}: files seen {sorted(seen)}"
+        epochs.append(seen)
+    assert epochs[0] != epochs[1], "the order must be reshuffled every epoch"
+    assert all(loader.epoch == 3 for loader in loaders)
+
+
+@needs_dali
+def test_center_crop_of_mixed_sizes_grayscale_cmyk_png(tmp_path):
+    images = [_face(0, 178, 218), _face(1, 100, 80), _face(2, 64, 64), _face(3, 90, 120)]
+    images[1] = images[1].convert("L")
+    images[2] = images[2].convert("CMYK")
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.{'png' if i == 3 else 'jpg'}", quality=90)
+    cfg = DataConfig(path=str(tmp_path), flip=False, num_workers=1)
+    loader = _dali(cfg, 32, 4)
+    assert loader.source.kind == "folder"
+    batch = next(loader)
+    reference = _reference(cfg, 32)
+    order = _match(batch, reference)
+    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    _assert_close_to_torch(batch, reference[order], "center crop, mixed sizes and colour spaces")
+
+
+@needs_dali
+def test_bad_files_are_skipped_and_counted(celeba_dir, tmp_path):
+    for i in range(8):
+        _face(i).save(tmp_path / f"good{i}.jpg", quality=90)
+    whole = (tmp_path / "good0.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "not_an_image.jpg").write_text("this is a text file")
+    cfg = DataConfig(path=str(tmp_path), flip=True, num_workers=1)
+    with pytest.warns(SkippedImagesWarning, match="skipped 2 of 10"):
+        loader = _dali(cfg, 16, 4)
+    assert "8 images" in loader.describe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no file fails later: the screen caught both
+        batches = [next(loader) for _ in range(3 * len(loader))]
+    assert all(torch.isfinite(b).all() and b.abs().max() <= 1 for b in batches)
+
+
+@needs_dali
+def test_bad_arguments_fail_with_one_line(celeba_dir):
+    cfg = DataConfig(path=celeba_dir, flip=False, num_workers=1)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        _dali(cfg, 16, 16, rank=0, world_size=2)
+    with pytest.raises(DataError, match="rank"):
+        _dali(cfg, 16, 4, rank=2, world_size=2)
+    with pytest.raises(DataError, match="float32, float16 or bfloat16"):
+        _dali(cfg, 16, 4, dtype=torch.float64)
+    with pytest.raises(DataError, match="builtin"):
+        _dali(DataConfig(builtin_count=8), 16, 4)
+
+
+@pytest.fixture
+def hdf5_file(tmp_path):
+    path = tmp_path / "faces.h5"
+    faces = np.stack([np.asarray(_face(i, 64, 64)) for i in range(20)])
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=faces)
+    return str(path)
+
+
+@needs_dali
+def test_hdf5_batches_equal_torch_loader_batches(hdf5_file):
+    # Stored at the model's size: no resize, so the DALI batch is the torch batch (same order, same flips),
+    # across an epoch boundary (20 images, batch 8: 2 batches per epoch).
+    cfg = DataConfig(path=hdf5_file, flip=True, num_workers=1)
+    loader = _dali(cfg, 64, 8)
+    reference = TorchLoader(open_source(cfg, 64), 8, seed=0, flip=True, num_workers=0)
+    for step in range(5):
+        torch.testing.assert_close(next(loader), next(reference), atol=1e-6, rtol=0, msg=f"step {step}")
+    assert loader.epoch == 2
+
+
+@needs_dali
+def test_hdf5_resized_on_read(hdf5_file):
+    cfg = DataConfig(path=hdf5_file, flip=False, num_workers=1)
+    loader = _dali(cfg, 32, 8, rank=1, world_size=2)
+    reference = TorchLoader(open_source(cfg, 32), 8, seed=0, flip=False, num_workers=0, rank=1, world_size=2)
+    _assert_close_to_torch(next(loader), next(reference), "hdf5 64px -> 32px")
+
+
+def test_loader_dali_without_dali_is_a_clear_error(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name.split(".")[0] == "nvidia" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(DataError, match=r"--loader dali needs NVIDIA DALI: pip install 'began-fast\[dali\]'"):
+        make_batches(DataConfig(loader="dali", builtin_count=8), 16, 4, device="cpu", seed=0)
+
+
+@needs_dali
+@pytest.mark.cuda
+def test_mixed_decoder_matches_torch_loader(celeba_dir):
+    cfg = DataConfig(path=celeba_dir, flip=False, num_workers=2)
+    loader = _dali(cfg, 64, 8, device="cuda")
+    assert loader.decoder == "mixed"
+    images = _epoch(loader)
+    assert images.device.type == "cuda"
+    reference = _reference(cfg, 64)
+    images = images.cpu()
+    _assert_close_to_torch(images, reference[_match(images, reference)], "mixed decoder, 64px")

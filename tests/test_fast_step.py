@@ -1,0 +1,104 @@
+"""The fast step against the reference step (DESIGN.md section 3): one D pass over [x; fake] with per-sample
+weight-gradient scales gives exactly the reference's gradients; fp16 overflow handling; warm-up restore."""
+
+import copy
+
+import pytest
+import torch
+
+from began_fast.config import ModelConfig, TrainConfig
+from began_fast.fast_step import CudaGraphStep, FastStep
+from began_fast.model import Discriminator, Generator
+from began_fast.step import ReferenceStep
+
+
+def build(model_cfg, impl="torch", dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return Generator(model_cfg, impl=impl).to(dtype), Discriminator(model_cfg, impl=impl).to(dtype)
+
+
+def real_batch(b, size, dtype=torch.float64, seed=0):
+    return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 2 - 1
+
+
+def gradients_of_one_step(step, x, monkeypatch):
+    for opt in (step.opt_g, step.opt_d):
+        monkeypatch.setattr(opt, "step", lambda: None)  # keep the gradients, skip the update
+    step(x)
+    return [p.grad.clone() for p in list(step.G.parameters()) + list(step.D.parameters())]
+
+
+CONFIGS = [
+    ModelConfig(image_size=16, n=4, h=3),
+    ModelConfig(image_size=16, n=3, h=4, z_dim=5, skip=True, vanishing_residual=True, carry_steps=4),
+]
+
+
+@pytest.mark.parametrize("model_cfg", CONFIGS, ids=["plain", "skip-residual"])
+@pytest.mark.parametrize("k", [0.0, 0.37, 1.0])
+def test_fast_step_gradients_equal_reference_float64(model_cfg, k, monkeypatch):
+    train_cfg = TrainConfig(batch_size=3)
+    x = real_batch(3, 16)
+    ref = ReferenceStep(*build(model_cfg), train_cfg, "cpu")
+    fast = FastStep(*build(model_cfg), train_cfg, "cpu")
+    for step in (ref, fast):
+        step.k.fill_(k)
+        step.steps_done = 2  # mid-way through the vanishing residual's carry
+    fast.step_count.fill_(2)
+    want = gradients_of_one_step(ref, x, monkeypatch)
+    got = gradients_of_one_step(fast, x, monkeypatch)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast.k, ref.k)
+    torch.testing.assert_close(fast.stats.sums, ref.stats.sums)
+
+
+def test_fast_step_trajectory_tracks_reference_float64():
+    """Several full steps (Adam included): the fused Adam of the fast step and the reference's Adam agree."""
+    model_cfg, train_cfg = CONFIGS[0], TrainConfig(batch_size=2, lr=1e-3)
+    ref = ReferenceStep(*build(model_cfg), train_cfg, "cpu")
+    fast = FastStep(*build(model_cfg), train_cfg, "cpu")
+    for i in range(4):
+        ref(real_batch(2, 16, seed=i))
+        fast(real_batch(2, 16, seed=i))
+    for p, q in zip(ref.G.state_dict().values(), fast.G.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(fast.k, ref.k)
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
+    model_cfg, train_cfg = CONFIGS[0], TrainConfig(batch_size=2)
+    step = FastStep(*build(model_cfg, dtype=torch.float32), train_cfg, "cpu", amp="fp16")
+    step.loss_scale.scale.fill_(256.0)  # (2**16, the usual start, overflows this tiny net's first fp16 grads)
+    step(real_batch(2, 16, torch.float32))  # one clean step creates Adam's state
+    assert step.loss_scale.found_inf.item() == 0
+    before = copy.deepcopy((step.G.state_dict(), step.D.state_dict(), step.k.clone()))
+    step.stats.read_and_reset()
+    step.loss_scale.scale.fill_(3e38)  # the scaled loss overflows
+    step(real_batch(2, 16, torch.float32, seed=1))
+    assert step.loss_scale.found_inf.item() == 1
+    assert step.loss_scale.scale.item() == pytest.approx(1.5e38)
+    for saved, now in zip(before[:2], (step.G.state_dict(), step.D.state_dict()), strict=True):
+        assert all(torch.equal(saved[key], now[key]) for key in saved)
+    assert torch.equal(before[2], step.k)
+    assert step.stats.count.item() == 0  # the skipped step is left out of the statistics
+
+
+def test_snapshot_restore_undoes_warmup_steps():
+    model_cfg, train_cfg = CONFIGS[1], TrainConfig(batch_size=2)
+    step = FastStep(*build(model_cfg, dtype=torch.float32), train_cfg, "cpu")
+    step(real_batch(2, 16, torch.float32))
+    snap = step.snapshot()
+    replica = copy.deepcopy(step)
+    for i in range(3):
+        step.body(real_batch(2, 16, torch.float32, seed=i + 1))
+    step.restore(snap)
+    for a, b in zip(step._mutable_tensors(), replica._mutable_tensors(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(step.z_gen.get_state(), replica.z_gen.get_state())
+
+
+def test_cuda_graphs_need_cuda():
+    step = FastStep(*build(CONFIGS[0], dtype=torch.float32), TrainConfig(batch_size=2), "cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        CudaGraphStep(step, (2, 3, 16, 16))
