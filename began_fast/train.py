@@ -47,7 +47,7 @@ class RunOptions:
     amp: str | None = None  # None, "bf16" or "fp16"
     cuda_graphs: bool = False
     resume: bool = False
-    quiet: bool = False
+    quiet: bool = False  # no progress bar
 
     def __post_init__(self):
         if self.reference_step and (self.amp or self.cuda_graphs):
@@ -216,7 +216,10 @@ def train(run: Run) -> Path:
         seed=cfg.seed,
         start_step=start,
     )
-    say = (lambda *a: None) if run.opts.quiet else (lambda msg: print(msg, file=sys.stderr))
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr)
+
     say(f"began-fast: {'resuming at step ' + str(start) if start else 'new run'} in {out}")
     say(f"  data: {batches.describe()}")
     say(f"  model: {run.model_cfg}")

@@ -1,0 +1,147 @@
+"""Turn a pytest-benchmark JSON (from --benchmark-json) into a dated record of one GPU run (DESIGN.md section 5).
+
+Writes bench/results/YYYY-MM-DD_<device>_<suite>.json (a copy of the input) and .md (a markdown table: per layer,
+direction and batch, each provider's median time and TFLOP/s, and the time ratios triton/torch and
+triton/compile), and puts the same table between `<!-- bench:<suite>:start -->` and `<!-- bench:<suite>:end -->`
+in each README that has those markers. Each benchmark must carry extra_info {layer, direction, batch, provider}
+and may carry flop (per call), as bench/conftest.py's `measure` records them.
+
+usage: python scripts/bench_report.py RESULTS.json --suite kernels [--out-dir bench/results] [--readme FILE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROVIDER_ORDER = ("torch", "compile", "triton")
+ROW_KEYS = ("layer", "direction", "batch", "provider")
+
+
+class ReportError(ValueError):
+    """The benchmark JSON lacks what the report needs; the message says what."""
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def run_info(data: dict) -> dict[str, str]:
+    """Device, versions, commit and date of the run, from the JSON's header (see bench/conftest.py)."""
+    machine, commit = data.get("machine_info", {}), data.get("commit_info", {})
+    sha = machine.get("git_commit") or commit.get("id") or "unknown"
+    return {
+        "device": machine.get("cuda_device", "unknown"),
+        "torch": machine.get("torch", "unknown"),
+        "triton": machine.get("triton", "unknown"),
+        "commit": sha + ("+dirty" if commit.get("dirty") else ""),
+        "date": data.get("datetime", "unknown")[:10],
+    }
+
+
+def collect_rows(data: dict) -> tuple[list[str], dict[tuple, dict[str, dict]]]:
+    """(providers in column order, {(layer, direction, batch): {provider: {median_s, flop}}}) in the run's order."""
+    rows: dict[tuple, dict[str, dict]] = {}
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        missing = [key for key in ROW_KEYS if key not in info]
+        if missing:
+            name = bench.get("name")
+            raise ReportError(f"benchmark {name!r} has no extra_info {missing}; record them with measure()")
+        key = (info["layer"], info["direction"], info["batch"])
+        rows.setdefault(key, {})[info["provider"]] = {"median_s": bench["stats"]["median"], "flop": info.get("flop")}
+    seen = {provider for cells in rows.values() for provider in cells}
+    providers = [p for p in PROVIDER_ORDER if p in seen] + sorted(seen - set(PROVIDER_ORDER))
+    return providers, rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def render_table(data: dict) -> str:
+    """The markdown table: median ms and TFLOP/s per provider, and triton's time over torch's and compile's."""
+    providers, rows = collect_rows(data)
+    ratios = [p for p in ("torch", "compile") if p in providers and "triton" in providers]
+    header = ["layer", "direction", "batch"]
+    header += [f"{p} ms" for p in providers] + [f"{p} TFLOP/s" for p in providers]
+    header += [f"triton/{p} time" for p in ratios]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (layer, direction, batch), cells in rows.items():
+        median = {p: cells[p]["median_s"] if p in cells else None for p in providers}
+        tflops = {
+            p: cells[p]["flop"] / median[p] / 1e12 if p in cells and cells[p]["flop"] is not None else None
+            for p in providers
+        }
+        row = [str(layer), str(direction), str(batch)]
+        row += [_fmt(None if median[p] is None else 1e3 * median[p], ".3f") for p in providers]
+        row += [_fmt(tflops[p], ".1f") for p in providers]
+        for p in ratios:
+            ratio = median["triton"] / median[p] if median["triton"] is not None and median[p] is not None else None
+            row.append(_fmt(ratio, ".2f"))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def render_section(data: dict) -> str:
+    """The run's header line, the table and how to read it: the body of the .md file and of a README section."""
+    info = run_info(data)
+    return (
+        f"Device: {info['device']} · torch {info['torch']} · triton {info['triton']} · commit {info['commit']} · "
+        f"{info['date']}\n\n"
+        "Medians of rounds that each end in torch.cuda.synchronize(). triton/X time < 1 means triton is faster.\n\n"
+        + render_table(data)
+        + "\n"
+    )
+
+
+def replace_section(text: str, suite: str, body: str) -> str | None:
+    """text with the part between the suite's markers replaced by body, or None when text has no such markers."""
+    start, end = f"<!-- bench:{suite}:start -->", f"<!-- bench:{suite}:end -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), flags=re.DOTALL)
+    if not pattern.search(text):
+        return None
+    return pattern.sub(lambda _: f"{start}\n{body}{end}", text, count=1)
+
+
+def write_report(json_path: Path, suite: str, out_dir: Path, readmes: list[Path]) -> list[Path]:
+    """Write the dated .json copy and .md table and update the READMEs; returns the paths written."""
+    data = json.loads(json_path.read_text())
+    info = run_info(data)
+    body = render_section(data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{info['date']}_{slug(info['device'])}_{slug(suite)}"
+    shutil.copyfile(json_path, stem.with_suffix(".json"))
+    stem.with_suffix(".md").write_text(f"# Benchmarks: {suite}\n\n{body}")
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    for readme in readmes:
+        updated = replace_section(readme.read_text(), suite, body) if readme.exists() else None
+        if updated is not None:
+            readme.write_text(updated)
+            written.append(readme)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path, help="pytest-benchmark JSON written by --benchmark-json")
+    parser.add_argument("--suite", required=True, help="suite name: file names and README markers (e.g. kernels)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        action="append",
+        help="README to update between the suite's markers (repeatable; default: bench/README.md and README.md)",
+    )
+    args = parser.parse_args(argv)
+    readmes = args.readme or [ROOT / "bench" / "README.md", ROOT / "README.md"]
+    for path in write_report(args.json, args.suite, args.out_dir, readmes):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

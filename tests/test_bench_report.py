@@ -1,0 +1,91 @@
+"""scripts/bench_report.py on a small synthetic pytest-benchmark JSON (made-up numbers; tests the writer only)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_report.py"
+spec = importlib.util.spec_from_file_location("bench_report", SCRIPT)
+bench_report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_report)
+
+
+def synthetic_bench(layer, direction, batch, provider, median_s, flop):
+    return {
+        "name": f"test_synthetic[{layer}-{batch}-{direction}-{provider}]",
+        "stats": {"median": median_s},
+        "extra_info": {"layer": layer, "direction": direction, "batch": batch, "provider": provider, "flop": flop},
+    }
+
+
+SYNTHETIC = {
+    "machine_info": {"cuda_device": "Synthetic GPU 80GB", "torch": "9.9.0", "triton": "8.8.0", "git_commit": "abc123"},
+    "commit_info": {"id": "abc123def", "dirty": True},
+    "datetime": "2031-02-03T04:05:06+00:00",
+    "benchmarks": [
+        synthetic_bench("conv A", "forward", 16, "torch", 0.004, 8e12),
+        synthetic_bench("conv A", "forward", 16, "compile", 0.003, 8e12),
+        synthetic_bench("conv A", "forward", 16, "triton", 0.002, 8e12),
+        synthetic_bench("balance 64px", "both", 64, "torch", 0.0005, None),
+        synthetic_bench("balance 64px", "both", 64, "triton", 0.0001, None),
+    ],
+}
+
+
+def table_rows(markdown):
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_report_files_and_table(tmp_path):
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(SYNTHETIC))
+    out_dir = tmp_path / "results"
+    written = bench_report.write_report(source, "kernels", out_dir, readmes=[])
+    stem = out_dir / "2031-02-03_synthetic-gpu-80gb_kernels"
+    assert written == [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    assert json.loads(stem.with_suffix(".json").read_text()) == SYNTHETIC
+    markdown = stem.with_suffix(".md").read_text()
+    assert "Synthetic GPU 80GB" in markdown and "torch 9.9.0" in markdown and "triton 8.8.0" in markdown
+    assert "commit abc123+dirty" in markdown
+    header, _, conv, balance = table_rows(markdown)
+    assert header == [
+        "layer", "direction", "batch", "torch ms", "compile ms", "triton ms",
+        "torch TFLOP/s", "compile TFLOP/s", "triton TFLOP/s", "triton/torch time", "triton/compile time",
+    ]  # fmt: skip
+    # 8e12 FLOP in 4 / 3 / 2 ms: 2000, 2666.7, 4000 TFLOP/s; triton takes 0.5x torch's time and 0.67x compile's.
+    assert conv == ["conv A", "forward", "16", "4.000", "3.000", "2.000", "2000.0", "2666.7", "4000.0", "0.50", "0.67"]
+    # No compile run and no FLOP count for the balance op: dashes, and only the triton/torch ratio.
+    assert balance == ["balance 64px", "both", "64", "0.500", "–", "0.100", "–", "–", "–", "0.20", "–"]
+
+
+def test_readme_section_is_replaced_between_markers_only(tmp_path):
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(SYNTHETIC))
+    before, after = "# Bench\n\nintro text\n\n", "\n\nmore text <!-- bench:step:start -->keep<!-- bench:step:end -->\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(before + "<!-- bench:kernels:start -->\nold table\n<!-- bench:kernels:end -->" + after)
+    unmarked = tmp_path / "OTHER.md"
+    unmarked.write_text("no markers here\n")
+    bench_report.main(
+        [str(source), "--suite", "kernels", "--out-dir", str(tmp_path / "r")]
+        + [f"--readme={p}" for p in (readme, unmarked)]
+    )
+    text = readme.read_text()
+    assert text.startswith(before) and text.endswith(after)
+    assert "old table" not in text
+    section = text[len(before) : -len(after)]
+    assert section.startswith("<!-- bench:kernels:start -->\nDevice: Synthetic GPU 80GB")
+    assert section.endswith("<!-- bench:kernels:end -->")
+    assert "| conv A | forward | 16 | 4.000 |" in section
+    assert unmarked.read_text() == "no markers here\n"
+
+
+def test_missing_extra_info_is_a_clear_error(tmp_path):
+    data = dict(SYNTHETIC, benchmarks=[{"name": "test_x", "stats": {"median": 1.0}, "extra_info": {"layer": "a"}}])
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(data))
+    with pytest.raises(bench_report.ReportError, match="direction"):
+        bench_report.write_report(source, "kernels", tmp_path, readmes=[])
