@@ -85,6 +85,8 @@ class TrainConfig:
     sample_every: int = 1000
     checkpoint_every: int = 5000
     snapshot_every: int = 50_000
+    eval_every: int = 0  # steps between SWD evaluations (0: never)
+    eval_images: int = 512
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -99,6 +101,8 @@ class TrainConfig:
         _require(0 < self.lr_decay_factor <= 1, f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}")
         _require(0 <= self.lr_floor <= self.lr, f"lr_floor must be in [0, lr={self.lr}], got {self.lr_floor}")
         _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        _require(self.eval_every >= 0, f"eval_every must be >= 0 (0 turns it off), got {self.eval_every}")
+        _require(self.eval_images >= 1, f"eval_images must be >= 1, got {self.eval_images}")
         for name in ("log_every", "sample_every", "checkpoint_every", "snapshot_every"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -9,6 +9,7 @@ The specification every impl is checked against is reference.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -65,13 +66,14 @@ def prepare_activation(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
 
 def autocast_inputs(*tensors):
     """Under autocast, cast the op's floating inputs to the autocast dtype (weights included: their gradient flows
-    back through the cast to the float32 master copy). The op then runs with autocast off, so its forward and its
-    explicit backward see one dtype. Without autocast, the tensors come back as they are."""
+    back through the cast to the float32 master copy), and return a context that turns autocast off, so the op's
+    forward and its explicit backward see one dtype. Without autocast: the tensors as they are, a null context."""
     device_type = next(t for t in tensors if t is not None).device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return tensors, contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    cast = tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    return cast, torch.autocast(device_type, enabled=False)
 
 
 def _check_conv_args(x, weight, skip, stride, upsample):
@@ -110,12 +112,12 @@ def conv_elu(
     sample's contribution to the weight and bias gradients only; the input gradients stay unscaled.
     """
     _check_conv_args(x, weight, skip, stride, upsample)
-    x, skip, weight, bias = autocast_inputs(x, skip, weight, bias)
+    (x, skip, weight, bias), autocast_off = autocast_inputs(x, skip, weight, bias)
     if resolve_impl(impl, x.device) == "triton":
         from began_fast.conv_function import TritonConvELU as function
     else:
         function = TorchConvELU
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off:
         return function.apply(x, skip, weight, bias, wgrad_scale, stride, upsample, act)
 
 
@@ -139,8 +141,8 @@ def linear(
     """y = x W^T + b, with an optional per-sample scale (B,) on the weight and bias gradients only."""
     if wgrad_scale is None:
         return torch.nn.functional.linear(x, weight, bias)
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    with torch.autocast(x.device.type, enabled=False):
+    (x, weight, bias), autocast_off = autocast_inputs(x, weight, bias)
+    with autocast_off:
         return _ScaledLinear.apply(x, weight, bias, wgrad_scale)
 
 

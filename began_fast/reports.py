@@ -1,15 +1,20 @@
-"""Pictures of a run: image grids and the convergence plot, each written atomically into the run folder."""
+"""Pictures of a run, each written atomically into the run folder so a viewer never sees half a file.
+
+Image grids (samples, D's reconstructions), the fixed-z samples over time (one strip and an animated GIF, built
+from the run's samples/step_XXXXXXX.png) and the convergence plot (M, k_t, the lr and, when evaluated, SWD).
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from began_fast.checkpoint import atomic_write
 
@@ -57,29 +62,170 @@ def read_stats(path: str | Path) -> list[dict]:
     return rows
 
 
+def save_reconstruction_grid(
+    real: torch.Tensor, reconstructed: torch.Tensor, path: str | Path, pairs_per_row: int | None = None
+) -> None:
+    """Real images next to D's reconstructions: (B, 3, S, S) each in [-1, 1], tiled as pairs (x, D(x)),
+    `pairs_per_row` pairs per row (about square by default)."""
+    if real.shape != reconstructed.shape:
+        raise ValueError(f"real {tuple(real.shape)} and reconstructed {tuple(reconstructed.shape)} images differ")
+    pairs = torch.stack([real.detach().cpu(), reconstructed.detach().cpu()], dim=1).flatten(0, 1)
+    pairs_per_row = pairs_per_row or math.ceil(math.sqrt(real.shape[0]))
+    save_png(image_grid(pairs, nrow=2 * pairs_per_row), path)
+
+
+SAMPLE_NAME = re.compile(r"step_(\d+)\.png")
+LABEL_HEIGHT = 14
+
+
+def sample_frames(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The run's fixed-z sample grids samples/step_XXXXXXX.png as (step, path), by step."""
+    folder = Path(run_dir) / "samples"
+    found = [(SAMPLE_NAME.fullmatch(p.name), p) for p in folder.glob("step_*.png")] if folder.is_dir() else []
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
+def _evenly_spaced(frames: list, count: int) -> list:
+    """At most `count` of frames, evenly spaced, always the first and the last."""
+    if len(frames) <= count:
+        return frames
+    picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
+    return [frames[i] for i in sorted(set(picks.tolist()))]
+
+
+def _labelled_frame(path: Path, step: int, height: int) -> Image.Image:
+    """The grid at `path` scaled to `height` pixels (aspect kept), under a white band reading "step N"."""
+    with Image.open(path) as grid:
+        grid = grid.convert("RGB")
+        width = max(1, round(grid.width * height / grid.height))
+        grid = grid.resize((width, height), Image.Resampling.LANCZOS)
+    frame = Image.new("RGB", (width, height + LABEL_HEIGHT), "white")
+    frame.paste(grid, (0, LABEL_HEIGHT))
+    ImageDraw.Draw(frame).text((2, 1), f"step {step}", fill="black")
+    return frame
+
+
+def progress_strip(frames: list[tuple[int, Path]], max_frames: int = 10, height: int = 256, gap: int = 4):
+    """The fixed-z grids over time side by side (at most `max_frames`, evenly spaced), each labelled with its step."""
+    tiles = [_labelled_frame(p, step, height) for step, p in _evenly_spaced(frames, max_frames)]
+    strip = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), height + LABEL_HEIGHT), "white")
+    x = 0
+    for tile in tiles:
+        strip.paste(tile, (x, 0))
+        x += tile.width + gap
+    return strip
+
+
+def save_progress_gif(
+    frames: list[tuple[int, Path]], path: str | Path, max_frames: int = 60, height: int = 256, frame_ms: int = 250
+) -> None:
+    """An animated GIF of the fixed-z grids over time (at most `max_frames`, evenly spaced); the last frame holds
+    four times as long, then it loops."""
+    images = [_labelled_frame(p, step, height) for step, p in _evenly_spaced(frames, max_frames)]
+    size = images[0].size
+    # Each frame gets its own 256-colour palette by the fast octree quantiser: PIL's default for RGB frames is
+    # about a hundred times slower, which matters when the loop regenerates the GIF at every sample grid.
+    images = [
+        (im if im.size == size else im.resize(size)).quantize(256, Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+        for im in images
+    ]
+    durations = [frame_ms] * (len(images) - 1) + [4 * frame_ms]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def update_progress(run_dir: str | Path) -> list[Path]:
+    """Regenerate progress.png (the strip) and progress.gif in the run folder from its sample grids; returns the
+    files written (none before the first sample grid exists)."""
+    run_dir = Path(run_dir)
+    frames = sample_frames(run_dir)
+    if not frames:
+        return []
+    save_png(progress_strip(frames), run_dir / "progress.png")
+    save_progress_gif(frames, run_dir / "progress.gif")
+    return [run_dir / "progress.png", run_dir / "progress.gif"]
+
+
+def swd_points(stats: list[dict]) -> list[tuple[int, float]]:
+    """(step, SWD avg) of the stats rows that carry an evaluation: "swd" is the average x1e3 or the dict
+    metrics.swd returns."""
+    points = []
+    for row in stats:
+        value = row.get("swd")
+        if isinstance(value, dict):
+            value = value.get("avg")
+        if isinstance(value, (int, float)):
+            points.append((row["step"], float(value)))
+    return points
+
+
 def plot_convergence(stats: list[dict], path: str | Path, title: str = "BEGAN convergence") -> None:
-    """M (the paper's convergence measure) and k_t against the step, with the learning rate when it is logged."""
+    """M (the paper's convergence measure) with the learning rate, k_t and, when the rows carry evaluations,
+    SWD, against the step. Rows without "m" (evaluation rows) only feed the SWD panel."""
+    plt = _pyplot()
+    train_rows = [r for r in stats if "m" in r]
+    swd = swd_points(stats)
+    panels = 3 if swd else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 2.75 * panels), sharex=True)
+    ax_m, ax_k = axes[0], axes[1]
+    steps = [r["step"] for r in train_rows]
+    ax_m.plot(steps, [r["m"] for r in train_rows], color="tab:blue", label="M")
+    ax_m.set_ylabel("M (convergence)")
+    ax_m.grid(alpha=0.3)
+    lr_rows = [r for r in train_rows if "lr" in r]
+    if lr_rows:
+        ax_lr = ax_m.twinx()
+        ax_lr.plot([r["step"] for r in lr_rows], [r["lr"] for r in lr_rows], color="tab:gray", linestyle="--")
+        ax_lr.set_ylabel("learning rate (dashed)")
+    ax_k.plot(steps, [r["k"] for r in train_rows], color="tab:red")
+    ax_k.set_ylabel("k_t")
+    ax_k.grid(alpha=0.3)
+    if swd:
+        ax_swd = axes[2]
+        ax_swd.plot(*zip(*swd, strict=True), color="tab:green", marker="o")
+        ax_swd.set_ylabel("SWD x1e3 (lower is better)")
+        ax_swd.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    ax_m.set_title(title)
+    _save_figure(fig, path)
+
+
+def plot_runs(stats_by_run: dict[str, list[dict]], path: str | Path, title: str = "BEGAN runs compared") -> None:
+    """The M curves of several runs overlaid (name -> stats rows) and, when any run was evaluated, their SWD."""
+    plt = _pyplot()
+    with_swd = any(swd_points(stats) for stats in stats_by_run.values())
+    fig, axes = plt.subplots(2 if with_swd else 1, 1, figsize=(7, 2.75 * (2 if with_swd else 1)), sharex=True)
+    axes = list(axes) if with_swd else [axes]
+    for name, stats in stats_by_run.items():
+        rows = [r for r in stats if "m" in r]
+        axes[0].plot([r["step"] for r in rows], [r["m"] for r in rows], label=name)
+        if with_swd and swd_points(stats):
+            axes[1].plot(*zip(*swd_points(stats), strict=True), marker="o", label=name)
+    axes[0].set_ylabel("M (convergence)")
+    axes[0].legend()
+    if with_swd:
+        axes[1].set_ylabel("SWD x1e3 (lower is better)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    axes[0].set_title(title)
+    _save_figure(fig, path)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend: files only, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in stats]
-    fig, (ax_m, ax_k) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
-    ax_m.plot(steps, [r["m"] for r in stats], color="tab:blue", label="M")
-    ax_m.set_ylabel("M (convergence)")
-    ax_m.grid(alpha=0.3)
-    if stats and "lr" in stats[0]:
-        ax_lr = ax_m.twinx()
-        ax_lr.plot(steps, [r["lr"] for r in stats], color="tab:gray", linestyle="--", label="lr")
-        ax_lr.set_ylabel("learning rate")
-    ax_k.plot(steps, [r["k"] for r in stats], color="tab:red")
-    ax_k.set_ylabel("k_t")
-    ax_k.set_xlabel("step")
-    ax_k.grid(alpha=0.3)
-    ax_m.set_title(title)
+    return plt
+
+
+def _save_figure(fig, path: str | Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write(path, lambda f: f.write(buf.getvalue()))

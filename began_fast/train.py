@@ -1,9 +1,10 @@
 """The training loop behind scripts/train.py, readable top to bottom.
 
-A run folder holds config.json, stats.jsonl (a row per logging window), TensorBoard events (when tensorboard is
-installed), samples/step_XXXXXXX.png from a fixed z, convergence.png (M and k_t against the step), latest.pt
-and snapshots step_XXXXXXX.pt. The step keeps its statistics on the device; this loop reads them every
-`log_every` steps, and that read is where a NaN or inf is caught.
+A run folder holds config.json, stats.jsonl (a row per logging window, and a row per evaluation with "swd"),
+TensorBoard events (when tensorboard is installed), samples/step_XXXXXXX.png from a fixed z with progress.png and
+progress.gif (the grids over time), reconstruction.png (real images next to D(x)), convergence.png (M, k_t, lr
+and SWD against the step), latest.pt and snapshots step_XXXXXXX.pt. The step keeps its statistics on the
+device; this loop reads them every `log_every` steps, and that read is where a NaN or inf is caught.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from began_fast import reports
+from began_fast import metrics, reports
 from began_fast.checkpoint import config_dict, load_checkpoint, save_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from began_fast.data import make_batches
+from began_fast.data import make_batches, open_source
 from began_fast.data.gpu_resident import GpuResidentStream
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep, StepState
 
 SAMPLE_GRID = 64  # images in a sample grid (8 x 8)
+RECONSTRUCTION_PAIRS = 16
 
 
 class TrainingError(RuntimeError):
@@ -127,10 +129,44 @@ def write_checkpoint(run: Run) -> Path:
     return latest
 
 
-def write_samples(run: Run) -> None:
-    with torch.no_grad():
-        images = run.G(run.fixed_z)
-    reports.save_image_grid(images, run.out / "samples" / f"step_{run.step.steps_done:07d}.png", nrow=8)
+class RealImages:
+    """The run's real images for pictures and evaluation, opened on first use (the loader has its own copy)."""
+
+    def __init__(self, run: Run):
+        self.run, self._source = run, None
+
+    @property
+    def source(self):
+        if self._source is None:
+            self._source = open_source(self.run.data_cfg, self.run.model_cfg.image_size)
+        return self._source
+
+    def fixed_batch(self) -> torch.Tensor:
+        images = torch.stack([self.source[i] for i in range(min(RECONSTRUCTION_PAIRS, len(self.source)))])
+        return images.to(self.run.opts.device, torch.float32) / 127.5 - 1
+
+
+@torch.no_grad()
+def write_pictures(run: Run, real: RealImages) -> None:
+    """The fixed-z sample grid, the grids-over-time strip and GIF, D's reconstructions, and the convergence plot."""
+    out, step = run.out, run.step.steps_done
+    reports.save_image_grid(run.G(run.fixed_z), out / "samples" / f"step_{step:07d}.png", nrow=8)
+    reports.update_progress(out)
+    x = real.fixed_batch()
+    reports.save_reconstruction_grid(x, run.D(x), out / "reconstruction.png")
+    reports.plot_convergence(reports.read_stats(out / "stats.jsonl"), out / "convergence.png")
+
+
+@torch.no_grad()
+def evaluate(run: Run, real: RealImages, stats_file, writer) -> None:
+    """SWD of G's samples against real images, and D's reconstruction error, appended to stats.jsonl."""
+    result = metrics.evaluate_models(run.G, run.D, real.source, num=run.train_cfg.eval_images, device=run.opts.device)
+    row = {"step": run.step.steps_done, "swd": result["swd"]["avg"], "recon_l1": result["recon_l1"]}
+    stats_file.write(json.dumps(row) + "\n")
+    stats_file.flush()
+    if writer is not None:
+        writer.add_scalar("eval/swd", row["swd"], row["step"])
+        writer.add_scalar("eval/recon_l1", row["recon_l1"], row["step"])
 
 
 def open_tensorboard(out: Path):
@@ -228,6 +264,7 @@ def train(run: Run) -> Path:
     feed = make_feed(run, batches)
 
     writer = open_tensorboard(out)
+    real = RealImages(run)
     last_checkpoint = out / "latest.pt"
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet)
     try:
@@ -240,9 +277,10 @@ def train(run: Run) -> Path:
                 # Statistics are read before every checkpoint, so a checkpoint never holds a diverged model.
                 if done % cfg.log_every == 0 or checkpoint_due:
                     log_window(run, stats_file, writer, bar)
+                if cfg.eval_every and done % cfg.eval_every == 0:
+                    evaluate(run, real, stats_file, writer)
                 if done % cfg.sample_every == 0 or done == cfg.steps:
-                    write_samples(run)
-                    reports.plot_convergence(reports.read_stats(out / "stats.jsonl"), out / "convergence.png")
+                    write_pictures(run, real)
                 if checkpoint_due:
                     last_checkpoint = write_checkpoint(run)
                 if interrupted:

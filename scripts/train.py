@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from began_fast.checkpoint import CheckpointError  # noqa: E402
 from began_fast.config import LOADERS, PRESETS, ConfigError, DataConfig, get_preset, replace  # noqa: E402
 from began_fast.data import DataError  # noqa: E402
+from began_fast.metrics import MetricError  # noqa: E402
 from began_fast.train import RunOptions, TrainingError, setup_run, train  # noqa: E402
 
 
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int)
     p.add_argument("--sample-every", type=int)
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--eval-every", type=int, help="steps between SWD evaluations, logged beside M (default: never)")
+    p.add_argument("--eval-images", type=int, help="images per SWD evaluation (default 512)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -73,6 +76,8 @@ def main(argv=None) -> int:
             log_every=args.log_every,
             sample_every=args.sample_every,
             checkpoint_every=args.checkpoint_every,
+            eval_every=args.eval_every,
+            eval_images=args.eval_images,
         )
         data_cfg = replace(DataConfig(), path=args.data, crop=args.crop, loader=args.loader, num_workers=args.workers)
         opts = RunOptions(
@@ -87,7 +92,7 @@ def main(argv=None) -> int:
         )
         run = setup_run(model_cfg, train_cfg, data_cfg, opts)
         last = train(run)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, MetricError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"done: {run.step.steps_done} steps; checkpoint {last}; samples in {run.out / 'samples'}", file=sys.stderr)

@@ -21,6 +21,7 @@ DATA = DataConfig(builtin_count=64, num_workers=0)
 
 def train_cfg(steps, **kw):
     base = dict(batch_size=4, steps=steps, log_every=2, sample_every=4, checkpoint_every=4, snapshot_every=8)
+    base |= dict(eval_every=8, eval_images=16)
     return TrainConfig(**(base | kw))
 
 
@@ -38,10 +39,14 @@ def test_run_writes_its_outputs(tmp_path):
     run = run_steps(tmp_path, 8)
     assert json.loads((tmp_path / "config.json").read_text())["model"]["image_size"] == 16
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "swd" in r]
+    rows = [r for r in rows if "swd" not in r]
+    assert [(r["step"], r["swd"] > 0, r["recon_l1"] > 0) for r in evals] == [(8, True, True)]
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     assert all(math.isfinite(r["m"]) and 0 <= r["k"] <= 1 and r["lr"] == pytest.approx(1e-4) for r in rows)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000004.png", "step_0000008.png"]
-    assert (tmp_path / "convergence.png").stat().st_size > 1000
+    for picture in ("convergence.png", "progress.png", "progress.gif", "reconstruction.png"):
+        assert (tmp_path / picture).stat().st_size > 1000, picture
     assert (tmp_path / "step_0000008.pt").exists()
     state = load_checkpoint(tmp_path / "latest.pt")
     assert state["step"] == 8 == run.step.steps_done

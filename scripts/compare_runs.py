@@ -1,0 +1,164 @@
+"""Compare two training runs at equal steps: their configs, M curves, SWD evaluations and a verdict.
+
+    python scripts/compare_runs.py runs/baseline runs/skip
+    python scripts/compare_runs.py runs/baseline runs/skip --plot compare.png --json
+
+A run folder is what scripts/train.py writes: config.json, stats.jsonl (a row per logging window with M; rows
+with "swd" are evaluations) and latest.pt. Only the steps both runs logged are compared. The verdict goes by
+SWD at the last step both runs were evaluated at; without evaluations, by the mean M over the last common
+steps (M tracks convergence, not sample quality, so that verdict is weaker and says so). Differences under 5%
+are called even. Bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from began_fast.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from began_fast.reports import plot_runs, read_stats, swd_points  # noqa: E402
+
+EVEN = 0.05  # relative difference below which the runs are called even
+M_TAIL = 10  # common logged steps averaged for the M verdict
+
+
+class RunFolderError(ValueError):
+    """A run folder is missing or incomplete; the message is one line meant for the user."""
+
+
+@dataclass
+class RunRecord:
+    name: str
+    config: dict
+    stats: list[dict]
+    checkpoint_step: int | None
+
+    @property
+    def m_by_step(self) -> dict[int, float]:
+        return {r["step"]: r["m"] for r in self.stats if "m" in r}
+
+    @property
+    def swd_by_step(self) -> dict[int, float]:
+        return dict(swd_points(self.stats))
+
+
+def load_run(folder: Path) -> RunRecord:
+    if not folder.is_dir():
+        raise RunFolderError(f"run folder {folder} does not exist (expected the --out folder of scripts/train.py)")
+    config_path, stats_path = folder / "config.json", folder / "stats.jsonl"
+    for path in (config_path, stats_path):
+        if not path.is_file():
+            raise RunFolderError(f"{folder} is not a run folder: {path.name} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError:
+        raise RunFolderError(f"{config_path} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise RunFolderError(f"{config_path} does not hold a JSON object")
+    stats = read_stats(stats_path)
+    if not any("m" in r for r in stats):
+        raise RunFolderError(f"{stats_path} has no logged step yet (no row with M)")
+    latest = folder / "latest.pt"
+    step = load_checkpoint(latest)["step"] if latest.is_file() else None
+    return RunRecord(folder.name or str(folder), config, stats, step)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _relative_verdict(name_a: str, name_b: str, a: float, b: float, what: str) -> str:
+    # Lower is better for SWD and for M.
+    if abs(a - b) <= EVEN * max(abs(a), abs(b)):
+        return f"even: {what} {a:.4g} vs {b:.4g} differ by less than {EVEN:.0%}"
+    better, worse = (name_a, name_b) if a < b else (name_b, name_a)
+    return f"{better} is better than {worse}: {what} {a:.4g} ({name_a}) vs {b:.4g} ({name_b})"
+
+
+def compare(a: RunRecord, b: RunRecord) -> dict:
+    """The comparison as a JSON-ready dict (the table and the --json output are both made from it)."""
+    m_a, m_b = a.m_by_step, b.m_by_step
+    common = sorted(set(m_a) & set(m_b))
+    if not common:
+        raise RunFolderError(
+            f"the runs share no logged step ({a.name}: {min(m_a)}..{max(m_a)}, {b.name}: {min(m_b)}..{max(m_b)})"
+        )
+    swd_a, swd_b = a.swd_by_step, b.swd_by_step
+    swd_common = [{"step": s, a.name: swd_a[s], b.name: swd_b[s]} for s in sorted(set(swd_a) & set(swd_b))]
+    tail = common[-M_TAIL:]
+    tail_m = (sum(m_a[s] for s in tail) / len(tail), sum(m_b[s] for s in tail) / len(tail))
+    if swd_common:
+        last = swd_common[-1]
+        verdict = _relative_verdict(a.name, b.name, last[a.name], last[b.name], f"SWD at step {last['step']}")
+    else:
+        what = f"mean M over the last {len(tail)} common steps (no common SWD evaluation; M is a weaker guide)"
+        verdict = _relative_verdict(a.name, b.name, *tail_m, what)
+    config_a, config_b = flatten(a.config), flatten(b.config)
+    config_diff = {
+        key: [config_a.get(key), config_b.get(key)]
+        for key in sorted(set(config_a) | set(config_b))
+        if config_a.get(key) != config_b.get(key)
+    }
+    return {
+        "runs": [a.name, b.name],
+        "checkpoint_steps": [a.checkpoint_step, b.checkpoint_step],
+        "config_diff": config_diff,
+        "common_steps": {"count": len(common), "first": common[0], "last": common[-1]},
+        "m_mean_abs_diff": sum(abs(m_a[s] - m_b[s]) for s in common) / len(common),
+        "m_at_last_common_step": [m_a[common[-1]], m_b[common[-1]]],
+        "m_tail_mean": list(tail_m),
+        "swd_at_common_steps": swd_common,
+        "verdict": verdict,
+    }
+
+
+def format_table(c: dict) -> str:
+    a, b = c["runs"]
+    steps = c["common_steps"]
+    step_a, step_b = c["checkpoint_steps"]
+    lines = [f"runs              {a} vs {b}", f"checkpoint step   {step_a} vs {step_b}"]
+    lines += [f"config {key}: {va} vs {vb}" for key, (va, vb) in c["config_diff"].items()]
+    lines += [
+        f"common steps      {steps['count']} logged, {steps['first']}..{steps['last']}",
+        f"M mean |diff|     {c['m_mean_abs_diff']:.4f}",
+        f"M at step {steps['last']:<7} {c['m_at_last_common_step'][0]:.4f} vs {c['m_at_last_common_step'][1]:.4f}",
+    ]
+    lines += [f"SWD at step {row['step']:<5} {row[a]:.2f} vs {row[b]:.2f}" for row in c["swd_at_common_steps"]]
+    lines.append(f"verdict: {c['verdict']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_a", type=Path)
+    p.add_argument("run_b", type=Path)
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a table")
+    p.add_argument("--plot", type=Path, help="write a PNG with both runs' M (and SWD) curves overlaid")
+    args = p.parse_args(argv)
+    try:
+        a, b = load_run(args.run_a), load_run(args.run_b)
+        if a.name == b.name:
+            a.name, b.name = str(args.run_a), str(args.run_b)
+        comparison = compare(a, b)
+    except (RunFolderError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(comparison, indent=2) if args.json else format_table(comparison))
+    if args.plot is not None:
+        plot_runs({a.name: a.stats, b.name: b.stats}, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The judging scripts: scripts/evaluate.py on a tiny checkpoint (end to end, as a user runs it, and its one-line
+errors) and scripts/compare_runs.py on two small synthetic run folders."""
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from began_fast.checkpoint import save_checkpoint
+from began_fast.config import DataConfig, ModelConfig, TrainConfig
+from began_fast.data.builtin import BuiltinFaces
+from began_fast.fid import INCEPTION_WEIGHTS_FILE
+from began_fast.metrics import evaluate_models
+from began_fast.model import Discriminator, Generator
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ModelConfig(image_size=16, n=4, h=4)
+
+
+def _script(name):
+    """scripts/<name>.py imported as a module (registered first: its dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(f"began_fast_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint of a freshly initialised G and D at 16 px, n=4, h=4, in the documented format."""
+    torch.manual_seed(0)
+    G, D = Generator(TINY, impl="torch"), Discriminator(TINY, impl="torch")
+    path = tmp_path_factory.mktemp("run") / "latest.pt"
+    state = {
+        "model_config": dataclasses.asdict(TINY),
+        "train_config": dataclasses.asdict(TrainConfig()),
+        "data_config": dataclasses.asdict(DataConfig()),
+        "step": 123,
+        "G": G.state_dict(),
+        "D": D.state_dict(),
+        "trainer": {},
+        "fixed_z": torch.rand(4, TINY.z_size) * 2 - 1,
+    }
+    save_checkpoint(path, state)
+    return path, G.eval(), D.eval()
+
+
+def test_evaluate_script_end_to_end(tiny_checkpoint, tmp_path):
+    path, G, D = tiny_checkpoint
+    out = tmp_path / "eval.json"
+    done = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", str(path), "--num", "8", "--device", "cpu", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "SWD x1e3" in done.stdout and "D recon L1" in done.stdout and "(step 123)" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["step"] == 123 and report["num"] == 8 and report["image_size"] == 16
+    # The same numbers as evaluate_models on the built-in faces the script reads (the first 2 * num, seed 0).
+    expected = evaluate_models(G, D, BuiltinFaces(16, 16, seed=0), num=8)
+    assert report["swd"] == pytest.approx(expected["swd"]) and report["swd"]["avg"] > 0
+    assert report["recon_l1"] == pytest.approx(expected["recon_l1"])
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["missing.pt"], "does not exist"),
+        (["{ckpt}", "--data", "{tmp}/no_such_dir"], "no_such_dir"),
+        (["{ckpt}", "--num", "0"], "--num and --batch-size must be >= 1"),
+        (["{ckpt}", "--fid"], INCEPTION_WEIGHTS_FILE),
+        (["{ckpt}", "--fid", "--inception-weights", "{tmp}/w.pth"], "is not a file"),
+    ],
+)
+def test_evaluate_script_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, monkeypatch, capsys, args, match):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    argv = [a.format(ckpt=tiny_checkpoint[0], tmp=tmp_path) for a in args]
+    assert _script("evaluate").main(argv + ["--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
+
+
+def _write_run(folder, *, lr, m_of_step, steps, swd=None):
+    """A run folder as scripts/train.py writes it, with M = m_of_step(step) and SWD evaluations {step: value}."""
+    folder.mkdir()
+    config = {"model": dataclasses.asdict(TINY), "train": dataclasses.asdict(TrainConfig(lr=lr, lr_floor=lr / 5))}
+    (folder / "config.json").write_text(json.dumps(config))
+    rows = [{"step": s, "m": m_of_step(s), "k": 0.01, "lr": lr} for s in steps]
+    rows += [{"step": s, "swd": v} for s, v in (swd or {}).items()]
+    (folder / "stats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture
+def compare(capsys):
+    """Run compare_runs.main in this process (a subprocess would spend seconds importing torch): (rc, out, err)."""
+    main = _script("compare_runs").main
+
+    def run(argv):
+        rc = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    return run
+
+
+def test_compare_runs_at_equal_steps_with_a_swd_verdict(tmp_path, compare, tiny_checkpoint):
+    # A logs every 50 steps up to 1000, B every 100 up to 1500: common steps 100, 200, ..., 1000.
+    a = _write_run(tmp_path / "a", lr=1e-4, m_of_step=lambda s: 0.3, steps=range(50, 1001, 50), swd={500: 90.0})
+    b = _write_run(
+        tmp_path / "b", lr=3e-4, m_of_step=lambda s: 0.2, steps=range(100, 1501, 100), swd={500: 60.0, 1500: 40.0}
+    )
+    shutil.copy(tiny_checkpoint[0], a / "latest.pt")
+    rc, out, err = compare([a, b, "--json", "--plot", tmp_path / "m.png"])
+    assert rc == 0, err
+    c = json.loads(out)
+    assert c["checkpoint_steps"] == [123, None]
+    assert c["common_steps"] == {"count": 10, "first": 100, "last": 1000}
+    assert c["m_mean_abs_diff"] == pytest.approx(0.1) and c["m_at_last_common_step"] == [0.3, 0.2]
+    assert c["swd_at_common_steps"] == [{"step": 500, "a": 90.0, "b": 60.0}]
+    assert c["config_diff"]["train.lr"] == [1e-4, 3e-4]
+    assert c["verdict"].startswith("b is better than a: SWD at step 500")
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    rc, table, _ = compare([a, b])
+    assert rc == 0 and "verdict: b is better than a" in table and "config train.lr: 0.0001 vs 0.0003" in table
+
+
+def test_compare_runs_without_evaluations_judges_by_m_and_calls_small_differences_even(tmp_path, compare):
+    a = _write_run(tmp_path / "a", lr=1e-4, m_of_step=lambda s: 0.2, steps=range(50, 501, 50))
+    b = _write_run(tmp_path / "b", lr=1e-4, m_of_step=lambda s: 0.205, steps=range(50, 501, 50))
+    rc, out, err = compare([a, b, "--json"])
+    assert rc == 0, err
+    c = json.loads(out)
+    assert c["config_diff"] == {} and c["verdict"].startswith("even: mean M over the last 10 common steps")
+
+
+def test_compare_runs_rejects_missing_or_incomplete_folders(tmp_path):
+    good = _write_run(tmp_path / "good", lr=1e-4, m_of_step=lambda s: 0.2, steps=[50])
+    (tmp_path / "no_stats").mkdir()
+    (tmp_path / "no_stats" / "config.json").write_text("{}")
+    late = _write_run(tmp_path / "late", lr=1e-4, m_of_step=lambda s: 0.2, steps=[100])
+    damaged = _write_run(tmp_path / "damaged", lr=1e-4, m_of_step=lambda s: 0.2, steps=[50])
+    (damaged / "latest.pt").write_bytes(b"not a checkpoint")
+    compare_runs = _script("compare_runs")
+    for other, match in [
+        (tmp_path / "nowhere", "does not exist"),
+        (tmp_path / "no_stats", "stats.jsonl is missing"),
+        (late, "share no logged step"),
+        (damaged, "cannot be read"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            compare_runs.compare(compare_runs.load_run(good), compare_runs.load_run(other))
+    # As a user runs it, uninstalled, from the repository root.
+    done = subprocess.run(
+        [sys.executable, "scripts/compare_runs.py", str(good), str(tmp_path / "nowhere")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: run folder") and done.stderr.count("\n") == 1

@@ -1,0 +1,208 @@
+"""SWD (Karras et al. 2018) and the evaluation of a trained G and D: the published method's pyramid, its
+behaviour as a distance (0 on identical sets, growing with the corruption, small between two draws of one
+distribution), determinism, and FID's one-line error when its weights are missing."""
+
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from began_fast.config import ModelConfig
+from began_fast.data.builtin import BuiltinFaces
+from began_fast.fid import INCEPTION_WEIGHTS_FILE, FIDUnavailableError, fid, inception_weights_path, require_fid
+from began_fast.metrics import (
+    MetricError,
+    evaluate_models,
+    laplacian_level,
+    pyr_down,
+    pyr_up,
+    pyramid_resolutions,
+    sliced_wasserstein,
+    swd,
+)
+from began_fast.model import Discriminator, Generator
+
+# The published code's 5x5 Gaussian (cv2.pyrDown's), outer product of [1 4 6 4 1] / 16.
+GAUSSIAN_5X5 = np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1]).astype(np.float32) / 256
+
+
+@pytest.fixture(scope="module")
+def faces():
+    """Two independent draws of the built-in faces at 32 px, (64, 3, 32, 32) uint8 each."""
+    return BuiltinFaces(64, 32, seed=0).images, BuiltinFaces(64, 32, seed=1).images
+
+
+def test_pyramid_matches_the_published_numpy_code():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 3, 32, 32)).astype(np.float32)
+    # Karras et al.'s pyr_down / pyr_up: scipy convolve with mode="mirror", zero-interleaved upsampling x4 gain.
+    down = ndimage.convolve(x, GAUSSIAN_5X5[None, None], mode="mirror")[:, :, ::2, ::2]
+    interleaved = np.zeros_like(x)
+    interleaved[:, :, ::2, ::2] = down
+    up = ndimage.convolve(interleaved, 4 * GAUSSIAN_5X5[None, None], mode="mirror")
+    np.testing.assert_allclose(pyr_down(torch.from_numpy(x)).numpy(), down, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(pyr_up(torch.from_numpy(down), (32, 32)).numpy(), up, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(laplacian_level(torch.from_numpy(x), 0, 2).numpy(), x - up, atol=1e-3, rtol=1e-5)
+    np.testing.assert_allclose(laplacian_level(torch.from_numpy(x), 1, 2).numpy(), down, atol=1e-4, rtol=1e-5)
+
+
+def test_pyramid_levels_go_down_to_16():
+    assert pyramid_resolutions(16) == [16]
+    assert pyramid_resolutions(64) == [64, 32, 16]
+    assert pyramid_resolutions(256) == [256, 128, 64, 32, 16]
+
+
+def test_sliced_wasserstein_is_the_mean_1d_wasserstein_of_the_projections():
+    stats = pytest.importorskip("scipy.stats")
+    rng = torch.Generator().manual_seed(0)
+    a, b = torch.randn(500, 6, generator=rng), torch.randn(500, 6, generator=rng) * 1.5 + 0.3
+    got = sliced_wasserstein(a, b, dirs_per_repeat=3, dir_repeats=2, generator=torch.Generator().manual_seed(7))
+    dirs_rng = torch.Generator().manual_seed(7)
+    expected = []
+    for _ in range(2):
+        dirs = torch.randn(6, 3, generator=dirs_rng)
+        dirs = dirs / dirs.norm(dim=0)
+        expected += [stats.wasserstein_distance((a @ d).numpy(), (b @ d).numpy()) for d in dirs.T]
+    assert got == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+def test_swd_of_identical_sets_is_exactly_zero(faces):
+    result = swd(faces[0], faces[0].clone(), seed=3, descriptors_per_image=32)
+    assert set(result) == {"32", "16", "avg"}
+    assert all(v == 0.0 for v in result.values())
+
+
+def test_swd_grows_with_added_noise(faces):
+    x = faces[0].float() / 127.5 - 1
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    results = [swd(x, (x + sigma * noise).clamp(-1, 1), descriptors_per_image=64) for sigma in (0.02, 0.08, 0.3)]
+    avgs, finest = [r["avg"] for r in results], [r["32"] for r in results]
+    assert 0 < avgs[0] < avgs[1] < avgs[2], avgs
+    assert 0 < finest[0] < finest[1] < finest[2], finest
+
+
+def test_swd_between_two_draws_is_far_below_swd_to_another_distribution(faces):
+    a, b = faces
+    rng = torch.Generator().manual_seed(0)
+    same = swd(a, b)["avg"]
+    # The same pixels with the spatial structure destroyed; the same faces in other colours; uniform noise.
+    pixels_shuffled = b.flatten(2)[:, :, torch.randperm(32 * 32, generator=rng)].view_as(b)
+    noise = torch.randint(0, 256, a.shape, dtype=torch.uint8, generator=rng)
+    assert same < 0.4 * swd(a, pixels_shuffled)["avg"]
+    assert same < 0.7 * swd(a, b[:, [2, 0, 1]])["avg"]
+    assert same < 0.3 * swd(a, noise)["avg"]
+
+
+def test_swd_is_deterministic_by_seed_and_reads_uint8_and_float_alike(faces):
+    a, b = faces[0][:32], faces[1][:32]
+    first = swd(a, b, seed=5, descriptors_per_image=32)
+    assert swd(a, b, seed=5, descriptors_per_image=32) == first
+    assert swd(a.float() / 127.5 - 1, b.float() / 127.5 - 1, seed=5, descriptors_per_image=32) == first
+    other_seed = swd(a, b, seed=6, descriptors_per_image=32)
+    assert other_seed != first
+    # A different draw of patches and directions measures the same distance up to sampling noise.
+    assert other_seed["avg"] == pytest.approx(first["avg"], rel=0.5)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "match"),
+    [
+        (torch.zeros(4, 3, 32, 32), torch.zeros(5, 3, 32, 32), "same shape"),
+        (torch.zeros(4, 1, 32, 32), torch.zeros(4, 1, 32, 32), r"\(N, 3, S, S\)"),
+        (torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), "size >= 16"),
+        (torch.zeros(4, 3, 16, 16, dtype=torch.int32), torch.zeros(4, 3, 16, 16, dtype=torch.int32), "uint8 or"),
+    ],
+)
+def test_swd_rejects_bad_input_with_one_line(a, b, match):
+    with pytest.raises(MetricError, match=match):
+        swd(a, b)
+
+
+@pytest.mark.cuda
+def test_swd_on_cuda_matches_cpu(faces):
+    a, b = faces
+    cpu = swd(a, b, seed=2)
+    gpu = swd(a.cuda(), b.cuda(), seed=2)
+    for key, value in cpu.items():
+        assert gpu[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+
+
+def _tiny_models():
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=16, n=4, h=4)
+    return Generator(cfg, impl="torch").eval(), Discriminator(cfg, impl="torch").eval()
+
+
+def test_evaluate_models_reports_swd_and_the_held_out_reconstruction_error():
+    G, D = _tiny_models()
+    real = BuiltinFaces(24, 16, seed=0)
+    result = evaluate_models(G, D, real, num=10, seed=1, batch_size=4)
+    assert result["num"] == 10 and result["image_size"] == 16 and "fid" not in result
+    assert set(result["swd"]) == {"16", "avg"} and result["swd"]["avg"] > 0
+    # The reconstruction error is D's on the last 10 images, in [-1, 1].
+    x = real.images[-10:].float() / 127.5 - 1
+    with torch.no_grad():
+        expected = (x - D(x)).abs().mean().item()
+    assert result["recon_l1"] == pytest.approx(expected, rel=1e-5)
+    assert evaluate_models(G, D, real, num=10, seed=1, batch_size=7) == result
+    assert evaluate_models(G, D, real, num=10, seed=2, batch_size=4)["swd"] != result["swd"]
+
+
+def test_evaluate_models_rejects_a_too_small_or_mismatched_real_set():
+    G, D = _tiny_models()
+    with pytest.raises(MetricError, match="the set holds 5, num is 10"):
+        evaluate_models(G, D, BuiltinFaces(5, 16, seed=0), num=10)
+    with pytest.raises(MetricError, match="real images are 32x32, the model makes 16x16"):
+        evaluate_models(G, D, BuiltinFaces(4, 32, seed=0).images, num=4)
+
+
+def test_fid_without_weights_says_which_file_goes_where(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    with pytest.raises(FIDUnavailableError) as error:
+        fid(images, images)
+    message = str(error.value)
+    assert INCEPTION_WEIGHTS_FILE in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert "--inception-weights" in message and "\n" not in message
+    with pytest.raises(FIDUnavailableError, match="is not a file"):
+        inception_weights_path(tmp_path / "missing.pth")
+
+
+def test_fid_finds_the_weights_in_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / INCEPTION_WEIGHTS_FILE).write_bytes(b"")
+    assert inception_weights_path() == tmp_path / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+
+def test_fid_without_torch_fidelity_says_how_to_install(tmp_path):
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        pytest.skip("torch-fidelity is installed")
+    weights = tmp_path / INCEPTION_WEIGHTS_FILE
+    weights.write_bytes(b"")
+    with pytest.raises(FIDUnavailableError, match=r"pip install 'began-fast\[fid\]'"):
+        require_fid(weights)
+
+
+def test_fid_hands_torch_fidelity_uint8_image_datasets_and_the_weights(tmp_path, monkeypatch):
+    calls = {}
+
+    def calculate_metrics(**kwargs):
+        calls.update(kwargs)
+        return {"frechet_inception_distance": 12.5}
+
+    fake = types.ModuleType("torch_fidelity")
+    fake.__spec__ = importlib.machinery.ModuleSpec("torch_fidelity", None)
+    fake.calculate_metrics, fake.KEY_METRIC_FID = calculate_metrics, "frechet_inception_distance"
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
+    weights = tmp_path / INCEPTION_WEIGHTS_FILE
+    weights.write_bytes(b"")
+    a = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    b = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    assert fid(a, b, weights=weights) == 12.5
+    assert calls["fid"] and calls["feature_extractor_weights_path"] == str(weights) and not calls["cuda"]
+    assert len(calls["input1"]) == 3 and torch.equal(calls["input1"][2], a[2]) and torch.equal(calls["input2"][0], b[0])

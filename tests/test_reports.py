@@ -1,0 +1,94 @@
+"""The run folder's pictures: the samples-over-time strip and GIF, D's reconstruction grid, the convergence plot
+with the lr and SWD; each file is written whole and has the size its layout implies."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from began_fast import reports
+
+SIZE = 16
+
+
+def _write_samples(run_dir, steps):
+    """Fake fixed-z sample grids (4 x 4 images of 16 px, as the loop writes them) at `steps`."""
+    rng = torch.Generator().manual_seed(0)
+    for step in steps:
+        images = torch.rand(16, 3, SIZE, SIZE, generator=rng) * 2 - 1
+        reports.save_image_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=4)
+
+
+def test_sample_frames_are_ordered_by_step_and_ignore_other_files(tmp_path):
+    _write_samples(tmp_path, [1000, 250, 10_000])
+    (tmp_path / "samples" / "notes.png").write_bytes(b"")
+    assert [step for step, _ in reports.sample_frames(tmp_path)] == [250, 1000, 10_000]
+
+
+def test_progress_strip_and_gif_have_the_layout_size(tmp_path):
+    _write_samples(tmp_path, range(0, 1500, 100))  # 15 frames
+    grid_side = 4 * (SIZE + 2) + 2  # image_grid's padding of 2
+    assert reports.update_progress(tmp_path) == [tmp_path / "progress.png", tmp_path / "progress.gif"]
+    with Image.open(tmp_path / "progress.png") as strip:
+        # 10 frames scaled to 256 px high, with a 14 px label band each and 4 px gaps.
+        assert strip.size == (10 * 256 + 9 * 4, 256 + reports.LABEL_HEIGHT)
+    with Image.open(tmp_path / "progress.gif") as gif:
+        assert gif.n_frames == 15 and gif.size == (256, 256 + reports.LABEL_HEIGHT)
+        gif.seek(14)
+        last = gif.convert("RGB")
+    # The last frame shows the last grid (up to the GIF's 256-colour palette), not an earlier one.
+    got = np.asarray(last.crop((0, reports.LABEL_HEIGHT, 256, 256 + reports.LABEL_HEIGHT)), dtype=np.float32)
+    errors = {}
+    for step in (0, 1400):
+        with Image.open(tmp_path / "samples" / f"step_{step:07d}.png") as grid:
+            assert grid.size == (grid_side, grid_side)
+            scaled = np.asarray(grid.convert("RGB").resize((256, 256), Image.Resampling.LANCZOS), dtype=np.float32)
+        errors[step] = np.abs(got - scaled).mean()
+    assert errors[1400] < 16 and errors[1400] < 0.3 * errors[0], errors
+
+
+def test_update_progress_before_any_sample_writes_nothing(tmp_path):
+    assert reports.update_progress(tmp_path) == []
+    assert not list(tmp_path.iterdir())
+
+
+def test_reconstruction_grid_puts_each_real_image_next_to_its_reconstruction(tmp_path):
+    rng = torch.Generator().manual_seed(1)
+    real, recon = torch.rand(6, 3, SIZE, SIZE, generator=rng) * 2 - 1, torch.rand(6, 3, SIZE, SIZE, generator=rng)
+    reports.save_reconstruction_grid(real, recon, tmp_path / "recon.png", pairs_per_row=3)
+    with Image.open(tmp_path / "recon.png") as grid:
+        assert grid.size == (6 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)
+        pixels = np.asarray(grid.convert("RGB"))
+    second_row = 2 + SIZE + 2
+    tile = pixels[second_row : second_row + SIZE]
+    # Row 2 holds pairs 3, 4, 5: columns 0 and 1 are real[3] and recon[3].
+    np.testing.assert_array_equal(tile[:, 2 : 2 + SIZE], reports.to_uint8_hwc(real[3:4])[0])
+    np.testing.assert_array_equal(tile[:, 20 : 20 + SIZE], reports.to_uint8_hwc(recon[3:4])[0])
+    with pytest.raises(ValueError, match="differ"):
+        reports.save_reconstruction_grid(real, recon[:5], tmp_path / "bad.png")
+
+
+def _stats_rows(with_swd):
+    rows = [
+        {"step": s, "m": 0.2 - s * 1e-5, "k": s * 1e-5, "lr": 1e-4 if s < 500 else 5e-5} for s in range(50, 1001, 50)
+    ]
+    if with_swd:
+        rows += [{"step": 500, "swd": 80.5}, {"step": 1000, "swd": {"64": 70.0, "avg": 60.25}}]
+    return rows
+
+
+def test_swd_points_read_a_number_or_the_swd_dict():
+    assert reports.swd_points(_stats_rows(True)) == [(500, 80.5), (1000, 60.25)]
+    assert reports.swd_points(_stats_rows(False)) == []
+
+
+@pytest.mark.parametrize("with_swd", [False, True])
+def test_convergence_plot_adds_an_swd_panel_when_evaluated(tmp_path, with_swd):
+    stats = tmp_path / "stats.jsonl"
+    stats.write_text("".join(json.dumps(r) + "\n" for r in _stats_rows(with_swd)) + '{"step": 10')  # a torn line
+    reports.plot_convergence(reports.read_stats(stats), tmp_path / "convergence.png")
+    with Image.open(tmp_path / "convergence.png") as plot:
+        # 7 in wide at 100 dpi; 2.75 in per panel.
+        assert plot.size == (700, 275 * (3 if with_swd else 2))
