@@ -69,3 +69,62 @@ class TorchConvELU(torch.autograd.Function):
             grad_w = torch.nn.grad.conv2d_weight(inp, weight.shape, gs, stride=stride, padding=1)
             grad_b = gs.sum(dim=(0, 2, 3)) if has_bias else None
         return grad_x, grad_skip, grad_w, grad_b, None, None, None, None
+
+
+class TritonConvELU(torch.autograd.Function):
+    """The same layer on the fused Triton kernels of kernels/conv_elu.py, with TorchConvELU's backward algorithm.
+
+    Activations run channels_last (any input layout is accepted and converted once); the output is
+    channels_last in the activation dtype. Under autocast the activations are cast to the autocast dtype, as
+    F.conv2d would. Weight and bias gradients come back in the weight's dtype, reduced in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, skip, weight, bias, wgrad_scale, stride, upsample, act):
+        from kernels.conv_elu import INTERPRET, SUPPORTED_DTYPES, conv_elu_forward
+
+        if x.device.type != "cuda" and not INTERPRET:
+            raise ValueError(
+                f"conv_elu(impl='triton'): x is on {x.device.type}; expected a CUDA tensor "
+                "(or TRITON_INTERPRET=1 to run the kernels on the CPU)"
+            )
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"conv_elu(impl='triton'): x dtype {x.dtype} unsupported; expected one of {SUPPORTED_DTYPES}"
+            )
+        if wgrad_scale is not None and tuple(wgrad_scale.shape) != (x.shape[0],):
+            raise ValueError(f"conv_elu: wgrad_scale must have shape ({x.shape[0]},), got {tuple(wgrad_scale.shape)}")
+        x = x.contiguous(memory_format=torch.channels_last)
+        if skip is not None:
+            skip = skip.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        y = conv_elu_forward(x, skip, weight, bias, stride, upsample, act)
+        ctx.save_for_backward(x, skip, weight, y, wgrad_scale)
+        ctx.conf = (stride, upsample, act, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from kernels.conv_elu import conv_elu_input_grad, conv_elu_weight_grad
+
+        x, skip, weight, y, wgrad_scale = ctx.saved_tensors
+        stride, upsample, act, has_bias = ctx.conf
+        grad_y = grad_y.to(y.dtype)
+        c1, c_in = x.shape[1], weight.shape[1]
+        grad_x = grad_skip = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = conv_elu_input_grad(grad_y, y, weight, (0, c1), x.shape[-2:], upsample, stride, act, x.dtype)
+        if skip is not None and ctx.needs_input_grad[1]:
+            # The skip's gradient on the conv's logical grid, then summed over each nearest-upsampled block.
+            logical_size = (x.shape[2] * upsample, x.shape[3] * upsample)
+            grad_logical = conv_elu_input_grad(
+                grad_y, y, weight, (c1, c_in), logical_size, 1, stride, act, torch.float32
+            )
+            grad_skip = sum_nearest_blocks(grad_logical, skip.shape[-2:]).to(skip.dtype)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            want_bias = has_bias and ctx.needs_input_grad[3]
+            grad_w, grad_b = conv_elu_weight_grad(x, skip, grad_y, y, wgrad_scale, stride, upsample, act, want_bias)
+            grad_w = grad_w.to(weight.dtype)
+            grad_b = None if grad_b is None else grad_b.to(weight.dtype)
+        return grad_x, grad_skip, grad_w, grad_b, None, None, None, None

@@ -1,0 +1,221 @@
+"""Parity of the fused conv3x3 + bias + ELU Triton kernels (ops.conv_elu(impl="triton")) with reference.conv_elu_ref.
+
+Every case runs forward and backward on fresh random inputs and compares the output and the gradients of x,
+skip, weight and bias with the float64 reference under tests/tolerances.py (bf16 judged against PyTorch's own
+bf16 result). Without a GPU the kernels run through Triton's interpreter, so the shapes here are tiny; the
+paper's shapes run compiled in the `cuda`-marked test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+from began_fast import ops
+from began_fast.config import ModelConfig
+from began_fast.model import Discriminator, Generator
+from began_fast.reference import conv_elu_ref
+from tests.tolerances import assert_parity
+
+GRAD_NAMES = ("grad x", "grad skip", "grad weight", "grad bias")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One conv_elu call: x (batch, c1, size, size), skip (batch, c2, skip_size, skip_size) when c2 > 0."""
+
+    batch: int
+    c1: int
+    size: int
+    c_out: int
+    stride: int = 1
+    upsample: int = 1
+    c2: int = 0
+    skip_size: int = 0
+    act: bool = True
+    channels_last: bool = True
+
+
+VARIANTS = {
+    "stride1": Layer(batch=2, c1=5, size=12, c_out=7),
+    "stride2_odd_batch1": Layer(batch=1, c1=7, size=11, c_out=5, stride=2, channels_last=False),
+    "upsample": Layer(batch=2, c1=5, size=6, c_out=7, upsample=2),
+    "upsample_skip": Layer(batch=2, c1=5, size=6, c_out=7, upsample=2, c2=3, skip_size=3, channels_last=False),
+    "no_act": Layer(batch=2, c1=5, size=12, c_out=3, act=False),
+}
+
+
+def make_inputs(layer: Layer, device, dtype, seed: int):
+    """x, skip, weight, bias, grad_out: fresh random values, weights scaled so pre-activations are O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if layer.channels_last else torch.contiguous_format
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = rand(layer.batch, layer.c1, layer.size, layer.size).contiguous(memory_format=fmt)
+    skip = None
+    if layer.c2:
+        skip = rand(layer.batch, layer.c2, layer.skip_size, layer.skip_size).contiguous(memory_format=fmt)
+    c_in = layer.c1 + layer.c2
+    weight = rand(layer.c_out, c_in, 3, 3, scale=(9 * c_in) ** -0.5)
+    bias = rand(layer.c_out, scale=0.5)
+    out = (layer.size * layer.upsample - 1) // layer.stride + 1  # conv3x3, padding 1
+    grad_out = rand(layer.batch, layer.c_out, out, out)
+    return x, skip, weight, bias, grad_out
+
+
+def run_layer(fn, layer: Layer, x, skip, weight, bias, grad_out, **kwargs):
+    """Forward and backward of fn on fresh leaves; returns (y, [grad x, grad skip, grad weight, grad bias])."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, skip, weight, bias)]
+    lx, lskip, lw, lb = leaves
+    y = fn(lx, lw, lb, stride=layer.stride, upsample=layer.upsample, skip=lskip, act=layer.act, **kwargs)
+    y.backward(grad_out.to(y.dtype))
+    return y.detach(), [None if leaf is None else leaf.grad for leaf in leaves]
+
+
+def triton_conv_elu(*args, **kwargs):
+    return ops.conv_elu(*args, impl="triton", **kwargs)
+
+
+def float64(tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_layer_matches_reference(device, variant, dtype):
+    layer = VARIANTS[variant]
+    inputs = make_inputs(layer, device, dtype, seed=list(VARIANTS).index(variant))
+    y, grads = run_layer(triton_conv_elu, layer, *inputs)
+    y64, grads64 = run_layer(conv_elu_ref, layer, *float64(inputs))
+    y_same, grads_same = (y64, grads64) if dtype == torch.float32 else run_layer(conv_elu_ref, layer, *inputs)
+
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert_parity(y, y64, y_same, name=f"{variant} output")
+    for name, g, g64, g_same in zip(GRAD_NAMES, grads, grads64, grads_same, strict=True):
+        if g64 is None:
+            assert g is None, f"{variant}: {name} should be None"
+            continue
+        assert g.dtype == dtype, f"{variant}: {name} dtype {g.dtype}"
+        assert_parity(g, g64, g_same, name=f"{variant} {name}")
+
+
+def test_elu_at_zero_has_output_zero_and_slope_one(device):
+    """Output channel 0 has zero weights and zero bias: its pre-activation is exactly 0, where ELU is 0 and
+    its derivative (from the saved output: y + 1) is 1, so grad bias[0] is the plain sum of grad_out[:, 0]."""
+    layer = VARIANTS["upsample_skip"]
+    x, skip, weight, bias, grad_out = make_inputs(layer, device, torch.float32, seed=7)
+    weight[0] = 0.0
+    bias[0] = 0.0
+    y, grads = run_layer(triton_conv_elu, layer, x, skip, weight, bias, grad_out)
+    assert torch.equal(y[:, 0], torch.zeros_like(y[:, 0]))
+    assert (y[:, 1:] < 0).any() and (y[:, 1:] > 0).any(), "both ELU branches should be exercised"
+    torch.testing.assert_close(grads[3][0], grad_out[:, 0].sum(), atol=1e-4, rtol=1e-4)
+    y64, grads64 = run_layer(conv_elu_ref, layer, *float64((x, skip, weight, bias, grad_out)))
+    for name, g, g64 in zip(GRAD_NAMES, grads, grads64, strict=True):
+        assert_parity(g, g64, name=f"ELU at 0: {name}")
+
+
+@pytest.mark.parametrize("variant", ["stride2_odd_batch1", "upsample_skip"])
+def test_wgrad_scale_weights_each_sample(device, variant):
+    """With wgrad_scale s, grad weight/bias = sum_i s_i * (sample i's gradient); input gradients are unscaled."""
+    layer = replace(VARIANTS[variant], batch=3)
+    inputs = make_inputs(layer, device, torch.float32, seed=11)
+    scale = torch.tensor([1.0, -0.37, 2.5], device=device)
+    _, grads = run_layer(triton_conv_elu, layer, *inputs, wgrad_scale=scale)
+
+    x, skip, weight, bias, grad_out = float64(inputs)
+    _, unscaled = run_layer(conv_elu_ref, layer, x, skip, weight, bias, grad_out)
+    expected_w = torch.zeros_like(weight)
+    expected_b = torch.zeros_like(bias)
+    for i, s in enumerate(scale.tolist()):
+        sample = [None if t is None else t[i : i + 1] for t in (x, skip)]
+        _, per_sample = run_layer(conv_elu_ref, layer, sample[0], sample[1], weight, bias, grad_out[i : i + 1])
+        expected_w += s * per_sample[2]
+        expected_b += s * per_sample[3]
+
+    assert_parity(grads[0], unscaled[0], name="grad x (unscaled)")
+    if layer.c2:
+        assert_parity(grads[1], unscaled[1], name="grad skip (unscaled)")
+    assert_parity(grads[2], expected_w, name="scaled grad weight")
+    assert_parity(grads[3], expected_b, name="scaled grad bias")
+
+
+def test_rejects_unsupported_dtype_and_scale_shape(device):
+    layer = VARIANTS["stride1"]
+    x, skip, weight, bias, _ = make_inputs(layer, device, torch.float32, seed=3)
+    with pytest.raises(ValueError, match="dtype torch.float64 unsupported"):
+        triton_conv_elu(x.double(), weight.double(), bias.double())
+    with pytest.raises(ValueError, match="wgrad_scale must have shape"):
+        triton_conv_elu(x, weight, bias, wgrad_scale=torch.ones(layer.batch + 1, device=device))
+
+
+def _model_parity(make_net, net_input, device, **forward_kwargs):
+    """Forward + backward of one network built with impl="triton" (float32) and impl="torch" (float64, same
+    weights); compares the output, the input gradient and every parameter gradient."""
+    torch.manual_seed(0)
+    fast = make_net("triton").to(device)
+    ref = make_net("torch").to(device).double()
+    ref.load_state_dict(fast.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    outputs = {}
+    for name, net, dtype in (("fast", fast, torch.float32), ("ref", ref, torch.float64)):
+        inp = net_input.detach().to(dtype).clone().requires_grad_()
+        out = net(inp, **{k: v.to(dtype) for k, v in forward_kwargs.items()})
+        if name == "fast":
+            grad_out = torch.randn(out.shape, generator=gen).to(device)
+        out.backward(grad_out.to(dtype))
+        outputs[name] = (out.detach(), inp.grad, {k: p.grad for k, p in net.named_parameters()})
+    (out, grad_in, grads), (out64, grad_in64, grads64) = outputs["fast"], outputs["ref"]
+    assert_parity(out, out64, name="output")
+    assert_parity(grad_in, grad_in64, name="input gradient")
+    for key, g in grads.items():
+        assert_parity(g, grads64[key], name=f"grad {key}")
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_generator_matches_torch_impl(device, skip):
+    cfg = ModelConfig(image_size=16, n=4, h=4, skip=skip)
+    z = torch.rand(2, cfg.z_size, generator=torch.Generator().manual_seed(2)).to(device) * 2 - 1
+    _model_parity(lambda impl: Generator(cfg, impl=impl), z, device)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_discriminator_matches_torch_impl(device, skip):
+    """D forward + backward, with the fast step's per-sample weight-gradient scale ([real; fake] -> [1, -k_t])."""
+    cfg = ModelConfig(image_size=16, n=4, h=4, skip=skip)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)).to(device)
+    scale = torch.tensor([1.0, -0.3], device=device)
+    _model_parity(lambda impl: Discriminator(cfg, impl=impl), x, device, wgrad_scale=scale)
+
+
+PAPER_LAYERS = {
+    "stride1": Layer(batch=16, c1=128, size=64, c_out=128),
+    "stride2": Layer(batch=16, c1=128, size=64, c_out=128, stride=2),
+    "upsample_skip": Layer(batch=16, c1=128, size=32, c_out=128, upsample=2, c2=128, skip_size=8),
+    "rgb_out": Layer(batch=16, c1=128, size=64, c_out=3, act=False, channels_last=False),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", list(PAPER_LAYERS))
+def test_paper_shapes_match_reference(device, variant, dtype):
+    """The paper's layer shapes (n=128, 64x64, batch 16), compiled on the GPU, with a per-sample wgrad scale."""
+    layer = PAPER_LAYERS[variant]
+    inputs = make_inputs(layer, device, dtype, seed=5)
+    scale = torch.linspace(-1.0, 1.0, layer.batch, device=device)
+    y, grads = run_layer(triton_conv_elu, layer, *inputs, wgrad_scale=scale)
+    y64, grads64 = run_layer(ops.conv_elu, layer, *float64(inputs), wgrad_scale=scale.double(), impl="torch")
+    y_same, grads_same = (
+        (y64, grads64)
+        if dtype == torch.float32
+        else run_layer(ops.conv_elu, layer, *inputs, wgrad_scale=scale.to(dtype), impl="torch")
+    )
+    assert_parity(y, y64, y_same, name=f"{variant} output")
+    for name, g, g64, g_same in zip(GRAD_NAMES, grads, grads64, grads_same, strict=True):
+        if g64 is not None:
+            assert_parity(g, g64, g_same, name=f"{variant} {name}")
