@@ -10,6 +10,7 @@ from began_fast.config import ModelConfig, TrainConfig
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep
+from tests.tolerances import TOLERANCES
 
 
 def build(model_cfg, impl="torch", dtype=torch.float64, seed=0):
@@ -102,3 +103,23 @@ def test_cuda_graphs_need_cuda():
     step = FastStep(*build(CONFIGS[0], dtype=torch.float32), TrainConfig(batch_size=2), "cpu")
     with pytest.raises(ValueError, match="CUDA"):
         CudaGraphStep(step, (2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("model_cfg", CONFIGS, ids=["plain", "skip-residual"])
+def test_fast_step_on_triton_kernels_matches_reference(model_cfg, monkeypatch):
+    """The same algebra with every layer and the balance on the Triton kernels (the interpreter on a CPU): float32
+    against the float64 reference, under the float32 row of the tolerance table."""
+    train_cfg = TrainConfig(batch_size=2)
+    x = real_batch(2, 16)
+    ref = ReferenceStep(*build(model_cfg), train_cfg, "cpu")
+    fast = FastStep(*build(model_cfg, impl="triton", dtype=torch.float32), train_cfg, "cpu", impl="triton")
+    z = torch.rand(2, model_cfg.z_size, dtype=torch.float64) * 2 - 1  # one z for both (rand differs by dtype)
+    for step in (ref, fast):
+        step.k.fill_(0.4)
+        monkeypatch.setattr(step, "draw_z", lambda b, step=step: z.to(step.G.decoder.fc.weight.dtype))
+    want = gradients_of_one_step(ref, x, monkeypatch)
+    got = gradients_of_one_step(fast, x.float(), monkeypatch)
+    tol = TOLERANCES[torch.float32]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=tol.rtol, atol=tol.atol)
+    torch.testing.assert_close(fast.k.double(), ref.k.double(), rtol=tol.rtol, atol=tol.atol)
