@@ -1,0 +1,136 @@
+"""End-to-end training-step benchmark (GPU only): steps/s, images/s, model FLOP utilisation and peak memory.
+
+Providers, measured in one run on the same models and batches:
+  torch       (a) the reference step (three D passes, plain autograd), eager float32
+  torch-bf16  (b) the reference step under bf16 autocast with channels_last activations
+  compile     (c) the reference step on torch.compile(mode="max-autotune") networks
+  triton      (d) ours: FastStep on the Triton kernels, --amp bf16, one CUDA graph, GPU-resident data
+for paper64 and paper128 at batch 16 and 64. Model FLOPs per step count each conv and fc once forward and twice
+backward (input and weight gradients) for G on B images and D on 2B images: the algorithm's work, the same for
+every provider however it schedules it. MFU divides by the bf16 dense peak of the device (H100/H200: 989 TFLOP/s).
+
+    python -m pytest bench/bench_step.py --benchmark-json bench/step.json
+    python scripts/bench_report.py bench/step.json --suite step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from began_fast.config import DataConfig, get_preset
+from began_fast.data import open_source
+from began_fast.data.gpu_resident import GpuResidentSet
+from began_fast.fast_step import CudaGraphStep, FastStep
+from began_fast.model import ConvELU, Discriminator, Generator, Linear
+from began_fast.step import ReferenceStep
+
+if not torch.cuda.is_available():
+    pytest.skip("the step benchmark needs an NVIDIA GPU", allow_module_level=True)
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+PRESETS = ("paper64", "paper128")
+BATCHES = (16, 64)
+PROVIDERS = ("torch", "torch-bf16", "compile", "triton")
+DATASET_IMAGES = 2048
+
+
+def forward_flop(cfg, batch: int) -> tuple[float, float]:
+    """FLOPs of one forward pass of G on `batch` images and of D on 2*batch, counted with hooks on the meta device."""
+    totals = []
+    for net, n in ((Generator(cfg, impl="torch"), batch), (Discriminator(cfg, impl="torch"), 2 * batch)):
+        net = net.to("meta")
+        flop = [0.0]
+
+        def hook(module, inputs, output, flop=flop):
+            if isinstance(module, ConvELU):
+                c_out, c_in = module.weight.shape[:2]
+                flop[0] += 2 * output.shape[0] * output.shape[2] * output.shape[3] * c_out * c_in * 9
+            else:
+                flop[0] += 2 * output.shape[0] * module.in_features * module.out_features
+
+        for m in net.modules():
+            if isinstance(m, ConvELU | Linear):
+                m.register_forward_hook(hook)
+        x = torch.zeros(n, cfg.z_size, device="meta") if isinstance(net, Generator) else None
+        net(x if x is not None else torch.zeros(n, 3, cfg.image_size, cfg.image_size, device="meta"))
+        totals.append(flop[0])
+    return totals[0], totals[1]
+
+
+def peak_flops() -> float:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), float("nan"))
+
+
+def make_provider(provider: str, preset_name: str, batch: int):
+    """A callable running one training step of `provider`, warmed up, and the peak memory it needs."""
+    preset = get_preset(preset_name)
+    cfg, train_cfg = preset.model, dataclasses.replace(preset.train, batch_size=batch)
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    impl = "triton" if provider == "triton" else "torch"
+    G, D = Generator(cfg, impl=impl).to(device), Discriminator(cfg, impl=impl).to(device)
+    images = GpuResidentSet(open_source(DataConfig(builtin_count=DATASET_IMAGES), cfg.image_size), device)
+    data_gen = torch.Generator(device).manual_seed(0)
+    torch.cuda.reset_peak_memory_stats()
+    if provider == "triton":
+        step = FastStep(G, D, train_cfg, device, amp="bf16", impl="triton")
+        graph = CudaGraphStep(
+            step,
+            (batch, 3, cfg.image_size, cfg.image_size),
+            sample_into=lambda out: images.sample_into(out, data_gen),
+            generators=[data_gen],
+        )
+        run = graph
+    else:
+        if provider == "compile":
+            G, D = torch.compile(G, mode="max-autotune"), torch.compile(D, mode="max-autotune")
+        if provider == "torch-bf16":
+            G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+        step = ReferenceStep(G, D, train_cfg, device)  # compiled modules pass .cfg etc. to the original
+
+        def run():
+            x = images.sample(batch, data_gen)
+            if provider == "torch-bf16":
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    step(x)
+            else:
+                step(x)
+
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    return run, torch.cuda.max_memory_allocated()
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("preset_name", PRESETS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_step(measure, benchmark, provider, preset_name, batch):
+    cfg = get_preset(preset_name).model
+    g_flop, d_flop = forward_flop(cfg, batch)
+    step_flop = 3 * (g_flop + d_flop)
+    run, peak_memory = make_provider(provider, preset_name, batch)
+    image_bytes = batch * 3 * cfg.image_size**2 * 4
+    measure(
+        run,
+        flop=step_flop,
+        bytes=image_bytes,
+        layer=preset_name,
+        shape=f"b{batch}",
+        direction="step",
+        batch=batch,
+        provider=provider,
+    )
+    if benchmark.stats is not None:
+        median = benchmark.stats.stats.median
+        benchmark.extra_info.update(
+            steps_per_s=1 / median,
+            images_per_s=batch / median,
+            mfu=step_flop / median / peak_flops(),
+            peak_memory_gib=peak_memory / 2**30,
+        )
