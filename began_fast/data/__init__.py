@@ -1,0 +1,131 @@
+"""Training images: the sources (built-in faces, CelebA folder, image folder, HDF5) and the loaders that turn
+them into float batches in [-1, 1] (torch DataLoader, GPU-resident, NVIDIA DALI).
+
+A source is a torch Dataset whose item i is a (3, S, S) uint8 tensor, already cropped and resized, with a
+one-line `describe()`; folder sources also list their `files`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import h5py
+import torch
+
+from began_fast.config import DataConfig
+from began_fast.data.builtin import BuiltinFaces
+from began_fast.data.errors import DataError, SkippedImagesWarning
+from began_fast.data.folder import ImageFolder
+from began_fast.data.gpu_resident import GpuResidentSet, GpuResidentStream, fits
+from began_fast.data.hdf5 import Hdf5Images
+from began_fast.data.images import crop_box
+from began_fast.data.loader import TorchLoader
+from began_fast.data.sampler import BatchOrder
+
+__all__ = [
+    "BatchOrder",
+    "DataError",
+    "GpuResidentSet",
+    "SkippedImagesWarning",
+    "TorchLoader",
+    "crop_box",
+    "detect_source",
+    "make_batches",
+    "open_source",
+]
+
+CELEBA_FOLDER = "img_align_celeba"
+HDF5_SUFFIXES = (".h5", ".hdf5")
+
+
+def detect_source(path: str | None) -> tuple[str, str | None]:
+    """(kind, path) for source="auto": None -> builtin; .h5/.hdf5 or an HDF5 file -> hdf5; a folder that is or
+    holds img_align_celeba -> celeba (the path becomes that folder); any other folder -> folder."""
+    if path is None:
+        return "builtin", None
+    if not os.path.exists(path):
+        raise DataError(f"data path {path} does not exist; expected an image folder or an HDF5 file")
+    if os.path.isdir(path):
+        if os.path.basename(os.path.normpath(path)) == CELEBA_FOLDER:
+            return "celeba", path
+        if os.path.isdir(os.path.join(path, CELEBA_FOLDER)):
+            return "celeba", os.path.join(path, CELEBA_FOLDER)
+        return "folder", path
+    if path.lower().endswith(HDF5_SUFFIXES) or h5py.is_hdf5(path):
+        return "hdf5", path
+    raise DataError(f"data path {path} is a file but not HDF5; expected an image folder or an .h5 file")
+
+
+def open_source(cfg: DataConfig, image_size: int):
+    """The ImageSource that cfg names, at image_size x image_size (see the package docstring)."""
+    if cfg.source == "auto":
+        kind, path = detect_source(cfg.path)
+    elif cfg.source == "builtin":
+        if cfg.path is not None:
+            raise DataError(f"the builtin source takes no data path, got {cfg.path}")
+        kind, path = "builtin", None
+    else:
+        if cfg.path is None:
+            raise DataError(f"the {cfg.source} source needs a data path")
+        detected, detected_path = detect_source(cfg.path)
+        if (cfg.source == "hdf5") != (detected == "hdf5"):
+            raise DataError(f"data path {cfg.path} is not a {cfg.source} source (it looks like {detected})")
+        kind, path = cfg.source, detected_path if detected == cfg.source else cfg.path
+    if kind == "builtin":
+        return BuiltinFaces(cfg.builtin_count, image_size, cfg.builtin_seed)
+    if kind == "hdf5":
+        return Hdf5Images(path, image_size)
+    return ImageFolder(path, image_size, cfg.crop, cfg.crop_size, kind)
+
+
+def make_batches(
+    cfg: DataConfig,
+    image_size: int,
+    batch_size: int,
+    *,
+    device: torch.device | str,
+    seed: int,
+    start_step: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+):
+    """An iterator of float32 (B, 3, S, S) batches in [-1, 1] on `device`, with a one-line `describe()`.
+
+    cfg.loader: "torch" -> TorchLoader (exact resume); "gpu" -> GpuResidentStream (all images in device memory,
+    sampled on the device); "dali" -> DaliLoader (GPU JPEG decoding); "auto" -> gpu-resident on CUDA for hdf5 and
+    builtin sources that fit in memory, DALI on CUDA for image folders when it is installed, torch otherwise.
+    """
+    device = torch.device(device)
+    loader = cfg.loader
+    if loader == "dali" or loader == "auto" and device.type == "cuda" and _folder_source(cfg):
+        if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
+            from began_fast.data.dali import DaliLoader
+
+            return DaliLoader(cfg, image_size, batch_size, device=device, seed=seed, rank=rank, world_size=world_size)
+        if loader == "dali":
+            raise DataError("--loader dali needs NVIDIA DALI: pip install 'began-fast[dali]'")
+    source = open_source(cfg, image_size)
+    if loader == "auto" and device.type == "cuda" and source.kind in ("hdf5", "builtin"):
+        loader = "gpu" if fits(len(source), image_size, device) else "torch"
+    if loader == "gpu":
+        images = GpuResidentSet(source, device)
+        return GpuResidentStream(images, batch_size, seed=seed, start_step=start_step, rank=rank, flip=cfg.flip)
+    return TorchLoader(
+        source,
+        batch_size,
+        seed=seed,
+        start_step=start_step,
+        flip=cfg.flip,
+        num_workers=cfg.num_workers,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def _folder_source(cfg: DataConfig) -> bool:
+    """Whether cfg names a CelebA or image folder (the sources DALI decodes)."""
+    if cfg.source != "auto":
+        return cfg.source in ("celeba", "folder")
+    return detect_source(cfg.path)[0] in ("celeba", "folder")

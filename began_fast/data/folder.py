@@ -1,0 +1,117 @@
+"""Image-folder sources: the aligned CelebA JPEGs, and any folder of images (searched recursively).
+
+Corrupt files. When the source is opened every file gets a cheap check, run on a thread pool (I/O bound): PIL
+parses its header (this rejects non-images with an image extension and gives the size, which is checked against
+the crop box), and a JPEG must end with its end-of-image marker FFD9 and a PNG with its IEND chunk (this rejects
+truncated downloads without decoding). Files that fail are left out and ONE SkippedImagesWarning names the count;
+if every file fails the source raises DataError. A file that passes but still fails to decode later (say, it was
+deleted or damaged mid-run) is replaced by the next image in the list, with one warning per such file, so a long
+run does not die on one bad JPEG.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from began_fast.data.errors import DataError, SkippedImagesWarning
+from began_fast.data.images import IMAGE_EXTENSIONS, crop_box, load_image
+
+TRAILERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\x82"}
+
+
+def find_images(root: str | Path) -> list[str]:
+    """All files under `root` (recursively) with an image extension, sorted so the order is the same everywhere."""
+    found = [
+        os.path.join(directory, name)
+        for directory, _, names in os.walk(root, followlinks=True)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+    return sorted(found)
+
+
+def _image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the header, or None when the file is not a whole image (see the module docstring)."""
+    try:
+        with Image.open(path) as image:
+            size = image.size
+        trailer = TRAILERS.get(os.path.splitext(path)[1].lower())
+        if trailer is not None:
+            with open(path, "rb") as f:
+                f.seek(-len(trailer) - 2, os.SEEK_END)  # some encoders pad a byte or two after the marker
+                if trailer not in f.read():
+                    return None
+        return size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def scan_images(files: list[str], crop: str | None, crop_size: int | None) -> list[str]:
+    """The files that pass the check, in order; warns once about the others.
+
+    Raises DataError when none pass, or when an image is smaller than the crop box.
+    """
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        sizes = list(pool.map(_image_size, files, chunksize=64))
+    good = [(path, size) for path, size in zip(files, sizes, strict=True) if size is not None]
+    if not good:
+        raise DataError(f"none of the {len(files)} image files could be decoded (first: {files[0]})")
+    for path, (width, height) in good:
+        try:
+            crop_box(width, height, crop, crop_size)
+        except DataError as error:
+            raise DataError(f"{path}: {error}") from None
+    skipped = len(files) - len(good)
+    if skipped:
+        first = next(path for path, size in zip(files, sizes, strict=True) if size is None)
+        warnings.warn(
+            f"skipped {skipped} of {len(files)} image files that could not be decoded (first: {first})",
+            SkippedImagesWarning,
+            stacklevel=3,
+        )
+    return [path for path, _ in good]
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """The images of a folder, decoded on demand: item i is a (3, S, S) uint8 tensor (CHW), cropped and resized.
+
+    kind: "celeba" (default crop: the CelebA box) or "folder" (default crop: the centred square).
+    files: the paths that passed the scan, in sorted order.
+    """
+
+    def __init__(self, root: str, image_size: int, crop: str | None, crop_size: int | None, kind: str):
+        self.root, self.image_size, self.kind = root, image_size, kind
+        self.crop = crop or ("celeba" if kind == "celeba" else "center")
+        self.crop_size = crop_size
+        files = find_images(root)
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        self.files = scan_images(files, self.crop, crop_size)
+        self._failed: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        index = range(len(self.files))[index]  # IndexError past the end, as a sequence must
+        for k in range(len(self.files)):
+            i = (index + k) % len(self.files)
+            try:
+                array = load_image(self.files[i], self.image_size, self.crop, self.crop_size)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                if i not in self._failed:
+                    self._failed.add(i)
+                    warnings.warn(f"cannot decode {self.files[i]} ({error}); using the next image", stacklevel=2)
+                continue
+            return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        raise DataError(f"none of the {len(self.files)} images under {self.root} can be decoded any more")
+
+    def describe(self) -> str:
+        box = f"{self.crop} crop" + (f" {self.crop_size}px" if self.crop_size else "")
+        return f"{self.kind} folder {self.root}: {len(self.files)} images, {box}, resized to {self.image_size}px"

@@ -1,0 +1,89 @@
+"""HDF5 source: a prepared data set of cropped, square uint8 images (scripts/prepare_celeba.py writes it).
+
+Layouts read: dataset `images`, uint8, (N, S, S, 3) (ours, NHWC as image libraries write it), or the earlier
+TensorFlow implementation's (N, 64*64*3), rows of flattened 64 x 64 x 3 images. The stored images are already
+cropped, so the crop settings do not apply; a stored size other than the model's is resized (Lanczos) on read.
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+
+from began_fast.data.errors import DataError
+from began_fast.data.images import resize_square
+
+DATASET = "images"
+FLAT_SIZE = 64  # the flattened layout's image size
+
+
+def _check_layout(path: str) -> tuple[int, int, bool]:
+    """(count, stored size, flat?) of the file's `images` dataset; DataError when it is not a layout we read."""
+    try:
+        with h5py.File(path, "r") as f:
+            if DATASET not in f or not isinstance(f[DATASET], h5py.Dataset):
+                raise DataError(f"{path} has no dataset {DATASET!r}; expected uint8 images of shape (N, S, S, 3)")
+            shape, dtype = f[DATASET].shape, f[DATASET].dtype
+    except OSError as error:
+        raise DataError(f"cannot read {path} as HDF5: {error}") from None
+    if dtype != np.uint8:
+        raise DataError(f"{path}:{DATASET} has dtype {dtype}; expected uint8")
+    if len(shape) == 4 and shape[1] == shape[2] and shape[3] == 3:
+        return shape[0], shape[1], False
+    if len(shape) == 2 and shape[1] == FLAT_SIZE * FLAT_SIZE * 3:
+        return shape[0], FLAT_SIZE, True
+    raise DataError(f"{path}:{DATASET} has shape {shape}; expected (N, S, S, 3) or (N, {FLAT_SIZE * FLAT_SIZE * 3})")
+
+
+class Hdf5Images(torch.utils.data.Dataset):
+    """Item i is a (3, S, S) uint8 tensor (CHW) read from the file's `images` dataset.
+
+    The h5py file is opened lazily in each process that reads (h5py handles do not survive a fork), so the
+    object can be handed to DataLoader workers.
+    """
+
+    kind = "hdf5"
+    files: list[str] = []
+
+    def __init__(self, path: str, image_size: int):
+        self.path, self.image_size = path, image_size
+        self.count, self.stored_size, self.flat = _check_layout(path)
+        if self.count == 0:
+            raise DataError(f"{path}:{DATASET} holds no images")
+        self._file, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _images(self) -> h5py.Dataset:
+        if self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        return self._file[DATASET]
+
+    def _to_chw(self, rows: np.ndarray) -> torch.Tensor:
+        """(n, ...) stored rows -> (n, 3, S, S) uint8, resized when the stored size differs."""
+        rows = rows.reshape(-1, self.stored_size, self.stored_size, 3)
+        if self.stored_size != self.image_size:
+            rows = np.stack([resize_square(Image.fromarray(row), self.image_size) for row in rows])
+        return torch.from_numpy(np.ascontiguousarray(rows)).permute(0, 3, 1, 2).contiguous()
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self._to_chw(self._images()[index])[0]
+
+    def as_uint8(self) -> torch.Tensor:
+        """All images, (N, 3, S, S) uint8, read in one pass."""
+        with h5py.File(self.path, "r") as f:
+            return self._to_chw(f[DATASET][:])
+
+    def describe(self) -> str:
+        resize = "" if self.stored_size == self.image_size else f", resized from {self.stored_size}px"
+        layout = "flat 64x64x3 rows" if self.flat else "NHWC"
+        return f"hdf5 {self.path}: {self.count} images at {self.image_size}px ({layout}{resize})"
+
+    def __getstate__(self):
+        # Pickled into spawned workers without the open handle; each reopens the file itself.
+        return {**self.__dict__, "_file": None, "_pid": None}

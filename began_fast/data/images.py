@@ -1,0 +1,60 @@
+"""Decoding, cropping and resizing one image file: shared by the folder sources and scripts/prepare_celeba.py.
+
+Every image becomes RGB (grayscale, palette, CMYK and RGBA are converted by PIL; alpha is dropped), is cropped
+to a square box and resized with an antialiased Lanczos filter to S x S.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from began_fast.data.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+# The aligned CelebA faces are 178 x 218; carpedm20/BEGAN-tensorflow keeps the 128 x 128 box at top 50, left 25,
+# which holds the face and little background. Its centre (89, 114) is kept when another crop_size is asked for.
+CELEBA_BOX = (25, 50, 128)
+
+
+def crop_box(width: int, height: int, crop: str | None, crop_size: int | None) -> tuple[int, int, int]:
+    """The square box (left, top, size) cut out of a width x height image.
+
+    crop None or "celeba": the CelebA box (left 25, top 50, size 128); with crop_size, a box of that size with the
+    same centre. "center": the centred square of crop_size (the short side if None).
+    Raises DataError when the box does not fit in the image.
+    """
+    if crop in (None, "celeba"):
+        left, top, size = CELEBA_BOX
+        if crop_size is not None:
+            left, top, size = left + (size - crop_size) // 2, top + (size - crop_size) // 2, crop_size
+    elif crop == "center":
+        size = min(width, height) if crop_size is None else crop_size
+        left, top = (width - size) // 2, (height - size) // 2
+    else:
+        raise DataError(f"crop must be 'celeba', 'center' or None, got {crop!r}")
+    if left < 0 or top < 0 or left + size > width or top + size > height:
+        raise DataError(
+            f"a {width}x{height} image is smaller than the {crop or 'celeba'} crop box of {size}x{size} at "
+            f"left {left}, top {top}; use --crop center or a smaller --crop-size"
+        )
+    return left, top, size
+
+
+def resize_square(image: Image.Image, image_size: int) -> np.ndarray:
+    """Antialiased (Lanczos) resize of a square PIL image to an (S, S, 3) uint8 array."""
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    return np.array(image, dtype=np.uint8)
+
+
+def load_image(path: str, image_size: int, crop: str | None, crop_size: int | None) -> np.ndarray:
+    """Decode `path`, convert to RGB, crop (see crop_box) and resize: an (S, S, 3) uint8 array (HWC).
+
+    Raises OSError (or a PIL error) when the file cannot be decoded, DataError when it is smaller than the box.
+    """
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    left, top, size = crop_box(image.width, image.height, crop, crop_size)
+    return resize_square(image.crop((left, top, left + size, top + size)), image_size)

@@ -1,0 +1,78 @@
+"""The portable loader: a torch DataLoader over a source, in the resumable order of BatchOrder."""
+
+from __future__ import annotations
+
+import torch
+
+from began_fast.data.sampler import BatchOrder
+
+
+class _FlippedItems(torch.utils.data.Dataset):
+    """Item (i, flip) is source[i], mirrored left-right when flip is true: (3, S, S) uint8."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, item: tuple[int, bool]) -> torch.Tensor:
+        index, flip = item
+        image = self.source[index]
+        return image.flip(-1) if flip else image
+
+
+class _BatchSampler:
+    """BatchOrder as DataLoader's batch_sampler: lists of (index, flip) pairs."""
+
+    def __init__(self, order: BatchOrder, flip: bool):
+        self.order, self.flip = order, flip
+
+    def __iter__(self):
+        for indices, flips in self.order:
+            yield list(zip(indices.tolist(), (flips & self.flip).tolist(), strict=True))
+
+
+class TorchLoader:
+    """Iterator of float32 (B, 3, S, S) batches in [-1, 1] on `device`, x = u8 / 127.5 - 1.
+
+    Workers decode and flip uint8 images (a quarter of float32's bytes to move); the batch goes to the device
+    pinned and non-blocking when the device is CUDA, and is converted to float there.
+    Batch order and flips: BatchOrder(len(source), batch_size, seed, start_step, rank, world_size).
+    """
+
+    def __init__(
+        self,
+        source,
+        batch_size: int,
+        *,
+        seed: int,
+        start_step: int = 0,
+        flip: bool = True,
+        num_workers: int = 2,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
+        self.device = torch.device(device)
+        order = BatchOrder(len(source), batch_size, seed, start_step, rank=rank, world_size=world_size)
+        workers = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
+        self._loader = torch.utils.data.DataLoader(
+            _FlippedItems(source),
+            batch_sampler=_BatchSampler(order, flip),
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            **workers,
+        )
+        self._batches = iter(self._loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch = next(self._batches).to(self.device, non_blocking=True)
+        return batch.float().div_(127.5).sub_(1.0)
+
+    def describe(self) -> str:
+        return f"torch DataLoader ({self.num_workers} workers, batch {self.batch_size}) over {self.source.describe()}"

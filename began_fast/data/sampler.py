@@ -1,0 +1,78 @@
+"""A deterministic, resumable order of batches: the same (seed, step) always gives the same batch.
+
+Step s of a run lies in epoch e = s // batches_per_epoch. Epoch e visits the items in the order of a permutation
+drawn by a torch.Generator seeded with (seed, e); its batches_per_epoch = num_items // (batch_size * world_size)
+global batches are consecutive slices of that permutation and the epoch's last partial batch is dropped, so a
+batch never straddles two epochs. The flips of step s come from a generator seeded with (seed, s). Nothing
+depends on the step a run began at, which is what makes a resumed run (--resume) see exactly the batches an
+uninterrupted one would.
+
+Sharding: a global batch has batch_size * world_size items; rank r takes its slice [r*B, (r+1)*B). The ranks'
+slices are disjoint and together make the global batch, so world_size ranks of batch B see the same items per
+step as one process of batch world_size*B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from began_fast.data.errors import DataError
+
+_PERMUTATION, _FLIPS = 0, 1  # stream tags, so the permutation and flip seeds never coincide
+
+
+def _generator(*key: int) -> torch.Generator:
+    # SeedSequence hashes the whole tuple into one 64-bit seed: (seed, epoch) pairs never collide the way
+    # seed + epoch would.
+    state = np.random.SeedSequence([k % 2**64 for k in key]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class BatchOrder:
+    """Iterable of (indices LongTensor (B,), flips BoolTensor (B,)) for steps start_step, start_step+1, ...
+
+    Infinite: a training loop stops after its number of steps. See the module docstring for the order.
+    """
+
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, start_step: int = 0, *, rank: int = 0, world_size: int = 1
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank must be in [0, world_size) and world_size >= 1, got rank {rank} of {world_size}")
+        if batch_size < 1 or start_step < 0:
+            raise DataError(f"batch_size must be >= 1 and start_step >= 0, got {batch_size} and {start_step}")
+        global_batch = batch_size * world_size
+        if num_items < global_batch:
+            raise DataError(
+                f"the data set has {num_items} images, fewer than one global batch of {global_batch} "
+                f"(batch {batch_size} x {world_size} ranks)"
+            )
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self.batches_per_epoch = num_items // global_batch
+        self._epoch, self._permutation = -1, None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of the items in `epoch`: a LongTensor permutation of range(num_items)."""
+        if epoch != self._epoch:
+            self._permutation = torch.randperm(self.num_items, generator=_generator(self.seed, _PERMUTATION, epoch))
+            self._epoch = epoch
+        return self._permutation
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (indices, flips) of `step`."""
+        epoch, j = divmod(step, self.batches_per_epoch)
+        global_batch = self.batch_size * self.world_size
+        start = j * global_batch + self.rank * self.batch_size
+        indices = self.permutation(epoch)[start : start + self.batch_size]
+        flips = torch.rand(global_batch, generator=_generator(self.seed, _FLIPS, step)) < 0.5
+        return indices, flips[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        step = self.start_step
+        while True:
+            yield self.batch(step)
+            step += 1

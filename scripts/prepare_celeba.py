@@ -1,0 +1,114 @@
+"""Turn a CelebA folder (or any image folder) into the HDF5 file the fast loaders read.
+
+    python scripts/prepare_celeba.py data/img_align_celeba data/celeba64.h5 --size 64
+    python scripts/prepare_celeba.py photos/ photos128.h5 --size 128 --crop center --workers 8
+
+The file holds one dataset, `images`: uint8 (N, S, S, 3), each image cropped (the CelebA box for a CelebA folder,
+the centred square otherwise; --crop to choose) and resized with a Lanczos filter, in the sorted order of the
+file names. One image per HDF5 chunk, so a random read touches one image. Files that cannot be decoded are left
+out and counted. The file is written under a temporary name and renamed at the end: a crash leaves no half file.
+Bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from multiprocessing import Pool
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from began_fast.config import ConfigError, DataConfig  # noqa: E402
+from began_fast.data import DataError, open_source  # noqa: E402
+from began_fast.data.images import load_image  # noqa: E402
+
+_job: tuple[int, str, int | None] = (64, "center", None)  # (size, crop, crop_size), set in each worker
+
+
+def _init_worker(size: int, crop: str, crop_size: int | None) -> None:
+    global _job
+    _job = (size, crop, crop_size)
+
+
+def _decode(path: str) -> np.ndarray | None:
+    """(S, S, 3) uint8, or None when the file cannot be decoded."""
+    try:
+        return load_image(path, *_job)
+    except (OSError, ValueError):
+        return None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="a CelebA folder (img_align_celeba or its parent) or any folder of images")
+    p.add_argument("out", type=Path, help="the HDF5 file to write (.h5 or .hdf5)")
+    p.add_argument("--size", type=int, default=64, help="image size S (default 64)")
+    p.add_argument("--crop", choices=["celeba", "center"], help="crop before resizing (default: the folder's own)")
+    p.add_argument("--crop-size", type=int, help="side of the crop box in pixels")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
+    return p.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace) -> tuple[int, int]:
+    """Write the file; returns (images written, files skipped)."""
+    if args.size < 1 or args.workers < 1:
+        raise DataError(f"--size and --workers must be >= 1, got {args.size} and {args.workers}")
+    if args.out.suffix.lower() not in (".h5", ".hdf5"):
+        raise DataError(f"the output must be an .h5 or .hdf5 file, got {args.out}")
+    source = open_source(DataConfig(path=args.src, crop=args.crop, crop_size=args.crop_size), args.size)
+    if source.kind not in ("celeba", "folder"):
+        raise DataError(f"{args.src} is not an image folder (it is a {source.kind} source)")
+    size, files = args.size, source.files
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    written = 0
+    try:
+        with h5py.File(tmp, "w") as f, Pool(args.workers, _init_worker, (size, source.crop, source.crop_size)) as pool:
+            images = f.create_dataset(
+                "images",
+                shape=(len(files), size, size, 3),
+                maxshape=(None, size, size, 3),
+                dtype=np.uint8,
+                chunks=(1, size, size, 3),
+            )
+            f.attrs.update({"source": str(args.src), "crop": source.crop, "image_size": size})
+            chunk = max(1, min(64, len(files) // (4 * args.workers)))
+            for image in tqdm(pool.imap(_decode, files, chunksize=chunk), total=len(files), unit="img"):
+                if image is not None:
+                    images[written] = image
+                    written += 1
+            if written == 0:
+                raise DataError(f"none of the {len(files)} images under {args.src} could be decoded")
+            images.resize(written, axis=0)
+        os.replace(tmp, args.out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return written, len(files) - written
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            written, skipped = prepare(args)
+        except (ConfigError, DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            for warning in caught:
+                print(f"warning: {warning.message}", file=sys.stderr)
+    note = f", skipped {skipped} more that could not be decoded" if skipped else ""
+    print(f"wrote {written} images of {args.size}x{args.size} to {args.out}{note}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Data sources and loaders (began_fast.data) on tiny generated fixtures: built-in faces written as CelebA-sized
+JPEGs, PNGs, grayscale / CMYK / truncated / fake JPEGs, and HDF5 files in both layouts."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from began_fast.config import DataConfig
+from began_fast.data import (
+    BatchOrder,
+    DataError,
+    GpuResidentSet,
+    SkippedImagesWarning,
+    TorchLoader,
+    crop_box,
+    detect_source,
+    make_batches,
+    open_source,
+)
+from began_fast.data.builtin import BuiltinFaces, draw_faces
+from began_fast.data.gpu_resident import fits
+
+ROOT = Path(__file__).resolve().parent.parent
+CELEBA_COUNT = 6
+
+
+def write_celeba_like(folder: Path, count: int, seed: int) -> list[Path]:
+    """`count` 178 x 218 JPEGs of built-in faces, named like CelebA's files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, face in enumerate(draw_faces(count, 128, seed)):
+        path = folder / f"{i + 1:06d}.jpg"
+        Image.fromarray(face).resize((178, 218), Image.Resampling.BILINEAR).save(path, quality=95)
+        paths.append(path)
+    return paths
+
+
+def reference_item(path: Path, box: tuple[int, int, int], size: int) -> torch.Tensor:
+    """What a source must return for `path`: RGB, cropped to box (left, top, side), Lanczos-resized, CHW."""
+    left, top, side = box
+    with Image.open(path) as image:
+        image = image.convert("RGB").crop((left, top, left + side, top + side))
+    image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def celeba_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("celeba")
+    write_celeba_like(root / "img_align_celeba", CELEBA_COUNT, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> Path:
+    """4 good images (a PNG in a subfolder, an RGB, a grayscale and a CMYK JPEG) and 2 corrupt files."""
+    root = tmp_path_factory.mktemp("mixed")
+    faces = draw_faces(4, 48, seed=2)
+    (root / "sub").mkdir()
+    Image.fromarray(faces[0]).save(root / "sub" / "a.png")
+    Image.fromarray(faces[1]).save(root / "b.jpg", quality=95)
+    Image.fromarray(faces[2]).convert("L").save(root / "c_gray.jpg", quality=95)
+    Image.fromarray(faces[3]).convert("CMYK").save(root / "d_cmyk.jpg", quality=95)
+    good = (root / "b.jpg").read_bytes()
+    (root / "e_truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "f_text.jpg").write_text("not an image at all\n")
+    (root / "notes.txt").write_text("ignored: no image extension\n")
+    return root
+
+
+def write_h5(path: Path, data: np.ndarray) -> Path:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=data)
+    return path
+
+
+# --- crop box and detection ---------------------------------------------------------------------------------
+
+
+def test_crop_box_values():
+    assert crop_box(178, 218, None, None) == (25, 50, 128)
+    assert crop_box(178, 218, "celeba", None) == (25, 50, 128)
+    assert crop_box(178, 218, "celeba", 100) == (39, 64, 100)  # same centre (89, 114)
+    assert crop_box(178, 218, "center", None) == (0, 20, 178)
+    assert crop_box(178, 218, "center", 64) == (57, 77, 64)
+    assert crop_box(300, 200, "center", None) == (50, 0, 200)
+    with pytest.raises(DataError, match="smaller than the celeba crop box"):
+        crop_box(100, 100, "celeba", None)
+    with pytest.raises(DataError, match="smaller than the center crop box"):
+        crop_box(178, 218, "center", 200)
+
+
+def test_detect_source(tmp_path, celeba_root, mixed_folder):
+    assert detect_source(None) == ("builtin", None)
+    assert detect_source(str(celeba_root)) == ("celeba", str(celeba_root / "img_align_celeba"))
+    assert detect_source(str(celeba_root / "img_align_celeba")) == ("celeba", str(celeba_root / "img_align_celeba"))
+    assert detect_source(str(mixed_folder)) == ("folder", str(mixed_folder))
+    h5 = write_h5(tmp_path / "x.h5", np.zeros((1, 8, 8, 3), np.uint8))
+    assert detect_source(str(h5)) == ("hdf5", str(h5))
+    no_suffix = write_h5(tmp_path / "data.bin", np.zeros((1, 8, 8, 3), np.uint8))
+    assert detect_source(str(no_suffix)) == ("hdf5", str(no_suffix))
+    with pytest.raises(DataError, match="does not exist"):
+        open_source(DataConfig(path=str(tmp_path / "missing")), 32)
+    with pytest.raises(DataError, match="not HDF5"):
+        detect_source(str(mixed_folder / "notes.txt"))
+    with pytest.raises(DataError, match="is not a hdf5 source"):
+        open_source(DataConfig(path=str(mixed_folder), source="hdf5"), 32)
+    with pytest.raises(DataError, match="needs a data path"):
+        open_source(DataConfig(source="celeba"), 32)
+
+
+# --- folder sources -----------------------------------------------------------------------------------------
+
+
+def test_celeba_source_crops_the_celeba_box(celeba_root):
+    source = open_source(DataConfig(path=str(celeba_root)), 32)
+    assert source.kind == "celeba" and len(source) == CELEBA_COUNT
+    assert [Path(p).name for p in source.files] == [f"{i:06d}.jpg" for i in range(1, CELEBA_COUNT + 1)]
+    for i in (0, CELEBA_COUNT - 1):
+        item = source[i]
+        assert item.dtype == torch.uint8 and item.shape == (3, 32, 32)
+        assert torch.equal(item, reference_item(Path(source.files[i]), (25, 50, 128), 32))
+    assert "celeba" in source.describe() and str(CELEBA_COUNT) in source.describe()
+
+    centred = open_source(DataConfig(path=str(celeba_root), crop="center", crop_size=150), 16)
+    assert torch.equal(centred[2], reference_item(Path(centred.files[2]), (14, 34, 150), 16))
+
+
+def test_folder_source_converts_modes_and_skips_corrupt_files(mixed_folder):
+    with pytest.warns(SkippedImagesWarning, match="skipped 2 of 6"):
+        source = open_source(DataConfig(path=str(mixed_folder)), 32)
+    assert source.kind == "folder"
+    assert sorted(Path(p).name for p in source.files) == ["a.png", "b.jpg", "c_gray.jpg", "d_cmyk.jpg"]
+    items = {Path(p).name: source[i] for i, p in enumerate(source.files)}
+    assert all(item.shape == (3, 32, 32) and item.dtype == torch.uint8 for item in items.values())
+    assert torch.equal(items["a.png"], reference_item(mixed_folder / "sub" / "a.png", (0, 0, 48), 32))
+    gray = items["c_gray.jpg"]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2]) and gray.float().std() > 5
+    # The CMYK file holds face 3: converted back to RGB it is close to the RGB face (JPEG loss only).
+    rgb = torch.from_numpy(np.array(Image.fromarray(draw_faces(4, 48, seed=2)[3]).resize((32, 32)))).permute(2, 0, 1)
+    assert (items["d_cmyk.jpg"].float() - rgb.float()).abs().mean() < 12
+
+
+def test_folder_errors(tmp_path, mixed_folder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="no images"):
+        open_source(DataConfig(path=str(empty)), 32)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.jpg").write_text("text")
+    (broken / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(DataError, match="none of the 2 image files could be decoded"):
+        open_source(DataConfig(path=str(broken)), 32)
+    with pytest.raises(DataError, match="smaller than the celeba crop box"):
+        open_source(DataConfig(path=str(mixed_folder), crop="celeba"), 32)
+
+
+def test_file_that_breaks_after_the_scan_is_replaced_by_the_next(tmp_path):
+    paths = write_celeba_like(tmp_path / "faces", 3, seed=3)
+    source = open_source(DataConfig(path=str(tmp_path / "faces")), 16)
+    expected = source[1]
+    os.remove(paths[0])
+    with pytest.warns(UserWarning, match="cannot decode"):
+        assert torch.equal(source[0], expected)
+
+
+# --- HDF5 ---------------------------------------------------------------------------------------------------
+
+
+def test_hdf5_layouts_and_resize(tmp_path):
+    faces = draw_faces(5, 64, seed=4)
+    ours = open_source(DataConfig(path=str(write_h5(tmp_path / "ours.h5", faces))), 64)
+    assert ours.kind == "hdf5" and len(ours) == 5
+    assert torch.equal(ours[3], torch.from_numpy(faces[3]).permute(2, 0, 1))
+    assert torch.equal(ours.as_uint8(), torch.from_numpy(faces).permute(0, 3, 1, 2))
+
+    flat = open_source(DataConfig(path=str(write_h5(tmp_path / "flat.hdf5", faces.reshape(5, -1)))), 64)
+    assert torch.equal(flat[2], ours[2]) and "flat" in flat.describe()
+
+    resized = open_source(DataConfig(path=str(tmp_path / "ours.h5")), 32)
+    expected = np.array(Image.fromarray(faces[1]).resize((32, 32), Image.Resampling.LANCZOS))
+    assert torch.equal(resized[1], torch.from_numpy(expected).permute(2, 0, 1))
+    assert resized.as_uint8().shape == (5, 3, 32, 32)
+
+    # The h5py handle opened by a read is not pickled: a worker process reopens the file.
+    clone = pickle.loads(pickle.dumps(ours))
+    assert torch.equal(clone[4], ours[4])
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (np.random.rand(2, 8, 8, 3).astype(np.float32), "dtype float32; expected uint8"),
+        (np.zeros((2, 8, 8), np.uint8), "shape"),
+        (np.zeros((2, 8, 9, 3), np.uint8), "shape"),
+        (np.zeros((2, 100), np.uint8), "shape"),
+        (np.zeros((0, 8, 8, 3), np.uint8), "holds no images"),
+    ],
+)
+def test_hdf5_bad_layouts(tmp_path, data, message):
+    with pytest.raises(DataError, match=message):
+        open_source(DataConfig(path=str(write_h5(tmp_path / "bad.h5", data))), 32)
+
+
+def test_hdf5_without_images_dataset(tmp_path):
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.create_dataset("pictures", data=np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match="no dataset 'images'"):
+        open_source(DataConfig(path=str(tmp_path / "other.h5")), 32)
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(DataError, match="cannot read .* as HDF5"):
+        open_source(DataConfig(path=str(tmp_path / "text.h5")), 32)
+
+
+# --- built-in faces -----------------------------------------------------------------------------------------
+
+
+def test_builtin_faces_are_deterministic_and_varied():
+    a = open_source(DataConfig(builtin_count=48, builtin_seed=7), 32)
+    assert a.kind == "builtin" and len(a) == 48 and a[0].shape == (3, 32, 32) and a[0].dtype == torch.uint8
+    assert torch.equal(a.as_uint8(), BuiltinFaces(48, 32, 7).as_uint8())
+    assert torch.equal(a[5], BuiltinFaces(6, 32, 7)[5])  # image i depends on (seed, i) only, not on the count
+    other = BuiltinFaces(48, 32, 8).as_uint8().float()
+    images = a.as_uint8().float()
+    assert (images - other).abs().mean() > 20
+    # Variety: mean colours differ across faces, and no two faces are near-identical.
+    assert images.mean(dim=(2, 3)).std(dim=0).min() > 10
+    flat = images.flatten(1)
+    distances = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
+    assert distances[~torch.eye(48, dtype=torch.bool)].min() > 10
+    # Faces: the centre (skin) differs from the corners (background) in most images.
+    centre = images[:, :, 12:20, 12:20].mean(dim=(1, 2, 3))
+    corners = images[:, :, :4, :4].mean(dim=(1, 2, 3))
+    assert ((centre - corners).abs() > 5).float().mean() > 0.6
+
+
+# --- batch order --------------------------------------------------------------------------------------------
+
+
+def test_batch_order_resumes_exactly():
+    full = BatchOrder(50, 4, seed=3)
+    from_zero = [b for b, _ in zip(full, range(30), strict=False)]
+    resumed = BatchOrder(50, 4, seed=3, start_step=7)
+    for (idx, flips), (ref_idx, ref_flips) in zip(resumed, from_zero[7:], strict=False):
+        assert torch.equal(idx, ref_idx) and torch.equal(flips, ref_flips)
+    assert from_zero[0][0].dtype == torch.long and from_zero[0][1].dtype == torch.bool
+    different_seed = BatchOrder(50, 4, seed=4).batch(0)[0]
+    assert not torch.equal(different_seed, from_zero[0][0])
+    all_flips = torch.cat([f for _, f in from_zero])
+    assert 0.3 < all_flips.float().mean() < 0.7
+
+
+def test_batch_order_epochs_are_permutations():
+    order = BatchOrder(10, 3, seed=0)
+    assert order.batches_per_epoch == 3  # the 10th item of each epoch is the dropped partial batch
+    epochs = [torch.cat([order.batch(e * 3 + j)[0] for j in range(3)]) for e in range(3)]
+    for indices in epochs:
+        assert len(set(indices.tolist())) == 9 and indices.min() >= 0 and indices.max() < 10
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_batch_order_sharding():
+    world = 3
+    single = BatchOrder(40, 4 * world, seed=5)
+    ranks = [BatchOrder(40, 4, seed=5, rank=r, world_size=world) for r in range(world)]
+    for step in (0, 2, 6):
+        parts = [r.batch(step) for r in ranks]
+        indices = torch.cat([p[0] for p in parts])
+        assert len(set(indices.tolist())) == 4 * world  # disjoint
+        assert torch.equal(indices, single.batch(step)[0])  # together: the global batch
+        assert torch.equal(torch.cat([p[1] for p in parts]), single.batch(step)[1])
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        BatchOrder(10, 4, seed=0, world_size=3)
+    with pytest.raises(DataError, match="rank"):
+        BatchOrder(40, 4, seed=0, rank=3, world_size=3)
+
+
+# --- loaders ------------------------------------------------------------------------------------------------
+
+
+def test_torch_loader_batches_and_flips():
+    source = BuiltinFaces(20, 16, seed=1)
+    flipped = TorchLoader(source, 4, seed=2, num_workers=0)
+    plain = TorchLoader(source, 4, seed=2, flip=False, num_workers=0)
+    order = BatchOrder(20, 4, seed=2)
+    seen = set()
+    for step in range(5):
+        x, y = next(flipped), next(plain)
+        assert x.dtype == torch.float32 and x.shape == (4, 3, 16, 16) and x.device.type == "cpu"
+        assert x.min() >= -1 and x.max() <= 1
+        indices, flips = order.batch(step)
+        assert torch.equal(y, source.as_uint8()[indices].float() / 127.5 - 1)
+        for k in range(4):
+            assert torch.equal(x[k], torch.flip(y[k], dims=[-1]) if flips[k] else y[k])
+            seen.add(bool(flips[k]))
+    assert seen == {True, False}
+    resumed = TorchLoader(source, 4, seed=2, start_step=3, flip=False, num_workers=0)
+    replay = TorchLoader(source, 4, seed=2, flip=False, num_workers=0)
+    expected = [next(replay) for _ in range(4)][3]
+    assert torch.equal(next(resumed), expected)
+    assert "torch DataLoader" in plain.describe() and "builtin" in plain.describe()
+
+
+def test_torch_loader_workers_read_hdf5(tmp_path):
+    path = write_h5(tmp_path / "faces.h5", draw_faces(12, 16, seed=6))
+    source = open_source(DataConfig(path=str(path)), 16)
+    with_workers = TorchLoader(source, 3, seed=1, num_workers=2)
+    in_process = TorchLoader(source, 3, seed=1, num_workers=0)
+    for _ in range(5):
+        assert torch.equal(next(with_workers), next(in_process))
+
+
+def test_gpu_resident_set_on_cpu():
+    source = BuiltinFaces(8, 16, seed=3)
+    images = GpuResidentSet(source, "cpu")
+    assert images.images.shape == (8, 3, 16, 16) and images.images.dtype == torch.uint8
+    generator = torch.Generator().manual_seed(0)
+    batch = images.sample(64, generator)
+    assert batch.dtype == torch.float32 and batch.shape == (64, 3, 16, 16)
+    assert batch.min() >= -1 and batch.max() <= 1
+    originals = source.as_uint8().float() / 127.5 - 1
+    candidates = torch.cat([originals, originals.flip(-1)])
+    matches = (batch[:, None] == candidates[None]).flatten(2).all(-1)
+    assert matches.any(dim=1).all()  # every sample is a source image, mirrored or not
+    hits = matches.nonzero()[:, 1]
+    assert (hits < 8).any() and (hits >= 8).any()  # both orientations occur
+    again = images.sample(64, torch.Generator().manual_seed(0))
+    assert torch.equal(batch, again)
+    out = torch.full((5, 3, 16, 16), 7.0)
+    images.sample_into(out, flip=False)
+    assert ((out[:, None] == originals[None]).flatten(2).all(-1)).any(dim=1).all()
+
+    nhwc = GpuResidentSet(source.as_uint8().permute(0, 2, 3, 1).numpy(), "cpu")
+    assert torch.equal(nhwc.images, source.as_uint8())
+    with pytest.raises(DataError, match="uint8"):
+        GpuResidentSet(torch.rand(2, 3, 8, 8), "cpu")
+    assert fits(10, 32, "cpu") and not fits(10**12, 256, "cpu")
+
+
+def test_make_batches_picks_the_loader():
+    cfg = DataConfig(builtin_count=16, num_workers=0)
+    auto = make_batches(cfg, 16, 4, device="cpu", seed=0)
+    assert isinstance(auto, TorchLoader) and next(auto).shape == (4, 3, 16, 16)
+    gpu = make_batches(DataConfig(builtin_count=16, loader="gpu"), 16, 4, device="cpu", seed=0)
+    x = next(gpu)
+    assert x.shape == (4, 3, 16, 16) and x.min() >= -1 and x.max() <= 1 and "resident" in gpu.describe()
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match="needs NVIDIA DALI"):
+            make_batches(DataConfig(loader="dali"), 16, 4, device="cpu", seed=0)
+
+
+# --- scripts/prepare_celeba.py ------------------------------------------------------------------------------
+
+
+def run_prepare(*args) -> subprocess.CompletedProcess:
+    script = ROOT / "scripts" / "prepare_celeba.py"
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_prepare_celeba_end_to_end(tmp_path, celeba_root, mixed_folder):
+    out = tmp_path / "celeba32.h5"
+    done = run_prepare(celeba_root, out, "--size", 32, "--workers", 2)
+    assert done.returncode == 0, done.stderr
+    prepared = open_source(DataConfig(path=str(out)), 32)
+    folder = open_source(DataConfig(path=str(celeba_root)), 32)
+    assert prepared.kind == "hdf5" and torch.equal(prepared.as_uint8(), torch.stack(list(folder)))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    mixed_out = tmp_path / "mixed.h5"
+    done = run_prepare(mixed_folder, mixed_out, "--size", 16, "--workers", 1)
+    assert done.returncode == 0, done.stderr
+    assert "skipped 2 of 6" in done.stderr and len(open_source(DataConfig(path=str(mixed_out)), 16)) == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/missing", "{tmp}/x.h5"], "does not exist"),
+        (["{celeba}", "{tmp}/x.txt"], "must be an .h5 or .hdf5 file"),
+        (["{celeba}", "{tmp}/x.h5", "--size", "0"], "--size and --workers must be >= 1"),
+    ],
+)
+def test_prepare_celeba_bad_input(tmp_path, celeba_root, args, message):
+    done = run_prepare(*[a.format(tmp=tmp_path, celeba=celeba_root) for a in args])
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
