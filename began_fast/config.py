@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 IMAGE_SIZES = (16, 32, 64, 128, 256)
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 class ConfigError(ValueError):
@@ -71,7 +72,7 @@ class TrainConfig:
     `latest.pt` (rewritten every `checkpoint_every` steps) and a snapshot every `snapshot_every` steps.
     """
 
-    batch_size: int = 16
+    batch_size: int = 16  # per rank; the global batch is batch_size * world_size
     lr: float = 1e-4
     betas: tuple[float, float] = (0.5, 0.999)
     gamma: float = 0.5
@@ -85,6 +86,7 @@ class TrainConfig:
     sample_every: int = 1000
     checkpoint_every: int = 5000
     snapshot_every: int = 50_000
+    lr_scaling: str = "none"  # lr rule for data-parallel runs: "none", "linear" or "sqrt" in the number of ranks
     eval_every: int = 0  # steps between SWD evaluations (0: never)
     eval_images: int = 512
 
@@ -101,6 +103,7 @@ class TrainConfig:
         _require(0 < self.lr_decay_factor <= 1, f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}")
         _require(0 <= self.lr_floor <= self.lr, f"lr_floor must be in [0, lr={self.lr}], got {self.lr_floor}")
         _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        _require(self.lr_scaling in LR_SCALINGS, f"lr_scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}")
         _require(self.eval_every >= 0, f"eval_every must be >= 0 (0 turns it off), got {self.eval_every}")
         _require(self.eval_images >= 1, f"eval_images must be >= 1, got {self.eval_images}")
         for name in ("log_every", "sample_every", "checkpoint_every", "snapshot_every"):

@@ -11,7 +11,9 @@ The balance op (L1 means, k_t, M) seeds that backward and updates k_t on the dev
 
 Everything a step changes lives in device tensors, so `FastStep.body` is a fixed sequence of device work that
 `CudaGraphStep` captures once and replays: G forward, D forward, balance, backward, both fused Adam updates,
-k_t, the lr decay and the running statistics (and, with a GPU-resident data set, drawing the batch).
+k_t, the lr decay and the running statistics (and, with a GPU-resident data set, drawing the batch). Under
+torchrun the body also holds the NCCL all-reduces of the gradients and of the losses (distributed.py), which a
+CUDA graph captures too (NCCL >= 2.9.6).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import torch
 
 from began_fast import ops
+from began_fast.distributed import Collectives
 from began_fast.model import Discriminator, Generator, carry_at
 from began_fast.step import StepState, balance_stats
 
@@ -68,12 +71,23 @@ class FastStep(StepState):
 
     amp: None (float32), "bf16" (autocast; float32 master weights, optimizer state, losses, k_t and M) or "fp16"
     (the same plus DynamicLossScale). impl: the ops' impl for the balance (the networks carry their own).
+    collectives: None for a single process, else the ranks the gradients and losses are averaged over.
     """
 
-    def __init__(self, G: Generator, D: Discriminator, cfg, device, *, amp: str | None = None, impl="auto"):
+    def __init__(
+        self,
+        G: Generator,
+        D: Discriminator,
+        cfg,
+        device,
+        *,
+        amp: str | None = None,
+        impl="auto",
+        collectives: Collectives | None = None,
+    ):
         if amp is not None and amp not in AMP_DTYPES:
             raise ValueError(f"amp must be None or one of {sorted(AMP_DTYPES)}, got {amp!r}")
-        super().__init__(G, D, cfg, device, fused=True)
+        super().__init__(G, D, cfg, device, fused=True, collectives=collectives)
         self.amp, self.impl = amp, impl
         self.loss_scale = DynamicLossScale(self.device) if amp == "fp16" else None
         # The fused Adam kernels skip their update when found_inf is set: a device-side skip, no host branch.
@@ -101,12 +115,17 @@ class FastStep(StepState):
         wgrad_scale = torch.cat([self.ones[:b], -self.k.expand(b)])
         with self.autocast():
             fake = G(z)
-            recon = D(torch.cat([x.to(fake.dtype), fake]), wgrad_scale=wgrad_scale)
+            # D sees, and the L1 loss compares, the real images in the working precision (the balance kernel
+            # reads one dtype; it accumulates in float32 whatever it reads).
+            x = x.to(fake.dtype)
+            recon = D(torch.cat([x, fake]), wgrad_scale=wgrad_scale)
         res = ops.began_balance(x, recon[:b], fake, recon[b:], self.k, cfg.gamma, cfg.lambda_k, impl=self.impl)
         seed = res.l_real + res.l_fake
         if self.loss_scale is not None:
             seed = seed * self.loss_scale.scale
         seed.backward()
+        # Averaged while still loss-scaled: every rank then unscales the same gradients and agrees on found_inf.
+        res = self.average_over_ranks(res)
         valid = None
         if self.loss_scale is not None:
             self.loss_scale.unscale_([p.grad for p in self.parameters() if p.grad is not None])
@@ -178,7 +197,9 @@ class CudaGraphStep:
     batch on the device from `generators`) is captured in the graph too, or each call copies the loader's batch
     into the buffer.
     Warm-up runs on a side stream (as PyTorch's whole-network capture recipe asks), then everything it changed
-    is restored, so the captured run starts exactly where the step was.
+    is restored, so the captured run starts exactly where the step was. Under torchrun the warm-up steps' all-
+    reduces are also the NCCL warm-up that capturing a collective needs (the communicator must exist before
+    capture); the graph then replays the collectives with the rest of the step.
     """
 
     def __init__(self, step: FastStep, batch_shape, sample_into=None, generators=(), warmup_steps: int = 3):

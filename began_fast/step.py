@@ -6,6 +6,10 @@ gradient applied to D only and L_G's to G only. The fast step (fast_step.py) is 
 
 A step keeps everything it updates on the device: k_t, the learning rate, the lr-decay window and the running
 statistics. It never reads a number back to the host; the loop does that every `log_every` steps.
+
+Under torchrun a step holds `collectives` (distributed.py) and calls them at two fixed points: the gradients are
+averaged over the ranks after backward and before the optimizers, and k_t, M and the statistics come from the
+losses averaged over the ranks. With collectives=None (a single process) the step is exactly the one-GPU step.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from began_fast.config import TrainConfig
+from began_fast.distributed import Collectives, lr_factor
 from began_fast.model import Discriminator, Generator, carry_at
 from began_fast.reference import BalanceResult, began_objective
 from began_fast.stats import MStallDecay, RunningStats
@@ -25,11 +30,28 @@ def balance_stats(res: BalanceResult, k: torch.Tensor) -> torch.Tensor:
 
 class StepState:
     """What every BEGAN step holds besides the networks: Adam for G and D sharing one lr tensor, k_t, the lr
-    decay, the running statistics, and the noise generator (its state is saved so that a resume is exact)."""
+    decay, the running statistics, and the noise generator (its state is saved so that a resume is exact).
 
-    def __init__(self, G: Generator, D: Discriminator, cfg: TrainConfig, device: torch.device, *, fused=False):
+    collectives: None for a single process; under torchrun, this rank's view of the job. The lr and its floor are
+    cfg's scaled by lr_factor(cfg.lr_scaling, world_size); cfg.batch_size is the per-rank batch.
+    """
+
+    def __init__(
+        self,
+        G: Generator,
+        D: Discriminator,
+        cfg: TrainConfig,
+        device: torch.device,
+        *,
+        fused=False,
+        collectives: Collectives | None = None,
+    ):
         self.G, self.D, self.cfg, self.device = G, D, cfg, torch.device(device)
-        self.lr = torch.tensor(cfg.lr, dtype=torch.float32, device=self.device)
+        self.collectives = collectives
+        self.world_size = collectives.world_size if collectives is not None else 1
+        self.rank = collectives.rank if collectives is not None else 0
+        self.lr_factor = lr_factor(cfg.lr_scaling, self.world_size)
+        self.lr = torch.tensor(cfg.lr * self.lr_factor, dtype=torch.float32, device=self.device)
         on_cuda = self.device.type == "cuda"
         # A tensor lr lets the decay change it in place on the device. Off CUDA, Adam takes a tensor lr only
         # without foreach; on CUDA, the capturable (or fused) implementations read it on the device.
@@ -39,17 +61,32 @@ class StepState:
         self.opt_g = torch.optim.Adam(G.parameters(), **adam)
         self.opt_d = torch.optim.Adam(D.parameters(), **adam)
         self.k = torch.zeros((), dtype=torch.float32, device=self.device)
-        self.decay = MStallDecay(self.lr, cfg.lr_decay_window, cfg.lr_decay_factor, cfg.lr_floor)
+        self.decay = MStallDecay(self.lr, cfg.lr_decay_window, cfg.lr_decay_factor, cfg.lr_floor * self.lr_factor)
         self.stats = RunningStats(self.device)
         self.z_gen = torch.Generator(device=self.device)
         self.z_gen.manual_seed(cfg.seed)
         self.steps_done = 0
 
     def draw_z(self, batch_size: int) -> torch.Tensor:
-        """z ~ U(-1, 1), drawn on the device from the step's own generator."""
+        """z ~ U(-1, 1), (batch_size, z_size), drawn on the device from the step's own generator.
+
+        Every rank draws the global batch's noise, (batch_size * world_size) rows from the shared seed, and keeps
+        its rows [rank * batch_size, (rank + 1) * batch_size): the ranks' z together are the z of one process with
+        the global batch, and every rank's generator stays in the same state (the one a checkpoint saves).
+        """
         dtype = self.G.decoder.fc.weight.dtype
-        z = torch.rand(batch_size, self.G.cfg.z_size, device=self.device, dtype=dtype, generator=self.z_gen)
-        return z * 2 - 1
+        rows = batch_size * self.world_size
+        z = torch.rand(rows, self.G.cfg.z_size, device=self.device, dtype=dtype, generator=self.z_gen)
+        return z[self.rank * batch_size : (self.rank + 1) * batch_size] * 2 - 1
+
+    def average_over_ranks(self, res: BalanceResult) -> BalanceResult:
+        """After backward, before the optimizers: G's and D's gradients averaged over the ranks, and the step's
+        statistics (k_next, M, the losses) from the global means. Unchanged for a single process."""
+        if self.collectives is None:
+            return res
+        self.collectives.average_gradients(list(self.D.parameters()))
+        self.collectives.average_gradients(list(self.G.parameters()))
+        return self.collectives.global_balance(res, self.k, self.cfg.gamma, self.cfg.lambda_k)
 
     def set_carry(self) -> None:
         if self.G.cfg.vanishing_residual:
@@ -65,12 +102,16 @@ class StepState:
             "decay": self.decay.state_dict(),
             "z_gen": self.z_gen.get_state(),
             "steps_done": self.steps_done,
+            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.decay.load_state_dict(state["decay"])
+        # A run resumed on another number of ranks keeps its (possibly decayed) lr, rescaled by the lr rule.
+        saved_factor = lr_factor(self.cfg.lr_scaling, state.get("world_size", 1))
+        self.lr.mul_(self.lr_factor / saved_factor)
         # load_state_dict put the saved lr tensors into the param groups: point them back at the shared one.
         for group in self.opt_g.param_groups + self.opt_d.param_groups:
             group["lr"] = self.lr
@@ -96,6 +137,7 @@ class ReferenceStep(StepState):
         grads_g = torch.autograd.grad(res.l_g, g_params)
         for p, g in zip(d_params + g_params, grads_d + grads_g, strict=True):
             p.grad = g
+        res = self.average_over_ranks(res)
         self.opt_d.step()
         self.opt_g.step()
         self.stats.add(balance_stats(res, self.k))

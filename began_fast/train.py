@@ -5,6 +5,11 @@ TensorBoard events (when tensorboard is installed), samples/step_XXXXXXX.png fro
 progress.gif (the grids over time), reconstruction.png (real images next to D(x)), convergence.png (M, k_t, lr
 and SWD against the step), latest.pt and snapshots step_XXXXXXX.pt. The step keeps its statistics on the
 device; this loop reads them every `log_every` steps, and that read is where a NaN or inf is caught.
+
+Under torchrun (distributed.py) every rank runs this loop on its shard of each global batch; only rank 0 writes the
+run folder and prints. Every rank still reads its statistics window on the same steps (the ranks hold the same
+global statistics, so a NaN stops them all together), and at those steps the ranks agree whether any was asked
+to stop: one tiny all-reduce, which also gives the collectives a CUDA graph replays a watchdog-tracked timeout.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from began_fast.checkpoint import config_dict, load_checkpoint, save_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import make_batches, open_source
 from began_fast.data.gpu_resident import GpuResidentStream
+from began_fast.distributed import Collectives
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep, StepState
@@ -70,16 +76,29 @@ class Run:
     D: Discriminator
     step: StepState
     fixed_z: torch.Tensor
+    collectives: Collectives | None = None  # None for a single process
 
     @property
     def out(self) -> Path:
         return self.opts.out
 
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run folder (rank 0, or the only process)."""
+        return self.step.rank == 0
 
-def setup_run(model_cfg, train_cfg, data_cfg, opts: RunOptions) -> Run:
+    @property
+    def global_batch(self) -> int:
+        return self.train_cfg.batch_size * self.step.world_size
+
+
+def setup_run(model_cfg, train_cfg, data_cfg, opts: RunOptions, collectives: Collectives | None = None) -> Run:
     """Build the networks and the step; with opts.resume, restore them from `opts.out/latest.pt`.
 
     On resume the checkpoint's model, data and train configs stand, except `steps`, which the caller may raise.
+    collectives: this rank's view of a torchrun job (distributed.start), None for a single process. Every rank
+    builds the same networks from the same seed, or loads the same checkpoint, so all start from one state; a
+    checkpoint may be resumed on another number of ranks (docs/distributed.md says what carries over exactly).
     """
     device = torch.device(opts.device)
     state = None
@@ -96,15 +115,15 @@ def setup_run(model_cfg, train_cfg, data_cfg, opts: RunOptions) -> Run:
     gen = torch.Generator().manual_seed(train_cfg.seed + 1)
     fixed_z = (torch.rand(SAMPLE_GRID, model_cfg.z_size, generator=gen) * 2 - 1).to(device)
     if opts.reference_step:
-        step = ReferenceStep(G, D, train_cfg, device)
+        step = ReferenceStep(G, D, train_cfg, device, collectives=collectives)
     else:
-        step = FastStep(G, D, train_cfg, device, amp=opts.amp, impl=opts.impl)
+        step = FastStep(G, D, train_cfg, device, amp=opts.amp, impl=opts.impl, collectives=collectives)
     if state is not None:
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
         step.load_state_dict(state["trainer"])
         fixed_z = state["fixed_z"].to(device)
-    return Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z)
+    return Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z, collectives)
 
 
 def checkpoint_state(run: Run) -> dict:
@@ -179,7 +198,8 @@ def open_tensorboard(out: Path):
 
 
 def log_window(run: Run, stats_file, writer, bar) -> dict:
-    """Read the window's means from the device (the loop's only sync), check them, and write them out."""
+    """Read the window's means from the device (the loop's only sync), check them, and write them out (rank 0:
+    the other ranks pass stats_file=None and only read and check)."""
     row = {"step": run.step.steps_done, **run.step.stats.read_and_reset(), "lr": run.step.lr.item()}
     if not all(math.isfinite(v) for v in row.values()):
         raise TrainingError(
@@ -187,6 +207,8 @@ def log_window(run: Run, stats_file, writer, bar) -> dict:
             f"(L_D={row['l_d']:.4g}, L_G={row['l_g']:.4g}, M={row['m']:.4g}); training stopped, "
             f"the last good checkpoint is {run.out / 'latest.pt'}"
         )
+    if stats_file is None:
+        return row
     stats_file.write(json.dumps(row) + "\n")
     stats_file.flush()
     if writer is not None:
@@ -231,17 +253,41 @@ def make_feed(run: Run, batches):
     return lambda: graph(next(batches))
 
 
+def write_config(run: Run) -> None:
+    """config.json: the three configs and how the run executes, with the batch and lr as the ranks see them."""
+    run_info = {key: str(value) for key, value in dataclasses.asdict(run.opts).items()} | {"torch": torch.__version__}
+    run_info |= {
+        "world_size": run.step.world_size,
+        "per_rank_batch": run.train_cfg.batch_size,
+        "global_batch": run.global_batch,
+        "effective_lr": run.train_cfg.lr * run.step.lr_factor,
+    }
+    config = {"model": config_dict(run.model_cfg), "train": config_dict(run.train_cfg)}
+    config |= {"data": config_dict(run.data_cfg), "run": run_info}
+    (run.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def stop_requested(run: Run, interrupted: list, done: int) -> bool:
+    """Whether to stop after step `done`: a Ctrl-C on this process; under torchrun, on any rank, agreed at the
+    steps where every rank reads its statistics anyway (a rank never stops alone, leaving the others waiting)."""
+    if run.collectives is None:
+        return bool(interrupted)
+    cfg = run.train_cfg
+    if done % cfg.log_every and done % cfg.checkpoint_every and done != cfg.steps:
+        return False
+    return run.collectives.any_(bool(interrupted), run.step.device)
+
+
 def train(run: Run) -> Path:
     """Run from the step the run is at to `train_cfg.steps`; return the path of the last checkpoint.
 
-    Ctrl-C finishes the step in flight, writes a checkpoint and returns cleanly.
+    Ctrl-C finishes the step in flight (under torchrun: the steps up to the next statistics read), writes a
+    checkpoint and returns cleanly. Only rank 0 writes the run folder and prints.
     """
-    cfg, out = run.train_cfg, run.out
-    out.mkdir(parents=True, exist_ok=True)
-    run_info = {key: str(value) for key, value in dataclasses.asdict(run.opts).items()} | {"torch": torch.__version__}
-    config = {"model": config_dict(run.model_cfg), "train": config_dict(run.train_cfg)}
-    config |= {"data": config_dict(run.data_cfg), "run": run_info}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    cfg, out, main = run.train_cfg, run.out, run.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(run)
 
     start = run.step.steps_done
     batches = make_batches(
@@ -251,39 +297,48 @@ def train(run: Run) -> Path:
         device=torch.device(run.opts.device),
         seed=cfg.seed,
         start_step=start,
+        rank=run.step.rank,
+        world_size=run.step.world_size,
     )
 
     def say(message: str) -> None:
-        print(message, file=sys.stderr)
+        if main:
+            print(message, file=sys.stderr)
 
     say(f"began-fast: {'resuming at step ' + str(start) if start else 'new run'} in {out}")
     say(f"  data: {batches.describe()}")
     say(f"  model: {run.model_cfg}")
     step_kind = "reference" if run.opts.reference_step else f"fast, amp={run.opts.amp}, graphs={run.opts.cuda_graphs}"
     say(f"  step: {step_kind}, impl={run.opts.impl}, device={run.opts.device}")
+    say(
+        f"  ranks: {run.step.world_size}, batch {cfg.batch_size} per rank, global batch {run.global_batch}, "
+        f"lr {cfg.lr * run.step.lr_factor:g} (lr {cfg.lr:g}, scaling {cfg.lr_scaling})"
+    )
     feed = make_feed(run, batches)
 
-    writer = open_tensorboard(out)
+    writer = open_tensorboard(out) if main else None
     real = RealImages(run)
     last_checkpoint = out / "latest.pt"
-    bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet)
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet or not main)
+    stats = open(out / "stats.jsonl", "a") if main else contextlib.nullcontext()  # None on the other ranks
     try:
-        with open(out / "stats.jsonl", "a") as stats_file, stop_on_interrupt() as interrupted:
+        with stats as stats_file, stop_on_interrupt() as interrupted:
             for _ in range(start, cfg.steps):
                 feed()
                 done = run.step.steps_done
                 bar.update(1)
-                checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps or interrupted
+                stop = stop_requested(run, interrupted, done)
+                checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop
                 # Statistics are read before every checkpoint, so a checkpoint never holds a diverged model.
                 if done % cfg.log_every == 0 or checkpoint_due:
                     log_window(run, stats_file, writer, bar)
-                if cfg.eval_every and done % cfg.eval_every == 0:
+                if main and cfg.eval_every and done % cfg.eval_every == 0:
                     evaluate(run, real, stats_file, writer)
-                if done % cfg.sample_every == 0 or done == cfg.steps:
+                if main and (done % cfg.sample_every == 0 or done == cfg.steps):
                     write_pictures(run, real)
-                if checkpoint_due:
+                if main and checkpoint_due:
                     last_checkpoint = write_checkpoint(run)
-                if interrupted:
+                if stop:
                     say(f"interrupted at step {done}; checkpoint written to {last_checkpoint}")
                     break
     finally:

@@ -4,9 +4,12 @@
     python scripts/train.py --data CELEBA_DIR_OR_H5 --preset paper64 --out runs/celeba64
     python scripts/train.py --out runs/celeba64 --resume --steps 200000
     python scripts/train.py --data celeba64.h5 --amp --cuda-graphs     # the fast path on a GPU
+    torchrun --nproc-per-node 8 scripts/train.py --data celeba64.h5 --amp --cuda-graphs   # 8 GPUs, data-parallel
 
-Bad input (a missing path, an invalid value, a damaged checkpoint, a diverged run) ends with one line on stderr
-and exit status 2, never a traceback.
+Under torchrun every rank runs this script on its shard of each global batch (--batch-size is per rank); only
+rank 0 prints and writes the run folder. Bad input (a missing path, an invalid value, a damaged checkpoint, a
+diverged run) ends with one line on stderr and exit status 2, never a traceback; a rank that died or hung makes
+the others end with one line naming the rank and the timeout, and exit status 1.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from began_fast.checkpoint import CheckpointError  # noqa: E402
-from began_fast.config import LOADERS, PRESETS, ConfigError, DataConfig, get_preset, replace  # noqa: E402
+from began_fast.config import LOADERS, LR_SCALINGS, PRESETS, ConfigError, DataConfig, get_preset, replace  # noqa: E402
 from began_fast.data import DataError  # noqa: E402
+from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, start, stop  # noqa: E402
 from began_fast.metrics import MetricError  # noqa: E402
 from began_fast.train import RunOptions, TrainingError, setup_run, train  # noqa: E402
 
@@ -31,9 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="CelebA folder, image folder or HDF5 file (default: the built-in faces)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: demo, gpu64 on a GPU)")
     p.add_argument("--steps", type=int, help="train until this many steps are done")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="batch per rank (global batch: this x the number of ranks)")
     p.add_argument("--gamma", type=float, help="diversity ratio gamma in (0, 1]")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="the lr of one rank (see --lr-scaling)")
+    p.add_argument(
+        "--lr-scaling", choices=LR_SCALINGS, help="lr for N torchrun ranks: as given (none, default), x N or x sqrt(N)"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--image-size", type=int, help="override the preset's image size")
     p.add_argument("--skip", action="store_true", default=None, help="the paper's decoder skip connections")
@@ -54,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--eval-every", type=int, help="steps between SWD evaluations, logged beside M (default: never)")
     p.add_argument("--eval-images", type=int, help="images per SWD evaluation (default 512)")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"under torchrun: seconds a collective may wait for the other ranks (default {DEFAULT_TIMEOUT_S:g})",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -61,9 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        world = World.from_env()
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--device cuda asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
+        device = world.device(device)
         preset = get_preset(args.preset or ("gpu64" if device.startswith("cuda") else "demo"))
         model_cfg = replace(preset.model, image_size=args.image_size, skip=args.skip)
         train_cfg = replace(
@@ -72,6 +87,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             gamma=args.gamma,
             lr=args.lr,
+            lr_scaling=args.lr_scaling,
             seed=args.seed,
             log_every=args.log_every,
             sample_every=args.sample_every,
@@ -90,12 +106,20 @@ def main(argv=None) -> int:
             resume=args.resume,
             quiet=args.quiet,
         )
-        run = setup_run(model_cfg, train_cfg, data_cfg, opts)
+        collectives = start(world, device, args.dist_timeout)
+        run = setup_run(model_cfg, train_cfg, data_cfg, opts, collectives)
         last = train(run)
     except (ConfigError, DataError, CheckpointError, MetricError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {run.step.steps_done} steps; checkpoint {last}; samples in {run.out / 'samples'}", file=sys.stderr)
+    except CollectiveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop()
+    if run.is_main:
+        done = f"done: {run.step.steps_done} steps; checkpoint {last}; samples in {run.out / 'samples'}"
+        print(done, file=sys.stderr)
     return 0
 
 

@@ -10,7 +10,7 @@ from began_fast.config import ModelConfig, TrainConfig
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep
-from tests.tolerances import TOLERANCES
+from tests.tolerances import TOLERANCES, assert_parity
 
 
 def build(model_cfg, impl="torch", dtype=torch.float64, seed=0):
@@ -123,3 +123,23 @@ def test_fast_step_on_triton_kernels_matches_reference(model_cfg, monkeypatch):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=tol.rtol, atol=tol.atol)
     torch.testing.assert_close(fast.k.double(), ref.k.double(), rtol=tol.rtol, atol=tol.atol)
+
+
+def test_bf16_fast_step_on_triton_kernels_is_within_twice_torchs_bf16_error(monkeypatch):
+    """Under bf16 autocast, the gradients of the fast step on the Triton kernels against the float64 reference
+    step are judged by the parity rule: at most 2x the error of the same fast step on PyTorch's bf16 ops."""
+    model_cfg, train_cfg = CONFIGS[1], TrainConfig(batch_size=2)
+    x = real_batch(2, 16)
+    z = torch.rand(2, model_cfg.z_size, dtype=torch.float64) * 2 - 1
+    steps = {
+        "ref": ReferenceStep(*build(model_cfg), train_cfg, "cpu"),
+        "torch": FastStep(*build(model_cfg, dtype=torch.float32), train_cfg, "cpu", amp="bf16"),
+        "triton": FastStep(*build(model_cfg, "triton", torch.float32), train_cfg, "cpu", amp="bf16", impl="triton"),
+    }
+    grads = {}
+    for name, step in steps.items():
+        step.k.fill_(0.4)
+        monkeypatch.setattr(step, "draw_z", lambda b, step=step: z.to(step.G.decoder.fc.weight.dtype))
+        grads[name] = gradients_of_one_step(step, x if name == "ref" else x.float(), monkeypatch)
+    for i, (ref, torch_bf16, triton_bf16) in enumerate(zip(grads["ref"], grads["torch"], grads["triton"], strict=True)):
+        assert_parity(triton_bf16.bfloat16(), ref, torch_bf16.bfloat16(), name=f"parameter {i}")

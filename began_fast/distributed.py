@@ -1,0 +1,183 @@
+"""Data-parallel BEGAN across the ranks of a `torchrun` job (one process per GPU, one or several machines).
+
+Why not DistributedDataParallel: the fast step runs one custom backward over [x; fake] with per-sample weight-
+gradient scales and may be captured whole in a CUDA graph, so the step calls the collectives itself, at fixed
+points of its body (see `Collectives`). What makes N ranks of per-rank batch B train like one process of batch N*B:
+  - every rank starts from the same parameters (the same seed builds the same networks, or all load one checkpoint);
+  - rank r sees rows [r*B, (r+1)*B) of each global batch of images (data.BatchOrder) and of noise (StepState.draw_z:
+    every rank draws the global z from the shared seed and keeps its own rows);
+  - G's and D's gradients are averaged over the ranks after backward, before the optimizers: the mean of the
+    per-rank gradients of per-rank means is the gradient of the global mean;
+  - L_real and L_fake are averaged before the k_t update, and k_t, M, L_D, L_G are recomputed from the global
+    means, so every rank holds the same k_t bit for bit (all-reduce hands every rank the same sum) and scales its
+    fake samples' weight gradients by the same -k_t.
+A single-process run uses none of this: its step holds `collectives=None` and torch.distributed is never started.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from began_fast.config import ConfigError
+from began_fast.reference import BalanceResult
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out (another rank died or hung); the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: torchrun's RANK, WORLD_SIZE and LOCAL_RANK (the GPU index on its machine)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run folder; the others only train."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> World:
+        """The world torchrun describes in the environment (env://); a plain `python` run is rank 0 of 1."""
+        values = {}
+        for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+            text = os.environ.get(name, str(default))
+            if not text.isdigit():
+                raise ConfigError(f"environment variable {name} must be a non-negative integer, got {text!r}")
+            values[name] = int(text)
+        rank, world_size = values["RANK"], values["WORLD_SIZE"]
+        if world_size < 1 or rank >= world_size:
+            raise ConfigError(f"RANK must be in [0, WORLD_SIZE) and WORLD_SIZE >= 1, got RANK={rank} of {world_size}")
+        return cls(rank, world_size, values["LOCAL_RANK"])
+
+    def device(self, requested: str) -> str:
+        """The device of this rank: `cuda` means this machine's GPU number LOCAL_RANK; anything else as given."""
+        if requested != "cuda" or self.world_size == 1:
+            return requested
+        if self.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK {self.local_rank} needs GPU {self.local_rank}, but this machine has "
+                f"{torch.cuda.device_count()}; start at most that many processes per machine (--nproc-per-node)"
+            )
+        return f"cuda:{self.local_rank}"
+
+
+def lr_factor(rule: str, world_size: int) -> float:
+    """The factor the lr is multiplied by for a global batch world_size times the per-rank batch:
+    "none" keeps the paper's lr; "linear" scales it with the global batch (Goyal et al. 2017); "sqrt" with its
+    square root (the variance of the gradient estimate falls as 1 / batch). TrainConfig checks the rule."""
+    return {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}[rule]
+
+
+class Collectives:
+    """The collectives a data-parallel step and loop need, over the default process group.
+
+    Every rank must call the same methods in the same order (the step's body does, and the loop calls `any_`
+    on the same steps everywhere). On NCCL the calls enqueue device work without a host sync, so a CUDA graph can
+    capture them. A failure raises CollectiveError naming the rank and the timeout.
+    """
+
+    def __init__(self, world: World, timeout_s: float):
+        self.world, self.timeout_s = world, timeout_s
+
+    @property
+    def world_size(self) -> int:
+        return self.world.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+        try:
+            dist.all_reduce(tensor, op=op)
+        except RuntimeError as e:  # gloo raises RuntimeError, NCCL its subclass DistBackendError
+            raise self.failure(e) from None
+
+    def failure(
+        self, error: BaseException, what: str = "a collective failed or timed out", cause: str = "died or hung"
+    ) -> CollectiveError:
+        """error as one line: which rank saw it, the timeout, and the likely cause."""
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return CollectiveError(
+            f"rank {self.rank} of {self.world_size}: {what} (--dist-timeout {self.timeout_s:g} s); another rank "
+            f"probably {cause}; check the other ranks' logs ({detail})"
+        )
+
+    def average_gradients(self, params) -> None:
+        """Replace each parameter's .grad with its mean over the ranks, in one all-reduce of one flat buffer.
+        params: one network's parameters (one dtype), all with a gradient."""
+        grads = [p.grad for p in params]
+        flat = _flatten_dense_tensors(grads)
+        # Divide before summing (as DDP does): an fp16-scaled gradient then cannot overflow in the sum alone.
+        flat.div_(self.world_size)
+        self._all_reduce(flat)
+        torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+
+    def global_balance(self, res: BalanceResult, k: torch.Tensor, gamma: float, lambda_k: float) -> BalanceResult:
+        """res with L_real and L_fake replaced by their means over the ranks, and L_D, L_G, k_next and M
+        recomputed from them (the formulas of reference.began_objective). Detached: only for k_t and statistics."""
+        means = torch.stack([res.l_real, res.l_fake]).detach().div(self.world_size)
+        self._all_reduce(means)
+        l_real, l_fake = means.unbind(0)
+        k = k.to(l_real.dtype)
+        balance = gamma * l_real - l_fake
+        k_next = torch.clamp(k + lambda_k * balance, 0.0, 1.0)
+        return BalanceResult(l_real, l_fake, l_real - k * l_fake, l_fake, k_next, l_real + balance.abs())
+
+    def any_(self, flag: bool, device: torch.device) -> bool:
+        """Whether flag is true on any rank (one tiny all-reduce and a host sync: call it rarely)."""
+        value = torch.tensor(float(flag), device=device)
+        self._all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Collectives | None:
+    """Join the job's process group (env://): NCCL for a CUDA device, gloo otherwise. None for a single process.
+
+    On NCCL, a collective that does not finish within timeout_s makes the watchdog abort the communicator and end
+    the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, unless the user set it) instead of hanging forever.
+    """
+    if not timeout_s > 0:
+        raise ConfigError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
+    if world.world_size == 1:
+        return None
+    device = torch.device(device)
+    kwargs = {}
+    if device.type == "cuda":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    collectives = Collectives(world, timeout_s)
+    try:
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=world.rank,
+            world_size=world.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
+        )
+    except (RuntimeError, ValueError) as e:  # DistStoreError / DistNetworkError when the rendezvous fails
+        what, cause = "could not join the job's process group", "did not start, or MASTER_ADDR:MASTER_PORT is wrong"
+        raise collectives.failure(e, what, cause) from None
+    return collectives
+
+
+def stop() -> None:
+    """Leave the process group, if one was started (NCCL warns at exit otherwise)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

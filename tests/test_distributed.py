@@ -1,0 +1,247 @@
+"""Data-parallel BEGAN (distributed.py) on the CPU with gloo: two ranks of batch B/2 train exactly like one process
+of batch B (both steps), the ranks agree bit for bit, a 2-rank checkpoint resumes on one rank, a dead rank ends
+the others with one line, and scripts/train.py runs under torchrun.
+
+The two-rank runs are spawned once for the whole module (spawn start method, a free port on 127.0.0.1, bounded
+joins) and leave their results in a folder the tests read.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from began_fast.checkpoint import load_checkpoint
+from began_fast.config import DataConfig, ModelConfig, TrainConfig
+from began_fast.distributed import CollectiveError, Collectives, World, start, stop
+from began_fast.fast_step import FastStep
+from began_fast.model import Discriminator, Generator
+from began_fast.step import ReferenceStep
+from began_fast.train import RunOptions, setup_run, train
+from tests.tolerances import TOLERANCES
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ModelConfig(image_size=16, n=4, h=4)
+GLOBAL_BATCH, STEPS, K0 = 4, 3, 0.3
+# lambda_k large enough that k_t moves visibly in three steps, from K0 so that it is away from its clamps.
+PARITY_CFG = TrainConfig(batch_size=GLOBAL_BATCH, lr=1e-3, lambda_k=0.05)
+LOOP_DATA = DataConfig(builtin_count=64, num_workers=0)
+JOB_TIMEOUT_S = 240  # the whole two-rank job; a hang fails the tests instead of stalling CI
+COLLECTIVE_TIMEOUT_S = 60.0
+WORLD_SIZE = 2
+
+
+def loop_cfg(steps):
+    return TrainConfig(batch_size=2, steps=steps, log_every=2, sample_every=100, checkpoint_every=4, snapshot_every=8)
+
+
+def real_batches():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.rand(GLOBAL_BATCH, 3, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(STEPS)]
+
+
+def make_step(kind, batch_size, collectives=None):
+    torch.manual_seed(0)
+    G, D = Generator(MODEL, impl="torch").double(), Discriminator(MODEL, impl="torch").double()
+    cfg = TrainConfig(**{**PARITY_CFG.__dict__, "batch_size": batch_size})
+    step_class = FastStep if kind == "fast" else ReferenceStep
+    step = step_class(G, D, cfg, "cpu", collectives=collectives)
+    step.k.fill_(K0)
+    return step
+
+
+def run_parity(kind, rank, collectives):
+    """STEPS steps on this rank's rows of the global batches; returns the parameters, k_t and statistics."""
+    per_rank = GLOBAL_BATCH // WORLD_SIZE
+    step = make_step(kind, per_rank, collectives)
+    for x in real_batches():
+        step(x[rank * per_rank : (rank + 1) * per_rank])
+    params = [p.detach().clone() for p in list(step.G.parameters()) + list(step.D.parameters())]
+    return {"params": params, "k": step.k.clone(), "stats": step.stats.sums.clone()}
+
+
+def run_fp16_overflow(rank, collectives):
+    """A clean fp16 step, then one where only rank 1's batch overflows: every rank must skip it."""
+    torch.manual_seed(0)
+    G, D = Generator(MODEL, impl="torch"), Discriminator(MODEL, impl="torch")
+    step = FastStep(G, D, TrainConfig(batch_size=2), "cpu", amp="fp16", collectives=collectives)
+    step.loss_scale.scale.fill_(256.0)
+    x = real_batches()[0][rank * 2 : (rank + 1) * 2].float()
+    step(x)
+    before = [p.detach().clone() for p in step.parameters()]
+    step(x * 1e30 if rank == 1 else x)  # inf in fp16
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, step.parameters(), strict=True))
+    return {"found_inf": step.loss_scale.found_inf.item(), "unchanged": unchanged, "k": step.k.clone()}
+
+
+def rank_main(rank, port, folder):
+    """One rank of the spawned job: both steps' parity runs, a 2-rank training run, then rank 1 leaves early."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    collectives = start(World(rank, WORLD_SIZE, rank), "cpu", COLLECTIVE_TIMEOUT_S)
+    folder = Path(folder)
+    results = {kind: run_parity(kind, rank, collectives) for kind in ("fast", "reference")}
+    results["fp16"] = run_fp16_overflow(rank, collectives)
+    opts = RunOptions(out=folder / "run", quiet=True)
+    run = setup_run(MODEL, loop_cfg(4), LOOP_DATA, opts, collectives)
+    train(run)
+    results["loop_k"] = run.step.k.clone()
+    if rank == 1:
+        torch.save(results, folder / f"rank{rank}.pt")
+        return  # leaves the job: rank 0's next collective must fail with one clear line
+    try:
+        collectives.any_(False, torch.device("cpu"))
+    except CollectiveError as e:
+        results["dead_rank_error"] = str(e)
+    torch.save(results, folder / f"rank{rank}.pt")
+    stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The folder of the spawned two-rank job and its per-rank results."""
+    folder = tmp_path_factory.mktemp("two_ranks")
+    context = mp.start_processes(
+        rank_main, args=(free_port(), str(folder)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the two-rank job did not finish in {JOB_TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return folder, [torch.load(folder / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("kind", ["fast", "reference"])
+def test_two_ranks_match_one_process_with_the_global_batch(two_ranks, kind):
+    _, ranks = two_ranks
+    one = make_step(kind, GLOBAL_BATCH)
+    for x in real_batches():
+        one(x)
+    want = [p.detach() for p in list(one.G.parameters()) + list(one.D.parameters())]
+    tol = TOLERANCES[torch.float64]
+    for got, expected in zip(ranks[0][kind]["params"], want, strict=True):
+        torch.testing.assert_close(got, expected, atol=tol.atol, rtol=tol.rtol)
+    assert one.k.item() != K0  # k_t moved, so the comparison below says something
+    torch.testing.assert_close(ranks[0][kind]["k"], one.k)
+    torch.testing.assert_close(ranks[0][kind]["stats"], one.stats.sums)
+
+
+@pytest.mark.parametrize("kind", ["fast", "reference"])
+def test_ranks_agree_bit_for_bit(two_ranks, kind):
+    _, (rank0, rank1) = two_ranks
+    assert torch.equal(rank0[kind]["k"], rank1[kind]["k"])
+    assert torch.equal(rank0[kind]["stats"], rank1[kind]["stats"])
+    assert all(torch.equal(a, b) for a, b in zip(rank0[kind]["params"], rank1[kind]["params"], strict=True))
+    assert torch.equal(rank0["loop_k"], rank1["loop_k"])
+
+
+def test_an_fp16_overflow_on_one_rank_is_skipped_on_all(two_ranks):
+    _, (rank0, rank1) = two_ranks
+    for rank in (rank0, rank1):
+        assert rank["fp16"]["found_inf"] == 1 and rank["fp16"]["unchanged"]
+    assert torch.equal(rank0["fp16"]["k"], rank1["fp16"]["k"])
+
+
+def test_only_rank_0_writes_and_the_config_states_the_batches(two_ranks):
+    folder, _ = two_ranks
+    config = json.loads((folder / "run" / "config.json").read_text())
+    assert {key: config["run"][key] for key in ("world_size", "per_rank_batch", "global_batch", "effective_lr")} == {
+        "world_size": 2,
+        "per_rank_batch": 2,
+        "global_batch": 4,
+        "effective_lr": pytest.approx(1e-4),
+    }
+    rows = [json.loads(line) for line in (folder / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]  # one writer: no row twice
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
+    folder, ranks = two_ranks
+    saved = load_checkpoint(folder / "run" / "latest.pt")
+    assert saved["step"] == 4 and saved["trainer"]["world_size"] == 2
+    assert torch.equal(saved["trainer"]["k"], ranks[0]["loop_k"])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "latest.pt").write_bytes((folder / "run" / "latest.pt").read_bytes())
+    run = setup_run(MODEL, loop_cfg(6), LOOP_DATA, RunOptions(out=out, resume=True, quiet=True))
+    assert run.step.world_size == 1 and torch.equal(run.step.k, ranks[0]["loop_k"])
+    train(run)
+    assert load_checkpoint(out / "latest.pt")["step"] == 6
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [6]
+    assert all(torch.isfinite(p).all() for p in run.G.parameters())
+
+
+def test_a_dead_rank_ends_the_others_with_one_line(two_ranks):
+    _, (rank0, _) = two_ranks
+    message = rank0["dead_rank_error"]
+    assert "\n" not in message
+    assert message.startswith("rank 0 of 2: a collective failed or timed out")
+    assert f"--dist-timeout {COLLECTIVE_TIMEOUT_S:g} s" in message
+
+
+def test_each_rank_keeps_its_rows_of_the_global_noise():
+    steps = [make_step("reference", 2, Collectives(World(rank, 2, rank), 1.0)) for rank in range(2)]
+    one = make_step("reference", 4)
+    whole = one.draw_z(4)
+    assert torch.equal(torch.cat([step.draw_z(2) for step in steps]), whole)
+    assert all(torch.equal(step.z_gen.get_state(), one.z_gen.get_state()) for step in steps)
+
+
+@pytest.mark.parametrize("rule, factor", [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_lr_scaling_rule_and_resume_on_another_world_size(rule, factor):
+    cfg = TrainConfig(batch_size=2, lr=1e-4, lr_floor=2e-5, lr_scaling=rule)
+    torch.manual_seed(0)
+    networks = Generator(MODEL, impl="torch"), Discriminator(MODEL, impl="torch")
+    four = ReferenceStep(*networks, cfg, "cpu", collectives=Collectives(World(0, 4, 0), 1.0))
+    assert four.lr.item() == pytest.approx(1e-4 * factor)
+    assert four.decay.floor == pytest.approx(2e-5 * factor)
+    four.lr.mul_(0.5)  # as a decay would have done
+    one = ReferenceStep(*networks, cfg, "cpu")
+    one.load_state_dict(four.state_dict())
+    assert one.lr.item() == pytest.approx(0.5e-4)  # the decayed lr, rescaled to one rank by the same rule
+
+
+def test_world_from_torchrun_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    world = World.from_env()
+    assert (world.rank, world.world_size, world.local_rank, world.is_main) == (3, 4, 1, False)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match=r"RANK must be in \[0, WORLD_SIZE\).*RANK=4 of 4"):
+        World.from_env()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ValueError, match="RANK must be a non-negative integer, got 'x'"):
+        World.from_env()
+
+
+def test_train_script_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2"]
+    args += ["--steps", "3", "--checkpoint-every", "3", "--workers", "0", "--lr-scaling", "linear"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [*launcher, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("began-fast: new run") == 1  # rank 0 alone prints
+    assert "ranks: 2, batch 2 per rank, global batch 4, lr 0.0006 (lr 0.0003, scaling linear)" in result.stderr
+    assert load_checkpoint(out / "latest.pt")["step"] == 3
