@@ -28,7 +28,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 
 from began_fast.config import DataConfig
-from began_fast.data import open_source
+from began_fast.data import default_workers, open_source
 from began_fast.data.errors import DataError
 from began_fast.data.hdf5 import DATASET
 from began_fast.data.images import crop_box
@@ -163,7 +163,8 @@ class DaliLoader:
             raise DataError(f"the DALI loader reads image folders and HDF5 files, not the {self.source.kind} source")
         on_gpu = self.device.type == "cuda"
         self.decoder = "mixed" if on_gpu else "cpu"
-        self.num_threads = max(1, cfg.num_workers)
+        workers = default_workers("folder") if cfg.num_workers is None else cfg.num_workers
+        self.num_threads = max(1, workers)
         pipeline = pipeline_def(
             batch_size=batch_size,
             num_threads=self.num_threads,
