@@ -69,7 +69,8 @@ class TrainConfig:
 
     The lr is multiplied by `lr_decay_factor` when the mean of M over the last `lr_decay_window` steps is
     no lower than the best such window mean seen so far; it never goes below `lr_floor`. The run folder keeps
-    `latest.pt` (rewritten every `checkpoint_every` steps) and a snapshot every `snapshot_every` steps.
+    `latest.pt` (rewritten every `checkpoint_every` steps) and a snapshot every `snapshot_every` steps (which also
+    rewrites latest.pt).
     """
 
     batch_size: int = 16  # per rank; the global batch is batch_size * world_size
@@ -175,7 +176,7 @@ PRESETS: dict[str, Preset] = {
             log_every=50,
             sample_every=500,
             checkpoint_every=1000,
-            snapshot_every=1500,
+            snapshot_every=2000,
         ),
     ),
 }

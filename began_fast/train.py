@@ -328,7 +328,8 @@ def train(run: Run) -> Path:
                 done = run.step.steps_done
                 bar.update(1)
                 stop = stop_requested(run, interrupted, done)
-                checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop
+                checkpoint_due = any(done % every == 0 for every in (cfg.checkpoint_every, cfg.snapshot_every))
+                checkpoint_due = checkpoint_due or done == cfg.steps or stop
                 # Statistics are read before every checkpoint, so a checkpoint never holds a diverged model.
                 if done % cfg.log_every == 0 or checkpoint_due:
                     log_window(run, stats_file, writer, bar)

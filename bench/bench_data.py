@@ -9,7 +9,9 @@ img_align_celeba/ folder, celeba crop. Three loaders, each at 64 and 128 px, bat
 - torch: TorchLoader (PIL decode in a DataLoader with every core as workers), pinned copy to the GPU.
 
 A round is BATCHES_PER_ROUND batches, the GPU synchronized at its end; extra_info records images_per_s from the
-median round. Run: pytest bench/bench_data.py --benchmark-json=bench/results/<date>-data.json
+median round. `test_fast_step_fed_by_loader` runs the fast path (paper64, batch 16, bf16, CUDA graph) fed by the
+GPU-resident set, DALI mixed and the torch loader, and records steps/s.
+Run: pytest bench/bench_data.py --benchmark-json=bench/results/<date>-data.json
 """
 
 from __future__ import annotations
@@ -80,3 +82,56 @@ def test_loader_throughput(benchmark, jpeg_dir, name, image_size):
     benchmark.pedantic(batches, args=(BATCHES_PER_ROUND,), rounds=ROUNDS, iterations=1)
     if benchmark.stats is not None:  # None under --benchmark-disable: ran once as a smoke test
         benchmark.extra_info["images_per_s"] = BATCHES_PER_ROUND * BATCH / benchmark.stats.stats.median
+
+
+STEP_BATCH, STEPS_PER_ROUND = 16, 50
+
+
+@pytest.mark.parametrize("feed", ["gpu-resident", "dali-mixed", "torch"])
+def test_fast_step_fed_by_loader(benchmark, jpeg_dir, feed):
+    """The fast path (paper64, batch 16, bf16, one CUDA graph) fed by each loader: steps/s against the
+    GPU-resident set, which draws its batch inside the graph and so is the upper bound."""
+    from began_fast.config import get_preset
+    from began_fast.data.gpu_resident import GpuResidentSet
+    from began_fast.fast_step import CudaGraphStep, FastStep
+    from began_fast.model import Discriminator, Generator
+
+    preset = get_preset("paper64")
+    size, shape = preset.model.image_size, (STEP_BATCH, 3, preset.model.image_size, preset.model.image_size)
+    torch.manual_seed(0)
+    G, D = Generator(preset.model).cuda(), Discriminator(preset.model).cuda()
+    step = FastStep(G, D, preset.train, "cuda", amp="bf16")
+    cfg = DataConfig(path=jpeg_dir, num_workers=CORES)
+    if feed == "gpu-resident":
+        images = GpuResidentSet(open_source(cfg, size), "cuda")
+        gen = torch.Generator("cuda").manual_seed(0)
+        graph = CudaGraphStep(step, shape, sample_into=lambda out: images.sample_into(out, gen), generators=[gen])
+
+        def one_step():
+            graph()
+
+    else:
+        if feed == "torch":
+            loader = TorchLoader(open_source(cfg, size), STEP_BATCH, seed=0, num_workers=CORES, device="cuda")
+        else:
+            if not HAS_DALI:
+                pytest.skip("NVIDIA DALI is not installed (pip install 'began-fast[dali]')")
+            from began_fast.data.dali import DaliLoader
+
+            loader = DaliLoader(cfg, size, STEP_BATCH, device="cuda", seed=0)
+        graph = CudaGraphStep(step, shape)
+
+        def one_step():
+            graph(next(loader))
+
+    def steps(count: int) -> None:
+        for _ in range(count):
+            one_step()
+        torch.cuda.synchronize()
+
+    steps(10)
+    benchmark.group = f"fast step fed by loader, paper64 b{STEP_BATCH}"
+    benchmark.extra_info.update({"feed": feed, "batch": STEP_BATCH, "image_size": size})
+    benchmark.pedantic(steps, args=(STEPS_PER_ROUND,), rounds=ROUNDS, iterations=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["steps_per_s"] = STEPS_PER_ROUND / benchmark.stats.stats.median
