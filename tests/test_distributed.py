@@ -236,7 +236,7 @@ def test_world_from_torchrun_environment(monkeypatch):
 def test_train_script_under_torchrun(tmp_path):
     out = tmp_path / "run"
     args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2"]
-    args += ["--steps", "3", "--checkpoint-every", "3", "--workers", "0", "--lr-scaling", "linear"]
+    args += ["--steps", "3", "--checkpoint-every", "3", "--workers", "0", "--lr", "3e-4", "--lr-scaling", "linear"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = subprocess.run(
         [*launcher, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, timeout=180

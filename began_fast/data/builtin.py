@@ -9,6 +9,8 @@ eyes (spacing, size, iris colour), eyebrows, nose, mouth (width, smile), clothin
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -146,8 +148,11 @@ def draw_face(rng: np.random.Generator, canvas: int) -> Image.Image:
     return image
 
 
+# The loader and the loop's pictures and evaluation open the same set: draw it once per process.
+@functools.lru_cache(maxsize=2)
 def draw_faces(count: int, image_size: int, seed: int) -> np.ndarray:
-    """Faces 0 .. count-1 of the set `seed`: a (count, S, S, 3) uint8 array (NHWC)."""
+    """Faces 0 .. count-1 of the set `seed`: a (count, S, S, 3) uint8 array (NHWC), shared by all callers (cached):
+    copy it before writing."""
     canvas = max(128, 2 * image_size)
     out = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
     for k in range(count):
