@@ -77,8 +77,8 @@ class TritonConvELU(torch.autograd.Function):
     """The same layer on the fused Triton kernels of kernels/conv_elu.py, with TorchConvELU's backward algorithm.
 
     Activations run channels_last (any input layout is accepted and converted once); the output is
-    channels_last in the activation dtype. Under autocast the activations are cast to the autocast dtype, as
-    F.conv2d would. Weight and bias gradients come back in the weight's dtype, reduced in float32.
+    channels_last in the activation dtype (ops.conv_elu has already cast everything to the autocast dtype under
+    autocast). Weight and bias gradients come back in the weight's dtype, reduced in float32.
     """
 
     @staticmethod
@@ -90,8 +90,6 @@ class TritonConvELU(torch.autograd.Function):
                 f"conv_elu(impl='triton'): x is on {x.device.type}; expected a CUDA tensor "
                 "(or TRITON_INTERPRET=1 to run the kernels on the CPU)"
             )
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
         if x.dtype not in SUPPORTED_DTYPES:
             raise ValueError(
                 f"conv_elu(impl='triton'): x dtype {x.dtype} unsupported; expected one of {SUPPORTED_DTYPES}"
