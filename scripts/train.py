@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, help="override the preset's image size")
     p.add_argument("--skip", action="store_true", default=None, help="the paper's decoder skip connections")
     p.add_argument("--crop", choices=["celeba", "center"], help="crop before resizing (default: the source's own)")
+    p.add_argument("--crop-size", type=int, help="side of the crop box in source pixels (default: the crop's own)")
     p.add_argument("--loader", choices=LOADERS, default="auto")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--out", type=Path, default=Path("runs/began"), help="run folder (default: runs/began)")
@@ -95,7 +96,14 @@ def main(argv=None) -> int:
             eval_every=args.eval_every,
             eval_images=args.eval_images,
         )
-        data_cfg = replace(DataConfig(), path=args.data, crop=args.crop, loader=args.loader, num_workers=args.workers)
+        data_cfg = replace(
+            DataConfig(),
+            path=args.data,
+            crop=args.crop,
+            crop_size=args.crop_size,
+            loader=args.loader,
+            num_workers=args.workers,
+        )
         opts = RunOptions(
             out=args.out,
             device=device,

@@ -84,7 +84,7 @@ def float64(tensors):
     return [None if t is None else t.double() for t in tensors]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_layer_matches_reference(device, variant, dtype):
     layer = VARIANTS[variant]
@@ -201,7 +201,7 @@ PAPER_LAYERS = {
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("variant", list(PAPER_LAYERS))
 def test_paper_shapes_match_reference(device, variant, dtype):
     """The paper's layer shapes (n=128, 64x64, batch 16), compiled on the GPU, with a per-sample wgrad scale."""

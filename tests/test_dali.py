@@ -220,6 +220,16 @@ def test_hdf5_batches_equal_torch_loader_batches(hdf5_file):
 
 
 @needs_dali
+def test_hdf5_resume_continues_the_same_batches(hdf5_file):
+    cfg = DataConfig(path=hdf5_file, flip=True, num_workers=1)
+    resumed = _dali(cfg, 64, 8, start_step=3)
+    reference = TorchLoader(open_source(cfg, 64), 8, seed=0, start_step=3, flip=True, num_workers=0)
+    for step in range(3, 6):
+        torch.testing.assert_close(next(resumed), next(reference), atol=1e-6, rtol=0, msg=f"step {step}")
+    assert resumed.step == 6
+
+
+@needs_dali
 def test_hdf5_resized_on_read(hdf5_file):
     cfg = DataConfig(path=hdf5_file, flip=False, num_workers=1)
     loader = _dali(cfg, 32, 8, rank=1, world_size=2)

@@ -13,9 +13,10 @@ from began_fast.step import ReferenceStep
 from tests.tolerances import TOLERANCES, assert_parity
 
 
-def build(model_cfg, impl="torch", dtype=torch.float64, seed=0):
+def build(model_cfg, impl="torch", dtype=torch.float64, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return Generator(model_cfg, impl=impl).to(dtype), Discriminator(model_cfg, impl=impl).to(dtype)
+    nets = Generator(model_cfg, impl=impl), Discriminator(model_cfg, impl=impl)
+    return tuple(net.to(device=device, dtype=dtype) for net in nets)
 
 
 def real_batch(b, size, dtype=torch.float64, seed=0):
@@ -106,14 +107,14 @@ def test_cuda_graphs_need_cuda():
 
 
 @pytest.mark.parametrize("model_cfg", CONFIGS, ids=["plain", "skip-residual"])
-def test_fast_step_on_triton_kernels_matches_reference(model_cfg, monkeypatch):
+def test_fast_step_on_triton_kernels_matches_reference(model_cfg, monkeypatch, device):
     """The same algebra with every layer and the balance on the Triton kernels (the interpreter on a CPU): float32
     against the float64 reference, under the float32 row of the tolerance table."""
     train_cfg = TrainConfig(batch_size=2)
-    x = real_batch(2, 16)
-    ref = ReferenceStep(*build(model_cfg), train_cfg, "cpu")
-    fast = FastStep(*build(model_cfg, impl="triton", dtype=torch.float32), train_cfg, "cpu", impl="triton")
-    z = torch.rand(2, model_cfg.z_size, dtype=torch.float64) * 2 - 1  # one z for both (rand differs by dtype)
+    x = real_batch(2, 16).to(device)
+    ref = ReferenceStep(*build(model_cfg, device=device), train_cfg, device)
+    fast = FastStep(*build(model_cfg, "triton", torch.float32, device=device), train_cfg, device, impl="triton")
+    z = torch.rand(2, model_cfg.z_size, dtype=torch.float64, device=device) * 2 - 1  # one z for both
     for step in (ref, fast):
         step.k.fill_(0.4)
         monkeypatch.setattr(step, "draw_z", lambda b, step=step: z.to(step.G.decoder.fc.weight.dtype))
@@ -125,16 +126,17 @@ def test_fast_step_on_triton_kernels_matches_reference(model_cfg, monkeypatch):
     torch.testing.assert_close(fast.k.double(), ref.k.double(), rtol=tol.rtol, atol=tol.atol)
 
 
-def test_bf16_fast_step_on_triton_kernels_is_within_twice_torchs_bf16_error(monkeypatch):
+def test_bf16_fast_step_on_triton_kernels_is_within_twice_torchs_bf16_error(monkeypatch, device):
     """Under bf16 autocast, the gradients of the fast step on the Triton kernels against the float64 reference
     step are judged by the parity rule: at most 2x the error of the same fast step on PyTorch's bf16 ops."""
     model_cfg, train_cfg = CONFIGS[1], TrainConfig(batch_size=2)
-    x = real_batch(2, 16)
-    z = torch.rand(2, model_cfg.z_size, dtype=torch.float64) * 2 - 1
+    x = real_batch(2, 16).to(device)
+    z = torch.rand(2, model_cfg.z_size, dtype=torch.float64, device=device) * 2 - 1
+    f32 = dict(dtype=torch.float32, device=device)
     steps = {
-        "ref": ReferenceStep(*build(model_cfg), train_cfg, "cpu"),
-        "torch": FastStep(*build(model_cfg, dtype=torch.float32), train_cfg, "cpu", amp="bf16"),
-        "triton": FastStep(*build(model_cfg, "triton", torch.float32), train_cfg, "cpu", amp="bf16", impl="triton"),
+        "ref": ReferenceStep(*build(model_cfg, device=device), train_cfg, device),
+        "torch": FastStep(*build(model_cfg, "torch", **f32), train_cfg, device, amp="bf16", impl="torch"),
+        "triton": FastStep(*build(model_cfg, "triton", **f32), train_cfg, device, amp="bf16", impl="triton"),
     }
     grads = {}
     for name, step in steps.items():

@@ -102,7 +102,16 @@ def make_batches(
         if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
             from began_fast.data.dali import DaliLoader
 
-            return DaliLoader(cfg, image_size, batch_size, device=device, seed=seed, rank=rank, world_size=world_size)
+            return DaliLoader(
+                cfg,
+                image_size,
+                batch_size,
+                device=device,
+                seed=seed,
+                start_step=start_step,
+                rank=rank,
+                world_size=world_size,
+            )
         if loader == "dali":
             raise DataError("--loader dali needs NVIDIA DALI: pip install 'began-fast[dali]'")
     source = open_source(cfg, image_size)

@@ -136,7 +136,9 @@ class DaliLoader:
     Infinite: iterate for as many steps as the run needs; `step` counts the batches returned, `epoch` the
     completed epochs and `batches_per_epoch` (len) is this rank's number of batches in an epoch.
     Only image folders and HDF5 files are read; the built-in faces have no files to decode (use the torch or gpu
-    loader).
+    loader). start_step: the step a resumed run continues at. An HDF5 file is read in BatchOrder's order, so a
+    resume continues it exactly (the same batches and flips as the torch loader); an image folder's reader
+    shuffles inside DALI, and a resumed run starts a new shuffled epoch.
     """
 
     def __init__(
@@ -147,6 +149,7 @@ class DaliLoader:
         *,
         device: torch.device | str,
         seed: int,
+        start_step: int = 0,
         rank: int = 0,
         world_size: int = 1,
         dtype: torch.dtype = torch.float32,
@@ -175,7 +178,7 @@ class DaliLoader:
             prefetch_queue_depth=prefetch,
         )
         if self.source.kind == "hdf5":
-            order = BatchOrder(len(self.source), batch_size, seed, rank=rank, world_size=world_size)
+            order = BatchOrder(len(self.source), batch_size, seed, start_step, rank=rank, world_size=world_size)
             self.batches_per_epoch = order.batches_per_epoch
             batches = _Hdf5Batches(self.source, order, cfg.flip)
             pipe = pipeline(_hdf5_pipeline)(self.source, image_size, dtype, batches, on_gpu)
@@ -196,7 +199,7 @@ class DaliLoader:
         self._batches = DALIGenericIterator(
             pipe, ["images"], reader_name=reader, auto_reset=True, last_batch_policy=LastBatchPolicy.DROP
         )
-        self.step = 0
+        self.step = start_step
 
     @property
     def epoch(self) -> int:
