@@ -11,6 +11,17 @@ import torch
 STAT_NAMES = ("l_real", "l_fake", "l_d", "l_g", "k", "m")
 
 
+def accumulate(total: torch.Tensor, count: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None) -> None:
+    """total += value and count += 1 in place, on the device; with `valid` (a 0-dim bool tensor) False, a skipped
+    step (an fp16 overflow), neither moves."""
+    if valid is None:
+        total.add_(value)
+        count.add_(1)
+    else:
+        total.add_(torch.where(valid, value, 0.0))
+        count.add_(valid.float())
+
+
 class RunningStats:
     """Sums of STAT_NAMES over the current logging window, on `device`."""
 
@@ -21,12 +32,7 @@ class RunningStats:
     def add(self, values: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """values: (len(STAT_NAMES),) float32 on the device, in STAT_NAMES order. valid: a 0-dim bool tensor, False
         for a step that was skipped (an fp16 overflow), whose values are left out of the means."""
-        if valid is None:
-            self.sums.add_(values)
-            self.count.add_(1)
-        else:
-            self.sums.add_(torch.where(valid, values, 0.0))
-            self.count.add_(valid.float())
+        accumulate(self.sums, self.count, values, valid)
 
     def read_and_reset(self) -> dict[str, float]:
         """The window's means as floats (one device-to-host copy), then start a new window."""
@@ -54,12 +60,7 @@ class MStallDecay:
     def update(self, m: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Add this step's M (0-dim float32); at a window's end, decide the decay. Only device ops.
         valid: a 0-dim bool tensor, False for a skipped step, which then does not count."""
-        if valid is None:
-            self.m_sum.add_(m)
-            self.count.add_(1)
-        else:
-            self.m_sum.add_(torch.where(valid, m, 0.0))
-            self.count.add_(valid.float())
+        accumulate(self.m_sum, self.count, m, valid)
         at_end = self.count >= self.window
         mean = self.m_sum / self.window
         decayed = torch.clamp(self.lr * self.factor, min=self.floor)

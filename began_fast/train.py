@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -160,7 +161,9 @@ class RealImages:
             self._source = open_source(self.run.data_cfg, self.run.model_cfg.image_size)
         return self._source
 
+    @functools.cached_property
     def fixed_batch(self) -> torch.Tensor:
+        """The first real images in [-1, 1] on the run's device: the same ones in every reconstruction grid."""
         images = torch.stack([self.source[i] for i in range(min(RECONSTRUCTION_PAIRS, len(self.source)))])
         return images.to(self.run.opts.device, torch.float32) / 127.5 - 1
 
@@ -171,7 +174,7 @@ def write_pictures(run: Run, real: RealImages) -> None:
     out, step = run.out, run.step.steps_done
     reports.save_image_grid(run.G(run.fixed_z), out / "samples" / f"step_{step:07d}.png", nrow=8)
     reports.update_progress(out)
-    x = real.fixed_batch()
+    x = real.fixed_batch
     reports.save_reconstruction_grid(x, run.D(x), out / "reconstruction.png")
     reports.plot_convergence(reports.read_stats(out / "stats.jsonl"), out / "convergence.png")
 
