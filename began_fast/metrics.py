@@ -193,7 +193,7 @@ def evaluate_models(
     inception_weights: str | None = None,
 ) -> dict:
     """Quality of a trained BEGAN: SWD (and FID) of `num` samples of G against `num` real images, and D's
-    reconstruction error mean|x - D(x)| on held-out real images.
+    reconstruction error mean|x - D(x)| on held-out real images. G and D run under the caller's autocast, if any.
 
     real: a Dataset of (3, S, S) uint8 images or an (N, 3, S, S) uint8 / [-1, 1] float tensor. SWD and FID use
     its first `num` images; the reconstruction error uses `held_out` when given, else its last `num` images
@@ -219,13 +219,15 @@ def evaluate_models(
     errors = []
     for start in range(0, held_out.shape[0], batch_size):
         x = held_out[start : start + batch_size].to(device, torch.float32) / 127.5 - 1
-        errors.append((x - D(x)).abs().flatten(1).mean(1).cpu())
-    result = {
-        "num": num,
-        "image_size": size,
-        "swd": swd(fake, reals, seed=seed, device=device),
-        "recon_l1": torch.cat(errors).mean().item(),
-    }
-    if with_fid:
-        result["fid"] = fid(fake, reals, weights=inception_weights, device=device, batch_size=batch_size)
+        errors.append((x - D(x).float()).abs().flatten(1).mean(1).cpu())
+    # G and D ran in the caller's precision (a training run's autocast); the metrics are float32 whatever it is.
+    with torch.autocast(device.type, enabled=False):
+        result = {
+            "num": num,
+            "image_size": size,
+            "swd": swd(fake, reals, seed=seed, device=device),
+            "recon_l1": torch.cat(errors).mean().item(),
+        }
+        if with_fid:
+            result["fid"] = fid(fake, reals, weights=inception_weights, device=device, batch_size=batch_size)
     return result

@@ -14,6 +14,8 @@ losses averaged over the ranks. With collectives=None (a single process) the ste
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from began_fast.config import TrainConfig
@@ -54,8 +56,9 @@ class StepState:
         self.lr = torch.tensor(cfg.lr * self.lr_factor, dtype=torch.float32, device=self.device)
         on_cuda = self.device.type == "cuda"
         # A tensor lr lets the decay change it in place on the device. Off CUDA, Adam takes a tensor lr only
-        # without foreach; on CUDA, the capturable (or fused) implementations read it on the device.
-        adam = dict(lr=self.lr, betas=cfg.betas, capturable=on_cuda and not fused, fused=fused or None)
+        # without foreach; on CUDA, the capturable implementations read it on the device (fused Adam too must be
+        # capturable for torch.optim to allow its step inside a CUDA graph capture).
+        adam = dict(lr=self.lr, betas=cfg.betas, capturable=on_cuda, fused=fused or None)
         if not on_cuda:
             adam["foreach"] = False
         self.opt_g = torch.optim.Adam(G.parameters(), **adam)
@@ -66,6 +69,10 @@ class StepState:
         self.z_gen = torch.Generator(device=self.device)
         self.z_gen.manual_seed(cfg.seed)
         self.steps_done = 0
+
+    def autocast(self):
+        """The precision the networks run in, in the step and outside it (pictures, evaluation): float32 here."""
+        return contextlib.nullcontext()
 
     def draw_z(self, batch_size: int) -> torch.Tensor:
         """z ~ U(-1, 1), (batch_size, z_size), drawn on the device from the step's own generator.

@@ -172,17 +172,23 @@ class RealImages:
 def write_pictures(run: Run, real: RealImages) -> None:
     """The fixed-z sample grid, the grids-over-time strip and GIF, D's reconstructions, and the convergence plot."""
     out, step = run.out, run.step.steps_done
-    reports.save_image_grid(run.G(run.fixed_z), out / "samples" / f"step_{step:07d}.png", nrow=8)
+    # In the step's precision: the kernels it compiled and what it trained (an --amp run has no float32 kernels).
+    with run.step.autocast():
+        samples, x = run.G(run.fixed_z).float(), real.fixed_batch
+        reconstructed = run.D(x).float()
+    reports.save_image_grid(samples, out / "samples" / f"step_{step:07d}.png", nrow=8)
     reports.update_progress(out)
-    x = real.fixed_batch
-    reports.save_reconstruction_grid(x, run.D(x), out / "reconstruction.png")
+    reports.save_reconstruction_grid(x, reconstructed, out / "reconstruction.png")
     reports.plot_convergence(reports.read_stats(out / "stats.jsonl"), out / "convergence.png")
 
 
 @torch.no_grad()
 def evaluate(run: Run, real: RealImages, stats_file, writer) -> None:
     """SWD of G's samples against real images, and D's reconstruction error, appended to stats.jsonl."""
-    result = metrics.evaluate_models(run.G, run.D, real.source, num=run.train_cfg.eval_images, device=run.opts.device)
+    with run.step.autocast():  # as write_pictures
+        result = metrics.evaluate_models(
+            run.G, run.D, real.source, num=run.train_cfg.eval_images, device=run.opts.device
+        )
     row = {"step": run.step.steps_done, "swd": result["swd"]["avg"], "recon_l1": result["recon_l1"]}
     stats_file.write(json.dumps(row) + "\n")
     stats_file.flush()

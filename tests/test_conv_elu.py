@@ -219,3 +219,19 @@ def test_paper_shapes_match_reference(device, variant, dtype):
     for name, g, g64, g_same in zip(GRAD_NAMES, grads, grads64, grads_same, strict=True):
         if g64 is not None:
             assert_parity(g, g64, g_same, name=f"{variant} {name}")
+
+
+def test_exact_float32_autotunes_only_the_smallest_tile():
+    """Compiled, float32 operands multiply exactly on the CUDA cores, where a tensor-core-sized tile takes a minute
+    or more to compile: autotuning keeps the smallest tile there, and every tile for bf16 / fp16."""
+    import triton
+
+    from kernels.conv_elu import _GEMM_CONFIGS, _one_tile_for_ieee
+
+    configs = [
+        triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=warps, num_stages=stages)
+        for m, n, k, warps, stages in _GEMM_CONFIGS
+    ]
+    assert _one_tile_for_ieee(configs, {}, PRECISION="tf32") == configs
+    (kept,) = _one_tile_for_ieee(configs, {}, PRECISION="ieee")
+    assert kept.kwargs == dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)

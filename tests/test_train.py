@@ -121,3 +121,24 @@ def test_cli_trains_and_resumes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "resuming at step 3" in result.stderr
     assert load_checkpoint(Path(out) / "latest.pt")["step"] == 5
+
+
+def test_pictures_and_evaluation_run_in_the_steps_precision(tmp_path, monkeypatch):
+    """A bf16 run draws its samples, reconstructions and SWD evaluations in bf16 too: compiled, a float32 layer
+    would need kernels of its own (minutes of compiling on a GPU) for a run that never trains in float32."""
+    from began_fast import ops
+    from began_fast.conv_function import TorchConvELU
+
+    seen = set()
+
+    class Recording(TorchConvELU):
+        @staticmethod
+        def forward(ctx, x, *args):
+            seen.add(x.dtype)
+            return TorchConvELU.forward(ctx, x, *args)
+
+    monkeypatch.setattr(ops, "TorchConvELU", Recording)
+    run = run_steps(tmp_path, 8, amp="bf16", impl="torch")
+    rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "swd" in r] == [8] and (tmp_path / "samples" / "step_0000008.png").exists()
+    assert seen == {torch.bfloat16} and run.step.amp == "bf16"
