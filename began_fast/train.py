@@ -264,7 +264,7 @@ def make_feed(run: Run, batches):
 
 def write_config(run: Run) -> None:
     """config.json: the three configs and how the run executes, with the batch and lr as the ranks see them."""
-    run_info = {key: str(value) for key, value in dataclasses.asdict(run.opts).items()} | {"torch": torch.__version__}
+    run_info = dataclasses.asdict(run.opts) | {"torch": torch.__version__}
     run_info |= {
         "world_size": run.step.world_size,
         "per_rank_batch": run.train_cfg.batch_size,
@@ -273,7 +273,7 @@ def write_config(run: Run) -> None:
     }
     config = {"model": config_dict(run.model_cfg), "train": config_dict(run.train_cfg)}
     config |= {"data": config_dict(run.data_cfg), "run": run_info}
-    (run.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (run.out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")  # default: the Path
 
 
 def stop_requested(run: Run, interrupted: list, done: int) -> bool:

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# The checks this project runs where an NVIDIA GPU is present, in one go (about 20 minutes on an H100):
-#   1. the whole test suite, compiled: kernel parity at the paper's shapes and every test marked `cuda`
-#      (CUDA graphs, bf16 / fp16, resume from graph runs, DALI's mixed decoder when DALI is installed);
-#   2. the end-to-end step benchmark (bench/bench_step.py) and the kernel benchmark without its torch.compile
-#      cases (bench/bench_kernels.py; run the compile cases separately, they compile once per layer);
-#   3. the markdown reports of both into bench/results/ and README.md.
-# Usage, from the repository root: bash scripts/gpu_checks.sh [OUT_DIR]   (logs and JSON go to OUT_DIR)
+# The checks this project runs where an NVIDIA GPU is present. Phases, all by default, or those named:
+#   tests     the whole test suite, compiled: kernel parity at the paper's shapes and every test marked `cuda`
+#             (CUDA graphs, bf16 / fp16, resume from graph runs, NCCL capture, DALI's mixed decoder when DALI is
+#             installed); in parallel processes when pytest-xdist is installed, each test's result logged as it ends
+#   bench     the end-to-end step benchmark (bench/bench_step.py) and the kernel benchmark without its
+#             torch.compile cases (run those separately: they compile once per layer), then their markdown reports
+#             into bench/results/ and README.md
+#   torchrun  a 1-GPU torchrun launch of the fast path (--amp --cuda-graphs), 300 paper64 steps
+#   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each, SWD side by side
+# The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
+# ~/.triton. Usage, from the repository root: bash scripts/gpu_checks.sh [OUT_DIR] [PHASE...]
 set -uo pipefail
 out=${1:-gpu-checks}
+shift || true
+phases=${*:-tests bench torchrun quality}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 status=0
@@ -17,12 +23,30 @@ run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, remember a failure, go 
     echo "== $name: $*"
     "$@" 2>&1 | tee "$out/$name.log" || status=1
 }
+has() { python -c "import $1" 2>/dev/null; }
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: these checks need one')" || exit 2
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
-run tests python -m pytest -q -rs tests
-run bench_step python -m pytest -q bench/bench_step.py --benchmark-json "$out/step.json"
-run bench_kernels python -m pytest -q bench/bench_kernels.py -k "not compile" --benchmark-json "$out/kernels.json"
-for suite in step kernels; do
-    [ -s "$out/$suite.json" ] && run "report_$suite" python scripts/bench_report.py "$out/$suite.json" --suite "$suite"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+for phase in $phases; do
+    case $phase in
+    tests)
+        parallel=()
+        has xdist && parallel=(-n 8)
+        run tests python -m pytest -v -rfEs "${parallel[@]}" tests
+        ;;
+    bench)
+        run bench_step python -m pytest -q bench/bench_step.py --benchmark-json "$out/step.json"
+        run bench_kernels python -m pytest -q bench/bench_kernels.py -k "not compile" --benchmark-json "$out/kernels.json"
+        for suite in step kernels; do
+            [ -s "$out/$suite.json" ] && run "report_$suite" python scripts/bench_report.py "$out/$suite.json" --suite "$suite"
+        done
+        ;;
+    torchrun)
+        run torchrun python -m torch.distributed.run --standalone --nproc-per-node 1 scripts/train.py --preset paper64 \
+            --steps 300 --log-every 100 --amp --cuda-graphs --out "$out/torchrun" --quiet
+        ;;
+    quality) run quality bash scripts/quality_run.sh "$out/quality" 10000 ;;
+    *) echo "unknown phase $phase (tests, bench, torchrun, quality)"; exit 2 ;;
+    esac
 done
 exit $status

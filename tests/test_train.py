@@ -37,7 +37,9 @@ def parameters(run):
 
 def test_run_writes_its_outputs(tmp_path):
     run = run_steps(tmp_path, 8)
-    assert json.loads((tmp_path / "config.json").read_text())["model"]["image_size"] == 16
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["image_size"] == 16
+    assert config["run"]["reference_step"] is False and config["run"]["amp"] is None
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "swd" in r]
     rows = [r for r in rows if "swd" not in r]
