@@ -23,7 +23,6 @@ run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, remember a failure, go 
     echo "== $name: $*"
     "$@" 2>&1 | tee "$out/$name.log" || status=1
 }
-has() { python -c "import $1" 2>/dev/null; }
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: these checks need one')" || exit 2
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
@@ -31,7 +30,7 @@ for phase in $phases; do
     case $phase in
     tests)
         parallel=()
-        has xdist && parallel=(-n 8)
+        python -c "import xdist" 2>/dev/null && parallel=(-n 8)
         run tests python -m pytest -v -rfEs "${parallel[@]}" tests
         ;;
     bench)

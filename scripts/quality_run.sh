@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quality check of the fast path (GPU): paper64 on the built-in faces, trained twice from the same seed, once
-# with the reference step (float32, eager, plain PyTorch layers) and once with the fast step (--amp --cuda-graphs), each evaluated by
-# SWD every 2000 steps during training and once more at the end, then compared at equal steps by
+# with the reference step (float32, eager, plain PyTorch layers) and once with the fast step (--amp --cuda-graphs),
+# each evaluated by SWD every 2000 steps during training and once more at the end, then compared at equal steps by
 # scripts/compare_runs.py. The two runs share the GPU, so their speeds are not benchmarks (see bench/ for those).
 # Usage, from the repository root: bash scripts/quality_run.sh [OUT_DIR] [STEPS]   (default: runs/quality 10000)
 set -euo pipefail
