@@ -23,9 +23,11 @@ run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, remember a failure, go 
     echo "== $name: $*"
     "$@" 2>&1 | tee "$out/$name.log" || status=1
 }
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: these checks need one')" || exit 2
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: these checks need one')" ||
+    exit 2
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" |
+    tee -a "$out/device.txt"
 for phase in $phases; do
     case $phase in
     tests)
@@ -35,9 +37,11 @@ for phase in $phases; do
         ;;
     bench)
         run bench_step python -m pytest -q bench/bench_step.py --benchmark-json "$out/step.json"
-        run bench_kernels python -m pytest -q bench/bench_kernels.py -k "not compile" --benchmark-json "$out/kernels.json"
+        run bench_kernels python -m pytest -q bench/bench_kernels.py -k "not compile" \
+            --benchmark-json "$out/kernels.json"
         for suite in step kernels; do
-            [ -s "$out/$suite.json" ] && run "report_$suite" python scripts/bench_report.py "$out/$suite.json" --suite "$suite"
+            [ -s "$out/$suite.json" ] &&
+                run "report_$suite" python scripts/bench_report.py "$out/$suite.json" --suite "$suite"
         done
         ;;
     torchrun)
