@@ -83,9 +83,9 @@ class TritonConvELU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, skip, weight, bias, wgrad_scale, stride, upsample, act):
-        from kernels.conv_elu import INTERPRET, SUPPORTED_DTYPES, conv_elu_forward
+        from kernels.conv_elu import SUPPORTED_DTYPES, conv_elu_forward, runs_on
 
-        if x.device.type != "cuda" and not INTERPRET:
+        if not runs_on(x.device):
             raise ValueError(
                 f"conv_elu(impl='triton'): x is on {x.device.type}; expected a CUDA tensor "
                 "(or TRITON_INTERPRET=1 to run the kernels on the CPU)"

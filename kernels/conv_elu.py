@@ -283,7 +283,9 @@ def conv_elu_dgrad_kernel(
     w = offs_m % tl.maximum(wq, 1) * STRIDE + pw
 
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for sub in tl.static_range(UP * UP):
+    # A runtime loop, not tl.static_range: unrolled, UP = 2 made 36 pipelined tap loops, which took 190 s to
+    # compile for sm_90 (Triton 3.9, scripts/check_kernels_compile.py) against 6 s for this one body of 9.
+    for sub in range(UP * UP):
         ih = h * UP + sub // UP
         iw = w * UP + sub % UP
         for tap in tl.static_range(9):
@@ -396,6 +398,11 @@ def conv_elu_wgrad_kernel(
     if WANT_BIAS:
         if pid_tc == 0:
             tl.store(db_ptr + pid_s * COUT + offs_n, bias_acc, mask=mask_n)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether these kernels take tensors on `device`: CUDA ones compiled, any under the interpreter."""
+    return device.type == "cuda" or INTERPRET
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # The checks this project runs where an NVIDIA GPU is present. Phases, all by default, or those named:
+#   compile   every kernel a gpu64 / paper64 bf16 step launches, every autotuning tile, compiled at once on all CPU
+#             cores (scripts/check_kernels_compile.py): a compile error fails fast, and Triton's cache is then full
+#             for the runs below, whose autotuning only benchmarks (compiling one tile after another takes minutes)
 #   tests     the whole test suite, compiled: kernel parity at the paper's shapes and every test marked `cuda`
 #             (CUDA graphs, bf16 / fp16, resume from graph runs, NCCL capture, DALI's mixed decoder when DALI is
 #             installed); in parallel processes when pytest-xdist is installed, each test's result logged as it ends
@@ -13,7 +16,7 @@
 set -uo pipefail
 out=${1:-gpu-checks}
 shift || true
-phases=${*:-tests bench torchrun quality}
+phases=${*:-compile tests bench torchrun quality}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 status=0
@@ -30,6 +33,10 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
     tee -a "$out/device.txt"
 for phase in $phases; do
     case $phase in
+    compile)
+        run compile python scripts/check_kernels_compile.py --preset gpu64 paper64 --amp bf16 --configs all \
+            --jobs "$(nproc)"
+        ;;
     tests)
         parallel=()
         python -c "import xdist" 2>/dev/null && parallel=(-n 8)
@@ -49,7 +56,7 @@ for phase in $phases; do
             --steps 300 --log-every 100 --amp --cuda-graphs --out "$out/torchrun" --quiet
         ;;
     quality) run quality bash scripts/quality_run.sh "$out/quality" 10000 ;;
-    *) echo "unknown phase $phase (tests, bench, torchrun, quality)"; exit 2 ;;
+    *) echo "unknown phase $phase (compile, tests, bench, torchrun, quality)"; exit 2 ;;
     esac
 done
 exit $status

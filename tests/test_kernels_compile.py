@@ -1,0 +1,103 @@
+"""The kernels compile for Hopper (sm_90), checked without a GPU by scripts/check_kernels_compile.py.
+
+The interpreter lane checks what the kernels compute; these tests check that Triton's compiler accepts every
+specialization a training step launches and that each fits the GPU's shared memory. Each runs the script in a
+subprocess without TRITON_INTERPRET (this session's kernels are interpreted). Where a GPU is present, the
+compiled test suite covers this, so they are skipped there.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "check_kernels_compile.py"
+KERNELS = (
+    "conv_elu_fwd_kernel",
+    "conv_elu_dgrad_kernel",
+    "conv_elu_wgrad_kernel",
+    "_l1_partial_sums_kernel",
+    "_balance_finalize_kernel",
+    "_l1_grad_kernel",
+)
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compiled tests on this GPU cover it")
+
+
+def run(args, interpret=False):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
+    )
+
+
+def test_every_kernel_a_paper64_step_launches_compiles_for_hopper():
+    """paper64 with and without the skip connections, in float32, bf16 and fp16: each kernel, the up-sampling,
+    strided and skip variants, the weight gradient with and without the per-sample scale."""
+    result = run([SCRIPT, "--preset", "paper64", "--skip", "--jobs", "2"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[-1].endswith(": 0 failed"), lines[-1]
+    compiled = [line for line in lines if line.startswith("ok ")]
+    for kernel in KERNELS:
+        # The balance's finalize reads only the float32 partial sums; every other kernel reads the activations.
+        for dtype in ("float32",) if kernel == "_balance_finalize_kernel" else ("float32", "bfloat16", "float16"):
+            assert any(f" {kernel} [{dtype}" in line for line in compiled), (kernel, dtype)
+    for variant in ("STRIDE=2", "UP=2", "PRECISION=ieee", "HAS_SCALE=True", "HAS_SCALE=False"):
+        assert any(variant in line for line in compiled), variant
+
+
+def test_a_compile_error_and_a_tile_too_big_for_shared_memory_fail_the_check(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            import torch
+            import triton
+            import triton.language as tl
+            sys.path.insert(0, {str(SCRIPT.parent)!r})
+            import check_kernels_compile as check
+
+            @triton.jit
+            def tiny_dot_kernel(x_ptr, BLOCK: tl.constexpr):
+                # Compiled, tl.dot needs K >= 16; the interpreter takes any size.
+                offs = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+                a = tl.load(x_ptr + offs)
+                tl.store(x_ptr + offs, tl.dot(a, a))
+
+            @triton.jit
+            def huge_tile_kernel(x_ptr, BLOCK: tl.constexpr):
+                # Two 256 x 256 bf16 operands staged in shared memory: 256 KiB, more than a Hopper block has.
+                offs = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+                a = tl.load(x_ptr + offs)
+                b = tl.load(x_ptr + BLOCK * BLOCK + offs)
+                tl.store(x_ptr + offs, tl.dot(a, b).to(tl.bfloat16))
+
+            compiles = []
+            x = torch.empty(2 * 256 * 256, dtype=torch.bfloat16)
+            with check.compile_only(90, "smallest", 2, compiles) as pool:
+                check.CompileOnly(tiny_dot_kernel, "smallest", pool, compiles)[(1,)](x, BLOCK=8)
+                check.CompileOnly(huge_tile_kernel, "smallest", pool, compiles)[(1,)](x, BLOCK=256)
+            sys.exit(check.report(compiles, 90))
+            """
+        )
+    )
+    result = run([probe])
+    assert result.returncode == 2, result.stdout + result.stderr[-3000:]
+    assert "FAILED  tiny_dot_kernel [bfloat16 BLOCK=8]: CompilationError: " in result.stdout
+    assert "K >= 16" in result.stdout
+    assert "FAILED  huge_tile_kernel [bfloat16 BLOCK=256]: needs 262144 B of shared memory per block" in result.stdout
+
+
+def test_refuses_to_run_under_the_interpreter():
+    result = run([SCRIPT, "--preset", "demo"], interpret=True)
+    assert result.returncode == 2
+    assert "TRITON_INTERPRET=1 is set: unset it" in result.stderr.strip().splitlines()[-1]
