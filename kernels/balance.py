@@ -93,6 +93,21 @@ def _sign(d):
 
 
 @triton.jit
+def _l1_pair_grad(
+    a_ptr, ra_ptr, grad_a_ptr, grad_ra_ptr, idx, mask, scale, NEED_A: tl.constexpr, NEED_RA: tl.constexpr
+):
+    """The gradients of scale * sum |a - ra| at idx: d/d ra = scale * sign(ra - a), d/d a its negative."""
+    if NEED_A or NEED_RA:
+        a = tl.load(a_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        ra = tl.load(ra_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        grad_ra = scale * _sign(ra - a)
+        if NEED_RA:
+            tl.store(grad_ra_ptr + idx, grad_ra.to(grad_ra_ptr.dtype.element_ty), mask=mask)
+        if NEED_A:
+            tl.store(grad_a_ptr + idx, (-grad_ra).to(grad_a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _l1_grad_kernel(
     x_ptr,
     rx_ptr,
@@ -116,27 +131,13 @@ def _l1_grad_kernel(
     g_real = tl.load(grad_stats_ptr + 0) + tl.load(grad_stats_ptr + 2)
     k = tl.load(k_used_ptr)
     g_fake = tl.load(grad_stats_ptr + 1) - k * tl.load(grad_stats_ptr + 2) + tl.load(grad_stats_ptr + 3)
-    # d mean|a - b| / db = sign(b - a) / N, and d/da is its negative.
-    scale_real = g_real / n_elements
-    scale_fake = g_fake / n_elements
+    # Each loss is a mean over n_elements.
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    if NEED_X or NEED_RX:
-        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        rx = tl.load(rx_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        grad_rx = scale_real * _sign(rx - x)
-        if NEED_RX:
-            tl.store(grad_rx_ptr + idx, grad_rx.to(grad_rx_ptr.dtype.element_ty), mask=mask)
-        if NEED_X:
-            tl.store(grad_x_ptr + idx, (-grad_rx).to(grad_x_ptr.dtype.element_ty), mask=mask)
-    if NEED_FAKE or NEED_RFAKE:
-        fake = tl.load(fake_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        rfake = tl.load(rfake_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        grad_rfake = scale_fake * _sign(rfake - fake)
-        if NEED_RFAKE:
-            tl.store(grad_rfake_ptr + idx, grad_rfake.to(grad_rfake_ptr.dtype.element_ty), mask=mask)
-        if NEED_FAKE:
-            tl.store(grad_fake_ptr + idx, (-grad_rfake).to(grad_fake_ptr.dtype.element_ty), mask=mask)
+    _l1_pair_grad(x_ptr, rx_ptr, grad_x_ptr, grad_rx_ptr, idx, mask, g_real / n_elements, NEED_X, NEED_RX)
+    _l1_pair_grad(
+        fake_ptr, rfake_ptr, grad_fake_ptr, grad_rfake_ptr, idx, mask, g_fake / n_elements, NEED_FAKE, NEED_RFAKE
+    )
 
 
 class BalanceInputError(ValueError):

@@ -64,6 +64,24 @@ def test_values_and_gradients_match_reference(dtype, shape, loss, device):
     assert not fast.k_next.requires_grad and not fast.m.requires_grad
 
 
+@pytest.mark.parametrize(
+    "needs",
+    [(False, True, True, True), (True, False, False, True), (False, False, True, False), (True, True, False, False)],
+    ids=["fast-step", "x-rfake", "fake-only", "real-pair-only"],
+)
+def test_only_the_inputs_that_need_a_gradient_get_one(needs, device):
+    """The fast step's real images need no gradient; each pair's half is written only where autograd asks."""
+    inputs = make_inputs((2, 3, 9, 9), torch.float32, device, seed=5)
+    leaves = [t.detach().clone().requires_grad_(need) for t, need in zip(inputs, needs, strict=True)]
+    loss_of(triton_began_balance(*leaves, 0.4, GAMMA, LAMBDA_K), LOSSES["mixed"], inputs[0].numel()).backward()
+    _, ref_grads = run(began_objective, inputs, 0.4, LOSSES["mixed"], dtype=torch.float64)
+    for leaf, need, g_ref in zip(leaves, needs, ref_grads, strict=True):
+        if need:
+            assert_parity(leaf.grad, g_ref, name="grad")
+        else:
+            assert leaf.grad is None
+
+
 def test_zero_difference_gets_zero_gradient(device):
     x, rx, fake, rfake = make_inputs((2, 3, 11, 11), torch.float32, device, seed=1)
     exact = torch.rand(x.shape, generator=torch.Generator().manual_seed(2)).to(device) < 0.4
