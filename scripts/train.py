@@ -51,7 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/began"), help="run folder (default: runs/began)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest.pt")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--impl", choices=["auto", "torch", "triton"], default="auto", help="layer implementation")
+    p.add_argument(
+        "--impl",
+        choices=["auto", "torch", "triton"],
+        help="layer implementation (default: torch with --reference-step, so that it is plain PyTorch; else auto)",
+    )
     p.add_argument(
         "--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], help="mixed precision (bf16 when given bare)"
     )
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
         opts = RunOptions(
             out=args.out,
             device=device,
-            impl=args.impl,
+            impl=args.impl or ("torch" if args.reference_step else "auto"),
             reference_step=args.reference_step,
             amp=args.amp,
             cuda_graphs=args.cuda_graphs,

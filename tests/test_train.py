@@ -125,6 +125,16 @@ def test_cli_trains_and_resumes(tmp_path):
     assert load_checkpoint(Path(out) / "latest.pt")["step"] == 5
 
 
+def test_cli_reference_step_runs_on_plain_pytorch_layers(tmp_path):
+    """--reference-step is the specification's step on PyTorch's own layers, unless --impl names another."""
+    out = tmp_path / "run"
+    common = ["--quiet", "--image-size", "16", "--batch-size", "4", "--steps", "1", "--reference-step"]
+    assert cli("--out", str(out), *common).returncode == 0
+    assert json.loads((out / "config.json").read_text())["run"]["impl"] == "torch"
+    assert cli("--out", str(tmp_path / "auto"), *common, "--impl", "auto").returncode == 0
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["run"]["impl"] == "auto"
+
+
 def test_pictures_and_evaluation_run_in_the_steps_precision(tmp_path, monkeypatch):
     """A bf16 run draws its samples, reconstructions and SWD evaluations in bf16 too: compiled, a float32 layer
     would need kernels of its own (minutes of compiling on a GPU) for a run that never trains in float32."""
