@@ -133,8 +133,8 @@ def test_float16_output_is_the_float32_output_rounded(celeba_dir):
 @needs_dali
 @pytest.mark.parametrize("world_size, batch_size", [(2, 4), (3, 4), (2, 5)])
 def test_shards_cover_every_file_once_per_epoch(celeba_dir, world_size, batch_size):
-    # 24 files: with batch 4 every shard divides into whole batches; with batch 5 each 12-file shard drops its last
-    # 2, and no file may come twice in an epoch nor leak into the next one.
+    # 24 files: with batch 4 every epoch divides into whole global batches; with batch 5 on 2 ranks an epoch is 2
+    # global batches of 10 and drops 4 files, and no file may come twice in an epoch nor leak into the next one.
     cfg = DataConfig(path=celeba_dir, flip=False, num_workers=1)
     reference = _reference(cfg, 16)
     loaders = [_dali(cfg, 16, batch_size, rank=rank, world_size=world_size) for rank in range(world_size)]
@@ -188,7 +188,7 @@ def test_bad_files_are_skipped_and_counted(celeba_dir, tmp_path):
 @needs_dali
 def test_bad_arguments_fail_with_one_line(celeba_dir):
     cfg = DataConfig(path=celeba_dir, flip=False, num_workers=1)
-    with pytest.raises(DataError, match="fewer than one batch"):
+    with pytest.raises(DataError, match="fewer than one global batch"):
         _dali(cfg, 16, 16, rank=0, world_size=2)
     with pytest.raises(DataError, match="rank"):
         _dali(cfg, 16, 4, rank=2, world_size=2)
@@ -207,26 +207,34 @@ def hdf5_file(tmp_path):
     return str(path)
 
 
-@needs_dali
-def test_hdf5_batches_equal_torch_loader_batches(hdf5_file):
-    # Stored at the model's size: no resize, so the DALI batch is the torch batch (same order, same flips),
-    # across an epoch boundary (20 images, batch 8: 2 batches per epoch).
-    cfg = DataConfig(path=hdf5_file, flip=True, num_workers=1)
-    loader = _dali(cfg, 64, 8)
-    reference = TorchLoader(open_source(cfg, 64), 8, seed=0, flip=True, num_workers=0)
-    for step in range(5):
-        torch.testing.assert_close(next(loader), next(reference), atol=1e-6, rtol=0, msg=f"step {step}")
-    assert loader.epoch == 2
+@pytest.fixture(params=["celeba", "hdf5"])
+def unresized(request, celeba_dir, hdf5_file):
+    """(config, image size) of a source read at its stored size: a 128 px CelebA crop, or 64 px HDF5 rows."""
+    if request.param == "celeba":
+        return DataConfig(path=celeba_dir, flip=True, num_workers=1), 128
+    return DataConfig(path=hdf5_file, flip=True, num_workers=1), 64
 
 
 @needs_dali
-def test_hdf5_resume_continues_the_same_batches(hdf5_file):
-    cfg = DataConfig(path=hdf5_file, flip=True, num_workers=1)
-    resumed = _dali(cfg, 64, 8, start_step=3)
-    reference = TorchLoader(open_source(cfg, 64), 8, seed=0, start_step=3, flip=True, num_workers=0)
-    for step in range(3, 6):
-        torch.testing.assert_close(next(resumed), next(reference), atol=1e-6, rtol=0, msg=f"step {step}")
-    assert resumed.step == 6
+def test_batches_equal_torch_loader_batches(unresized):
+    # No resize, so the DALI batch is the torch batch (same order, same flips, the decoders agree), across epoch
+    # boundaries (24 faces or 20 rows, batch 8: 3 or 2 batches per epoch).
+    cfg, size = unresized
+    loader = _dali(cfg, size, 8)
+    reference = TorchLoader(open_source(cfg, size), 8, seed=0, flip=True, num_workers=0)
+    for step in range(7):
+        torch.testing.assert_close(next(loader), next(reference), atol=EXACT_TOL, rtol=0, msg=f"step {step}")
+    assert loader.epoch == 7 // len(loader)
+
+
+@needs_dali
+def test_resume_continues_the_same_batches(unresized):
+    cfg, size = unresized
+    resumed = _dali(cfg, size, 8, start_step=4)
+    reference = TorchLoader(open_source(cfg, size), 8, seed=0, start_step=4, flip=True, num_workers=0)
+    for step in range(4, 8):
+        torch.testing.assert_close(next(resumed), next(reference), atol=EXACT_TOL, rtol=0, msg=f"step {step}")
+    assert resumed.step == 8
 
 
 @needs_dali

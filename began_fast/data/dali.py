@@ -1,19 +1,19 @@
 """The NVIDIA DALI loader: JPEGs decoded on the GPU (or, without one, on the CPU), same output as TorchLoader.
 
-Two pipelines, one contract: float (B, 3, S, S) batches in [-1, 1], x = u8 / 127.5 - 1, on `device`.
+Two pipelines, one contract: float (B, 3, S, S) batches in [-1, 1], x = u8 / 127.5 - 1, on `device`. Both are fed
+batch-wise by fn.external_source in BatchOrder's order, with BatchOrder's flips, so their batches hold the
+TorchLoader's images in the TorchLoader's order for the same seed, and a resumed run (start_step) continues exactly.
 
-- Image folders (CelebA or any folder): DALI's file reader over the source's `files` (which the source has
-  already screened: truncated JPEGs and non-images are left out and counted by its SkippedImagesWarning, since
-  DALI's decoder fails the whole batch on one bad file), a decoder that reads only the crop window (ROI decode;
-  "mixed" = nvJPEG on the GPU, "cpu" without one; grayscale and CMYK come out RGB), an antialiased Lanczos
-  resize to S (PIL's LANCZOS filter: 3 lobes, widened by the scale factor), a per-sample random mirror, and the
-  normalisation to NCHW. The file list is shuffled once by `seed` and reshuffled after every epoch by the same
-  seed on every rank, so the ranks' contiguous shards are disjoint and together cover every file once per epoch.
-- HDF5 (already cropped images): fn.external_source fed batch-wise in BatchOrder's order, with BatchOrder's flips,
-  so its batches are the TorchLoader's batches for the same seed.
+- Image folders (CelebA or any folder): the encoded bytes of the batch's files (which the source has already
+  screened: truncated JPEGs and non-images are left out and counted by its SkippedImagesWarning, since DALI's
+  decoder fails the whole batch on one bad file), a decoder that reads only the crop window (ROI decode; "mixed" =
+  nvJPEG on the GPU, "cpu" without one; grayscale and CMYK come out RGB), an antialiased Lanczos resize to S (PIL's
+  LANCZOS filter: 3 lobes, widened by the scale factor), the mirror, and the normalisation to NCHW.
+- HDF5 (already cropped images): the batch's rows, resized only when stored at another size.
 
-Both iterate forever: an epoch boundary resets the DALI iterator and the next batch comes from the next epoch; an
-epoch's last partial batch is dropped (LastBatchPolicy.DROP).
+The files are read in the consumer's thread, one batch ahead per prefetched batch: a few small reads per image,
+next to the decoding and resizing that DALI does on its own threads (or the GPU). Both iterate forever; an epoch's
+last partial global batch is dropped, as BatchOrder does.
 """
 
 from __future__ import annotations
@@ -34,14 +34,8 @@ from began_fast.data.hdf5 import DATASET
 from began_fast.data.images import crop_box
 from began_fast.data.sampler import BatchOrder
 
-READER = "files"
 # DALI has no bfloat16: bf16 batches are normalised in float32 and cast by torch.
 OUTPUT_TYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
-
-
-def _seed(*key: int) -> int:
-    """A 31-bit DALI seed hashed from the whole key, so (seed, rank) pairs never collide as seed + rank would."""
-    return int(np.random.SeedSequence(list(key)).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def _normalise(images, mirror, dtype: torch.dtype):
@@ -74,18 +68,9 @@ def _crop_window(encoded, crop: str, crop_size: int | None, first_file: str):
     return fn.stack((width - crop_size) // 2, (height - crop_size) // 2), [crop_size, crop_size]
 
 
-def _folder_pipeline(source, image_size, dtype, flip, seed, rank, world_size, decoder):
-    files = [source.files[i] for i in np.random.default_rng(_seed(seed)).permutation(len(source.files))]
-    encoded, _ = fn.readers.file(
-        files=files,
-        shard_id=rank,
-        num_shards=world_size,
-        shuffle_after_epoch=True,
-        seed=_seed(seed),  # the same on every rank, so every rank reshuffles the same way
-        pad_last_batch=True,  # an epoch ends on its own batch instead of borrowing the next epoch's files
-        name=READER,
-    )
-    start, shape = _crop_window(encoded, source.crop, source.crop_size, files[0])
+def _folder_pipeline(source, image_size, dtype, batches, decoder):
+    encoded, mirror = fn.external_source(source=batches, num_outputs=2, batch=True)
+    start, shape = _crop_window(encoded, source.crop, source.crop_size, source.files[0])
     images = fn.decoders.image_slice(
         encoded,
         start=start,
@@ -95,28 +80,46 @@ def _folder_pipeline(source, image_size, dtype, flip, seed, rank, world_size, de
         output_type=types.RGB,
         jpeg_fancy_upsampling=True,  # chroma upsampled as libjpeg does (PIL), also in nvJPEG
     )
-    mirror = fn.random.coin_flip(probability=0.5) if flip else 0
     return _normalise(_resize(images, image_size), mirror, dtype)
 
 
-class _Hdf5Batches:
-    """Batch-wise external source: each next() is this rank's (images (B, s, s, 3) uint8, flips (B,) int32) in
-    BatchOrder's order, read from the file's `images` dataset (stored size s; flat rows reshaped)."""
+class _OrderedBatches:
+    """Batch-wise external source: each next() is this rank's (read(indices), flips (B,) int32) of the next step in
+    BatchOrder's order; the flips are all 0 without `flip`."""
 
-    def __init__(self, source, order: BatchOrder, flip: bool):
-        self.source, self.order, self.flip = source, order, flip
+    def __init__(self, order: BatchOrder, flip: bool, read):
+        self.order, self.flip, self.read = order, flip, read
 
     def __iter__(self):
-        with h5py.File(self.source.path, "r") as f:
-            rows = f[DATASET]
-            stored = self.source.stored_size
-            for indices, flips in self.order:
-                # h5py reads a point selection only in increasing order: read sorted, then put back in order.
-                indices = indices.numpy()
-                ascending = np.argsort(indices)
-                batch = np.empty((len(indices), stored, stored, 3), np.uint8)
-                batch[ascending] = rows[indices[ascending]].reshape(-1, stored, stored, 3)
-                yield batch, (flips.numpy() & self.flip).astype(np.int32)
+        for indices, flips in self.order:
+            yield self.read(indices.numpy()), (flips.numpy() & self.flip).astype(np.int32)
+
+
+class _EncodedFiles:
+    """A folder's files as encoded bytes, one uint8 array per file, for DALI's decoder."""
+
+    def __init__(self, files: list[str]):
+        self.files = files
+
+    def __call__(self, indices: np.ndarray) -> list[np.ndarray]:
+        return [np.fromfile(self.files[i], dtype=np.uint8) for i in indices]
+
+
+class _Hdf5Rows:
+    """An HDF5 file's `images` rows as (B, s, s, 3) uint8 (stored size s; flat rows reshaped)."""
+
+    def __init__(self, source):
+        self.source, self.rows = source, None
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        if self.rows is None:  # opened by the thread that feeds DALI, and kept open
+            self.rows = h5py.File(self.source.path, "r")[DATASET]
+        # h5py reads a point selection only in increasing order: read sorted, then put back in order.
+        stored = self.source.stored_size
+        ascending = np.argsort(indices)
+        batch = np.empty((len(indices), stored, stored, 3), np.uint8)
+        batch[ascending] = self.rows[indices[ascending]].reshape(-1, stored, stored, 3)
+        return batch
 
 
 def _hdf5_pipeline(source, image_size, dtype, batches, on_gpu):
@@ -136,9 +139,8 @@ class DaliLoader:
     Infinite: iterate for as many steps as the run needs; `step` counts the batches returned, `epoch` the
     completed epochs and `batches_per_epoch` (len) is this rank's number of batches in an epoch.
     Only image folders and HDF5 files are read; the built-in faces have no files to decode (use the torch or gpu
-    loader). start_step: the step a resumed run continues at. An HDF5 file is read in BatchOrder's order, so a
-    resume continues it exactly (the same batches and flips as the torch loader); an image folder's reader
-    shuffles inside DALI, and a resumed run starts a new shuffled epoch.
+    loader). start_step: the step a resumed run continues at: the batches and flips are BatchOrder's, as the torch
+    loader's, so a resume continues exactly.
     """
 
     def __init__(
@@ -157,13 +159,13 @@ class DaliLoader:
     ):
         if dtype not in OUTPUT_TYPES:
             raise DataError(f"the DALI loader makes float32, float16 or bfloat16 batches, got {dtype}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, world_size) and world_size >= 1, got rank {rank} of {world_size}")
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
         self.source = open_source(cfg, image_size)
         if self.source.kind not in ("celeba", "folder", "hdf5"):
             raise DataError(f"the DALI loader reads image folders and HDF5 files, not the {self.source.kind} source")
+        order = BatchOrder(len(self.source), batch_size, seed, start_step, rank=rank, world_size=world_size)
+        self.batches_per_epoch = order.batches_per_epoch
         on_gpu = self.device.type == "cuda"
         self.decoder = "mixed" if on_gpu else "cpu"
         workers = default_workers("folder") if cfg.num_workers is None else cfg.num_workers
@@ -174,31 +176,17 @@ class DaliLoader:
             device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())
             if on_gpu
             else None,
-            seed=_seed(seed, rank),  # the mirror coins: different on every rank
             prefetch_queue_depth=prefetch,
         )
         if self.source.kind == "hdf5":
-            order = BatchOrder(len(self.source), batch_size, seed, start_step, rank=rank, world_size=world_size)
-            self.batches_per_epoch = order.batches_per_epoch
-            batches = _Hdf5Batches(self.source, order, cfg.flip)
+            batches = _OrderedBatches(order, cfg.flip, _Hdf5Rows(self.source))
             pipe = pipeline(_hdf5_pipeline)(self.source, image_size, dtype, batches, on_gpu)
-            reader = None
         else:
-            files = len(self.source.files)
-            shard = files * (rank + 1) // world_size - files * rank // world_size  # DALI's shard bounds
-            self.batches_per_epoch = shard // batch_size
-            if self.batches_per_epoch == 0:
-                raise DataError(
-                    f"rank {rank} of {world_size} gets {shard} of the {files} images, fewer than one batch of "
-                    f"{batch_size}; use a smaller batch size or more images"
-                )
-            decoder = self.decoder
-            pipe = pipeline(_folder_pipeline)(self.source, image_size, dtype, cfg.flip, seed, rank, world_size, decoder)
-            reader = READER
+            batches = _OrderedBatches(order, cfg.flip, _EncodedFiles(self.source.files))
+            pipe = pipeline(_folder_pipeline)(self.source, image_size, dtype, batches, self.decoder)
         pipe.build()
-        self._batches = DALIGenericIterator(
-            pipe, ["images"], reader_name=reader, auto_reset=True, last_batch_policy=LastBatchPolicy.DROP
-        )
+        # The external source never ends: no reader, no epochs inside DALI (BatchOrder has them).
+        self._batches = DALIGenericIterator(pipe, ["images"], last_batch_policy=LastBatchPolicy.DROP)
         self.step = start_step
 
     @property
@@ -213,10 +201,7 @@ class DaliLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
-        try:
-            batch = next(self._batches)
-        except StopIteration:  # end of a reader epoch: auto_reset has rewound the reader; start the next epoch
-            batch = next(self._batches)
+        batch = next(self._batches)
         self.step += 1
         return batch[0]["images"].to(self.dtype)
 
