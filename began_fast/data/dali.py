@@ -109,16 +109,17 @@ class _Hdf5Rows:
     """An HDF5 file's `images` rows as (B, s, s, 3) uint8 (stored size s; flat rows reshaped)."""
 
     def __init__(self, source):
-        self.source, self.rows = source, None
+        self.source, self.file = source, None
 
     def __call__(self, indices: np.ndarray) -> np.ndarray:
-        if self.rows is None:  # opened by the thread that feeds DALI, and kept open
-            self.rows = h5py.File(self.source.path, "r")[DATASET]
+        if self.file is None:  # opened by the thread that feeds DALI, and kept open
+            self.file = h5py.File(self.source.path, "r")
+        rows = self.file[DATASET]
         # h5py reads a point selection only in increasing order: read sorted, then put back in order.
         stored = self.source.stored_size
         ascending = np.argsort(indices)
         batch = np.empty((len(indices), stored, stored, 3), np.uint8)
-        batch[ascending] = self.rows[indices[ascending]].reshape(-1, stored, stored, 3)
+        batch[ascending] = rows[indices[ascending]].reshape(-1, stored, stored, 3)
         return batch
 
 
