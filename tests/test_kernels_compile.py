@@ -2,7 +2,7 @@
 
 The interpreter lane checks what the kernels compute; these tests check that Triton's compiler accepts every
 specialization a training step launches and that each fits the GPU's shared memory. Each runs the script in a
-subprocess without TRITON_INTERPRET (this session's kernels are interpreted). Where a GPU is present, the
+subprocess without TRITON_INTERPRET (the test process's kernels are interpreted). Where a GPU is present, the
 compiled test suite covers this, so they are skipped there.
 """
 
