@@ -1,6 +1,6 @@
 """Data-parallel BEGAN (distributed.py) on the CPU with gloo: two ranks of batch B/2 train exactly like one process
 of batch B (both steps), the ranks agree bit for bit, a 2-rank checkpoint resumes on one rank, a dead rank ends
-the others with one line, and scripts/train.py runs under torchrun.
+the others with one line, and scripts/train.py runs under torchrun, on one machine and on two (two agents).
 
 The two-rank runs are spawned once for the whole module (spawn start method, a free port on 127.0.0.1, bounded
 joins) and leave their results in a folder the tests read.
@@ -246,6 +246,40 @@ def test_train_script_under_torchrun(tmp_path):
     assert result.stderr.count("began-fast: new run") == 1  # rank 0 alone prints
     assert "ranks: 2, batch 2 per rank, global batch 4, lr 0.0006 (lr 0.0003, scaling linear)" in result.stderr
     assert load_checkpoint(out / "latest.pt")["step"] == 3
+
+
+def test_train_script_on_two_machines_runs_the_fast_step_with_the_triton_kernels(tmp_path):
+    """README's several-machines launch: two torchrun agents, one per "machine", meeting through the c10d
+    rendezvous on a TCP endpoint (here on 127.0.0.1), one rank each. The step is the fast one with the Triton
+    layers (the interpreter on the CPU; on a GPU machine plain layers, since compiled kernels need CUDA tensors
+    and one GPU cannot hold two NCCL ranks)."""
+    impl = "torch" if torch.cuda.is_available() else "triton"
+    out = tmp_path / "run"
+    args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2", "--steps", "2"]
+    args += ["--checkpoint-every", "2", "--workers", "0", "--impl", impl]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    launcher += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "two-machines"]
+    launcher += ["--local-addr", "127.0.0.1"]
+    agents = [
+        subprocess.Popen(
+            [*launcher, str(ROOT / "scripts" / "train.py"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        logs = [agent.communicate(timeout=JOB_TIMEOUT_S)[1] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert [agent.returncode for agent in agents] == [0, 0], logs
+    log = "".join(logs)
+    assert log.count("began-fast: new run") == 1  # rank 0, on whichever agent the rendezvous made node 0
+    assert f"step: fast, amp=None, graphs=False, impl={impl}, device=cpu" in log
+    assert "ranks: 2, batch 2 per rank, global batch 4" in log
+    assert load_checkpoint(out / "latest.pt")["step"] == 2
 
 
 @pytest.mark.cuda
