@@ -29,6 +29,9 @@ from began_fast.config import ConfigError
 from began_fast.reference import BalanceResult
 
 DEFAULT_TIMEOUT_S = 600.0
+# The process group's own timeout is this much longer than --dist-timeout, which the training loop's HangGuard
+# enforces with one line first (hang_guard.py); the process group's timeout is the backstop outside the loop.
+PROCESS_GROUP_MARGIN_S = 30.0
 
 
 class CollectiveError(RuntimeError):
@@ -147,8 +150,10 @@ class Collectives:
 def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Collectives | None:
     """Join the job's process group (env://): NCCL for a CUDA device, gloo otherwise. None for a single process.
 
-    On NCCL, a collective that does not finish within timeout_s makes the watchdog abort the communicator and end
-    the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, unless the user set it) instead of hanging forever.
+    In the training loop a hang ends the rank after timeout_s through HangGuard. Elsewhere, and as a backstop, a
+    collective that does not finish within timeout_s + PROCESS_GROUP_MARGIN_S raises (gloo) or, on NCCL, makes the
+    watchdog abort the communicator and end the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, unless the user set
+    it) instead of hanging forever.
     """
     if not timeout_s > 0:
         raise ConfigError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
@@ -168,7 +173,7 @@ def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_T
             init_method="env://",
             rank=world.rank,
             world_size=world.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=datetime.timedelta(seconds=timeout_s + PROCESS_GROUP_MARGIN_S),
             **kwargs,
         )
     except (RuntimeError, ValueError) as e:  # DistStoreError / DistNetworkError when the rendezvous fails

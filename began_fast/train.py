@@ -9,7 +9,8 @@ device; this loop reads them every `log_every` steps, and that read is where a N
 Under torchrun (distributed.py) every rank runs this loop on its shard of each global batch; only rank 0 writes the
 run folder and prints. Every rank still reads its statistics window on the same steps (the ranks hold the same
 global statistics, so a NaN stops them all together), and at those steps the ranks agree whether any was asked
-to stop: one tiny all-reduce, which also gives the collectives a CUDA graph replays a watchdog-tracked timeout.
+to stop: one tiny all-reduce. A rank whose loop finishes no step for --dist-timeout (another rank died or hung)
+ends with one line (hang_guard.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from began_fast.data import make_batches, open_source
 from began_fast.data.gpu_resident import GpuResidentStream
 from began_fast.distributed import Collectives
 from began_fast.fast_step import CudaGraphStep, FastStep
+from began_fast.hang_guard import HangGuard
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep, StepState
 
@@ -99,7 +101,7 @@ def setup_run(model_cfg, train_cfg, data_cfg, opts: RunOptions, collectives: Col
     On resume the checkpoint's model, data and train configs stand, except `steps`, which the caller may raise.
     collectives: this rank's view of a torchrun job (distributed.start), None for a single process. Every rank
     builds the same networks from the same seed, or loads the same checkpoint, so all start from one state; a
-    checkpoint may be resumed on another number of ranks (docs/distributed.md says what carries over exactly).
+    checkpoint may be resumed on another number of ranks (the README says what carries over exactly).
     """
     device = torch.device(opts.device)
     state = None
@@ -331,10 +333,11 @@ def train(run: Run) -> Path:
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet or not main)
     stats = open(out / "stats.jsonl", "a") if main else contextlib.nullcontext()  # None on the other ranks
     try:
-        with stats as stats_file, stop_on_interrupt() as interrupted:
+        with stats as stats_file, stop_on_interrupt() as interrupted, HangGuard(run.collectives) as guard:
             for _ in range(start, cfg.steps):
                 feed()
                 done = run.step.steps_done
+                guard.beat(done)
                 bar.update(1)
                 stop = stop_requested(run, interrupted, done)
                 checkpoint_due = any(done % every == 0 for every in (cfg.checkpoint_every, cfg.snapshot_every))
@@ -342,12 +345,13 @@ def train(run: Run) -> Path:
                 # Statistics are read before every checkpoint, so a checkpoint never holds a diverged model.
                 if done % cfg.log_every == 0 or checkpoint_due:
                     log_window(run, stats_file, writer, bar)
-                if main and cfg.eval_every and done % cfg.eval_every == 0:
-                    evaluate(run, real, stats_file, writer)
-                if main and (done % cfg.sample_every == 0 or done == cfg.steps):
-                    write_pictures(run, real)
-                if main and checkpoint_due:
-                    last_checkpoint = write_checkpoint(run)
+                with guard.paused():  # rank 0's own work; the other ranks' wait for it counts against their timeout
+                    if main and cfg.eval_every and done % cfg.eval_every == 0:
+                        evaluate(run, real, stats_file, writer)
+                    if main and (done % cfg.sample_every == 0 or done == cfg.steps):
+                        write_pictures(run, real)
+                    if main and checkpoint_due:
+                        last_checkpoint = write_checkpoint(run)
                 if stop:
                     say(f"interrupted at step {done}; checkpoint written to {last_checkpoint}")
                     break

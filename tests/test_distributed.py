@@ -8,6 +8,7 @@ joins) and leave their results in a folder the tests read.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -320,3 +321,43 @@ def test_nccl_collectives_are_captured_in_the_cuda_graph(tmp_path):
         torch.testing.assert_close(graphed.stats.sums, single.stats.sums, rtol=1e-5, atol=1e-6)
     finally:
         stop()
+
+
+def test_a_hung_rank_ends_the_others_with_one_line(tmp_path):
+    """Rank 1 of a two-rank training run stops (SIGSTOP: alive, its connections open, so no collective sees it
+    go); rank 0 must end with one line and exit status 1 within about --dist-timeout, its checkpoint intact."""
+    timeout_s, out = 3, tmp_path / "run"
+    args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2"]
+    args += ["--steps", "100000", "--log-every", "2", "--checkpoint-every", "4", "--sample-every", "100000"]
+    args += ["--workers", "0", "--impl", "torch", "--dist-timeout", str(timeout_s)]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not (out / "latest.pt").exists():  # both ranks are in the loop and past the first checkpoint
+            assert time.monotonic() < deadline and ranks[0].poll() is None, "the run did not start"
+            time.sleep(0.1)
+        ranks[1].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        stderr = ranks[0].communicate(timeout=JOB_TIMEOUT_S)[1]
+        waited = time.monotonic() - stopped
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    assert ranks[0].returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert errors == [stderr.splitlines()[-1]], stderr
+    assert errors[0].startswith(
+        f"error: rank 0 of 2: no training step finished within the timeout (--dist-timeout {timeout_s} s)"
+    )
+    assert timeout_s <= waited < timeout_s + 20  # the process group's own timeout is 30 s longer
+    assert load_checkpoint(out / "latest.pt")["step"] % 4 == 0

@@ -1,0 +1,83 @@
+"""HangGuard (hang_guard.py): a rank whose loop finishes no step for the timeout ends with one line; steps, pauses,
+the first step and a single process never trigger it. The end-to-end case (a rank of a real two-rank run stops)
+is in test_distributed.py."""
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+from began_fast.distributed import Collectives, World
+from began_fast.hang_guard import HangGuard
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 0.3
+
+
+class ExitRecorder:
+    """Stands in for os._exit: records the status instead of ending the test process."""
+
+    def __init__(self):
+        self.codes, self.called = [], threading.Event()
+
+    def __call__(self, code):
+        self.codes.append(code)
+        self.called.set()
+
+
+def guard(exit_hook, rank=1):
+    return HangGuard(Collectives(World(rank, 2, rank), TIMEOUT_S), exit=exit_hook)
+
+
+def test_no_step_for_the_timeout_ends_the_rank_with_one_line(capsys):
+    recorder = ExitRecorder()
+    with guard(recorder) as g:
+        g.beat(7)
+        assert recorder.called.wait(10 * TIMEOUT_S + 5)
+    assert recorder.codes == [1]
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and message.startswith("error: rank 1 of 2: no training step finished")
+    assert f"--dist-timeout {TIMEOUT_S:g} s" in message and "the last step this rank finished is step 7" in message
+
+
+def test_steps_pauses_and_the_first_step_do_not_trigger_it():
+    recorder = ExitRecorder()
+    with guard(recorder) as g:
+        time.sleep(4 * TIMEOUT_S)  # not armed yet: the first step compiles and autotunes for as long as it needs
+        for step in range(20):
+            g.beat(step)
+            time.sleep(TIMEOUT_S / 6)
+        with g.paused():  # rank 0's pictures, evaluation, checkpoint
+            time.sleep(4 * TIMEOUT_S)
+        time.sleep(TIMEOUT_S / 3)  # the clock restarted after the pause
+    assert not recorder.called.is_set()
+
+
+def test_a_single_process_has_no_guard():
+    with HangGuard(None) as g:
+        g.beat(1)
+        with g.paused():
+            assert not any(thread.name == "began-fast hang guard" for thread in threading.enumerate())
+
+
+def test_it_ends_a_process_whose_main_thread_is_blocked():
+    """The real os._exit, with the main thread stuck in a call that never returns (as in a hung CUDA sync)."""
+    program = textwrap.dedent(
+        f"""
+        import time
+        from began_fast.distributed import Collectives, World
+        from began_fast.hang_guard import HangGuard
+
+        with HangGuard(Collectives(World(3, 4, 1), {TIMEOUT_S})) as guard:
+            guard.beat(12)
+            time.sleep(600)
+        """
+    )
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 30
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 3 of 4: no training step finished within")
