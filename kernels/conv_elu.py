@@ -41,34 +41,41 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _WGRAD_ROWS_PER_SPLIT = 256 if INTERPRET else 4096
 
 
-def _configs(
-    gpu: list[tuple[int, int, int, int, int]], interpreted: tuple[int, int, int], names: tuple[str, str, str]
-) -> list[triton.Config]:
-    """(block, block, block, num_warps, num_stages) tuples as triton.Configs; interpreted, the one given config
-    (the interpreter's cost is per program and per op, so few programs with long rows are fastest)."""
-    if INTERPRET:
-        gpu = [(*interpreted, 1, 1)]
+def _as_configs(tiles: list[tuple[int, ...]], names: tuple[str, str, str]) -> list[triton.Config]:
+    """(block, block, block, num_warps, num_stages) tuples as triton.Configs."""
     return [
         triton.Config(dict(zip(names, blocks, strict=True)), num_warps=warps, num_stages=stages)
-        for *blocks, warps, stages in gpu
+        for *blocks, warps, stages in tiles
     ]
 
 
+def _configs(gpu: list[tuple[int, ...]], interpreted: tuple[int, int, int], names: tuple[str, str, str]):
+    """The configs to autotune over; interpreted, the one given config (the interpreter's cost is per program
+    and per op, so few programs with long rows are fastest)."""
+    return _as_configs([(*interpreted, 1, 1)] if INTERPRET else gpu, names)
+
+
 # Hopper-sized tiles; few enough that autotuning a new layer shape stays quick.
-_GEMM_CONFIGS = [
+_GEMM_TILES = [
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 3),
     (64, 128, 64, 4, 3),
     (64, 64, 64, 4, 4),
     (64, 32, 32, 4, 4),
 ]
-_FWD_CONFIGS = _configs(_GEMM_CONFIGS, (128, 16, 16), ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-_DGRAD_CONFIGS = _configs(_GEMM_CONFIGS, (128, 16, 16), ("BLOCK_M", "BLOCK_C", "BLOCK_K"))
-_WGRAD_CONFIGS = _configs(
-    [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (32, 64, 128, 4, 4)],
-    (16, 16, 128),
-    ("BLOCK_C", "BLOCK_N", "BLOCK_P"),
-)
+_WGRAD_TILES = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (32, 64, 128, 4, 4)]
+_FWD_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_DGRAD_BLOCKS = ("BLOCK_M", "BLOCK_C", "BLOCK_K")
+_WGRAD_BLOCKS = ("BLOCK_C", "BLOCK_N", "BLOCK_P")
+_FWD_CONFIGS = _configs(_GEMM_TILES, (128, 16, 16), _FWD_BLOCKS)
+_DGRAD_CONFIGS = _configs(_GEMM_TILES, (128, 16, 16), _DGRAD_BLOCKS)
+_WGRAD_CONFIGS = _configs(_WGRAD_TILES, (16, 16, 128), _WGRAD_BLOCKS)
+# Every tile autotuning may pick on a GPU, per kernel, also under the interpreter: the tests run each one.
+GPU_CONFIGS = {
+    "conv_elu_fwd_kernel": _as_configs(_GEMM_TILES, _FWD_BLOCKS),
+    "conv_elu_dgrad_kernel": _as_configs(_GEMM_TILES, _DGRAD_BLOCKS),
+    "conv_elu_wgrad_kernel": _as_configs(_WGRAD_TILES, _WGRAD_BLOCKS),
+}
 
 
 def _one_tile_for_ieee(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
+import kernels.conv_elu as conv_elu_kernels
 from began_fast import ops
 from began_fast.config import ModelConfig
 from began_fast.model import Discriminator, Generator
@@ -221,17 +222,42 @@ def test_paper_shapes_match_reference(device, variant, dtype):
             assert_parity(g, g64, g_same, name=f"{variant} {name}")
 
 
+# Channels above 64 and pixel counts above 128, neither a multiple of any block: every tile size then runs more
+# than one block along each GEMM axis and a partial last block.
+TILE_LAYERS = {
+    "stride2": Layer(batch=2, c1=70, size=13, c_out=66, stride=2),
+    "upsample_skip": Layer(batch=2, c1=70, size=6, c_out=66, upsample=2, c2=68, skip_size=3),
+}
+# Case i runs tile i of each kernel (cycling through a shorter list), so that every tile runs once.
+TILE_CASES = [
+    {kernel: configs[i % len(configs)] for kernel, configs in conv_elu_kernels.GPU_CONFIGS.items()}
+    for i in range(max(len(configs) for configs in conv_elu_kernels.GPU_CONFIGS.values()))
+]
+
+
+@pytest.mark.parametrize("case", TILE_CASES, ids=[f"tiles{i}" for i in range(len(TILE_CASES))])
+def test_every_autotuning_tile_matches_reference(device, case, monkeypatch):
+    """Autotuning picks one tile per layer shape on the GPU it runs on, so the other tests may never run some
+    tiles: here the three kernels run with the tiles of one case, in bf16, the precision that autotunes over all
+    of them. Under the interpreter this checks each tile's indexing and masking; on a GPU, compiled, its code."""
+    for kernel, config in case.items():
+        monkeypatch.setattr(getattr(conv_elu_kernels, kernel), "configs", [config])
+    for seed, (variant, layer) in enumerate(TILE_LAYERS.items()):
+        inputs = make_inputs(layer, device, torch.bfloat16, seed=seed)
+        scale = torch.linspace(-1.0, 1.0, layer.batch, device=device)
+        y, grads = run_layer(triton_conv_elu, layer, *inputs, wgrad_scale=scale)
+        y64, grads64 = run_layer(ops.conv_elu, layer, *float64(inputs), wgrad_scale=scale.double(), impl="torch")
+        y_same, grads_same = run_layer(ops.conv_elu, layer, *inputs, wgrad_scale=scale.to(torch.bfloat16), impl="torch")
+        assert_parity(y, y64, y_same, name=f"{variant} output")
+        for name, g, g64, g_same in zip(GRAD_NAMES, grads, grads64, grads_same, strict=True):
+            if g64 is not None:
+                assert_parity(g, g64, g_same, name=f"{variant} {name}")
+
+
 def test_exact_float32_autotunes_only_the_smallest_tile():
     """Compiled, float32 operands multiply exactly on the CUDA cores, where a tensor-core-sized tile takes a minute
     or more to compile: autotuning keeps the smallest tile there, and every tile for bf16 / fp16."""
-    import triton
-
-    from kernels.conv_elu import _GEMM_CONFIGS, _one_tile_for_ieee
-
-    configs = [
-        triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=warps, num_stages=stages)
-        for m, n, k, warps, stages in _GEMM_CONFIGS
-    ]
-    assert _one_tile_for_ieee(configs, {}, PRECISION="tf32") == configs
-    (kept,) = _one_tile_for_ieee(configs, {}, PRECISION="ieee")
+    configs = conv_elu_kernels.GPU_CONFIGS["conv_elu_fwd_kernel"]
+    assert conv_elu_kernels._one_tile_for_ieee(configs, {}, PRECISION="tf32") == configs
+    (kept,) = conv_elu_kernels._one_tile_for_ieee(configs, {}, PRECISION="ieee")
     assert kept.kwargs == dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
