@@ -35,8 +35,8 @@ class HangGuard:
     autotuning never count; used as a context manager, it stops watching on exit.
     """
 
-    def __init__(self, collectives: Collectives | None, exit=os._exit):
-        self.collectives, self._exit = collectives, exit
+    def __init__(self, collectives: Collectives | None, exit_process=os._exit):
+        self.collectives, self._exit_process = collectives, exit_process
         self._last_beat: float | None = None  # None: not armed, or paused
         self._last_step = None
         self._closed = threading.Event()
@@ -81,5 +81,5 @@ class HangGuard:
                 # tqdm.write: on a line of its own even under rank 0's progress bar.
                 tqdm.write(f"error: {failure}", file=sys.stderr)
                 sys.stderr.flush()
-                self._exit(1)
+                self._exit_process(1)
                 return

@@ -359,5 +359,5 @@ def test_a_hung_rank_ends_the_others_with_one_line(tmp_path):
     assert errors[0].startswith(
         f"error: rank 0 of 2: no training step finished within the timeout (--dist-timeout {timeout_s} s)"
     )
-    assert timeout_s <= waited < timeout_s + 20  # the process group's own timeout is 30 s longer
+    assert waited < timeout_s + 20  # the guard, not the process group, whose own timeout is 30 s longer
     assert load_checkpoint(out / "latest.pt")["step"] % 4 == 0

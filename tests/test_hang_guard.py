@@ -28,7 +28,7 @@ class ExitRecorder:
 
 
 def guard(exit_hook, rank=1):
-    return HangGuard(Collectives(World(rank, 2, rank), TIMEOUT_S), exit=exit_hook)
+    return HangGuard(Collectives(World(rank, 2, rank), TIMEOUT_S), exit_process=exit_hook)
 
 
 def test_no_step_for_the_timeout_ends_the_rank_with_one_line(capsys):
