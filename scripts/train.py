@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dist-timeout",
         type=float,
         default=DEFAULT_TIMEOUT_S,
-        help=f"under torchrun: seconds a collective may wait for the other ranks (default {DEFAULT_TIMEOUT_S:g})",
+        help=f"under torchrun: seconds a rank may go without finishing a step or a collective before it ends with "
+        f"an error (another rank died or hung; default {DEFAULT_TIMEOUT_S:g})",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
