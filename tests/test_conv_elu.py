@@ -193,6 +193,24 @@ def test_discriminator_matches_torch_impl(device, skip):
     _model_parity(lambda impl: Discriminator(cfg, impl=impl), x, device, wgrad_scale=scale)
 
 
+def assert_scaled_layer_matches_torch(variant: str, layer: Layer, device, dtype, seed: int) -> None:
+    """Forward and backward on the Triton kernels with a per-sample wgrad scale, against PyTorch's layer in float64
+    (and, in a low precision, in the same dtype), output and every gradient."""
+    inputs = make_inputs(layer, device, dtype, seed=seed)
+    scale = torch.linspace(-1.0, 1.0, layer.batch, device=device)
+    y, grads = run_layer(triton_conv_elu, layer, *inputs, wgrad_scale=scale)
+    y64, grads64 = run_layer(ops.conv_elu, layer, *float64(inputs), wgrad_scale=scale.double(), impl="torch")
+    y_same, grads_same = (
+        (y64, grads64)
+        if dtype == torch.float32
+        else run_layer(ops.conv_elu, layer, *inputs, wgrad_scale=scale.to(dtype), impl="torch")
+    )
+    assert_parity(y, y64, y_same, name=f"{variant} output")
+    for name, g, g64, g_same in zip(GRAD_NAMES, grads, grads64, grads_same, strict=True):
+        if g64 is not None:
+            assert_parity(g, g64, g_same, name=f"{variant} {name}")
+
+
 PAPER_LAYERS = {
     "stride1": Layer(batch=16, c1=128, size=64, c_out=128),
     "stride2": Layer(batch=16, c1=128, size=64, c_out=128, stride=2),
@@ -206,20 +224,7 @@ PAPER_LAYERS = {
 @pytest.mark.parametrize("variant", list(PAPER_LAYERS))
 def test_paper_shapes_match_reference(device, variant, dtype):
     """The paper's layer shapes (n=128, 64x64, batch 16), compiled on the GPU, with a per-sample wgrad scale."""
-    layer = PAPER_LAYERS[variant]
-    inputs = make_inputs(layer, device, dtype, seed=5)
-    scale = torch.linspace(-1.0, 1.0, layer.batch, device=device)
-    y, grads = run_layer(triton_conv_elu, layer, *inputs, wgrad_scale=scale)
-    y64, grads64 = run_layer(ops.conv_elu, layer, *float64(inputs), wgrad_scale=scale.double(), impl="torch")
-    y_same, grads_same = (
-        (y64, grads64)
-        if dtype == torch.float32
-        else run_layer(ops.conv_elu, layer, *inputs, wgrad_scale=scale.to(dtype), impl="torch")
-    )
-    assert_parity(y, y64, y_same, name=f"{variant} output")
-    for name, g, g64, g_same in zip(GRAD_NAMES, grads, grads64, grads_same, strict=True):
-        if g64 is not None:
-            assert_parity(g, g64, g_same, name=f"{variant} {name}")
+    assert_scaled_layer_matches_torch(variant, PAPER_LAYERS[variant], device, dtype, seed=5)
 
 
 # Channels above 64 and pixel counts above 128, neither a multiple of any block: every tile size then runs more
@@ -243,15 +248,7 @@ def test_every_autotuning_tile_matches_reference(device, case, monkeypatch):
     for kernel, config in case.items():
         monkeypatch.setattr(getattr(conv_elu_kernels, kernel), "configs", [config])
     for seed, (variant, layer) in enumerate(TILE_LAYERS.items()):
-        inputs = make_inputs(layer, device, torch.bfloat16, seed=seed)
-        scale = torch.linspace(-1.0, 1.0, layer.batch, device=device)
-        y, grads = run_layer(triton_conv_elu, layer, *inputs, wgrad_scale=scale)
-        y64, grads64 = run_layer(ops.conv_elu, layer, *float64(inputs), wgrad_scale=scale.double(), impl="torch")
-        y_same, grads_same = run_layer(ops.conv_elu, layer, *inputs, wgrad_scale=scale.to(torch.bfloat16), impl="torch")
-        assert_parity(y, y64, y_same, name=f"{variant} output")
-        for name, g, g64, g_same in zip(GRAD_NAMES, grads, grads64, grads_same, strict=True):
-            if g64 is not None:
-                assert_parity(g, g64, g_same, name=f"{variant} {name}")
+        assert_scaled_layer_matches_torch(variant, layer, device, torch.bfloat16, seed=seed)
 
 
 def test_exact_float32_autotunes_only_the_smallest_tile():
