@@ -43,7 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--image-size", type=int, help="override the preset's image size")
-    p.add_argument("--skip", action="store_true", default=None, help="the paper's decoder skip connections")
+    p.add_argument(
+        "--skip",
+        action=argparse.BooleanOptionalAction,
+        help="the paper's decoder skip connections on or off (default: the preset's; demo has them)",
+    )
     p.add_argument("--crop", choices=["celeba", "center"], help="crop before resizing (default: the source's own)")
     p.add_argument("--crop-size", type=int, help="side of the crop box in source pixels (default: the crop's own)")
     p.add_argument("--loader", choices=LOADERS, default="auto")

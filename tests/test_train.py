@@ -135,6 +135,15 @@ def test_cli_reference_step_runs_on_plain_pytorch_layers(tmp_path):
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["run"]["impl"] == "auto"
 
 
+@pytest.mark.parametrize("flag, skip", [([], True), (["--no-skip"], False), (["--preset", "paper64", "--skip"], True)])
+def test_cli_skip_switch_overrides_the_preset_both_ways(tmp_path, flag, skip):
+    """demo has the paper's skips on, paper64 off: --no-skip and --skip set them either way."""
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2", "--steps", "1"]
+    assert cli(*common, *flag).returncode == 0
+    assert json.loads((out / "config.json").read_text())["model"]["skip"] is skip
+
+
 def test_pictures_and_evaluation_run_in_the_steps_precision(tmp_path, monkeypatch):
     """A bf16 run draws its samples, reconstructions and SWD evaluations in bf16 too: compiled, a float32 layer
     would need kernels of its own (minutes of compiling on a GPU) for a run that never trains in float32."""
