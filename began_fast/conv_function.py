@@ -83,17 +83,11 @@ class TritonConvELU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, skip, weight, bias, wgrad_scale, stride, upsample, act):
-        from kernels.conv_elu import SUPPORTED_DTYPES, conv_elu_forward, runs_on
+        from kernels.conv_elu import conv_elu_forward, unsupported
 
-        if not runs_on(x.device):
-            raise ValueError(
-                f"conv_elu(impl='triton'): x is on {x.device.type}; expected a CUDA tensor "
-                "(or TRITON_INTERPRET=1 to run the kernels on the CPU)"
-            )
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"conv_elu(impl='triton'): x dtype {x.dtype} unsupported; expected one of {SUPPORTED_DTYPES}"
-            )
+        reason = unsupported(x, skip, weight, stride, upsample)
+        if reason is not None:
+            raise ValueError(f"conv_elu(impl='triton'): {reason}")
         if wgrad_scale is not None and tuple(wgrad_scale.shape) != (x.shape[0],):
             raise ValueError(f"conv_elu: wgrad_scale must have shape ({x.shape[0]},), got {tuple(wgrad_scale.shape)}")
         x = x.contiguous(memory_format=torch.channels_last)

@@ -132,7 +132,7 @@ class Collectives:
     def global_balance(self, res: BalanceResult, k: torch.Tensor, gamma: float, lambda_k: float) -> BalanceResult:
         """res with L_real and L_fake replaced by their means over the ranks, and L_D, L_G, k_next and M
         recomputed from them (the formulas of reference.began_objective). Detached: only for k_t and statistics."""
-        means = torch.stack([res.l_real, res.l_fake]).detach().div(self.world_size)
+        means = torch.stack([res.l_real, res.l_fake]).detach().float().div(self.world_size)
         self._all_reduce(means)
         l_real, l_fake = means.unbind(0)
         k = k.to(l_real.dtype)

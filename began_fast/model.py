@@ -141,7 +141,7 @@ class Generator(nn.Module):
         return self.decoder(z)
 
     def set_carry(self, carry: torch.Tensor | float) -> None:
-        self.decoder.carry.copy_(torch.as_tensor(carry))
+        self.decoder.carry.copy_(torch.as_tensor(carry, dtype=torch.float64))
 
 
 class Discriminator(nn.Module):
@@ -158,11 +158,12 @@ class Discriminator(nn.Module):
 
     def set_carry(self, carry: torch.Tensor | float) -> None:
         for net in (self.encoder, self.decoder):
-            net.carry.copy_(torch.as_tensor(carry))
+            net.carry.copy_(torch.as_tensor(carry, dtype=torch.float64))
 
 
 def carry_at(step: int | torch.Tensor, cfg: ModelConfig):
-    """The vanishing residual's input weight at `step`: 1 at step 0, falling linearly to 0 at carry_steps."""
+    """The vanishing residual's input weight at `step`: 1 at step 0, falling linearly to 0 at carry_steps.
+    A step tensor gives a float64 tensor: the networks' carry buffers then round it as they round a Python float."""
     if torch.is_tensor(step):
-        return torch.clamp(1 - step.float() / cfg.carry_steps, min=0.0)
+        return torch.clamp(1 - step.double() / cfg.carry_steps, min=0.0)
     return max(0.0, 1.0 - step / cfg.carry_steps)

@@ -113,10 +113,18 @@ def conv_elu(
     """
     _check_conv_args(x, weight, skip, stride, upsample)
     (x, skip, weight, bias), autocast_off = autocast_inputs(x, skip, weight, bias)
+    function = TorchConvELU
     if resolve_impl(impl, x.device) == "triton":
-        from began_fast.conv_function import TritonConvELU as function
-    else:
-        function = TorchConvELU
+        from began_fast.conv_function import TritonConvELU
+        from kernels.conv_elu import unsupported
+
+        # "auto" takes PyTorch where the kernels cannot go (float64, an int32-overflowing size); an explicit
+        # impl="triton" lets TritonConvELU raise instead.
+        reason = None if impl == "triton" else unsupported(x, skip, weight, stride, upsample)
+        if reason is None:
+            function = TritonConvELU
+        else:
+            _warn_fallback(reason)
     with autocast_off:
         return function.apply(x, skip, weight, bias, wgrad_scale, stride, upsample, act)
 
@@ -157,7 +165,11 @@ def began_balance(
     *,
     impl: str = "auto",
 ) -> BalanceResult:
-    """BEGAN's L1 losses, k_t update and M in one op; arguments and result as reference.began_objective."""
+    """BEGAN's L1 losses, k_t update and M in one op; arguments and result as reference.began_objective.
+
+    Whatever the images' precision, the losses, k_next and M are float32 or wider (the Triton kernel accumulates
+    in float32): in bf16, k_t + lambda_k * balance (an update of 1e-5 to 1e-4) would round back to k_t.
+    """
     if not (x.shape == rx.shape == fake.shape == rfake.shape):
         raise ValueError(
             f"began_balance: x, rx, fake, rfake must share one shape, got "
@@ -165,6 +177,10 @@ def began_balance(
         )
     if resolve_impl(impl, x.device) == "triton":
         from began_fast.balance_function import triton_began_balance
+        from kernels.balance import DTYPES
 
-        return triton_began_balance(x, rx, fake, rfake, k, gamma, lambda_k)
+        if impl == "triton" or x.dtype in DTYPES:
+            return triton_began_balance(x, rx, fake, rfake, k, gamma, lambda_k)
+        _warn_fallback(f"the balance kernels take {DTYPES}, got {x.dtype}")
+    x, rx, fake, rfake = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (x, rx, fake, rfake))
     return began_objective(x, rx, fake, rfake, k, gamma, lambda_k)

@@ -412,6 +412,27 @@ def runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or INTERPRET
 
 
+# Every offset the kernels compute is int32: a tensor they read or write must hold fewer elements than this.
+MAX_ELEMENTS = 2**31
+
+
+def unsupported(x: torch.Tensor, skip: torch.Tensor | None, weight: torch.Tensor, stride: int, upsample: int):
+    """Why these kernels cannot run conv_elu on these tensors (a phrase for an error message), or None if they can:
+    the device, the dtype, or a tensor (the output, or the skip's gradient on the upsampled grid) too large for
+    int32 offsets. Shapes as conv_elu_forward's."""
+    if not runs_on(x.device):
+        return f"x is on {x.device.type}; expected a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on the CPU)"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"x dtype {x.dtype} unsupported; expected one of {SUPPORTED_DTYPES}"
+    bsz, _, h, w = x.shape
+    hl, wl = h * upsample, w * upsample
+    out = bsz * weight.shape[0] * ((hl - 1) // stride + 1) * ((wl - 1) // stride + 1)
+    largest = max(x.numel(), out, 0 if skip is None else bsz * skip.shape[1] * hl * wl)
+    if largest >= MAX_ELEMENTS:
+        return f"a tensor of {largest} elements is too large for the kernels' int32 offsets (at most 2**31 - 1)"
+    return None
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 

@@ -192,3 +192,20 @@ def test_bad_input(device):
     k = torch.zeros((), device=device)
     with pytest.raises(BalanceInputError, match="contiguous"):
         balance_forward(x[..., ::2], rx[..., ::2], fake[..., ::2], rfake[..., ::2], k, GAMMA, LAMBDA_K, update_k=False)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_images_give_float32_losses_and_keep_small_k_updates(impl, dtype, device):
+    """With bf16 / fp16 images (an --amp step) either impl returns float32 losses, k_next and M: a k_t update of
+    lambda_k * balance ~ 1e-5 must not round back to k_t, as it would in bf16 (k_t would stop moving)."""
+    inputs = make_inputs((2, 3, 16, 16), dtype, device, seed=7, fake_scale=0.25)
+    k = torch.tensor(0.3, device=device)
+    res = ops.began_balance(*inputs, k, GAMMA, LAMBDA_K, impl=impl)
+    ref = began_objective(*(t.double() for t in inputs), 0.3, GAMMA, LAMBDA_K)
+    for name in STATS:
+        assert getattr(res, name).dtype == torch.float32, name
+        assert_parity(getattr(res, name), getattr(ref, name), name=name)
+    step = (res.k_next - k).double()
+    assert step.abs() > 1e-4  # the update is not lost (bf16 rounds 0.3 to a multiple of 2^-9)
+    torch.testing.assert_close(step, ref.k_next - 0.3, rtol=1e-3, atol=1e-7)  # atol: float32 ulps of k

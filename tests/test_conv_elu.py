@@ -154,6 +154,39 @@ def test_rejects_unsupported_dtype_and_scale_shape(device):
         triton_conv_elu(x, weight, bias, wgrad_scale=torch.ones(layer.batch + 1, device=device))
 
 
+def test_auto_takes_pytorch_where_the_kernels_cannot_go(device, monkeypatch, recwarn):
+    """impl="auto" (resolved to Triton here through BEGAN_FAST_IMPL) runs a float64 layer and a balance on
+    PyTorch with one warning; an explicit impl="triton" refuses them."""
+    monkeypatch.setenv(ops.IMPL_ENV, "triton")
+    layer = VARIANTS["stride1"]
+    x, _, weight, bias, _ = make_inputs(layer, device, torch.float64, seed=4)
+    y = ops.conv_elu(x, weight, bias, impl="auto")
+    assert y.dtype == torch.float64 and torch.equal(y, conv_elu_ref(x, weight, bias))
+    with pytest.raises(ValueError, match="dtype torch.float64 unsupported"):
+        ops.conv_elu(x, weight, bias, impl="triton")
+    images = [torch.rand(2, 3, 8, 8, dtype=torch.float64, device=device) for _ in range(4)]
+    assert ops.began_balance(*images, 0.1, 0.5, 0.001, impl="auto").l_real.dtype == torch.float64
+    assert any("using impl='torch'" in str(w.message) for w in recwarn.list)
+
+
+def test_tensors_beyond_int32_offsets_are_refused():
+    """The kernels index with int32: a layer whose output (or the skip's gradient on the upsampled grid) holds
+    2**31 elements or more must not reach them (meta tensors: only the shapes matter)."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    weight = torch.empty(128, 128, 3, 3, **meta)
+    fits = torch.empty(255, 128, 256, 256, **meta)  # 256 x 128 channels x 256^2 is exactly 2**31
+    assert conv_elu_kernels.unsupported(fits, None, weight, 1, 1) is None
+    too_big = torch.empty(256, 128, 256, 256, **meta)
+    assert "int32" in conv_elu_kernels.unsupported(too_big, None, weight, 1, 1)
+    up = torch.empty(256, 128, 128, 128, **meta)  # the output of x2 upsampling is the 2**31-element one
+    assert "int32" in conv_elu_kernels.unsupported(up, None, weight, 1, 2)
+    # One output channel: the largest tensor is the skip's gradient, 128 channels on the 256^2 upsampled grid.
+    low_res, narrow = torch.empty(256, 1, 128, 128, **meta), torch.empty(1, 129, 3, 3, **meta)
+    assert "int32" in conv_elu_kernels.unsupported(low_res, torch.empty(256, 128, 8, 8, **meta), narrow, 1, 2)
+    narrower = torch.empty(1, 128, 3, 3, **meta)
+    assert conv_elu_kernels.unsupported(low_res, torch.empty(256, 127, 8, 8, **meta), narrower, 1, 2) is None
+
+
 def _model_parity(make_net, net_input, device, **forward_kwargs):
     """Forward + backward of one network built with impl="triton" (float32) and impl="torch" (float64, same
     weights); compares the output, the input gradient and every parameter gradient."""

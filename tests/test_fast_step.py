@@ -10,7 +10,7 @@ from began_fast.config import ModelConfig, TrainConfig
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep
-from tests.tolerances import TOLERANCES, assert_parity
+from tests.tolerances import assert_parity
 
 
 def build(model_cfg, impl="torch", dtype=torch.float64, seed=0, device="cpu"):
@@ -32,7 +32,8 @@ def gradients_of_one_step(step, x, monkeypatch):
 
 CONFIGS = [
     ModelConfig(image_size=16, n=4, h=3),
-    ModelConfig(image_size=16, n=3, h=4, z_dim=5, skip=True, vanishing_residual=True, carry_steps=4),
+    # carry 1/3 at step 2: not a float32 number, so a carry computed in float32 shows in the float64 comparison.
+    ModelConfig(image_size=16, n=3, h=4, z_dim=5, skip=True, vanishing_residual=True, carry_steps=3),
 ]
 
 
@@ -120,10 +121,9 @@ def test_fast_step_on_triton_kernels_matches_reference(model_cfg, monkeypatch, d
         monkeypatch.setattr(step, "draw_z", lambda b, step=step: z.to(step.G.decoder.fc.weight.dtype))
     want = gradients_of_one_step(ref, x, monkeypatch)
     got = gradients_of_one_step(fast, x.float(), monkeypatch)
-    tol = TOLERANCES[torch.float32]
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g.double(), w, rtol=tol.rtol, atol=tol.atol)
-    torch.testing.assert_close(fast.k.double(), ref.k.double(), rtol=tol.rtol, atol=tol.atol)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert_parity(g, w, name=f"parameter {i}")
+    assert_parity(fast.k, ref.k.double(), name="k")
 
 
 def test_bf16_fast_step_on_triton_kernels_is_within_twice_torchs_bf16_error(monkeypatch, device):
