@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from began_fast.fid import fid
+from began_fast.reports import to_uint8
 
 PATCH_SIZE = 7
 MIN_RESOLUTION = 16
@@ -27,7 +28,9 @@ class MetricError(ValueError):
 
 
 def _as_pixels(images: torch.Tensor, name: str) -> torch.Tensor:
-    """(N, 3, S, S) uint8 or float in [-1, 1] -> the same images as uint8 (the scale the published code uses)."""
+    """(N, 3, S, S) uint8 or float in [-1, 1] -> the same images as uint8 (the scale the published code uses).
+    Float images outside [-1, 1] are refused (0..255 floats would otherwise be read as nearly black and white);
+    G's output, which has no squashing activation, goes through `generated_pixels` instead."""
     if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise MetricError(f"{name} must be a (N, 3, S, S) tensor of square RGB images, got {shape}")
@@ -37,7 +40,20 @@ def _as_pixels(images: torch.Tensor, name: str) -> torch.Tensor:
         return images
     if not images.is_floating_point():
         raise MetricError(f"{name} must be uint8 or a float tensor in [-1, 1], got {images.dtype}")
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    low, high = images.min().item(), images.max().item()
+    if not -1 <= low <= high <= 1:  # NaN fails this too
+        raise MetricError(
+            f"{name}: float images must lie in [-1, 1], got values in [{low:g}, {high:g}] (pass 0..255 pixels as uint8)"
+        )
+    return to_uint8(images)
+
+
+def generated_pixels(images: torch.Tensor) -> torch.Tensor:
+    """G's output as the uint8 images a saved sample would hold: clamped to [-1, 1] and rounded. NaN or inf (a
+    diverged G) is refused rather than scored."""
+    if not torch.isfinite(images).all():
+        raise MetricError("G(z) holds NaN or inf: the generator has diverged, there is nothing to evaluate")
+    return to_uint8(images)
 
 
 def pyramid_resolutions(image_size: int) -> list[int]:
@@ -100,7 +116,8 @@ def _descriptors(
         cols = (c[..., 1, None] + offsets).unsqueeze(-2)  # (n, P, 1, 7)
         image = torch.arange(x.shape[0], device=device).view(-1, 1, 1, 1)
         patches = x[image, :, rows, cols]  # (n, P, 7, 7, 3): the advanced indices come first
-        parts.append(patches.permute(0, 1, 4, 2, 3).reshape(-1, 3, PATCH_SIZE, PATCH_SIZE))
+        # (channel, column, row), the published code's component order (its np.ogrid names the column axis x).
+        parts.append(patches.permute(0, 1, 4, 3, 2).reshape(-1, 3, PATCH_SIZE, PATCH_SIZE))
     desc = torch.cat(parts)
     # Each set by its own statistics, as the published code. The floor only matters for a constant image set,
     # whose descriptors would otherwise be 0/0.
@@ -146,8 +163,9 @@ def swd(
 
     images_a, images_b: (N, 3, S, S), uint8 or float in [-1, 1], S >= 16; the same N (the sorted projections
     are matched one to one). Runs on `device` (default: images_a's), `chunk` images at a time through the
-    pyramid. Deterministic given `seed`: patch positions and directions come from one CPU torch.Generator,
-    and both sets are cut at the same positions, so identical sets give exactly 0.
+    pyramid. Deterministic given `seed`: patch positions and directions come from one CPU torch.Generator, drawn
+    per level in this order: a's patch corners, b's, then the directions. As in the published code, each set is
+    cut at its own random positions, so two identical sets give the method's sampling floor, not 0.
     Returns {"<resolution>": distance per level, finest first, ..., "avg": their mean}.
     """
     a, b = _as_pixels(images_a, "images_a"), _as_pixels(images_b, "images_b")
@@ -159,11 +177,12 @@ def swd(
     result = {}
     for level, resolution in enumerate(resolutions):
         # Top-left corners of whole patches: the published code's centres in [3, res - 3) shifted by 3.
-        corners = torch.randint(
-            0, resolution - PATCH_SIZE + 1, (a.shape[0], descriptors_per_image, 2), generator=generator
-        ).to(device)
-        desc_a = _descriptors(a, level, len(resolutions), corners, chunk, device)
-        desc_b = _descriptors(b, level, len(resolutions), corners, chunk, device)
+        corners_a, corners_b = (
+            torch.randint(0, resolution - PATCH_SIZE + 1, (a.shape[0], descriptors_per_image, 2), generator=generator)
+            for _ in range(2)
+        )
+        desc_a = _descriptors(a, level, len(resolutions), corners_a.to(device), chunk, device)
+        desc_b = _descriptors(b, level, len(resolutions), corners_b.to(device), chunk, device)
         distance = sliced_wasserstein(
             desc_a, desc_b, dirs_per_repeat=dirs_per_repeat, dir_repeats=dir_repeats, generator=generator
         )
@@ -204,18 +223,20 @@ def evaluate_models(
     size = G.cfg.image_size
     if num < 1 or len(real) < num:
         raise MetricError(f"need num >= 1 real images to compare with, the set holds {len(real)}, num is {num}")
+    # The inputs are checked before G and D run.
+    reals = _as_pixels(_real_images(real, range(num)), "real images")
+    held_out = held_out if held_out is not None else _real_images(real, range(len(real) - num, len(real)))
+    held_out = _as_pixels(held_out, "held-out images")
+    for name, images in (("real images", reals), ("held-out images", held_out)):
+        if images.shape[-1] != size:
+            raise MetricError(f"{name} are {images.shape[-1]}x{images.shape[-1]}, the model makes {size}x{size}")
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     fakes = []
     for start in range(0, num, batch_size):
         z = torch.rand(min(batch_size, num - start), G.cfg.z_size, generator=generator) * 2 - 1
-        fakes.append(_as_pixels(G(z.to(device)), "G(z)").cpu())
+        fakes.append(generated_pixels(G(z.to(device))).cpu())
     fake = torch.cat(fakes)
-    reals = _as_pixels(_real_images(real, range(num)), "real images")
-    if reals.shape[-1] != size:
-        raise MetricError(f"real images are {reals.shape[-1]}x{reals.shape[-1]}, the model makes {size}x{size}")
-    held_out = held_out if held_out is not None else _real_images(real, range(len(real) - num, len(real)))
-    held_out = _as_pixels(held_out, "held-out images")
     errors = []
     for start in range(0, held_out.shape[0], batch_size):
         x = held_out[start : start + batch_size].to(device, torch.float32) / 127.5 - 1

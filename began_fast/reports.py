@@ -19,10 +19,14 @@ from PIL import Image, ImageDraw
 from began_fast.checkpoint import atomic_write
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Floats in [-1, 1] -> the uint8 pixels a saved picture holds (clamped, rounded), on the same device."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     """(B, 3, S, S) floats in [-1, 1] -> (B, S, S, 3) uint8."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:

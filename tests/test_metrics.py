@@ -1,6 +1,6 @@
-"""SWD (Karras et al. 2018) and the evaluation of a trained G and D: the published method's pyramid, its
-behaviour as a distance (0 on identical sets, growing with the corruption, small between two draws of one
-distribution), determinism, and FID's one-line error when its weights are missing."""
+"""SWD (Karras et al. 2018) and the evaluation of a trained G and D: the method against a transcription of the
+published code, its behaviour as a distance (a small floor on identical sets, growing with the corruption, small
+between two draws of one distribution), determinism, and FID's one-line error when its weights are missing."""
 
 import importlib.machinery
 import importlib.util
@@ -70,10 +70,75 @@ def test_sliced_wasserstein_is_the_mean_1d_wasserstein_of_the_projections():
     assert got == pytest.approx(np.mean(expected), rel=1e-4)
 
 
-def test_swd_of_identical_sets_is_exactly_zero(faces):
-    result = swd(faces[0], faces[0].clone(), seed=3, descriptors_per_image=32)
-    assert set(result) == {"32", "16", "avg"}
-    assert all(v == 0.0 for v in result.values())
+def _published_swd(a: np.ndarray, b: np.ndarray, corners: list, directions: list) -> dict:
+    """Karras et al.'s metrics/sliced_wasserstein.py (generate_laplacian_pyramid, get_descriptors_for_minibatch,
+    finalize_descriptors, sliced_wasserstein, the x1e3 and the mean), transcribed with its random draws replaced
+    by given ones: corners[level] = (a's, b's) top-left patch corners (N, P, 2: row, column) and
+    directions[level] = the unit directions of each repeat."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+
+    def pyr_down(m):
+        return ndimage.convolve(m, GAUSSIAN_5X5[None, None], mode="mirror")[:, :, ::2, ::2]
+
+    def pyr_up(m):
+        r = np.zeros((m.shape[0], m.shape[1], m.shape[2] * 2, m.shape[3] * 2), m.dtype)
+        r[:, :, ::2, ::2] = m
+        return ndimage.convolve(r, GAUSSIAN_5X5[None, None] * 4.0, mode="mirror")
+
+    def laplacian_pyramid(minibatch, num_levels):
+        pyramid = [np.float32(minibatch)]
+        for _ in range(1, num_levels):
+            pyramid.append(pyr_down(pyramid[-1]))
+            pyramid[-2] -= pyr_up(pyramid[-1])
+        return pyramid
+
+    def descriptors(minibatch, corner):  # the published draw was x, y = randint(3, S - 3): patch centres
+        s, per_image = minibatch.shape, corner.shape[1]
+        nhood, chan, x, y = np.ogrid[0 : corner.shape[0] * per_image, 0:3, -3:4, -3:4]
+        img = nhood // per_image
+        x = x + corner[..., 1].reshape(-1, 1, 1, 1) + 3
+        y = y + corner[..., 0].reshape(-1, 1, 1, 1) + 3
+        desc = minibatch.flat[((img * s[1] + chan) * s[2] + y) * s[3] + x]
+        desc -= np.mean(desc, axis=(0, 2, 3), keepdims=True)
+        desc /= np.std(desc, axis=(0, 2, 3), keepdims=True)
+        return desc.reshape(desc.shape[0], -1)
+
+    levels = len(corners)
+    dist = []
+    for level, (pa, pb) in enumerate(zip(laplacian_pyramid(a, levels), laplacian_pyramid(b, levels), strict=True)):
+        da, db = descriptors(pa, corners[level][0]), descriptors(pb, corners[level][1])
+        results = [np.mean(np.abs(np.sort(da @ d, axis=0) - np.sort(db @ d, axis=0))) for d in directions[level]]
+        dist.append(np.mean(results) * 1e3)
+    return dist + [np.mean(dist)]
+
+
+def test_swd_matches_the_published_code_given_its_random_draws(faces):
+    """swd() against a transcription of the published numpy code, fed the same patch corners and directions
+    (swd's documented draw order from its seed): pins the pyramid, the patch orientation, the per-set
+    normalisation, the projections, the level order and the x1e3 scale, not only SWD's behaviour as a distance."""
+    a, b, seed, per_image, dirs, repeats = faces[0][:24], faces[1][:24], 11, 16, 32, 3
+    generator = torch.Generator().manual_seed(seed)
+    corners, directions = [], []
+    for resolution in pyramid_resolutions(32):
+        shape = (a.shape[0], per_image, 2)
+        corners.append([torch.randint(0, resolution - 6, shape, generator=generator).numpy() for _ in range(2)])
+        repeat_dirs = [torch.randn(3 * 7 * 7, dirs, generator=generator) for _ in range(repeats)]
+        directions.append([(d / d.norm(dim=0, keepdim=True)).numpy() for d in repeat_dirs])
+    want = _published_swd(a.numpy().astype(np.float32), b.numpy().astype(np.float32), corners, directions)
+    got = swd(a, b, seed=seed, descriptors_per_image=per_image, dirs_per_repeat=dirs, dir_repeats=repeats)
+    assert list(got) == ["32", "16", "avg"]
+    np.testing.assert_allclose(list(got.values()), want, rtol=1e-4)
+
+
+def test_swd_of_a_set_against_itself_is_the_small_sampling_floor(faces):
+    """Each set is cut at its own random patches (as published), so a set against itself is not exactly 0 but
+    far below any real difference."""
+    a = faces[0]
+    itself = swd(a, a.clone(), seed=3, descriptors_per_image=64)
+    assert set(itself) == {"32", "16", "avg"}
+    noise = torch.randint(0, 256, a.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert 0 < itself["avg"] < 0.2 * swd(a, noise, seed=3, descriptors_per_image=64)["avg"]  # 27 against 202
+    assert itself["avg"] < 0.7 * swd(a, faces[1], seed=3, descriptors_per_image=64)["avg"]  # against 48
 
 
 def test_swd_grows_with_added_noise(faces):
@@ -115,6 +180,8 @@ def test_swd_is_deterministic_by_seed_and_reads_uint8_and_float_alike(faces):
         (torch.zeros(4, 1, 32, 32), torch.zeros(4, 1, 32, 32), r"\(N, 3, S, S\)"),
         (torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), "size >= 16"),
         (torch.zeros(4, 3, 16, 16, dtype=torch.int32), torch.zeros(4, 3, 16, 16, dtype=torch.int32), "uint8 or"),
+        (torch.full((4, 3, 16, 16), 200.0), torch.zeros(4, 3, 16, 16), r"\[-1, 1\], got values in \[200, 200\]"),
+        (torch.zeros(4, 3, 16, 16), torch.full((4, 3, 16, 16), float("nan")), r"must lie in \[-1, 1\]"),
     ],
 )
 def test_swd_rejects_bad_input_with_one_line(a, b, match):
@@ -158,6 +225,17 @@ def test_evaluate_models_rejects_a_too_small_or_mismatched_real_set():
         evaluate_models(G, D, BuiltinFaces(5, 16, seed=0), num=10)
     with pytest.raises(MetricError, match="real images are 32x32, the model makes 16x16"):
         evaluate_models(G, D, BuiltinFaces(4, 32, seed=0).images, num=4)
+    held_out = BuiltinFaces(4, 32, seed=1).images
+    with pytest.raises(MetricError, match="held-out images are 32x32, the model makes 16x16"):
+        evaluate_models(G, D, BuiltinFaces(4, 16, seed=0).images, num=4, held_out=held_out)
+
+
+def test_evaluate_models_refuses_a_diverged_generator():
+    G, D = _tiny_models()
+    with torch.no_grad():
+        G.decoder.fc.bias.fill_(float("nan"))
+    with pytest.raises(MetricError, match="G\\(z\\) holds NaN or inf"):
+        evaluate_models(G, D, BuiltinFaces(4, 16, seed=0).images, num=4)
 
 
 def test_fid_without_weights_says_which_file_goes_where(tmp_path, monkeypatch):
