@@ -22,6 +22,9 @@ from began_fast.config import ModelConfig
 from began_fast.model import Discriminator, Generator, carry_at
 
 CHECKPOINT_FORMAT = "began-fast/1"
+# mkstemp creates files readable by their owner only; a run folder's files get the mode any new file would.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class CheckpointError(ValueError):
@@ -31,12 +34,14 @@ class CheckpointError(ValueError):
 def atomic_write(path: str | Path, write) -> None:
     """Call write(file_object) on a temporary file beside `path`, then rename it over `path`.
 
-    The rename is atomic on POSIX, so a crash or Ctrl-C mid-write leaves the old file whole.
+    The rename is atomic on POSIX, so a crash or Ctrl-C mid-write leaves the old file whole; the folder is
+    synced after it, so the new name survives a power loss too.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -45,6 +50,11 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -65,6 +75,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+def misfit(path: str | Path, error: Exception) -> CheckpointError:
+    """A readable began-fast checkpoint whose contents this version cannot use (written by another version, or
+    edited): one line naming the first problem."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    what = f"{type(error).__name__}: {detail}"
+    return CheckpointError(f"checkpoint {path} does not fit this version of began-fast ({what})")
+
+
 def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -78,10 +96,13 @@ def load_models(
 ) -> tuple[Generator, Discriminator, dict]:
     """Rebuild G and D from a checkpoint, in eval mode on `device`; also returns the whole checkpoint dict."""
     state = load_checkpoint(path)
-    cfg = model_config_of(state)
-    G, D = Generator(cfg, impl=impl), Discriminator(cfg, impl=impl)
-    G.load_state_dict(state["G"])
-    D.load_state_dict(state["D"])
+    try:
+        cfg = model_config_of(state)
+        G, D = Generator(cfg, impl=impl), Discriminator(cfg, impl=impl)
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+    except (KeyError, TypeError, RuntimeError) as e:  # a missing entry, an unknown setting, a wrong shape
+        raise misfit(path, e) from None
     # A finished vanishing residual has carry 0; mid-run, the carry of the step the checkpoint was taken at.
     carry = carry_at(state["step"], cfg)
     G.set_carry(carry)

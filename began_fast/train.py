@@ -22,6 +22,7 @@ import json
 import math
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from began_fast import metrics, reports
-from began_fast.checkpoint import config_dict, load_checkpoint, save_checkpoint
+from began_fast.checkpoint import atomic_write, config_dict, load_checkpoint, misfit, save_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from began_fast.data import make_batches, open_source
+from began_fast.data import SkippedImagesWarning, make_batches, open_source
 from began_fast.data.gpu_resident import GpuResidentStream
 from began_fast.distributed import Collectives
 from began_fast.fast_step import CudaGraphStep, FastStep
@@ -41,6 +42,13 @@ from began_fast.step import ReferenceStep, StepState
 
 SAMPLE_GRID = 64  # images in a sample grid (8 x 8)
 RECONSTRUCTION_PAIRS = 16
+# On --resume the checkpoint's configs stand. These settings may still be given anew: how long the run goes, how
+# it is watched, and where and how its data is read (the same data, moved); any other one must match the saved.
+RESUME_MAY_CHANGE = {
+    "model": set(),
+    "train": {"steps", "log_every", "sample_every", "checkpoint_every", "eval_every", "eval_images"},
+    "data": {"path", "loader", "num_workers"},
+}
 
 
 class TrainingError(RuntimeError):
@@ -95,23 +103,64 @@ class Run:
         return self.train_cfg.batch_size * self.step.world_size
 
 
-def setup_run(model_cfg, train_cfg, data_cfg, opts: RunOptions, collectives: Collectives | None = None) -> Run:
+def resumed_configs(state: dict, path: Path, given: dict, explicit: dict[str, set[str]]) -> dict:
+    """The {"model", "train", "data"} configs of checkpoint `state` (read from `path`), with the `explicit` settings
+    of the `given` configs applied where RESUME_MAY_CHANGE allows; an explicit setting that differs from the saved
+    one is a ConfigError."""
+    try:
+        saved_train = state["train_config"] | {"betas": tuple(state["train_config"]["betas"])}
+        saved = {
+            "model": ModelConfig(**state["model_config"]),
+            "train": TrainConfig(**saved_train),
+            "data": DataConfig(**state["data_config"]),
+        }
+    except (KeyError, TypeError) as e:  # a config written by another version of began-fast
+        raise misfit(path, e) from None
+    for section, names in explicit.items():
+        changes = {}
+        for name in sorted(names):
+            value, old = getattr(given[section], name), getattr(saved[section], name)
+            if name in RESUME_MAY_CHANGE[section]:
+                changes[name] = value
+            elif value != old:
+                raise ConfigError(
+                    f"--resume continues the saved run, whose {section} setting {name} is {old!r}, not {value!r}: "
+                    "leave it out, or start a new run in another --out"
+                )
+        saved[section] = dataclasses.replace(saved[section], **changes)
+    return saved
+
+
+def setup_run(
+    model_cfg,
+    train_cfg,
+    data_cfg,
+    opts: RunOptions,
+    collectives: Collectives | None = None,
+    explicit: dict[str, set[str]] | None = None,
+) -> Run:
     """Build the networks and the step; with opts.resume, restore them from `opts.out/latest.pt`.
 
-    On resume the checkpoint's model, data and train configs stand, except `steps`, which the caller may raise.
+    A new run refuses a folder that already holds a latest.pt (it would be overwritten). On resume the
+    checkpoint's model, train and data configs stand, except the settings named in `explicit` ({"model"|"train"|
+    "data": field names}, those the user gave; the command line passes them): RESUME_MAY_CHANGE ones are applied,
+    any other must equal the saved value. explicit=None means {"train": {"steps"}}: the caller may raise `steps`.
     collectives: this rank's view of a torchrun job (distributed.start), None for a single process. Every rank
     builds the same networks from the same seed, or loads the same checkpoint, so all start from one state; a
     checkpoint may be resumed on another number of ranks (the README says what carries over exactly).
     """
     device = torch.device(opts.device)
+    latest = opts.out / "latest.pt"
+    if not opts.resume and latest.exists():
+        raise ConfigError(
+            f"{opts.out} already holds a run ({latest}); add --resume to continue it, or choose another --out"
+        )
     state = None
     if opts.resume:
-        state = load_checkpoint(opts.out / "latest.pt")
-        model_cfg = ModelConfig(**state["model_config"])
-        data_cfg = DataConfig(**state["data_config"])
-        saved = state["train_config"]
-        saved["betas"] = tuple(saved["betas"])
-        train_cfg = dataclasses.replace(TrainConfig(**saved), steps=train_cfg.steps)
+        state = load_checkpoint(latest)
+        given = {"model": model_cfg, "train": train_cfg, "data": data_cfg}
+        configs = resumed_configs(state, latest, given, {"train": {"steps"}} if explicit is None else explicit)
+        model_cfg, train_cfg, data_cfg = configs["model"], configs["train"], configs["data"]
     torch.manual_seed(train_cfg.seed)
     G = Generator(model_cfg, impl=opts.impl).to(device)
     D = Discriminator(model_cfg, impl=opts.impl).to(device)
@@ -122,10 +171,13 @@ def setup_run(model_cfg, train_cfg, data_cfg, opts: RunOptions, collectives: Col
     else:
         step = FastStep(G, D, train_cfg, device, amp=opts.amp, impl=opts.impl, collectives=collectives)
     if state is not None:
-        G.load_state_dict(state["G"])
-        D.load_state_dict(state["D"])
-        step.load_state_dict(state["trainer"])
-        fixed_z = state["fixed_z"].to(device)
+        try:
+            G.load_state_dict(state["G"])
+            D.load_state_dict(state["D"])
+            step.load_state_dict(state["trainer"])
+            fixed_z = state["fixed_z"].to(device)
+        except (KeyError, ValueError, RuntimeError) as e:  # a missing entry, a wrong shape or optimizer layout
+            raise misfit(latest, e) from None
     return Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z, collectives)
 
 
@@ -160,7 +212,9 @@ class RealImages:
     @property
     def source(self):
         if self._source is None:
-            self._source = open_source(self.run.data_cfg, self.run.model_cfg.image_size)
+            with warnings.catch_warnings():  # the loader's own scan of the same folder has warned already
+                warnings.simplefilter("ignore", SkippedImagesWarning)
+                self._source = open_source(self.run.data_cfg, self.run.model_cfg.image_size)
         return self._source
 
     @functools.cached_property
@@ -213,10 +267,11 @@ def log_window(run: Run, stats_file, writer, bar) -> dict:
     the other ranks pass stats_file=None and only read and check)."""
     row = {"step": run.step.steps_done, **run.step.stats.read_and_reset(), "lr": run.step.lr.item()}
     if not all(math.isfinite(v) for v in row.values()):
+        latest = run.out / "latest.pt"
+        kept = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint had been written yet"
         raise TrainingError(
             f"non-finite loss in the {run.train_cfg.log_every} steps up to step {row['step']} "
-            f"(L_D={row['l_d']:.4g}, L_G={row['l_g']:.4g}, M={row['m']:.4g}); training stopped, "
-            f"the last good checkpoint is {run.out / 'latest.pt'}"
+            f"(L_D={row['l_d']:.4g}, L_G={row['l_g']:.4g}, M={row['m']:.4g}); training stopped, {kept}"
         )
     if stats_file is None:
         return row
@@ -278,6 +333,29 @@ def write_config(run: Run) -> None:
     (run.out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")  # default: the Path
 
 
+def open_stats(out: Path, start: int):
+    """stats.jsonl for appending. A new run starts it afresh; a resumed run keeps the rows up to its checkpoint's
+    step and drops later ones (logged after the last checkpoint by a run that then died), so no step repeats."""
+    path = out / "stats.jsonl"
+    if start == 0:
+        return open(path, "w")
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= start]
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    return open(path, "a")
+
+
+def check_evaluation_data(run: Run, real: RealImages) -> None:
+    """Before the first step: --eval-images needs that many real images (else the first evaluation would fail
+    hours into the run)."""
+    cfg = run.train_cfg
+    if cfg.eval_every and len(real.source) < cfg.eval_images:
+        raise ConfigError(
+            f"--eval-images {cfg.eval_images} needs that many real images, the data set holds {len(real.source)}; "
+            "lower --eval-images"
+        )
+
+
 def stop_requested(run: Run, interrupted: list, done: int) -> bool:
     """Whether to stop after step `done`: a Ctrl-C on this process; under torchrun, on any rank, agreed at the
     steps where every rank reads its statistics anyway (a rank never stops alone, leaving the others waiting)."""
@@ -327,11 +405,13 @@ def train(run: Run) -> Path:
     )
     feed = make_feed(run, batches)
 
-    writer = open_tensorboard(out) if main else None
     real = RealImages(run)
+    if main:
+        check_evaluation_data(run, real)
+    writer = open_tensorboard(out) if main else None
     last_checkpoint = out / "latest.pt"
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet or not main)
-    stats = open(out / "stats.jsonl", "a") if main else contextlib.nullcontext()  # None on the other ranks
+    stats = open_stats(out, start) if main else contextlib.nullcontext()  # None on the other ranks
     try:
         with stats as stats_file, stop_on_interrupt() as interrupted, HangGuard(run.collectives) as guard:
             for _ in range(start, cfg.steps):
@@ -346,12 +426,13 @@ def train(run: Run) -> Path:
                 if done % cfg.log_every == 0 or checkpoint_due:
                     log_window(run, stats_file, writer, bar)
                 with guard.paused():  # rank 0's own work; the other ranks' wait for it counts against their timeout
+                    # The checkpoint first: a failure in the pictures or the evaluation cannot cost it.
+                    if main and checkpoint_due:
+                        last_checkpoint = write_checkpoint(run)
                     if main and cfg.eval_every and done % cfg.eval_every == 0:
                         evaluate(run, real, stats_file, writer)
                     if main and (done % cfg.sample_every == 0 or done == cfg.steps):
                         write_pictures(run, real)
-                    if main and checkpoint_due:
-                        last_checkpoint = write_checkpoint(run)
                 if stop:
                     say(f"interrupted at step {done}; checkpoint written to {last_checkpoint}")
                     break

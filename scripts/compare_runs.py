@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from began_fast.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from began_fast.cli import one_line  # noqa: E402
 from began_fast.reports import plot_runs, read_stats, swd_points  # noqa: E402
 
 EVEN = 0.05  # relative difference below which the runs are called even
@@ -95,12 +96,13 @@ def compare(a: RunRecord, b: RunRecord) -> dict:
             f"the runs share no logged step ({a.name}: {min(m_a)}..{max(m_a)}, {b.name}: {min(m_b)}..{max(m_b)})"
         )
     swd_a, swd_b = a.swd_by_step, b.swd_by_step
-    swd_common = [{"step": s, a.name: swd_a[s], b.name: swd_b[s]} for s in sorted(set(swd_a) & set(swd_b))]
+    # Each row's SWD pair in the order of "runs" (not keyed by run name: a run may be named "step").
+    swd_common = [{"step": s, "swd": [swd_a[s], swd_b[s]]} for s in sorted(set(swd_a) & set(swd_b))]
     tail = common[-M_TAIL:]
     tail_m = (sum(m_a[s] for s in tail) / len(tail), sum(m_b[s] for s in tail) / len(tail))
     if swd_common:
         last = swd_common[-1]
-        verdict = _relative_verdict(a.name, b.name, last[a.name], last[b.name], f"SWD at step {last['step']}")
+        verdict = _relative_verdict(a.name, b.name, *last["swd"], f"SWD at step {last['step']}")
     else:
         what = f"mean M over the last {len(tail)} common steps (no common SWD evaluation; M is a weaker guide)"
         verdict = _relative_verdict(a.name, b.name, *tail_m, what)
@@ -134,7 +136,9 @@ def format_table(c: dict) -> str:
         f"M mean |diff|     {c['m_mean_abs_diff']:.4f}",
         f"M at step {steps['last']:<7} {c['m_at_last_common_step'][0]:.4f} vs {c['m_at_last_common_step'][1]:.4f}",
     ]
-    lines += [f"SWD at step {row['step']:<5} {row[a]:.2f} vs {row[b]:.2f}" for row in c["swd_at_common_steps"]]
+    lines += [
+        f"SWD at step {row['step']:<5} {row['swd'][0]:.2f} vs {row['swd'][1]:.2f}" for row in c["swd_at_common_steps"]
+    ]
     lines.append(f"verdict: {c['verdict']}")
     return "\n".join(lines)
 
@@ -151,12 +155,12 @@ def main(argv=None) -> int:
         if a.name == b.name:
             a.name, b.name = str(args.run_a), str(args.run_b)
         comparison = compare(a, b)
-    except (RunFolderError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(json.dumps(comparison, indent=2) if args.json else format_table(comparison))
+        if args.plot is not None:
+            plot_runs({a.name: a.stats, b.name: b.stats}, args.plot)
+    except (RunFolderError, CheckpointError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    print(json.dumps(comparison, indent=2) if args.json else format_table(comparison))
-    if args.plot is not None:
-        plot_runs({a.name: a.stats, b.name: b.stats}, args.plot)
     return 0
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
 from began_fast.checkpoint import CheckpointError, load_models  # noqa: E402
+from began_fast.cli import one_line, resolve_device  # noqa: E402
 from began_fast.config import ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, open_source  # noqa: E402
 from began_fast.fid import FIDUnavailableError, require_fid  # noqa: E402
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num", type=int, default=2048, help="generated and real images to compare (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of z and of SWD's random patches and directions")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--fid", action="store_true", help="also compute FID (needs torch-fidelity)")
     p.add_argument("--inception-weights", help="torch-fidelity's Inception weights file (default: torch hub cache)")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -73,8 +73,11 @@ def main(argv=None) -> int:
     try:
         if args.num < 1 or args.batch_size < 1:
             raise ConfigError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
+        args.device = resolve_device(args.device)
         if args.fid:
             require_fid(args.inception_weights)
+        if args.json is not None:  # before the evaluation, not after it
+            args.json.parent.mkdir(parents=True, exist_ok=True)
         G, D, state = load_models(args.checkpoint, device=args.device)
         real = open_source(real_data_config(state["data_config"], args.data, args.num), G.cfg.image_size)
         result = evaluate_models(
@@ -88,14 +91,13 @@ def main(argv=None) -> int:
             with_fid=args.fid,
             inception_weights=args.inception_weights,
         )
-    except (CheckpointError, ConfigError, DataError, FIDUnavailableError, MetricError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        report = {"checkpoint": str(args.checkpoint), "step": state["step"], "data": real.describe(), **result}
+        print(format_table(report))
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+    except (CheckpointError, ConfigError, DataError, FIDUnavailableError, MetricError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    report = {"checkpoint": str(args.checkpoint), "step": state["step"], "data": real.describe(), **result}
-    print(format_table(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -25,6 +25,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from began_fast.cli import one_line  # noqa: E402
 from began_fast.config import ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, open_source  # noqa: E402
 from began_fast.data.images import load_image  # noqa: E402
@@ -99,8 +100,8 @@ def main(argv=None) -> int:
         warnings.simplefilter("always")
         try:
             written, skipped = prepare(args)
-        except (ConfigError, DataError) as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (ConfigError, DataError, OSError) as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
             return 2
         finally:
             for warning in caught:

@@ -21,6 +21,8 @@ from tqdm import tqdm  # noqa: E402
 
 from began_fast import reports  # noqa: E402
 from began_fast.checkpoint import CheckpointError, load_models  # noqa: E402
+from began_fast.cli import one_line, resolve_device  # noqa: E402
+from began_fast.config import ConfigError  # noqa: E402
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -40,25 +42,8 @@ def generate(G, z: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
     return torch.cat([G(chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--out", type=Path, default=Path("samples"))
-    p.add_argument("--grid", type=int, default=64, help="images in grid.png (default 64)")
-    p.add_argument("--num", type=int, default=0, help="also write this many single PNGs to OUT/images/")
-    p.add_argument("--interp-rows", type=int, default=8, help="rows of interpolation.png")
-    p.add_argument("--interp-steps", type=int, default=10, help="images per interpolation row")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    try:
-        for name in ("grid", "num", "interp_rows", "interp_steps"):
-            if getattr(args, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-        G, _, state = load_models(args.checkpoint, args.device)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def write_samples(G, args) -> None:
+    """grid.png, interpolation.png and the single PNGs the flags ask for, into args.out."""
     dim = G.cfg.z_size
     gen = torch.Generator().manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +62,29 @@ def main(argv=None) -> int:
             for image in reports.to_uint8_hwc(generate(G, chunk, args.device)):
                 Image.fromarray(image).save(folder / f"{index:06d}.png")
                 index += 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", type=Path, default=Path("samples"))
+    p.add_argument("--grid", type=int, default=64, help="images in grid.png (default 64)")
+    p.add_argument("--num", type=int, default=0, help="also write this many single PNGs to OUT/images/")
+    p.add_argument("--interp-rows", type=int, default=8, help="rows of interpolation.png")
+    p.add_argument("--interp-steps", type=int, default=10, help="images per interpolation row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    args = p.parse_args(argv)
+    try:
+        for name in ("grid", "num", "interp_rows", "interp_steps"):
+            if getattr(args, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+        args.device = resolve_device(args.device)
+        G, _, state = load_models(args.checkpoint, args.device)
+        write_samples(G, args)
+    except (CheckpointError, ConfigError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     print(f"wrote samples of step {state['step']} to {args.out}", file=sys.stderr)
     return 0
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
 from began_fast.checkpoint import CheckpointError  # noqa: E402
+from began_fast.cli import one_line, resolve_device  # noqa: E402
 from began_fast.config import LOADERS, LR_SCALINGS, PRESETS, ConfigError, DataConfig, get_preset, replace  # noqa: E402
 from began_fast.data import DataError  # noqa: E402
 from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, start, stop  # noqa: E402
@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, help="diversity ratio gamma in (0, 1]")
     p.add_argument("--lr", type=float, help="the lr of one rank (see --lr-scaling)")
     p.add_argument(
+        "--lr-floor", type=float, help="the lr never decays below this (default: the preset's, at most --lr)"
+    )
+    p.add_argument(
         "--lr-scaling", choices=LR_SCALINGS, help="lr for N torchrun ranks: as given (none, default), x N or x sqrt(N)"
     )
     p.add_argument("--seed", type=int)
@@ -50,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--crop", choices=["celeba", "center"], help="crop before resizing (default: the source's own)")
     p.add_argument("--crop-size", type=int, help="side of the crop box in source pixels (default: the crop's own)")
-    p.add_argument("--loader", choices=LOADERS, default="auto")
+    p.add_argument("--loader", choices=LOADERS, help="how images are read (default: auto)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--out", type=Path, default=Path("runs/began"), help="run folder (default: runs/began)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest.pt")
@@ -85,34 +88,39 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         world = World.from_env()
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
-        device = world.device(device)
+        device = world.device(resolve_device(args.device))
         preset = get_preset(args.preset or ("gpu64" if device.startswith("cuda") else "demo"))
-        model_cfg = replace(preset.model, image_size=args.image_size, skip=args.skip)
-        train_cfg = replace(
-            preset.train,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            gamma=args.gamma,
-            lr=args.lr,
-            lr_scaling=args.lr_scaling,
-            seed=args.seed,
-            log_every=args.log_every,
-            sample_every=args.sample_every,
-            checkpoint_every=args.checkpoint_every,
-            eval_every=args.eval_every,
-            eval_images=args.eval_images,
-        )
-        data_cfg = replace(
-            DataConfig(),
-            path=args.data,
-            crop=args.crop,
-            crop_size=args.crop_size,
-            loader=args.loader,
-            num_workers=args.workers,
-        )
+        # The settings given on the command line, by config section (None: not given, the preset's stands).
+        flags = {
+            "model": dict(image_size=args.image_size, skip=args.skip),
+            "train": dict(
+                steps=args.steps,
+                batch_size=args.batch_size,
+                gamma=args.gamma,
+                lr=args.lr,
+                lr_floor=args.lr_floor,
+                lr_scaling=args.lr_scaling,
+                seed=args.seed,
+                log_every=args.log_every,
+                sample_every=args.sample_every,
+                checkpoint_every=args.checkpoint_every,
+                eval_every=args.eval_every,
+                eval_images=args.eval_images,
+            ),
+            "data": dict(
+                path=None if args.data is None else str(Path(args.data).resolve()),  # resumable from anywhere
+                crop=args.crop,
+                crop_size=args.crop_size,
+                loader=args.loader,
+                num_workers=args.workers,
+            ),
+        }
+        explicit = {section: {k for k, v in values.items() if v is not None} for section, values in flags.items()}
+        if args.lr is not None and args.lr_floor is None:  # a small --lr lowers the preset's floor with it
+            flags["train"]["lr_floor"] = min(preset.train.lr_floor, args.lr)
+        model_cfg = replace(preset.model, **flags["model"])
+        train_cfg = replace(preset.train, **flags["train"])
+        data_cfg = replace(DataConfig(), **flags["data"])
         opts = RunOptions(
             out=args.out,
             device=device,
@@ -124,14 +132,17 @@ def main(argv=None) -> int:
             quiet=args.quiet,
         )
         collectives = start(world, device, args.dist_timeout)
-        run = setup_run(model_cfg, train_cfg, data_cfg, opts, collectives)
+        run = setup_run(model_cfg, train_cfg, data_cfg, opts, collectives, explicit)
         last = train(run)
-    except (ConfigError, DataError, CheckpointError, MetricError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError, MetricError, TrainingError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except CollectiveError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a Ctrl-C before the loop took over, or a second one
+        print("error: interrupted", file=sys.stderr)
+        return 130
     finally:
         stop()
     if run.is_main:

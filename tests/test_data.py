@@ -205,6 +205,7 @@ def test_hdf5_layouts_and_resize(tmp_path):
         (np.random.rand(2, 8, 8, 3).astype(np.float32), "dtype float32; expected uint8"),
         (np.zeros((2, 8, 8), np.uint8), "shape"),
         (np.zeros((2, 8, 9, 3), np.uint8), "shape"),
+        (np.zeros((2, 0, 0, 3), np.uint8), "shape"),
         (np.zeros((2, 100), np.uint8), "shape"),
         (np.zeros((0, 8, 8, 3), np.uint8), "holds no images"),
     ],

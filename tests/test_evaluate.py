@@ -80,14 +80,27 @@ def test_evaluate_script_end_to_end(tiny_checkpoint, tmp_path):
         (["{ckpt}", "--num", "0"], "--num and --batch-size must be >= 1"),
         (["{ckpt}", "--fid"], INCEPTION_WEIGHTS_FILE),
         (["{ckpt}", "--fid", "--inception-weights", "{tmp}/w.pth"], "is not a file"),
+        (["{ckpt}", "--json", "{tmp}/a_file/report.json"], "File exists"),  # found before the evaluation runs
     ],
 )
 def test_evaluate_script_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, monkeypatch, capsys, args, match):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    script = _script("evaluate")
+    monkeypatch.setattr(script, "evaluate_models", None)  # none of these may get as far as evaluating
+    (tmp_path / "a_file").write_text("")
     argv = [a.format(ckpt=tiny_checkpoint[0], tmp=tmp_path) for a in args]
-    assert _script("evaluate").main(argv + ["--device", "cpu"]) == 2
+    assert script.main(argv + ["--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
+
+
+@pytest.mark.parametrize("script", ["evaluate", "sample"])
+@pytest.mark.parametrize("device", ["mps", "bogus"])
+def test_scripts_refuse_an_unknown_device_with_one_line(tiny_checkpoint, tmp_path, capsys, script, device):
+    argv = [str(tiny_checkpoint[0]), "--device", device] + (["--out", str(tmp_path)] if script == "sample" else [])
+    assert _script(script).main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --device must be cpu, cuda or cuda:N, got {device!r}\n"
 
 
 def _write_run(folder, *, lr, m_of_step, steps, swd=None):
@@ -127,12 +140,20 @@ def test_compare_runs_at_equal_steps_with_a_swd_verdict(tmp_path, compare, tiny_
     assert c["checkpoint_steps"] == [123, None]
     assert c["common_steps"] == {"count": 10, "first": 100, "last": 1000}
     assert c["m_mean_abs_diff"] == pytest.approx(0.1) and c["m_at_last_common_step"] == [0.3, 0.2]
-    assert c["swd_at_common_steps"] == [{"step": 500, "a": 90.0, "b": 60.0}]
+    assert c["swd_at_common_steps"] == [{"step": 500, "swd": [90.0, 60.0]}]
     assert c["config_diff"]["train.lr"] == [1e-4, 3e-4]
     assert c["verdict"].startswith("b is better than a: SWD at step 500")
     assert (tmp_path / "m.png").stat().st_size > 1000
     rc, table, _ = compare([a, b])
     assert rc == 0 and "verdict: b is better than a" in table and "config train.lr: 0.0001 vs 0.0003" in table
+
+
+def test_compare_runs_keeps_each_runs_swd_whatever_the_runs_are_named(tmp_path, compare):
+    step = _write_run(tmp_path / "step", lr=1e-4, m_of_step=lambda s: 0.3, steps=[100], swd={100: 50.0})
+    other = _write_run(tmp_path / "other", lr=1e-4, m_of_step=lambda s: 0.3, steps=[100], swd={100: 90.0})
+    rc, out, err = compare([step, other, "--json"])
+    assert rc == 0, err
+    assert json.loads(out)["swd_at_common_steps"] == [{"step": 100, "swd": [50.0, 90.0]}]
 
 
 def test_compare_runs_without_evaluations_judges_by_m_and_calls_small_differences_even(tmp_path, compare):

@@ -1,17 +1,23 @@
 """The training loop end to end on the built-in faces: outputs, exact resume, divergence, Ctrl-C, and the CLI."""
 
+import dataclasses
 import json
 import math
+import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
+from began_fast import metrics
 from began_fast.checkpoint import load_checkpoint
-from began_fast.config import DataConfig, ModelConfig, TrainConfig
+from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from began_fast.metrics import MetricError
 from began_fast.train import RunOptions, TrainingError, setup_run, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,17 +58,69 @@ def test_run_writes_its_outputs(tmp_path):
     assert (tmp_path / "step_0000008.pt").exists()
     state = load_checkpoint(tmp_path / "latest.pt")
     assert state["step"] == 8 == run.step.steps_done
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in ("latest.pt", "reconstruction.png", "stats.jsonl"):  # atomic writes get a new file's mode too
+        assert stat.S_IMODE((tmp_path / written).stat().st_mode) == 0o666 & ~umask, written
 
 
 @pytest.mark.parametrize("reference_step", [False, True], ids=["fast", "reference"])
 def test_resume_is_exact(tmp_path, reference_step):
     whole = run_steps(tmp_path / "whole", 8, reference_step=reference_step)
     run_steps(tmp_path / "split", 4, reference_step=reference_step)
-    resumed = run_steps(tmp_path / "split", 8, resume=True, reference_step=reference_step)
+    options = RunOptions(out=tmp_path / "split", resume=True, quiet=True, reference_step=reference_step)
+    resumed = setup_run(MODEL, train_cfg(8), DATA, options)
+    assert resumed.step.steps_done == 4  # it continues; a fresh start would reach the same state by itself
+    train(resumed)
     assert resumed.step.steps_done == 8
     for a, b in zip(parameters(whole), parameters(resumed), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(whole.step.k, resumed.step.k)
+
+
+def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
+    run_steps(tmp_path, 4)
+    before = (tmp_path / "latest.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run .*add --resume"):
+        run_steps(tmp_path, 2)
+    assert (tmp_path / "latest.pt").read_bytes() == before
+
+
+def test_resume_drops_the_rows_logged_after_the_checkpoint(tmp_path):
+    """A run that died after logging step 6 but before checkpointing it: the resume logs step 6 anew, once."""
+    run_steps(tmp_path, 4)
+    with open(tmp_path / "stats.jsonl", "a") as f:
+        f.write(json.dumps({"step": 6, "m": 0.5}) + "\n")
+    run_steps(tmp_path, 8, resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "swd" not in r] == [2, 4, 6, 8] and rows[2]["m"] != 0.5
+
+
+def test_resume_checks_the_settings_given_again(tmp_path):
+    run_steps(tmp_path, 4)
+    changed = dataclasses.replace(train_cfg(8), batch_size=2, log_every=4)
+    options = RunOptions(out=tmp_path, resume=True, quiet=True)
+    with pytest.raises(ConfigError, match="train setting batch_size is 4, not 2"):
+        setup_run(MODEL, changed, DATA, options, explicit={"train": {"steps", "batch_size"}})
+    run = setup_run(MODEL, changed, DATA, options, explicit={"train": {"log_every"}})  # may change; steps stays
+    assert run.train_cfg.log_every == 4 and run.train_cfg.steps == 4 and run.train_cfg.batch_size == 4
+
+
+def test_too_many_evaluation_images_fail_before_the_first_step(tmp_path):
+    run = setup_run(MODEL, train_cfg(4, eval_images=65), DATA, RunOptions(out=tmp_path, quiet=True))
+    with pytest.raises(ConfigError, match="--eval-images 65 needs that many real images, the data set holds 64"):
+        train(run)
+    assert run.step.steps_done == 0
+
+
+def test_a_failing_evaluation_keeps_its_steps_checkpoint(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise MetricError("broken evaluation")
+
+    monkeypatch.setattr(metrics, "evaluate_models", broken)
+    with pytest.raises(MetricError):
+        run_steps(tmp_path, 8)
+    assert load_checkpoint(tmp_path / "latest.pt")["step"] == 8
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -105,9 +163,15 @@ def cli(*args):
         (["--resume"], "latest.pt does not exist"),
         (["--device", "cpu", "--cuda-graphs"], "needs a CUDA device"),
         (["--reference-step", "--amp"], "--reference-step runs in float32"),
+        (["--device", "bogus"], "--device must be cpu, cuda or cuda:N, got 'bogus'"),
+        (["--device", "mps"], "--device must be cpu, cuda or cuda:N, got 'mps'"),
+        (["--out", "{file}"], "File exists"),
+        (["--lr", "1e-4", "--lr-floor", "1e-3"], "lr_floor must be in [0, lr=0.0001]"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
+    (tmp_path / "file").write_text("not a folder")
+    args = [a.format(file=tmp_path / "file") for a in args]
     result = cli("--out", str(tmp_path / "run"), "--quiet", *args)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -118,11 +182,47 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
 def test_cli_trains_and_resumes(tmp_path):
     out = str(tmp_path / "run")
     common = ["--out", out, "--quiet", "--image-size", "16", "--batch-size", "4", "--checkpoint-every", "3"]
-    assert cli(*common, "--steps", "3").returncode == 0
+    assert cli(*common, "--steps", "3", "--lr", "1e-5").returncode == 0  # below the preset's lr floor
     result = cli(*common, "--steps", "5", "--resume")
     assert result.returncode == 0, result.stderr
     assert "resuming at step 3" in result.stderr
     assert load_checkpoint(Path(out) / "latest.pt")["step"] == 5
+    for args, message in (
+        ([], "already holds a run"),
+        (["--resume", "--batch-size", "8"], "train setting batch_size is 4, not 8"),
+    ):
+        result = cli(*common, "--steps", "6", *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert message in lines[0], result.stderr
+
+
+def test_cli_warns_once_about_undecodable_files(tmp_path):
+    """The loader's scan and the pictures' own view of the folder see the same bad file: one warning, not two."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (20, 20), (40 * i, 90, 200 - 30 * i)).save(folder / f"{i}.png")
+    (folder / "6.png").write_bytes(b"not a png")
+    common = ["--out", str(tmp_path / "run"), "--quiet", "--image-size", "16", "--batch-size", "2", "--steps", "2"]
+    result = cli(*common, "--data", str(folder), "--sample-every", "1", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("skipped 1 of 7 image files") == 1, result.stderr
+
+
+def test_cli_resume_of_a_checkpoint_from_another_version_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "4"]
+    assert cli(*common, "--steps", "2").returncode == 0
+    state = load_checkpoint(out / "latest.pt")
+    del state["G"]
+    torch.save(state, out / "latest.pt")
+    result = cli(*common, "--steps", "3", "--resume")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        == f"error: checkpoint {out / 'latest.pt'} does not fit this version of began-fast (KeyError: 'G')"
+    )
 
 
 def test_cli_reference_step_runs_on_plain_pytorch_layers(tmp_path):

@@ -32,7 +32,7 @@ def _check_layout(path: str) -> tuple[int, int, bool]:
         raise DataError(f"cannot read {path} as HDF5: {error}") from None
     if dtype != np.uint8:
         raise DataError(f"{path}:{DATASET} has dtype {dtype}; expected uint8")
-    if len(shape) == 4 and shape[1] == shape[2] and shape[3] == 3:
+    if len(shape) == 4 and shape[1] == shape[2] > 0 and shape[3] == 3:
         return shape[0], shape[1], False
     if len(shape) == 2 and shape[1] == FLAT_SIZE * FLAT_SIZE * 3:
         return shape[0], FLAT_SIZE, True

@@ -1,0 +1,37 @@
+"""What the command-line scripts share: the --device flag, and errors printed as one line."""
+
+from __future__ import annotations
+
+import torch
+
+from began_fast.config import ConfigError
+
+
+def resolve_device(requested: str | None) -> str:
+    """--device: cpu, cuda or cuda:N; None means cuda when PyTorch sees a GPU, else cpu. ConfigError otherwise."""
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {requested!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested} asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return requested
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker reaches the main process wrapped
+    in the worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), whose
+    last line is the original "package.module.DataError: message"."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        name, colon, message = lines[-1].partition(": ")  # "package.module.DataError: message"
+        return message if colon and name.split(".")[-1] == type(error).__name__ else lines[-1]
+    return " ".join(lines)

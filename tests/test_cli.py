@@ -1,0 +1,36 @@
+"""What the scripts share (began_fast/cli.py): the --device flag and one-line error messages."""
+
+import pytest
+import torch
+
+from began_fast.cli import one_line, resolve_device
+from began_fast.config import ConfigError
+from began_fast.data import DataError
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("mps", "gpu", "cuda:x"):
+        with pytest.raises(ConfigError, match=f"--device must be cpu, cuda or cuda:N, got '{bad}'"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="PyTorch sees no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="GPU"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_one_line_unwraps_an_error_from_a_dataloader_worker():
+    """The message of an error raised in a worker, as torch.utils.data re-raises it in the main process."""
+    wrapped = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "worker.py", line 349, in _worker_loop\n    data = fetcher.fetch(index)\n'
+        "began_fast.data.errors.DataError: all 3 images under x could not be decoded\n"
+    )
+    assert one_line(wrapped) == "all 3 images under x could not be decoded"
+    wrapped = DataError("Caught DataError in DataLoader worker process 1.\nTraceback ...\nDataError: gone\n")
+    assert one_line(wrapped) == "gone"
+    assert one_line(OSError(17, "File exists", "runs/x")) == "[Errno 17] File exists: 'runs/x'"
+    assert one_line(ValueError("two\nlines")) == "two lines"
+    assert one_line(KeyError()) == "KeyError"
