@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import warnings
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from began_fast import metrics, reports
+from began_fast import metrics, ops, reports
 from began_fast.checkpoint import atomic_write, config_dict, load_checkpoint, misfit, save_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import SkippedImagesWarning, make_batches, open_source
@@ -73,6 +74,16 @@ class RunOptions:
             raise ConfigError("--reference-step runs in float32 without graphs; drop --amp / --cuda-graphs")
         if self.cuda_graphs and not str(self.device).startswith("cuda"):
             raise ConfigError(f"--cuda-graphs needs a CUDA device, got --device {self.device}")
+        device = torch.device(self.device)
+        try:
+            impl = ops.resolve_impl(self.impl, device)
+        except ValueError as e:  # an unknown impl, or BEGAN_FAST_IMPL set to one
+            raise ConfigError(str(e)) from None
+        if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(
+                f"the Triton kernels need a CUDA device, got --device {self.device} (TRITON_INTERPRET=1 runs them, "
+                "slowly, on the CPU; --impl torch runs PyTorch's layers)"
+            )
 
 
 @dataclass

@@ -3,11 +3,13 @@
 Providers, measured in one run on the same models and batches:
   torch       (a) the reference step (three D passes, plain autograd), eager float32
   torch-bf16  (b) the reference step under bf16 autocast with channels_last activations
-  compile     (c) the reference step on torch.compile(mode="max-autotune") networks
+  compile     (c) the reference step on torch.compile(mode="max-autotune-no-cudagraphs", dynamic=False) networks
   triton      (d) ours: FastStep on the Triton kernels, --amp bf16, one CUDA graph, GPU-resident data
 for paper64 and paper128 at batch 16 and 64. Model FLOPs per step count each conv and fc once forward and twice
 backward (input and weight gradients) for G on B images and D on 2B images: the algorithm's work, the same for
-every provider however it schedules it. MFU divides by the bf16 dense peak of the device (H100/H200: 989 TFLOP/s).
+every provider however it schedules it. MFU divides by the bf16 dense peak of the device (H100/H200: 989 TFLOP/s),
+for every provider (a float32 provider's MFU is then a fraction of what bf16 could reach).
+cuDNN picks its fastest algorithm per shape (cudnn.benchmark), as a training run would.
 
     python -m pytest bench/bench_step.py --benchmark-json bench/step.json
     python scripts/bench_report.py bench/step.json --suite step
@@ -16,6 +18,7 @@ every provider however it schedules it. MFU divides by the bf16 dense peak of th
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -35,6 +38,8 @@ PRESETS = ("paper64", "paper128")
 BATCHES = (16, 64)
 PROVIDERS = ("torch", "torch-bf16", "compile", "triton")
 DATASET_IMAGES = 2048
+
+torch.backends.cudnn.benchmark = True
 
 
 def forward_flop(cfg, batch: int) -> tuple[float, float]:
@@ -72,6 +77,10 @@ def make_provider(provider: str, preset_name: str, batch: int):
     device = torch.device("cuda")
     torch.manual_seed(0)
     impl = "triton" if provider == "triton" else "torch"
+    # What earlier cases left behind (their graphs, compiled code, cached blocks) counts in no later peak.
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
     G, D = Generator(cfg, impl=impl).to(device), Discriminator(cfg, impl=impl).to(device)
     images = GpuResidentSet(open_source(DataConfig(builtin_count=DATASET_IMAGES), cfg.image_size), device)
     data_gen = torch.Generator(device).manual_seed(0)
@@ -87,7 +96,10 @@ def make_provider(provider: str, preset_name: str, batch: int):
         run = graph
     else:
         if provider == "compile":
-            G, D = torch.compile(G, mode="max-autotune"), torch.compile(D, mode="max-autotune")
+            # One static shape per case (a second case would otherwise get a shape-generic graph), and no CUDA
+            # graph trees: the reference step runs a second backward through D with retain_graph.
+            compile_options = dict(mode="max-autotune-no-cudagraphs", dynamic=False)
+            G, D = torch.compile(G, **compile_options), torch.compile(D, **compile_options)
         if provider == "torch-bf16":
             G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
         step = ReferenceStep(G, D, train_cfg, device)  # compiled modules pass .cfg etc. to the original

@@ -1,12 +1,15 @@
-"""Turn a pytest-benchmark JSON (from --benchmark-json) into a dated record of one GPU run (DESIGN.md section 5).
+"""Turn pytest-benchmark JSON (from --benchmark-json) into a dated record of one GPU run (DESIGN.md section 5).
 
-Writes bench/results/YYYY-MM-DD_<device>_<suite>.json (a copy of the input) and .md (a markdown table: per layer,
-direction and batch, each provider's median time and TFLOP/s, and the time ratios triton/torch and
-triton/compile), and puts the same table between `<!-- bench:<suite>:start -->` and `<!-- bench:<suite>:end -->`
-in each README that has those markers. Each benchmark must carry extra_info {layer, direction, batch, provider}
-and may carry flop (per call), as bench/conftest.py's `measure` records them.
+Writes bench/results/YYYY-MM-DD_<device>_<suite>.json (the input's benchmarks) and .md (a markdown table: per
+layer, direction and batch, each provider's median time and TFLOP/s, and triton's time over each baseline's:
+torch, torch-bf16, compile), and puts the same table between `<!-- bench:<suite>:start -->` and
+`<!-- bench:<suite>:end -->` in each README that has those markers. Each benchmark must carry extra_info {layer,
+direction, batch, provider} and may carry flop (per call), as bench/conftest.py's `measure` records them.
 
-usage: python scripts/bench_report.py RESULTS.json --suite kernels [--out-dir bench/results] [--readme FILE ...]
+Several JSON files of one suite (say, the torch.compile cases run as a pytest session of their own, which keeps each
+session within a time limit) are merged into one record; they must come from the same device, versions and commit.
+
+usage: python scripts/bench_report.py RESULTS.json [MORE.json ...] --suite kernels [--out-dir DIR] [--readme FILE]
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROVIDER_ORDER = ("torch", "compile", "triton")
+PROVIDER_ORDER = ("torch", "torch-bf16", "compile", "triton")
+BASELINES = ("torch", "torch-bf16", "compile")  # triton's time is reported over each of these present
 ROW_KEYS = ("layer", "direction", "batch", "provider")
 
 
@@ -66,7 +70,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def render_table(data: dict) -> str:
     """The markdown table: median ms and TFLOP/s per provider, and triton's time over torch's and compile's."""
     providers, rows = collect_rows(data)
-    ratios = [p for p in ("torch", "compile") if p in providers and "triton" in providers]
+    ratios = [p for p in BASELINES if p in providers and "triton" in providers]
     header = ["layer", "direction", "batch"]
     header += [f"{p} ms" for p in providers] + [f"{p} TFLOP/s" for p in providers]
     header += [f"triton/{p} time" for p in ratios]
@@ -108,14 +112,30 @@ def replace_section(text: str, suite: str, body: str) -> str | None:
     return pattern.sub(lambda _: f"{start}\n{body}{end}", text, count=1)
 
 
-def write_report(json_path: Path, suite: str, out_dir: Path, readmes: list[Path]) -> list[Path]:
-    """Write the dated .json copy and .md table and update the READMEs; returns the paths written."""
-    data = json.loads(json_path.read_text())
+def merge_runs(json_paths: list[Path]) -> dict:
+    """One run's JSON from one or more files: the first file's header with every file's benchmarks. ReportError
+    when the files disagree on the device, versions or commit (they are not one run)."""
+    runs = [json.loads(path.read_text()) for path in json_paths]
+    first = {key: value for key, value in run_info(runs[0]).items() if key != "date"}
+    for path, data in zip(json_paths[1:], runs[1:], strict=True):
+        info = {key: value for key, value in run_info(data).items() if key != "date"}
+        if info != first:
+            raise ReportError(f"{path} is from another run than {json_paths[0]}: {info} vs {first}")
+    return runs[0] | {"benchmarks": [bench for data in runs for bench in data.get("benchmarks", [])]}
+
+
+def write_report(json_paths: Path | list[Path], suite: str, out_dir: Path, readmes: list[Path]) -> list[Path]:
+    """Write the dated .json (the merged input) and .md table and update the READMEs; returns the paths written."""
+    json_paths = [json_paths] if isinstance(json_paths, Path) else list(json_paths)
+    data = merge_runs(json_paths)
     info = run_info(data)
     body = render_section(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{info['date']}_{slug(info['device'])}_{slug(suite)}"
-    shutil.copyfile(json_path, stem.with_suffix(".json"))
+    if len(json_paths) == 1:
+        shutil.copyfile(json_paths[0], stem.with_suffix(".json"))
+    else:
+        stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"# Benchmarks: {suite}\n\n{body}")
     written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     for readme in readmes:
@@ -128,7 +148,7 @@ def write_report(json_path: Path, suite: str, out_dir: Path, readmes: list[Path]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, help="pytest-benchmark JSON written by --benchmark-json")
+    parser.add_argument("json", type=Path, nargs="+", help="pytest-benchmark JSON written by --benchmark-json")
     parser.add_argument("--suite", required=True, help="suite name: file names and README markers (e.g. kernels)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(

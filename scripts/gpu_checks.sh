@@ -6,18 +6,27 @@
 #   tests     the whole test suite, compiled: kernel parity at the paper's shapes and every test marked `cuda`
 #             (CUDA graphs, bf16 / fp16, resume from graph runs, NCCL capture, DALI's mixed decoder when DALI is
 #             installed); in parallel processes when pytest-xdist is installed, each test's result logged as it ends
-#   bench     the end-to-end step benchmark (bench/bench_step.py) and the kernel benchmark without its
-#             torch.compile cases (run those separately: they compile once per layer), then their markdown reports
-#             into bench/results/ and README.md
+#   bench_step, bench_kernels
+#             the end-to-end step benchmark (bench/bench_step.py) and the kernel benchmark (bench/bench_kernels.py)
+#             without their torch.compile cases, each into OUT_DIR/<suite>.json
+#   bench_step_compile, bench_kernels_compile
+#             the torch.compile cases alone (one compilation per case), into OUT_DIR/<suite>_compile.json
+#   report    the markdown reports of the JSON files there, merged per suite, into OUT_DIR/results/ and a copy of
+#             README.md in OUT_DIR (bring the JSON back and rerun scripts/bench_report.py in the repository)
+#   bench     bench_step, bench_kernels and report
+#             pytest-benchmark writes its JSON only when a session ends: a phase killed by a time limit leaves none,
+#             so narrow a long one with BENCH_SELECT, a pytest -k expression ANDed to the phase's own (e.g.
+#             BENCH_SELECT="paper64 and 16").
 #   torchrun  a 1-GPU torchrun launch of the fast path (--amp --cuda-graphs), 300 paper64 steps
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each, SWD side by side
 # The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
 # ~/.triton. Usage, from the repository root: bash scripts/gpu_checks.sh [OUT_DIR] [PHASE...]
 set -uo pipefail
-out=${1:-gpu-checks}
-shift || true
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...]}
+shift
 phases=${*:-compile tests bench torchrun quality}
 mkdir -p "$out"
+select=${BENCH_SELECT:+ and ($BENCH_SELECT)}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 status=0
 run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, remember a failure, go on with the next check
@@ -26,11 +35,26 @@ run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, remember a failure, go 
     echo "== $name: $*"
     "$@" 2>&1 | tee "$out/$name.log" || status=1
 }
+bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILTER (and BENCH_SELECT) -> NAME.json
+    run "bench_$3" python -m pytest -q "bench/bench_$1.py" -k "$2$select" --benchmark-json "$out/$3.json"
+}
+report() {  # each suite's JSON files in OUT_DIR, merged, as markdown into OUT_DIR/results and a README copy
+    cp README.md "$out/README.md"
+    local suite f files
+    for suite in step kernels; do
+        files=()
+        for f in "$out/$suite.json" "$out/${suite}_compile.json"; do [ -s "$f" ] && files+=("$f"); done
+        [ ${#files[@]} -eq 0 ] || run "report_$suite" python scripts/bench_report.py "${files[@]}" --suite "$suite" \
+            --out-dir "$out/results" --readme "$out/README.md"
+    done
+}
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: these checks need one')" ||
     exit 2
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" |
     tee -a "$out/device.txt"
+# The tree copied to a GPU machine has no .git: the benchmarks' JSON takes the commit from BEGAN_FAST_COMMIT.
+echo "commit ${BEGAN_FAST_COMMIT:-unknown (set BEGAN_FAST_COMMIT)}" | tee -a "$out/device.txt"
 for phase in $phases; do
     case $phase in
     compile)
@@ -42,21 +66,23 @@ for phase in $phases; do
         python -c "import xdist" 2>/dev/null && parallel=(-n 8)
         run tests python -m pytest -v -rfEs "${parallel[@]}" tests
         ;;
+    bench_step) bench step "not compile" step ;;
+    bench_step_compile) bench step compile step_compile ;;
+    bench_kernels) bench kernels "not compile" kernels ;;
+    bench_kernels_compile) bench kernels compile kernels_compile ;;
+    report) report ;;
     bench)
-        run bench_step python -m pytest -q bench/bench_step.py --benchmark-json "$out/step.json"
-        run bench_kernels python -m pytest -q bench/bench_kernels.py -k "not compile" \
-            --benchmark-json "$out/kernels.json"
-        for suite in step kernels; do
-            [ -s "$out/$suite.json" ] &&
-                run "report_$suite" python scripts/bench_report.py "$out/$suite.json" --suite "$suite"
-        done
+        bench step "not compile" step
+        bench kernels "not compile" kernels
+        report
         ;;
     torchrun)
         run torchrun python -m torch.distributed.run --standalone --nproc-per-node 1 scripts/train.py --preset paper64 \
             --steps 300 --log-every 100 --amp --cuda-graphs --out "$out/torchrun" --quiet
         ;;
     quality) run quality bash scripts/quality_run.sh "$out/quality" 10000 ;;
-    *) echo "unknown phase $phase (compile, tests, bench, torchrun, quality)"; exit 2 ;;
+    *) echo "unknown phase $phase (compile, tests, bench_step, bench_step_compile, bench_kernels,"\
+        "bench_kernels_compile, report, bench, torchrun, quality)"; exit 2 ;;
     esac
 done
 exit $status

@@ -51,6 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="the paper's decoder skip connections on or off (default: the preset's; demo has them)",
     )
+    p.add_argument(
+        "--vanishing-residual",
+        action=argparse.BooleanOptionalAction,
+        help="the paper's vanishing residuals: each ELU conv blended with its input, fading over --carry-steps",
+    )
+    p.add_argument("--carry-steps", type=int, help="steps over which the vanishing residual fades (default 16000)")
     p.add_argument("--crop", choices=["celeba", "center"], help="crop before resizing (default: the source's own)")
     p.add_argument("--crop-size", type=int, help="side of the crop box in source pixels (default: the crop's own)")
     p.add_argument("--loader", choices=LOADERS, help="how images are read (default: auto)")
@@ -92,7 +98,12 @@ def main(argv=None) -> int:
         preset = get_preset(args.preset or ("gpu64" if device.startswith("cuda") else "demo"))
         # The settings given on the command line, by config section (None: not given, the preset's stands).
         flags = {
-            "model": dict(image_size=args.image_size, skip=args.skip),
+            "model": dict(
+                image_size=args.image_size,
+                skip=args.skip,
+                vanishing_residual=args.vanishing_residual,
+                carry_steps=args.carry_steps,
+            ),
             "train": dict(
                 steps=args.steps,
                 batch_size=args.batch_size,

@@ -89,3 +89,25 @@ def test_missing_extra_info_is_a_clear_error(tmp_path):
     source.write_text(json.dumps(data))
     with pytest.raises(bench_report.ReportError, match="direction"):
         bench_report.write_report(source, "kernels", tmp_path, readmes=[])
+
+
+def test_several_files_of_one_run_make_one_table_and_others_are_refused(tmp_path):
+    """The compile cases, run as a session of their own, join the same table; a file from another commit may not."""
+    eager = dict(SYNTHETIC, benchmarks=[b for b in SYNTHETIC["benchmarks"] if b["extra_info"]["provider"] != "compile"])
+    compiled = dict(
+        SYNTHETIC, benchmarks=[b for b in SYNTHETIC["benchmarks"] if b["extra_info"]["provider"] == "compile"]
+    )
+    bf16 = dict(SYNTHETIC, benchmarks=[synthetic_bench("conv A", "forward", 16, "torch-bf16", 0.001, 8e12)])
+    paths = []
+    for name, data in (("eager", eager), ("compile", compiled), ("bf16", bf16)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data))
+    written = bench_report.write_report(paths, "kernels", tmp_path / "r", readmes=[])
+    assert len(json.loads(written[0].read_text())["benchmarks"]) == 6
+    header, _, conv, _ = table_rows(written[1].read_text())
+    assert header[-3:] == ["triton/torch time", "triton/torch-bf16 time", "triton/compile time"]
+    assert conv[3:7] == ["4.000", "1.000", "3.000", "2.000"] and conv[-3:] == ["0.50", "2.00", "0.67"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(compiled, machine_info=SYNTHETIC["machine_info"] | {"git_commit": "fff"})))
+    with pytest.raises(bench_report.ReportError, match="from another run"):
+        bench_report.write_report([paths[0], other], "kernels", tmp_path / "r", readmes=[])

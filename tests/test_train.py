@@ -149,9 +149,13 @@ def test_ctrl_c_checkpoints_after_the_step_in_flight(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def cli(*args):
+def cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 
@@ -167,12 +171,20 @@ def cli(*args):
         (["--device", "mps"], "--device must be cpu, cuda or cuda:N, got 'mps'"),
         (["--out", "{file}"], "File exists"),
         (["--lr", "1e-4", "--lr-floor", "1e-3"], "lr_floor must be in [0, lr=0.0001]"),
+        (["--device", "cpu", "--impl", "triton", "--env", "TRITON_INTERPRET=0"], "the Triton kernels need a CUDA"),
+        (["--env", "BEGAN_FAST_IMPL=bogus"], "BEGAN_FAST_IMPL must be one of"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "file").write_text("not a folder")
     args = [a.format(file=tmp_path / "file") for a in args]
-    result = cli("--out", str(tmp_path / "run"), "--quiet", *args)
+    env = dict(os.environ)
+    while "--env" in args:  # "--env NAME=VALUE": an environment variable for the run, not a flag
+        i = args.index("--env")
+        name, value = args[i + 1].split("=")
+        env[name] = value
+        del args[i : i + 2]
+    result = cli("--out", str(tmp_path / "run"), "--quiet", *args, env=env)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -242,6 +254,14 @@ def test_cli_skip_switch_overrides_the_preset_both_ways(tmp_path, flag, skip):
     common = ["--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2", "--steps", "1"]
     assert cli(*common, *flag).returncode == 0
     assert json.loads((out / "config.json").read_text())["model"]["skip"] is skip
+
+
+def test_cli_switches_on_the_vanishing_residual(tmp_path):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2", "--steps", "1"]
+    assert cli(*args, "--vanishing-residual", "--carry-steps", "100").returncode == 0
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert model["vanishing_residual"] is True and model["carry_steps"] == 100
 
 
 def test_pictures_and_evaluation_run_in_the_steps_precision(tmp_path, monkeypatch):
