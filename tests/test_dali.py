@@ -175,12 +175,18 @@ def test_bad_files_are_skipped_and_counted(celeba_dir, tmp_path):
     whole = (tmp_path / "good0.jpg").read_bytes()
     (tmp_path / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (tmp_path / "not_an_image.jpg").write_text("this is a text file")
+    # Whole header and IEND chunk, damaged pixels: DALI's decoder would stop the run on it (it cannot skip a file).
+    _face(8).save(tmp_path / "damaged.png")
+    png = bytearray((tmp_path / "damaged.png").read_bytes())
+    middle = png.index(b"IDAT") + 4 + 100
+    png[middle : middle + 8] = bytes(255 - b for b in png[middle : middle + 8])
+    (tmp_path / "damaged.png").write_bytes(bytes(png))
     cfg = DataConfig(path=str(tmp_path), flip=True, num_workers=1)
-    with pytest.warns(SkippedImagesWarning, match="skipped 2 of 10"):
+    with pytest.warns(SkippedImagesWarning, match="skipped 3 of 11"):
         loader = _dali(cfg, 16, 4)
     assert "8 images" in loader.describe()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no file fails later: the screen caught both
+        warnings.simplefilter("error")  # no file fails later: the screen caught all three
         batches = [next(loader) for _ in range(3 * len(loader))]
     assert all(torch.isfinite(b).all() and b.abs().max() <= 1 for b in batches)
 

@@ -63,7 +63,8 @@ def celeba_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory) -> Path:
-    """4 good images (a PNG in a subfolder, an RGB, a grayscale and a CMYK JPEG) and 2 corrupt files."""
+    """4 good images (a PNG in a subfolder, an RGB, a grayscale and a CMYK JPEG) and 3 corrupt files: a truncated
+    JPEG, text named .jpg, and a PNG whose pixel data is damaged but whose header and IEND chunk are whole."""
     root = tmp_path_factory.mktemp("mixed")
     faces = draw_faces(4, 48, seed=2)
     (root / "sub").mkdir()
@@ -74,6 +75,10 @@ def mixed_folder(tmp_path_factory) -> Path:
     good = (root / "b.jpg").read_bytes()
     (root / "e_truncated.jpg").write_bytes(good[: len(good) // 2])
     (root / "f_text.jpg").write_text("not an image at all\n")
+    png = bytearray((root / "sub" / "a.png").read_bytes())
+    middle = png.index(b"IDAT") + 4 + 100  # inside the compressed pixels
+    png[middle : middle + 8] = bytes(255 - b for b in png[middle : middle + 8])
+    (root / "g_damaged.png").write_bytes(bytes(png))
     (root / "notes.txt").write_text("ignored: no image extension\n")
     return root
 
@@ -137,7 +142,7 @@ def test_celeba_source_crops_the_celeba_box(celeba_root):
 
 
 def test_folder_source_converts_modes_and_skips_corrupt_files(mixed_folder):
-    with pytest.warns(SkippedImagesWarning, match="skipped 2 of 6"):
+    with pytest.warns(SkippedImagesWarning, match="skipped 3 of 7"):
         source = open_source(DataConfig(path=str(mixed_folder)), 32)
     assert source.kind == "folder"
     assert sorted(Path(p).name for p in source.files) == ["a.png", "b.jpg", "c_gray.jpg", "d_cmyk.jpg"]
@@ -384,7 +389,7 @@ def test_prepare_celeba_end_to_end(tmp_path, celeba_root, mixed_folder):
     mixed_out = tmp_path / "mixed.h5"
     done = run_prepare(mixed_folder, mixed_out, "--size", 16, "--workers", 1)
     assert done.returncode == 0, done.stderr
-    assert "skipped 2 of 6" in done.stderr and len(open_source(DataConfig(path=str(mixed_out)), 16)) == 4
+    assert "skipped 3 of 7" in done.stderr and len(open_source(DataConfig(path=str(mixed_out)), 16)) == 4
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 Corrupt files. When the source is opened every file gets a cheap check, run on a thread pool (I/O bound): PIL
 parses its header (this rejects non-images with an image extension and gives the size, which is checked against
 the crop box), and a JPEG must end with its end-of-image marker FFD9 and a PNG with its IEND chunk (this rejects
-truncated downloads without decoding). Files that fail are left out and ONE SkippedImagesWarning names the count;
+truncated downloads without decoding); a PNG's chunk checksums are verified too (a damaged PNG would otherwise stop
+DALI's decoder, which cannot skip a file). Files that fail are left out and ONE SkippedImagesWarning names the count;
 if every file fails the source raises DataError. A file that passes but still fails to decode later (say, it was
 deleted or damaged mid-run) is replaced by the next image in the list, with one warning per such file, so a long
 run does not die on one bad JPEG.
@@ -41,6 +42,8 @@ def _image_size(path: str) -> tuple[int, int] | None:
     try:
         with Image.open(path) as image:
             size = image.size
+            if image.format == "PNG":
+                image.verify()  # every chunk's CRC, the compressed pixels' included
         trailer = TRAILERS.get(os.path.splitext(path)[1].lower())
         if trailer is not None:
             with open(path, "rb") as f:
@@ -48,7 +51,7 @@ def _image_size(path: str) -> tuple[int, int] | None:
                 if trailer not in f.read():
                     return None
         return size
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's verify raises SyntaxError
         return None
 
 
