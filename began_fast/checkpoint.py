@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -65,6 +66,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (expected a .pt file written by began-fast)")
+    # torch.save writes a zip archive with a CRC32 per record, which torch.load does not check: damaged tensor
+    # bytes would load as wrong weights without a word.
+    try:
+        damaged = zipfile.ZipFile(path).testzip() if zipfile.is_zipfile(path) else None
+    except (OSError, zipfile.BadZipFile, EOFError):
+        damaged = "its index"
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged ({damaged} fails its checksum); use an earlier snapshot")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises many kinds for a damaged file

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from began_fast import metrics
-from began_fast.checkpoint import load_checkpoint
+from began_fast.checkpoint import CheckpointError, load_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.metrics import MetricError
 from began_fast.train import RunOptions, TrainingError, setup_run, train
@@ -220,6 +220,22 @@ def test_cli_warns_once_about_undecodable_files(tmp_path):
     result = cli(*common, "--data", str(folder), "--sample-every", "1", "--workers", "0")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("skipped 1 of 7 image files") == 1, result.stderr
+
+
+def test_damaged_checkpoints_are_refused_with_one_line(tmp_path):
+    run_steps(tmp_path, 4)
+    whole = (tmp_path / "latest.pt").read_bytes()
+    flipped = bytearray(whole)
+    middle = len(whole) // 2  # inside the tensor data, which torch.load alone reads without complaint
+    flipped[middle : middle + 64] = bytes(255 - b for b in flipped[middle : middle + 64])
+    for damage, message in (
+        (bytes(flipped), r"is damaged \(.+ fails its checksum\); use an earlier snapshot"),
+        (whole[: len(whole) // 2], "is damaged|cannot be read"),
+        (b"\x00" * 100, "cannot be read"),
+    ):
+        (tmp_path / "latest.pt").write_bytes(damage)
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(tmp_path / "latest.pt")
 
 
 def test_cli_resume_of_a_checkpoint_from_another_version_is_one_line(tmp_path):
