@@ -20,10 +20,8 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from tqdm import tqdm
 from began_fast import metrics, ops, reports
 from began_fast.checkpoint import atomic_write, config_dict, load_checkpoint, misfit, save_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from began_fast.data import SkippedImagesWarning, make_batches, open_source
+from began_fast.data import make_batches, open_source
 from began_fast.data.gpu_resident import GpuResidentStream
 from began_fast.distributed import Collectives
 from began_fast.fast_step import CudaGraphStep, FastStep
@@ -79,11 +77,14 @@ class RunOptions:
             impl = ops.resolve_impl(self.impl, device)
         except ValueError as e:  # an unknown impl, or BEGAN_FAST_IMPL set to one
             raise ConfigError(str(e)) from None
-        if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError(
-                f"the Triton kernels need a CUDA device, got --device {self.device} (TRITON_INTERPRET=1 runs them, "
-                "slowly, on the CPU; --impl torch runs PyTorch's layers)"
-            )
+        if impl == "triton":
+            from kernels.conv_elu import runs_on  # triton is installed: resolve_impl said so
+
+            if not runs_on(device):
+                raise ConfigError(
+                    f"the Triton kernels need a CUDA device, got --device {self.device} (TRITON_INTERPRET=1 runs "
+                    "them, slowly, on the CPU; --impl torch runs PyTorch's layers)"
+                )
 
 
 @dataclass
@@ -215,18 +216,11 @@ def write_checkpoint(run: Run) -> Path:
 
 
 class RealImages:
-    """The run's real images for pictures and evaluation, opened on first use (the loader has its own copy)."""
+    """The run's real images for pictures and evaluation: the source the loader reads (opened once: opening a
+    folder checks every file)."""
 
-    def __init__(self, run: Run):
-        self.run, self._source = run, None
-
-    @property
-    def source(self):
-        if self._source is None:
-            with warnings.catch_warnings():  # the loader's own scan of the same folder has warned already
-                warnings.simplefilter("ignore", SkippedImagesWarning)
-                self._source = open_source(self.run.data_cfg, self.run.model_cfg.image_size)
-        return self._source
+    def __init__(self, run: Run, source):
+        self.run, self.source = run, source
 
     @functools.cached_property
     def fixed_batch(self) -> torch.Tensor:
@@ -390,6 +384,7 @@ def train(run: Run) -> Path:
         write_config(run)
 
     start = run.step.steps_done
+    source = open_source(run.data_cfg, run.model_cfg.image_size)
     batches = make_batches(
         run.data_cfg,
         run.model_cfg.image_size,
@@ -399,6 +394,7 @@ def train(run: Run) -> Path:
         start_step=start,
         rank=run.step.rank,
         world_size=run.step.world_size,
+        source=source,
     )
 
     def say(message: str) -> None:
@@ -416,7 +412,7 @@ def train(run: Run) -> Path:
     )
     feed = make_feed(run, batches)
 
-    real = RealImages(run)
+    real = RealImages(run, source)
     if main:
         check_evaluation_data(run, real)
     writer = open_tensorboard(out) if main else None

@@ -89,8 +89,12 @@ def make_batches(
     start_step: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    source=None,
 ):
     """An iterator of float32 (B, 3, S, S) batches in [-1, 1] on `device`, with a one-line `describe()`.
+
+    source: cfg's source at image_size when the caller has opened it already (opening a folder checks every file),
+    else it is opened here.
 
     cfg.loader: "torch" -> TorchLoader (exact resume); "gpu" -> GpuResidentStream (all images in device memory,
     sampled on the device); "dali" -> DaliLoader (GPU JPEG decoding); "auto" -> gpu-resident on CUDA for hdf5 and
@@ -111,10 +115,11 @@ def make_batches(
                 start_step=start_step,
                 rank=rank,
                 world_size=world_size,
+                source=source,
             )
         if loader == "dali":
             raise DataError("--loader dali needs NVIDIA DALI: pip install 'began-fast[dali]'")
-    source = open_source(cfg, image_size)
+    source = open_source(cfg, image_size) if source is None else source
     if loader == "auto" and device.type == "cuda" and source.kind in ("hdf5", "builtin"):
         loader = "gpu" if fits(len(source), image_size, device) else "torch"
     if loader == "gpu":

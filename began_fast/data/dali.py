@@ -141,7 +141,7 @@ class DaliLoader:
     completed epochs and `batches_per_epoch` (len) is this rank's number of batches in an epoch.
     Only image folders and HDF5 files are read; the built-in faces have no files to decode (use the torch or gpu
     loader). start_step: the step a resumed run continues at: the batches and flips are BatchOrder's, as the torch
-    loader's, so a resume continues exactly.
+    loader's, so a resume continues exactly. source: cfg's source, when the caller has opened it already.
     """
 
     def __init__(
@@ -157,12 +157,13 @@ class DaliLoader:
         world_size: int = 1,
         dtype: torch.dtype = torch.float32,
         prefetch: int = 2,
+        source=None,
     ):
         if dtype not in OUTPUT_TYPES:
             raise DataError(f"the DALI loader makes float32, float16 or bfloat16 batches, got {dtype}")
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
-        self.source = open_source(cfg, image_size)
+        self.source = open_source(cfg, image_size) if source is None else source
         if self.source.kind not in ("celeba", "folder", "hdf5"):
             raise DataError(f"the DALI loader reads image folders and HDF5 files, not the {self.source.kind} source")
         order = BatchOrder(len(self.source), batch_size, seed, start_step, rank=rank, world_size=world_size)
