@@ -16,11 +16,11 @@
 #   bench     bench_step, bench_kernels and report
 #             pytest-benchmark writes its JSON only when a session ends: a phase killed by a time limit leaves none,
 #             so narrow a long one with BENCH_SELECT, a pytest -k expression ANDed to the phase's own (e.g.
-#             BENCH_SELECT="paper64 and 16").
+#             BENCH_SELECT="paper64 and not skip").
 #   torchrun  a 1-GPU torchrun launch of the fast path (--amp --cuda-graphs), 300 paper64 steps
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each, SWD side by side
 # The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
-# ~/.triton. Usage, from the repository root: bash scripts/gpu_checks.sh [OUT_DIR] [PHASE...]
+# ~/.triton. Usage, from the repository root: bash scripts/gpu_checks.sh OUT_DIR [PHASE...]
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...]}
 shift
