@@ -79,6 +79,7 @@ def fid(
         cuda=torch.device(device).type == "cuda",
         batch_size=batch_size,
         cache=False,
+        save_cpu_ram=True,  # its DataLoader then reads our in-memory tensors in-process, without 4 worker processes
         verbose=False,
     )
     return float(metrics[torch_fidelity.KEY_METRIC_FID])

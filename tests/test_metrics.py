@@ -284,3 +284,30 @@ def test_fid_hands_torch_fidelity_uint8_image_datasets_and_the_weights(tmp_path,
     assert fid(a, b, weights=weights) == 12.5
     assert calls["fid"] and calls["feature_extractor_weights_path"] == str(weights) and not calls["cuda"]
     assert len(calls["input1"]) == 3 and torch.equal(calls["input1"][2], a[2]) and torch.equal(calls["input2"][0], b[0])
+
+
+def test_fid_through_torch_fidelity_is_a_distance_on_stand_in_weights(tmp_path, monkeypatch, faces):
+    """The whole FID path through the real library (skipped where began-fast[fid] is not installed). The standard
+    weights may not be at hand, so the network is He-initialised at random: its FID cannot be compared with
+    published numbers, but it is still a distance between the sets' feature statistics."""
+    pytest.importorskip("torch_fidelity")
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with monkeypatch.context() as patch:  # the network's shapes without loading any weights
+        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        patch.setattr(torch, "load", lambda *args, **kwargs: {})
+        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        name: torch.randn(value.shape, generator=generator) * (2 / value[0].numel()) ** 0.5
+        if value.dim() == 4
+        else value
+        for name, value in network.state_dict().items()
+    }
+    weights = tmp_path / INCEPTION_WEIGHTS_FILE
+    torch.save(state, weights)
+    draw_a, draw_b = faces
+    noise = torch.randint(0, 256, draw_a.shape, dtype=torch.uint8, generator=generator)
+    itself, two_draws, against_noise = (fid(draw_a, other, weights=weights) for other in (draw_a, draw_b, noise))
+    assert abs(itself) < 1e-4 * against_noise
+    assert 0 < two_draws < 0.1 * against_noise
