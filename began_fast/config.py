@@ -125,6 +125,8 @@ class DataConfig:
     carpedm20/BEGAN-tensorflow); "center" takes a centred square of `crop_size` (the short side if None);
     None takes the source's own default (the CelebA box for a CelebA folder, the centre crop elsewhere).
     Then an antialiased (Lanczos) resize to the model's image size.
+    holdout: the last N images of the data set are never trained on; evaluations measure D's reconstruction
+    error on them (data/holdout.py). The built-in faces need none: the faces after builtin_count are held out.
     """
 
     path: str | None = None
@@ -136,6 +138,7 @@ class DataConfig:
     loader: str = "auto"
     builtin_count: int = 10_000
     builtin_seed: int = 0
+    holdout: int = 0
 
     def __post_init__(self) -> None:
         _require(self.source in SOURCES, f"data source must be one of {SOURCES}, got {self.source!r}")
@@ -144,6 +147,7 @@ class DataConfig:
         _require(self.num_workers is None or self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         _require(self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}")
         _require(self.builtin_count >= 1, f"builtin_count must be >= 1, got {self.builtin_count}")
+        _require(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from began_fast.config import ConfigError
 from began_fast.reference import BalanceResult
 
 DEFAULT_TIMEOUT_S = 600.0
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: longer is a typo or "never", which would hang a job on a dead rank
 # The process group's own timeout is this much longer than --dist-timeout, which the training loop's HangGuard
 # enforces with one line first (hang_guard.py); the process group's timeout is the backstop outside the loop.
 PROCESS_GROUP_MARGIN_S = 30.0
@@ -66,9 +67,15 @@ class World:
         return cls(rank, world_size, values["LOCAL_RANK"])
 
     def device(self, requested: str) -> str:
-        """The device of this rank: `cuda` means this machine's GPU number LOCAL_RANK; anything else as given."""
-        if requested != "cuda" or self.world_size == 1:
+        """The device of this rank: `cuda` means this machine's GPU number LOCAL_RANK; cpu as given. An explicit
+        cuda:N is refused when there are several ranks: it would put every rank of the machine on one GPU."""
+        if self.world_size == 1 or torch.device(requested).type == "cpu":
             return requested
+        if torch.device(requested).index is not None:
+            raise ConfigError(
+                f"--device {requested} would put every rank on one GPU; under torchrun give --device cuda (rank r "
+                "takes its machine's GPU LOCAL_RANK; CUDA_VISIBLE_DEVICES picks which GPUs those are)"
+            )
         if self.local_rank >= torch.cuda.device_count():
             raise ConfigError(
                 f"LOCAL_RANK {self.local_rank} needs GPU {self.local_rank}, but this machine has "
@@ -140,6 +147,20 @@ class Collectives:
         k_next = torch.clamp(k + lambda_k * balance, 0.0, 1.0)
         return BalanceResult(l_real, l_fake, l_real - k * l_fake, l_fake, k_next, l_real + balance.abs())
 
+    def check_same(self, fingerprint: dict[str, int], device: torch.device | str) -> None:
+        """Raise ConfigError, on every rank, when a value of `fingerprint` ({what: 63-bit integer}, the same keys
+        on every rank) differs between the ranks. Two tiny all-reduces; call it once, before training."""
+        values = torch.tensor(list(fingerprint.values()), dtype=torch.int64, device=device)
+        low, high = values.clone(), values.clone()
+        self._all_reduce(low, op=dist.ReduceOp.MIN)
+        self._all_reduce(high, op=dist.ReduceOp.MAX)
+        differing = [what for what, a, b in zip(fingerprint, low.tolist(), high.tolist(), strict=True) if a != b]
+        if differing:
+            raise ConfigError(
+                f"the {self.world_size} ranks do not start from the same run: {' and '.join(differing)} differ "
+                "between ranks; give every rank the same flags and, to resume, the same latest.pt"
+            )
+
     def any_(self, flag: bool, device: torch.device) -> bool:
         """Whether flag is true on any rank (one tiny all-reduce and a host sync: call it rarely)."""
         value = torch.tensor(float(flag), device=device)
@@ -155,8 +176,8 @@ def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_T
     watchdog abort the communicator and end the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, unless the user set
     it) instead of hanging forever.
     """
-    if not timeout_s > 0:
-        raise ConfigError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ConfigError(f"--dist-timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds (a week), got {timeout_s}")
     if world.world_size == 1:
         return None
     device = torch.device(device)

@@ -12,6 +12,8 @@ fine detail, the coarsest the colour and layout.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -212,21 +214,22 @@ def evaluate_models(
     inception_weights: str | None = None,
 ) -> dict:
     """Quality of a trained BEGAN: SWD (and FID) of `num` samples of G against `num` real images, and D's
-    reconstruction error mean|x - D(x)| on held-out real images. G and D run under the caller's autocast, if any.
+    reconstruction error mean|x - D(x)|. G and D run under the caller's autocast, if any.
 
-    real: a Dataset of (3, S, S) uint8 images or an (N, 3, S, S) uint8 / [-1, 1] float tensor. SWD and FID use
-    its first `num` images; the reconstruction error uses `held_out` when given, else its last `num` images
-    (the two overlap when the set holds fewer than 2 * num). z ~ U(-1, 1) from `seed`; samples are rounded to
-    uint8 like a saved image before they are compared.
+    real: a Dataset of (3, S, S) uint8 images or an (N, 3, S, S) uint8 / [-1, 1] float tensor; SWD and FID use
+    its first `num` images. held_out: images D never trained on (data.held_out_images), on which the
+    reconstruction error is measured; None measures it on the same `num` real images. z ~ U(-1, 1) from `seed`;
+    samples are rounded to uint8 like a saved image before they are compared.
     Returns {"num", "image_size", "swd": {per level..., "avg"}, "recon_l1"[, "fid"]}.
     """
     size = G.cfg.image_size
-    if num < 1 or len(real) < num:
-        raise MetricError(f"need num >= 1 real images to compare with, the set holds {len(real)}, num is {num}")
+    if num < 1:
+        raise MetricError(f"the number of images to compare must be >= 1, got {num}")
+    if len(real) < num:
+        raise MetricError(f"{num} images to compare, but the real images are only {len(real)}; compare fewer")
     # The inputs are checked before G and D run.
     reals = _as_pixels(_real_images(real, range(num)), "real images")
-    held_out = held_out if held_out is not None else _real_images(real, range(len(real) - num, len(real)))
-    held_out = _as_pixels(held_out, "held-out images")
+    held_out = reals if held_out is None else _as_pixels(held_out, "held-out images")
     for name, images in (("real images", reals), ("held-out images", held_out)):
         if images.shape[-1] != size:
             raise MetricError(f"{name} are {images.shape[-1]}x{images.shape[-1]}, the model makes {size}x{size}")
@@ -241,13 +244,16 @@ def evaluate_models(
     for start in range(0, held_out.shape[0], batch_size):
         x = held_out[start : start + batch_size].to(device, torch.float32) / 127.5 - 1
         errors.append((x - D(x).float()).abs().flatten(1).mean(1).cpu())
+    recon_l1 = torch.cat(errors).mean().item()
+    if not math.isfinite(recon_l1):
+        raise MetricError("D's reconstructions hold NaN or inf: the checkpoint's D has diverged")
     # G and D ran in the caller's precision (a training run's autocast); the metrics are float32 whatever it is.
     with torch.autocast(device.type, enabled=False):
         result = {
             "num": num,
             "image_size": size,
             "swd": swd(fake, reals, seed=seed, device=device),
-            "recon_l1": torch.cat(errors).mean().item(),
+            "recon_l1": recon_l1,
         }
         if with_fid:
             result["fid"] = fid(fake, reals, weights=inception_weights, device=device, batch_size=batch_size)

@@ -165,6 +165,11 @@ def swd_points(stats: list[dict]) -> list[tuple[int, float]]:
 
 
 def plot_convergence(stats: list[dict], path: str | Path, title: str = "BEGAN convergence") -> None:
+    """Write convergence_figure(stats) to `path` (PNG)."""
+    _save_figure(convergence_figure(stats, title), path)
+
+
+def convergence_figure(stats: list[dict], title: str = "BEGAN convergence"):
     """M (the paper's convergence measure) with the learning rate, k_t and, when the rows carry evaluations,
     SWD, against the step. Rows without "m" (evaluation rows) only feed the SWD panel."""
     plt = _pyplot()
@@ -192,29 +197,36 @@ def plot_convergence(stats: list[dict], path: str | Path, title: str = "BEGAN co
         ax_swd.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     ax_m.set_title(title)
-    _save_figure(fig, path)
+    return fig
 
 
 def plot_runs(stats_by_run: dict[str, list[dict]], path: str | Path, title: str = "BEGAN runs compared") -> None:
+    """Write runs_figure(stats_by_run) to `path` (PNG)."""
+    _save_figure(runs_figure(stats_by_run, title), path)
+
+
+def runs_figure(stats_by_run: dict[str, list[dict]], title: str = "BEGAN runs compared"):
     """The M curves of several runs overlaid (name -> stats rows) and, when any run was evaluated, their SWD."""
     plt = _pyplot()
     with_swd = any(swd_points(stats) for stats in stats_by_run.values())
     fig, axes = plt.subplots(2 if with_swd else 1, 1, figsize=(7, 2.75 * (2 if with_swd else 1)), sharex=True)
     axes = list(axes) if with_swd else [axes]
-    for name, stats in stats_by_run.items():
+    for i, (name, stats) in enumerate(stats_by_run.items()):
         rows = [r for r in stats if "m" in r]
-        axes[0].plot([r["step"] for r in rows], [r["m"] for r in rows], label=name)
+        colour = f"C{i}"  # a run's colour in both panels, whichever runs were evaluated
+        axes[0].plot([r["step"] for r in rows], [r["m"] for r in rows], color=colour, label=name)
         if with_swd and swd_points(stats):
-            axes[1].plot(*zip(*swd_points(stats), strict=True), marker="o", label=name)
+            axes[1].plot(*zip(*swd_points(stats), strict=True), color=colour, marker="o", label=name)
     axes[0].set_ylabel("M (convergence)")
     axes[0].legend()
     if with_swd:
         axes[1].set_ylabel("SWD x1e3 (lower is better)")
+        axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     axes[0].set_title(title)
-    _save_figure(fig, path)
+    return fig
 
 
 def _pyplot():

@@ -1,6 +1,7 @@
 """The training loop behind scripts/train.py, readable top to bottom.
 
-A run folder holds config.json, stats.jsonl (a row per logging window, and a row per evaluation with "swd"),
+A run folder holds config.json, stats.jsonl (a row per logging window, and a row per evaluation with "swd",
+"recon_l1" and "recon_images": D's error on held-out images, or on training images when the run holds none out),
 TensorBoard events (when tensorboard is installed), samples/step_XXXXXXX.png from a fixed z with progress.png and
 progress.gif (the grids over time), reconstruction.png (real images next to D(x)), convergence.png (M, k_t, lr
 and SWD against the step), latest.pt and snapshots step_XXXXXXX.pt. The step keeps its statistics on the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import signal
@@ -31,7 +33,7 @@ from tqdm import tqdm
 from began_fast import metrics, ops, reports
 from began_fast.checkpoint import atomic_write, config_dict, load_checkpoint, misfit, save_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from began_fast.data import make_batches, open_source
+from began_fast.data import held_out_images, make_batches, open_source
 from began_fast.data.gpu_resident import GpuResidentStream
 from began_fast.distributed import Collectives
 from began_fast.fast_step import CudaGraphStep, FastStep
@@ -193,6 +195,29 @@ def setup_run(
     return Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z, collectives)
 
 
+def start_fingerprint(run: Run) -> dict[str, int]:
+    """What every rank of a torchrun job must share before its first step, each as a 63-bit number: the step it
+    starts at, the settings that shape training (not the rank's own folder, data path and workers, which may differ
+    between machines) and the weights with k_t (a wrong or stale copy of latest.pt on one machine)."""
+    settings = {
+        "model": config_dict(run.model_cfg),
+        "train": config_dict(run.train_cfg),
+        "data": {k: v for k, v in config_dict(run.data_cfg).items() if k not in ("path", "num_workers")},
+        "step": [run.opts.reference_step, run.opts.amp, run.opts.cuda_graphs],
+    }
+    weights = hashlib.blake2b(digest_size=8)
+    for tensor in [*run.G.state_dict().values(), *run.D.state_dict().values(), run.step.k]:
+        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    as_int64 = lambda digest: int.from_bytes(digest, "little", signed=True)  # noqa: E731
+    return {
+        "the starting step": run.step.steps_done,
+        "the settings": as_int64(
+            hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).digest()
+        ),
+        "the weights": as_int64(weights.digest()),
+    }
+
+
 def checkpoint_state(run: Run) -> dict:
     return {
         "model_config": config_dict(run.model_cfg),
@@ -223,6 +248,12 @@ class RealImages:
         self.run, self.source = run, source
 
     @functools.cached_property
+    def held_out(self) -> torch.Tensor | None:
+        """The images D's reconstruction error is measured on: held-out ones when the run has them, else None (the
+        evaluation's real images, which it trains on)."""
+        return held_out_images(self.source, self.run.train_cfg.eval_images)
+
+    @functools.cached_property
     def fixed_batch(self) -> torch.Tensor:
         """The first real images in [-1, 1] on the run's device: the same ones in every reconstruction grid."""
         images = torch.stack([self.source[i] for i in range(min(RECONSTRUCTION_PAIRS, len(self.source)))])
@@ -248,9 +279,14 @@ def evaluate(run: Run, real: RealImages, stats_file, writer) -> None:
     """SWD of G's samples against real images, and D's reconstruction error, appended to stats.jsonl."""
     with run.step.autocast():  # as write_pictures
         result = metrics.evaluate_models(
-            run.G, run.D, real.source, num=run.train_cfg.eval_images, device=run.opts.device
+            run.G, run.D, real.source, num=run.train_cfg.eval_images, device=run.opts.device, held_out=real.held_out
         )
-    row = {"step": run.step.steps_done, "swd": result["swd"]["avg"], "recon_l1": result["recon_l1"]}
+    row = {
+        "step": run.step.steps_done,
+        "swd": result["swd"]["avg"],
+        "recon_l1": result["recon_l1"],
+        "recon_images": "training" if real.held_out is None else "held-out",
+    }
     stats_file.write(json.dumps(row) + "\n")
     stats_file.flush()
     if writer is not None:
@@ -331,7 +367,7 @@ def write_config(run: Run) -> None:
         "world_size": run.step.world_size,
         "per_rank_batch": run.train_cfg.batch_size,
         "global_batch": run.global_batch,
-        "effective_lr": run.train_cfg.lr * run.step.lr_factor,
+        "effective_lr": run.step.lr.item(),  # after the lr decays a resumed run carries
     }
     config = {"model": config_dict(run.model_cfg), "train": config_dict(run.train_cfg)}
     config |= {"data": config_dict(run.data_cfg), "run": run_info}
@@ -340,14 +376,23 @@ def write_config(run: Run) -> None:
 
 def open_stats(out: Path, start: int):
     """stats.jsonl for appending. A new run starts it afresh; a resumed run keeps the rows up to its checkpoint's
-    step and drops later ones (logged after the last checkpoint by a run that then died), so no step repeats."""
+    step and drops later ones (logged after the last checkpoint by a run that then died, the torn last line of a
+    crash included), so no step repeats."""
     path = out / "stats.jsonl"
     if start == 0:
         return open(path, "w")
     if path.exists():
-        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= start]
-        atomic_write(path, lambda f: f.write("".join(kept).encode()))
+        kept = "".join(json.dumps(row) + "\n" for row in reports.read_stats(path) if row["step"] <= start)
+        atomic_write(path, lambda f: f.write(kept.encode()))
     return open(path, "a")
+
+
+def drop_later_samples(out: Path, start: int) -> None:
+    """A resumed run removes the sample grids of steps after its checkpoint, drawn by a run that then died: this
+    run draws them again when it gets there, and if it stops sooner they must not end its progress strip."""
+    for step, path in reports.sample_frames(out):
+        if step > start:
+            path.unlink()
 
 
 def check_evaluation_data(run: Run, real: RealImages) -> None:
@@ -379,6 +424,8 @@ def train(run: Run) -> Path:
     checkpoint and returns cleanly. Only rank 0 writes the run folder and prints.
     """
     cfg, out, main = run.train_cfg, run.out, run.is_main
+    if run.collectives is not None:
+        run.collectives.check_same(start_fingerprint(run), run.step.device)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_config(run)
@@ -406,9 +453,11 @@ def train(run: Run) -> Path:
     say(f"  model: {run.model_cfg}")
     step_kind = "reference" if run.opts.reference_step else f"fast, amp={run.opts.amp}, graphs={run.opts.cuda_graphs}"
     say(f"  step: {step_kind}, impl={run.opts.impl}, device={run.opts.device}")
+    lr = run.step.lr.item()  # float32: compared with a margin, not for equality
+    decayed = " after decay" if lr < 0.999 * cfg.lr * run.step.lr_factor else ""
     say(
         f"  ranks: {run.step.world_size}, batch {cfg.batch_size} per rank, global batch {run.global_batch}, "
-        f"lr {cfg.lr * run.step.lr_factor:g} (lr {cfg.lr:g}, scaling {cfg.lr_scaling})"
+        f"lr {lr:g}{decayed} (lr {cfg.lr:g}, scaling {cfg.lr_scaling})"
     )
     feed = make_feed(run, batches)
 
@@ -419,6 +468,8 @@ def train(run: Run) -> Path:
     last_checkpoint = out / "latest.pt"
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet or not main)
     stats = open_stats(out, start) if main else contextlib.nullcontext()  # None on the other ranks
+    if main and start:
+        drop_later_samples(out, start)
     try:
         with stats as stats_file, stop_on_interrupt() as interrupted, HangGuard(run.collectives) as guard:
             for _ in range(start, cfg.steps):

@@ -7,7 +7,9 @@ A run folder is what scripts/train.py writes: config.json, stats.jsonl (a row pe
 with "swd" are evaluations) and latest.pt. Only the steps both runs logged are compared. The verdict goes by
 SWD at the last step both runs were evaluated at; without evaluations, by the mean M over the last common
 steps (M tracks convergence, not sample quality, so that verdict is weaker and says so). Differences under 5%
-are called even. Bad input ends with one line on stderr and exit status 2.
+are called even. No verdict is given between runs whose numbers do not measure the same thing: SWD of another
+image size, evaluation size or data set, and M of another gamma (M = L_real + |gamma L_real - L_fake|). Bad
+input ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from began_fast.reports import plot_runs, read_stats, swd_points  # noqa: E402
 
 EVEN = 0.05  # relative difference below which the runs are called even
 M_TAIL = 10  # common logged steps averaged for the M verdict
+# The settings that must match for a verdict by each measure (config.json keys, flattened).
+SAME_DATA = ("model.image_size", "data.path", "data.source", "data.crop", "data.crop_size", "data.builtin_seed")
+MUST_MATCH = {"SWD": (*SAME_DATA, "train.eval_images"), "M": (*SAME_DATA, "train.gamma")}
 
 
 class RunFolderError(ValueError):
@@ -100,18 +105,23 @@ def compare(a: RunRecord, b: RunRecord) -> dict:
     swd_common = [{"step": s, "swd": [swd_a[s], swd_b[s]]} for s in sorted(set(swd_a) & set(swd_b))]
     tail = common[-M_TAIL:]
     tail_m = (sum(m_a[s] for s in tail) / len(tail), sum(m_b[s] for s in tail) / len(tail))
-    if swd_common:
-        last = swd_common[-1]
-        verdict = _relative_verdict(a.name, b.name, *last["swd"], f"SWD at step {last['step']}")
-    else:
-        what = f"mean M over the last {len(tail)} common steps (no common SWD evaluation; M is a weaker guide)"
-        verdict = _relative_verdict(a.name, b.name, *tail_m, what)
     config_a, config_b = flatten(a.config), flatten(b.config)
     config_diff = {
         key: [config_a.get(key), config_b.get(key)]
         for key in sorted(set(config_a) | set(config_b))
         if config_a.get(key) != config_b.get(key)
     }
+    measure = "SWD" if swd_common else "M"
+    differing = [key for key in MUST_MATCH[measure] if key in config_diff]
+    if differing:
+        settings = ", ".join(f"{key} {config_diff[key][0]} vs {config_diff[key][1]}" for key in differing)
+        verdict = f"none: {measure} does not compare runs with different {settings}"
+    elif swd_common:
+        last = swd_common[-1]
+        verdict = _relative_verdict(a.name, b.name, *last["swd"], f"SWD at step {last['step']}")
+    else:
+        what = f"mean M over the last {len(tail)} common steps (no common SWD evaluation; M is a weaker guide)"
+        verdict = _relative_verdict(a.name, b.name, *tail_m, what)
     return {
         "runs": [a.name, b.name],
         "checkpoint_steps": [a.checkpoint_step, b.checkpoint_step],

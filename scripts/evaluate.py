@@ -6,9 +6,11 @@
         --inception-weights weights-inception-2015-12-05-6726825d.pth
 
 SWD (x1e3, per pyramid level and averaged; lower is better) compares --num samples of G with the first --num
-real images; D's reconstruction error mean|x - D(x)| is measured on the last --num real images. FID needs the
-optional torch-fidelity package and its Inception weights. Bad input ends with one line on stderr and exit
-status 2, never a traceback.
+real images. D's reconstruction error mean|x - D(x)| is measured on up to --num images D never trained on: the
+run's held-out images (the built-in faces after its training set; the last --holdout images of a folder or HDF5
+file), or any images of another data set. A run that held out nothing is measured on its training images, and
+the table says so. FID needs the optional torch-fidelity package and its Inception weights. Bad input ends with
+one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from began_fast.checkpoint import CheckpointError, load_models  # noqa: E402
+from began_fast.checkpoint import CheckpointError, atomic_write, load_models  # noqa: E402
 from began_fast.cli import one_line, resolve_device  # noqa: E402
 from began_fast.config import ConfigError, DataConfig  # noqa: E402
-from began_fast.data import DataError, open_source  # noqa: E402
+from began_fast.data import DataError, held_out_images, open_source  # noqa: E402
+from began_fast.data.builtin import BuiltinFaces  # noqa: E402
 from began_fast.fid import FIDUnavailableError, require_fid  # noqa: E402
 from began_fast.metrics import MetricError, evaluate_models  # noqa: E402
 
@@ -43,16 +47,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def real_data_config(saved: dict, path: str | None, num: int) -> DataConfig:
-    """The checkpoint's own data settings (its crop) when evaluating on the data it was trained on, else the
-    defaults for `path`. Built-in faces are drawn per (seed, index), so 2 * num of them are the training set's
-    first 2 * num."""
+def evaluation_images(saved: dict, path: str | None, num: int, image_size: int):
+    """(real, held_out, recon_images): the real images SWD compares with, the images D's reconstruction error is
+    measured on (None: the same real images) and what those are, "held-out" or "training".
+
+    On the data the checkpoint trained on, its own settings (crop, holdout) are reused; other data was never
+    trained on. Built-in faces are drawn per (seed, index), so only the faces needed are drawn."""
     trained_on = DataConfig(**saved)
+    if path is None and trained_on.path is None:
+        training = trained_on.builtin_count - trained_on.holdout
+        real = BuiltinFaces(min(num, training), image_size, trained_on.builtin_seed)
+        return real, BuiltinFaces(num, image_size, trained_on.builtin_seed, first=training).images, "held-out"
     if path is None:
-        return DataConfig(builtin_count=2 * num, builtin_seed=trained_on.builtin_seed if trained_on.path is None else 0)
+        return BuiltinFaces(num, image_size, seed=0), None, "held-out"
     if trained_on.path is not None and Path(trained_on.path).resolve() == Path(path).resolve():
-        return DataConfig(path=path, source=trained_on.source, crop=trained_on.crop, crop_size=trained_on.crop_size)
-    return DataConfig(path=path)
+        cfg = DataConfig(
+            path=path,
+            source=trained_on.source,
+            crop=trained_on.crop,
+            crop_size=trained_on.crop_size,
+            holdout=trained_on.holdout,
+        )
+        real = open_source(cfg, image_size)
+        held_out = held_out_images(real, num)
+        return real, held_out, "training" if held_out is None else "held-out"
+    return open_source(DataConfig(path=path), image_size), None, "held-out"
 
 
 def format_table(report: dict) -> str:
@@ -64,7 +83,11 @@ def format_table(report: dict) -> str:
     ]
     if "fid" in report:
         lines.append(f"FID          {report['fid']:.2f}")
-    lines.append(f"D recon L1   {report['recon_l1']:.4f} (mean |x - D(x)| on the last {report['num']} real images)")
+    recon_on = f"{report['recon_num']} {report['recon_images']} images"
+    recon = f"D recon L1   {report['recon_l1']:.4f} (mean |x - D(x)| on {recon_on}"
+    if report["recon_images"] == "training":
+        recon += "; the run held out none: train with --holdout N"
+    lines.append(recon + ")")
     return "\n".join(lines)
 
 
@@ -76,10 +99,13 @@ def main(argv=None) -> int:
         args.device = resolve_device(args.device)
         if args.fid:
             require_fid(args.inception_weights)
-        if args.json is not None:  # before the evaluation, not after it
+        if args.json is not None:  # can it be written? before the evaluation, not after it
+            if args.json.is_dir():
+                raise ConfigError(f"--json {args.json} is a folder; expected a file name")
             args.json.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.json.parent).close()
         G, D, state = load_models(args.checkpoint, device=args.device)
-        real = open_source(real_data_config(state["data_config"], args.data, args.num), G.cfg.image_size)
+        real, held_out, recon_images = evaluation_images(state["data_config"], args.data, args.num, G.cfg.image_size)
         result = evaluate_models(
             G,
             D,
@@ -88,13 +114,21 @@ def main(argv=None) -> int:
             seed=args.seed,
             device=args.device,
             batch_size=args.batch_size,
+            held_out=held_out,
             with_fid=args.fid,
             inception_weights=args.inception_weights,
         )
-        report = {"checkpoint": str(args.checkpoint), "step": state["step"], "data": real.describe(), **result}
+        report = {
+            "checkpoint": str(args.checkpoint),
+            "step": state["step"],
+            "data": real.describe(),
+            **result,
+            "recon_images": recon_images,
+            "recon_num": args.num if held_out is None else len(held_out),
+        }
         print(format_table(report))
         if args.json is not None:
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            atomic_write(args.json, lambda f: f.write((json.dumps(report, indent=2, allow_nan=False) + "\n").encode()))
     except (CheckpointError, ConfigError, DataError, FIDUnavailableError, MetricError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

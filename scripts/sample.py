@@ -39,7 +39,11 @@ def draw_z(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(G, z: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([G(chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
+    """G(z) in float32 on the CPU; a diverged G (NaN or inf) is refused rather than drawn as black and white."""
+    images = torch.cat([G(chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
+    if not torch.isfinite(images).all():
+        raise CheckpointError("G(z) holds NaN or inf: the checkpoint's generator has diverged")
+    return images
 
 
 def write_samples(G, args) -> None:

@@ -12,6 +12,7 @@ headroom over those numbers; a wrong crop, a missing flip or a wrong normalisati
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import warnings
 
@@ -241,6 +242,15 @@ def test_resume_continues_the_same_batches(unresized):
     for step in range(4, 8):
         torch.testing.assert_close(next(resumed), next(reference), atol=EXACT_TOL, rtol=0, msg=f"step {step}")
     assert resumed.step == 8
+
+
+@needs_dali
+def test_held_out_images_are_never_read(unresized):
+    cfg, size = unresized
+    loader = _dali(dataclasses.replace(cfg, holdout=4), size, 4)
+    everything = _reference(cfg, size)
+    order = _match(_epoch(loader), everything)
+    assert sorted(order.tolist()) == list(range(len(everything) - 4)), "an epoch is every training image, once"
 
 
 @needs_dali

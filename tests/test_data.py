@@ -24,6 +24,7 @@ from began_fast.data import (
     TorchLoader,
     crop_box,
     detect_source,
+    held_out_images,
     make_batches,
     open_source,
 )
@@ -135,7 +136,7 @@ def test_celeba_source_crops_the_celeba_box(celeba_root):
         item = source[i]
         assert item.dtype == torch.uint8 and item.shape == (3, 32, 32)
         assert torch.equal(item, reference_item(Path(source.files[i]), (25, 50, 128), 32))
-    assert "celeba" in source.describe() and str(CELEBA_COUNT) in source.describe()
+    assert "CelebA" in source.describe() and str(CELEBA_COUNT) in source.describe()
 
     centred = open_source(DataConfig(path=str(celeba_root), crop="center", crop_size=150), 16)
     assert torch.equal(centred[2], reference_item(Path(centred.files[2]), (14, 34, 150), 16))
@@ -367,6 +368,53 @@ def test_make_batches_picks_the_loader():
     except ImportError:
         with pytest.raises(DataError, match="needs NVIDIA DALI"):
             make_batches(DataConfig(loader="dali"), 16, 4, device="cpu", seed=0)
+
+
+# --- held-out images ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["folder", "hdf5"])
+def numbered_source(request, tmp_path) -> tuple[str, torch.Tensor]:
+    """(path, images): ten random 16 px images as PNG files 000.png ... 009.png or as HDF5 rows, in that order;
+    images is (10, 3, 16, 16) uint8."""
+    images = np.random.default_rng(3).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    if request.param == "hdf5":
+        path = str(write_h5(tmp_path / "images.h5", images))
+    else:
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(tmp_path / f"{i:03d}.png")
+        path = str(tmp_path)
+    return path, torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+def test_holdout_keeps_the_last_images_out_of_training(numbered_source):
+    path, images = numbered_source
+    training = open_source(DataConfig(path=path, holdout=3), 16)
+    assert len(training) == 7 and "the last 3 held out" in training.describe()
+    assert torch.equal(torch.stack([training[i] for i in range(7)]), images[:7])
+    assert torch.equal(training.as_uint8(), images[:7])  # what the GPU-resident set reads
+    with pytest.raises(IndexError):
+        training[7]
+    assert torch.equal(pickle.loads(pickle.dumps(training))[6], images[6])  # as spawned DataLoader workers get it
+    # The loader reads only the training images: one batch of 7 is an epoch.
+    batch = next(TorchLoader(training, 7, seed=0, flip=False, num_workers=0))
+    read = ((batch + 1) * 127.5).round().to(torch.uint8)
+    assert sorted(map(bytes, read.flatten(1).numpy())) == sorted(map(bytes, images[:7].flatten(1).numpy()))
+    assert torch.equal(held_out_images(training, 5), images[7:])  # all three held out, fewer than asked for
+    assert torch.equal(held_out_images(training, 2), images[7:9])
+    assert held_out_images(open_source(DataConfig(path=path), 16), 4) is None  # nothing held out
+    with pytest.raises(DataError, match="--holdout 10 must leave training images: the data set holds 10"):
+        open_source(DataConfig(path=path, holdout=10), 16)
+
+
+def test_builtin_faces_after_the_training_set_are_held_out():
+    training = open_source(DataConfig(builtin_count=12, builtin_seed=3), 16)
+    assert torch.equal(held_out_images(training, 4), BuiltinFaces(16, 16, 3).images[12:])
+    fewer = open_source(DataConfig(builtin_count=12, builtin_seed=3, holdout=2), 16)
+    assert len(fewer) == 10 and torch.equal(held_out_images(fewer, 4), BuiltinFaces(14, 16, 3).images[10:])
+    assert "faces 12 to 15" in BuiltinFaces(4, 16, 3, first=12).describe()
+    with pytest.raises(DataError, match="--holdout 12 must leave training images"):
+        open_source(DataConfig(builtin_count=12, holdout=12), 16)
 
 
 # --- scripts/prepare_celeba.py ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ The two-rank runs are spawned once for the whole module (spawn start method, a f
 joins) and leave their results in a folder the tests read.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from began_fast.checkpoint import load_checkpoint
-from began_fast.config import DataConfig, ModelConfig, TrainConfig
+from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.distributed import CollectiveError, Collectives, World, start, stop
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
@@ -90,10 +91,18 @@ def rank_main(rank, port, folder):
     folder = Path(folder)
     results = {kind: run_parity(kind, rank, collectives) for kind in ("fast", "reference")}
     results["fp16"] = run_fp16_overflow(rank, collectives)
-    opts = RunOptions(out=folder / "run", quiet=True)
+    # Each rank is given its own --out, so that anything rank 1 wrote would show.
+    opts = RunOptions(out=folder / ("run" if rank == 0 else "run_rank1"), quiet=True)
     run = setup_run(MODEL, loop_cfg(4), LOOP_DATA, opts, collectives)
     train(run)
     results["loop_k"] = run.step.k.clone()
+    # A job whose ranks were given different settings (here rank 1 another seed, so other weights too).
+    mismatched = dataclasses.replace(loop_cfg(4), seed=rank)
+    run = setup_run(MODEL, mismatched, LOOP_DATA, RunOptions(out=folder / f"mismatch{rank}", quiet=True), collectives)
+    try:
+        train(run)
+    except ConfigError as e:
+        results["mismatch_error"] = (str(e), run.step.steps_done)
     if rank == 1:
         torch.save(results, folder / f"rank{rank}.pt")
         return  # leaves the job: rank 0's next collective must fail with one clear line
@@ -170,7 +179,33 @@ def test_only_rank_0_writes_and_the_config_states_the_batches(two_ranks):
         "effective_lr": pytest.approx(1e-4),
     }
     rows = [json.loads(line) for line in (folder / "run" / "stats.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [2, 4]  # one writer: no row twice
+    assert [row["step"] for row in rows] == [2, 4]
+    assert not (folder / "run_rank1").exists()  # rank 1 wrote nothing: no checkpoint, stats, pictures or events
+
+
+def test_the_loop_feeds_each_rank_its_shard_of_the_global_batch(two_ranks, tmp_path):
+    """The 2-rank training loop (batch 2 per rank) against one process of batch 4: the loop's own data loader,
+    noise and all-reduces, not batches sliced by hand; a rank reading another's shard would differ here."""
+    folder, _ = two_ranks
+    one = setup_run(
+        MODEL, dataclasses.replace(loop_cfg(4), batch_size=4), LOOP_DATA, RunOptions(out=tmp_path, quiet=True)
+    )
+    train(one)
+    two_ranks_state = load_checkpoint(folder / "run" / "latest.pt")
+    for network, model in (("G", one.G), ("D", one.D)):
+        for name, value in model.state_dict().items():
+            assert_parity(two_ranks_state[network][name], value, name=f"{network} {name}")
+    torch.testing.assert_close(two_ranks_state["trainer"]["k"], one.step.k)
+
+
+def test_ranks_given_different_settings_are_refused_before_the_first_step(two_ranks):
+    _, ranks = two_ranks
+    for rank in ranks:
+        message, steps_done = rank["mismatch_error"]
+        assert steps_done == 0 and message == (
+            "the 2 ranks do not start from the same run: the settings and the weights differ between ranks; "
+            "give every rank the same flags and, to resume, the same latest.pt"
+        )
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
@@ -232,6 +267,12 @@ def test_world_from_torchrun_environment(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ValueError, match="RANK must be a non-negative integer, got 'x'"):
         World.from_env()
+
+
+def test_an_explicit_gpu_index_is_refused_under_torchrun():
+    assert World(0, 1, 0).device("cuda:1") == "cuda:1" and World(1, 2, 1).device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="--device cuda:0 would put every rank on one GPU; .* give --device cuda"):
+        World(1, 2, 1).device("cuda:0")
 
 
 def test_train_script_under_torchrun(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from began_fast.checkpoint import save_checkpoint
+from began_fast.checkpoint import load_checkpoint, save_checkpoint
 from began_fast.config import DataConfig, ModelConfig, TrainConfig
 from began_fast.data.builtin import BuiltinFaces
 from began_fast.fid import INCEPTION_WEIGHTS_FILE
@@ -63,13 +63,19 @@ def test_evaluate_script_end_to_end(tiny_checkpoint, tmp_path):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "SWD x1e3" in done.stdout and "D recon L1" in done.stdout and "(step 123)" in done.stdout
+    assert "SWD x1e3" in done.stdout and "(step 123)" in done.stdout
+    assert "D recon L1" in done.stdout and "on 8 held-out images" in done.stdout
     report = json.loads(out.read_text())
     assert report["step"] == 123 and report["num"] == 8 and report["image_size"] == 16
-    # The same numbers as evaluate_models on the built-in faces the script reads (the first 2 * num, seed 0).
-    expected = evaluate_models(G, D, BuiltinFaces(16, 16, seed=0), num=8)
+    assert report["recon_images"] == "held-out" and report["recon_num"] == 8
+    # The same numbers as evaluate_models on the images the script must read: SWD against the first 8 training
+    # faces (seed 0), D's error on the 8 faces after the 10,000 the run trained on.
+    held_out = BuiltinFaces(8, 16, seed=0, first=DataConfig().builtin_count).images
+    expected = evaluate_models(G, D, BuiltinFaces(8, 16, seed=0), num=8, held_out=held_out)
     assert report["swd"] == pytest.approx(expected["swd"]) and report["swd"]["avg"] > 0
     assert report["recon_l1"] == pytest.approx(expected["recon_l1"])
+    on_training = evaluate_models(G, D, BuiltinFaces(8, 16, seed=0), num=8)["recon_l1"]
+    assert report["recon_l1"] != pytest.approx(on_training)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +87,7 @@ def test_evaluate_script_end_to_end(tiny_checkpoint, tmp_path):
         (["{ckpt}", "--fid"], INCEPTION_WEIGHTS_FILE),
         (["{ckpt}", "--fid", "--inception-weights", "{tmp}/w.pth"], "is not a file"),
         (["{ckpt}", "--json", "{tmp}/a_file/report.json"], "File exists"),  # found before the evaluation runs
+        (["{ckpt}", "--json", "{tmp}"], "is a folder; expected a file name"),
     ],
 )
 def test_evaluate_script_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, monkeypatch, capsys, args, match):
@@ -103,10 +110,24 @@ def test_scripts_refuse_an_unknown_device_with_one_line(tiny_checkpoint, tmp_pat
     assert err == f"error: --device must be cpu, cuda or cuda:N, got {device!r}\n"
 
 
-def _write_run(folder, *, lr, m_of_step, steps, swd=None):
+def test_sample_script_refuses_a_diverged_generator_and_writes_nothing(tiny_checkpoint, tmp_path, capsys):
+    state = load_checkpoint(tiny_checkpoint[0])
+    state["G"] = {name: torch.full_like(value, float("nan")) for name, value in state["G"].items()}
+    save_checkpoint(tmp_path / "diverged.pt", state)
+    out = tmp_path / "samples"
+    assert _script("sample").main([str(tmp_path / "diverged.pt"), "--out", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "error: G(z) holds NaN or inf: the checkpoint's generator has diverged\n"
+    assert not list(out.glob("*.png"))
+
+
+def _write_run(folder, *, lr, m_of_step, steps, swd=None, image_size=16, **train):
     """A run folder as scripts/train.py writes it, with M = m_of_step(step) and SWD evaluations {step: value}."""
     folder.mkdir()
-    config = {"model": dataclasses.asdict(TINY), "train": dataclasses.asdict(TrainConfig(lr=lr, lr_floor=lr / 5))}
+    model = dataclasses.replace(TINY, image_size=image_size)
+    config = {
+        "model": dataclasses.asdict(model),
+        "train": dataclasses.asdict(TrainConfig(lr=lr, lr_floor=lr / 5, **train)),
+    }
     (folder / "config.json").write_text(json.dumps(config))
     rows = [{"step": s, "m": m_of_step(s), "k": 0.01, "lr": lr} for s in steps]
     rows += [{"step": s, "swd": v} for s, v in (swd or {}).items()]
@@ -163,6 +184,25 @@ def test_compare_runs_without_evaluations_judges_by_m_and_calls_small_difference
     assert rc == 0, err
     c = json.loads(out)
     assert c["config_diff"] == {} and c["verdict"].startswith("even: mean M over the last 10 common steps")
+
+
+@pytest.mark.parametrize(
+    ("change", "evaluated", "withheld"),
+    [
+        ({"image_size": 32}, True, "SWD does not compare runs with different model.image_size 16 vs 32"),
+        ({"eval_images": 1024}, True, "SWD does not compare runs with different train.eval_images 512 vs 1024"),
+        ({"gamma": 0.7}, False, "M does not compare runs with different train.gamma 0.5 vs 0.7"),
+        ({"gamma": 0.7}, True, None),  # SWD compares the samples, whatever gamma trained them
+    ],
+)
+def test_compare_runs_gives_no_verdict_where_the_measure_differs(tmp_path, compare, change, evaluated, withheld):
+    swd = {500: 60.0} if evaluated else None
+    a = _write_run(tmp_path / "a", lr=1e-4, m_of_step=lambda s: 0.3, steps=[500], swd=swd and {500: 90.0})
+    b = _write_run(tmp_path / "b", lr=1e-4, m_of_step=lambda s: 0.2, steps=[500], swd=swd, **change)
+    rc, out, err = compare([a, b, "--json"])
+    assert rc == 0, err
+    verdict = json.loads(out)["verdict"]
+    assert verdict == f"none: {withheld}" if withheld else verdict.startswith("b is better than a: SWD at step 500")
 
 
 def test_compare_runs_rejects_missing_or_incomplete_folders(tmp_path):

@@ -204,24 +204,30 @@ def _tiny_models():
     return Generator(cfg, impl="torch").eval(), Discriminator(cfg, impl="torch").eval()
 
 
-def test_evaluate_models_reports_swd_and_the_held_out_reconstruction_error():
+def _recon_l1(D, images):
+    x = images.float() / 127.5 - 1
+    with torch.no_grad():
+        return (x - D(x)).abs().mean().item()
+
+
+def test_evaluate_models_reports_swd_and_the_reconstruction_error_on_the_held_out_images():
     G, D = _tiny_models()
-    real = BuiltinFaces(24, 16, seed=0)
-    result = evaluate_models(G, D, real, num=10, seed=1, batch_size=4)
+    real, held_out = BuiltinFaces(24, 16, seed=0), BuiltinFaces(6, 16, seed=0, first=24).images
+    result = evaluate_models(G, D, real, num=10, seed=1, batch_size=4, held_out=held_out)
     assert result["num"] == 10 and result["image_size"] == 16 and "fid" not in result
     assert set(result["swd"]) == {"16", "avg"} and result["swd"]["avg"] > 0
-    # The reconstruction error is D's on the last 10 images, in [-1, 1].
-    x = real.images[-10:].float() / 127.5 - 1
-    with torch.no_grad():
-        expected = (x - D(x)).abs().mean().item()
-    assert result["recon_l1"] == pytest.approx(expected, rel=1e-5)
-    assert evaluate_models(G, D, real, num=10, seed=1, batch_size=7) == result
+    # D's error on all six held-out images, in [-1, 1]; without them, on the ten real images SWD compared with.
+    assert result["recon_l1"] == pytest.approx(_recon_l1(D, held_out), rel=1e-5)
+    without = evaluate_models(G, D, real, num=10, seed=1, batch_size=4)
+    assert without["recon_l1"] == pytest.approx(_recon_l1(D, real.images[:10]), rel=1e-5)
+    assert without["swd"] == result["swd"]
+    assert evaluate_models(G, D, real, num=10, seed=1, batch_size=7, held_out=held_out) == result
     assert evaluate_models(G, D, real, num=10, seed=2, batch_size=4)["swd"] != result["swd"]
 
 
 def test_evaluate_models_rejects_a_too_small_or_mismatched_real_set():
     G, D = _tiny_models()
-    with pytest.raises(MetricError, match="the set holds 5, num is 10"):
+    with pytest.raises(MetricError, match="10 images to compare, but the real images are only 5; compare fewer"):
         evaluate_models(G, D, BuiltinFaces(5, 16, seed=0), num=10)
     with pytest.raises(MetricError, match="real images are 32x32, the model makes 16x16"):
         evaluate_models(G, D, BuiltinFaces(4, 32, seed=0).images, num=4)
@@ -235,6 +241,14 @@ def test_evaluate_models_refuses_a_diverged_generator():
     with torch.no_grad():
         G.decoder.fc.bias.fill_(float("nan"))
     with pytest.raises(MetricError, match="G\\(z\\) holds NaN or inf"):
+        evaluate_models(G, D, BuiltinFaces(4, 16, seed=0).images, num=4)
+
+
+def test_evaluate_models_refuses_a_diverged_discriminator():
+    G, D = _tiny_models()
+    with torch.no_grad():
+        D.decoder.fc.bias.fill_(float("nan"))
+    with pytest.raises(MetricError, match="D's reconstructions hold NaN or inf"):
         evaluate_models(G, D, BuiltinFaces(4, 16, seed=0).images, num=4)
 
 

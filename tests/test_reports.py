@@ -1,5 +1,6 @@
 """The run folder's pictures: the samples-over-time strip and GIF, D's reconstruction grid, the convergence plot
-with the lr and SWD; each file is written whole and has the size its layout implies."""
+with the lr and SWD, and the runs-compared plot; each file is written whole, has the size its layout implies and
+shows its data in order, on the axes named for it."""
 
 import json
 
@@ -49,6 +50,17 @@ def test_progress_strip_and_gif_have_the_layout_size(tmp_path):
     assert errors[1400] < 16 and errors[1400] < 0.3 * errors[0], errors
 
 
+def test_progress_strip_shows_the_grids_in_step_order(tmp_path):
+    steps = range(0, 1500, 100)  # 15 grids, each one flat grey, lighter with the step; the strip shows 10
+    for i, step in enumerate(steps):
+        grey = torch.full((16, 3, SIZE, SIZE), -1 + 2 * i / (len(steps) - 1))
+        reports.save_image_grid(grey, tmp_path / "samples" / f"step_{step:07d}.png", nrow=4)
+    strip = np.asarray(reports.progress_strip(reports.sample_frames(tmp_path)).convert("L"), dtype=np.float32)
+    tiles = [strip[reports.LABEL_HEIGHT :, x : x + 256] for x in range(0, 10 * 260, 260)]  # 256 px + a 4 px gap
+    greys = [float(np.median(tile)) for tile in tiles]  # the images fill most of a tile; the rest is padding
+    assert greys[0] == 0 and greys[-1] == 255 and all(a < b for a, b in zip(greys, greys[1:], strict=False)), greys
+
+
 def test_update_progress_before_any_sample_writes_nothing(tmp_path):
     assert reports.update_progress(tmp_path) == []
     assert not list(tmp_path.iterdir())
@@ -92,3 +104,42 @@ def test_convergence_plot_adds_an_swd_panel_when_evaluated(tmp_path, with_swd):
     with Image.open(tmp_path / "convergence.png") as plot:
         # 7 in wide at 100 dpi; 2.75 in per panel.
         assert plot.size == (700, 275 * (3 if with_swd else 2))
+
+
+def _lines_by_axis(fig) -> dict[str, list]:
+    """Each axes' y label -> its lines as (label, colour, x, y)."""
+    return {
+        ax.get_ylabel(): [
+            (line.get_label(), line.get_color(), list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.get_lines()
+        ]
+        for ax in fig.axes
+    }
+
+
+@pytest.mark.parametrize("with_swd", [False, True])
+def test_convergence_figure_plots_m_lr_k_and_swd_on_their_axes(with_swd):
+    rows = _stats_rows(with_swd)
+    train_rows = [r for r in rows if "m" in r]
+    steps = [r["step"] for r in train_rows]
+    fig = reports.convergence_figure(rows)
+    lines = _lines_by_axis(fig)
+    reports._pyplot().close(fig)
+    assert [(x, y) for _, _, x, y in lines["M (convergence)"]] == [(steps, [r["m"] for r in train_rows])]
+    assert [(x, y) for _, _, x, y in lines["learning rate (dashed)"]] == [(steps, [r["lr"] for r in train_rows])]
+    assert [(x, y) for _, _, x, y in lines["k_t"]] == [(steps, [r["k"] for r in train_rows])]
+    swd = [(x, y) for _, _, x, y in lines.get("SWD x1e3 (lower is better)", [])]
+    assert swd == ([([500, 1000], [80.5, 60.25])] if with_swd else [])
+
+
+def test_runs_figure_gives_each_run_one_colour_in_both_panels():
+    unevaluated, evaluated = _stats_rows(False), _stats_rows(True)
+    fig = reports.runs_figure({"plain": unevaluated, "evaluated": evaluated})
+    lines = _lines_by_axis(fig)
+    legends = [ax.get_legend() for ax in fig.axes]
+    reports._pyplot().close(fig)
+    m_colour = {label: colour for label, colour, _, _ in lines["M (convergence)"]}
+    (swd,) = lines["SWD x1e3 (lower is better)"]
+    assert m_colour["plain"] != m_colour["evaluated"]
+    assert swd[:2] == ("evaluated", m_colour["evaluated"]) and swd[2:] == ([500, 1000], [80.5, 60.25])
+    assert all(legend is not None for legend in legends)

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -14,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from began_fast import metrics
+from began_fast import metrics, reports
 from began_fast.checkpoint import CheckpointError, load_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from began_fast.data.builtin import BuiltinFaces
 from began_fast.metrics import MetricError
 from began_fast.train import RunOptions, TrainingError, setup_run, train
 
@@ -41,15 +43,39 @@ def parameters(run):
     return [p.detach().clone() for p in list(run.G.parameters()) + list(run.D.parameters())]
 
 
-def test_run_writes_its_outputs(tmp_path):
+def test_run_writes_its_outputs(tmp_path, monkeypatch):
+    calls = {}
+
+    def record(module, name, what):
+        """Record what(*args) at each call of module.name, under `name`."""
+        function = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls.setdefault(name, []).append(what(*args, **kwargs))
+            return function(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    newest_grid = lambda *args: reports.sample_frames(tmp_path)[-1][0]  # noqa: E731
+    record(reports, "update_progress", newest_grid)
+    record(reports, "save_reconstruction_grid", newest_grid)
+    record(reports, "plot_convergence", lambda stats, path: max(r["step"] for r in stats))
+    record(metrics, "evaluate_models", lambda *args, held_out, **kwargs: held_out)
     run = run_steps(tmp_path, 8)
+    # Every picture is redrawn at every sample step, not only at the end.
+    assert calls["update_progress"] == calls["save_reconstruction_grid"] == calls["plot_convergence"] == [4, 8]
+    # D's error is measured on the 16 faces after the 64 the run trains on.
+    (held_out,) = calls["evaluate_models"]
+    assert torch.equal(held_out, BuiltinFaces(16, 16, 0, first=64).images)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"]["image_size"] == 16
     assert config["run"]["reference_step"] is False and config["run"]["amp"] is None
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "swd" in r]
     rows = [r for r in rows if "swd" not in r]
-    assert [(r["step"], r["swd"] > 0, r["recon_l1"] > 0) for r in evals] == [(8, True, True)]
+    assert [(r["step"], r["swd"] > 0, r["recon_l1"] > 0, r["recon_images"]) for r in evals] == [
+        (8, True, True, "held-out")
+    ]
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     assert all(math.isfinite(r["m"]) and 0 <= r["k"] <= 1 and r["lr"] == pytest.approx(1e-4) for r in rows)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000004.png", "step_0000008.png"]
@@ -86,14 +112,17 @@ def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
     assert (tmp_path / "latest.pt").read_bytes() == before
 
 
-def test_resume_drops_the_rows_logged_after_the_checkpoint(tmp_path):
-    """A run that died after logging step 6 but before checkpointing it: the resume logs step 6 anew, once."""
+def test_resume_drops_what_was_written_after_the_checkpoint(tmp_path):
+    """A run that died after logging step 6 and drawing a grid at step 12, mid-way through writing a stats row,
+    before it checkpointed: the resume logs step 6 anew, once, and its progress strip ends at its own last grid."""
     run_steps(tmp_path, 4)
     with open(tmp_path / "stats.jsonl", "a") as f:
-        f.write(json.dumps({"step": 6, "m": 0.5}) + "\n")
+        f.write(json.dumps({"step": 6, "m": 0.5}) + '\n{"step": 7, "l_re')
+    shutil.copy(tmp_path / "samples" / "step_0000004.png", tmp_path / "samples" / "step_0000012.png")
     run_steps(tmp_path, 8, resume=True)
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "swd" not in r] == [2, 4, 6, 8] and rows[2]["m"] != 0.5
+    assert [step for step, _ in reports.sample_frames(tmp_path)] == [4, 8]
 
 
 def test_resume_checks_the_settings_given_again(tmp_path):
@@ -173,6 +202,9 @@ def cli(*args, env=None):
         (["--lr", "1e-4", "--lr-floor", "1e-3"], "lr_floor must be in [0, lr=0.0001]", {}),
         (["--device", "cpu", "--impl", "triton"], "the Triton kernels need a CUDA", {"TRITON_INTERPRET": "0"}),
         ([], "BEGAN_FAST_IMPL must be one of", {"BEGAN_FAST_IMPL": "bogus"}),
+        (["--holdout", "-1"], "holdout must be >= 0, got -1", {}),
+        (["--dist-timeout", "inf"], "--dist-timeout must be in (0, 604800] seconds (a week), got inf", {}),
+        (["--holdout", "10000"], "--holdout 10000 must leave training images: the set holds 10000", {}),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, message, env):
@@ -200,6 +232,7 @@ def test_cli_trains_and_resumes(tmp_path):
     for args, message in (
         ([], "already holds a run"),
         (["--resume", "--batch-size", "8"], "train setting batch_size is 4, not 8"),
+        (["--resume", "--holdout", "5"], "data setting holdout is 0, not 5"),
     ):
         result = cli(*common, "--steps", "6", *args)
         assert_one_error_line(result, message)

@@ -19,6 +19,7 @@ from began_fast.data.errors import DataError, SkippedImagesWarning
 from began_fast.data.folder import ImageFolder
 from began_fast.data.gpu_resident import GpuResidentSet, GpuResidentStream, fits
 from began_fast.data.hdf5 import Hdf5Images
+from began_fast.data.holdout import TrainingImages, held_out_images
 from began_fast.data.images import crop_box
 from began_fast.data.loader import TorchLoader
 from began_fast.data.sampler import BatchOrder
@@ -31,6 +32,7 @@ __all__ = [
     "TorchLoader",
     "crop_box",
     "detect_source",
+    "held_out_images",
     "make_batches",
     "open_source",
 ]
@@ -58,7 +60,8 @@ def detect_source(path: str | None) -> tuple[str, str | None]:
 
 
 def open_source(cfg: DataConfig, image_size: int):
-    """The ImageSource that cfg names, at image_size x image_size (see the package docstring)."""
+    """The images a run trains on: the source that cfg names, at image_size x image_size (see the package
+    docstring), less its last cfg.holdout images (data/holdout.py)."""
     if cfg.source == "auto":
         kind, path = detect_source(cfg.path)
     elif cfg.source == "builtin":
@@ -73,10 +76,13 @@ def open_source(cfg: DataConfig, image_size: int):
             raise DataError(f"data path {cfg.path} is not a {cfg.source} source (it looks like {detected})")
         kind, path = cfg.source, detected_path if detected == cfg.source else cfg.path
     if kind == "builtin":
-        return BuiltinFaces(cfg.builtin_count, image_size, cfg.builtin_seed)
-    if kind == "hdf5":
-        return Hdf5Images(path, image_size)
-    return ImageFolder(path, image_size, cfg.crop, cfg.crop_size, kind)
+        if cfg.holdout >= cfg.builtin_count:
+            raise DataError(f"--holdout {cfg.holdout} must leave training images: the set holds {cfg.builtin_count}")
+        return BuiltinFaces(cfg.builtin_count - cfg.holdout, image_size, cfg.builtin_seed)
+    source = (
+        Hdf5Images(path, image_size) if kind == "hdf5" else ImageFolder(path, image_size, cfg.crop, cfg.crop_size, kind)
+    )
+    return TrainingImages(source, cfg.holdout) if cfg.holdout else source
 
 
 def make_batches(

@@ -150,19 +150,21 @@ def draw_face(rng: np.random.Generator, canvas: int) -> Image.Image:
 
 # The loader and the loop's pictures and evaluation open the same set: draw it once per process.
 @functools.lru_cache(maxsize=2)
-def draw_faces(count: int, image_size: int, seed: int) -> np.ndarray:
-    """Faces 0 .. count-1 of the set `seed`: a (count, S, S, 3) uint8 array (NHWC), shared by all callers (cached):
-    copy it before writing."""
+def draw_faces(count: int, image_size: int, seed: int, first: int = 0) -> np.ndarray:
+    """Faces first .. first+count-1 of the set `seed`: a (count, S, S, 3) uint8 array (NHWC), shared by all callers
+    (cached): copy it before writing."""
     canvas = max(128, 2 * image_size)
     out = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
     for k in range(count):
-        rng = np.random.default_rng([seed % 2**64, k])
+        rng = np.random.default_rng([seed % 2**64, first + k])
         out[k] = resize_square(draw_face(rng, canvas), image_size)
     return out
 
 
 class BuiltinFaces(torch.utils.data.Dataset):
-    """`count` procedural faces at S x S, built once in memory (uint8 NCHW) when the source is opened.
+    """`count` procedural faces at S x S, built once in memory (uint8 NCHW) when the source is opened: faces
+    first .. first+count-1 of the set `seed`. A run trains on faces 0 .. count-1, so the faces after them are
+    held-out images, as many as wanted (data.holdout.held_out_images).
 
     Built before any DataLoader worker forks, so the workers share the array instead of each drawing it.
     """
@@ -170,9 +172,9 @@ class BuiltinFaces(torch.utils.data.Dataset):
     kind = "builtin"
     files: list[str] = []
 
-    def __init__(self, count: int, image_size: int, seed: int):
-        self.count, self.image_size, self.seed = count, image_size, seed
-        self.images = torch.from_numpy(draw_faces(count, image_size, seed)).permute(0, 3, 1, 2).contiguous()
+    def __init__(self, count: int, image_size: int, seed: int, first: int = 0):
+        self.count, self.image_size, self.seed, self.first = count, image_size, seed, first
+        self.images = torch.from_numpy(draw_faces(count, image_size, seed, first)).permute(0, 3, 1, 2).contiguous()
 
     def __len__(self) -> int:
         return self.count
@@ -185,4 +187,5 @@ class BuiltinFaces(torch.utils.data.Dataset):
         return self.images
 
     def describe(self) -> str:
-        return f"builtin faces: {self.count} images at {self.image_size}px, seed {self.seed}"
+        faces = f"{self.count} images" if self.first == 0 else f"faces {self.first} to {self.first + self.count - 1}"
+        return f"builtin faces: {faces} at {self.image_size}px, seed {self.seed}"

@@ -117,4 +117,5 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def describe(self) -> str:
         box = f"{self.crop} crop" + (f" {self.crop_size}px" if self.crop_size else "")
-        return f"{self.kind} folder {self.root}: {len(self.files)} images, {box}, resized to {self.image_size}px"
+        kind = "CelebA folder" if self.kind == "celeba" else "image folder"
+        return f"{kind} {self.root}: {len(self.files)} images, {box}, resized to {self.image_size}px"
