@@ -148,7 +148,7 @@ class Collectives:
         return BalanceResult(l_real, l_fake, l_real - k * l_fake, l_fake, k_next, l_real + balance.abs())
 
     def check_same(self, fingerprint: dict[str, int], device: torch.device | str) -> None:
-        """Raise ConfigError, on every rank, when a value of `fingerprint` ({what: 63-bit integer}, the same keys
+        """Raise ConfigError, on every rank, when a value of `fingerprint` ({what: int64}, the same keys
         on every rank) differs between the ranks. Two tiny all-reduces; call it once, before training."""
         values = torch.tensor(list(fingerprint.values()), dtype=torch.int64, device=device)
         low, high = values.clone(), values.clone()

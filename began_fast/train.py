@@ -195,8 +195,16 @@ def setup_run(
     return Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z, collectives)
 
 
+def _int64_digest(chunks) -> int:
+    """A 64-bit BLAKE2 digest of the byte strings `chunks`, as a signed integer (an int64 tensor holds it)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for chunk in chunks:
+        digest.update(chunk)
+    return int.from_bytes(digest.digest(), "little", signed=True)
+
+
 def start_fingerprint(run: Run) -> dict[str, int]:
-    """What every rank of a torchrun job must share before its first step, each as a 63-bit number: the step it
+    """What every rank of a torchrun job must share before its first step, each as one int64: the step it
     starts at, the settings that shape training (not the rank's own folder, data path and workers, which may differ
     between machines) and the weights with k_t (a wrong or stale copy of latest.pt on one machine)."""
     settings = {
@@ -205,16 +213,13 @@ def start_fingerprint(run: Run) -> dict[str, int]:
         "data": {k: v for k, v in config_dict(run.data_cfg).items() if k not in ("path", "num_workers")},
         "step": [run.opts.reference_step, run.opts.amp, run.opts.cuda_graphs],
     }
-    weights = hashlib.blake2b(digest_size=8)
-    for tensor in [*run.G.state_dict().values(), *run.D.state_dict().values(), run.step.k]:
-        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    as_int64 = lambda digest: int.from_bytes(digest, "little", signed=True)  # noqa: E731
+    tensors = [*run.G.state_dict().values(), *run.D.state_dict().values(), run.step.k]
     return {
         "the starting step": run.step.steps_done,
-        "the settings": as_int64(
-            hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).digest()
+        "the settings": _int64_digest([json.dumps(settings, sort_keys=True).encode()]),
+        "the weights": _int64_digest(
+            t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors
         ),
-        "the weights": as_int64(weights.digest()),
     }
 
 
