@@ -354,13 +354,7 @@ def make_feed(run: Run, batches):
         return lambda: run.step(next(batches))
     shape = (run.train_cfg.batch_size, 3, run.model_cfg.image_size, run.model_cfg.image_size)
     if isinstance(batches, GpuResidentStream):
-        images = batches.images
-
-        def sample_into(out):
-            images.sample_into(out, batches.generator, flip=batches.flip)
-
-        graph = CudaGraphStep(run.step, shape, sample_into=sample_into, generators=[batches.generator])
-        return graph
+        return CudaGraphStep(run.step, shape, sample_into=batches.sample_into, generators=[batches.generator])
     graph = CudaGraphStep(run.step, shape)
     return lambda: graph(next(batches))
 

@@ -20,6 +20,7 @@ from began_fast.data import (
     BatchOrder,
     DataError,
     GpuResidentSet,
+    GpuResidentStream,
     SkippedImagesWarning,
     TorchLoader,
     crop_box,
@@ -354,6 +355,22 @@ def test_gpu_resident_set_on_cpu():
     with pytest.raises(DataError, match="uint8"):
         GpuResidentSet(torch.rand(2, 3, 8, 8), "cpu")
     assert fits(10, 32, "cpu") and not fits(10**12, 256, "cpu")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_gpu_resident_stream_shards_the_global_batch(world_size):
+    """world_size ranks of batch B together draw, step for step, exactly the batches of one process of batch
+    world_size*B (images and flips): the ranks share one random stream and each keeps its own rows."""
+    images = GpuResidentSet(BuiltinFaces(32, 16, seed=4), "cpu")
+    one = GpuResidentStream(images, 4 * world_size, seed=9)
+    ranks = [GpuResidentStream(images, 4, seed=9, rank=r, world_size=world_size) for r in range(world_size)]
+    for _ in range(3):
+        shards = [next(rank) for rank in ranks]
+        assert torch.equal(torch.cat(shards), next(one))
+        assert not torch.equal(shards[0], shards[1])
+    assert "rank 1's rows of a" in ranks[1].describe()
+    with pytest.raises(DataError, match="rank must be in"):
+        GpuResidentStream(images, 4, seed=9, rank=world_size, world_size=world_size)
 
 
 def test_make_batches_picks_the_loader():

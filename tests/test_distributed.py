@@ -36,6 +36,7 @@ GLOBAL_BATCH, STEPS, K0 = 4, 3, 0.3
 # lambda_k large enough that k_t moves visibly in three steps, from K0 so that it is away from its clamps.
 PARITY_CFG = TrainConfig(batch_size=GLOBAL_BATCH, lr=1e-3, lambda_k=0.05)
 LOOP_DATA = DataConfig(builtin_count=64, num_workers=0)
+LOOP_LOADERS = ("torch", "gpu")  # the epoch-ordered loader and the device-resident sampler (here on the CPU)
 JOB_TIMEOUT_S = 240  # the whole two-rank job; a hang fails the tests instead of stalling CI
 COLLECTIVE_TIMEOUT_S = 60.0
 WORLD_SIZE = 2
@@ -43,6 +44,10 @@ WORLD_SIZE = 2
 
 def loop_cfg(steps):
     return TrainConfig(batch_size=2, steps=steps, log_every=2, sample_every=100, checkpoint_every=4, snapshot_every=8)
+
+
+def loop_data(loader):
+    return dataclasses.replace(LOOP_DATA, loader=loader)
 
 
 def real_batches():
@@ -92,10 +97,11 @@ def rank_main(rank, port, folder):
     results = {kind: run_parity(kind, rank, collectives) for kind in ("fast", "reference")}
     results["fp16"] = run_fp16_overflow(rank, collectives)
     # Each rank is given its own --out, so that anything rank 1 wrote would show.
-    opts = RunOptions(out=folder / ("run" if rank == 0 else "run_rank1"), quiet=True)
-    run = setup_run(MODEL, loop_cfg(4), LOOP_DATA, opts, collectives)
-    train(run)
-    results["loop_k"] = run.step.k.clone()
+    for loader in LOOP_LOADERS:
+        out = folder / (f"run_{loader}" if rank == 0 else f"run_{loader}_rank1")
+        run = setup_run(MODEL, loop_cfg(4), loop_data(loader), RunOptions(out=out, quiet=True), collectives)
+        train(run)
+        results[f"loop_k_{loader}"] = run.step.k.clone()
     # A job whose ranks were given different settings (here rank 1 another seed, so other weights too).
     mismatched = dataclasses.replace(loop_cfg(4), seed=rank)
     run = setup_run(MODEL, mismatched, LOOP_DATA, RunOptions(out=folder / f"mismatch{rank}", quiet=True), collectives)
@@ -159,7 +165,7 @@ def test_ranks_agree_bit_for_bit(two_ranks, kind):
     assert torch.equal(rank0[kind]["k"], rank1[kind]["k"])
     assert torch.equal(rank0[kind]["stats"], rank1[kind]["stats"])
     assert all(torch.equal(a, b) for a, b in zip(rank0[kind]["params"], rank1[kind]["params"], strict=True))
-    assert torch.equal(rank0["loop_k"], rank1["loop_k"])
+    assert all(torch.equal(rank0[f"loop_k_{loader}"], rank1[f"loop_k_{loader}"]) for loader in LOOP_LOADERS)
 
 
 def test_an_fp16_overflow_on_one_rank_is_skipped_on_all(two_ranks):
@@ -171,27 +177,29 @@ def test_an_fp16_overflow_on_one_rank_is_skipped_on_all(two_ranks):
 
 def test_only_rank_0_writes_and_the_config_states_the_batches(two_ranks):
     folder, _ = two_ranks
-    config = json.loads((folder / "run" / "config.json").read_text())
+    config = json.loads((folder / "run_torch" / "config.json").read_text())
     assert {key: config["run"][key] for key in ("world_size", "per_rank_batch", "global_batch", "effective_lr")} == {
         "world_size": 2,
         "per_rank_batch": 2,
         "global_batch": 4,
         "effective_lr": pytest.approx(1e-4),
     }
-    rows = [json.loads(line) for line in (folder / "run" / "stats.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "run_torch" / "stats.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4]
-    assert not (folder / "run_rank1").exists()  # rank 1 wrote nothing: no checkpoint, stats, pictures or events
+    # Rank 1 wrote nothing: no checkpoint, stats, pictures or events.
+    assert not any((folder / f"run_{loader}_rank1").exists() for loader in LOOP_LOADERS)
 
 
-def test_the_loop_feeds_each_rank_its_shard_of_the_global_batch(two_ranks, tmp_path):
+@pytest.mark.parametrize("loader", LOOP_LOADERS)
+def test_the_loop_feeds_each_rank_its_shard_of_the_global_batch(two_ranks, tmp_path, loader):
     """The 2-rank training loop (batch 2 per rank) against one process of batch 4: the loop's own data loader,
     noise and all-reduces, not batches sliced by hand; a rank reading another's shard would differ here."""
     folder, _ = two_ranks
     one = setup_run(
-        MODEL, dataclasses.replace(loop_cfg(4), batch_size=4), LOOP_DATA, RunOptions(out=tmp_path, quiet=True)
+        MODEL, dataclasses.replace(loop_cfg(4), batch_size=4), loop_data(loader), RunOptions(out=tmp_path, quiet=True)
     )
     train(one)
-    two_ranks_state = load_checkpoint(folder / "run" / "latest.pt")
+    two_ranks_state = load_checkpoint(folder / f"run_{loader}" / "latest.pt")
     for network, model in (("G", one.G), ("D", one.D)):
         for name, value in model.state_dict().items():
             assert_parity(two_ranks_state[network][name], value, name=f"{network} {name}")
@@ -210,14 +218,14 @@ def test_ranks_given_different_settings_are_refused_before_the_first_step(two_ra
 
 def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
     folder, ranks = two_ranks
-    saved = load_checkpoint(folder / "run" / "latest.pt")
+    saved = load_checkpoint(folder / "run_torch" / "latest.pt")
     assert saved["step"] == 4 and saved["trainer"]["world_size"] == 2
-    assert torch.equal(saved["trainer"]["k"], ranks[0]["loop_k"])
+    assert torch.equal(saved["trainer"]["k"], ranks[0]["loop_k_torch"])
     out = tmp_path / "run"
     out.mkdir()
-    (out / "latest.pt").write_bytes((folder / "run" / "latest.pt").read_bytes())
+    (out / "latest.pt").write_bytes((folder / "run_torch" / "latest.pt").read_bytes())
     run = setup_run(MODEL, loop_cfg(6), LOOP_DATA, RunOptions(out=out, resume=True, quiet=True))
-    assert run.step.world_size == 1 and torch.equal(run.step.k, ranks[0]["loop_k"])
+    assert run.step.world_size == 1 and torch.equal(run.step.k, ranks[0]["loop_k_torch"])
     train(run)
     assert load_checkpoint(out / "latest.pt")["step"] == 6
     rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]

@@ -130,7 +130,9 @@ def make_batches(
         loader = "gpu" if fits(len(source), image_size, device) else "torch"
     if loader == "gpu":
         images = GpuResidentSet(source, device)
-        return GpuResidentStream(images, batch_size, seed=seed, start_step=start_step, rank=rank, flip=cfg.flip)
+        return GpuResidentStream(
+            images, batch_size, seed=seed, start_step=start_step, rank=rank, world_size=world_size, flip=cfg.flip
+        )
     return TorchLoader(
         source,
         batch_size,

@@ -11,6 +11,11 @@ so every replay draws a fresh batch. (A non-default generator must be registered
 torch.cuda.CUDAGraph.register_generator_state.) This stream is not resumable step for step: a resumed or
 graph-captured run continues with a new RNG stream. Sampling with replacement is the usual choice for a GAN: each
 step sees B uniform draws, as in expectation an epoch-based order does.
+
+Sharding (torchrun): every rank seeds the same generator and draws the indices and flips of the whole global batch
+of world_size * B images, then gathers only its rows [rank*B, (rank+1)*B). The ranks' rows together are that global
+batch, so world_size ranks of batch B see exactly the images one process of batch world_size*B sees (the few
+extra random numbers are cheap next to the gather, which each rank does for its own rows only).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 
 from began_fast.data.errors import DataError
+from began_fast.data.sampler import check_rank
 
 # The share of free memory the images may take: the rest is for the model, its activations and the optimizer.
 MEMORY_SHARE = 0.5
@@ -71,15 +77,26 @@ class GpuResidentSet:
     def image_size(self) -> int:
         return self.images.shape[-1]
 
-    def sample_into(self, out: torch.Tensor, generator: torch.Generator | None = None, flip: bool = True) -> None:
+    def sample_into(
+        self,
+        out: torch.Tensor,
+        generator: torch.Generator | None = None,
+        flip: bool = True,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         """Fill `out`, a float (B, 3, S, S) tensor on the device, with B random images in [-1, 1], randomly
-        mirrored left-right when flip is true. Allocation-free in the caller's buffer; capturable in a CUDA graph.
+        mirrored left-right when flip is true: rows [rank*B, (rank+1)*B) of a global batch of world_size*B draws
+        (see the module docstring). Capturable in a CUDA graph.
         """
         batch = out.shape[0]
-        indices = torch.randint(len(self), (batch,), device=self.device, generator=generator)
+        rows = slice(rank * batch, (rank + 1) * batch)
+        global_batch = world_size * batch
+        indices = torch.randint(len(self), (global_batch,), device=self.device, generator=generator)[rows]
         images = self.images.index_select(0, indices)
         if flip:
-            mirrored = torch.rand(batch, device=self.device, generator=generator) < 0.5
+            mirrored = (torch.rand(global_batch, device=self.device, generator=generator) < 0.5)[rows]
             images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
         out.copy_(images).div_(127.5).sub_(1.0)  # x = u8 / 127.5 - 1
 
@@ -90,10 +107,12 @@ class GpuResidentSet:
         *,
         flip: bool = True,
         dtype: torch.dtype = torch.float32,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> torch.Tensor:
         """B random images, (B, 3, S, S) of `dtype` in [-1, 1] on the device (see sample_into)."""
         out = torch.empty(batch_size, 3, self.image_size, self.image_size, device=self.device, dtype=dtype)
-        self.sample_into(out, generator, flip)
+        self.sample_into(out, generator, flip, rank=rank, world_size=world_size)
         return out
 
     def describe(self) -> str:
@@ -102,10 +121,11 @@ class GpuResidentSet:
 
 
 class GpuResidentStream:
-    """Iterator of (B, 3, S, S) float32 batches sampled from a GpuResidentSet with its own device generator.
+    """Iterator of this rank's (B, 3, S, S) float32 batches, sampled from a GpuResidentSet with its own device
+    generator: rows [rank*B, (rank+1)*B) of each global batch of world_size*B draws.
 
-    The generator is seeded with (seed, rank, start_step): reproducible for a given start, but a resumed run
-    draws a new stream (see the module docstring).
+    The generator is seeded with (seed, start_step), the same on every rank: reproducible for a given start, but a
+    resumed run draws a new stream (see the module docstring).
     """
 
     def __init__(
@@ -116,17 +136,27 @@ class GpuResidentStream:
         seed: int,
         start_step: int = 0,
         rank: int = 0,
+        world_size: int = 1,
         flip: bool = True,
     ):
+        check_rank(rank, world_size)
         self.images, self.batch_size, self.flip = images, batch_size, flip
-        key = np.random.SeedSequence([seed % 2**64, rank, start_step]).generate_state(1, np.uint64)[0]
+        self.rank, self.world_size = rank, world_size
+        key = np.random.SeedSequence([seed % 2**64, start_step]).generate_state(1, np.uint64)[0]
         self.generator = torch.Generator(images.device).manual_seed(int(key))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
-        return self.images.sample(self.batch_size, self.generator, flip=self.flip)
+        return self.images.sample(
+            self.batch_size, self.generator, flip=self.flip, rank=self.rank, world_size=self.world_size
+        )
+
+    def sample_into(self, out: torch.Tensor) -> None:
+        """This rank's next batch into `out` (capturable in a CUDA graph, see GpuResidentSet.sample_into)."""
+        self.images.sample_into(out, self.generator, self.flip, rank=self.rank, world_size=self.world_size)
 
     def describe(self) -> str:
-        return f"gpu-resident sampler (batch {self.batch_size}, with replacement) over {self.images.describe()}"
+        shard = f", rank {self.rank}'s rows of a {self.world_size}-rank global batch" if self.world_size > 1 else ""
+        return f"gpu-resident sampler (batch {self.batch_size}, with replacement{shard}) over {self.images.describe()}"

@@ -31,6 +31,12 @@ def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def check_rank(rank: int, world_size: int) -> None:
+    """Refuse a rank outside [0, world_size) or a world_size below 1."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank must be in [0, world_size) and world_size >= 1, got rank {rank} of {world_size}")
+
+
 class BatchOrder:
     """Iterable of (indices LongTensor (B,), flips BoolTensor (B,)) for steps start_step, start_step+1, ...
 
@@ -40,8 +46,7 @@ class BatchOrder:
     def __init__(
         self, num_items: int, batch_size: int, seed: int, start_step: int = 0, *, rank: int = 0, world_size: int = 1
     ):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, world_size) and world_size >= 1, got rank {rank} of {world_size}")
+        check_rank(rank, world_size)
         if batch_size < 1 or start_step < 0:
             raise DataError(f"batch_size must be >= 1 and start_step >= 0, got {batch_size} and {start_step}")
         global_batch = batch_size * world_size
