@@ -183,6 +183,24 @@ def test_file_that_breaks_after_the_scan_is_replaced_by_the_next(tmp_path):
         assert torch.equal(source[0], expected)
 
 
+def test_loader_workers_warn_once_between_them_about_a_file_that_broke(tmp_path):
+    """Two worker processes, 4 epochs of 2 batches: each decodes the deleted file, one warning is printed. (In a
+    subprocess: under pytest a forked worker's warnings are recorded in that worker and never shown.)"""
+    paths = write_celeba_like(tmp_path / "faces", 8, seed=3)
+    program = f"""
+import os, torch
+from began_fast.config import DataConfig
+from began_fast.data import TorchLoader, open_source
+source = open_source(DataConfig(path={str(tmp_path / "faces")!r}), 16)
+os.remove({str(paths[5])!r})
+loader = TorchLoader(source, 4, seed=0, num_workers=2)
+assert all(torch.isfinite(next(loader)).all() for _ in range(8))
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("cannot decode") == 1, done.stderr
+
+
 # --- HDF5 ---------------------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,8 @@ truncated downloads without decoding); a PNG's chunk checksums are verified too 
 DALI's decoder, which cannot skip a file). Files that fail are left out and ONE SkippedImagesWarning names the count;
 if every file fails the source raises DataError. A file that passes but still fails to decode later (say, it was
 deleted or damaged mid-run) is replaced by the next image in the list, with one warning per such file, so a long
-run does not die on one bad JPEG.
+run does not die on one bad JPEG. Which files were warned about is kept in shared memory, so the DataLoader's
+worker processes warn once between them rather than once each.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
         self.files = scan_images(files, self.crop, crop_size)
-        self._failed: set[int] = set()
+        self._warned = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()  # seen by every worker
 
     def __len__(self) -> int:
         return len(self.files)
@@ -108,8 +109,8 @@ class ImageFolder(torch.utils.data.Dataset):
             try:
                 array = load_image(self.files[i], self.image_size, self.crop, self.crop_size)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
-                if i not in self._failed:
-                    self._failed.add(i)
+                if not self._warned[i]:
+                    self._warned[i] = True
                     warnings.warn(f"cannot decode {self.files[i]} ({error}); using the next image", stacklevel=2)
                 continue
             return torch.from_numpy(array).permute(2, 0, 1).contiguous()
