@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from began_fast.config import DataConfig
 from began_fast.data import DataError, SkippedImagesWarning, TorchLoader, make_batches, open_source
@@ -154,18 +154,24 @@ def test_shards_cover_every_file_once_per_epoch(celeba_dir, world_size, batch_si
 
 @needs_dali
 def test_center_crop_of_mixed_sizes_grayscale_cmyk_png(tmp_path):
-    images = [_face(0, 178, 218), _face(1, 100, 80), _face(2, 64, 64), _face(3, 90, 120)]
+    """Sizes, colour spaces, a 16-bit grey PNG and a JPEG whose EXIF orientation turns it: both loaders agree."""
+    images = [_face(0, 178, 218), _face(1, 100, 80), _face(2, 64, 64), _face(3, 90, 120), _face(4, 100, 70)]
     images[1] = images[1].convert("L")
     images[2] = images[2].convert("CMYK")
-    for i, image in enumerate(images):
+    for i, image in enumerate(images[:4]):
         image.save(tmp_path / f"{i}.{'png' if i == 3 else 'jpg'}", quality=90)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # shown turned 90 degrees clockwise: 70 wide, 100 high
+    images[4].save(tmp_path / "4.jpg", quality=90, exif=exif.tobytes())
+    grey = np.asarray(_face(5, 80, 80).convert("L"), dtype=np.uint16) * 257 + np.arange(80, dtype=np.uint16) % 7
+    Image.fromarray(grey).save(tmp_path / "5.png")
     cfg = DataConfig(path=str(tmp_path), flip=False, num_workers=1)
-    loader = _dali(cfg, 32, 4)
+    loader = _dali(cfg, 32, 6)
     assert loader.source.kind == "folder"
     batch = next(loader)
     reference = _reference(cfg, 32)
     order = _match(batch, reference)
-    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    assert sorted(order.tolist()) == [0, 1, 2, 3, 4, 5]
     _assert_close_to_torch(batch, reference[order], "center crop, mixed sizes and colour spaces")
 
 

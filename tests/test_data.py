@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from began_fast.config import DataConfig
 from began_fast.data import (
@@ -156,6 +156,52 @@ def test_folder_source_converts_modes_and_skips_corrupt_files(mixed_folder):
     # The CMYK file holds face 3: converted back to RGB it is close to the RGB face (JPEG loss only).
     rgb = torch.from_numpy(np.array(Image.fromarray(draw_faces(4, 48, seed=2)[3]).resize((32, 32)))).permute(2, 0, 1)
     assert (items["d_cmyk.jpg"].float() - rgb.float()).abs().mean() < 12
+
+
+def save_turned(path: Path, image: Image.Image, orientation: int) -> None:
+    """Save `image` as a JPEG whose EXIF says to show it turned (orientation 6: turn 90 degrees clockwise)."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    image.save(path, quality=95, exif=exif.tobytes())
+
+
+def test_folder_images_are_read_upright_as_8_bit_rgb(tmp_path):
+    """EXIF orientation is applied (DALI's decoders do it too); 16-bit grey PNGs are scaled, not clipped."""
+    stored = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high: red left half, blue right half
+    stored[:, :20, 0], stored[:, 20:, 2] = 255, 255
+    save_turned(tmp_path / "a_turned.jpg", Image.fromarray(stored), 6)  # shown upright: red on top, blue below
+    grey16 = np.random.default_rng(0).integers(0, 65536, (24, 24), dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "b_grey16.png")
+    source = open_source(DataConfig(path=str(tmp_path), crop="center"), 20)
+    upright, grey = source[0].float(), source[1].float()
+    assert upright[0, :8].mean() > 200 and upright[2, :8].mean() < 50  # top rows red
+    assert upright[2, -8:].mean() > 200 and upright[0, -8:].mean() < 50  # bottom rows blue
+    eight_bit = np.array(Image.fromarray((grey16 >> 8).astype(np.uint8)).resize((20, 20), Image.Resampling.LANCZOS))
+    assert torch.equal(grey[0], torch.from_numpy(eight_bit).float()) and torch.equal(grey[0], grey[2])
+
+
+def test_whole_images_with_unusual_endings_are_kept(tmp_path):
+    """A JPEG with data after its end marker (as some cameras write) and a PNG named .jpg decode, so they stay."""
+    faces = draw_faces(3, 16, seed=5)
+    Image.fromarray(faces[0]).save(tmp_path / "a_trailer.jpg", quality=95)
+    with open(tmp_path / "a_trailer.jpg", "ab") as f:
+        f.write(b"camera maker's extra data" * 10)
+    Image.fromarray(faces[1]).save(tmp_path / "b_png_named.jpg", format="PNG")
+    Image.fromarray(faces[2]).save(tmp_path / "c.jpg", quality=95)
+    whole = (tmp_path / "c.jpg").read_bytes()
+    (tmp_path / "d_truncated.jpg").write_bytes(whole[: len(whole) // 2] + b"padding")
+    with pytest.warns(SkippedImagesWarning, match="skipped 1 of 4"):
+        source = open_source(DataConfig(path=str(tmp_path), crop="center"), 16)
+    assert [Path(f).name for f in source.files] == ["a_trailer.jpg", "b_png_named.jpg", "c.jpg"]
+    assert torch.equal(source[1], torch.from_numpy(faces[1]).permute(2, 0, 1))
+
+
+def test_a_folder_linked_into_itself_is_listed_once(tmp_path):
+    write_celeba_like(tmp_path / "faces" / "sub", 3, seed=1)
+    (tmp_path / "faces" / "sub" / "parent").symlink_to(tmp_path / "faces")
+    (tmp_path / "faces" / "again").symlink_to(tmp_path / "faces" / "sub")
+    source = open_source(DataConfig(path=str(tmp_path / "faces"), crop="center"), 16)
+    assert len(source) == 3
 
 
 def test_folder_errors(tmp_path, mixed_folder):
@@ -440,6 +486,22 @@ def test_holdout_keeps_the_last_images_out_of_training(numbered_source):
     assert held_out_images(open_source(DataConfig(path=path), 16), 4) is None  # nothing held out
     with pytest.raises(DataError, match="--holdout 10 must leave training images: the data set holds 10"):
         open_source(DataConfig(path=path, holdout=10), 16)
+
+
+def test_a_broken_image_is_replaced_within_its_own_side_of_the_holdout(tmp_path):
+    """6 files, the last 2 held out; the last training file and the last held-out file break after the scan: each
+    is replaced by the first image of its own range, never by one from the other side."""
+    paths = write_celeba_like(tmp_path / "faces", 6, seed=2)
+    whole = open_source(DataConfig(path=str(tmp_path / "faces")), 16)
+    expected = [whole[i] for i in range(6)]
+    training = open_source(DataConfig(path=str(tmp_path / "faces"), holdout=2), 16)
+    os.remove(paths[3])
+    os.remove(paths[5])
+    with pytest.warns(UserWarning, match="cannot decode"):
+        assert torch.equal(training[3], expected[0])
+    with pytest.warns(UserWarning, match="cannot decode"):
+        held_out = held_out_images(training, 2)
+    assert torch.equal(held_out[0], expected[4]) and torch.equal(held_out[1], expected[4])
 
 
 def test_builtin_faces_after_the_training_set_are_held_out():

@@ -1,14 +1,17 @@
 """Image-folder sources: the aligned CelebA JPEGs, and any folder of images (searched recursively).
 
 Corrupt files. When the source is opened every file gets a cheap check, run on a thread pool (I/O bound): PIL
-parses its header (this rejects non-images with an image extension and gives the size, which is checked against
-the crop box), and a JPEG must end with its end-of-image marker FFD9 and a PNG with its IEND chunk (this rejects
-truncated downloads without decoding); a PNG's chunk checksums are verified too (a damaged PNG would otherwise stop
-DALI's decoder, which cannot skip a file). Files that fail are left out and ONE SkippedImagesWarning names the count;
-if every file fails the source raises DataError. A file that passes but still fails to decode later (say, it was
-deleted or damaged mid-run) is replaced by the next image in the list, with one warning per such file, so a long
-run does not die on one bad JPEG. Which files were warned about is kept in shared memory, so the DataLoader's
-worker processes warn once between them rather than once each.
+parses its header (this rejects non-images with an image extension and gives the size, upright by the EXIF
+orientation, which is checked against the crop box), and a JPEG must end with its end-of-image marker FFD9 and a
+PNG with its IEND chunk (this rejects truncated downloads without decoding; a file whose last bytes are something
+else, such as a JPEG with data appended after the marker, is decoded in full instead); a PNG's chunk checksums are
+verified too (a damaged PNG would otherwise stop DALI's decoder). Files that fail are left out and ONE
+SkippedImagesWarning names the count; if every file fails the source raises DataError. A file that passes but
+still fails to decode later (say, it was deleted or damaged mid-run) is replaced by the next image of its range
+(the training images, or the held-out ones), with one warning per such file, so a long run does not die on one bad
+JPEG. Which files were warned about is kept in shared memory, so the DataLoader's worker processes warn once
+between them rather than once each. A JPEG damaged inside but whole at its ends can decode without an error, to a
+partly grey image: the check does not decode every file, and such an image is trained on.
 """
 
 from __future__ import annotations
@@ -19,22 +22,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from began_fast.data.errors import DataError, SkippedImagesWarning
 from began_fast.data.images import IMAGE_EXTENSIONS, crop_box, load_image
 
-TRAILERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\x82"}
+TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # by the format PIL reads, not the file's extension
+TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def find_images(root: str | Path) -> list[str]:
     """All files under `root` (recursively) with an image extension, sorted so the order is the same everywhere."""
-    found = [
-        os.path.join(directory, name)
-        for directory, _, names in os.walk(root, followlinks=True)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    ]
+    found, visited = [], set()
+    for directory, subdirectories, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:  # a link back up the tree, or a second link to a folder already listed
+            subdirectories.clear()
+            continue
+        visited.add(real)
+        found += [os.path.join(directory, name) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
 
 
@@ -42,15 +48,18 @@ def _image_size(path: str) -> tuple[int, int] | None:
     """(width, height) from the header, or None when the file is not a whole image (see the module docstring)."""
     try:
         with Image.open(path) as image:
-            size = image.size
+            size, trailer = image.size, TRAILERS.get(image.format)
             if image.format == "PNG":
                 image.verify()  # every chunk's CRC, the compressed pixels' included
-        trailer = TRAILERS.get(os.path.splitext(path)[1].lower())
+        with Image.open(path) as image:  # again: a verified image cannot be read further
+            if image.getexif().get(ExifTags.Base.Orientation) in TURNED:
+                size = size[::-1]
         if trailer is not None:
             with open(path, "rb") as f:
                 f.seek(-len(trailer) - 2, os.SEEK_END)  # some encoders pad a byte or two after the marker
                 if trailer not in f.read():
-                    return None
+                    with Image.open(path) as image:
+                        image.load()  # raises when the file is cut short
         return size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's verify raises SyntaxError
         return None
@@ -103,9 +112,14 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        index = range(len(self.files))[index]  # IndexError past the end, as a sequence must
-        for k in range(len(self.files)):
-            i = (index + k) % len(self.files)
+        return self.read(index, range(len(self.files)))
+
+    def read(self, index: int, within: range) -> torch.Tensor:
+        """Image `index` of `within` (a range of the files), or, when it cannot be decoded, the next one of
+        `within` that can (so a broken training image is never replaced by a held-out one)."""
+        index = within[index]  # IndexError past the end, as a sequence must
+        for k in range(len(within)):
+            i = within[(index - within.start + k) % len(within)]
             try:
                 array = load_image(self.files[i], self.image_size, self.crop, self.crop_size)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
@@ -114,7 +128,7 @@ class ImageFolder(torch.utils.data.Dataset):
                     warnings.warn(f"cannot decode {self.files[i]} ({error}); using the next image", stacklevel=2)
                 continue
             return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-        raise DataError(f"none of the {len(self.files)} images under {self.root} can be decoded any more")
+        raise DataError(f"none of the {len(within)} images under {self.root} can be decoded any more")
 
     def describe(self) -> str:
         box = f"{self.crop} crop" + (f" {self.crop_size}px" if self.crop_size else "")

@@ -41,7 +41,7 @@ class TrainingImages(torch.utils.data.Dataset):
         return self.count
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.source[range(self.count)[index]]
+        return _read(self.source, index, range(self.count))
 
     def as_uint8(self) -> torch.Tensor:
         """The training images, (N, 3, S, S) uint8."""
@@ -59,7 +59,14 @@ def held_out_images(training, num: int) -> torch.Tensor | None:
     if isinstance(training, BuiltinFaces):
         return BuiltinFaces(num, training.image_size, training.seed, first=training.first + training.count).images
     if isinstance(training, TrainingImages):
-        return torch.stack(
-            [training.source[i] for i in range(training.count, training.count + min(num, training.holdout))]
-        )
+        held_out = range(training.count, len(training.source))
+        return torch.stack([_read(training.source, i, held_out) for i in range(min(num, training.holdout))])
     return None
+
+
+def _read(source, index: int, within: range) -> torch.Tensor:
+    """Image `index` of the images `within` of `source`; an image folder replaces one it cannot decode by the next
+    of the same range (ImageFolder.read), so training and held-out images never stand in for each other."""
+    if hasattr(source, "read"):
+        return source.read(index, within)
+    return source[within[index]]

@@ -1,17 +1,20 @@
 """Decoding, cropping and resizing one image file: shared by the folder sources and scripts/prepare_celeba.py.
 
-Every image becomes RGB (grayscale, palette, CMYK and RGBA are converted by PIL; alpha is dropped), is cropped
-to a square box and resized with an antialiased Lanczos filter to S x S.
+Every image is turned upright by its EXIF orientation (as DALI's decoders and image viewers do), becomes RGB
+(grayscale, palette, CMYK and RGBA are converted by PIL; alpha is dropped; 16-bit grayscale keeps its 8 high bits,
+as 16-bit colour does in PIL and DALI), is cropped to a square box and resized with an antialiased Lanczos filter
+to S x S.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from began_fast.data.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of a 16-bit grayscale PNG
 
 # The aligned CelebA faces are 178 x 218; carpedm20/BEGAN-tensorflow keeps the 128 x 128 box at top 50, left 25,
 # which holds the face and little background. Its centre (89, 114) is kept when another crop_size is asked for.
@@ -55,6 +58,14 @@ def load_image(path: str, image_size: int, crop: str | None, crop_size: int | No
     Raises OSError (or a PIL error) when the file cannot be decoded, DataError when it is smaller than the box.
     """
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = upright_rgb(image)
     left, top, size = crop_box(image.width, image.height, crop, crop_size)
     return resize_square(image.crop((left, top, left + size, top + size)), image_size)
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """`image` turned by its EXIF orientation and converted to 8-bit RGB (see the module docstring)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_GREY:  # PIL's convert("RGB") would clip these at 255, not scale them
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    return image.convert("RGB")
