@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -248,6 +249,55 @@ def test_resume_continues_the_same_batches(unresized):
     for step in range(4, 8):
         torch.testing.assert_close(next(resumed), next(reference), atol=EXACT_TOL, rtol=0, msg=f"step {step}")
     assert resumed.step == 8
+
+
+def _break_huffman_table(path: Path) -> None:
+    """Damage a JPEG's Huffman table: the file keeps its header and end marker, so it passes the source's scan, but
+    neither DALI nor PIL can decode it."""
+    data = bytearray(path.read_bytes())
+    table = data.index(b"\xff\xc4")
+    data[table + 5 : table + 25] = b"\xff" * 20
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def breaking_folder(tmp_path):
+    """(cfg, source): 12 faces, of which file 3 has a broken Huffman table and file 7 is deleted after the scan."""
+    for i in range(12):
+        _face(i).save(tmp_path / f"{i:06d}.jpg", quality=90)
+    _break_huffman_table(tmp_path / "000003.jpg")
+    cfg = DataConfig(path=str(tmp_path), crop="celeba", flip=True, num_workers=1)  # 128 px box: no resize
+    source = open_source(cfg, 128)
+    (tmp_path / "000007.jpg").unlink()
+    return cfg, source
+
+
+@needs_dali
+def test_files_that_fail_during_the_run_are_replaced_as_the_torch_loader_does(breaking_folder):
+    """DALI's decoder fails a whole batch on one bad file: the loader finds it, warns once, and rebuilds its pipeline
+    at the same step with the file replaced by the next, so its batches stay the torch loader's."""
+    cfg, source = breaking_folder
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = _dali(cfg, 128, 4, source=source)
+        reference = TorchLoader(source, 4, seed=0, flip=True, num_workers=0)
+        for step in range(6):  # two epochs: each bad file is met twice
+            torch.testing.assert_close(next(loader), next(reference), atol=EXACT_TOL, rtol=0, msg=f"step {step}")
+    warned = sorted(Path(str(w.message).split()[2]).name for w in caught if "cannot decode" in str(w.message))
+    assert warned == ["000003.jpg", "000003.jpg", "000007.jpg", "000007.jpg"]  # once by each loader
+    assert loader.step == 6
+
+
+@needs_dali
+def test_a_batch_only_dali_cannot_decode_is_one_line(breaking_folder, monkeypatch):
+    import began_fast.data.dali as dali
+
+    cfg, source = breaking_folder
+    monkeypatch.setattr(dali, "load_image", lambda *args: None)  # as if PIL decoded every file
+    loader = _dali(cfg, 128, 4, source=source)
+    with pytest.raises(DataError, match=r"^DALI failed on the batch of step \d+ \(.*\) and PIL decodes each"):
+        for _ in range(6):
+            next(loader)
 
 
 @needs_dali

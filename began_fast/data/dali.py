@@ -6,7 +6,9 @@ TorchLoader's images in the TorchLoader's order for the same seed, and a resumed
 
 - Image folders (CelebA or any folder): the encoded bytes of the batch's files (which the source has already
   screened: truncated JPEGs and non-images are left out and counted by its SkippedImagesWarning, since DALI's
-  decoder fails the whole batch on one bad file), a decoder that reads only the crop window (ROI decode; "mixed" =
+  decoder fails the whole batch on one bad file; a file that fails later, deleted or damaged inside, is found
+  with PIL when DALI fails, and the pipeline is rebuilt at the same step with it replaced by the next file, as the
+  torch loader replaces it), a decoder that reads only the crop window (ROI decode; "mixed" =
   nvJPEG on the GPU, "cpu" without one; grayscale and CMYK come out RGB), an antialiased Lanczos resize to S (PIL's
   LANCZOS filter: 3 lobes, widened by the scale factor), the mirror, and the normalisation to NCHW.
 - HDF5 (already cropped images): the batch's rows, resized only when stored at another size.
@@ -17,6 +19,8 @@ threads or the GPU. Both iterate forever; an epoch's last partial global batch i
 """
 
 from __future__ import annotations
+
+import warnings
 
 import h5py
 import numpy as np
@@ -31,7 +35,7 @@ from began_fast.config import DataConfig
 from began_fast.data import default_workers, open_source
 from began_fast.data.errors import DataError
 from began_fast.data.hdf5 import DATASET
-from began_fast.data.images import crop_box
+from began_fast.data.images import crop_box, load_image
 from began_fast.data.sampler import BatchOrder
 
 # DALI has no bfloat16: bf16 batches are normalised in float32 and cast by torch.
@@ -96,13 +100,33 @@ class _OrderedBatches:
 
 
 class _EncodedFiles:
-    """A folder's files as encoded bytes, one uint8 array per file, for DALI's decoder."""
+    """A folder's files as encoded bytes, one uint8 array per file, for DALI's decoder.
+
+    A file in `broken` (one DALI could not decode, see DaliLoader.__next__) or that cannot be read any more is
+    replaced by the next one of the list, as the torch loader replaces a file it cannot decode.
+    """
 
     def __init__(self, files: list[str]):
-        self.files = files
+        self.files, self.broken = files, set()
 
     def __call__(self, indices: np.ndarray) -> list[np.ndarray]:
-        return [np.fromfile(self.files[i], dtype=np.uint8) for i in indices]
+        return [self.read(i) for i in indices]
+
+    def read(self, index: int) -> np.ndarray:
+        for k in range(len(self.files)):
+            i = (index + k) % len(self.files)
+            if i in self.broken:
+                continue
+            try:
+                return np.fromfile(self.files[i], dtype=np.uint8)
+            except OSError as error:
+                self.drop(i, error)
+        raise DataError(f"none of the {len(self.files)} image files can be read any more")
+
+    def drop(self, index: int, error: Exception) -> None:
+        """Leave file `index` out from now on, with one warning (the torch loader's)."""
+        self.broken.add(index)
+        warnings.warn(f"cannot decode {self.files[index]} ({error}); using the next image", stacklevel=2)
 
 
 class _Hdf5Rows:
@@ -166,30 +190,38 @@ class DaliLoader:
         self.source = open_source(cfg, image_size) if source is None else source
         if self.source.kind not in ("celeba", "folder", "hdf5"):
             raise DataError(f"the DALI loader reads image folders and HDF5 files, not the {self.source.kind} source")
-        order = BatchOrder(len(self.source), batch_size, seed, start_step, rank=rank, world_size=world_size)
-        self.batches_per_epoch = order.batches_per_epoch
+        self.seed, self.flip, self.image_size = seed, cfg.flip, image_size
         on_gpu = self.device.type == "cuda"
         self.decoder = "mixed" if on_gpu else "cpu"
         workers = default_workers("folder") if cfg.num_workers is None else cfg.num_workers
         self.num_threads = max(1, workers)
+        self._files = _EncodedFiles(self.source.files) if self.source.kind != "hdf5" else None
+        self._start(start_step)
+
+    def _start(self, step: int) -> None:
+        """Build the pipeline whose first batch is that of `step`."""
+        on_gpu = self.device.type == "cuda"
         pipeline = pipeline_def(
-            batch_size=batch_size,
+            batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())
             if on_gpu
             else None,
-            prefetch_queue_depth=prefetch,
+            prefetch_queue_depth=self.prefetch,
         )
-        if self.source.kind == "hdf5":
-            batches = _OrderedBatches(order, cfg.flip, _Hdf5Rows(self.source))
-            pipe = pipeline(_hdf5_pipeline)(self.source, image_size, dtype, batches, on_gpu)
+        order = BatchOrder(
+            len(self.source), self.batch_size, self.seed, step, rank=self.rank, world_size=self.world_size
+        )
+        if self._files is None:
+            batches = _OrderedBatches(order, self.flip, _Hdf5Rows(self.source))
+            pipe = pipeline(_hdf5_pipeline)(self.source, self.image_size, self.dtype, batches, on_gpu)
         else:
-            batches = _OrderedBatches(order, cfg.flip, _EncodedFiles(self.source.files))
-            pipe = pipeline(_folder_pipeline)(self.source, image_size, dtype, batches, self.decoder)
+            batches = _OrderedBatches(order, self.flip, self._files)
+            pipe = pipeline(_folder_pipeline)(self.source, self.image_size, self.dtype, batches, self.decoder)
         pipe.build()
         # The external source never ends: no reader, no epochs inside DALI (BatchOrder has them).
         self._batches = DALIGenericIterator(pipe, ["images"], last_batch_policy=LastBatchPolicy.DROP)
-        self.step = start_step
+        self._order, self.step, self.batches_per_epoch = order, step, order.batches_per_epoch
 
     @property
     def epoch(self) -> int:
@@ -203,9 +235,38 @@ class DaliLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
-        batch = next(self._batches)
+        while True:
+            try:
+                batch = next(self._batches)
+                break
+            except RuntimeError as error:  # DALI's decoder fails a whole batch on one file it cannot decode
+                if self._files is None:
+                    raise
+                if not self._drop_undecodable():
+                    reason = str(error).strip().splitlines()[0]
+                    raise DataError(
+                        f"DALI failed on the batch of step {self.step} ({reason}) and PIL decodes each of its "
+                        f"files; use --loader torch"
+                    ) from None
+                self._start(self.step)  # the same step again, with the broken files replaced
         self.step += 1
         return batch[0]["images"].to(self.dtype)
+
+    def _drop_undecodable(self) -> bool:
+        """After DALI failed a batch: decode with PIL every file of the batches it may have been preparing (this
+        step's and the prefetched ones) and drop those that fail. Whether any was dropped."""
+        dropped = False
+        for step in range(self.step, self.step + self.prefetch + 2):
+            indices, _ = self._order.batch(step)
+            for i in indices.tolist():
+                if i in self._files.broken:
+                    continue
+                try:
+                    load_image(self.source.files[i], self.image_size, self.source.crop, self.source.crop_size)
+                except (OSError, ValueError, Image.DecompressionBombError) as error:
+                    self._files.drop(i, error)
+                    dropped = True
+        return dropped
 
     def describe(self) -> str:
         return (
