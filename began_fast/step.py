@@ -113,8 +113,8 @@ class StepState:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        self.opt_g.load_state_dict(_with_own_implementation(state["opt_g"], self.opt_g))
+        self.opt_d.load_state_dict(_with_own_implementation(state["opt_d"], self.opt_d))
         self.decay.load_state_dict(state["decay"])
         # A run resumed on another number of ranks keeps its (possibly decayed) lr, rescaled by the lr rule.
         saved_factor = lr_factor(self.cfg.lr_scaling, state.get("world_size", 1))
@@ -126,6 +126,21 @@ class StepState:
         self.z_gen.set_state(state["z_gen"])
         self.steps_done = state["steps_done"]
         self.set_carry()
+
+
+# Adam's settings that say how it steps, not what it computes: they belong to this step (reference or fast, CPU
+# or CUDA graph), not to the checkpoint, which may come from another kind of step or device.
+ADAM_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _with_own_implementation(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The saved optimizer state with `optimizer`'s implementation settings in its param groups (load_state_dict
+    would otherwise take the saved ones, and then place Adam's step counters for them)."""
+    groups = [
+        {**group, **{key: own[key] for key in ADAM_IMPLEMENTATION if key in own}}
+        for group, own in zip(saved["param_groups"], optimizer.param_groups, strict=False)
+    ]
+    return {**saved, "param_groups": groups}
 
 
 class ReferenceStep(StepState):

@@ -104,6 +104,20 @@ def test_resume_is_exact(tmp_path, reference_step):
     assert torch.equal(whole.step.k, resumed.step.k)
 
 
+@pytest.mark.parametrize("first, then", [("reference", "fp16"), ("fp16", "reference")])
+def test_a_run_resumes_with_another_kind_of_step(tmp_path, first, then):
+    """--reference-step and --amp are not saved: a checkpoint of one kind of step resumes on another (Adam keeps
+    the new step's implementation: fused with fp16 loss scaling, or plain), and continues training."""
+    kinds = {"reference": dict(reference_step=True), "fp16": dict(amp="fp16", impl="torch")}
+    run_steps(tmp_path, 4, **kinds[first])
+    resumed = setup_run(MODEL, train_cfg(8), DATA, RunOptions(out=tmp_path, resume=True, quiet=True, **kinds[then]))
+    before = parameters(resumed)
+    train(resumed)
+    assert resumed.step.steps_done == 8
+    assert all(torch.isfinite(p).all() for p in parameters(resumed))
+    assert any(not torch.equal(a, b) for a, b in zip(before, parameters(resumed), strict=True))
+
+
 def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
     run_steps(tmp_path, 4)
     before = (tmp_path / "latest.pt").read_bytes()
