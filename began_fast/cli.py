@@ -1,6 +1,8 @@
-"""What the command-line scripts share: the --device flag, and errors printed as one line."""
+"""What the command-line scripts share: the --device and --data flags, and errors printed as one line."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -22,6 +24,19 @@ def resolve_device(requested: str | None) -> str:
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")
     return requested
+
+
+def data_path(given: str | None) -> str | None:
+    """--data as an absolute path (a run resumes from any folder); None (not given) means the built-in faces. An
+    empty value (an unset shell variable) is refused: it would name the working directory."""
+    if given is None:
+        return None
+    if not given.strip():
+        raise ConfigError(
+            "--data is empty: give a CelebA folder, an image folder or an HDF5 file, or leave --data out for the "
+            "built-in faces"
+        )
+    return str(Path(given).resolve())
 
 
 def one_line(error: BaseException) -> str:

@@ -7,6 +7,7 @@ what was wrong and what is expected (`ConfigError`), never deep inside a trainin
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 IMAGE_SIZES = (16, 32, 64, 128, 256)
@@ -93,7 +94,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(0 < self.lr < math.inf, f"lr must be a finite number > 0, got {self.lr}")
+        _require(0 <= self.seed < 2**63 - 1, f"seed must be in [0, 2**63 - 1), got {self.seed}")
         _require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"betas must be two numbers in [0, 1), got {self.betas}",
@@ -103,7 +105,7 @@ class TrainConfig:
         _require(self.lr_decay_window >= 1, f"lr_decay_window must be >= 1, got {self.lr_decay_window}")
         _require(0 < self.lr_decay_factor <= 1, f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}")
         _require(0 <= self.lr_floor <= self.lr, f"lr_floor must be in [0, lr={self.lr}], got {self.lr_floor}")
-        _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _require(self.lr_scaling in LR_SCALINGS, f"lr_scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}")
         _require(self.eval_every >= 0, f"eval_every must be >= 0 (0 turns it off), got {self.eval_every}")
         _require(self.eval_images >= 1, f"eval_images must be >= 1, got {self.eval_images}")

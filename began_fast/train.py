@@ -175,6 +175,12 @@ def setup_run(
         given = {"model": model_cfg, "train": train_cfg, "data": data_cfg}
         configs = resumed_configs(state, latest, given, {"train": {"steps"}} if explicit is None else explicit)
         model_cfg, train_cfg, data_cfg = configs["model"], configs["train"], configs["data"]
+        if train_cfg.steps <= state["step"]:
+            raise ConfigError(
+                f"the run in {opts.out} is at step {state['step']} of {train_cfg.steps}: give --steps above "
+                f"{state['step']} to train it further"
+            )
+    check_out_outside_data(opts.out, data_cfg)
     torch.manual_seed(train_cfg.seed)
     G = Generator(model_cfg, impl=opts.impl).to(device)
     D = Discriminator(model_cfg, impl=opts.impl).to(device)
@@ -193,6 +199,18 @@ def setup_run(
         except (KeyError, ValueError, RuntimeError) as e:  # a missing entry, a wrong shape or optimizer layout
             raise misfit(latest, e) from None
     return Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z, collectives)
+
+
+def check_out_outside_data(out: Path, data_cfg: DataConfig) -> None:
+    """Refuse a run folder inside the image folder it trains on: its sample grids would become training images
+    when the folder is read again (a resume, evaluate.py)."""
+    if data_cfg.path is None or not Path(data_cfg.path).is_dir():
+        return
+    if out.resolve().is_relative_to(Path(data_cfg.path).resolve()):
+        raise ConfigError(
+            f"--out {out} lies inside the data folder {data_cfg.path}: the run's pictures would become training "
+            "images; choose an --out outside it"
+        )
 
 
 def _int64_digest(chunks) -> int:
@@ -387,8 +405,9 @@ def open_stats(out: Path, start: int):
 
 
 def drop_later_samples(out: Path, start: int) -> None:
-    """A resumed run removes the sample grids of steps after its checkpoint, drawn by a run that then died: this
-    run draws them again when it gets there, and if it stops sooner they must not end its progress strip."""
+    """Remove the sample grids of steps after `start`, drawn by a run that then died before its next checkpoint
+    (a new run, start 0, removes those of a run that died before its first): this run draws them again when it
+    gets there, and if it stops sooner they must not end its progress strip."""
     for step, path in reports.sample_frames(out):
         if step > start:
             path.unlink()
@@ -427,7 +446,6 @@ def train(run: Run) -> Path:
         run.collectives.check_same(start_fingerprint(run), run.step.device)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        write_config(run)
 
     start = run.step.steps_done
     source = open_source(run.data_cfg, run.model_cfg.image_size)
@@ -463,11 +481,12 @@ def train(run: Run) -> Path:
     real = RealImages(run, source)
     if main:
         check_evaluation_data(run, real)
+        write_config(run)  # once every check passed: a refused start or resume leaves the run's config as it was
     writer = open_tensorboard(out) if main else None
     last_checkpoint = out / "latest.pt"
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet or not main)
     stats = open_stats(out, start) if main else contextlib.nullcontext()  # None on the other ranks
-    if main and start:
+    if main:
         drop_later_samples(out, start)
     try:
         with stats as stats_file, stop_on_interrupt() as interrupted, HangGuard(run.collectives) as guard:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from began_fast.checkpoint import CheckpointError, atomic_write, load_models  # noqa: E402
-from began_fast.cli import one_line, resolve_device  # noqa: E402
+from began_fast.cli import data_path, one_line, resolve_device  # noqa: E402
 from began_fast.config import ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, held_out_images, open_source  # noqa: E402
 from began_fast.data.builtin import BuiltinFaces  # noqa: E402
@@ -105,7 +105,9 @@ def main(argv=None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=args.json.parent).close()
         G, D, state = load_models(args.checkpoint, device=args.device)
-        real, held_out, recon_images = evaluation_images(state["data_config"], args.data, args.num, G.cfg.image_size)
+        real, held_out, recon_images = evaluation_images(
+            state["data_config"], data_path(args.data), args.num, G.cfg.image_size
+        )
         result = evaluate_models(
             G,
             D,

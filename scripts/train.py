@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from began_fast.checkpoint import CheckpointError  # noqa: E402
-from began_fast.cli import one_line, resolve_device  # noqa: E402
+from began_fast.cli import data_path, one_line, resolve_device  # noqa: E402
 from began_fast.config import LOADERS, LR_SCALINGS, PRESETS, ConfigError, DataConfig, get_preset, replace  # noqa: E402
 from began_fast.data import DataError  # noqa: E402
 from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, start, stop  # noqa: E402
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                 eval_images=args.eval_images,
             ),
             "data": dict(
-                path=None if args.data is None else str(Path(args.data).resolve()),  # resumable from anywhere
+                path=data_path(args.data),
                 crop=args.crop,
                 crop_size=args.crop_size,
                 loader=args.loader,

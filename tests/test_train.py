@@ -145,8 +145,38 @@ def test_resume_checks_the_settings_given_again(tmp_path):
     options = RunOptions(out=tmp_path, resume=True, quiet=True)
     with pytest.raises(ConfigError, match="train setting batch_size is 4, not 2"):
         setup_run(MODEL, changed, DATA, options, explicit={"train": {"steps", "batch_size"}})
-    run = setup_run(MODEL, changed, DATA, options, explicit={"train": {"log_every"}})  # may change; steps stays
-    assert run.train_cfg.log_every == 4 and run.train_cfg.steps == 4 and run.train_cfg.batch_size == 4
+    run = setup_run(MODEL, changed, DATA, options, explicit={"train": {"steps", "log_every"}})  # these may change
+    assert run.train_cfg.log_every == 4 and run.train_cfg.steps == 8 and run.train_cfg.batch_size == 4
+
+
+def test_a_refused_resume_changes_nothing_in_the_run(tmp_path):
+    """--steps at or below the checkpoint's step is refused (it used to do nothing, exit 0 and record the smaller
+    count); a resume refused at its data checks leaves config.json as it was."""
+    run_steps(tmp_path, 4)
+    config = (tmp_path / "config.json").read_bytes()
+    options = RunOptions(out=tmp_path, resume=True, quiet=True)
+    for steps in (2, 4):
+        with pytest.raises(ConfigError, match=f"is at step 4 of {steps}: give --steps above 4"):
+            setup_run(MODEL, train_cfg(steps), DATA, options, explicit={"train": {"steps"}})
+    run = setup_run(MODEL, train_cfg(8, eval_images=65), DATA, options, explicit={"train": {"steps", "eval_images"}})
+    with pytest.raises(ConfigError, match="--eval-images 65"):
+        train(run)
+    assert (tmp_path / "config.json").read_bytes() == config
+
+
+def test_a_run_folder_inside_its_image_folder_is_refused(tmp_path):
+    (tmp_path / "faces").mkdir()
+    with pytest.raises(ConfigError, match="lies inside the data folder .*: the run's pictures would become training"):
+        setup_run(
+            MODEL, train_cfg(4), DataConfig(path=str(tmp_path / "faces")), RunOptions(out=tmp_path / "faces" / "run")
+        )
+
+
+def test_a_new_run_removes_the_grids_of_a_run_that_died_before_its_first_checkpoint(tmp_path):
+    (tmp_path / "samples").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "samples" / "step_0000007.png")
+    run_steps(tmp_path, 8)
+    assert [step for step, _ in reports.sample_frames(tmp_path)] == [4, 8]
 
 
 def test_too_many_evaluation_images_fail_before_the_first_step(tmp_path):
@@ -219,6 +249,10 @@ def cli(*args, env=None):
         (["--holdout", "-1"], "holdout must be >= 0, got -1", {}),
         (["--dist-timeout", "inf"], "--dist-timeout must be in (0, 604800] seconds (a week), got inf", {}),
         (["--holdout", "10000"], "--holdout 10000 must leave training images: the set holds 10000", {}),
+        (["--data", ""], "--data is empty: give a CelebA folder", {}),
+        (["--steps", "0"], "steps must be >= 1, got 0", {}),
+        (["--lr", "inf"], "lr must be a finite number > 0, got inf", {}),
+        (["--seed", str(2**64 - 1)], "seed must be in [0, 2**63 - 1)", {}),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, message, env):
