@@ -59,7 +59,25 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
+    """Write `state` to `path` atomically. OSError when it cannot be written (say, the disk is full); the file
+    that was there stays whole."""
+
+    def write(f) -> None:
+        try:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+        except (OSError, RuntimeError) as e:  # torch's zip writer may report a failed write as a RuntimeError
+            cause = e if isinstance(e, OSError) or not isinstance(e.__context__, OSError) else e.__context__
+            reason = " ".join(str(cause).split()) or type(cause).__name__
+            raise OSError(f"cannot write checkpoint {path}: {reason}") from e
+
+    atomic_write(path, write)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files that atomic_write leaves in `folder` when its process is killed mid-write (a
+    checkpoint's can be hundreds of MB). Call it only where no other process writes into the folder."""
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -31,7 +31,14 @@ import torch
 from tqdm import tqdm
 
 from began_fast import metrics, ops, reports
-from began_fast.checkpoint import atomic_write, config_dict, load_checkpoint, misfit, save_checkpoint
+from began_fast.checkpoint import (
+    atomic_write,
+    config_dict,
+    load_checkpoint,
+    misfit,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import held_out_images, make_batches, open_source
 from began_fast.data.gpu_resident import GpuResidentStream
@@ -446,6 +453,8 @@ def train(run: Run) -> Path:
         run.collectives.check_same(start_fingerprint(run), run.step.device)
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "samples"):
+            remove_stale_temporaries(folder)
 
     start = run.step.steps_done
     source = open_source(run.data_cfg, run.model_cfg.image_size)

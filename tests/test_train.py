@@ -1,6 +1,8 @@
 """The training loop end to end on the built-in faces: outputs, exact resume, divergence, Ctrl-C, and the CLI."""
 
 import dataclasses
+import errno
+import io
 import json
 import math
 import os
@@ -184,6 +186,50 @@ def test_too_many_evaluation_images_fail_before_the_first_step(tmp_path):
     with pytest.raises(ConfigError, match="--eval-images 65 needs that many real images, the data set holds 64"):
         train(run)
     assert run.step.steps_done == 0
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_keeps_the_last_one(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a RuntimeError with the OSError as its context: the run ends with an
+    OSError naming the file and the cause (one line in the CLI), the checkpoint before stays whole, no temporary
+    file is left, and one left by a killed run is removed by the next start."""
+    import began_fast.checkpoint as checkpoint
+
+    run_steps(tmp_path, 4)
+    good = (tmp_path / "latest.pt").read_bytes()
+    (tmp_path / ".latest.pt.killed.tmp").write_bytes(b"half a checkpoint")
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.RawIOBase):
+        """A file on a disk that fills up after `room` bytes."""
+
+        def __init__(self, fd):
+            self.file, self.room = real_fdopen(fd, "wb"), room
+
+        def writable(self):
+            return True
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def flush(self):
+            self.file.flush()
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return self.file.write(data)
+
+        def close(self):
+            super().close()
+            self.file.close()
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: FullDisk(fd))
+    room = 10_000  # full in the middle of the checkpoint
+    with pytest.raises(OSError, match=r"^cannot write checkpoint .*latest\.pt: \[Errno 28\] No space left on device$"):
+        run_steps(tmp_path, 8, resume=True)
+    assert (tmp_path / "latest.pt").read_bytes() == good
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_a_failing_evaluation_keeps_its_steps_checkpoint(tmp_path, monkeypatch):
