@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from multiprocessing import Pool
@@ -36,6 +37,7 @@ _job: tuple[int, str, int | None] = (64, "center", None)  # (size, crop, crop_si
 def _init_worker(size: int, crop: str, crop_size: int | None) -> None:
     global _job
     _job = (size, crop, crop_size)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: one line, not one per worker
 
 
 def _decode(path: str) -> np.ndarray | None:
@@ -103,6 +105,9 @@ def main(argv=None) -> int:
         except (ConfigError, DataError, OSError) as e:
             print(f"error: {one_line(e)}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print(f"error: interrupted; {args.out} left as it was", file=sys.stderr)
+            return 130
         finally:
             for warning in caught:
                 print(f"warning: {warning.message}", file=sys.stderr)

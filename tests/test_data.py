@@ -265,6 +265,12 @@ def test_hdf5_layouts_and_resize(tmp_path):
     assert torch.equal(resized[1], torch.from_numpy(expected).permute(2, 0, 1))
     assert resized.as_uint8().shape == (5, 3, 32, 32)
 
+    for crop in (dict(crop="center"), dict(crop_size=40)):  # the file holds cropped images: a crop is a mistake
+        with pytest.raises(DataError, match="--crop and --crop-size act on image folders, not on .*ours.h5"):
+            open_source(DataConfig(path=str(tmp_path / "ours.h5"), **crop), 64)
+    with pytest.raises(DataError, match="not on the built-in faces"):
+        open_source(DataConfig(crop="celeba"), 64)
+
     # The h5py handle opened by a read is not pickled: a worker process reopens the file.
     clone = pickle.loads(pickle.dumps(ours))
     assert torch.equal(clone[4], ours[4])

@@ -75,6 +75,9 @@ def open_source(cfg: DataConfig, image_size: int):
         if (cfg.source == "hdf5") != (detected == "hdf5"):
             raise DataError(f"data path {cfg.path} is not a {cfg.source} source (it looks like {detected})")
         kind, path = cfg.source, detected_path if detected == cfg.source else cfg.path
+    if kind in ("builtin", "hdf5") and (cfg.crop is not None or cfg.crop_size is not None):
+        where = "the built-in faces" if kind == "builtin" else f"{path}, an HDF5 file of cropped images"
+        raise DataError(f"--crop and --crop-size act on image folders, not on {where}; leave them out")
     if kind == "builtin":
         if cfg.holdout >= cfg.builtin_count:
             raise DataError(f"--holdout {cfg.holdout} must leave training images: the set holds {cfg.builtin_count}")
