@@ -7,6 +7,7 @@ A checkpoint is a dict saved with torch.save:
   G, D          state_dicts (the same keys for impl="torch" and impl="triton")
   trainer       the training step's state: optimizers, k_t, learning rates, lr-decay window, RNG states
   fixed_z       the noise of the sample grids, so a resumed run keeps drawing the same faces
+  data_images   the number of training images the run read (a resume on a changed data set says so)
 """
 
 from __future__ import annotations

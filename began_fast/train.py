@@ -109,6 +109,10 @@ class Run:
     step: StepState
     fixed_z: torch.Tensor
     collectives: Collectives | None = None  # None for a single process
+    # How many training images the run reads (set when train() opens them), and how many the run read before its
+    # checkpoint (None: a new run, or a checkpoint that did not record it).
+    data_images: int | None = None
+    saved_data_images: int | None = None
 
     @property
     def out(self) -> Path:
@@ -205,7 +209,8 @@ def setup_run(
             fixed_z = state["fixed_z"].to(device)
         except (KeyError, ValueError, RuntimeError) as e:  # a missing entry, a wrong shape or optimizer layout
             raise misfit(latest, e) from None
-    return Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z, collectives)
+    saved_images = None if state is None else state.get("data_images")
+    return Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z, collectives, saved_data_images=saved_images)
 
 
 def check_out_outside_data(out: Path, data_cfg: DataConfig) -> None:
@@ -258,6 +263,7 @@ def checkpoint_state(run: Run) -> dict:
         "D": run.D.state_dict(),
         "trainer": run.step.state_dict(),
         "fixed_z": run.fixed_z.cpu(),
+        "data_images": run.data_images,
     }
 
 
@@ -476,6 +482,12 @@ def train(run: Run) -> Path:
 
     say(f"began-fast: {'resuming at step ' + str(start) if start else 'new run'} in {out}")
     say(f"  data: {batches.describe()}")
+    run.data_images = len(source)
+    if run.saved_data_images not in (None, run.data_images):
+        say(
+            f"  warning: the data set now holds {run.data_images} training images, the run read "
+            f"{run.saved_data_images} before its checkpoint: it goes on, but not with the batches it would have seen"
+        )
     say(f"  model: {run.model_cfg}")
     step_kind = "reference" if run.opts.reference_step else f"fast, amp={run.opts.amp}, graphs={run.opts.cuda_graphs}"
     say(f"  step: {step_kind}, impl={run.opts.impl}, device={run.opts.device}")

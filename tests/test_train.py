@@ -166,6 +166,29 @@ def test_a_refused_resume_changes_nothing_in_the_run(tmp_path):
     assert (tmp_path / "config.json").read_bytes() == config
 
 
+def test_a_resume_on_a_changed_image_folder_says_so(tmp_path, capsys):
+    write_faces(tmp_path / "faces", range(16))
+    data = DataConfig(path=str(tmp_path / "faces"), crop="center", num_workers=0)
+    run = setup_run(MODEL, train_cfg(2), data, RunOptions(out=tmp_path / "run", quiet=True))
+    train(run)
+    options = RunOptions(out=tmp_path / "run", resume=True, quiet=True)
+    train(setup_run(MODEL, train_cfg(4), data, options, explicit={"train": {"steps"}}))
+    assert "warning" not in capsys.readouterr().err  # the same 16 images
+    write_faces(tmp_path / "faces", range(16, 18))
+    train(setup_run(MODEL, train_cfg(6), data, options, explicit={"train": {"steps"}}))
+    assert "warning: the data set now holds 18 training images, the run read 16 before its checkpoint" in (
+        capsys.readouterr().err
+    )
+
+
+def write_faces(folder: Path, numbers) -> None:
+    """Built-in faces (16 px PNGs) as numbered files in `folder`."""
+    folder.mkdir(exist_ok=True)
+    faces = BuiltinFaces(max(numbers) + 1, 16, seed=0).as_uint8().permute(0, 2, 3, 1).numpy()
+    for i in numbers:
+        Image.fromarray(faces[i]).save(folder / f"{i:03d}.png")
+
+
 def test_a_run_folder_inside_its_image_folder_is_refused(tmp_path):
     (tmp_path / "faces").mkdir()
     with pytest.raises(ConfigError, match="lies inside the data folder .*: the run's pictures would become training"):
