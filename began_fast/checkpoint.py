@@ -89,8 +89,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     # bytes would load as wrong weights without a word.
     try:
         damaged = zipfile.ZipFile(path).testzip() if zipfile.is_zipfile(path) else None
-    except (OSError, zipfile.BadZipFile, EOFError):
-        damaged = "its index"
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):  # ValueError: a garbled name
+        damaged = "its index or a record's header"
     if damaged is not None:
         raise CheckpointError(f"checkpoint {path} is damaged ({damaged} fails its checksum); use an earlier snapshot")
     try:

@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -371,11 +372,17 @@ def test_cli_warns_once_about_undecodable_files(tmp_path):
 def test_damaged_checkpoints_are_refused_with_one_line(tmp_path):
     run_steps(tmp_path, 4)
     whole = (tmp_path / "latest.pt").read_bytes()
-    flipped = bytearray(whole)
-    middle = len(whole) // 2  # inside the tensor data, which torch.load alone reads without complaint
-    flipped[middle : middle + 64] = bytes(255 - b for b in flipped[middle : middle + 64])
+    archive = zipfile.ZipFile(tmp_path / "latest.pt")
+    records = sorted(archive.infolist(), key=lambda record: record.file_size)
+    record = records[-1]  # the largest tensor: inside its data, which torch.load alone reads without complaint
+    data = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra) + 16
+    header = records[0].header_offset + 30  # inside a record's file name
+    flipped, garbled = bytearray(whole), bytearray(whole)
+    flipped[data : data + 64] = bytes(255 - b for b in flipped[data : data + 64])
+    garbled[header : header + 4] = b"\xc8\xff\xc8\xff"
     for damage, message in (
         (bytes(flipped), r"is damaged \(.+ fails its checksum\); use an earlier snapshot"),
+        (bytes(garbled), r"is damaged \(.+\); use an earlier snapshot"),
         (whole[: len(whole) // 2], "is damaged|cannot be read"),
         (b"\x00" * 100, "cannot be read"),
     ):
