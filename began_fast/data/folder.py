@@ -16,6 +16,7 @@ partly grey image: the check does not decode every file, and such an image is tr
 
 from __future__ import annotations
 
+import fcntl
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -106,7 +107,21 @@ class ImageFolder(torch.utils.data.Dataset):
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
         self.files = scan_images(files, self.crop, crop_size)
-        self._warned = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()  # seen by every worker
+        # Which files were warned about, seen by every worker (shared memory, under fork or spawn).
+        self._warned = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
+
+    def _first_failure(self, index: int) -> bool:
+        """Whether file `index` fails here for the first time (in any worker), marking it. Tested and set under a
+        lock on the folder (flock, taken on a descriptor of this call's own, so it holds between processes), so
+        two workers that meet a broken file at once warn once between them."""
+        folder = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            first = not bool(self._warned[index])
+            self._warned[index] = True
+        finally:
+            os.close(folder)  # releases the lock
+        return first
 
     def __len__(self) -> int:
         return len(self.files)
@@ -123,8 +138,7 @@ class ImageFolder(torch.utils.data.Dataset):
             try:
                 array = load_image(self.files[i], self.image_size, self.crop, self.crop_size)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
-                if not self._warned[i]:
-                    self._warned[i] = True
+                if self._first_failure(i):
                     warnings.warn(f"cannot decode {self.files[i]} ({error}); using the next image", stacklevel=2)
                 continue
             return torch.from_numpy(array).permute(2, 0, 1).contiguous()
