@@ -16,6 +16,7 @@ partly grey image: the check does not decode every file, and such an image is tr
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import warnings
@@ -113,14 +114,15 @@ class ImageFolder(torch.utils.data.Dataset):
     def _first_failure(self, index: int) -> bool:
         """Whether file `index` fails here for the first time (in any worker), marking it. Tested and set under a
         lock on the folder (flock, taken on a descriptor of this call's own, so it holds between processes), so
-        two workers that meet a broken file at once warn once between them."""
-        folder = os.open(self.root, os.O_RDONLY)
-        try:
-            fcntl.flock(folder, fcntl.LOCK_EX)
+        two workers that meet a broken file at once warn once between them. Where the lock cannot be had (a file
+        system without flock, a folder gone), it goes on without: at worst a second warning."""
+        with contextlib.ExitStack() as held:
+            with contextlib.suppress(OSError):
+                folder = os.open(self.root, os.O_RDONLY)
+                held.callback(os.close, folder)  # closing the descriptor releases the lock
+                fcntl.flock(folder, fcntl.LOCK_EX)
             first = not bool(self._warned[index])
             self._warned[index] = True
-        finally:
-            os.close(folder)  # releases the lock
         return first
 
     def __len__(self) -> int:
