@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -134,11 +135,18 @@ def main(argv=None) -> int:
             ),
         }
         explicit = {section: {k for k, v in values.items() if v is not None} for section, values in flags.items()}
-        if args.lr is not None and args.lr_floor is None:  # a small --lr lowers the preset's floor with it
-            flags["train"]["lr_floor"] = min(preset.train.lr_floor, args.lr)
-        model_cfg = replace(preset.model, **flags["model"])
-        train_cfg = replace(preset.train, **flags["train"])
-        data_cfg = replace(DataConfig(), **flags["data"])
+        if args.resume:
+            # The checkpoint's settings stand, and setup_run checks the flags given against them: laid over a
+            # preset first, a flag right for the run could be refused as wrong for the preset (--lr-floor).
+            model_cfg, train_cfg, data_cfg = (
+                SimpleNamespace(**flags[section]) for section in ("model", "train", "data")
+            )
+        else:
+            if args.lr is not None and args.lr_floor is None:  # a small --lr lowers the preset's floor with it
+                flags["train"]["lr_floor"] = min(preset.train.lr_floor, args.lr)
+            model_cfg = replace(preset.model, **flags["model"])
+            train_cfg = replace(preset.train, **flags["train"])
+            data_cfg = replace(DataConfig(), **flags["data"])
         opts = RunOptions(
             out=args.out,
             device=device,

@@ -356,6 +356,17 @@ def test_cli_trains_and_resumes(tmp_path):
         assert_one_error_line(result, message)
 
 
+def test_cli_resume_takes_flags_that_match_the_run_but_not_the_preset(tmp_path):
+    """--lr-floor 6e-4 is right for this run (lr 8e-4) and wrong for the demo preset (lr 5e-4): a resume that gives
+    it again is checked against the run, not the preset."""
+    common = ["--out", str(tmp_path / "run"), "--quiet", "--image-size", "16", "--batch-size", "4"]
+    assert cli(*common, "--steps", "2", "--lr", "8e-4", "--lr-floor", "6e-4").returncode == 0
+    result = cli(*common, "--steps", "3", "--resume", "--lr-floor", "6e-4")
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(tmp_path / "run" / "latest.pt")["train_config"]["lr_floor"] == 6e-4
+    assert_one_error_line(cli(*common, "--steps", "4", "--resume", "--lr-floor", "1e-4"), "lr_floor is 0.0006")
+
+
 def test_cli_warns_once_about_undecodable_files(tmp_path):
     """The loader's scan and the pictures' own view of the folder see the same bad file: one warning, not two."""
     folder = tmp_path / "images"
