@@ -443,13 +443,16 @@ def test_gpu_resident_stream_shards_the_global_batch(world_size):
         GpuResidentStream(images, 4, seed=9, rank=world_size, world_size=world_size)
 
 
-def test_make_batches_picks_the_loader():
+def test_make_batches_picks_the_loader(monkeypatch):
     cfg = DataConfig(builtin_count=16, num_workers=0)
     auto = make_batches(cfg, 16, 4, device="cpu", seed=0)
     assert isinstance(auto, TorchLoader) and next(auto).shape == (4, 3, 16, 16)
     gpu = make_batches(DataConfig(builtin_count=16, loader="gpu"), 16, 4, device="cpu", seed=0)
     x = next(gpu)
     assert x.shape == (4, 3, 16, 16) and x.min() >= -1 and x.max() <= 1 and "resident" in gpu.describe()
+    monkeypatch.setattr("began_fast.data.fits", lambda num_images, image_size, device: num_images < 16)
+    with pytest.raises(DataError, match=r"--loader gpu: the 16 images need 0\.0 GiB, more than 50% of the free"):
+        make_batches(DataConfig(builtin_count=16, loader="gpu"), 16, 4, device="cpu", seed=0)
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:

@@ -17,7 +17,7 @@ from began_fast.config import DataConfig
 from began_fast.data.builtin import BuiltinFaces
 from began_fast.data.errors import DataError, SkippedImagesWarning
 from began_fast.data.folder import ImageFolder
-from began_fast.data.gpu_resident import GpuResidentSet, GpuResidentStream, fits
+from began_fast.data.gpu_resident import MEMORY_SHARE, GpuResidentSet, GpuResidentStream, fits
 from began_fast.data.hdf5 import Hdf5Images
 from began_fast.data.holdout import TrainingImages, held_out_images
 from began_fast.data.images import crop_box
@@ -132,6 +132,12 @@ def make_batches(
     if loader == "auto" and device.type == "cuda" and source.kind in ("hdf5", "builtin"):
         loader = "gpu" if fits(len(source), image_size, device) else "torch"
     if loader == "gpu":
+        if not fits(len(source), image_size, device):
+            need = len(source) * 3 * image_size**2 / 2**30
+            raise DataError(
+                f"--loader gpu: the {len(source)} images need {need:.1f} GiB, more than {MEMORY_SHARE:.0%} of the free "
+                f"memory of {device}; use --loader torch or dali"
+            )
         images = GpuResidentSet(source, device)
         return GpuResidentStream(
             images, batch_size, seed=seed, start_step=start_step, rank=rank, world_size=world_size, flip=cfg.flip
