@@ -136,6 +136,11 @@ def main(argv=None) -> int:
         }
         explicit = {section: {k for k, v in values.items() if v is not None} for section, values in flags.items()}
         if args.resume:
+            if args.preset:  # ignored, it would mislead: a user who names one expects its settings
+                raise ConfigError(
+                    f"--resume continues the run in {args.out} with its saved settings; --preset {args.preset} only "
+                    "chooses a new run's: leave it out"
+                )
             # The checkpoint's settings stand, and setup_run checks the flags given against them: laid over a
             # preset first, a flag right for the run could be refused as wrong for the preset (--lr-floor).
             model_cfg, train_cfg, data_cfg = (

@@ -351,6 +351,7 @@ def test_cli_trains_and_resumes(tmp_path):
         ([], "already holds a run"),
         (["--resume", "--batch-size", "8"], "train setting batch_size is 4, not 8"),
         (["--resume", "--holdout", "5"], "data setting holdout is 0, not 5"),
+        (["--resume", "--preset", "demo"], "--preset demo only chooses a new run's: leave it out"),
     ):
         result = cli(*common, "--steps", "6", *args)
         assert_one_error_line(result, message)
