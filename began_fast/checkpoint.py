@@ -52,11 +52,25 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
+    _sync(path.parent)
+
+
+def durable_replace(tmp: str | Path, path: str | Path) -> None:
+    """Rename the finished file `tmp` over `path`, as atomic_write does for a file written by another library
+    (h5py): its data is synced before the rename and the folder after, so a crash or power loss leaves either the
+    old file or the whole new one, never the new name on missing data."""
+    _sync(tmp)
+    os.replace(tmp, path)
+    _sync(Path(path).parent)
+
+
+def _sync(path: str | Path) -> None:
+    """fsync a file's data or a folder's entries."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(fd)
     finally:
-        os.close(folder)
+        os.close(fd)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:

@@ -6,13 +6,15 @@
 The file holds one dataset, `images`: uint8 (N, S, S, 3), each image cropped (the CelebA box for a CelebA folder,
 the centred square otherwise; --crop to choose) and resized with a Lanczos filter, in the sorted order of the
 file names. One image per HDF5 chunk, so a random read touches one image. Files that cannot be decoded are left
-out and counted. The file is written under a temporary name and renamed at the end: a crash leaves no half file.
+out and counted. The file is written under a temporary name, synced and renamed at the end: a crash leaves no half
+file, and the next run removes the temporary file a killed one left.
 Bad input ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import signal
 import sys
@@ -26,6 +28,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from began_fast.checkpoint import durable_replace  # noqa: E402
 from began_fast.cli import one_line  # noqa: E402
 from began_fast.config import ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, open_source  # noqa: E402
@@ -59,6 +62,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _temporary(out: Path, pid: int | str) -> Path:
+    """The name process `pid` writes `out` under until it is complete."""
+    return out.with_name(f".{out.name}.{pid}.tmp")
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove the temporary files of `out` whose writer is gone (killed: a CelebA file is gigabytes); one of a
+    process still running, another prepare_celeba writing the same file, stays."""
+    for stale in out.parent.glob(glob.escape(f".{out.name}.") + "*.tmp"):
+        pid = stale.name[len(out.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _running(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
 def prepare(args: argparse.Namespace) -> tuple[int, int]:
     """Write the file; returns (images written, files skipped)."""
     if args.size < 1 or args.workers < 1:
@@ -70,7 +97,8 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
         raise DataError(f"{args.src} is not an image folder (it is a {source.kind} source)")
     size, files = args.size, source.files
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(args.out)
+    tmp = _temporary(args.out, os.getpid())
     written = 0
     try:
         with h5py.File(tmp, "w") as f, Pool(args.workers, _init_worker, (size, source.crop, source.crop_size)) as pool:
@@ -90,7 +118,7 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
             if written == 0:
                 raise DataError(f"none of the {len(files)} images under {args.src} could be decoded")
             images.resize(written, axis=0)
-        os.replace(tmp, args.out)
+        durable_replace(tmp, args.out)
     finally:
         tmp.unlink(missing_ok=True)
     return written, len(files) - written

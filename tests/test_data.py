@@ -3,6 +3,7 @@ JPEGs, PNGs, grayscale / CMYK / truncated / fake JPEGs, and HDF5 files in both l
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -544,6 +545,31 @@ def test_prepare_celeba_end_to_end(tmp_path, celeba_root, mixed_folder):
     done = run_prepare(mixed_folder, mixed_out, "--size", 16, "--workers", 1)
     assert done.returncode == 0, done.stderr
     assert "skipped 3 of 7" in done.stderr and len(open_source(DataConfig(path=str(mixed_out)), 16)) == 4
+
+
+def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporary(tmp_path, celeba_root, monkeypatch):
+    spec = importlib.util.spec_from_file_location("prepare_celeba", ROOT / "scripts" / "prepare_celeba.py")
+    prepare_celeba = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, prepare_celeba)  # its pool's workers look their function up by name
+    spec.loader.exec_module(prepare_celeba)
+    out = tmp_path / "celeba8.h5"
+    killed = subprocess.Popen([sys.executable, "-c", ""])
+    killed.wait()
+    stale = tmp_path / f".celeba8.h5.{killed.pid}.tmp"  # its writer is gone
+    running = tmp_path / f".celeba8.h5.{os.getppid()}.tmp"  # another process still writing the same file
+    for temporary in (stale, running):
+        temporary.write_bytes(b"half an HDF5 file")
+    events = []
+    fsync, replace = os.fsync, os.replace
+    synced = lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))  # noqa: E731
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), replace(a, b)))
+    args = prepare_celeba.parse_args([str(celeba_root), str(out), "--size", "8", "--workers", "1"])
+    assert prepare_celeba.prepare(args) == (CELEBA_COUNT, 0)
+    ours = str(tmp_path / f".celeba8.h5.{os.getpid()}.tmp")
+    # The data reaches the disk before the new name does, and the name before the function returns.
+    assert events == [("fsync", ours), ("replace", ours, str(out)), ("fsync", str(tmp_path))]
+    assert not stale.exists() and running.exists() and len(open_source(DataConfig(path=str(out)), 8)) == CELEBA_COUNT
 
 
 @pytest.mark.parametrize(
