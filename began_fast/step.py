@@ -19,6 +19,7 @@ import contextlib
 import torch
 
 from began_fast.config import TrainConfig
+from began_fast.data.sampler import derived_seed
 from began_fast.distributed import Collectives, lr_factor
 from began_fast.model import Discriminator, Generator, carry_at
 from began_fast.reference import BalanceResult, began_objective
@@ -68,6 +69,7 @@ class StepState:
         self.stats = RunningStats(self.device)
         self.z_gen = torch.Generator(device=self.device)
         self.z_gen.manual_seed(cfg.seed)
+        self.noise_restarted = False  # set by load_state_dict when the saved noise stream cannot go on here
         self.steps_done = 0
 
     def autocast(self):
@@ -123,10 +125,17 @@ class StepState:
         for group in self.opt_g.param_groups + self.opt_d.param_groups:
             group["lr"] = self.lr
         self.k.copy_(state["k"])
-        self.z_gen.set_state(state["z_gen"])
         self.steps_done = state["steps_done"]
+        saved_noise = state["z_gen"]
+        if saved_noise.numel() == self.z_gen.get_state().numel():
+            self.z_gen.set_state(saved_noise)
+        else:  # another kind of device's generator (CPU: a 5056-byte Mersenne Twister; CUDA: a 16-byte Philox)
+            self.z_gen.manual_seed(derived_seed(self.cfg.seed, _NOISE_RESTART, self.steps_done))
+            self.noise_restarted = True
         self.set_carry()
 
+
+_NOISE_RESTART = 2  # the stream tag of a noise generator reseeded on resume (the data sampler's tags are 0 and 1)
 
 # Adam's settings that say how it steps, not what it computes: they belong to this step (reference or fast, CPU
 # or CUDA graph), not to the checkpoint, which may come from another kind of step or device.

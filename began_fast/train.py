@@ -488,6 +488,11 @@ def train(run: Run) -> Path:
             f"  warning: the data set now holds {run.data_images} training images, the run read "
             f"{run.saved_data_images} before its checkpoint: it goes on, but not with the batches it would have seen"
         )
+    if run.step.noise_restarted:
+        say(
+            "  warning: the checkpoint's noise generator ran on another kind of device and cannot go on here: z "
+            "comes from a new stream, seeded from the seed and the step"
+        )
     say(f"  model: {run.model_cfg}")
     step_kind = "reference" if run.opts.reference_step else f"fast, amp={run.opts.amp}, graphs={run.opts.cuda_graphs}"
     say(f"  step: {step_kind}, impl={run.opts.impl}, device={run.opts.device}")

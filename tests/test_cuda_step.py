@@ -127,3 +127,23 @@ def test_graph_run_and_its_resume_continue_the_same_trajectory(tmp_path, resume_
         whole.step.parameters() + [whole.step.k], resumed.step.parameters() + [resumed.step.k], strict=True
     ):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("first, then", [("cpu", "cuda"), ("cuda", "cpu")])
+def test_a_checkpoint_resumes_on_another_kind_of_device(tmp_path, capsys, first, then):
+    """Adam's capturable setting and the noise generator (Mersenne Twister on the CPU, Philox on CUDA) differ
+    between the devices: the resume takes this device's, and says that the noise stream is a new one."""
+    model = ModelConfig(image_size=16, n=8, h=8)
+    train_cfg = TrainConfig(batch_size=4, steps=3, checkpoint_every=3)
+    data = DataConfig(builtin_count=64, num_workers=0, loader="torch")
+
+    def options(device, resume=False):  # the fast path on the GPU: bf16 in a CUDA graph
+        fast = dict(amp="bf16", cuda_graphs=True) if device == "cuda" else {}
+        return RunOptions(tmp_path, device, resume=resume, quiet=True, **fast)
+
+    train(setup_run(model, train_cfg, data, options(first)))
+    resumed = setup_run(model, dataclasses.replace(train_cfg, steps=6), data, options(then, resume=True))
+    train(resumed)
+    assert resumed.step.steps_done == 6
+    assert all(torch.isfinite(p).all() for p in resumed.step.parameters())
+    assert "noise generator ran on another kind of device" in capsys.readouterr().err

@@ -293,8 +293,11 @@ def test_ctrl_c_checkpoints_after_the_step_in_flight(tmp_path):
 
 
 def cli(*args, env=None):
+    """scripts/train.py run as a user runs it, on the CPU unless `args` name a device: the CLI's behaviour is the
+    same on every machine (on a GPU machine the default would be cuda, the gpu64 preset and compiled kernels)."""
+    device = [] if "--device" in args else ["--device", "cpu"]
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *device, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -401,6 +404,29 @@ def test_damaged_checkpoints_are_refused_with_one_line(tmp_path):
         (tmp_path / "latest.pt").write_bytes(damage)
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(tmp_path / "latest.pt")
+
+
+def test_cli_resumes_a_checkpoint_whose_noise_generator_ran_on_another_kind_of_device(tmp_path):
+    """A CUDA run's noise generator is a 16-byte Philox state, which a CPU generator cannot take (nor a CUDA one a
+    CPU run's 5056 bytes): the resume goes on with a new stream, seeded from the seed and the step, and says so."""
+    common = ["--quiet", "--image-size", "16", "--batch-size", "4"]
+    assert cli("--out", str(tmp_path / "gpu"), *common, "--steps", "2").returncode == 0
+    state = load_checkpoint(tmp_path / "gpu" / "latest.pt")
+    philox = torch.tensor([7, 0], dtype=torch.int64).view(torch.uint8)  # seed 7, offset 0: what CUDA's get_state gives
+    state["trainer"]["z_gen"] = philox
+    torch.save(state, tmp_path / "gpu" / "latest.pt")
+    resumed = []
+    for out in ("twice/a", "twice/b"):
+        shutil.copytree(tmp_path / "gpu", tmp_path / out)
+        result = cli("--out", str(tmp_path / out), *common, "--steps", "3", "--resume")
+        assert result.returncode == 0, result.stderr
+        assert "warning: the checkpoint's noise generator ran on another kind of device" in result.stderr
+        resumed.append(load_checkpoint(tmp_path / out / "latest.pt"))
+    assert resumed[0]["step"] == 3
+    for name, weight in resumed[0]["G"].items():  # the new stream is the same on every resume
+        assert torch.equal(weight, resumed[1]["G"][name]), name
+    result = cli("--out", str(tmp_path / "twice" / "a"), *common, "--steps", "4", "--resume")
+    assert result.returncode == 0 and "noise generator" not in result.stderr, result.stderr
 
 
 def test_cli_resume_of_a_checkpoint_from_another_version_is_one_line(tmp_path):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from began_fast.data.errors import DataError
-from began_fast.data.sampler import check_rank
+from began_fast.data.sampler import check_rank, derived_seed
 
 # The share of free memory the images may take: the rest is for the model, its activations and the optimizer.
 MEMORY_SHARE = 0.5
@@ -142,8 +142,7 @@ class GpuResidentStream:
         check_rank(rank, world_size)
         self.images, self.batch_size, self.flip = images, batch_size, flip
         self.rank, self.world_size = rank, world_size
-        key = np.random.SeedSequence([seed % 2**64, start_step]).generate_state(1, np.uint64)[0]
-        self.generator = torch.Generator(images.device).manual_seed(int(key))
+        self.generator = torch.Generator(images.device).manual_seed(derived_seed(seed, start_step))
 
     def __iter__(self):
         return self

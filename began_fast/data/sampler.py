@@ -24,11 +24,14 @@ from began_fast.data.errors import DataError
 _PERMUTATION, _FLIPS = 0, 1  # stream tags, so the permutation and flip seeds never coincide
 
 
+def derived_seed(*key: int) -> int:
+    """One 64-bit seed for the tuple `key`: SeedSequence hashes the whole tuple, so (seed, epoch) pairs never
+    collide the way seed + epoch would."""
+    return int(np.random.SeedSequence([k % 2**64 for k in key]).generate_state(1, np.uint64)[0])
+
+
 def _generator(*key: int) -> torch.Generator:
-    # SeedSequence hashes the whole tuple into one 64-bit seed: (seed, epoch) pairs never collide the way
-    # seed + epoch would.
-    state = np.random.SeedSequence([k % 2**64 for k in key]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    return torch.Generator().manual_seed(derived_seed(*key))
 
 
 def check_rank(rank: int, world_size: int) -> None:
