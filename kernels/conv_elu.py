@@ -82,7 +82,8 @@ def _one_tile_for_ieee(configs: list[triton.Config], named_args: dict, **kwargs)
     """Autotuning's early prune: float32 operands multiply exactly ("ieee") on the CUDA cores, where tl.dot unrolls
     into one FMA per tile element and k, so the tensor-core-sized tiles take a minute or more each to compile
     (60-90 s per config, single-threaded, seen on an H200 with Triton 3.6) for no speed-up. There only the smallest
-    tile is kept, which also skips the benchmark; bf16 and fp16 tune over all the configs."""
+    tile is kept (newer Triton then skips the benchmark; 3.6 still times that one tile, briefly); bf16 and fp16 tune
+    over all the configs."""
     if kwargs.get("PRECISION") != "ieee":
         return configs
     return [min(configs, key=lambda config: math.prod(config.kwargs.values()))]

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The checks this project runs where an NVIDIA GPU is present. Phases, all by default, or those named:
-#   compile   every kernel a gpu64 / paper64 bf16 step launches, every autotuning tile, compiled at once on all CPU
+#   compile   every kernel a gpu64 / paper64 step launches (with and without skips; float32, bf16 and fp16, as the
+#             fast step, evaluate.py and the tests run them), every autotuning tile, compiled at once on all CPU
 #             cores (scripts/check_kernels_compile.py): a compile error fails fast, and Triton's cache is then full
 #             for the runs below, whose autotuning only benchmarks (compiling one tile after another takes minutes)
 #   tests     the whole test suite, compiled: kernel parity at the paper's shapes and every test marked `cuda`
 #             (CUDA graphs, bf16 / fp16, resume from graph runs, NCCL capture, DALI's mixed decoder when DALI is
-#             installed); in parallel processes when pytest-xdist is installed, each test's result logged as it ends
+#             installed); in 8 processes through pytest-xdist (installed from .whl/xdist/ when the machine lacks it:
+#             carry that folder; serially the suite takes longer than one device call), each result logged as it ends
+#   tests_cuda  the tests marked `cuda` alone, where the whole suite cannot run in parallel
 #   bench_step, bench_kernels
 #             the end-to-end step benchmark (bench/bench_step.py) and the kernel benchmark (bench/bench_kernels.py)
 #             without their torch.compile cases, each into OUT_DIR/<suite>.json
@@ -20,7 +23,9 @@
 #   torchrun  a 1-GPU torchrun launch of the fast path (--amp --cuda-graphs), 300 paper64 steps
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each, SWD side by side
 # The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
-# ~/.triton. Usage, from the repository root: bash scripts/gpu_checks.sh OUT_DIR [PHASE...]
+# ~/.triton, which is lost with the machine: where the machine goes back after a short idle time, run `compile` in the
+# same call as the phases after it, or call again at once. Usage, from the repository root:
+#   bash scripts/gpu_checks.sh OUT_DIR [PHASE...]
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...]}
 shift
@@ -58,14 +63,17 @@ echo "commit ${BEGAN_FAST_COMMIT:-unknown (set BEGAN_FAST_COMMIT)}" | tee -a "$o
 for phase in $phases; do
     case $phase in
     compile)
-        run compile python scripts/check_kernels_compile.py --preset gpu64 paper64 --amp bf16 --configs all \
-            --jobs "$(nproc)"
+        run compile python scripts/check_kernels_compile.py --preset gpu64 paper64 --skip --amp none bf16 fp16 \
+            --configs all --jobs "$(nproc)"
         ;;
     tests)
+        python -c "import xdist" 2>/dev/null || ! compgen -G ".whl/xdist/*.whl" >/dev/null ||
+            python -m pip install -q --no-index --no-deps .whl/xdist/*.whl
         parallel=()
         python -c "import xdist" 2>/dev/null && parallel=(-n 8)
         run tests python -m pytest -v -rfEs "${parallel[@]}" tests
         ;;
+    tests_cuda) run tests_cuda python -m pytest -v -rfEs -m cuda tests ;;
     bench_step) bench step "not compile" step ;;
     bench_step_compile) bench step compile step_compile ;;
     bench_kernels) bench kernels "not compile" kernels ;;
@@ -81,7 +89,7 @@ for phase in $phases; do
             --steps 300 --log-every 100 --amp --cuda-graphs --out "$out/torchrun" --quiet
         ;;
     quality) run quality bash scripts/quality_run.sh "$out/quality" 10000 ;;
-    *) echo "unknown phase $phase (compile, tests, bench_step, bench_step_compile, bench_kernels,"\
+    *) echo "unknown phase $phase (compile, tests, tests_cuda, bench_step, bench_step_compile, bench_kernels,"\
         "bench_kernels_compile, report, bench, torchrun, quality)"; exit 2 ;;
     esac
 done
