@@ -15,6 +15,7 @@ the others end with one line naming the rank and the timeout, and exit status 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -99,8 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    rank = ""  # under torchrun, "rank R of N: ": each rank that meets an error says so, on its own machine's terms
     try:
         world = World.from_env()
+        rank = f"rank {world.rank} of {world.world_size}: " if world.world_size > 1 else ""
         device = world.device(resolve_device(args.device))
         preset = get_preset(args.preset or ("gpu64" if device.startswith("cuda") else "demo"))
         # The settings given on the command line, by config section (None: not given, the preset's stands).
@@ -166,13 +169,13 @@ def main(argv=None) -> int:
         run = setup_run(model_cfg, train_cfg, data_cfg, opts, collectives, explicit)
         last = train(run)
     except (ConfigError, DataError, CheckpointError, MetricError, TrainingError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        say_error(f"error: {rank}{one_line(e)}")
         return 2
-    except CollectiveError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except CollectiveError as e:  # its message names the rank
+        say_error(f"error: {e}")
         return 1
     except KeyboardInterrupt:  # a Ctrl-C before the loop took over, or a second one
-        print("error: interrupted", file=sys.stderr)
+        say_error(f"error: {rank}interrupted")
         return 130
     finally:
         stop()
@@ -182,5 +185,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def say_error(line: str) -> None:
+    """`line` on stderr in one write: the ranks of a torchrun job share the launcher's stderr, and two ranks' lines
+    written in parts can interleave."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status and "LOCAL_RANK" in os.environ:
+        # A torchrun worker that failed leaves at once: at interpreter exit Gloo's threads can abort the process
+        # ("terminate called without an active exception", SIGABRT) while the launcher ends the other ranks, so
+        # the launcher would report a crash instead of this status. What it had to write is written and flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

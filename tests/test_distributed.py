@@ -297,6 +297,23 @@ def test_train_script_under_torchrun(tmp_path):
     assert load_checkpoint(out / "latest.pt")["step"] == 3
 
 
+def test_train_script_under_torchrun_fails_on_bad_input_with_one_line_per_rank(tmp_path):
+    """Each rank says what it met, prefixed with its rank, in one write (the ranks share the launcher's stderr), and
+    leaves with the status 2 of bad input: Gloo's threads could abort a failing rank at interpreter exit (SIGABRT,
+    "terminate called without an active exception"; 3 of 8 launches before the fix)."""
+    args = ["--device", "cpu", "--out", str(tmp_path / "run"), "--quiet", "--data", str(tmp_path / "missing")]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [*launcher, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode != 0
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    missing = f"data path {tmp_path / 'missing'} does not exist; expected an image folder or an HDF5 file"
+    # The launcher ends the other rank when the first fails: under load it may go before it has written its line.
+    assert errors and set(errors) <= {f"error: rank {rank} of 2: {missing}" for rank in (0, 1)}, result.stderr
+    assert "terminate called" not in result.stderr and "exitcode  : 2" in result.stderr, result.stderr
+
+
 def test_train_script_on_two_machines_runs_the_fast_step_with_the_triton_kernels(tmp_path):
     """README's several-machines launch: two torchrun agents, one per "machine", meeting through the c10d
     rendezvous on a TCP endpoint (here on 127.0.0.1), one rank each. The step is the fast one with the Triton
