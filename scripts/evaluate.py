@@ -1,6 +1,6 @@
 """Evaluate a trained BEGAN: SWD (and FID) of its samples against real images, and D's reconstruction error.
 
-    python scripts/evaluate.py runs/demo/latest.pt                       # against the built-in faces
+    python scripts/evaluate.py runs/began/latest.pt                      # against the built-in faces
     python scripts/evaluate.py runs/celeba64/latest.pt --data celeba64.h5 --num 8192 --json eval.json
     python scripts/evaluate.py runs/celeba64/latest.pt --data img_align_celeba --fid \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from began_fast.checkpoint import CheckpointError, atomic_write, load_models  # noqa: E402
 from began_fast.cli import data_path, one_line, resolve_device  # noqa: E402
 from began_fast.config import ConfigError, DataConfig  # noqa: E402
-from began_fast.data import DataError, held_out_images, open_source  # noqa: E402
+from began_fast.data import DataError, detect_source, held_out_images, open_source  # noqa: E402
 from began_fast.data.builtin import BuiltinFaces  # noqa: E402
 from began_fast.fid import FIDUnavailableError, require_fid  # noqa: E402
 from began_fast.metrics import MetricError, evaluate_models  # noqa: E402
@@ -35,7 +35,9 @@ from began_fast.metrics import MetricError, evaluate_models  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a began-fast .pt file (a run's latest.pt or a step_XXXXXXX.pt snapshot)")
+    p.add_argument(
+        "checkpoint", help="a began-fast .pt file (a run's latest.pt or a step_XXXXXXX.pt snapshot) or a run folder"
+    )
     p.add_argument("--data", help="CelebA folder, image folder or HDF5 file (default: the built-in faces)")
     p.add_argument("--num", type=int, default=2048, help="generated and real images to compare (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of z and of SWD's random patches and directions")
@@ -60,7 +62,7 @@ def evaluation_images(saved: dict, path: str | None, num: int, image_size: int):
         return real, BuiltinFaces(num, image_size, trained_on.builtin_seed, first=training).images, "held-out"
     if path is None:
         return BuiltinFaces(num, image_size, seed=0), None, "held-out"
-    if trained_on.path is not None and Path(trained_on.path).resolve() == Path(path).resolve():
+    if trained_on.path is not None and _same_source(trained_on.path, path):
         cfg = DataConfig(
             path=path,
             source=trained_on.source,
@@ -72,6 +74,14 @@ def evaluation_images(saved: dict, path: str | None, num: int, image_size: int):
         held_out = held_out_images(real, num)
         return real, held_out, "training" if held_out is None else "held-out"
     return open_source(DataConfig(path=path), image_size), None, "held-out"
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Whether paths a and b name the same images: a CelebA folder is named by itself or by its parent."""
+    try:
+        return Path(detect_source(a)[1]).resolve() == Path(detect_source(b)[1]).resolve()
+    except DataError:  # the run's data is gone from where it was: b is other data
+        return False
 
 
 def format_table(report: dict) -> str:

@@ -1,15 +1,18 @@
 """Draw from a trained generator.
 
-    python scripts/sample.py runs/began/latest.pt --out samples/      # grid.png, interpolation.png
-    python scripts/sample.py runs/began/latest.pt --out fid/ --num 10000   # + fid/images/000000.png ... (for FID tools)
+    python scripts/sample.py runs/began/latest.pt --out runs/began/drawn   # grid.png, interpolation.png
+    python scripts/sample.py runs/began --out runs/fid --num 10000  # + runs/fid/images/000000.png ... (for FID tools)
 
-grid.png: a square grid of G(z), z ~ U(-1, 1). interpolation.png: each row walks from one random z to another
-along the great circle (slerp), as in the BEGAN paper's Figure 4. Errors end with one line on stderr, exit 2.
+grid.png: a grid of G(z), z ~ U(-1, 1) (square for a square --grid). interpolation.png: each row walks from one
+random z to another along the great circle (slerp), as in the BEGAN paper's Figure 4. OUT/images/ holds exactly
+the --num images of the last call: the numbered PNGs an earlier call left there are removed first, so an FID tool
+reading the folder never mixes two calls' images. Errors end with one line on stderr, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from began_fast import reports  # noqa: E402
 from began_fast.checkpoint import CheckpointError, load_models  # noqa: E402
 from began_fast.cli import one_line, resolve_device  # noqa: E402
 from began_fast.config import ConfigError  # noqa: E402
+
+NUMBERED = re.compile(r"\d{6,}\.png")  # the single images' names: 000000.png, 000001.png, ...
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -61,6 +66,9 @@ def write_samples(G, args) -> None:
     if args.num:
         folder = args.out / "images"
         folder.mkdir(exist_ok=True)
+        for earlier in folder.glob("*.png"):  # numbered as this function numbers them: an earlier call's images
+            if NUMBERED.fullmatch(earlier.name):
+                earlier.unlink()
         index = 0
         for chunk in tqdm(draw_z(args.num, dim, gen).split(256), desc="images", unit="batch"):
             for image in reports.to_uint8_hwc(generate(G, chunk, args.device)):
@@ -70,11 +78,13 @@ def write_samples(G, args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--out", type=Path, default=Path("samples"))
-    p.add_argument("--grid", type=int, default=64, help="images in grid.png (default 64)")
-    p.add_argument("--num", type=int, default=0, help="also write this many single PNGs to OUT/images/")
-    p.add_argument("--interp-rows", type=int, default=8, help="rows of interpolation.png")
+    p.add_argument("checkpoint", type=Path, help="a began-fast .pt file or a run folder (its latest.pt)")
+    p.add_argument("--out", type=Path, default=Path("runs/samples"), help="output folder (default: runs/samples)")
+    p.add_argument("--grid", type=int, default=64, help="images in grid.png (default 64; 0: no grid.png)")
+    p.add_argument(
+        "--num", type=int, default=0, help="also write this many single PNGs to OUT/images/, replacing earlier ones"
+    )
+    p.add_argument("--interp-rows", type=int, default=8, help="rows of interpolation.png (0: no interpolation.png)")
     p.add_argument("--interp-steps", type=int, default=10, help="images per interpolation row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")

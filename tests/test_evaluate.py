@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from began_fast.checkpoint import load_checkpoint, save_checkpoint
+from began_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from began_fast.config import DataConfig, ModelConfig, TrainConfig
-from began_fast.data.builtin import BuiltinFaces
+from began_fast.data.builtin import BuiltinFaces, draw_faces
 from began_fast.fid import INCEPTION_WEIGHTS_FILE
 from began_fast.metrics import evaluate_models
 from began_fast.model import Discriminator, Generator
@@ -118,6 +119,44 @@ def test_sample_script_refuses_a_diverged_generator_and_writes_nothing(tiny_chec
     assert _script("sample").main([str(tmp_path / "diverged.pt"), "--out", str(out), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == "error: G(z) holds NaN or inf: the checkpoint's generator has diverged\n"
     assert not list(out.glob("*.png"))
+
+
+def test_scripts_take_a_run_folder_for_its_latest_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    run = tiny_checkpoint[0].parent
+    assert _script("sample").main([str(run), "--out", str(tmp_path / "drawn"), "--grid", "4", "--device", "cpu"]) == 0
+    assert (tmp_path / "drawn" / "grid.png").is_file()
+    assert load_checkpoint(run)["step"] == 123
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder without a latest.pt"):
+        load_checkpoint(tmp_path)
+
+
+def test_sample_script_images_folder_holds_the_last_calls_images_only(tiny_checkpoint, tmp_path, capsys):
+    """An FID tool reads OUT/images/ whole: a smaller --num must not leave an earlier call's images there."""
+    out = tmp_path / "fid"
+    draw = ["--out", str(out), "--grid", "0", "--interp-rows", "0", "--device", "cpu"]
+    assert _script("sample").main([str(tiny_checkpoint[0]), "--num", "7", *draw]) == 0
+    (out / "images" / "notes.png").write_bytes(b"the user's own file")
+    assert _script("sample").main([str(tiny_checkpoint[0]), "--num", "3", *draw]) == 0
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert names == ["000000.png", "000001.png", "000002.png", "notes.png"]
+    assert not (out / "grid.png").exists() and not (out / "interpolation.png").exists()
+
+
+def test_evaluation_on_the_runs_own_celeba_folder_however_it_is_named(tmp_path):
+    """A CelebA folder is named by itself or by its parent: either way it is the data the run trained on, so its
+    crop and held-out images are the run's, not another data set's defaults."""
+    images = tmp_path / "celeba" / "img_align_celeba"
+    images.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(draw_faces(1, 64, seed=i)[0]).resize((178, 218)).save(images / f"{i:06d}.jpg")  # CelebA's size
+    trained_on = dataclasses.asdict(DataConfig(path=str(tmp_path / "celeba"), crop="center", crop_size=30, holdout=2))
+    evaluation_images = _script("evaluate").evaluation_images
+    for path in (tmp_path / "celeba", images, tmp_path / "celeba" / ".." / "celeba"):
+        real, held_out, recon_images = evaluation_images(trained_on, str(path), 4, 16)
+        assert "center crop 30" in real.describe() and len(real) == 4, path
+        assert recon_images == "held-out" and len(held_out) == 2, path
+    real, held_out, recon_images = evaluation_images(trained_on | {"path": str(tmp_path / "gone")}, str(images), 4, 16)
+    assert "celeba crop" in real.describe() and held_out is None and recon_images == "held-out"
 
 
 def _write_run(folder, *, lr, m_of_step, steps, swd=None, image_size=16, **train):
