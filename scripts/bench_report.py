@@ -18,6 +18,7 @@ import argparse
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,10 +113,26 @@ def replace_section(text: str, suite: str, body: str) -> str | None:
     return pattern.sub(lambda _: f"{start}\n{body}{end}", text, count=1)
 
 
+def read_run(path: Path) -> dict:
+    """One pytest-benchmark JSON file; ReportError when it cannot be read, or lacks the benchmarks or what a quoted
+    result must name (device, versions, commit: bench/conftest.py records them)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"cannot read {path} as pytest-benchmark JSON ({e})") from None
+    if not isinstance(data, dict) or not data.get("benchmarks"):
+        raise ReportError(f"{path} holds no benchmarks; expected the --benchmark-json of a bench/ suite")
+    unknown = [name for name, value in run_info(data).items() if value.startswith("unknown")]
+    if unknown:
+        hint = "; on a machine without git, set BEGAN_FAST_COMMIT" if "commit" in unknown else ""
+        raise ReportError(f"{path} does not name its {', '.join(unknown)} (bench/conftest.py records them){hint}")
+    return data
+
+
 def merge_runs(json_paths: list[Path]) -> dict:
     """One run's JSON from one or more files: the first file's header with every file's benchmarks. ReportError
     when the files disagree on the device, versions or commit (they are not one run)."""
-    runs = [json.loads(path.read_text()) for path in json_paths]
+    runs = [read_run(path) for path in json_paths]
     first = {key: value for key, value in run_info(runs[0]).items() if key != "date"}
     for path, data in zip(json_paths[1:], runs[1:], strict=True):
         info = {key: value for key, value in run_info(data).items() if key != "date"}
@@ -139,14 +156,14 @@ def write_report(json_paths: Path | list[Path], suite: str, out_dir: Path, readm
     stem.with_suffix(".md").write_text(f"# Benchmarks: {suite}\n\n{body}")
     written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     for readme in readmes:
-        updated = replace_section(readme.read_text(), suite, body) if readme.exists() else None
+        updated = replace_section(readme.read_text(), suite, body)
         if updated is not None:
             readme.write_text(updated)
             written.append(readme)
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path, nargs="+", help="pytest-benchmark JSON written by --benchmark-json")
     parser.add_argument("--suite", required=True, help="suite name: file names and README markers (e.g. kernels)")
@@ -159,9 +176,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     readmes = args.readme or [ROOT / "bench" / "README.md", ROOT / "README.md"]
-    for path in write_report(args.json, args.suite, args.out_dir, readmes):
+    try:
+        missing = [str(readme) for readme in readmes if not readme.is_file()]
+        if missing:
+            raise ReportError(f"--readme {', '.join(missing)}: no such file")
+        written = write_report(args.json, args.suite, args.out_dir, readmes)
+    except (ReportError, OSError) as e:  # nothing is written before the input is checked
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
         print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

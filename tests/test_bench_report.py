@@ -111,3 +111,40 @@ def test_several_files_of_one_run_make_one_table_and_others_are_refused(tmp_path
     other.write_text(json.dumps(dict(compiled, machine_info=SYNTHETIC["machine_info"] | {"git_commit": "fff"})))
     with pytest.raises(bench_report.ReportError, match="from another run"):
         bench_report.write_report([paths[0], other], "kernels", tmp_path / "r", readmes=[])
+
+
+NO_COMMIT = dict(SYNTHETIC, machine_info=SYNTHETIC["machine_info"] | {"git_commit": "unknown"}, commit_info={})
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot read"),
+        ("not json", "cannot read"),
+        ("{}", "holds no benchmarks"),
+        (json.dumps(dict(SYNTHETIC, machine_info={})), "does not name its device, torch, triton (bench/conftest.py"),
+        (json.dumps(NO_COMMIT), "does not name its commit (bench/conftest.py records them); on a machine without git"),
+    ],
+    ids=["missing", "not-json", "empty", "no-machine-info", "no-commit"],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, message):
+    """Before, `{}` put a record of an unknown device and commit with an empty table into both READMEs."""
+    source = tmp_path / "run.json"
+    if content is not None:
+        source.write_text(content)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:kernels:start -->\nNo GPU run has been recorded yet.\n<!-- bench:kernels:end -->\n")
+    before = readme.read_text()
+    rc = bench_report.main([str(source), "--suite", "kernels", "--out-dir", str(tmp_path / "r"), f"--readme={readme}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert readme.read_text() == before and not (tmp_path / "r").exists()
+
+
+def test_a_readme_named_but_missing_is_refused(tmp_path, capsys):
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(SYNTHETIC))
+    argv = [str(source), "--suite", "kernels", "--out-dir", str(tmp_path / "r"), f"--readme={tmp_path / 'READ.md'}"]
+    assert bench_report.main(argv) == 2
+    assert capsys.readouterr().err == f"error: --readme {tmp_path / 'READ.md'}: no such file\n"
+    assert not (tmp_path / "r").exists()
