@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crop", choices=["celeba", "center"], help="crop before resizing (default: the folder's own)")
     p.add_argument("--crop-size", type=int, help="side of the crop box in pixels")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists (kept whole until the end)")
     return p.parse_args(argv)
 
 
@@ -92,6 +93,8 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
         raise DataError(f"--size and --workers must be >= 1, got {args.size} and {args.workers}")
     if args.out.suffix.lower() not in (".h5", ".hdf5"):
         raise DataError(f"the output must be an .h5 or .hdf5 file, got {args.out}")
+    if args.out.exists() and not args.overwrite:  # a prepared data set can take an hour to remake
+        raise DataError(f"{args.out} already exists; give --overwrite to replace it, or choose another output")
     source = open_source(DataConfig(path=args.src, crop=args.crop, crop_size=args.crop_size), args.size)
     if source.kind not in ("celeba", "folder"):
         raise DataError(f"{args.src} is not an image folder (it is a {source.kind} source)")

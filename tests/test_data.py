@@ -547,6 +547,19 @@ def test_prepare_celeba_end_to_end(tmp_path, celeba_root, mixed_folder):
     assert "skipped 3 of 7" in done.stderr and len(open_source(DataConfig(path=str(mixed_out)), 16)) == 4
 
 
+def test_prepare_celeba_replaces_an_existing_file_only_when_told(tmp_path, celeba_root):
+    out = tmp_path / "celeba8.h5"
+    out.write_bytes(b"an earlier data set")
+    done = run_prepare(celeba_root, out, "--size", 8, "--workers", 1)
+    assert (
+        done.returncode == 2
+        and done.stderr == f"error: {out} already exists; give --overwrite to replace it, or choose another output\n"
+    )
+    assert out.read_bytes() == b"an earlier data set"
+    assert run_prepare(celeba_root, out, "--size", 8, "--workers", 1, "--overwrite").returncode == 0
+    assert len(open_source(DataConfig(path=str(out)), 8)) == CELEBA_COUNT
+
+
 def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporary(tmp_path, celeba_root, monkeypatch):
     spec = importlib.util.spec_from_file_location("prepare_celeba", ROOT / "scripts" / "prepare_celeba.py")
     prepare_celeba = importlib.util.module_from_spec(spec)
