@@ -1,7 +1,11 @@
-"""What the command-line scripts share: the --device and --data flags, and errors printed as one line."""
+"""What the command-line scripts share: the --device and --data flags, and errors and warnings printed as one line."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,3 +54,19 @@ def one_line(error: BaseException) -> str:
         name, colon, message = lines[-1].partition(": ")  # "package.module.DataError: message"
         return message if colon and name.split(".")[-1] == type(error).__name__ else lines[-1]
     return " ".join(lines)
+
+
+def say_line(line: str) -> None:
+    """`line` on stderr in one write: the ranks of a torchrun job share the launcher's stderr, and lines written in
+    parts can interleave."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
+
+
+@contextlib.contextmanager
+def warnings_as_lines(prefix: str = ""):
+    """Within it a warning is printed as one line, "warning: <prefix><message>", not as Python's "file:line:
+    Category: message" with the source line under it."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_args, **_kwargs: say_line(f"warning: {prefix}{one_line(message)}")
+        yield

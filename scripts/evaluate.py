@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from began_fast.checkpoint import CheckpointError, atomic_write, load_models  # noqa: E402
-from began_fast.cli import data_path, one_line, resolve_device  # noqa: E402
+from began_fast.cli import data_path, one_line, resolve_device, warnings_as_lines  # noqa: E402
 from began_fast.config import ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, detect_source, held_out_images, open_source  # noqa: E402
 from began_fast.data.builtin import BuiltinFaces  # noqa: E402
@@ -103,6 +103,11 @@ def format_table(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with warnings_as_lines():
+        return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> int:
     try:
         if args.num < 1 or args.batch_size < 1:
             raise ConfigError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from began_fast.checkpoint import CheckpointError  # noqa: E402
-from began_fast.cli import data_path, one_line, resolve_device  # noqa: E402
+from began_fast.cli import data_path, one_line, resolve_device, say_line, warnings_as_lines  # noqa: E402
 from began_fast.config import LOADERS, LR_SCALINGS, PRESETS, ConfigError, DataConfig, get_preset, replace  # noqa: E402
 from began_fast.data import DataError  # noqa: E402
 from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, start, stop  # noqa: E402
@@ -98,84 +98,90 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def configs_from_flags(args: argparse.Namespace, device: str):
+    """(model, train, data configs, the settings given by section): a new run's are the preset's with the flags laid
+    over them; a resumed run's are the flags alone, which setup_run checks against the checkpoint's settings."""
+    preset = get_preset(args.preset or ("gpu64" if device.startswith("cuda") else "demo"))
+    # The settings given on the command line, by config section (None: not given, the preset's stands).
+    flags = {
+        "model": dict(
+            image_size=args.image_size,
+            skip=args.skip,
+            vanishing_residual=args.vanishing_residual,
+            carry_steps=args.carry_steps,
+        ),
+        "train": dict(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            gamma=args.gamma,
+            lr=args.lr,
+            lr_floor=args.lr_floor,
+            lr_scaling=args.lr_scaling,
+            seed=args.seed,
+            log_every=args.log_every,
+            sample_every=args.sample_every,
+            checkpoint_every=args.checkpoint_every,
+            eval_every=args.eval_every,
+            eval_images=args.eval_images,
+        ),
+        "data": dict(
+            path=data_path(args.data),
+            crop=args.crop,
+            crop_size=args.crop_size,
+            loader=args.loader,
+            num_workers=args.workers,
+            holdout=args.holdout,
+        ),
+    }
+    explicit = {section: {k for k, v in values.items() if v is not None} for section, values in flags.items()}
+    if args.resume:
+        if args.preset:  # ignored, it would mislead: a user who names one expects its settings
+            raise ConfigError(
+                f"--resume continues the run in {args.out} with its saved settings; --preset {args.preset} only "
+                "chooses a new run's: leave it out"
+            )
+        # The checkpoint's settings stand, and setup_run checks the flags given against them: laid over a
+        # preset first, a flag right for the run could be refused as wrong for the preset (--lr-floor).
+        model_cfg, train_cfg, data_cfg = (SimpleNamespace(**flags[section]) for section in ("model", "train", "data"))
+    else:
+        if args.lr is not None and args.lr_floor is None:  # a small --lr lowers the preset's floor with it
+            flags["train"]["lr_floor"] = min(preset.train.lr_floor, args.lr)
+        model_cfg = replace(preset.model, **flags["model"])
+        train_cfg = replace(preset.train, **flags["train"])
+        data_cfg = replace(DataConfig(), **flags["data"])
+    return model_cfg, train_cfg, data_cfg, explicit
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = ""  # under torchrun, "rank R of N: ": each rank that meets an error says so, on its own machine's terms
     try:
         world = World.from_env()
         rank = f"rank {world.rank} of {world.world_size}: " if world.world_size > 1 else ""
-        device = world.device(resolve_device(args.device))
-        preset = get_preset(args.preset or ("gpu64" if device.startswith("cuda") else "demo"))
-        # The settings given on the command line, by config section (None: not given, the preset's stands).
-        flags = {
-            "model": dict(
-                image_size=args.image_size,
-                skip=args.skip,
-                vanishing_residual=args.vanishing_residual,
-                carry_steps=args.carry_steps,
-            ),
-            "train": dict(
-                steps=args.steps,
-                batch_size=args.batch_size,
-                gamma=args.gamma,
-                lr=args.lr,
-                lr_floor=args.lr_floor,
-                lr_scaling=args.lr_scaling,
-                seed=args.seed,
-                log_every=args.log_every,
-                sample_every=args.sample_every,
-                checkpoint_every=args.checkpoint_every,
-                eval_every=args.eval_every,
-                eval_images=args.eval_images,
-            ),
-            "data": dict(
-                path=data_path(args.data),
-                crop=args.crop,
-                crop_size=args.crop_size,
-                loader=args.loader,
-                num_workers=args.workers,
-                holdout=args.holdout,
-            ),
-        }
-        explicit = {section: {k for k, v in values.items() if v is not None} for section, values in flags.items()}
-        if args.resume:
-            if args.preset:  # ignored, it would mislead: a user who names one expects its settings
-                raise ConfigError(
-                    f"--resume continues the run in {args.out} with its saved settings; --preset {args.preset} only "
-                    "chooses a new run's: leave it out"
-                )
-            # The checkpoint's settings stand, and setup_run checks the flags given against them: laid over a
-            # preset first, a flag right for the run could be refused as wrong for the preset (--lr-floor).
-            model_cfg, train_cfg, data_cfg = (
-                SimpleNamespace(**flags[section]) for section in ("model", "train", "data")
+        with warnings_as_lines(rank):
+            device = world.device(resolve_device(args.device))
+            model_cfg, train_cfg, data_cfg, explicit = configs_from_flags(args, device)
+            opts = RunOptions(
+                out=args.out,
+                device=device,
+                impl=args.impl or ("torch" if args.reference_step else "auto"),
+                reference_step=args.reference_step,
+                amp=args.amp,
+                cuda_graphs=args.cuda_graphs,
+                resume=args.resume,
+                quiet=args.quiet,
             )
-        else:
-            if args.lr is not None and args.lr_floor is None:  # a small --lr lowers the preset's floor with it
-                flags["train"]["lr_floor"] = min(preset.train.lr_floor, args.lr)
-            model_cfg = replace(preset.model, **flags["model"])
-            train_cfg = replace(preset.train, **flags["train"])
-            data_cfg = replace(DataConfig(), **flags["data"])
-        opts = RunOptions(
-            out=args.out,
-            device=device,
-            impl=args.impl or ("torch" if args.reference_step else "auto"),
-            reference_step=args.reference_step,
-            amp=args.amp,
-            cuda_graphs=args.cuda_graphs,
-            resume=args.resume,
-            quiet=args.quiet,
-        )
-        collectives = start(world, device, args.dist_timeout)
-        run = setup_run(model_cfg, train_cfg, data_cfg, opts, collectives, explicit)
-        last = train(run)
+            collectives = start(world, device, args.dist_timeout)
+            run = setup_run(model_cfg, train_cfg, data_cfg, opts, collectives, explicit)
+            last = train(run)
     except (ConfigError, DataError, CheckpointError, MetricError, TrainingError, OSError) as e:
-        say_error(f"error: {rank}{one_line(e)}")
+        say_line(f"error: {rank}{one_line(e)}")
         return 2
     except CollectiveError as e:  # its message names the rank
-        say_error(f"error: {e}")
+        say_line(f"error: {e}")
         return 1
     except KeyboardInterrupt:  # a Ctrl-C before the loop took over, or a second one
-        say_error(f"error: {rank}interrupted")
+        say_line(f"error: {rank}interrupted")
         return 130
     finally:
         stop()
@@ -183,13 +189,6 @@ def main(argv=None) -> int:
         done = f"done: {run.step.steps_done} steps; checkpoint {last}; samples in {run.out / 'samples'}"
         print(done, file=sys.stderr)
     return 0
-
-
-def say_error(line: str) -> None:
-    """`line` on stderr in one write: the ranks of a torchrun job share the launcher's stderr, and two ranks' lines
-    written in parts can interleave."""
-    sys.stderr.flush()
-    os.write(sys.stderr.fileno(), (line + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -382,6 +382,9 @@ def test_cli_warns_once_about_undecodable_files(tmp_path):
     result = cli(*common, "--data", str(folder), "--sample-every", "1", "--workers", "0")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("skipped 1 of 7 image files") == 1, result.stderr
+    # One line of its own, as errors are: not Python's "file:line: SkippedImagesWarning: ..." and the source line.
+    [line] = [line for line in result.stderr.splitlines() if "skipped 1 of 7" in line]
+    assert line.startswith("warning: ") and "Warning" not in result.stderr, result.stderr
 
 
 def test_damaged_checkpoints_are_refused_with_one_line(tmp_path):
