@@ -175,6 +175,8 @@ def setup_run(
     checkpoint may be resumed on another number of ranks (the README says what carries over exactly).
     """
     device = torch.device(opts.device)
+    if opts.out.exists() and not opts.out.is_dir():
+        raise ConfigError(f"--out {opts.out} is a file; expected a run folder (a new one, or one that holds a run)")
     latest = opts.out / "latest.pt"
     if not opts.resume and latest.exists():
         raise ConfigError(
@@ -458,7 +460,10 @@ def train(run: Run) -> Path:
     if run.collectives is not None:
         run.collectives.check_same(start_fingerprint(run), run.step.device)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run folder --out {out}: {e.strerror}") from None
         for folder in (out, out / "samples"):
             remove_stale_temporaries(folder)
 

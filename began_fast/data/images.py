@@ -38,9 +38,12 @@ def crop_box(width: int, height: int, crop: str | None, crop_size: int | None) -
     else:
         raise DataError(f"crop must be 'celeba', 'center' or None, got {crop!r}")
     if left < 0 or top < 0 or left + size > width or top + size > height:
+        advice = "--crop center or a smaller --crop-size"
+        if crop == "center":
+            advice = f"a --crop-size of at most {min(width, height)}"
         raise DataError(
             f"a {width}x{height} image is smaller than the {crop or 'celeba'} crop box of {size}x{size} at "
-            f"left {left}, top {top}; use --crop center or a smaller --crop-size"
+            f"left {left}, top {top}; use {advice}"
         )
     return left, top, size
 
