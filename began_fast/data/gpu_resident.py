@@ -158,4 +158,5 @@ class GpuResidentStream:
 
     def describe(self) -> str:
         shard = f", rank {self.rank}'s rows of a {self.world_size}-rank global batch" if self.world_size > 1 else ""
-        return f"gpu-resident sampler (batch {self.batch_size}, with replacement{shard}) over {self.images.describe()}"
+        where = self.images.device.type
+        return f"{where}-side sampler (batch {self.batch_size}, with replacement{shard}) over {self.images.describe()}"
