@@ -111,7 +111,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):  # ValueError: a garbled name
         damaged = "its index or a record's header"
     if damaged is not None:
-        raise CheckpointError(f"checkpoint {path} is damaged ({damaged} fails its checksum); use an earlier snapshot")
+        raise CheckpointError(
+            f"checkpoint {path} is damaged ({damaged} fails its checksum); copy an earlier snapshot (step_XXXXXXX.pt) "
+            "over it"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises many kinds for a damaged file

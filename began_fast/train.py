@@ -54,7 +54,7 @@ RECONSTRUCTION_PAIRS = 16
 # it is watched, and where and how its data is read (the same data, moved); any other one must match the saved.
 RESUME_MAY_CHANGE = {
     "model": set(),
-    "train": {"steps", "log_every", "sample_every", "checkpoint_every", "eval_every", "eval_images"},
+    "train": {"steps", "log_every", "sample_every", "checkpoint_every", "snapshot_every", "eval_every", "eval_images"},
     "data": {"path", "loader", "num_workers"},
 }
 

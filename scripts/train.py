@@ -85,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int)
     p.add_argument("--sample-every", type=int)
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--snapshot-every", type=int, help="keep step_XXXXXXX.pt every this many steps")
     p.add_argument("--eval-every", type=int, help="steps between SWD evaluations, logged beside M (default: never)")
     p.add_argument("--eval-images", type=int, help="images per SWD evaluation (default 512)")
     p.add_argument(
@@ -121,6 +122,7 @@ def configs_from_flags(args: argparse.Namespace, device: str):
             log_every=args.log_every,
             sample_every=args.sample_every,
             checkpoint_every=args.checkpoint_every,
+            snapshot_every=args.snapshot_every,
             eval_every=args.eval_every,
             eval_images=args.eval_images,
         ),

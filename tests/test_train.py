@@ -346,11 +346,12 @@ def assert_one_error_line(result, message):
 def test_cli_trains_and_resumes(tmp_path):
     out = str(tmp_path / "run")
     common = ["--out", out, "--quiet", "--image-size", "16", "--batch-size", "4", "--checkpoint-every", "3"]
-    assert cli(*common, "--steps", "3", "--lr", "1e-5").returncode == 0  # below the preset's lr floor
-    result = cli(*common, "--steps", "5", "--resume")
+    assert cli(*common, "--steps", "3", "--lr", "1e-5", "--snapshot-every", "2").returncode == 0  # lr under the floor
+    result = cli(*common, "--steps", "5", "--resume", "--snapshot-every", "4")  # an interval may change on resume
     assert result.returncode == 0, result.stderr
     assert "resuming at step 3" in result.stderr
     assert load_checkpoint(Path(out) / "latest.pt")["step"] == 5
+    assert sorted(p.name for p in Path(out).glob("step_*.pt")) == ["step_0000002.pt", "step_0000004.pt"]
     for args, message in (
         ([], "already holds a run"),
         (["--resume", "--batch-size", "8"], "train setting batch_size is 4, not 8"),
@@ -400,8 +401,8 @@ def test_damaged_checkpoints_are_refused_with_one_line(tmp_path):
     flipped[data : data + 64] = bytes(255 - b for b in flipped[data : data + 64])
     garbled[header : header + 4] = b"\xc8\xff\xc8\xff"
     for damage, message in (
-        (bytes(flipped), r"is damaged \(.+ fails its checksum\); use an earlier snapshot"),
-        (bytes(garbled), r"is damaged \(.+\); use an earlier snapshot"),
+        (bytes(flipped), r"is damaged \(.+ fails its checksum\); copy an earlier snapshot \(step_XXXXXXX.pt\) over"),
+        (bytes(garbled), r"is damaged \(.+\); copy an earlier snapshot"),
         (whole[: len(whole) // 2], "is damaged|cannot be read"),
         (b"\x00" * 100, "cannot be read"),
     ):
