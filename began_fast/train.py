@@ -24,6 +24,7 @@ import json
 import math
 import signal
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,9 @@ class Run:
     # checkpoint (None: a new run, or a checkpoint that did not record it).
     data_images: int | None = None
     saved_data_images: int | None = None
+    # Names the run in its checkpoints and config.json, so a latest.pt of another run is not resumed into this
+    # run's folder (a random hex string given at its start; a checkpoint that did not record one gets a new one).
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def out(self) -> Path:
@@ -193,6 +197,7 @@ def setup_run(
                 f"the run in {opts.out} is at step {state['step']} of {train_cfg.steps}: give --steps above "
                 f"{state['step']} to train it further"
             )
+        check_same_run(opts.out, state.get("run_id"))
     check_out_outside_data(opts.out, data_cfg)
     torch.manual_seed(train_cfg.seed)
     G = Generator(model_cfg, impl=opts.impl).to(device)
@@ -211,8 +216,25 @@ def setup_run(
             fixed_z = state["fixed_z"].to(device)
         except (KeyError, ValueError, RuntimeError) as e:  # a missing entry, a wrong shape or optimizer layout
             raise misfit(latest, e) from None
-    saved_images = None if state is None else state.get("data_images")
-    return Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z, collectives, saved_data_images=saved_images)
+    run = Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z, collectives)
+    if state is not None:
+        run.saved_data_images = state.get("data_images")
+        run.run_id = state.get("run_id") or run.run_id
+    return run
+
+
+def check_same_run(out: Path, run_id: str | None) -> None:
+    """Refuse to resume a latest.pt of one run in a folder whose config.json belongs to another (a checkpoint
+    copied into the wrong folder would go on writing its stats and pictures among that run's)."""
+    try:
+        folder_run = json.loads((out / "config.json").read_text())["run"].get("run_id")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no config.json (a rank's own folder), or old
+        return
+    if run_id is not None and folder_run is not None and folder_run != run_id:
+        raise ConfigError(
+            f"{out / 'latest.pt'} belongs to another run ({run_id}) than the folder's config.json and stats.jsonl "
+            f"({folder_run}): resume it in a folder of its own"
+        )
 
 
 def check_out_outside_data(out: Path, data_cfg: DataConfig) -> None:
@@ -266,6 +288,7 @@ def checkpoint_state(run: Run) -> dict:
         "trainer": run.step.state_dict(),
         "fixed_z": run.fixed_z.cpu(),
         "data_images": run.data_images,
+        "run_id": run.run_id,
     }
 
 
@@ -394,7 +417,7 @@ def make_feed(run: Run, batches):
 
 def write_config(run: Run) -> None:
     """config.json: the three configs and how the run executes, with the batch and lr as the ranks see them."""
-    run_info = dataclasses.asdict(run.opts) | {"torch": torch.__version__}
+    run_info = {"run_id": run.run_id} | dataclasses.asdict(run.opts) | {"torch": torch.__version__}
     run_info |= {
         "world_size": run.step.world_size,
         "per_rank_batch": run.train_cfg.batch_size,

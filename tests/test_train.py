@@ -434,6 +434,26 @@ def test_cli_resumes_a_checkpoint_whose_noise_generator_ran_on_another_kind_of_d
     assert result.returncode == 0 and "noise generator" not in result.stderr, result.stderr
 
 
+def test_cli_refuses_to_resume_another_runs_checkpoint_in_a_run_folder(tmp_path):
+    """A latest.pt copied into another run's folder would append its stats and pictures to that run's."""
+    common = ["--quiet", "--image-size", "16", "--batch-size", "4", "--steps", "2"]
+    for name, seed in (("a", "1"), ("b", "2")):
+        assert cli("--out", str(tmp_path / name), *common, "--seed", seed).returncode == 0
+    before = {name: (tmp_path / "b" / name).read_bytes() for name in ("config.json", "stats.jsonl")}
+    shutil.copyfile(tmp_path / "a" / "latest.pt", tmp_path / "b" / "latest.pt")
+    result = cli("--out", str(tmp_path / "b"), "--quiet", "--steps", "3", "--resume")
+    assert_one_error_line(result, f"{tmp_path / 'b' / 'latest.pt'} belongs to another run (")
+    assert "resume it in a folder of its own" in result.stderr
+    assert {name: (tmp_path / "b" / name).read_bytes() for name in before} == before
+    # A checkpoint that did not record its run (an older version's) resumes as before, and is named from then on.
+    state = load_checkpoint(tmp_path / "a" / "latest.pt")
+    del state["run_id"]
+    torch.save(state, tmp_path / "a" / "latest.pt")
+    assert cli("--out", str(tmp_path / "a"), "--quiet", "--steps", "3", "--resume").returncode == 0
+    run_id = json.loads((tmp_path / "a" / "config.json").read_text())["run"]["run_id"]
+    assert load_checkpoint(tmp_path / "a" / "latest.pt")["run_id"] == run_id
+
+
 def test_cli_resume_of_a_checkpoint_from_another_version_is_one_line(tmp_path):
     out = tmp_path / "run"
     common = ["--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "4"]
