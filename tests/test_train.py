@@ -411,45 +411,38 @@ def test_damaged_checkpoints_are_refused_with_one_line(tmp_path):
             load_checkpoint(tmp_path / "latest.pt")
 
 
-def test_cli_resumes_a_checkpoint_whose_noise_generator_ran_on_another_kind_of_device(tmp_path):
+def test_resume_of_a_checkpoint_whose_noise_generator_ran_on_another_kind_of_device(tmp_path, capsys):
     """A CUDA run's noise generator is a 16-byte Philox state, which a CPU generator cannot take (nor a CUDA one a
     CPU run's 5056 bytes): the resume goes on with a new stream, seeded from the seed and the step, and says so."""
-    common = ["--quiet", "--image-size", "16", "--batch-size", "4"]
-    assert cli("--out", str(tmp_path / "gpu"), *common, "--steps", "2").returncode == 0
+    run_steps(tmp_path / "gpu", 4)
     state = load_checkpoint(tmp_path / "gpu" / "latest.pt")
-    philox = torch.tensor([7, 0], dtype=torch.int64).view(torch.uint8)  # seed 7, offset 0: what CUDA's get_state gives
-    state["trainer"]["z_gen"] = philox
+    state["trainer"]["z_gen"] = torch.tensor([7, 0], dtype=torch.int64).view(torch.uint8)  # CUDA's: seed 7, offset 0
     torch.save(state, tmp_path / "gpu" / "latest.pt")
     resumed = []
-    for out in ("twice/a", "twice/b"):
+    for out in ("a", "b"):
         shutil.copytree(tmp_path / "gpu", tmp_path / out)
-        result = cli("--out", str(tmp_path / out), *common, "--steps", "3", "--resume")
-        assert result.returncode == 0, result.stderr
-        assert "warning: the checkpoint's noise generator ran on another kind of device" in result.stderr
-        resumed.append(load_checkpoint(tmp_path / out / "latest.pt"))
-    assert resumed[0]["step"] == 3
-    for name, weight in resumed[0]["G"].items():  # the new stream is the same on every resume
-        assert torch.equal(weight, resumed[1]["G"][name]), name
-    result = cli("--out", str(tmp_path / "twice" / "a"), *common, "--steps", "4", "--resume")
-    assert result.returncode == 0 and "noise generator" not in result.stderr, result.stderr
+        resumed.append(parameters(run_steps(tmp_path / out, 6, resume=True)))
+        assert "warning: the checkpoint's noise generator ran on another kind of device" in capsys.readouterr().err
+    for a, b in zip(*resumed, strict=True):  # the new stream is the same on every resume
+        assert torch.equal(a, b)
+    run_steps(tmp_path / "a", 8, resume=True)
+    assert "noise generator" not in capsys.readouterr().err
 
 
-def test_cli_refuses_to_resume_another_runs_checkpoint_in_a_run_folder(tmp_path):
+def test_resume_refuses_another_runs_checkpoint_in_a_run_folder(tmp_path):
     """A latest.pt copied into another run's folder would append its stats and pictures to that run's."""
-    common = ["--quiet", "--image-size", "16", "--batch-size", "4", "--steps", "2"]
-    for name, seed in (("a", "1"), ("b", "2")):
-        assert cli("--out", str(tmp_path / name), *common, "--seed", seed).returncode == 0
+    for name in ("a", "b"):
+        run_steps(tmp_path / name, 4)
     before = {name: (tmp_path / "b" / name).read_bytes() for name in ("config.json", "stats.jsonl")}
     shutil.copyfile(tmp_path / "a" / "latest.pt", tmp_path / "b" / "latest.pt")
-    result = cli("--out", str(tmp_path / "b"), "--quiet", "--steps", "3", "--resume")
-    assert_one_error_line(result, f"{tmp_path / 'b' / 'latest.pt'} belongs to another run (")
-    assert "resume it in a folder of its own" in result.stderr
+    with pytest.raises(ConfigError, match=r"b/latest.pt belongs to another run \(\w+\) than the folder's config.json"):
+        run_steps(tmp_path / "b", 6, resume=True)
     assert {name: (tmp_path / "b" / name).read_bytes() for name in before} == before
     # A checkpoint that did not record its run (an older version's) resumes as before, and is named from then on.
     state = load_checkpoint(tmp_path / "a" / "latest.pt")
     del state["run_id"]
     torch.save(state, tmp_path / "a" / "latest.pt")
-    assert cli("--out", str(tmp_path / "a"), "--quiet", "--steps", "3", "--resume").returncode == 0
+    run_steps(tmp_path / "a", 6, resume=True)
     run_id = json.loads((tmp_path / "a" / "config.json").read_text())["run"]["run_id"]
     assert load_checkpoint(tmp_path / "a" / "latest.pt")["run_id"] == run_id
 
