@@ -58,9 +58,15 @@ def one_line(error: BaseException) -> str:
 
 def say_line(line: str) -> None:
     """`line` on stderr in one write: the ranks of a torchrun job share the launcher's stderr, and lines written in
-    parts can interleave."""
+    parts can interleave. A stderr with no file descriptor (replaced in the process, as pytest's capsys does) gets
+    it as text."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both an OSError and a ValueError
+        print(line, file=sys.stderr)
+        return
     sys.stderr.flush()
-    os.write(sys.stderr.fileno(), (line + "\n").encode())
+    os.write(fd, (line + "\n").encode())
 
 
 @contextlib.contextmanager

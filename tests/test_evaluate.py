@@ -142,6 +142,20 @@ def test_sample_script_images_folder_holds_the_last_calls_images_only(tiny_check
     assert not (out / "grid.png").exists() and not (out / "interpolation.png").exists()
 
 
+def test_evaluate_script_warns_in_one_line(tiny_checkpoint, tmp_path, capsys):
+    """A file it skips is reported as "warning: ...", not as Python's "file:line: Category: message" and source."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(draw_faces(1, 20, seed=i)[0]).save(folder / f"{i}.png")
+    (folder / "4.png").write_bytes(b"not a png")
+    argv = [str(tiny_checkpoint[0]), "--data", str(folder), "--num", "4", "--device", "cpu"]
+    assert _script("evaluate").main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "skipped 1 of 5 image files" in err and "Warning" not in err, err
+    assert err.count("\n") == 1, err
+
+
 def test_evaluation_on_the_runs_own_celeba_folder_however_it_is_named(tmp_path):
     """A CelebA folder is named by itself or by its parent: either way it is the data the run trained on, so its
     crop and held-out images are the run's, not another data set's defaults."""
