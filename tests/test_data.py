@@ -440,6 +440,7 @@ def test_gpu_resident_stream_shards_the_global_batch(world_size):
         assert torch.equal(torch.cat(shards), next(one))
         assert not torch.equal(shards[0], shards[1])
     assert "rank 1's rows of a" in ranks[1].describe()
+    assert one.describe().startswith("cpu-side sampler (batch") and "over cpu-resident uint8" in one.describe()
     with pytest.raises(DataError, match="rank must be in"):
         GpuResidentStream(images, 4, seed=9, rank=world_size, world_size=world_size)
 
