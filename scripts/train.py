@@ -32,7 +32,7 @@ from began_fast.metrics import MetricError  # noqa: E402
 from began_fast.train import RunOptions, TrainingError, setup_run, train  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="CelebA folder, image folder or HDF5 file (default: the built-in faces)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: demo, gpu64 on a GPU)")
@@ -96,7 +96,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"an error (another rank died or hung; default {DEFAULT_TIMEOUT_S:g})",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
+
+
+# Config fields set by a flag of another name; any other field's flag is its name with dashes.
+_FLAG_OF_FIELD = {"num_workers": "--workers", "path": "--data"}
+
+
+def in_flag_terms(message: str, parser: argparse.ArgumentParser) -> str:
+    """A config error names the config field ("batch_size must be >= 1, got 0"); the user gave a flag, so the
+    message names it ("--batch-size must be >= 1, got 0")."""
+    field, space, rest = message.partition(" ")
+    flag = _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+    return f"{flag} {rest}" if space and flag in parser._option_string_actions else message
 
 
 def configs_from_flags(args: argparse.Namespace, device: str):
@@ -155,7 +167,8 @@ def configs_from_flags(args: argparse.Namespace, device: str):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     rank = ""  # under torchrun, "rank R of N: ": each rank that meets an error says so, on its own machine's terms
     try:
         world = World.from_env()
@@ -176,7 +189,10 @@ def main(argv=None) -> int:
             collectives = start(world, device, args.dist_timeout)
             run = setup_run(model_cfg, train_cfg, data_cfg, opts, collectives, explicit)
             last = train(run)
-    except (ConfigError, DataError, CheckpointError, MetricError, TrainingError, OSError) as e:
+    except ConfigError as e:
+        say_line(f"error: {rank}{in_flag_terms(one_line(e), parser)}")
+        return 2
+    except (DataError, CheckpointError, MetricError, TrainingError, OSError) as e:
         say_line(f"error: {rank}{one_line(e)}")
         return 2
     except CollectiveError as e:  # its message names the rank
