@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from began_fast.checkpoint import durable_replace  # noqa: E402
 from began_fast.cli import one_line  # noqa: E402
-from began_fast.config import ConfigError, DataConfig  # noqa: E402
+from began_fast.config import IMAGE_SIZES, ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, open_source  # noqa: E402
 from began_fast.data.images import load_image  # noqa: E402
 
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a CelebA folder (img_align_celeba or its parent) or any folder of images")
     p.add_argument("out", type=Path, help="the HDF5 file to write (.h5 or .hdf5)")
-    p.add_argument("--size", type=int, default=64, help="image size S (default 64)")
+    p.add_argument("--size", type=int, default=64, help=f"image size S, one of {IMAGE_SIZES} (default 64)")
     p.add_argument("--crop", choices=["celeba", "center"], help="crop before resizing (default: the folder's own)")
     p.add_argument("--crop-size", type=int, help="side of the crop box in pixels")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
@@ -89,8 +89,10 @@ def _running(pid: int) -> bool:
 
 def prepare(args: argparse.Namespace) -> tuple[int, int]:
     """Write the file; returns (images written, files skipped)."""
-    if args.size < 1 or args.workers < 1:
-        raise DataError(f"--size and --workers must be >= 1, got {args.size} and {args.workers}")
+    if args.size not in IMAGE_SIZES:  # another size is resized again on every read
+        raise DataError(f"--size must be an image size the model trains at, one of {IMAGE_SIZES}, got {args.size}")
+    if args.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {args.workers}")
     if args.out.suffix.lower() not in (".h5", ".hdf5"):
         raise DataError(f"the output must be an .h5 or .hdf5 file, got {args.out}")
     if args.out.exists() and not args.overwrite:  # a prepared data set can take an hour to remake

@@ -549,16 +549,16 @@ def test_prepare_celeba_end_to_end(tmp_path, celeba_root, mixed_folder):
 
 
 def test_prepare_celeba_replaces_an_existing_file_only_when_told(tmp_path, celeba_root):
-    out = tmp_path / "celeba8.h5"
+    out = tmp_path / "celeba16.h5"
     out.write_bytes(b"an earlier data set")
-    done = run_prepare(celeba_root, out, "--size", 8, "--workers", 1)
+    done = run_prepare(celeba_root, out, "--size", 16, "--workers", 1)
     assert (
         done.returncode == 2
         and done.stderr == f"error: {out} already exists; give --overwrite to replace it, or choose another output\n"
     )
     assert out.read_bytes() == b"an earlier data set"
-    assert run_prepare(celeba_root, out, "--size", 8, "--workers", 1, "--overwrite").returncode == 0
-    assert len(open_source(DataConfig(path=str(out)), 8)) == CELEBA_COUNT
+    assert run_prepare(celeba_root, out, "--size", 16, "--workers", 1, "--overwrite").returncode == 0
+    assert len(open_source(DataConfig(path=str(out)), 16)) == CELEBA_COUNT
 
 
 def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporary(tmp_path, celeba_root, monkeypatch):
@@ -566,11 +566,11 @@ def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporar
     prepare_celeba = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, prepare_celeba)  # its pool's workers look their function up by name
     spec.loader.exec_module(prepare_celeba)
-    out = tmp_path / "celeba8.h5"
+    out = tmp_path / "celeba16.h5"
     killed = subprocess.Popen([sys.executable, "-c", ""])
     killed.wait()
-    stale = tmp_path / f".celeba8.h5.{killed.pid}.tmp"  # its writer is gone
-    running = tmp_path / f".celeba8.h5.{os.getppid()}.tmp"  # another process still writing the same file
+    stale = tmp_path / f".celeba16.h5.{killed.pid}.tmp"  # its writer is gone
+    running = tmp_path / f".celeba16.h5.{os.getppid()}.tmp"  # another process still writing the same file
     for temporary in (stale, running):
         temporary.write_bytes(b"half an HDF5 file")
     events = []
@@ -578,12 +578,12 @@ def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporar
     synced = lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))  # noqa: E731
     monkeypatch.setattr(os, "fsync", synced)
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), replace(a, b)))
-    args = prepare_celeba.parse_args([str(celeba_root), str(out), "--size", "8", "--workers", "1"])
+    args = prepare_celeba.parse_args([str(celeba_root), str(out), "--size", "16", "--workers", "1"])
     assert prepare_celeba.prepare(args) == (CELEBA_COUNT, 0)
-    ours = str(tmp_path / f".celeba8.h5.{os.getpid()}.tmp")
+    ours = str(tmp_path / f".celeba16.h5.{os.getpid()}.tmp")
     # The data reaches the disk before the new name does, and the name before the function returns.
     assert events == [("fsync", ours), ("replace", ours, str(out)), ("fsync", str(tmp_path))]
-    assert not stale.exists() and running.exists() and len(open_source(DataConfig(path=str(out)), 8)) == CELEBA_COUNT
+    assert not stale.exists() and running.exists() and len(open_source(DataConfig(path=str(out)), 16)) == CELEBA_COUNT
 
 
 @pytest.mark.parametrize(
@@ -591,7 +591,8 @@ def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporar
     [
         (["{tmp}/missing", "{tmp}/x.h5"], "does not exist"),
         (["{celeba}", "{tmp}/x.txt"], "must be an .h5 or .hdf5 file"),
-        (["{celeba}", "{tmp}/x.h5", "--size", "0"], "--size and --workers must be >= 1"),
+        (["{celeba}", "{tmp}/x.h5", "--size", "33"], "--size must be an image size the model trains at, one of (16,"),
+        (["{celeba}", "{tmp}/x.h5", "--workers", "0"], "--workers must be >= 1, got 0"),
     ],
 )
 def test_prepare_celeba_bad_input(tmp_path, celeba_root, args, message):
