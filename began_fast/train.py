@@ -41,7 +41,7 @@ from began_fast.checkpoint import (
     save_checkpoint,
 )
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from began_fast.data import held_out_images, make_batches, open_source
+from began_fast.data import held_out_images, make_batches, open_source, resolve_source
 from began_fast.data.gpu_resident import GpuResidentStream
 from began_fast.distributed import Collectives
 from began_fast.fast_step import CudaGraphStep, FastStep
@@ -239,12 +239,12 @@ def check_same_run(out: Path, run_id: str | None) -> None:
 
 def check_out_outside_data(out: Path, data_cfg: DataConfig) -> None:
     """Refuse a run folder inside the image folder it trains on: its sample grids would become training images
-    when the folder is read again (a resume, evaluate.py)."""
-    if data_cfg.path is None or not Path(data_cfg.path).is_dir():
-        return
-    if out.resolve().is_relative_to(Path(data_cfg.path).resolve()):
+    when the folder is read again (a resume, evaluate.py). A CelebA folder given by its parent reads only
+    img_align_celeba, so a run folder beside that is outside."""
+    kind, images = resolve_source(data_cfg)
+    if kind in ("celeba", "folder") and out.resolve().is_relative_to(Path(images).resolve()):
         raise ConfigError(
-            f"--out {out} lies inside the data folder {data_cfg.path}: the run's pictures would become training "
+            f"--out {out} lies inside the data folder {images}: the run's pictures would become training "
             "images; choose an --out outside it"
         )
 

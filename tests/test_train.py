@@ -196,6 +196,13 @@ def test_a_run_folder_inside_its_image_folder_is_refused(tmp_path):
         setup_run(
             MODEL, train_cfg(4), DataConfig(path=str(tmp_path / "faces")), RunOptions(out=tmp_path / "faces" / "run")
         )
+    # A CelebA folder given by its parent reads only img_align_celeba: a run folder beside it is outside.
+    (tmp_path / "celeba" / "img_align_celeba").mkdir(parents=True)
+    celeba = DataConfig(path=str(tmp_path / "celeba"))
+    beside = setup_run(MODEL, train_cfg(4), celeba, RunOptions(out=tmp_path / "celeba" / "runs" / "a"))
+    assert beside.step.steps_done == 0
+    with pytest.raises(ConfigError, match="lies inside the data folder .*img_align_celeba"):
+        setup_run(MODEL, train_cfg(4), celeba, RunOptions(out=tmp_path / "celeba" / "img_align_celeba" / "run"))
 
 
 def test_a_new_run_removes_the_grids_of_a_run_that_died_before_its_first_checkpoint(tmp_path):

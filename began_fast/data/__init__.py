@@ -59,22 +59,27 @@ def detect_source(path: str | None) -> tuple[str, str | None]:
     raise DataError(f"data path {path} is a file but not HDF5; expected an image folder or an .h5 file")
 
 
+def resolve_source(cfg: DataConfig) -> tuple[str, str | None]:
+    """(kind, path) of the source that cfg names; the path is what is read (a CelebA folder given by its parent:
+    its img_align_celeba). DataError when the path is missing or not of the kind cfg.source asks for."""
+    if cfg.source == "auto":
+        return detect_source(cfg.path)
+    if cfg.source == "builtin":
+        if cfg.path is not None:
+            raise DataError(f"the builtin source takes no data path, got {cfg.path}")
+        return "builtin", None
+    if cfg.path is None:
+        raise DataError(f"the {cfg.source} source needs a data path")
+    detected, detected_path = detect_source(cfg.path)
+    if (cfg.source == "hdf5") != (detected == "hdf5"):
+        raise DataError(f"data path {cfg.path} is not a {cfg.source} source (it looks like {detected})")
+    return cfg.source, detected_path if detected == cfg.source else cfg.path
+
+
 def open_source(cfg: DataConfig, image_size: int):
     """The images a run trains on: the source that cfg names, at image_size x image_size (see the package
     docstring), less its last cfg.holdout images (data/holdout.py)."""
-    if cfg.source == "auto":
-        kind, path = detect_source(cfg.path)
-    elif cfg.source == "builtin":
-        if cfg.path is not None:
-            raise DataError(f"the builtin source takes no data path, got {cfg.path}")
-        kind, path = "builtin", None
-    else:
-        if cfg.path is None:
-            raise DataError(f"the {cfg.source} source needs a data path")
-        detected, detected_path = detect_source(cfg.path)
-        if (cfg.source == "hdf5") != (detected == "hdf5"):
-            raise DataError(f"data path {cfg.path} is not a {cfg.source} source (it looks like {detected})")
-        kind, path = cfg.source, detected_path if detected == cfg.source else cfg.path
+    kind, path = resolve_source(cfg)
     if kind in ("builtin", "hdf5") and (cfg.crop is not None or cfg.crop_size is not None):
         where = "the built-in faces" if kind == "builtin" else f"{path}, an HDF5 file of cropped images"
         raise DataError(f"--crop and --crop-size act on image folders, not on {where}; leave them out")
