@@ -14,64 +14,20 @@ A checkpoint is a dict saved with torch.save:
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
+from began_fast.atomic_files import atomic_write
 from began_fast.config import ModelConfig
 from began_fast.model import Discriminator, Generator, carry_at
 
 CHECKPOINT_FORMAT = "began-fast/1"
-# mkstemp creates files readable by their owner only; a run folder's files get the mode any new file would.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read; the message is one line meant for the user."""
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(file_object) on a temporary file beside `path`, then rename it over `path`.
-
-    The rename is atomic on POSIX, so a crash or Ctrl-C mid-write leaves the old file whole; the folder is
-    synced after it, so the new name survives a power loss too.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _sync(path.parent)
-
-
-def durable_replace(tmp: str | Path, path: str | Path) -> None:
-    """Rename the finished file `tmp` over `path`, as atomic_write does for a file written by another library
-    (h5py): its data is synced before the rename and the folder after, so a crash or power loss leaves either the
-    old file or the whole new one, never the new name on missing data."""
-    _sync(tmp)
-    os.replace(tmp, path)
-    _sync(Path(path).parent)
-
-
-def _sync(path: str | Path) -> None:
-    """fsync a file's data or a folder's entries."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -87,13 +43,6 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
             raise OSError(f"cannot write checkpoint {path}: {reason}") from e
 
     atomic_write(path, write)
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporary files that atomic_write leaves in `folder` when its process is killed mid-write (a
-    checkpoint's can be hundreds of MB). Call it only where no other process writes into the folder."""
-    for stale in folder.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from began_fast.checkpoint import atomic_write
+from began_fast.atomic_files import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -32,14 +32,8 @@ import torch
 from tqdm import tqdm
 
 from began_fast import metrics, ops, reports
-from began_fast.checkpoint import (
-    atomic_write,
-    config_dict,
-    load_checkpoint,
-    misfit,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
+from began_fast.atomic_files import atomic_write, remove_stale_temporaries
+from began_fast.checkpoint import config_dict, load_checkpoint, misfit, save_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import held_out_images, make_batches, open_source, resolve_source
 from began_fast.data.gpu_resident import GpuResidentStream

@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from began_fast.checkpoint import CheckpointError, atomic_write, load_models  # noqa: E402
+from began_fast.atomic_files import atomic_write  # noqa: E402
+from began_fast.checkpoint import CheckpointError, load_models  # noqa: E402
 from began_fast.cli import data_path, one_line, resolve_device, warnings_as_lines  # noqa: E402
 from began_fast.config import ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, detect_source, held_out_images, open_source  # noqa: E402

@@ -28,7 +28,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from began_fast.checkpoint import durable_replace  # noqa: E402
+from began_fast.atomic_files import durable_replace  # noqa: E402
 from began_fast.cli import one_line  # noqa: E402
 from began_fast.config import IMAGE_SIZES, ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, open_source  # noqa: E402

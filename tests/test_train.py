@@ -222,12 +222,14 @@ def test_too_many_evaluation_images_fail_before_the_first_step(tmp_path):
 def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_keeps_the_last_one(tmp_path, monkeypatch):
     """torch.save reports a failed write as a RuntimeError with the OSError as its context: the run ends with an
     OSError naming the file and the cause (one line in the CLI), the checkpoint before stays whole, no temporary
-    file is left, and one left by a killed run is removed by the next start."""
-    import began_fast.checkpoint as checkpoint
+    file is left, and one left by a killed run is removed by the next start; another program's stays."""
+    import began_fast.atomic_files as atomic_files
 
     run_steps(tmp_path, 4)
     good = (tmp_path / "latest.pt").read_bytes()
-    (tmp_path / ".latest.pt.killed.tmp").write_bytes(b"half a checkpoint")
+    killed = tmp_path / f".latest.pt.killed{atomic_files.TEMPORARY_SUFFIX}"
+    killed.write_bytes(b"half a checkpoint")
+    (tmp_path / ".notes.txt.tmp").write_text("an editor's file in a run folder given as --out .")
     real_fdopen = os.fdopen
 
     class FullDisk(io.RawIOBase):
@@ -255,12 +257,12 @@ def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_keeps_the_last_one(t
             super().close()
             self.file.close()
 
-    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: FullDisk(fd))
+    monkeypatch.setattr(atomic_files.os, "fdopen", lambda fd, mode: FullDisk(fd))
     room = 10_000  # full in the middle of the checkpoint
     with pytest.raises(OSError, match=r"^cannot write checkpoint .*latest\.pt: \[Errno 28\] No space left on device$"):
         run_steps(tmp_path, 8, resume=True)
     assert (tmp_path / "latest.pt").read_bytes() == good
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == [".notes.txt.tmp"]
 
 
 def test_a_failing_evaluation_keeps_its_steps_checkpoint(tmp_path, monkeypatch):

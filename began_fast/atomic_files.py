@@ -1,0 +1,65 @@
+"""Files written whole or not at all: a crash, a Ctrl-C or a full disk mid-write leaves the old file as it was.
+
+Checkpoints, sample grids, reports, stats and evaluation results go through atomic_write; a file written by another
+library (h5py) through durable_replace.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# The ending of atomic_write's temporary files, which names them as ours: a killed run's are removed, no others.
+TEMPORARY_SUFFIX = ".began-fast.tmp"
+# mkstemp creates files readable by their owner only; a run folder's files get the mode any new file would.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(file_object) on a temporary file beside `path`, then rename it over `path`.
+
+    The rename is atomic on POSIX, so a crash or Ctrl-C mid-write leaves the old file whole; the folder is
+    synced after it, so the new name survives a power loss too.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _sync(path.parent)
+
+
+def durable_replace(tmp: str | Path, path: str | Path) -> None:
+    """Rename the finished file `tmp` over `path`, as atomic_write does for a file written by another library
+    (h5py): its data is synced before the rename and the folder after, so a crash or power loss leaves either the
+    old file or the whole new one, never the new name on missing data."""
+    _sync(tmp)
+    os.replace(tmp, path)
+    _sync(Path(path).parent)
+
+
+def _sync(path: str | Path) -> None:
+    """fsync a file's data or a folder's entries."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files that atomic_write leaves in `folder` when its process is killed mid-write (a
+    checkpoint's can be hundreds of MB). Call it only where no other process of ours writes into the folder; other
+    programs' files stay, even in a run folder such as --out . or --out ~."""
+    for stale in folder.glob(".*" + TEMPORARY_SUFFIX):
+        stale.unlink(missing_ok=True)
