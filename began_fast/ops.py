@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from began_fast.conv_function import TorchConvELU
+from began_fast.linear_function import ScaledLinear
 from began_fast.reference import BalanceResult, began_objective
 
 IMPLS = ("auto", "torch", "triton")
@@ -129,20 +130,6 @@ def conv_elu(
         return function.apply(x, skip, weight, bias, wgrad_scale, stride, upsample, act)
 
 
-class _ScaledLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, wgrad_scale):
-        ctx.save_for_backward(x, weight, wgrad_scale)
-        return torch.nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, scale = ctx.saved_tensors
-        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
-        gs = grad_y * scale.to(grad_y.dtype)[:, None]
-        return grad_x, gs.t() @ x, gs.sum(0), None
-
-
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, wgrad_scale: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -151,7 +138,7 @@ def linear(
         return torch.nn.functional.linear(x, weight, bias)
     (x, weight, bias), autocast_off = autocast_inputs(x, weight, bias)
     with autocast_off:
-        return _ScaledLinear.apply(x, weight, bias, wgrad_scale)
+        return ScaledLinear.apply(x, weight, bias, wgrad_scale)
 
 
 def began_balance(
