@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from began_fast.atomic_files import atomic_write
-from began_fast.config import ModelConfig
+from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.model import Discriminator, Generator, carry_at
 
 CHECKPOINT_FORMAT = "began-fast/1"
@@ -72,7 +72,27 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); is it a began-fast .pt file?") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a began-fast checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    for key, kind in _ENTRIES.items():  # what the readers take for granted, checked once here
+        if not isinstance(state.get(key), kind) or (key == "step" and (isinstance(state[key], bool) or state[key] < 0)):
+            found = "missing" if key not in state else f"{state[key]!r:.40}"
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this version of began-fast (its {key!r} is {found}; expected "
+                f"{'an int >= 0' if key == 'step' else 'a ' + kind.__name__})"
+            )
     return state
+
+
+# The entries every checkpoint holds, and their types.
+_ENTRIES = {
+    "step": int,
+    "model_config": dict,
+    "train_config": dict,
+    "data_config": dict,
+    "G": dict,
+    "D": dict,
+    "trainer": dict,
+    "fixed_z": torch.Tensor,
+}
 
 
 def misfit(path: str | Path, error: Exception) -> CheckpointError:
@@ -87,8 +107,17 @@ def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def model_config_of(state: dict) -> ModelConfig:
-    return ModelConfig(**state["model_config"])
+def saved_configs(state: dict, path: str | Path) -> dict:
+    """The {"model", "train", "data"} configs of checkpoint `state` (read from `path`); CheckpointError when they
+    are not this version's (a setting it does not know, or a value out of range)."""
+    try:
+        return {
+            "model": ModelConfig(**state["model_config"]),
+            "train": TrainConfig(**state["train_config"] | {"betas": tuple(state["train_config"]["betas"])}),
+            "data": DataConfig(**state["data_config"]),
+        }
+    except (KeyError, TypeError, ConfigError) as e:  # written by another version of began-fast, or edited
+        raise misfit(path, e) from None
 
 
 def load_models(
@@ -96,8 +125,8 @@ def load_models(
 ) -> tuple[Generator, Discriminator, dict]:
     """Rebuild G and D from a checkpoint, in eval mode on `device`; also returns the whole checkpoint dict."""
     state = load_checkpoint(path)
+    cfg = saved_configs(state, path)["model"]
     try:
-        cfg = model_config_of(state)
         G, D = Generator(cfg, impl=impl), Discriminator(cfg, impl=impl)
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from began_fast import metrics, ops, reports
 from began_fast.atomic_files import atomic_write, remove_stale_temporaries
-from began_fast.checkpoint import config_dict, load_checkpoint, misfit, save_checkpoint
+from began_fast.checkpoint import config_dict, load_checkpoint, misfit, save_checkpoint, saved_configs
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import held_out_images, make_batches, open_source, resolve_source
 from began_fast.data.gpu_resident import GpuResidentStream
@@ -130,15 +130,7 @@ def resumed_configs(state: dict, path: Path, given: dict, explicit: dict[str, se
     """The {"model", "train", "data"} configs of checkpoint `state` (read from `path`), with the `explicit` settings
     of the `given` configs applied where RESUME_MAY_CHANGE allows; an explicit setting that differs from the saved
     one is a ConfigError."""
-    try:
-        saved_train = state["train_config"] | {"betas": tuple(state["train_config"]["betas"])}
-        saved = {
-            "model": ModelConfig(**state["model_config"]),
-            "train": TrainConfig(**saved_train),
-            "data": DataConfig(**state["data_config"]),
-        }
-    except (KeyError, TypeError) as e:  # a config written by another version of began-fast
-        raise misfit(path, e) from None
+    saved = saved_configs(state, path)
     for section, names in explicit.items():
         changes = {}
         for name in sorted(names):

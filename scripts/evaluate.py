@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from began_fast.atomic_files import atomic_write  # noqa: E402
-from began_fast.checkpoint import CheckpointError, load_models  # noqa: E402
+from began_fast.checkpoint import CheckpointError, load_models, saved_configs  # noqa: E402
 from began_fast.cli import data_path, one_line, resolve_device, warnings_as_lines  # noqa: E402
 from began_fast.config import ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, detect_source, held_out_images, open_source  # noqa: E402
@@ -50,13 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def evaluation_images(saved: dict, path: str | None, num: int, image_size: int):
+def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_size: int):
     """(real, held_out, recon_images): the real images SWD compares with, the images D's reconstruction error is
     measured on (None: the same real images) and what those are, "held-out" or "training".
 
     On the data the checkpoint trained on, its own settings (crop, holdout) are reused; other data was never
     trained on. Built-in faces are drawn per (seed, index), so only the faces needed are drawn."""
-    trained_on = DataConfig(**saved)
     if path is None and trained_on.path is None:
         training = trained_on.builtin_count - trained_on.holdout
         real = BuiltinFaces(min(num, training), image_size, trained_on.builtin_seed)
@@ -122,7 +121,7 @@ def evaluate(args: argparse.Namespace) -> int:
             tempfile.TemporaryFile(dir=args.json.parent).close()
         G, D, state = load_models(args.checkpoint, device=args.device)
         real, held_out, recon_images = evaluation_images(
-            state["data_config"], data_path(args.data), args.num, G.cfg.image_size
+            saved_configs(state, args.checkpoint)["data"], data_path(args.data), args.num, G.cfg.image_size
         )
         result = evaluate_models(
             G,

@@ -163,13 +163,14 @@ def test_evaluation_on_the_runs_own_celeba_folder_however_it_is_named(tmp_path):
     images.mkdir(parents=True)
     for i in range(6):
         Image.fromarray(draw_faces(1, 64, seed=i)[0]).resize((178, 218)).save(images / f"{i:06d}.jpg")  # CelebA's size
-    trained_on = dataclasses.asdict(DataConfig(path=str(tmp_path / "celeba"), crop="center", crop_size=30, holdout=2))
+    trained_on = DataConfig(path=str(tmp_path / "celeba"), crop="center", crop_size=30, holdout=2)
     evaluation_images = _script("evaluate").evaluation_images
     for path in (tmp_path / "celeba", images, tmp_path / "celeba" / ".." / "celeba"):
         real, held_out, recon_images = evaluation_images(trained_on, str(path), 4, 16)
         assert "center crop 30" in real.describe() and len(real) == 4, path
         assert recon_images == "held-out" and len(held_out) == 2, path
-    real, held_out, recon_images = evaluation_images(trained_on | {"path": str(tmp_path / "gone")}, str(images), 4, 16)
+    moved = dataclasses.replace(trained_on, path=str(tmp_path / "gone"))
+    real, held_out, recon_images = evaluation_images(moved, str(images), 4, 16)
     assert "celeba crop" in real.describe() and held_out is None and recon_images == "held-out"
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import stat
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 from began_fast import metrics, reports
-from began_fast.checkpoint import CheckpointError, load_checkpoint
+from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data.builtin import BuiltinFaces
 from began_fast.metrics import MetricError
@@ -467,8 +468,33 @@ def test_cli_resume_of_a_checkpoint_from_another_version_is_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (
         result.stderr.strip()
-        == f"error: checkpoint {out / 'latest.pt'} does not fit this version of began-fast (KeyError: 'G')"
+        == f"error: checkpoint {out / 'latest.pt'} does not fit this version of began-fast (its 'G' is missing; "
+        "expected a dict)"
     )
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda state: state.pop("step"), r"its 'step' is missing; expected an int >= 0"),
+        (lambda state: state.update(step=-3), r"its 'step' is -3; expected an int >= 0"),
+        (lambda state: state.update(fixed_z=None), r"its 'fixed_z' is None; expected a Tensor"),
+        (lambda state: state["data_config"].update(shuffle=True), r"TypeError: .*unexpected keyword argument 'shuf"),
+        (lambda state: state["train_config"].update(gamma=2.0), r"ConfigError: gamma must be in \(0, 1\], got 2.0"),
+    ],
+)
+def test_a_checkpoint_of_another_version_or_edited_is_refused_by_every_reader(tmp_path, edit, message):
+    """Training, evaluate.py and sample.py read a checkpoint through load_checkpoint and saved_configs: an entry
+    missing or of another type, a setting this version does not know or a value out of range is one
+    CheckpointError saying so, not a KeyError or TypeError deep inside the reader."""
+    run_steps(tmp_path, 2)
+    state = load_checkpoint(tmp_path / "latest.pt")
+    edit(state)
+    torch.save(state, tmp_path / "latest.pt")
+    message = f"checkpoint {re.escape(str(tmp_path))}.* does not fit this version of began-fast \\(.*{message}"
+    for read in (lambda: load_models(tmp_path), lambda: run_steps(tmp_path, 4, resume=True)):
+        with pytest.raises(CheckpointError, match=message):
+            read()
 
 
 def test_cli_reference_step_runs_on_plain_pytorch_layers(tmp_path):
