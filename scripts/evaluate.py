@@ -58,7 +58,9 @@ def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_
     trained on. Built-in faces are drawn per (seed, index), so only the faces needed are drawn."""
     if path is None and trained_on.path is None:
         training = trained_on.builtin_count - trained_on.holdout
-        real = BuiltinFaces(min(num, training), image_size, trained_on.builtin_seed)
+        if num > training:  # refused before the held-out faces are drawn (a millisecond each)
+            raise MetricError(f"{num} images to compare, but the real images are only {training}; compare fewer")
+        real = BuiltinFaces(num, image_size, trained_on.builtin_seed)
         return real, BuiltinFaces(num, image_size, trained_on.builtin_seed, first=training).images, "held-out"
     if path is None:
         return BuiltinFaces(num, image_size, seed=0), None, "held-out"

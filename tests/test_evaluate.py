@@ -85,6 +85,7 @@ def test_evaluate_script_end_to_end(tiny_checkpoint, tmp_path):
         (["missing.pt"], "does not exist"),
         (["{ckpt}", "--data", "{tmp}/no_such_dir"], "no_such_dir"),
         (["{ckpt}", "--num", "0"], "--num and --batch-size must be >= 1"),
+        (["{ckpt}", "--num", "100000"], "100000 images to compare, but the real images are only"),  # none drawn
         (["{ckpt}", "--fid"], INCEPTION_WEIGHTS_FILE),
         (["{ckpt}", "--fid", "--inception-weights", "{tmp}/w.pth"], "is not a file"),
         (["{ckpt}", "--json", "{tmp}/a_file/report.json"], "File exists"),  # found before the evaluation runs
