@@ -1,15 +1,14 @@
 """Autograd over the fused balance kernels (kernels/balance.py): BEGAN's losses, k_t update and M in one op.
 
-Two entry points, both returning a reference.BalanceResult with the semantics of reference.began_objective
+`triton_began_balance` returns a reference.BalanceResult with the semantics of reference.began_objective
 (l_real, l_fake carry autograd; l_d = l_real - k_t * l_fake and l_g = l_fake are differentiable through them;
-k_next and m are detached; all six are 0-dim float32 views of one stats vector on the device):
+k_next and m are detached; all six are 0-dim float32 views of one stats vector on the device). k is left as it
+is: the training step writes k_next into its k_t itself, since an fp16 step with overflowed gradients keeps the
+old k_t and a torchrun step first averages the losses over the ranks.
 
-- `triton_began_balance(..., k, ...)`: k is a float or a 0-dim tensor and is left unchanged (ops.began_balance).
-- `began_balance_(..., k, ...)`: k is the training step's 0-dim float32 device tensor; it is overwritten with
-  k_next by the kernel itself, so the step never waits on the host (and a CUDA graph can capture it).
-
-k is a constant for autograd in both. Inputs in different memory formats are first brought to rx's (the
-reconstructions come out of D in the layout the kernels produce), so the kernels read four tensors of one layout.
+k is a constant for autograd; the backward uses the k_t the forward read, even if k has changed since. Inputs in
+different memory formats are first brought to rx's (the reconstructions come out of D in the layout the kernels
+produce), so the kernels read four tensors of one layout.
 """
 
 from __future__ import annotations
@@ -24,11 +23,8 @@ class BEGANBalance(torch.autograd.Function):
     """(x, rx, fake, rfake) -> stats (6,) float32 [l_real, l_fake, l_d, l_g, k_next, m]; see kernels/balance.py."""
 
     @staticmethod
-    def forward(ctx, x, rx, fake, rfake, k, gamma, lambda_k, update_k):
-        stats, k_used = balance_forward(x, rx, fake, rfake, k, gamma, lambda_k, update_k=update_k)
-        if update_k:
-            # The kernel wrote k behind autograd's back; let it catch a graph that saved the old k_t.
-            torch.autograd.graph.increment_version(k)
+    def forward(ctx, x, rx, fake, rfake, k, gamma, lambda_k):
+        stats, k_used = balance_forward(x, rx, fake, rfake, k, gamma, lambda_k)
         ctx.save_for_backward(x, rx, fake, rfake, k_used)
         return stats
 
@@ -37,7 +33,7 @@ class BEGANBalance(torch.autograd.Function):
         x, rx, fake, rfake, k_used = ctx.saved_tensors
         grad_stats = grad_stats.to(torch.float32).contiguous()
         grads = balance_backward(x, rx, fake, rfake, grad_stats, k_used, tuple(ctx.needs_input_grad[:4]))
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def _same_layout(x, rx, fake, rfake):
@@ -73,25 +69,4 @@ def triton_began_balance(
     if torch.is_tensor(k) and k.numel() != 1:
         raise BalanceInputError(f"began balance: k must be a float or a 0-dim tensor, got shape {tuple(k.shape)}")
     k = torch.as_tensor(k, dtype=torch.float32, device=rx.device).reshape(())
-    return _result(BEGANBalance.apply(*_same_layout(x, rx, fake, rfake), k, gamma, lambda_k, False))
-
-
-def began_balance_(
-    x: torch.Tensor,
-    rx: torch.Tensor,
-    fake: torch.Tensor,
-    rfake: torch.Tensor,
-    k: torch.Tensor,
-    gamma: float,
-    lambda_k: float,
-) -> BalanceResult:
-    """As triton_began_balance, but k, a 0-dim float32 tensor on the inputs' device, is updated in place to k_next.
-
-    The result's l_d uses the k_t read before the update; result.k_next equals the updated k.
-    """
-    if not (torch.is_tensor(k) and k.dim() == 0 and k.dtype == torch.float32 and k.device == rx.device):
-        raise BalanceInputError(
-            f"began_balance_: k must be a 0-dim float32 tensor on {rx.device} (updated in place), got "
-            + (f"{k.dtype} {tuple(k.shape)} on {k.device}" if torch.is_tensor(k) else type(k).__name__)
-        )
-    return _result(BEGANBalance.apply(*_same_layout(x, rx, fake, rfake), k, gamma, lambda_k, True))
+    return _result(BEGANBalance.apply(*_same_layout(x, rx, fake, rfake), k, gamma, lambda_k))

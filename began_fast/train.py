@@ -65,7 +65,7 @@ class RunOptions:
     out: Path
     device: str = "cpu"
     impl: str = "auto"
-    reference_step: bool = False  # the specification's step (three D passes, float32) instead of the fast one
+    reference_step: bool = False  # the specification's step (D on x and on G(z) apart, float32), not the fast one
     amp: str | None = None  # None, "bf16" or "fp16"
     cuda_graphs: bool = False
     resume: bool = False

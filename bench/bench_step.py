@@ -1,7 +1,7 @@
 """End-to-end training-step benchmark (GPU only): steps/s, images/s, model FLOP utilisation and peak memory.
 
 Providers, measured in one run on the same models and batches:
-  torch       (a) the reference step (three D passes, plain autograd), eager float32
+  torch       (a) the reference step (D on x and on G(z) apart, plain autograd), eager float32
   torch-bf16  (b) the reference step under bf16 autocast with channels_last activations
   compile     (c) the reference step on torch.compile(mode="max-autotune-no-cudagraphs", dynamic=False) networks
   triton      (d) ours: FastStep on the Triton kernels, --amp bf16, one CUDA graph, GPU-resident data

@@ -60,9 +60,8 @@ def _balance_finalize_kernel(
     gamma,
     lambda_k,
     P_BLOCK: tl.constexpr,
-    UPDATE_K: tl.constexpr,
 ):
-    """One program: stats = [l_real, l_fake, l_d, l_g, k_next, m]; k_used = k_t; k_t <- k_next if UPDATE_K."""
+    """One program: stats = [l_real, l_fake, l_d, l_g, k_next, m] and k_used = k_t."""
     offsets = tl.arange(0, P_BLOCK)
     mask = offsets < num_partials
     sum_real = tl.sum(tl.load(partials_ptr + offsets, mask=mask, other=0.0), axis=0)
@@ -80,10 +79,8 @@ def _balance_finalize_kernel(
     tl.store(stats_ptr + 3, l_fake)
     tl.store(stats_ptr + 4, k_next)
     tl.store(stats_ptr + 5, l_real + tl.abs(balance))
-    # The backward of L_D needs the k_t it used, which the in-place update below overwrites.
+    # The backward of L_D needs the k_t this forward used, kept apart from k, which its owner may update first.
     tl.store(k_used_ptr, k)
-    if UPDATE_K:
-        tl.store(k_ptr, k_next)
 
 
 @triton.jit
@@ -175,12 +172,11 @@ def balance_forward(
     gamma: float,
     lambda_k: float,
     *,
-    update_k: bool,
     block: int = BLOCK,
     max_programs: int = MAX_PROGRAMS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward pair. Returns (stats, k_used): stats (6,) float32 in the order of STATS, k_used () the k_t
-    read. k: () float32 on the inputs' device; with update_k it is overwritten with k_next on the device.
+    read. k: () float32 on the inputs' device, only read.
     block and max_programs set the forward grid (powers of two; the defaults fix the summation order)."""
     check_balance_inputs(x, rx, fake, rfake)
     n = x.numel()
@@ -199,7 +195,6 @@ def balance_forward(
         gamma=float(gamma),
         lambda_k=float(lambda_k),
         P_BLOCK=triton.next_power_of_2(max_programs),
-        UPDATE_K=update_k,
         num_warps=4,
     )
     return stats, k_used

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from began_fast import ops
-from began_fast.balance_function import began_balance_, triton_began_balance
+from began_fast.balance_function import triton_began_balance
 from began_fast.reference import began_objective
 from kernels.balance import STATS, BalanceInputError, balance_backward, balance_forward
 from tests.tolerances import assert_parity
@@ -111,26 +111,25 @@ def test_k_clamps(k, fake_scale, lambda_k, expected, device):
     unclamped = k + lambda_k * (GAMMA * ref.l_real - ref.l_fake).item()
     assert (unclamped < 0) if expected == 0.0 else (unclamped > 1), "the case must push k past its clamp"
     k_tensor = torch.tensor(k, dtype=torch.float32, device=device)
-    result = began_balance_(*inputs, k_tensor, GAMMA, lambda_k)
-    assert result.k_next.item() == expected and k_tensor.item() == expected
+    before = k_tensor.clone()
+    result = triton_began_balance(*inputs, k_tensor, GAMMA, lambda_k)
+    assert result.k_next.item() == expected and torch.equal(k_tensor, before), "k_next clamps; k itself is only read"
     assert_parity(result.m, ref.m, name="m")
 
 
-def test_in_place_update_uses_old_k_for_l_d(device):
-    inputs = make_inputs((2, 3, 10, 10), torch.float32, device, seed=4)
+def test_backward_uses_the_k_t_of_the_forward_after_the_owner_updates_k(device):
+    """A step may write k_next into its k_t between the forward and the backward: L_D's gradients stay those of the
+    k_t the forward read."""
+    inputs = [t.requires_grad_() for t in make_inputs((2, 3, 10, 10), torch.float32, device, seed=4)]
     k_tensor = torch.tensor(0.25, device=device)
-    version = k_tensor._version
-    fast, grads = run(began_balance_, inputs, k_tensor, LOSSES["l_d"])
+    fast = triton_began_balance(*inputs, k_tensor, GAMMA, LAMBDA_K)
+    assert k_tensor.item() == 0.25, "triton_began_balance must leave k unchanged"
+    k_tensor.copy_(fast.k_next + 0.5)  # far from 0.25: a gradient with the new k would be off by about 1
+    loss_of(fast, LOSSES["l_d"], inputs[0].numel()).backward()
     ref, ref_grads = run(began_objective, inputs, 0.25, LOSSES["l_d"], dtype=torch.float64)
-    assert_parity(k_tensor, ref.k_next, name="k updated in place")
-    assert fast.k_next.item() == k_tensor.item()
-    assert k_tensor._version > version, "the in-place write must bump k's version counter"
-    assert_parity(fast.l_d, ref.l_d, name="l_d with the old k")
-    for g, g_ref in zip(grads, ref_grads, strict=True):  # backward after the update still uses k_t = 0.25
-        assert_parity(g, g_ref, name="grad")
-    k_before = torch.tensor(0.25, device=device)
-    triton_began_balance(*inputs, k_before, GAMMA, LAMBDA_K)
-    assert k_before.item() == 0.25, "triton_began_balance must leave k unchanged"
+    assert_parity(fast.l_d, ref.l_d, name="l_d with the k_t of the forward")
+    for arg, g_ref in zip(inputs, ref_grads, strict=True):
+        assert_parity(arg.grad, g_ref, name="grad")
 
 
 def test_grid_stride_loop_and_tails(device):
@@ -138,7 +137,7 @@ def test_grid_stride_loop_and_tails(device):
     inputs = make_inputs((1, 3, 19, 21), torch.float32, device, seed=5)
     n = inputs[0].numel()
     k = torch.tensor(0.4, device=device)
-    stats, k_used = balance_forward(*inputs, k, GAMMA, LAMBDA_K, update_k=False, block=64, max_programs=4)
+    stats, k_used = balance_forward(*inputs, k, GAMMA, LAMBDA_K, block=64, max_programs=4)
     ref = began_objective(*(t.double() for t in inputs), 0.4, GAMMA, LAMBDA_K)
     for name, value in zip(STATS, stats, strict=True):
         assert_parity(value, getattr(ref, name), name=name)
@@ -187,11 +186,9 @@ def test_bad_input(device):
         triton_began_balance(x, rx, fake[:1], rfake, 0.0, GAMMA, LAMBDA_K)
     with pytest.raises(BalanceInputError, match="0-dim"):
         triton_began_balance(x, rx, fake, rfake, torch.zeros(2), GAMMA, LAMBDA_K)
-    with pytest.raises(BalanceInputError, match="0-dim float32"):
-        began_balance_(x, rx, fake, rfake, 0.0, GAMMA, LAMBDA_K)
     k = torch.zeros((), device=device)
     with pytest.raises(BalanceInputError, match="contiguous"):
-        balance_forward(x[..., ::2], rx[..., ::2], fake[..., ::2], rfake[..., ::2], k, GAMMA, LAMBDA_K, update_k=False)
+        balance_forward(x[..., ::2], rx[..., ::2], fake[..., ::2], rfake[..., ::2], k, GAMMA, LAMBDA_K)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
