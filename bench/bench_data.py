@@ -10,8 +10,12 @@ img_align_celeba/ folder, celeba crop. Three loaders, each at 64 and 128 px, bat
 
 A round is BATCHES_PER_ROUND batches, the GPU synchronized at its end; extra_info records images_per_s from the
 median round. `test_fast_step_fed_by_loader` runs the fast path (paper64, batch 16, bf16, CUDA graph) fed by the
-GPU-resident set, DALI mixed and the torch loader, and records steps/s.
-Run: pytest bench/bench_data.py --benchmark-json=bench/results/<date>-data.json
+GPU-resident set, DALI mixed and the torch loader, and records steps/s. Each case also records the keys
+scripts/bench_report.py tables (layer, direction, batch, provider: the loader), so its table compares the loaders'
+time per round side by side:
+
+    python -m pytest bench/bench_data.py --benchmark-json /tmp/data.json
+    python scripts/bench_report.py /tmp/data.json --suite data
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ def test_loader_throughput(benchmark, jpeg_dir, name, image_size):
     batches(WARMUP_BATCHES)  # worker start-up, pipeline build and the first prefetches are not throughput
     benchmark.group = f"data {image_size}px b{BATCH}"
     info = {"loader": name, "image_size": image_size, "batch": BATCH, "cores": CORES, "describe": loader.describe()}
+    info |= {"layer": f"{image_size}px, {BATCHES_PER_ROUND} batches", "direction": "load", "provider": name}
     benchmark.extra_info.update(info)
     benchmark.pedantic(batches, args=(BATCHES_PER_ROUND,), rounds=ROUNDS, iterations=1)
     if benchmark.stats is not None:  # None under --benchmark-disable: ran once as a smoke test
@@ -132,6 +137,7 @@ def test_fast_step_fed_by_loader(benchmark, jpeg_dir, feed):
     steps(10)
     benchmark.group = f"fast step fed by loader, paper64 b{STEP_BATCH}"
     benchmark.extra_info.update({"feed": feed, "batch": STEP_BATCH, "image_size": size})
+    benchmark.extra_info.update(layer=f"paper64 fast step, {STEPS_PER_ROUND} steps", direction="fed", provider=feed)
     benchmark.pedantic(steps, args=(STEPS_PER_ROUND,), rounds=ROUNDS, iterations=1)
     if benchmark.stats is not None:
         benchmark.extra_info["steps_per_s"] = STEPS_PER_ROUND / benchmark.stats.stats.median

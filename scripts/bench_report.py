@@ -72,8 +72,10 @@ def render_table(data: dict) -> str:
     """The markdown table: median ms and TFLOP/s per provider, and triton's time over torch's and compile's."""
     providers, rows = collect_rows(data)
     ratios = [p for p in BASELINES if p in providers and "triton" in providers]
+    # A FLOP rate only for the providers whose cases count FLOPs (a data loader's do not).
+    counted = [p for p in providers if any(cells.get(p, {}).get("flop") is not None for cells in rows.values())]
     header = ["layer", "direction", "batch"]
-    header += [f"{p} ms" for p in providers] + [f"{p} TFLOP/s" for p in providers]
+    header += [f"{p} ms" for p in providers] + [f"{p} TFLOP/s" for p in counted]
     header += [f"triton/{p} time" for p in ratios]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (layer, direction, batch), cells in rows.items():
@@ -84,7 +86,7 @@ def render_table(data: dict) -> str:
         }
         row = [str(layer), str(direction), str(batch)]
         row += [_fmt(None if median[p] is None else 1e3 * median[p], ".3f") for p in providers]
-        row += [_fmt(tflops[p], ".1f") for p in providers]
+        row += [_fmt(tflops[p], ".1f") for p in counted]
         for p in ratios:
             ratio = median["triton"] / median[p] if median["triton"] is not None and median[p] is not None else None
             row.append(_fmt(ratio, ".2f"))
@@ -98,7 +100,9 @@ def render_section(data: dict) -> str:
     return (
         f"Device: {info['device']} · torch {info['torch']} · triton {info['triton']} · commit {info['commit']} · "
         f"{info['date']}\n\n"
-        "Medians of rounds that each end in torch.cuda.synchronize(). triton/X time < 1 means triton is faster.\n\n"
+        "Medians of rounds that each end in torch.cuda.synchronize()."
+        + (" triton/X time < 1 means triton is faster." if "triton" in collect_rows(data)[0] else "")
+        + "\n\n"
         + render_table(data)
         + "\n"
     )

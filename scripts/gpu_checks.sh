@@ -14,6 +14,8 @@
 #             without their torch.compile cases, each into OUT_DIR/<suite>.json
 #   bench_step_compile, bench_kernels_compile
 #             the torch.compile cases alone (one compilation per case), into OUT_DIR/<suite>_compile.json
+#   bench_data  the data loaders' throughput and the fast step fed by each (bench/bench_data.py; its DALI cases
+#             skip themselves where DALI is not installed), into OUT_DIR/data.json
 #   report    the markdown reports of the JSON files there, merged per suite, into OUT_DIR/results/ and a copy of
 #             README.md in OUT_DIR (bring the JSON back and rerun scripts/bench_report.py in the repository)
 #   bench     bench_step, bench_kernels and report
@@ -46,7 +48,7 @@ bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILT
 report() {  # each suite's JSON files in OUT_DIR, merged, as markdown into OUT_DIR/results and a README copy
     cp README.md "$out/README.md"
     local suite f files
-    for suite in step kernels; do
+    for suite in step kernels data; do
         files=()
         for f in "$out/$suite.json" "$out/${suite}_compile.json"; do [ -s "$f" ] && files+=("$f"); done
         [ ${#files[@]} -eq 0 ] || run "report_$suite" python scripts/bench_report.py "${files[@]}" --suite "$suite" \
@@ -78,6 +80,7 @@ for phase in $phases; do
     bench_step_compile) bench step compile step_compile ;;
     bench_kernels) bench kernels "not compile" kernels ;;
     bench_kernels_compile) bench kernels compile kernels_compile ;;
+    bench_data) bench data loader data ;;  # "loader": every case (each name holds it)
     report) report ;;
     bench)
         bench step "not compile" step
@@ -90,7 +93,7 @@ for phase in $phases; do
         ;;
     quality) run quality bash scripts/quality_run.sh "$out/quality" 10000 ;;
     *) echo "unknown phase $phase (compile, tests, tests_cuda, bench_step, bench_step_compile, bench_kernels,"\
-        "bench_kernels_compile, report, bench, torchrun, quality)"; exit 2 ;;
+        "bench_kernels_compile, bench_data, report, bench, torchrun, quality)"; exit 2 ;;
     esac
 done
 exit $status

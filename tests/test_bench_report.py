@@ -148,3 +148,20 @@ def test_a_readme_named_but_missing_is_refused(tmp_path, capsys):
     assert bench_report.main(argv) == 2
     assert capsys.readouterr().err == f"error: --readme {tmp_path / 'READ.md'}: no such file\n"
     assert not (tmp_path / "r").exists()
+
+
+def test_a_suite_without_triton_or_flop_counts_gets_neither_their_columns_nor_their_note():
+    """The data suite times loaders: a table of times only, without empty TFLOP/s columns or the triton note."""
+    loaders = SYNTHETIC | {
+        "benchmarks": [
+            synthetic_bench("64px, 32 batches", "load", 64, provider, median_s, None)
+            for provider, median_s in (("torch", 0.4), ("dali-mixed", 0.05))
+        ]
+    }
+    section = bench_report.render_section(loaders)
+    assert table_rows(section) == [
+        ["layer", "direction", "batch", "torch ms", "dali-mixed ms"],
+        ["---", "---", "---", "---", "---"],
+        ["64px, 32 batches", "load", "64", "400.000", "50.000"],
+    ]
+    assert "triton/X" not in section
