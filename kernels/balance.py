@@ -28,7 +28,11 @@ NUM_WARPS = 8
 
 @triton.jit
 def _l1_partial_sums_kernel(x_ptr, rx_ptr, fake_ptr, rfake_ptr, partials_ptr, n_elements, BLOCK: tl.constexpr):
-    """partials[pid] = sum |x - rx|, partials[P + pid] = sum |fake - rfake| over this program's tiles (P programs)."""
+    """partials[pid] = sum |x - rx|, partials[P + pid] = sum |fake - rfake| over this program's tiles (P programs).
+
+    x, rx, fake, rfake: (n_elements,) flat views of four dense tensors of one layout and dtype; partials: (2P,)
+    float32. Grid: (P,), P = min(cdiv(n_elements, BLOCK), MAX_PROGRAMS).
+    """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offsets = tl.arange(0, BLOCK)
@@ -61,7 +65,10 @@ def _balance_finalize_kernel(
     lambda_k,
     P_BLOCK: tl.constexpr,
 ):
-    """One program: stats = [l_real, l_fake, l_d, l_g, k_next, m] and k_used = k_t."""
+    """One program: stats = [l_real, l_fake, l_d, l_g, k_next, m] and k_used = k_t.
+
+    partials: (2 * num_partials,) float32 from _l1_partial_sums_kernel; k, k_used: () float32; stats: (6,) float32.
+    """
     offsets = tl.arange(0, P_BLOCK)
     mask = offsets < num_partials
     sum_real = tl.sum(tl.load(partials_ptr + offsets, mask=mask, other=0.0), axis=0)
@@ -93,7 +100,10 @@ def _sign(d):
 def _l1_pair_grad(
     a_ptr, ra_ptr, grad_a_ptr, grad_ra_ptr, idx, mask, scale, NEED_A: tl.constexpr, NEED_RA: tl.constexpr
 ):
-    """The gradients of scale * sum |a - ra| at idx: d/d ra = scale * sign(ra - a), d/d a its negative."""
+    """The gradients of scale * sum |a - ra| at idx: d/d ra = scale * sign(ra - a), d/d a its negative.
+
+    a, ra, grad_a, grad_ra: (N,) flat, one layout; a gradient not NEEDed is neither computed nor stored.
+    """
     if NEED_A or NEED_RA:
         a = tl.load(a_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         ra = tl.load(ra_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -123,7 +133,11 @@ def _l1_grad_kernel(
     NEED_FAKE: tl.constexpr,
     NEED_RFAKE: tl.constexpr,
 ):
-    """Gradients of the inputs from the upstream gradient of the stats vector (6,) (only l_* entries are used)."""
+    """Gradients of the inputs from the upstream gradient of the stats vector (only its l_* entries are used).
+
+    x, rx, fake, rfake and the four grad_*: (n_elements,) flat views of one layout; grad_stats: (6,) float32;
+    k_used: () float32, the k_t of the forward. Grid: (cdiv(n_elements, BLOCK),).
+    """
     # L_D = L_real - k_t L_fake and L_G = L_fake fold into the gradients of L_real and L_fake.
     g_real = tl.load(grad_stats_ptr + 0) + tl.load(grad_stats_ptr + 2)
     k = tl.load(k_used_ptr)

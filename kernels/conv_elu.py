@@ -179,6 +179,10 @@ def conv_elu_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """y = elu(conv3x3(cat(up(x), up(skip))) + bias) as an implicit GEMM: (M output pixels) x (COUT), reduced over
+    9 taps x CIN channels. up() is nearest x UP (skip's own factor FSH, FSW); the stride-2 variant reads every
+    second logical pixel. Each pointer's shape and layout is beside it. Grid: (cdiv(M, BLOCK_M), cdiv(COUT,
+    BLOCK_N))."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -272,6 +276,10 @@ def conv_elu_dgrad_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """dx of one source of the conv's input (x, or skip: the weight's channels C_OFF .. C_OFF + C): the transposed
+    conv of g = gy * elu'(pre-activation), read back from y, summed over the UP x UP logical pixels of each source
+    pixel. Each pointer's shape and layout is beside it. Grid: (cdiv(B * ceil(H / STRIDE) * ceil(W / STRIDE),
+    BLOCK_M), cdiv(C, BLOCK_C), STRIDE * STRIDE parity classes)."""
     tl.static_assert(STRIDE == 1 or UP == 1)
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -362,6 +370,10 @@ def conv_elu_wgrad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
+    """One split's partial weight gradient dw[s, tap, C_OFF + c, n] = sum over its output pixels p of
+    src(p's input pixel under tap)[c] * g[p, n], and db[s, n] = sum g[p, n], with g = gy * elu'(pre-activation)
+    (times scale[b] with HAS_SCALE); the host sums the SPLITS partials in a fixed order. Each pointer's shape and
+    layout is beside it. Grid: (9 * cdiv(C, BLOCK_C), cdiv(COUT, BLOCK_N), SPLITS)."""
     pid_tc = tl.program_id(0)  # tap * cdiv(C, BLOCK_C) + channel block
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)  # which chunk of output pixels
