@@ -65,6 +65,67 @@ def test_vanishing_residual_blends_shape_preserving_layers():
     torch.testing.assert_close(G(z), plain(z))
 
 
+@pytest.mark.parametrize("size", [16, 128])
+def test_encoder_is_the_specification_by_hand(size):
+    """DESIGN.md section 2, from the reference op: a 3->n ELU conv, then per scale i (c = n*(i+1)) c_prev->c and
+    c->c ELU convs and, before the next scale, a stride-2 c->c ELU conv; flatten c x 8 x 8 and fc to h. At 128 px
+    the channels reach 5n."""
+    n, h = 2, 3
+    cfg = ModelConfig(image_size=size, n=n, h=h)
+    encoder = Discriminator(cfg, impl="torch").encoder
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size)) * 2 - 1
+    y = conv_elu_ref(x, encoder.conv0.weight, encoder.conv0.bias)
+    c_prev = n
+    for i, block in enumerate(encoder.blocks):
+        c = n * (i + 1)
+        shapes = [(c, c_prev, 3, 3), (c, c, 3, 3)] + ([(c, c, 3, 3)] if i < cfg.num_scales - 1 else [])
+        assert [tuple(conv.weight.shape) for conv in block] == shapes, f"scale {i}"
+        y = conv_elu_ref(y, block[0].weight, block[0].bias)
+        y = conv_elu_ref(y, block[1].weight, block[1].bias)
+        if i < cfg.num_scales - 1:
+            y = conv_elu_ref(y, block[2].weight, block[2].bias, stride=2)
+        c_prev = c
+    assert y.shape == (2, n * cfg.num_scales, 8, 8)
+    expected = torch.nn.functional.linear(y.flatten(1), encoder.fc.weight, encoder.fc.bias)
+    torch.testing.assert_close(encoder(x), expected)
+
+
+def _blend(x, y, carry):
+    """The vanishing residual where the ELU conv keeps the shape, the conv alone where it does not."""
+    return carry * x + (1 - carry) * y if y.shape == x.shape else y
+
+
+def test_vanishing_residual_blends_every_shape_preserving_elu_conv_of_g_and_d_mid_way():
+    """At carry 0.3 each ELU conv whose output has its input's shape is 0.3 in + 0.7 conv(in), in G, D's encoder
+    and D's decoder alike; the RGB output conv (no ELU) never blends, though with n = 3 its shapes agree."""
+    cfg = ModelConfig(image_size=16, n=3, h=4, vanishing_residual=True, carry_steps=100)
+    assert carry_at(torch.tensor(500), cfg).item() == 0.0 and carry_at(torch.tensor(30), cfg).item() == 0.7
+    torch.manual_seed(0)
+    G, D = Generator(cfg, impl="torch").double(), Discriminator(cfg, impl="torch").double()
+    G.set_carry(0.3)
+    D.set_carry(0.3)
+
+    def decoder(net, v):
+        h0 = net.fc(v).view(v.shape[0], cfg.n, 8, 8)
+        y = h0
+        for i, (first, second) in enumerate(net.blocks):
+            y = _blend(y, conv_elu_ref(y, first.weight, first.bias, upsample=2 if i > 0 else 1), 0.3)
+            y = _blend(y, conv_elu_ref(y, second.weight, second.bias), 0.3)
+        return conv_elu_ref(y, net.out.weight, net.out.bias, act=False)
+
+    def encoder(net, x):
+        y = _blend(x, conv_elu_ref(x, net.conv0.weight, net.conv0.bias), 0.3)  # 3 -> n = 3: blends
+        for block in net.blocks:
+            for conv in block:
+                y = _blend(y, conv_elu_ref(y, conv.weight, conv.bias, stride=conv.stride), 0.3)
+        return torch.nn.functional.linear(y.flatten(1), net.fc.weight, net.fc.bias)
+
+    z = torch.rand(2, 4, dtype=torch.float64) * 2 - 1
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    torch.testing.assert_close(G(z), decoder(G.decoder, z))
+    torch.testing.assert_close(D(x), decoder(D.decoder, encoder(D.encoder, x)))
+
+
 def test_state_dict_keys_are_the_same_for_every_impl():
     cfg = ModelConfig(image_size=16, n=4, h=4, skip=True)
     assert Discriminator(cfg, impl="torch").state_dict().keys() == Discriminator(cfg, impl="triton").state_dict().keys()
