@@ -78,3 +78,34 @@ def test_lr_decays_only_when_m_stalls_and_never_below_floor():
         decay.update(torch.tensor(float(m)))
         history.append(lr.item())
     assert history == pytest.approx([1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.3, 0.3, 0.3])
+
+
+def test_lr_decays_against_the_best_window_so_far_not_the_last():
+    """Window means 3, 5, 4: the third is no lower than the best (3), so the lr decays again, though it is lower
+    than the window before it."""
+    lr = torch.tensor(1.0)
+    decay = MStallDecay(lr, window=1, factor=0.5, floor=0.0)
+    history = []
+    for m in [3, 5, 4]:
+        decay.update(torch.tensor(float(m)))
+        history.append(lr.item())
+    assert history == [1.0, 0.5, 0.25]
+
+
+def test_lr_decay_resumes_mid_window_as_if_never_stopped():
+    """A checkpoint taken inside a window keeps the window's sum and count and the best mean: the resumed run
+    decides that window's end as the run that went on would."""
+
+    def fed(ms, decay=None):
+        decay = decay or MStallDecay(torch.tensor(1.0), window=2, factor=0.5, floor=0.0)
+        for m in ms:
+            decay.update(torch.tensor(float(m)))
+        return decay
+
+    whole = fed([4, 4, 5, 5])  # window means 4, then 5: a stall, so one decay
+    resumed = MStallDecay(torch.tensor(1.0), window=2, factor=0.5, floor=0.0)
+    resumed.load_state_dict(fed([4, 4, 5]).state_dict())
+    fed([5], resumed)
+    assert whole.lr.item() == 0.5
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name

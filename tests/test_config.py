@@ -1,0 +1,45 @@
+"""The defaults are the paper's setting (DESIGN.md sections 2 and 3): a run that sets nothing trains its model."""
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+from began_fast import metrics
+from began_fast.config import ModelConfig, TrainConfig, get_preset
+from began_fast.fast_step import FastStep
+from began_fast.model import Discriminator, Generator
+from began_fast.step import ReferenceStep
+
+
+def test_train_defaults_are_the_papers():
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.betas, cfg.gamma, cfg.lambda_k, cfg.batch_size) == (1e-4, (0.5, 0.999), 0.5, 0.001, 16)
+
+
+def test_model_defaults_are_the_papers_64px_celeba_model():
+    assert dataclasses.asdict(ModelConfig()) == dict(
+        image_size=64, n=128, h=64, z_dim=None, skip=False, vanishing_residual=False, carry_steps=16000
+    )
+    assert ModelConfig().z_size == 64
+    assert get_preset("paper64").model == ModelConfig() and get_preset("paper64").train == TrainConfig()
+    assert get_preset("paper128").model == ModelConfig(image_size=128)
+
+
+def test_swd_defaults_are_the_published_methods():
+    """Karras et al. 2018: 7x7 neighbourhoods, 128 per image, 4 repeats of 128 random directions."""
+    defaults = {name: p.default for name, p in inspect.signature(metrics.swd).parameters.items()}
+    assert metrics.PATCH_SIZE == 7
+    assert (defaults["descriptors_per_image"], defaults["dir_repeats"], defaults["dirs_per_repeat"]) == (128, 4, 128)
+
+
+@pytest.mark.parametrize("step_class", [ReferenceStep, FastStep])
+def test_both_steps_run_adam_with_the_configs_lr_and_betas(step_class):
+    model = ModelConfig(image_size=16, n=2, h=2)
+    cfg = TrainConfig(lr=3e-4, betas=(0.3, 0.9), lr_floor=1e-5)
+    step = step_class(Generator(model, impl="torch"), Discriminator(model, impl="torch"), cfg, "cpu")
+    for optimizer in (step.opt_g, step.opt_d):
+        [group] = optimizer.param_groups
+        assert group["betas"] == (0.3, 0.9) and float(group["lr"]) == pytest.approx(3e-4)
+    assert torch.equal(step.k, torch.zeros(())), "k_0 = 0"
