@@ -77,6 +77,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     assert step.loss_scale.found_inf.item() == 0
     before = copy.deepcopy((step.G.state_dict(), step.D.state_dict(), step.k.clone()))
     step.stats.read_and_reset()
+    decay_count = step.decay.count.clone()
     step.loss_scale.scale.fill_(3e38)  # the scaled loss overflows
     step(real_batch(2, 16, torch.float32, seed=1))
     assert step.loss_scale.found_inf.item() == 1
@@ -85,6 +86,24 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
         assert all(torch.equal(saved[key], now[key]) for key in saved)
     assert torch.equal(before[2], step.k)
     assert step.stats.count.item() == 0  # the skipped step is left out of the statistics
+    assert torch.equal(step.decay.count, decay_count)  # and out of the lr decay's window of M
+
+
+def test_fp16_loss_scale_grows_after_clean_steps_and_resumes_with_the_step_count():
+    """The scale doubles after growth_interval clean steps; a state_dict round trip keeps the scale, the count of
+    clean steps toward the next growth and the step count (the vanishing residual's carry is read from it)."""
+    model_cfg, train_cfg = CONFIGS[1], TrainConfig(batch_size=2)
+    step = FastStep(*build(model_cfg, dtype=torch.float32), train_cfg, "cpu", amp="fp16")
+    step.loss_scale.scale.fill_(256.0)
+    step.loss_scale.growth_interval = 2
+    for i in range(3):
+        step(real_batch(2, 16, torch.float32, seed=i))
+    assert step.loss_scale.found_inf.item() == 0
+    assert step.loss_scale.scale.item() == 512.0 and step.loss_scale.growth_tracker.item() == 1
+    resumed = FastStep(*build(model_cfg, dtype=torch.float32, seed=1), train_cfg, "cpu", amp="fp16")
+    resumed.load_state_dict(copy.deepcopy(step.state_dict()))
+    assert resumed.loss_scale.scale.item() == 512.0 and resumed.loss_scale.growth_tracker.item() == 1
+    assert resumed.steps_done == 3 and resumed.step_count.item() == 3
 
 
 def test_snapshot_restore_undoes_warmup_steps():

@@ -473,6 +473,17 @@ def test_cli_resume_of_a_checkpoint_from_another_version_is_one_line(tmp_path):
     )
 
 
+def test_models_loaded_from_a_vanishing_residual_checkpoint_have_its_steps_carry(tmp_path):
+    """evaluate.py and sample.py see G and D as training left them: mid-fade, with the carry of the checkpoint's
+    step in G's decoder and in both halves of D, not the carry 1 a new network starts with."""
+    model = dataclasses.replace(MODEL, vanishing_residual=True, carry_steps=10)
+    train(setup_run(model, train_cfg(4), DATA, RunOptions(out=tmp_path, quiet=True)))
+    G, D, state = load_models(tmp_path)
+    assert state["step"] == 4
+    for net in (G.decoder, D.encoder, D.decoder):
+        assert net.carry.item() == pytest.approx(0.6)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
