@@ -25,7 +25,8 @@ GRAD_NAMES = ("grad x", "grad skip", "grad weight", "grad bias")
 
 @dataclass(frozen=True)
 class Layer:
-    """One conv_elu call: x (batch, c1, size, size), skip (batch, c2, skip_size, skip_size) when c2 > 0."""
+    """One conv_elu call: x (batch, c1, size, width), skip (batch, c2, skip_size, skip_width) when c2 > 0; a width
+    of 0 means square."""
 
     batch: int
     c1: int
@@ -37,6 +38,8 @@ class Layer:
     skip_size: int = 0
     act: bool = True
     channels_last: bool = True
+    width: int = 0
+    skip_width: int = 0
 
 
 VARIANTS = {
@@ -45,6 +48,11 @@ VARIANTS = {
     "upsample": Layer(batch=2, c1=5, size=6, c_out=7, upsample=2),
     "upsample_skip": Layer(batch=2, c1=5, size=6, c_out=7, upsample=2, c2=3, skip_size=3, channels_last=False),
     "no_act": Layer(batch=2, c1=5, size=12, c_out=3, act=False),
+    # Rows and columns apart: the skip's blocks are 4 logical rows by 2 logical columns, the stride-2 grid 4 x 5.
+    "upsample_skip_nonsquare": Layer(
+        batch=2, c1=3, size=4, width=6, c_out=5, upsample=2, c2=2, skip_size=2, skip_width=6
+    ),
+    "stride2_nonsquare": Layer(batch=2, c1=3, size=7, width=10, c_out=4, stride=2),
 }
 
 
@@ -56,15 +64,16 @@ def make_inputs(layer: Layer, device, dtype, seed: int):
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
 
-    x = rand(layer.batch, layer.c1, layer.size, layer.size).contiguous(memory_format=fmt)
+    x = rand(layer.batch, layer.c1, layer.size, layer.width or layer.size).contiguous(memory_format=fmt)
     skip = None
     if layer.c2:
-        skip = rand(layer.batch, layer.c2, layer.skip_size, layer.skip_size).contiguous(memory_format=fmt)
+        skip_shape = (layer.batch, layer.c2, layer.skip_size, layer.skip_width or layer.skip_size)
+        skip = rand(*skip_shape).contiguous(memory_format=fmt)
     c_in = layer.c1 + layer.c2
     weight = rand(layer.c_out, c_in, 3, 3, scale=(9 * c_in) ** -0.5)
     bias = rand(layer.c_out, scale=0.5)
-    out = (layer.size * layer.upsample - 1) // layer.stride + 1  # conv3x3, padding 1
-    grad_out = rand(layer.batch, layer.c_out, out, out)
+    out_h, out_w = ((side * layer.upsample - 1) // layer.stride + 1 for side in (layer.size, layer.width or layer.size))
+    grad_out = rand(layer.batch, layer.c_out, out_h, out_w)  # conv3x3, padding 1
     return x, skip, weight, bias, grad_out
 
 
