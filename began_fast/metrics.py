@@ -200,6 +200,14 @@ def _real_images(real: Dataset | torch.Tensor, indices: range) -> torch.Tensor:
 
 
 @torch.no_grad()
+def check_image_count(num: int, available: int) -> None:
+    """MetricError unless `num` images can be compared: at least one, and no more than the `available` real ones."""
+    if num < 1:
+        raise MetricError(f"the number of images to compare must be >= 1, got {num}")
+    if available < num:
+        raise MetricError(f"{num} images to compare, but the real images are only {available}; compare fewer")
+
+
 def evaluate_models(
     G: torch.nn.Module,
     D: torch.nn.Module,
@@ -223,10 +231,7 @@ def evaluate_models(
     Returns {"num", "image_size", "swd": {per level..., "avg"}, "recon_l1"[, "fid"]}.
     """
     size = G.cfg.image_size
-    if num < 1:
-        raise MetricError(f"the number of images to compare must be >= 1, got {num}")
-    if len(real) < num:
-        raise MetricError(f"{num} images to compare, but the real images are only {len(real)}; compare fewer")
+    check_image_count(num, len(real))
     # The inputs are checked before G and D run.
     reals = _as_pixels(_real_images(real, range(num)), "real images")
     held_out = reals if held_out is None else _as_pixels(held_out, "held-out images")

@@ -31,7 +31,7 @@ from began_fast.config import ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, detect_source, held_out_images, open_source  # noqa: E402
 from began_fast.data.builtin import BuiltinFaces  # noqa: E402
 from began_fast.fid import FIDUnavailableError, require_fid  # noqa: E402
-from began_fast.metrics import MetricError, evaluate_models  # noqa: E402
+from began_fast.metrics import MetricError, check_image_count, evaluate_models  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,8 +58,7 @@ def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_
     trained on. Built-in faces are drawn per (seed, index), so only the faces needed are drawn."""
     if path is None and trained_on.path is None:
         training = trained_on.builtin_count - trained_on.holdout
-        if num > training:  # refused before the held-out faces are drawn (a millisecond each)
-            raise MetricError(f"{num} images to compare, but the real images are only {training}; compare fewer")
+        check_image_count(num, training)  # before the held-out faces are drawn (a millisecond each)
         real = BuiltinFaces(num, image_size, trained_on.builtin_seed)
         return real, BuiltinFaces(num, image_size, trained_on.builtin_seed, first=training).images, "held-out"
     if path is None:
