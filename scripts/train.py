@@ -9,7 +9,8 @@
 Under torchrun every rank runs this script on its shard of each global batch (--batch-size is per rank); only
 rank 0 prints and writes the run folder. Bad input (a missing path, an invalid value, a damaged checkpoint, a
 diverged run) ends with one line on stderr and exit status 2, never a traceback; a rank that died or hung makes
-the others end with one line naming the rank and the timeout, and exit status 1.
+the others end with one line naming the rank and the timeout, and exit status 1. Ctrl-C writes a checkpoint after
+the step in flight and exits with status 130.
 """
 
 from __future__ import annotations
@@ -166,6 +167,15 @@ def configs_from_flags(args: argparse.Namespace, device: str):
     return model_cfg, train_cfg, data_cfg, explicit
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues an interrupted run exactly: how it ran is not saved with it (see --resume)."""
+    how = [f"--device {args.device}"] if args.device else []
+    how += [f"--impl {args.impl}"] if args.impl else []
+    how += [f"--amp {args.amp}"] if args.amp else []
+    how += [flag for flag, on in (("--cuda-graphs", args.cuda_graphs), ("--reference-step", args.reference_step)) if on]
+    return " ".join(["scripts/train.py --out", str(args.out), "--resume", *how])
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -203,6 +213,11 @@ def main(argv=None) -> int:
         return 130
     finally:
         stop()
+    if run.step.steps_done < run.train_cfg.steps:  # Ctrl-C: train() said where it stopped and what it wrote
+        if run.is_main:
+            launch = "the same torchrun launch of" if run.step.world_size > 1 else "python"
+            say_line(f"resume with: {launch} {resume_command(args)}")
+        return 130  # a shell's `train && evaluate` must not go on with a run that did not finish
     if run.is_main:
         done = f"done: {run.step.steps_done} steps; checkpoint {last}; samples in {run.out / 'samples'}"
         print(done, file=sys.stderr)

@@ -1,15 +1,12 @@
 """scripts/bench_report.py on a small synthetic pytest-benchmark JSON (made-up numbers; tests the writer only)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_report.py"
-spec = importlib.util.spec_from_file_location("bench_report", SCRIPT)
-bench_report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_report)
+from tests.scripts import load_script
+
+bench_report = load_script("bench_report")
 
 
 def synthetic_bench(layer, direction, batch, provider, median_s, flop):

@@ -3,7 +3,6 @@ JPEGs, PNGs, grayscale / CMYK / truncated / fake JPEGs, and HDF5 files in both l
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -32,6 +31,7 @@ from began_fast.data import (
 )
 from began_fast.data.builtin import BuiltinFaces, draw_faces
 from began_fast.data.gpu_resident import fits
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CELEBA_COUNT = 6
@@ -562,10 +562,7 @@ def test_prepare_celeba_replaces_an_existing_file_only_when_told(tmp_path, celeb
 
 
 def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporary(tmp_path, celeba_root, monkeypatch):
-    spec = importlib.util.spec_from_file_location("prepare_celeba", ROOT / "scripts" / "prepare_celeba.py")
-    prepare_celeba = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, prepare_celeba)  # its pool's workers look their function up by name
-    spec.loader.exec_module(prepare_celeba)
+    prepare_celeba = load_script("prepare_celeba")
     out = tmp_path / "celeba16.h5"
     killed = subprocess.Popen([sys.executable, "-c", ""])
     killed.wait()

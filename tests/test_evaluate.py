@@ -2,7 +2,6 @@
 errors) and scripts/compare_runs.py on two small synthetic run folders."""
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -19,18 +18,10 @@ from began_fast.data.builtin import BuiltinFaces, draw_faces
 from began_fast.fid import INCEPTION_WEIGHTS_FILE
 from began_fast.metrics import evaluate_models
 from began_fast.model import Discriminator, Generator
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ModelConfig(image_size=16, n=4, h=4)
-
-
-def _script(name):
-    """scripts/<name>.py imported as a module (registered first: its dataclasses look their module up)."""
-    spec = importlib.util.spec_from_file_location(f"began_fast_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +85,7 @@ def test_evaluate_script_end_to_end(tiny_checkpoint, tmp_path):
 )
 def test_evaluate_script_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, monkeypatch, capsys, args, match):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    script = _script("evaluate")
+    script = load_script("evaluate")
     monkeypatch.setattr(script, "evaluate_models", None)  # none of these may get as far as evaluating
     (tmp_path / "a_file").write_text("")
     argv = [a.format(ckpt=tiny_checkpoint[0], tmp=tmp_path) for a in args]
@@ -107,7 +98,7 @@ def test_evaluate_script_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_p
 @pytest.mark.parametrize("device", ["mps", "bogus"])
 def test_scripts_refuse_an_unknown_device_with_one_line(tiny_checkpoint, tmp_path, capsys, script, device):
     argv = [str(tiny_checkpoint[0]), "--device", device] + (["--out", str(tmp_path)] if script == "sample" else [])
-    assert _script(script).main(argv) == 2
+    assert load_script(script).main(argv) == 2
     err = capsys.readouterr().err
     assert err == f"error: --device must be cpu, cuda or cuda:N, got {device!r}\n"
 
@@ -117,15 +108,16 @@ def test_sample_script_refuses_a_diverged_generator_and_writes_nothing(tiny_chec
     state["G"] = {name: torch.full_like(value, float("nan")) for name, value in state["G"].items()}
     save_checkpoint(tmp_path / "diverged.pt", state)
     out = tmp_path / "samples"
-    assert _script("sample").main([str(tmp_path / "diverged.pt"), "--out", str(out), "--device", "cpu"]) == 2
+    assert load_script("sample").main([str(tmp_path / "diverged.pt"), "--out", str(out), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == "error: G(z) holds NaN or inf: the checkpoint's generator has diverged\n"
     assert not list(out.glob("*.png"))
 
 
 def test_scripts_take_a_run_folder_for_its_latest_checkpoint(tiny_checkpoint, tmp_path, capsys):
     run = tiny_checkpoint[0].parent
-    assert _script("sample").main([str(run), "--out", str(tmp_path / "drawn"), "--grid", "4", "--device", "cpu"]) == 0
-    assert (tmp_path / "drawn" / "grid.png").is_file()
+    drawn = tmp_path / "drawn"
+    assert load_script("sample").main([str(run), "--out", str(drawn), "--grid", "4", "--device", "cpu"]) == 0
+    assert (drawn / "grid.png").is_file()
     assert load_checkpoint(run)["step"] == 123
     with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder without a latest.pt"):
         load_checkpoint(tmp_path)
@@ -135,9 +127,9 @@ def test_sample_script_images_folder_holds_the_last_calls_images_only(tiny_check
     """An FID tool reads OUT/images/ whole: a smaller --num must not leave an earlier call's images there."""
     out = tmp_path / "fid"
     draw = ["--out", str(out), "--grid", "0", "--interp-rows", "0", "--device", "cpu"]
-    assert _script("sample").main([str(tiny_checkpoint[0]), "--num", "7", *draw]) == 0
+    assert load_script("sample").main([str(tiny_checkpoint[0]), "--num", "7", *draw]) == 0
     (out / "images" / "notes.png").write_bytes(b"the user's own file")
-    assert _script("sample").main([str(tiny_checkpoint[0]), "--num", "3", *draw]) == 0
+    assert load_script("sample").main([str(tiny_checkpoint[0]), "--num", "3", *draw]) == 0
     names = sorted(p.name for p in (out / "images").iterdir())
     assert names == ["000000.png", "000001.png", "000002.png", "notes.png"]
     assert not (out / "grid.png").exists() and not (out / "interpolation.png").exists()
@@ -151,7 +143,7 @@ def test_evaluate_script_warns_in_one_line(tiny_checkpoint, tmp_path, capsys):
         Image.fromarray(draw_faces(1, 20, seed=i)[0]).save(folder / f"{i}.png")
     (folder / "4.png").write_bytes(b"not a png")
     argv = [str(tiny_checkpoint[0]), "--data", str(folder), "--num", "4", "--device", "cpu"]
-    assert _script("evaluate").main(argv) == 0
+    assert load_script("evaluate").main(argv) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: ") and "skipped 1 of 5 image files" in err and "Warning" not in err, err
     assert err.count("\n") == 1, err
@@ -165,7 +157,7 @@ def test_evaluation_on_the_runs_own_celeba_folder_however_it_is_named(tmp_path):
     for i in range(6):
         Image.fromarray(draw_faces(1, 64, seed=i)[0]).resize((178, 218)).save(images / f"{i:06d}.jpg")  # CelebA's size
     trained_on = DataConfig(path=str(tmp_path / "celeba"), crop="center", crop_size=30, holdout=2)
-    evaluation_images = _script("evaluate").evaluation_images
+    evaluation_images = load_script("evaluate").evaluation_images
     for path in (tmp_path / "celeba", images, tmp_path / "celeba" / ".." / "celeba"):
         real, held_out, recon_images = evaluation_images(trained_on, str(path), 4, 16)
         assert "center crop 30" in real.describe() and len(real) == 4, path
@@ -193,7 +185,7 @@ def _write_run(folder, *, lr, m_of_step, steps, swd=None, image_size=16, **train
 @pytest.fixture
 def compare(capsys):
     """Run compare_runs.main in this process (a subprocess would spend seconds importing torch): (rc, out, err)."""
-    main = _script("compare_runs").main
+    main = load_script("compare_runs").main
 
     def run(argv):
         rc = main([str(a) for a in argv])
@@ -267,7 +259,7 @@ def test_compare_runs_rejects_missing_or_incomplete_folders(tmp_path):
     late = _write_run(tmp_path / "late", lr=1e-4, m_of_step=lambda s: 0.2, steps=[100])
     damaged = _write_run(tmp_path / "damaged", lr=1e-4, m_of_step=lambda s: 0.2, steps=[50])
     (damaged / "latest.pt").write_bytes(b"not a checkpoint")
-    compare_runs = _script("compare_runs")
+    compare_runs = load_script("compare_runs")
     for other, match in [
         (tmp_path / "nowhere", "does not exist"),
         (tmp_path / "no_stats", "stats.jsonl is missing"),

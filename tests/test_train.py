@@ -25,6 +25,7 @@ from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data.builtin import BuiltinFaces
 from began_fast.metrics import MetricError
 from began_fast.train import RunOptions, TrainingError, setup_run, train
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(image_size=16, n=4, h=4)
@@ -300,6 +301,38 @@ def test_ctrl_c_checkpoints_after_the_step_in_flight(tmp_path):
     train(run)
     assert load_checkpoint(tmp_path / "latest.pt")["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cli_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """An interrupted run is not a finished one: `train && evaluate` must stop, and no "done" line may claim
+    samples the run never drew. The resume command it prints continues the run."""
+    script = load_script("train")
+
+    def setup_interrupting_run(*args, **kwargs):
+        run = setup_run(*args, **kwargs)
+        step = run.step.__class__.__call__
+
+        def interrupting_step(self, x):
+            step(self, x)
+            if self.steps_done == 3:
+                signal.raise_signal(signal.SIGINT)
+
+        run.step.__class__ = type("Interrupting", (run.step.__class__,), {"__call__": interrupting_step})
+        return run
+
+    monkeypatch.setattr(script, "setup_run", setup_interrupting_run)
+    out = tmp_path / "run"
+    tiny = ["--image-size", "16", "--batch-size", "4", "--checkpoint-every", "100", "--sample-every", "100"]
+    assert script.main(["--out", str(out), "--quiet", "--device", "cpu", "--steps", "6", *tiny]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-2] == f"interrupted at step 3; checkpoint written to {out / 'latest.pt'}"
+    assert lines[-1] == f"resume with: python scripts/train.py --out {out} --resume --device cpu"
+    assert load_checkpoint(out / "latest.pt")["step"] == 3
+
+    monkeypatch.setattr(script, "setup_run", setup_run)
+    assert script.main([*lines[-1].split()[4:], "--quiet"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("done: 6 steps")
+    assert load_checkpoint(out / "latest.pt")["step"] == 6
 
 
 def cli(*args, env=None):
