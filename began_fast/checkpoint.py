@@ -56,14 +56,18 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist (expected a .pt file written by began-fast)")
     # torch.save writes a zip archive with a CRC32 per record, which torch.load does not check: damaged tensor
     # bytes would load as wrong weights without a word.
-    try:
-        damaged = zipfile.ZipFile(path).testzip() if zipfile.is_zipfile(path) else None
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):  # ValueError: a garbled name
-        damaged = "its index or a record's header"
+    damaged = None
+    if zipfile.is_zipfile(path):
+        try:
+            record = zipfile.ZipFile(path).testzip()
+            damaged = None if record is None else f"{record} fails its checksum"
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):  # ValueError: a garbled name
+            damaged = "its index or a record's header cannot be read"
+    elif _starts_a_zip_archive(path):  # the archive's index, written last, is missing
+        damaged = "it ends early, as a write to a full disk or a copy cut short leaves it"
     if damaged is not None:
         raise CheckpointError(
-            f"checkpoint {path} is damaged ({damaged} fails its checksum); copy an earlier snapshot (step_XXXXXXX.pt) "
-            "over it"
+            f"checkpoint {path} is damaged ({damaged}); copy an earlier snapshot (step_XXXXXXX.pt) over it"
         )
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
@@ -80,6 +84,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                 f"{'an int >= 0' if key == 'step' else 'a ' + kind.__name__})"
             )
     return state
+
+
+def _starts_a_zip_archive(path: Path) -> bool:
+    """Whether the file begins as torch.save's zip archive does, with a record's local header."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 # The entries every checkpoint holds, and their types.
