@@ -179,10 +179,12 @@ def setup_run(
         configs = resumed_configs(state, latest, given, {"train": {"steps"}} if explicit is None else explicit)
         model_cfg, train_cfg, data_cfg = configs["model"], configs["train"], configs["data"]
         if train_cfg.steps <= state["step"]:
-            raise ConfigError(
-                f"the run in {opts.out} is at step {state['step']} of {train_cfg.steps}: give --steps above "
-                f"{state['step']} to train it further"
+            where = (
+                f"has done its {train_cfg.steps} steps"
+                if train_cfg.steps == state["step"]
+                else f"is at step {state['step']}, already past --steps {train_cfg.steps}"
             )
+            raise ConfigError(f"the run in {opts.out} {where}: give --steps above {state['step']} to train it further")
         check_same_run(opts.out, state.get("run_id"))
     check_out_outside_data(opts.out, data_cfg)
     torch.manual_seed(train_cfg.seed)

@@ -160,8 +160,8 @@ def test_a_refused_resume_changes_nothing_in_the_run(tmp_path):
     run_steps(tmp_path, 4)
     config = (tmp_path / "config.json").read_bytes()
     options = RunOptions(out=tmp_path, resume=True, quiet=True)
-    for steps in (2, 4):
-        with pytest.raises(ConfigError, match=f"is at step 4 of {steps}: give --steps above 4"):
+    for steps, where in ((2, "is at step 4, already past --steps 2"), (4, "has done its 4 steps")):
+        with pytest.raises(ConfigError, match=f"^the run in {re.escape(str(tmp_path))} {where}: give --steps above 4"):
             setup_run(MODEL, train_cfg(steps), DATA, options, explicit={"train": {"steps"}})
     run = setup_run(MODEL, train_cfg(8, eval_images=65), DATA, options, explicit={"train": {"steps", "eval_images"}})
     with pytest.raises(ConfigError, match="--eval-images 65"):
