@@ -55,7 +55,8 @@ class RunRecord:
 
 def load_run(folder: Path) -> RunRecord:
     if not folder.is_dir():
-        raise RunFolderError(f"run folder {folder} does not exist (expected the --out folder of scripts/train.py)")
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise RunFolderError(f"run folder {folder} {what} (expected the --out folder of scripts/train.py)")
     config_path, stats_path = folder / "config.json", folder / "stats.jsonl"
     for path in (config_path, stats_path):
         if not path.is_file():
@@ -160,6 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a table")
     p.add_argument("--plot", type=Path, help="write a PNG with both runs' M (and SWD) curves overlaid")
     args = p.parse_args(argv)
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        print(f"error: --plot {args.plot} must name a .png file (the plot is a PNG image)", file=sys.stderr)
+        return 2
     try:
         a, b = load_run(args.run_a), load_run(args.run_b)
         if a.name == b.name:
@@ -168,6 +172,7 @@ def main(argv=None) -> int:
         print(json.dumps(comparison, indent=2) if args.json else format_table(comparison))
         if args.plot is not None:
             plot_runs({a.name: a.stats, b.name: b.stats}, args.plot)
+            print(f"plot written to {args.plot}", file=sys.stderr)  # stderr: stdout may be the --json
     except (RunFolderError, CheckpointError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -212,6 +212,14 @@ def test_compare_runs_at_equal_steps_with_a_swd_verdict(tmp_path, compare, tiny_
     assert c["config_diff"]["train.lr"] == [1e-4, 3e-4]
     assert c["verdict"].startswith("b is better than a: SWD at step 500")
     assert (tmp_path / "m.png").stat().st_size > 1000
+    assert err == f"plot written to {tmp_path / 'm.png'}\n"
+    rc, out, err = compare([a, b, "--plot", tmp_path / "m.txt"])
+    assert (rc, out, err) == (
+        2,
+        "",
+        f"error: --plot {tmp_path / 'm.txt'} must name a .png file (the plot is a PNG image)\n",
+    )
+    assert not (tmp_path / "m.txt").exists()
     rc, table, _ = compare([a, b])
     assert rc == 0 and "verdict: b is better than a" in table and "config train.lr: 0.0001 vs 0.0003" in table
 
@@ -262,6 +270,7 @@ def test_compare_runs_rejects_missing_or_incomplete_folders(tmp_path):
     compare_runs = load_script("compare_runs")
     for other, match in [
         (tmp_path / "nowhere", "does not exist"),
+        (good / "config.json", "is a file, not a folder"),
         (tmp_path / "no_stats", "stats.jsonl is missing"),
         (late, "share no logged step"),
         (damaged, "cannot be read"),
