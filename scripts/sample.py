@@ -58,7 +58,7 @@ def write_samples(G, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.grid:
         reports.save_image_grid(generate(G, draw_z(args.grid, dim, gen), args.device), args.out / "grid.png")
-    if args.interp_rows and args.interp_steps:
+    if args.interp_rows:
         ends = draw_z(2 * args.interp_rows, dim, gen)
         path = slerp(ends[: args.interp_rows], ends[args.interp_rows :], torch.linspace(0, 1, args.interp_steps))
         images = generate(G, path.reshape(-1, dim), args.device)
@@ -85,21 +85,27 @@ def main(argv=None) -> int:
         "--num", type=int, default=0, help="also write this many single PNGs to OUT/images/, replacing earlier ones"
     )
     p.add_argument("--interp-rows", type=int, default=8, help="rows of interpolation.png (0: no interpolation.png)")
-    p.add_argument("--interp-steps", type=int, default=10, help="images per interpolation row")
+    p.add_argument("--interp-steps", type=int, default=10, help="images per interpolation row, both ends included")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     args = p.parse_args(argv)
     try:
-        for name in ("grid", "num", "interp_rows", "interp_steps"):
+        for name in ("grid", "num", "interp_rows"):
             if getattr(args, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+        if args.interp_rows and args.interp_steps < 2:
+            raise ConfigError(f"--interp-steps must be >= 2 (a row walks from a z to another), got {args.interp_steps}")
+        if not (args.grid or args.interp_rows or args.num):
+            raise ConfigError("--grid, --interp-rows and --num are all 0: there is nothing to draw")
         args.device = resolve_device(args.device)
         G, _, state = load_models(args.checkpoint, args.device)
         write_samples(G, args)
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    print(f"wrote samples of step {state['step']} to {args.out}", file=sys.stderr)
+    written = [name for name, asked in (("grid.png", args.grid), ("interpolation.png", args.interp_rows)) if asked]
+    written += [f"{args.num} images in images/"] if args.num else []
+    print(f"wrote {', '.join(written)} from step {state['step']} to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -113,11 +113,28 @@ def test_sample_script_refuses_a_diverged_generator_and_writes_nothing(tiny_chec
     assert not list(out.glob("*.png"))
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--grid", "0", "--interp-rows", "0"], "--grid, --interp-rows and --num are all 0: there is nothing to draw"),
+        (["--interp-steps", "1"], "--interp-steps must be >= 2 (a row walks from a z to another), got 1"),
+        (["--interp-rows", "-1"], "--interp-rows must be >= 0, got -1"),
+    ],
+)
+def test_sample_script_refuses_a_request_it_cannot_draw(tiny_checkpoint, tmp_path, capsys, argv, message):
+    out = tmp_path / "samples"
+    assert load_script("sample").main([str(tiny_checkpoint[0]), "--out", str(out), "--device", "cpu", *argv]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not out.exists()
+
+
 def test_scripts_take_a_run_folder_for_its_latest_checkpoint(tiny_checkpoint, tmp_path, capsys):
     run = tiny_checkpoint[0].parent
     drawn = tmp_path / "drawn"
-    assert load_script("sample").main([str(run), "--out", str(drawn), "--grid", "4", "--device", "cpu"]) == 0
-    assert (drawn / "grid.png").is_file()
+    argv = [str(run), "--out", str(drawn), "--grid", "4", "--interp-rows", "0", "--device", "cpu"]
+    assert load_script("sample").main(argv) == 0
+    assert (drawn / "grid.png").is_file() and not (drawn / "interpolation.png").exists()
+    assert capsys.readouterr().err == f"wrote grid.png from step 123 to {drawn}\n"
     assert load_checkpoint(run)["step"] == 123
     with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder without a latest.pt"):
         load_checkpoint(tmp_path)
