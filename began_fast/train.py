@@ -461,6 +461,34 @@ def stop_requested(run: Run, interrupted: list, done: int) -> bool:
     return run.collectives.any_(bool(interrupted), run.step.device)
 
 
+def announce(run: Run, data: str) -> None:
+    """The run's first lines on stderr: where it starts, on what data, with which model, objective and step
+    (gamma: gpu64 and paper64 differ in it alone)."""
+    cfg, start = run.train_cfg, run.step.steps_done
+    lines = [f"began-fast: {'resuming at step ' + str(start) if start else 'new run'} in {run.out}", f"  data: {data}"]
+    if run.saved_data_images not in (None, run.data_images):
+        lines.append(
+            f"  warning: the data set now holds {run.data_images} training images, the run read "
+            f"{run.saved_data_images} before its checkpoint: it goes on, but not with the batches it would have seen"
+        )
+    if run.step.noise_restarted:
+        lines.append(
+            "  warning: the checkpoint's noise generator ran on another kind of device and cannot go on here: z "
+            "comes from a new stream, seeded from the seed and the step"
+        )
+    lines.append(f"  model: {run.model_cfg}")
+    lines.append(f"  train: {cfg.steps} steps, gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}, Adam betas {cfg.betas}")
+    step_kind = "reference" if run.opts.reference_step else f"fast, amp={run.opts.amp}, graphs={run.opts.cuda_graphs}"
+    lines.append(f"  step: {step_kind}, impl={run.opts.impl}, device={run.opts.device}")
+    lr = run.step.lr.item()  # float32: compared with a margin, not for equality
+    decayed = " after decay" if lr < 0.999 * cfg.lr * run.step.lr_factor else ""
+    lines.append(
+        f"  ranks: {run.step.world_size}, batch {cfg.batch_size} per rank, global batch {run.global_batch}, "
+        f"lr {lr:g}{decayed} (lr {cfg.lr:g}, scaling {cfg.lr_scaling})"
+    )
+    print("\n".join(lines), file=sys.stderr)
+
+
 def train(run: Run) -> Path:
     """Run from the step the run is at to `train_cfg.steps`; return the path of the last checkpoint.
 
@@ -470,14 +498,6 @@ def train(run: Run) -> Path:
     cfg, out, main = run.train_cfg, run.out, run.is_main
     if run.collectives is not None:
         run.collectives.check_same(start_fingerprint(run), run.step.device)
-    if main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create the run folder --out {out}: {e.strerror}") from None
-        for folder in (out, out / "samples"):
-            remove_stale_temporaries(folder)
-
     start = run.step.steps_done
     source = open_source(run.data_cfg, run.model_cfg.image_size)
     batches = make_batches(
@@ -491,39 +511,21 @@ def train(run: Run) -> Path:
         world_size=run.step.world_size,
         source=source,
     )
-
-    def say(message: str) -> None:
-        if main:
-            print(message, file=sys.stderr)
-
-    say(f"began-fast: {'resuming at step ' + str(start) if start else 'new run'} in {out}")
-    say(f"  data: {batches.describe()}")
     run.data_images = len(source)
-    if run.saved_data_images not in (None, run.data_images):
-        say(
-            f"  warning: the data set now holds {run.data_images} training images, the run read "
-            f"{run.saved_data_images} before its checkpoint: it goes on, but not with the batches it would have seen"
-        )
-    if run.step.noise_restarted:
-        say(
-            "  warning: the checkpoint's noise generator ran on another kind of device and cannot go on here: z "
-            "comes from a new stream, seeded from the seed and the step"
-        )
-    say(f"  model: {run.model_cfg}")
-    step_kind = "reference" if run.opts.reference_step else f"fast, amp={run.opts.amp}, graphs={run.opts.cuda_graphs}"
-    say(f"  step: {step_kind}, impl={run.opts.impl}, device={run.opts.device}")
-    lr = run.step.lr.item()  # float32: compared with a margin, not for equality
-    decayed = " after decay" if lr < 0.999 * cfg.lr * run.step.lr_factor else ""
-    say(
-        f"  ranks: {run.step.world_size}, batch {cfg.batch_size} per rank, global batch {run.global_batch}, "
-        f"lr {lr:g}{decayed} (lr {cfg.lr:g}, scaling {cfg.lr_scaling})"
-    )
     feed = make_feed(run, batches)
-
     real = RealImages(run, source)
     if main:
         check_evaluation_data(run, real)
-        write_config(run)  # once every check passed: a refused start or resume leaves the run's config as it was
+        # Once every check passed: a refused start leaves no run folder, a refused resume its config as it was, and
+        # either says nothing but its error.
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run folder --out {out}: {e.strerror}") from None
+        for folder in (out, out / "samples"):
+            remove_stale_temporaries(folder)
+        write_config(run)
+        announce(run, batches.describe())
     writer = open_tensorboard(out) if main else None
     last_checkpoint = out / "latest.pt"
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet or not main)
@@ -552,7 +554,8 @@ def train(run: Run) -> Path:
                     if main and (done % cfg.sample_every == 0 or done == cfg.steps):
                         write_pictures(run, real)
                 if stop:
-                    say(f"interrupted at step {done}; checkpoint written to {last_checkpoint}")
+                    if main:
+                        print(f"interrupted at step {done}; checkpoint written to {last_checkpoint}", file=sys.stderr)
                     break
     finally:
         bar.close()

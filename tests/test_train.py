@@ -214,11 +214,12 @@ def test_a_new_run_removes_the_grids_of_a_run_that_died_before_its_first_checkpo
     assert [step for step, _ in reports.sample_frames(tmp_path)] == [4, 8]
 
 
-def test_too_many_evaluation_images_fail_before_the_first_step(tmp_path):
-    run = setup_run(MODEL, train_cfg(4, eval_images=65), DATA, RunOptions(out=tmp_path, quiet=True))
+def test_too_many_evaluation_images_fail_before_the_first_step_and_leave_no_run_folder(tmp_path):
+    out = tmp_path / "run"
+    run = setup_run(MODEL, train_cfg(4, eval_images=65), DATA, RunOptions(out=out, quiet=True))
     with pytest.raises(ConfigError, match="--eval-images 65 needs that many real images, the data set holds 64"):
         train(run)
-    assert run.step.steps_done == 0
+    assert run.step.steps_done == 0 and not out.exists()
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_keeps_the_last_one(tmp_path, monkeypatch):
@@ -325,6 +326,8 @@ def test_cli_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, monkeypatch, caps
     tiny = ["--image-size", "16", "--batch-size", "4", "--checkpoint-every", "100", "--sample-every", "100"]
     assert script.main(["--out", str(out), "--quiet", "--device", "cpu", "--steps", "6", *tiny]) == 130
     lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == f"began-fast: new run in {out}"
+    assert "  train: 6 steps, gamma 0.7, lambda_k 0.001, Adam betas (0.5, 0.999)" in lines  # the demo preset's
     assert lines[-2] == f"interrupted at step 3; checkpoint written to {out / 'latest.pt'}"
     assert lines[-1] == f"resume with: python scripts/train.py --out {out} --resume --device cpu"
     assert load_checkpoint(out / "latest.pt")["step"] == 3
