@@ -289,17 +289,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (tmp_path / "latest.pt").read_bytes() == good
 
 
-def test_ctrl_c_checkpoints_after_the_step_in_flight(tmp_path):
-    run = setup_run(MODEL, train_cfg(20), DATA, RunOptions(out=tmp_path, quiet=True))
+def interrupt_after(run, steps_done):
+    """Make `run`'s step send this process a SIGINT, as Ctrl-C does, once `steps_done` steps are done."""
     step = run.step.__class__.__call__
 
     def interrupting_step(self, x):
         step(self, x)
-        if self.steps_done == 3:
+        if self.steps_done == steps_done:
             signal.raise_signal(signal.SIGINT)
 
     run.step.__class__ = type("Interrupting", (run.step.__class__,), {"__call__": interrupting_step})
-    train(run)
+    return run
+
+
+def test_ctrl_c_checkpoints_after_the_step_in_flight(tmp_path):
+    run = setup_run(MODEL, train_cfg(20), DATA, RunOptions(out=tmp_path, quiet=True))
+    train(interrupt_after(run, 3))
     assert load_checkpoint(tmp_path / "latest.pt")["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -309,19 +314,7 @@ def test_cli_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, monkeypatch, caps
     samples the run never drew. The resume command it prints continues the run."""
     script = load_script("train")
 
-    def setup_interrupting_run(*args, **kwargs):
-        run = setup_run(*args, **kwargs)
-        step = run.step.__class__.__call__
-
-        def interrupting_step(self, x):
-            step(self, x)
-            if self.steps_done == 3:
-                signal.raise_signal(signal.SIGINT)
-
-        run.step.__class__ = type("Interrupting", (run.step.__class__,), {"__call__": interrupting_step})
-        return run
-
-    monkeypatch.setattr(script, "setup_run", setup_interrupting_run)
+    monkeypatch.setattr(script, "setup_run", lambda *args, **kwargs: interrupt_after(setup_run(*args, **kwargs), 3))
     out = tmp_path / "run"
     tiny = ["--image-size", "16", "--batch-size", "4", "--checkpoint-every", "100", "--sample-every", "100"]
     assert script.main(["--out", str(out), "--quiet", "--device", "cpu", "--steps", "6", *tiny]) == 130
