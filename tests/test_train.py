@@ -24,6 +24,7 @@ from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data.builtin import BuiltinFaces
 from began_fast.metrics import MetricError
+from began_fast.step import ADAM_IMPLEMENTATION
 from began_fast.train import RunOptions, TrainingError, setup_run, train
 from tests.scripts import load_script
 
@@ -116,6 +117,13 @@ def test_a_run_resumes_with_another_kind_of_step(tmp_path, first, then):
     kinds = {"reference": dict(reference_step=True), "fp16": dict(amp="fp16", impl="torch")}
     run_steps(tmp_path, 4, **kinds[first])
     resumed = setup_run(MODEL, train_cfg(8), DATA, RunOptions(out=tmp_path, resume=True, quiet=True, **kinds[then]))
+    fresh = setup_run(MODEL, train_cfg(8), DATA, RunOptions(out=tmp_path / "new", quiet=True, **kinds[then]))
+
+    def implementation(run):
+        groups = run.step.opt_g.param_groups + run.step.opt_d.param_groups
+        return [{key: group[key] for key in ADAM_IMPLEMENTATION if key in group} for group in groups]
+
+    assert implementation(resumed) == implementation(fresh)
     before = parameters(resumed)
     train(resumed)
     assert resumed.step.steps_done == 8
