@@ -167,15 +167,22 @@ def test_auto_takes_pytorch_where_the_kernels_cannot_go(device, monkeypatch, rec
     """impl="auto" (resolved to Triton here through BEGAN_FAST_IMPL) runs a float64 layer and a balance on
     PyTorch with one warning; an explicit impl="triton" refuses them."""
     monkeypatch.setenv(ops.IMPL_ENV, "triton")
+    ops._warn_fallback.cache_clear()  # once per reason and process: another test may have warned already
     layer = VARIANTS["stride1"]
     x, _, weight, bias, _ = make_inputs(layer, device, torch.float64, seed=4)
     y = ops.conv_elu(x, weight, bias, impl="auto")
     assert y.dtype == torch.float64 and torch.equal(y, conv_elu_ref(x, weight, bias))
+    fallbacks = [str(w.message) for w in recwarn.list if str(w.message).startswith("began_fast")]
+    assert fallbacks == [
+        "began_fast: impl='triton' unavailable (x dtype torch.float64 unsupported; expected one of (torch.float32, "
+        "torch.bfloat16, torch.float16)); using impl='torch'"
+    ]
     with pytest.raises(ValueError, match="dtype torch.float64 unsupported"):
         ops.conv_elu(x, weight, bias, impl="triton")
     images = [torch.rand(2, 3, 8, 8, dtype=torch.float64, device=device) for _ in range(4)]
     assert ops.began_balance(*images, 0.1, 0.5, 0.001, impl="auto").l_real.dtype == torch.float64
-    assert any("using impl='torch'" in str(w.message) for w in recwarn.list)
+    fallbacks = [str(w.message) for w in recwarn.list if str(w.message).startswith("began_fast")]
+    assert len(fallbacks) == 2 and "the balance kernels take" in fallbacks[1]
 
 
 def test_tensors_beyond_int32_offsets_are_refused():
