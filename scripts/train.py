@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -169,11 +170,14 @@ def configs_from_flags(args: argparse.Namespace, device: str):
 
 def resume_command(args: argparse.Namespace) -> str:
     """The command that continues an interrupted run exactly: how it ran is not saved with it (see --resume)."""
-    how = [f"--device {args.device}"] if args.device else []
-    how += [f"--impl {args.impl}"] if args.impl else []
-    how += [f"--amp {args.amp}"] if args.amp else []
+    how = [
+        word
+        for flag, value in (("--device", args.device), ("--impl", args.impl), ("--amp", args.amp))
+        if value
+        for word in (flag, value)
+    ]
     how += [flag for flag, on in (("--cuda-graphs", args.cuda_graphs), ("--reference-step", args.reference_step)) if on]
-    return " ".join(["scripts/train.py --out", str(args.out), "--resume", *how])
+    return shlex.join(["scripts/train.py", "--out", str(args.out), "--resume", *how])
 
 
 def main(argv=None) -> int:

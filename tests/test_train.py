@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -323,18 +324,18 @@ def test_cli_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, monkeypatch, caps
     script = load_script("train")
 
     monkeypatch.setattr(script, "setup_run", lambda *args, **kwargs: interrupt_after(setup_run(*args, **kwargs), 3))
-    out = tmp_path / "run"
+    out = tmp_path / "my run"  # a space: the command printed must quote it
     tiny = ["--image-size", "16", "--batch-size", "4", "--checkpoint-every", "100", "--sample-every", "100"]
     assert script.main(["--out", str(out), "--quiet", "--device", "cpu", "--steps", "6", *tiny]) == 130
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0] == f"began-fast: new run in {out}"
     assert "  train: 6 steps, gamma 0.7, lambda_k 0.001, Adam betas (0.5, 0.999)" in lines  # the demo preset's
     assert lines[-2] == f"interrupted at step 3; checkpoint written to {out / 'latest.pt'}"
-    assert lines[-1] == f"resume with: python scripts/train.py --out {out} --resume --device cpu"
+    assert lines[-1] == f"resume with: python scripts/train.py --out '{out}' --resume --device cpu"
     assert load_checkpoint(out / "latest.pt")["step"] == 3
 
     monkeypatch.setattr(script, "setup_run", setup_run)
-    assert script.main([*lines[-1].split()[4:], "--quiet"]) == 0
+    assert script.main([*shlex.split(lines[-1])[4:], "--quiet"]) == 0
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("done: 6 steps")
     assert load_checkpoint(out / "latest.pt")["step"] == 6
 
