@@ -162,7 +162,8 @@ def test_fast_step_on_triton_kernels_matches_reference(model_cfg, monkeypatch, d
 
 def test_bf16_fast_step_on_triton_kernels_is_within_twice_torchs_bf16_error(monkeypatch, device):
     """Under bf16 autocast, the gradients of the fast step on the Triton kernels against the float64 reference
-    step are judged by the parity rule: at most 2x the error of the same fast step on PyTorch's bf16 ops."""
+    step are judged by the parity rule's row for a whole step: at most 2x the error of the same fast step on
+    PyTorch's bf16 ops, or 2% of the gradient's scale (tests/tolerances.py says why a whole step needs it)."""
     model_cfg, train_cfg = CONFIGS[1], TrainConfig(batch_size=2)
     x = real_batch(2, 16).to(device)
     z = shared_z(model_cfg, device)
