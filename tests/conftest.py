@@ -1,6 +1,7 @@
 """Test lanes (DESIGN.md section 5): without a GPU the Triton kernels run through the interpreter, which must be
 switched on before any @triton.jit function is defined; tests marked `cuda` are skipped."""
 
+import importlib.util
 import os
 
 import pytest
@@ -9,6 +10,45 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _interpreter_takes_runtime_loop_bounds() -> bool:
+    """Whether Triton's interpreter runs a loop whose bound is a run-time value, as every kernel here has.
+
+    Triton 3.6's interpreter (the one torch 2.11 pins) reads such a bound with int() of a 1-element NumPy array,
+    which NumPy 2.4 and later refuse ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.7.0
+    squeezes it first. Without this check that pair fails every kernel test with an InterpreterError."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_to(out_ptr, n):
+        count = 0
+        for _ in range(tl.program_id(0), n):
+            count += 1
+        tl.store(out_ptr, count)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count_to[(1,)](out, 3)
+    except triton.runtime.errors.InterpreterError as error:
+        if "0-dimensional" in str(error):
+            return False
+        raise
+    return True
+
+
+def pytest_configure(config):
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    if interpreting and not _interpreter_takes_runtime_loop_bounds():
+        import numpy
+        import triton
+
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s interpreter, which runs the kernel tests without a GPU, cannot run "
+            f"with NumPy {numpy.__version__}: install NumPy below 2.4 (pip install 'numpy<2.4') or Triton 3.7 or "
+            "newer (with the torch release that pins it)"
+        )
 
 
 def pytest_collection_modifyitems(config, items):
