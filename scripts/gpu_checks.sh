@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The checks this project runs where an NVIDIA GPU is present. Phases, all by default, or those named:
-#   compile   every kernel a gpu64 / paper64 step launches (with and without skips; float32, bf16 and fp16, as the
-#             fast step, evaluate.py and the tests run them), every autotuning tile, compiled at once on all CPU
-#             cores (scripts/check_kernels_compile.py): a compile error fails fast, and Triton's cache is then full
-#             for the runs below, whose autotuning only benchmarks (compiling one tile after another takes minutes)
+#   compile   every kernel a gpu64 / paper64 / paper128 step launches (with and without skips; float32, bf16 and
+#             fp16, as the fast step, evaluate.py, the tests and the benchmarks run them), every autotuning tile,
+#             compiled at once on all CPU cores (scripts/check_kernels_compile.py): a compile error fails fast, and
+#             Triton's cache is then full for the runs below, whose autotuning only benchmarks (compiling one tile
+#             after another takes minutes)
 #   tests     the whole test suite, compiled: kernel parity at the paper's shapes and every test marked `cuda`
 #             (CUDA graphs, bf16 / fp16, resume from graph runs, NCCL capture, DALI's mixed decoder when DALI is
 #             installed); in 8 processes through pytest-xdist (installed from .whl/xdist/ when the machine lacks it:
@@ -65,8 +66,8 @@ echo "commit ${BEGAN_FAST_COMMIT:-unknown (set BEGAN_FAST_COMMIT)}" | tee -a "$o
 for phase in $phases; do
     case $phase in
     compile)
-        run compile python scripts/check_kernels_compile.py --preset gpu64 paper64 --skip --amp none bf16 fp16 \
-            --configs all --jobs "$(nproc)"
+        run compile python scripts/check_kernels_compile.py --preset gpu64 paper64 paper128 --skip \
+            --amp none bf16 fp16 --configs all --jobs "$(nproc)"
         ;;
     tests)
         python -c "import xdist" 2>/dev/null || ! compgen -G ".whl/xdist/*.whl" >/dev/null ||
