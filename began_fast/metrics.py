@@ -199,7 +199,6 @@ def _real_images(real: Dataset | torch.Tensor, indices: range) -> torch.Tensor:
     return torch.stack([real[i] for i in indices])
 
 
-@torch.no_grad()
 def check_image_count(num: int, available: int) -> None:
     """MetricError unless `num` images can be compared: at least one, and no more than the `available` real ones."""
     if num < 1:
@@ -208,6 +207,7 @@ def check_image_count(num: int, available: int) -> None:
         raise MetricError(f"{num} images to compare, but the real images are only {available}; compare fewer")
 
 
+@torch.no_grad()
 def evaluate_models(
     G: torch.nn.Module,
     D: torch.nn.Module,
