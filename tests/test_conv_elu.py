@@ -185,9 +185,11 @@ def test_auto_takes_pytorch_where_the_kernels_cannot_go(device, monkeypatch, rec
     assert len(fallbacks) == 2 and "the balance kernels take" in fallbacks[1]
 
 
-def test_tensors_beyond_int32_offsets_are_refused():
+def test_tensors_beyond_int32_offsets_are_refused(monkeypatch):
     """The kernels index with int32: a layer whose output (or the skip's gradient on the upsampled grid) holds
-    2**31 elements or more must not reach them (meta tensors: only the shapes matter)."""
+    2**31 elements or more must not reach them (meta tensors, taken as a device the kernels run on: only the shapes
+    matter)."""
+    monkeypatch.setattr(conv_elu_kernels, "runs_on", lambda device: True)
     meta = dict(device="meta", dtype=torch.bfloat16)
     weight = torch.empty(128, 128, 3, 3, **meta)
     fits = torch.empty(255, 128, 256, 256, **meta)  # 256 x 128 channels x 256^2 is exactly 2**31
