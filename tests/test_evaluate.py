@@ -3,9 +3,11 @@ errors) and scripts/compare_runs.py on two small synthetic run folders."""
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -302,3 +304,50 @@ def test_compare_runs_rejects_missing_or_incomplete_folders(tmp_path):
         text=True,
     )
     assert done.returncode == 2 and done.stderr.startswith("error: run folder") and done.stderr.count("\n") == 1
+
+
+def _quality_run(out: Path, steps: int, fast_flags: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FAST_FLAGS": fast_flags, "EVAL_NUM": "32", "OMP_NUM_THREADS": "1"}
+    command = ["bash", "scripts/quality_run.sh", str(out), str(steps), "demo"]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _processes_naming(text: str) -> list[str]:
+    """The command lines of this machine's processes that contain `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # the process ended while we looked
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+def test_quality_run_trains_evaluates_and_compares_both_steps(tmp_path):
+    """scripts/quality_run.sh (the GPU session's quality phase) on the CPU: the demo preset for 10 steps, the
+    fast run in bf16 (no CUDA graphs without a GPU). It exits 0 with both evaluations and the comparison written."""
+    done = _quality_run(tmp_path / "q", 10, "--amp", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for run in ("reference", "fast"):
+        report = json.loads((tmp_path / "q" / run / "eval.json").read_text())
+        assert report["step"] == 10 and report["num"] == 32
+    config = json.loads((tmp_path / "q" / "fast" / "config.json").read_text())
+    assert config["run"]["amp"] == "bf16" and config["run"]["reference_step"] is False
+    assert "verdict:" in (tmp_path / "q" / "compare.txt").read_text()
+    assert (tmp_path / "q" / "compare.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the runs' processes")
+def test_quality_run_stops_at_the_first_failed_run_and_ends_the_other(tmp_path):
+    """A fast run that fails at its start (--cuda-graphs on the CPU) ends the check at once, with the failed run's
+    log named, and stops the reference run rather than waiting out its steps."""
+    out = tmp_path / "q"
+    done = _quality_run(out, 100_000, "--cuda-graphs --device cpu", timeout=120)
+    assert done.returncode == 1
+    assert f"the fast run failed: {out}/fast.log" in done.stdout and "needs a CUDA device" in done.stdout
+    deadline = time.monotonic() + 10  # the reference run was sent SIGTERM as the script ended
+    while _processes_naming(f"{out}/reference") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_naming(f"{out}/reference")
