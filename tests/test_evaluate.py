@@ -307,7 +307,7 @@ def test_compare_runs_rejects_missing_or_incomplete_folders(tmp_path):
 
 
 def _quality_run(out: Path, steps: int, fast_flags: str, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FAST_FLAGS": fast_flags, "EVAL_NUM": "32", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "FAST_FLAGS": fast_flags, "EVAL_NUM": "32", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     command = ["bash", "scripts/quality_run.sh", str(out), str(steps), "demo"]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
