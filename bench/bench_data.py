@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
     pytest.skip("bench/bench_data.py needs an NVIDIA GPU (CUDA is not available)", allow_module_level=True)
 
 from began_fast.config import DataConfig
-from began_fast.data import TorchLoader, open_source
+from began_fast.data import TorchLoader, dali_install_command, open_source
 from began_fast.data.builtin import draw_face
 
 HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
@@ -60,7 +60,7 @@ def _loader(name: str, cfg: DataConfig, image_size: int):
     if name == "torch":
         return TorchLoader(open_source(cfg, image_size), BATCH, seed=0, num_workers=CORES, device="cuda")
     if not HAS_DALI:
-        pytest.skip("NVIDIA DALI is not installed (pip install 'began-fast[dali]')")
+        pytest.skip(f"NVIDIA DALI is not installed ({dali_install_command()})")
     from began_fast.data.dali import DaliLoader
 
     device = "cuda" if name == "dali-mixed" else "cpu"
@@ -120,7 +120,7 @@ def test_fast_step_fed_by_loader(benchmark, jpeg_dir, feed):
             loader = TorchLoader(open_source(cfg, size), STEP_BATCH, seed=0, num_workers=CORES, device="cuda")
         else:
             if not HAS_DALI:
-                pytest.skip("NVIDIA DALI is not installed (pip install 'began-fast[dali]')")
+                pytest.skip(f"NVIDIA DALI is not installed ({dali_install_command()})")
             from began_fast.data.dali import DaliLoader
 
             loader = DaliLoader(cfg, size, STEP_BATCH, device="cuda", seed=0)

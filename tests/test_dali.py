@@ -325,8 +325,10 @@ def test_loader_dali_without_dali_is_a_clear_error(monkeypatch):
         return None if name.split(".")[0] == "nvidia" else real_find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(DataError, match=r"--loader dali needs NVIDIA DALI: pip install 'began-fast\[dali\]'"):
-        make_batches(DataConfig(loader="dali", builtin_count=8), 16, 4, device="cpu", seed=0)
+    for cuda, extra in [("12.8", "dali"), ("13.0", "dali-cuda13"), (None, "dali")]:  # None: a CPU-only torch
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        with pytest.raises(DataError, match=rf"--loader dali needs NVIDIA DALI: pip install 'began-fast\[{extra}\]'$"):
+            make_batches(DataConfig(loader="dali", builtin_count=8), 16, 4, device="cpu", seed=0)
 
 
 @needs_dali

@@ -31,6 +31,7 @@ __all__ = [
     "SkippedImagesWarning",
     "TorchLoader",
     "crop_box",
+    "dali_install_command",
     "detect_source",
     "held_out_images",
     "make_batches",
@@ -93,6 +94,13 @@ def open_source(cfg: DataConfig, image_size: int):
     return TrainingImages(source, cfg.holdout) if cfg.holdout else source
 
 
+def dali_install_command() -> str:
+    """The pip command that installs the DALI build for this torch's CUDA major version (DALI ships one per major
+    version; a CPU-only torch gets the CUDA 12 one, whose CPU pipeline needs no GPU)."""
+    extra = "dali-cuda13" if (torch.version.cuda or "").startswith("13.") else "dali"
+    return f"pip install 'began-fast[{extra}]'"
+
+
 def make_batches(
     cfg: DataConfig,
     image_size: int,
@@ -132,7 +140,7 @@ def make_batches(
                 source=source,
             )
         if loader == "dali":
-            raise DataError("--loader dali needs NVIDIA DALI: pip install 'began-fast[dali]'")
+            raise DataError(f"--loader dali needs NVIDIA DALI: {dali_install_command()}")
     source = open_source(cfg, image_size) if source is None else source
     if loader == "auto" and device.type == "cuda" and source.kind in ("hdf5", "builtin"):
         loader = "gpu" if fits(len(source), image_size, device) else "torch"
