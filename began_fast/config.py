@@ -159,7 +159,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The paper's CelebA setting at 64x64 (Table 1 / Figure 2): n=128, h=z=64, batch 16, Adam 1e-4, gamma 0.5.
+    # The paper's setting at 64x64: h=z=64, Adam 1e-4, gamma 0.5, with carpedm20/BEGAN-tensorflow's n=128 and batch
+    # 16 (README: what is the paper's and what is a choice). The paper trained on faces of its own, not CelebA.
     "paper64": Preset(ModelConfig(image_size=64, n=128, h=64), TrainConfig(batch_size=16, lr=1e-4, gamma=0.5)),
     # The paper's 128x128 setting.
     "paper128": Preset(ModelConfig(image_size=128, n=128, h=64), TrainConfig(batch_size=16, lr=1e-4, gamma=0.5)),

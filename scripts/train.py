@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--carry-steps", type=int, help="steps over which the vanishing residual fades (default 16000)")
     p.add_argument("--crop", choices=["celeba", "center"], help="crop before resizing (default: the source's own)")
     p.add_argument("--crop-size", type=int, help="side of the crop box in source pixels (default: the crop's own)")
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="mirror each training image left-right with probability 1/2 (default on; carpedm20/BEGAN-tensorflow "
+        "trains without)",
+    )
     p.add_argument("--loader", choices=LOADERS, help="how images are read (default: auto)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument(
@@ -144,6 +150,7 @@ def configs_from_flags(args: argparse.Namespace, device: str):
             path=data_path(args.data),
             crop=args.crop,
             crop_size=args.crop_size,
+            flip=args.flip,
             loader=args.loader,
             num_workers=args.workers,
             holdout=args.holdout,

@@ -566,6 +566,28 @@ def test_cli_skip_switch_overrides_the_preset_both_ways(tmp_path, flag, skip):
     assert json.loads((out / "config.json").read_text())["model"]["skip"] is skip
 
 
+def test_cli_no_flip_trains_on_unmirrored_images_and_a_resume_keeps_it(tmp_path, monkeypatch, capsys):
+    """--no-flip (carpedm20/BEGAN-tensorflow's pipeline has no flips) reaches the loader and config.json; a resume
+    that names the other setting is refused, as for every data setting that changes what is trained on."""
+    from began_fast import train as train_module
+
+    script, seen = load_script("train"), []
+
+    def make_batches(cfg, *args, **kwargs):
+        seen.append(cfg.flip)
+        return real_make_batches(cfg, *args, **kwargs)
+
+    real_make_batches = train_module.make_batches
+    monkeypatch.setattr(train_module, "make_batches", make_batches)
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2", "--device", "cpu"]
+    assert script.main([*args, "--steps", "1", "--no-flip"]) == 0
+    assert seen == [False] and json.loads((out / "config.json").read_text())["data"]["flip"] is False
+    assert script.main([*args, "--steps", "2", "--resume", "--flip"]) == 2
+    assert "whose data setting flip is False, not True" in capsys.readouterr().err
+    assert script.main([*args, "--steps", "2", "--resume"]) == 0 and seen == [False, False]
+
+
 def test_cli_switches_on_the_vanishing_residual(tmp_path):
     out = tmp_path / "run"
     args = ["--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2", "--steps", "1"]
