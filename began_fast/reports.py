@@ -6,6 +6,7 @@ from the run's samples/step_XXXXXXX.png) and the convergence plot (M, k_t, the l
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import math
@@ -149,6 +150,31 @@ def update_progress(run_dir: str | Path) -> list[Path]:
     save_png(progress_strip(frames), run_dir / "progress.png")
     save_progress_gif(frames, run_dir / "progress.gif")
     return [run_dir / "progress.png", run_dir / "progress.gif"]
+
+
+class BackgroundWriter:
+    """Runs picture jobs on one background thread, so that the training loop goes on while PNGs, the GIF and the
+    plot are encoded (about 0.85 s of CPU at 60 sample grids, every sample step). One job at a time, in the order
+    given: a new job first waits for the one before it. A job's error is raised by the next submit() or wait()."""
+
+    def __init__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="began-fast-pictures")
+        self._pending: concurrent.futures.Future | None = None
+
+    def submit(self, job, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(job, *args)
+
+    def wait(self) -> None:
+        """Return once the job in flight is done; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Let the job in flight finish, without raising its error (the caller is leaving on an error of its own, or
+        has called wait()), and end the thread."""
+        self._pool.shutdown(wait=True)
 
 
 def swd_points(stats: list[dict]) -> list[tuple[int, float]]:

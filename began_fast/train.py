@@ -310,17 +310,24 @@ class RealImages:
 
 
 @torch.no_grad()
-def write_pictures(run: Run, real: RealImages) -> None:
-    """The fixed-z sample grid, the grids-over-time strip and GIF, D's reconstructions, and the convergence plot."""
+def write_pictures(run: Run, real: RealImages, pictures: reports.BackgroundWriter) -> None:
+    """The fixed-z sample grid, the grids-over-time strip and GIF, D's reconstructions, and the convergence plot:
+    G and D run here; `pictures`' thread writes the files while training goes on."""
     out, step = run.out, run.step.steps_done
     # In the step's precision: the kernels it compiled and what it trained (an --amp run has no float32 kernels).
     with run.step.autocast():
         samples, x = run.G(run.fixed_z).float(), real.fixed_batch
         reconstructed = run.D(x).float()
+    pictures.submit(_write_pictures, out, step, samples.cpu(), x.cpu(), reconstructed.cpu())
+
+
+def _write_pictures(out: Path, step: int, samples: torch.Tensor, x: torch.Tensor, reconstructed: torch.Tensor):
     reports.save_image_grid(samples, out / "samples" / f"step_{step:07d}.png", nrow=8)
     reports.update_progress(out)
     reports.save_reconstruction_grid(x, reconstructed, out / "reconstruction.png")
-    reports.plot_convergence(reports.read_stats(out / "stats.jsonl"), out / "convergence.png")
+    # The rows up to this step: the loop appends later ones meanwhile.
+    stats = [row for row in reports.read_stats(out / "stats.jsonl") if row["step"] <= step]
+    reports.plot_convergence(stats, out / "convergence.png")
 
 
 @torch.no_grad()
@@ -532,6 +539,7 @@ def train(run: Run) -> Path:
     stats = open_stats(out, start) if main else contextlib.nullcontext()  # None on the other ranks
     if main:
         drop_later_samples(out, start)
+    pictures = reports.BackgroundWriter()
     try:
         with stats as stats_file, stop_on_interrupt() as interrupted, HangGuard(run.collectives) as guard:
             for _ in range(start, cfg.steps):
@@ -552,12 +560,14 @@ def train(run: Run) -> Path:
                     if main and cfg.eval_every and done % cfg.eval_every == 0:
                         evaluate(run, real, stats_file, writer)
                     if main and (done % cfg.sample_every == 0 or done == cfg.steps):
-                        write_pictures(run, real)
+                        write_pictures(run, real, pictures)
                 if stop:
                     if main:
                         print(f"interrupted at step {done}; checkpoint written to {last_checkpoint}", file=sys.stderr)
                     break
+        pictures.wait()
     finally:
+        pictures.close()
         bar.close()
         if writer is not None:
             writer.close()

@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -285,6 +286,50 @@ def test_a_failing_evaluation_keeps_its_steps_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(MetricError):
         run_steps(tmp_path, 8)
     assert load_checkpoint(tmp_path / "latest.pt")["step"] == 8
+
+
+def test_pictures_are_written_while_training_goes_on(tmp_path, monkeypatch):
+    """The sample step's files are encoded on a background thread (the GIF alone takes most of a second at 60
+    grids): here the step-4 pictures cannot finish before step 7 is trained. At the end every picture is there, and
+    the plot holds the rows up to its own step, not the step-6 row logged meanwhile."""
+    steps_done, plotted = threading.Event(), []
+    real_update, real_plot = reports.update_progress, reports.plot_convergence
+
+    def update_after_three_more_steps(run_dir):
+        assert steps_done.wait(timeout=60), "the loop waited for the pictures"
+        return real_update(run_dir)
+
+    monkeypatch.setattr(reports, "update_progress", update_after_three_more_steps)
+    monkeypatch.setattr(
+        reports, "plot_convergence", lambda stats, path: plotted.append(stats) or real_plot(stats, path)
+    )
+    run = setup_run(MODEL, train_cfg(8), DATA, RunOptions(out=tmp_path, quiet=True))
+    step = run.step.__class__.__call__
+
+    def signalling_step(self, x):
+        step(self, x)
+        if self.steps_done == 7:
+            steps_done.set()
+
+    run.step.__class__ = type("Signalling", (run.step.__class__,), {"__call__": signalling_step})
+    train(run)
+    assert [step for step, _ in reports.sample_frames(tmp_path)] == [4, 8]
+    assert [[row["step"] for row in stats] for stats in plotted] == [[2, 4], [2, 4, 6, 8, 8]]  # 8: the evaluation
+    for picture in ("convergence.png", "progress.png", "progress.gif", "reconstruction.png"):
+        assert (tmp_path / picture).stat().st_size > 1000, picture
+
+
+def test_a_failing_picture_is_the_runs_error_and_keeps_its_steps_checkpoint(tmp_path, monkeypatch):
+    def full_disk(stats, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reports, "plot_convergence", full_disk)
+    for sample_every in (4, 8):  # raised by the next picture's start, or by the run's end for the last one
+        run = setup_run(MODEL, train_cfg(8, sample_every=sample_every), DATA, RunOptions(out=tmp_path, quiet=True))
+        with pytest.raises(OSError, match="No space left on device"):
+            train(run)
+        assert load_checkpoint(tmp_path / "latest.pt")["step"] == 8
+        shutil.rmtree(tmp_path)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
