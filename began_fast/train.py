@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -318,10 +319,11 @@ def write_pictures(run: Run, real: RealImages, pictures: reports.BackgroundWrite
     with run.step.autocast():
         samples, x = run.G(run.fixed_z).float(), real.fixed_batch
         reconstructed = run.D(x).float()
-    pictures.submit(_write_pictures, out, step, samples.cpu(), x.cpu(), reconstructed.cpu())
+    pixels = [reports.to_uint8_hwc(images) for images in (samples, x, reconstructed)]
+    pictures.submit(_write_pictures, out, step, *pixels)
 
 
-def _write_pictures(out: Path, step: int, samples: torch.Tensor, x: torch.Tensor, reconstructed: torch.Tensor):
+def _write_pictures(out: Path, step: int, samples: np.ndarray, x: np.ndarray, reconstructed: np.ndarray):
     reports.save_image_grid(samples, out / "samples" / f"step_{step:07d}.png", nrow=8)
     reports.update_progress(out)
     reports.save_reconstruction_grid(x, reconstructed, out / "reconstruction.png")

@@ -291,9 +291,11 @@ def test_a_failing_evaluation_keeps_its_steps_checkpoint(tmp_path, monkeypatch):
 def test_pictures_are_written_while_training_goes_on(tmp_path, monkeypatch):
     """The sample step's files are encoded on a background thread (the GIF alone takes most of a second at 60
     grids): here the step-4 pictures cannot finish before step 7 is trained. At the end every picture is there, and
-    the plot holds the rows up to its own step, not the step-6 row logged meanwhile."""
-    steps_done, plotted = threading.Event(), []
-    real_update, real_plot = reports.update_progress, reports.plot_convergence
+    the plot holds the rows up to its own step, not the step-6 row logged meanwhile. Tensors become pixels on the
+    loop's thread: torch ops on the pictures' thread slowed the CPU training after it by a third."""
+    steps_done, plotted, threads = threading.Event(), [], []
+    real_update, real_plot, real_pixels = reports.update_progress, reports.plot_convergence, reports.to_uint8_hwc
+    monkeypatch.setattr(reports, "to_uint8_hwc", lambda x: threads.append(threading.current_thread()) or real_pixels(x))
 
     def update_after_three_more_steps(run_dir):
         assert steps_done.wait(timeout=60), "the loop waited for the pictures"
@@ -315,6 +317,7 @@ def test_pictures_are_written_while_training_goes_on(tmp_path, monkeypatch):
     train(run)
     assert [step for step, _ in reports.sample_frames(tmp_path)] == [4, 8]
     assert [[row["step"] for row in stats] for stats in plotted] == [[2, 4], [2, 4, 6, 8, 8]]  # 8: the evaluation
+    assert len(threads) == 6 and set(threads) == {threading.main_thread()}
     for picture in ("convergence.png", "progress.png", "progress.gif", "reconstruction.png"):
         assert (tmp_path / picture).stat().st_size > 1000, picture
 
