@@ -77,8 +77,10 @@ class TritonConvELU(torch.autograd.Function):
     """The same layer on the fused Triton kernels of kernels/conv_elu.py, with TorchConvELU's backward algorithm.
 
     Activations run channels_last (any input layout is accepted and converted once); the output is
-    channels_last in the activation dtype (ops.conv_elu has already cast everything to the autocast dtype under
-    autocast). Weight and bias gradients come back in the weight's dtype, reduced in float32.
+    channels_last in the activation dtype (ops.conv_elu has already cast x and skip to the autocast dtype under
+    autocast). The weight may be of another float dtype (the float32 master copy under autocast): each kernel
+    launch packs it into the activation dtype. Weight and bias gradients are reduced in float32 and come back in
+    the weight's dtype.
     """
 
     @staticmethod

@@ -113,7 +113,7 @@ def conv_elu(
     sample's contribution to the weight and bias gradients only; the input gradients stay unscaled.
     """
     _check_conv_args(x, weight, skip, stride, upsample)
-    (x, skip, weight, bias), autocast_off = autocast_inputs(x, skip, weight, bias)
+    (x, skip), autocast_off = autocast_inputs(x, skip)
     function = TorchConvELU
     if resolve_impl(impl, x.device) == "triton":
         from began_fast.conv_function import TritonConvELU
@@ -126,6 +126,11 @@ def conv_elu(
             function = TritonConvELU
         else:
             _warn_fallback(reason)
+    if function is TorchConvELU:
+        # PyTorch's convolution takes one dtype, so under autocast the weights are cast too. The Triton kernels
+        # take the float32 master weights as they are: packing them casts them, and their gradients come back
+        # float32 from float32 sums, never rounded to the autocast dtype and cast back.
+        (weight, bias), _ = autocast_inputs(weight, bias)
     with autocast_off:
         return function.apply(x, skip, weight, bias, wgrad_scale, stride, upsample, act)
 

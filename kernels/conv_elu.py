@@ -454,6 +454,15 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def _pack_weight(weight: torch.Tensor, dims: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
+    """weight (Cout, Cin, 3, 3) permuted by `dims` (taps first) and cast to `dtype`, in one copy; the two tap axes
+    then flattened: (9, ., .) contiguous."""
+    permuted = weight.permute(dims)
+    packed = torch.empty(permuted.shape, device=weight.device, dtype=dtype)
+    packed.copy_(permuted)
+    return packed.view(9, *permuted.shape[2:])
+
+
 def conv_elu_forward(
     x: torch.Tensor,
     skip: torch.Tensor | None,
@@ -476,7 +485,7 @@ def conv_elu_forward(
     cout = weight.shape[0]
     hl, wl = h * upsample, w * upsample
     ho, wo = (hl - 1) // stride + 1, (wl - 1) // stride + 1
-    w_packed = weight.permute(2, 3, 1, 0).reshape(9, c1 + c2, cout).to(x.dtype).contiguous()
+    w_packed = _pack_weight(weight, (2, 3, 1, 0), x.dtype)
     y = torch.empty((bsz, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     m = bsz * ho * wo
 
@@ -533,7 +542,7 @@ def conv_elu_input_grad(
     cin = weight.shape[1]
     c0, c1 = channels
     h, w = size
-    w_packed = weight.permute(2, 3, 0, 1).reshape(9, cout, cin).to(grad_y.dtype).contiguous()
+    w_packed = _pack_weight(weight, (2, 3, 0, 1), grad_y.dtype)
     dx = torch.empty((bsz, c1 - c0, h, w), device=grad_y.device, dtype=dtype, memory_format=torch.channels_last)
     m = bsz * h * w
 
@@ -628,5 +637,7 @@ def conv_elu_weight_grad(
             INTERPRETED=INTERPRET,
             PRECISION=_precision(grad_y.dtype),
         )
-    grad_w = dw.sum(0).reshape(3, 3, cin, cout).permute(3, 2, 0, 1).contiguous()
+    # The splits' partial sums added straight into the (Cout, Cin, 3, 3) layout: one op, no copy after it.
+    grad_w = torch.empty((cout, cin, 3, 3), device=x.device, dtype=torch.float32)
+    torch.sum(dw.view(splits, 3, 3, cin, cout).permute(0, 4, 3, 1, 2), dim=0, out=grad_w)
     return grad_w, None if db is None else db.sum(0)

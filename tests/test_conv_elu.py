@@ -8,10 +8,12 @@ paper's shapes run compiled in the `cuda`-marked test.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels.conv_elu as conv_elu_kernels
 from began_fast import ops
@@ -152,6 +154,71 @@ def test_wgrad_scale_weights_each_sample(device, variant):
         assert_parity(grads[1], unscaled[1], name="grad skip (unscaled)")
     assert_parity(grads[2], expected_w, name="scaled grad weight")
     assert_parity(grads[3], expected_b, name="scaled grad bias")
+
+
+AMP_DTYPES = pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+
+
+@AMP_DTYPES
+def test_autocast_weight_gradients_are_float32_sums_never_rounded(device, amp):
+    """Under autocast the kernels take the float32 master weights as they are and give back the weight and bias
+    gradients as their float32 sums: equal to the float64 sums over the same low-precision activations to
+    float32 accuracy. A gradient rounded to bf16 (fp16) and cast back would be off by up to 2^-9 (2^-12) of each
+    value. No ELU here, so the sums' terms are exactly the rounded inputs' products."""
+    layer = replace(VARIANTS["upsample_skip"], act=False)
+    x, skip, weight, bias, grad_out = make_inputs(layer, device, torch.float32, seed=5)
+    with torch.autocast(device.type, dtype=amp):
+        _, grads = run_layer(triton_conv_elu, layer, x, skip, weight, bias, grad_out)
+    rounded = [t.to(amp).double() for t in (x, skip, grad_out)]
+    _, grads64 = run_layer(conv_elu_ref, layer, rounded[0], rounded[1], weight.double(), bias.double(), rounded[2])
+    for name, g, g64 in zip(GRAD_NAMES[2:], grads[2:], grads64[2:], strict=True):
+        assert g.dtype == torch.float32, f"{name} dtype {g.dtype}"
+        torch.testing.assert_close(
+            g.double(), g64, rtol=1e-5, atol=1e-6 * g64.abs().max().item(), msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+class _LaunchNothing:
+    """Stands in for a kernel: `kernel[grid](...)` launches nothing (only the PyTorch work around it is watched)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+class _Results(TorchDispatchMode):
+    """Records the shape and dtype of every tensor a PyTorch op computes (not views, not bare allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.results: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch.is_tensor(out) and not func.is_view and not func._schema.name.startswith("aten::empty"):
+            self.results.append((tuple(out.shape), out.dtype))
+        return out
+
+
+@AMP_DTYPES
+def test_autocast_layer_copies_its_weight_only_to_pack_it(device, amp, monkeypatch):
+    """Besides its kernels, one layer's forward and backward under autocast compute three weight-sized tensors:
+    the weight packed in the activation dtype for the forward kernel, packed again (transposed) for the input-
+    gradient kernel, and the float32 weight gradient summed straight into the weight's layout. And one bias-sized
+    one, the float32 bias gradient. No cast of the weight before packing, no low-precision gradient cast back, no
+    copy after the sum: each would be one more launch per layer, some 30 layers per step."""
+    for name in ("conv_elu_fwd_kernel", "conv_elu_dgrad_kernel", "conv_elu_wgrad_kernel"):
+        monkeypatch.setattr(conv_elu_kernels, name, _LaunchNothing())
+    layer = VARIANTS["upsample"]
+    x, _, weight, bias, grad_out = make_inputs(layer, device, torch.float32, seed=6)
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+    with _Results() as watched:
+        with torch.autocast(device.type, dtype=amp):
+            y = triton_conv_elu(x, weight, bias, upsample=layer.upsample)
+        y.backward(grad_out.to(amp))
+    weight_sized = [dtype for shape, dtype in watched.results if math.prod(shape) == weight.numel()]
+    bias_sized = [dtype for shape, dtype in watched.results if math.prod(shape) == bias.numel()]
+    assert weight_sized == [amp, amp, torch.float32]
+    assert bias_sized == [torch.float32]
 
 
 def test_rejects_unsupported_dtype_and_scale_shape(device):
