@@ -23,6 +23,9 @@
 #             pytest-benchmark writes its JSON only when a session ends: a phase killed by a time limit leaves none,
 #             so narrow a long one with BENCH_SELECT, a pytest -k expression ANDed to the phase's own (e.g.
 #             BENCH_SELECT="paper64 and not skip").
+#   profile   where the fast step's time goes (scripts/profile_step.py): each kernel's device time per step, the
+#             Triton kernels against PyTorch's, and the graph-replayed against the eager step; paper64, batch 16,
+#             bf16, into OUT_DIR/profile/
 #   torchrun  a 1-GPU torchrun launch of the fast path (--amp --cuda-graphs), 300 paper64 steps
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each, SWD side by side
 # The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
@@ -32,7 +35,7 @@
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...]}
 shift
-phases=${*:-compile tests bench torchrun quality}
+phases=${*:-compile tests bench profile torchrun quality}
 mkdir -p "$out"
 select=${BENCH_SELECT:+ and ($BENCH_SELECT)}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
@@ -88,13 +91,14 @@ for phase in $phases; do
         bench kernels "not compile" kernels
         report
         ;;
+    profile) run profile python scripts/profile_step.py --preset paper64 --batch 16 --amp bf16 --out "$out/profile" ;;
     torchrun)
         run torchrun python -m torch.distributed.run --standalone --nproc-per-node 1 scripts/train.py --preset paper64 \
             --steps 300 --log-every 100 --amp --cuda-graphs --out "$out/torchrun" --quiet
         ;;
     quality) run quality bash scripts/quality_run.sh "$out/quality" 10000 ;;
     *) echo "unknown phase $phase (compile, tests, tests_cuda, bench_step, bench_step_compile, bench_kernels,"\
-        "bench_kernels_compile, bench_data, report, bench, torchrun, quality)"; exit 2 ;;
+        "bench_kernels_compile, bench_data, report, bench, profile, torchrun, quality)"; exit 2 ;;
     esac
 done
 exit $status
