@@ -126,10 +126,8 @@ def compile_only(arch: int, configs: str, jobs: int, compiles: list[Compile]):
     """Inside: every launch of the project's kernels submits its compile for sm_`arch`, run on `jobs` threads at
     once (Triton's passes and ptxas leave the GIL), and the Triton conv layers take CPU tensors (nothing is
     launched). On leaving, the compiles have ended."""
-    import triton
     from triton.runtime.driver import driver
 
-    import kernels.balance
     import kernels.conv_elu
 
     with contextlib.ExitStack() as stack:
@@ -138,10 +136,8 @@ def compile_only(arch: int, configs: str, jobs: int, compiles: list[Compile]):
         stack.enter_context(mock.patch.object(kernels.conv_elu, "runs_on", lambda device: True))
         # Entered after the driver, so left before it: leaving waits for the compiles while the target is set.
         pool = stack.enter_context(ThreadPoolExecutor(jobs))
-        for module in (kernels.conv_elu, kernels.balance):
-            for name, value in list(vars(module).items()):
-                if name.endswith("_kernel") and isinstance(value, triton.runtime.KernelInterface):
-                    stack.enter_context(mock.patch.object(module, name, CompileOnly(value, configs, pool, compiles)))
+        for module, name, kernel in kernels.launched_kernels():
+            stack.enter_context(mock.patch.object(module, name, CompileOnly(kernel, configs, pool, compiles)))
         yield pool
 
 

@@ -29,19 +29,10 @@ BUILTIN_IMAGES = 2048
 
 
 def triton_kernel_names() -> set[str]:
-    """The names the profiler gives this project's Triton kernels: their Python function names (the launched ones
-    end in _kernel; the other @triton.jit functions are inlined into them)."""
-    from triton.runtime import KernelInterface
+    """The names the profiler gives this project's Triton kernels: their Python function names."""
+    from kernels import launched_kernels
 
-    import kernels.balance
-    import kernels.conv_elu
-
-    return {
-        name
-        for module in (kernels.conv_elu, kernels.balance)
-        for name, value in vars(module).items()
-        if name.endswith("_kernel") and isinstance(value, KernelInterface)
-    }
+    return {name for _, name, _ in launched_kernels()}
 
 
 def build_step(preset: str, batch: int, amp: str | None):
@@ -49,7 +40,7 @@ def build_step(preset: str, batch: int, amp: str | None):
     CUDA-graph version of it (captured after warm-up steps that leave the state as it was)."""
     from began_fast.config import DataConfig, get_preset
     from began_fast.data import open_source
-    from began_fast.data.gpu_resident import GpuResidentSet
+    from began_fast.data.gpu_resident import GpuResidentSet, GpuResidentStream
     from began_fast.fast_step import CudaGraphStep, FastStep
     from began_fast.model import Discriminator, Generator
 
@@ -61,17 +52,14 @@ def build_step(preset: str, batch: int, amp: str | None):
     D = Discriminator(cfg.model, impl="triton").to(device)
     step = FastStep(G, D, train_cfg, device, amp=amp, impl="triton")
     images = GpuResidentSet(open_source(DataConfig(builtin_count=BUILTIN_IMAGES), cfg.model.image_size), device)
-    data_gen = torch.Generator(device).manual_seed(0)
+    # As train.py feeds it (make_feed): eagerly the stream's next batch; in the graph, drawn into its buffer.
+    batches = GpuResidentStream(images, batch, seed=0)
 
     def eager() -> None:
-        step(images.sample(batch, data_gen))
+        step(next(batches))
 
-    graph = CudaGraphStep(
-        step,
-        (batch, 3, cfg.model.image_size, cfg.model.image_size),
-        sample_into=lambda out: images.sample_into(out, data_gen),
-        generators=[data_gen],
-    )
+    shape = (batch, 3, cfg.model.image_size, cfg.model.image_size)
+    graph = CudaGraphStep(step, shape, sample_into=batches.sample_into, generators=[batches.generator])
     return eager, graph
 
 
