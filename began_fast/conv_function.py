@@ -78,14 +78,14 @@ class TritonConvELU(torch.autograd.Function):
 
     Activations run channels_last (any input layout is accepted and converted once); the output is
     channels_last in the activation dtype (ops.conv_elu has already cast x and skip to the autocast dtype under
-    autocast). The weight may be of another float dtype (the float32 master copy under autocast): each kernel
-    launch packs it into the activation dtype. Weight and bias gradients are reduced in float32 and come back in
-    the weight's dtype.
+    autocast). The weight may be of another float dtype (the float32 master copy under autocast): the forward
+    packs it once into the activation dtype, and the input-gradient kernels read that same pack in backward. Weight
+    and bias gradients are reduced in float32 and come back in the weight's dtype.
     """
 
     @staticmethod
     def forward(ctx, x, skip, weight, bias, wgrad_scale, stride, upsample, act):
-        from kernels.conv_elu import conv_elu_forward, unsupported
+        from kernels.conv_elu import conv_elu_forward, pack_weight, unsupported
 
         reason = unsupported(x, skip, weight, stride, upsample)
         if reason is not None:
@@ -95,32 +95,35 @@ class TritonConvELU(torch.autograd.Function):
         x = x.contiguous(memory_format=torch.channels_last)
         if skip is not None:
             skip = skip.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        y = conv_elu_forward(x, skip, weight, bias, stride, upsample, act)
-        ctx.save_for_backward(x, skip, weight, y, wgrad_scale)
-        ctx.conf = (stride, upsample, act, bias is not None)
+        w_packed = pack_weight(weight, x.dtype)
+        y = conv_elu_forward(x, skip, w_packed, bias, stride, upsample, act)
+        ctx.save_for_backward(x, skip, w_packed, y, wgrad_scale)
+        ctx.conf = (stride, upsample, act, bias is not None, weight.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         from kernels.conv_elu import conv_elu_input_grad, conv_elu_weight_grad
 
-        x, skip, weight, y, wgrad_scale = ctx.saved_tensors
-        stride, upsample, act, has_bias = ctx.conf
-        grad_y = grad_y.to(y.dtype)
-        c1, c_in = x.shape[1], weight.shape[1]
+        x, skip, w_packed, y, wgrad_scale = ctx.saved_tensors
+        stride, upsample, act, has_bias, weight_dtype = ctx.conf
+        # Once here, not in each kernel's launcher: a gradient from a non-conv op (the balance, a reshape) comes in
+        # NCHW, and the input- and weight-gradient kernels both read it channels_last.
+        grad_y = grad_y.to(dtype=y.dtype, memory_format=torch.channels_last)
+        c1, c_in = x.shape[1], w_packed.shape[1]
         grad_x = grad_skip = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv_elu_input_grad(grad_y, y, weight, (0, c1), x.shape[-2:], upsample, stride, act, x.dtype)
+            grad_x = conv_elu_input_grad(grad_y, y, w_packed, (0, c1), x.shape[-2:], upsample, stride, act, x.dtype)
         if skip is not None and ctx.needs_input_grad[1]:
             # The skip's gradient on the conv's logical grid, then summed over each nearest-upsampled block.
             logical_size = (x.shape[2] * upsample, x.shape[3] * upsample)
             grad_logical = conv_elu_input_grad(
-                grad_y, y, weight, (c1, c_in), logical_size, 1, stride, act, torch.float32
+                grad_y, y, w_packed, (c1, c_in), logical_size, 1, stride, act, torch.float32
             )
             grad_skip = sum_nearest_blocks(grad_logical, skip.shape[-2:]).to(skip.dtype)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             want_bias = has_bias and ctx.needs_input_grad[3]
             grad_w, grad_b = conv_elu_weight_grad(x, skip, grad_y, y, wgrad_scale, stride, upsample, act, want_bias)
-            grad_w = grad_w.to(weight.dtype)
-            grad_b = None if grad_b is None else grad_b.to(weight.dtype)
+            grad_w = grad_w.to(weight_dtype)
+            grad_b = None if grad_b is None else grad_b.to(weight_dtype)
         return grad_x, grad_skip, grad_w, grad_b, None, None, None, None

@@ -115,11 +115,15 @@ class FastStep(StepState):
         wgrad_scale = torch.cat([self.ones[:b], -self.k.expand(b)])
         with self.autocast():
             fake = G(z)
-            # D sees, and the L1 loss compares, the real images in the working precision (the balance kernel
-            # reads one dtype; it accumulates in float32 whatever it reads).
-            x = x.to(fake.dtype)
+            # D sees, and the L1 loss compares, the real images in the working precision and in the layout of D's
+            # layers (the balance kernel reads one dtype and one layout; it accumulates in float32 whatever it
+            # reads): one copy, after which [x; fake] is already as D's first layer reads it.
+            x = ops.prepare_activation(x, D.encoder.impl, dtype=fake.dtype)
             recon = D(torch.cat([x, fake]), wgrad_scale=wgrad_scale)
-        res = ops.began_balance(x, recon[:b], fake, recon[b:], self.k, cfg.gamma, cfg.lambda_k, impl=self.impl)
+        # split, not two slices: its backward is one cat of the halves' gradients, in their layout, where each
+        # slice's backward would write its half into a zero-filled NCHW tensor and the two would then be added.
+        recon_x, recon_fake = recon.split(b)
+        res = ops.began_balance(x, recon_x, fake, recon_fake, self.k, cfg.gamma, cfg.lambda_k, impl=self.impl)
         seed = res.l_real + res.l_fake
         if self.loss_scale is not None:
             seed = seed * self.loss_scale.scale

@@ -54,15 +54,17 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def prepare_activation(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Put a network's input in the layout its impl works in (done once per network, not per layer).
+def prepare_activation(x: torch.Tensor, impl: str = "auto", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Put a network's input in the layout its impl works in (done once per network, not per layer), cast to
+    `dtype` in the same copy when one is given.
 
     The Triton kernels read channels_last (NHWC) activations: a 3x3 tap is then a contiguous run of channels,
     the GEMM's reduction axis. PyTorch's ops take either layout; they keep the caller's.
     """
+    dtype = x.dtype if dtype is None else dtype
     if resolve_impl(impl, x.device) == "triton":
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+        return x.to(dtype=dtype, memory_format=torch.channels_last)
+    return x.to(dtype)
 
 
 def autocast_inputs(*tensors):

@@ -13,9 +13,10 @@ Backward : g = dy * elu'(y) with elu'(a) = 1 if y > 0 else y + 1 (from the saved
            d w[n, c, tap] = sum_p s[b(p)] * g[p, n] * in[p @ tap, c] over all B*Ho*Wo output pixels,
            d bias[n] = sum_p s[b(p)] * g[p, n], with s the optional per-sample scale.
 
-Weights are repacked per call into K-major matrices (forward: (9, Cin, Cout), input gradient: (9, Cout, Cin)):
-a few hundred KB copied once per layer call, negligible next to the GEMM, and it makes every weight tile
-load contiguous along the GEMM's N axis.
+The weight is packed once per forward into a (9, Cin, Cout) matrix in the activation dtype (pack_weight: a few
+hundred KB to a few MB, cast and permuted in one copy). The forward reads it as its GEMM's (K, N) operand, each tile
+contiguous along Cout; the input-gradient kernel reads the same pack transposed, as a (Cout, Cin) operand per tap,
+each tile contiguous along its reduction axis Cout, so backward packs nothing.
 
 Under Triton's interpreter (TRITON_INTERPRET=1) one small fixed block configuration is used, the tl.dot
 operands are cast to float32 (the interpreter has no bf16 arithmetic) and bf16 results are rounded to
@@ -256,7 +257,7 @@ def conv_elu_fwd_kernel(
 def conv_elu_dgrad_kernel(
     gy_ptr,  # (B, HO, WO, COUT) NHWC: gradient of the layer output
     y_ptr,  # (B, HO, WO, COUT) NHWC: the saved layer output
-    w_ptr,  # (9, COUT, CIN), gy's dtype
+    w_ptr,  # (9, CIN, COUT), gy's dtype: the forward's packed weight, read transposed
     dx_ptr,  # (B, H, W, C) NHWC: gradient of input channels C_OFF .. C_OFF + C on the source grid
     M,  # B * H * W
     H,
@@ -320,8 +321,10 @@ def conv_elu_dgrad_kernel(
                     g = _preact_grad(gy_ptr, y_ptr, g_offs, hit[:, None] & mask_k[None, :], ACT)
                     # Rounded to the activation dtype, as PyTorch's own backward stores dy * elu'(a).
                     g = _round_to(g, gy_ptr.dtype.element_ty, INTERPRETED)
+                    # w[n, c, tap] as a (BLOCK_K, BLOCK_C) tile of the forward's (9, CIN, COUT) pack: contiguous
+                    # along n, the reduction axis.
                     wt = tl.load(
-                        w_ptr + (tap * COUT + nk[:, None]) * CIN + C_OFF + offs_c[None, :],
+                        w_ptr + (tap * CIN + C_OFF + offs_c[None, :]) * COUT + nk[:, None],
                         mask=mask_k[:, None] & mask_c[None, :],
                         other=0.0,
                     )
@@ -454,19 +457,19 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def _pack_weight(weight: torch.Tensor, dims: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
-    """weight (Cout, Cin, 3, 3) permuted by `dims` (taps first) and cast to `dtype`, in one copy; the two tap axes
-    then flattened: (9, ., .) contiguous."""
-    permuted = weight.permute(dims)
+def pack_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight (Cout, Cin, 3, 3), of any float dtype, as the kernels read it: (9, Cin, Cout) contiguous in `dtype`
+    (the activations'), tap-major. Cast and permuted in one copy; the forward and the input gradient share it."""
+    permuted = weight.permute(2, 3, 1, 0)
     packed = torch.empty(permuted.shape, device=weight.device, dtype=dtype)
     packed.copy_(permuted)
-    return packed.view(9, *permuted.shape[2:])
+    return packed.view(9, weight.shape[1], weight.shape[0])
 
 
 def conv_elu_forward(
     x: torch.Tensor,
     skip: torch.Tensor | None,
-    weight: torch.Tensor,
+    w_packed: torch.Tensor,
     bias: torch.Tensor | None,
     stride: int,
     upsample: int,
@@ -475,17 +478,17 @@ def conv_elu_forward(
     """y = act(conv3x3(cat(up(x), up(skip))) + bias), channels_last, in x's dtype.
 
     x: (B, C1, H, W); skip: (B, C2, Hs, Ws) in x's dtype or None, Hs and Ws dividing H*upsample, W*upsample;
-    weight: (Cout, C1 + C2, 3, 3) any float dtype; bias: (Cout,) or None. Any input layout is accepted (made
-    channels_last, a no-op when already so). Output: (B, Cout, H*upsample/stride, W*upsample/stride).
+    w_packed: pack_weight(weight (Cout, C1 + C2, 3, 3), x.dtype); bias: (Cout,) or None, any float dtype. Any input
+    layout is accepted (made channels_last, a no-op when already so). Output: (B, Cout, H*upsample/stride,
+    W*upsample/stride).
     """
     x = _nhwc(x)
     bsz, c1, h, w = x.shape
     c2 = 0 if skip is None else skip.shape[1]
     skip = x if skip is None else _nhwc(skip)
-    cout = weight.shape[0]
+    cout = w_packed.shape[2]
     hl, wl = h * upsample, w * upsample
     ho, wo = (hl - 1) // stride + 1, (wl - 1) // stride + 1
-    w_packed = _pack_weight(weight, (2, 3, 1, 0), x.dtype)
     y = torch.empty((bsz, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     m = bsz * ho * wo
 
@@ -523,7 +526,7 @@ def conv_elu_forward(
 def conv_elu_input_grad(
     grad_y: torch.Tensor,
     y: torch.Tensor,
-    weight: torch.Tensor,
+    w_packed: torch.Tensor,
     channels: tuple[int, int],
     size: tuple[int, int],
     upsample: int,
@@ -534,15 +537,15 @@ def conv_elu_input_grad(
     """Gradient of the layer's input channels [c0, c1) on a grid `size` that is `upsample` times coarser than
     the conv's logical input: each of its pixels sums the gradients of its upsample x upsample block.
 
-    grad_y, y: (B, Cout, Ho, Wo) (y the saved output, used for elu' when act); weight: (Cout, Cin, 3, 3).
-    Returns (B, c1 - c0, *size) channels_last in `dtype`, accumulated in float32.
+    grad_y, y: (B, Cout, Ho, Wo) (y the saved output, used for elu' when act); w_packed: the forward's
+    pack_weight(weight (Cout, Cin, 3, 3), grad_y.dtype). Returns (B, c1 - c0, *size) channels_last in `dtype`,
+    accumulated in float32.
     """
     grad_y, y = _nhwc(grad_y), _nhwc(y)
     bsz, cout, ho, wo = grad_y.shape
-    cin = weight.shape[1]
+    cin = w_packed.shape[1]
     c0, c1 = channels
     h, w = size
-    w_packed = _pack_weight(weight, (2, 3, 0, 1), grad_y.dtype)
     dx = torch.empty((bsz, c1 - c0, h, w), device=grad_y.device, dtype=dtype, memory_format=torch.channels_last)
     m = bsz * h * w
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels.conv_elu as conv_elu_kernels
 from began_fast import ops
 from began_fast.config import ModelConfig
 from began_fast.model import Discriminator, Generator
 from began_fast.reference import conv_elu_ref
+from tests.glue_ops import ComputedTensors, stub_kernels
 from tests.tolerances import assert_parity
 
 GRAD_NAMES = ("grad x", "grad skip", "grad weight", "grad bias")
@@ -178,47 +178,32 @@ def test_autocast_weight_gradients_are_float32_sums_never_rounded(device, amp):
         )
 
 
-class _LaunchNothing:
-    """Stands in for a kernel: `kernel[grid](...)` launches nothing (only the PyTorch work around it is watched)."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-class _Results(TorchDispatchMode):
-    """Records the shape and dtype of every tensor a PyTorch op computes (not views, not bare allocations)."""
-
-    def __init__(self):
-        super().__init__()
-        self.results: list[tuple[tuple[int, ...], torch.dtype]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if torch.is_tensor(out) and not func.is_view and not func._schema.name.startswith("aten::empty"):
-            self.results.append((tuple(out.shape), out.dtype))
-        return out
-
-
 @AMP_DTYPES
-def test_autocast_layer_copies_its_weight_only_to_pack_it(device, amp, monkeypatch):
-    """Besides its kernels, one layer's forward and backward under autocast compute three weight-sized tensors:
-    the weight packed in the activation dtype for the forward kernel, packed again (transposed) for the input-
-    gradient kernel, and the float32 weight gradient summed straight into the weight's layout. And one bias-sized
-    one, the float32 bias gradient. No cast of the weight before packing, no low-precision gradient cast back, no
-    copy after the sum: each would be one more launch per layer, some 30 layers per step."""
-    for name in ("conv_elu_fwd_kernel", "conv_elu_dgrad_kernel", "conv_elu_wgrad_kernel"):
-        monkeypatch.setattr(conv_elu_kernels, name, _LaunchNothing())
-    layer = VARIANTS["upsample"]
-    x, _, weight, bias, grad_out = make_inputs(layer, device, torch.float32, seed=6)
-    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
-    with _Results() as watched:
+@pytest.mark.parametrize("variant", ["upsample", "upsample_skip"])
+def test_autocast_layer_copies_its_weight_only_to_pack_it(device, amp, variant, monkeypatch):
+    """Besides its kernels, one layer's forward and backward under autocast compute two weight-sized tensors: the
+    weight packed once in the activation dtype, which the forward kernel and then the input-gradient kernels (one
+    per source, x and skip) read, and the float32 weight gradient summed straight into the weight's layout. And
+    one bias-sized one, the float32 bias gradient. No cast of the weight before packing, no second pack for
+    backward, no low-precision gradient cast back, no copy after the sum: each would be one more launch per layer,
+    some 30 layers per step. An output gradient that comes in NCHW (from a reshape, or the loss) is made
+    channels_last once, for all the kernels that read it."""
+    stub_kernels(monkeypatch)
+    layer = VARIANTS[variant]
+    x, skip, weight, bias, grad_out = make_inputs(layer, device, torch.float32, seed=6)
+    grad_out = grad_out.to(amp).contiguous()
+    leaves = [t.requires_grad_() for t in (x, skip, weight, bias) if t is not None]
+    with ComputedTensors() as watched:
         with torch.autocast(device.type, dtype=amp):
-            y = triton_conv_elu(x, weight, bias, upsample=layer.upsample)
-        y.backward(grad_out.to(amp))
-    weight_sized = [dtype for shape, dtype in watched.results if math.prod(shape) == weight.numel()]
-    bias_sized = [dtype for shape, dtype in watched.results if math.prod(shape) == bias.numel()]
-    assert weight_sized == [amp, amp, torch.float32]
+            y = triton_conv_elu(x, weight, bias, upsample=layer.upsample, skip=skip)
+        y.backward(grad_out)
+    assert all(leaf.grad is not None for leaf in leaves)
+    weight_sized = [r.dtype for r in watched.results if math.prod(r.shape) == weight.numel()]
+    bias_sized = [r.dtype for r in watched.results if math.prod(r.shape) == bias.numel()]
+    output_sized = [r.dtype for r in watched.results if r.shape == y.shape]
+    assert weight_sized == [amp, torch.float32]
     assert bias_sized == [torch.float32]
+    assert output_sized == [amp]
 
 
 def test_rejects_unsupported_dtype_and_scale_shape(device):

@@ -10,6 +10,7 @@ from began_fast.config import ModelConfig, TrainConfig
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep
+from tests.glue_ops import ComputedTensors, stub_kernels
 from tests.tolerances import assert_parity
 
 
@@ -205,3 +206,21 @@ def test_bf16_fast_step_on_triton_kernels_is_within_twice_torchs_bf16_error(monk
     assert all(w.abs().max() > 0 for w in grads["ref"])  # every layer takes part: no comparison of 0 with 0
     for i, (ref, torch_bf16, triton_bf16) in enumerate(zip(grads["ref"], grads["torch"], grads["triton"], strict=True)):
         assert_parity(triton_bf16.bfloat16(), ref, torch_bf16.bfloat16(), name=f"parameter {i}", compounded=True)
+
+
+@pytest.mark.parametrize("amp", [None, "bf16"], ids=["fp32", "bf16"])
+def test_fast_step_on_triton_layers_copies_the_images_only_to_cast_and_join_them(amp, monkeypatch, device):
+    """Around the kernels (stubbed here), one fast step computes four image-batch-sized tensors: x in the working
+    precision and channels_last (one copy), [x; fake] for D's one pass, the two halves' gradients joined (split's
+    backward), and fake's two gradient terms added (its own L1 term, and the one through D). Any other would be one
+    more pass over the images per step: a layout conversion, or a slice's zero-filled gradient."""
+    stub_kernels(monkeypatch)
+    model_cfg, train_cfg = ModelConfig(image_size=16, n=4, h=4), TrainConfig(batch_size=2)
+    nets = build(model_cfg, "triton", torch.float32, device=device)
+    step = FastStep(*nets, train_cfg, device, amp=amp, impl="triton")
+    x = real_batch(2, 16, torch.float32).to(device)
+    step(x)  # the first step creates Adam's state
+    with ComputedTensors() as watched:
+        step(x)
+    image_sized = [r.op for r in watched.results if r.shape[1:] == x.shape[1:] and r.shape[0] in (2, 4)]
+    assert image_sized == ["aten::_to_copy", "aten::cat", "aten::cat", "aten::add"]
