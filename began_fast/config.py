@@ -25,7 +25,7 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The BEGAN architecture (DESIGN.md section 2).
+    """The BEGAN architecture (docs/DESIGN.md section 2).
 
     image_size: S in {16, 32, 64, 128, 256}; the networks work on `num_scales = log2(S/8) + 1` scales.
     n: filters per conv (the encoder's scale i has n*(i+1)). h: embedding size. z_dim: noise size (h if None).

@@ -1,6 +1,6 @@
 """The fast BEGAN step: one D pass over [x; fake], mixed precision, and a CUDA graph of the whole step.
 
-The algebra (DESIGN.md section 3). With one z shared by both losses, the reference step needs D's gradient of
+The algebra (docs/DESIGN.md section 3). With one z shared by both losses, the reference step needs D's gradient of
 L_D = L_real - k_t L_fake and G's gradient of L_G = L_fake. Both come from ONE backward of L_real + L_fake
 through one D pass over the 2B batch [x; fake]:
   - D's weight gradients are sums over samples; giving each fake sample the weight -k_t inside that sum (the

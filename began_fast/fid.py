@@ -42,7 +42,10 @@ def require_fid(weights: str | Path | None = None) -> Path:
     Returns the weights file."""
     path = inception_weights_path(weights)
     if importlib.util.find_spec("torch_fidelity") is None:
-        raise FIDUnavailableError("FID needs torch-fidelity (and torchvision): pip install 'began-fast[fid]'")
+        raise FIDUnavailableError(
+            "FID needs torch-fidelity and torchvision: pip install torch-fidelity torchvision (in a checkout of "
+            "began-fast: pip install -e '.[fid]')"
+        )
     return path
 
 

@@ -1,4 +1,4 @@
-"""BEGAN's generator and discriminator (DESIGN.md section 2), built once from the ops in ops.py.
+"""BEGAN's generator and discriminator (docs/DESIGN.md section 2), built once from the ops in ops.py.
 
 The parameters and state_dict keys are the same whichever impl runs the layers, so a checkpoint moves freely
 between impl="torch" and impl="triton". Layer names: `decoder.fc`, `decoder.blocks.{i}.{0,1}`, `decoder.out`,

@@ -1,7 +1,7 @@
 """The specification: BEGAN's layer op and objective in plain PyTorch autograd.
 
 Every fast implementation (the Triton kernels in kernels/, the fused step) is checked against these
-functions. They are written for clarity, not speed: each one is the math of DESIGN.md, sections 2 and 3.
+functions. They are written for clarity, not speed: each one is the math of docs/DESIGN.md, sections 2 and 3.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def began_objective(
     gamma: float,
     lambda_k: float,
 ) -> BalanceResult:
-    """BEGAN's losses, the k_t update and the convergence measure M (DESIGN.md section 3).
+    """BEGAN's losses, the k_t update and the convergence measure M (docs/DESIGN.md section 3).
 
     x, rx: real images and D's reconstructions; fake, rfake: G(z) and D(G(z)); all (B, 3, S, S).
     k: k_t, a float or a 0-dim tensor. The losses carry autograd; k_next and m are detached statistics.

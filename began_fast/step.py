@@ -1,6 +1,6 @@
 """BEGAN training steps.
 
-`ReferenceStep` is the specification of one step (DESIGN.md section 3): eager float32, plain autograd, G and D
+`ReferenceStep` is the specification of one step (docs/DESIGN.md section 3): eager float32, plain autograd, G and D
 updated simultaneously from the same forward pass (as carpedm20/BEGAN-tensorflow's grouped optimizers), L_D's
 gradient applied to D only and L_G's to G only. The fast step (fast_step.py) is checked against it.
 

@@ -76,7 +76,7 @@ def _balance_finalize_kernel(
     l_real = sum_real / n_elements
     l_fake = sum_fake / n_elements
     k = tl.load(k_ptr)
-    # BEGAN (DESIGN.md section 3): the balance gamma * L_real - L_fake drives k_t (a proportional controller
+    # BEGAN (docs/DESIGN.md section 3): the balance gamma * L_real - L_fake drives k_t (a proportional controller
     # clamped to [0, 1]) and, through its magnitude, the convergence measure M.
     balance = gamma * l_real - l_fake
     k_next = tl.minimum(tl.maximum(k + lambda_k * balance, 0.0), 1.0)

@@ -1,4 +1,4 @@
-"""Turn pytest-benchmark JSON (from --benchmark-json) into a dated record of one GPU run (DESIGN.md section 5).
+"""Turn pytest-benchmark JSON (from --benchmark-json) into a dated record of one GPU run (docs/DESIGN.md section 5).
 
 Writes bench/results/YYYY-MM-DD_<device>_<suite>.json (the input's benchmarks) and .md (a markdown table: per
 layer, direction and batch, each provider's median time and TFLOP/s, and triton's time over each baseline's:

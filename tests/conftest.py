@@ -1,4 +1,4 @@
-"""Test lanes (DESIGN.md section 5): without a GPU the Triton kernels run through the interpreter, which must be
+"""Test lanes (docs/DESIGN.md section 5): without a GPU the Triton kernels run through the interpreter, which must be
 switched on before any @triton.jit function is defined; tests marked `cuda` are skipped."""
 
 import importlib.util

@@ -1,4 +1,4 @@
-"""The defaults are the paper's setting (DESIGN.md sections 2 and 3): a run that sets nothing trains its model."""
+"""The defaults are the paper's setting (docs/DESIGN.md sections 2 and 3): a run that sets nothing trains its model."""
 
 import dataclasses
 import inspect

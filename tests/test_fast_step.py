@@ -1,4 +1,4 @@
-"""The fast step against the reference step (DESIGN.md section 3): one D pass over [x; fake] with per-sample
+"""The fast step against the reference step (docs/DESIGN.md section 3): one D pass over [x; fake] with per-sample
 weight-gradient scales gives exactly the reference's gradients; fp16 overflow handling; warm-up restore."""
 
 import copy

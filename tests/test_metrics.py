@@ -282,7 +282,7 @@ def test_fid_without_torch_fidelity_says_how_to_install(tmp_path):
         pytest.skip("torch-fidelity is installed")
     weights = tmp_path / INCEPTION_WEIGHTS_FILE
     weights.write_bytes(b"")
-    with pytest.raises(FIDUnavailableError, match=r"pip install 'began-fast\[fid\]'"):
+    with pytest.raises(FIDUnavailableError, match=r"pip install torch-fidelity torchvision"):
         require_fid(weights)
 
 

@@ -1,4 +1,4 @@
-"""The specification's architecture and layer op (DESIGN.md section 2)."""
+"""The specification's architecture and layer op (docs/DESIGN.md section 2)."""
 
 import pytest
 import torch
@@ -67,7 +67,7 @@ def test_vanishing_residual_blends_shape_preserving_layers():
 
 @pytest.mark.parametrize("size", [16, 128])
 def test_encoder_is_the_specification_by_hand(size):
-    """DESIGN.md section 2, from the reference op: a 3->n ELU conv, then per scale i (c = n*(i+1)) c_prev->c and
+    """docs/DESIGN.md section 2, from the reference op: a 3->n ELU conv, then per scale i (c = n*(i+1)) c_prev->c and
     c->c ELU convs and, before the next scale, a stride-2 c->c ELU conv; flatten c x 8 x 8 and fc to h. At 128 px
     the channels reach 5n."""
     n, h = 2, 3

@@ -1,4 +1,4 @@
-"""BEGAN's objective at its boundaries (DESIGN.md section 3) and the device-side statistics."""
+"""BEGAN's objective at its boundaries (docs/DESIGN.md section 3) and the device-side statistics."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The one tolerance table of the test suite (DESIGN.md section 5).
+"""The one tolerance table of the test suite (docs/DESIGN.md section 5).
 
 Parity rule: a fast result is compared with the float64 reference. In float64 and float32 it must be within
 (atol, rtol) of it. In a low precision (bf16, fp16) its error against the float64 reference must be at most
