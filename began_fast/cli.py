@@ -2,15 +2,61 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from began_fast.config import ConfigError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors (a missing argument, `--steps abc`) are one line on stderr, exit 2, rather
+    than the whole usage text and then the error."""
+
+    def error(self, message: str):
+        say_line(f"error: {message} (see {self.prog} --help)")
+        sys.exit(2)
+
+
+def output_path(text: str) -> Path:
+    """argparse type of a flag naming where to write: an empty value (an unset shell variable) is refused, as it
+    would name the working directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); give a path")
+    return Path(text)
+
+
+def check_writable(path: Path, flag: str, *, folder: bool = False) -> None:
+    """Before any work is done: that `path`, given by `flag`, can be written, as a folder to write into or (folder
+    False) as a file that atomic_write replaces (a temporary file beside it, renamed over it). Creates the missing
+    folders; ConfigError naming the flag otherwise."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if existing != path and not existing.is_dir():
+                raise ConfigError(f"{flag} {path}: {existing} is a file, not a folder")
+            break
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; expected a folder")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; expected a file name")
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write into {where} ({e.strerror})") from None
+
+
+def check_seed(seed: int) -> None:
+    """--seed seeds torch.Generator, which takes [0, 2**63 - 1): ConfigError otherwise."""
+    if not 0 <= seed < 2**63 - 1:
+        raise ConfigError(f"--seed must be in [0, 2**63 - 1), got {seed}")
 
 
 def resolve_device(requested: str | None) -> str:

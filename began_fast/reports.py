@@ -60,17 +60,25 @@ def save_image_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: i
 
 
 def read_stats(path: str | Path) -> list[dict]:
-    """The rows of a run's stats.jsonl (a row per logging window); a torn last line (a crash mid-write) is skipped."""
+    """The rows of a run's stats.jsonl: one JSON object per logging window, with its "step". A line that is not one
+    (the torn last line of a crash mid-write, or bytes damaged on disk) is skipped."""
     rows = []
     path = Path(path)
     if not path.exists():
         return rows
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError)
             continue
+        if isinstance(row, dict) and type(row.get("step")) is int:
+            rows.append(row)
     return rows
+
+
+def finite_number(value) -> bool:
+    """Whether a stats value is a finite number (a hand-edited or damaged row may hold anything)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def save_reconstruction_grid(
@@ -198,7 +206,7 @@ def swd_points(stats: list[dict]) -> list[tuple[int, float]]:
         value = row.get("swd")
         if isinstance(value, dict):
             value = value.get("avg")
-        if isinstance(value, (int, float)):
+        if finite_number(value):
             points.append((row["step"], float(value)))
     return points
 
@@ -212,7 +220,7 @@ def convergence_figure(stats: list[dict], title: str = "BEGAN convergence"):
     """M (the paper's convergence measure) with the learning rate, k_t and, when the rows carry evaluations,
     SWD, against the step. Rows without "m" (evaluation rows) only feed the SWD panel."""
     plt = _pyplot()
-    train_rows = [r for r in stats if "m" in r]
+    train_rows = [r for r in stats if finite_number(r.get("m"))]
     swd = swd_points(stats)
     panels = 3 if swd else 2
     fig, axes = plt.subplots(panels, 1, figsize=(7, 2.75 * panels), sharex=True)
@@ -251,7 +259,7 @@ def runs_figure(stats_by_run: dict[str, list[dict]], title: str = "BEGAN runs co
     fig, axes = plt.subplots(2 if with_swd else 1, 1, figsize=(7, 2.75 * (2 if with_swd else 1)), sharex=True)
     axes = list(axes) if with_swd else [axes]
     for i, (name, stats) in enumerate(stats_by_run.items()):
-        rows = [r for r in stats if "m" in r]
+        rows = [r for r in stats if finite_number(r.get("m"))]
         colour = f"C{i}"  # a run's colour in both panels, whichever runs were evaluated
         axes[0].plot([r["step"] for r in rows], [r["m"] for r in rows], color=colour, label=name)
         if with_swd and swd_points(stats):

@@ -157,7 +157,7 @@ def setup_run(
 ) -> Run:
     """Build the networks and the step; with opts.resume, restore them from `opts.out/latest.pt`.
 
-    A new run refuses a folder that already holds a latest.pt (it would be overwritten). On resume the
+    A new run refuses a folder where it would overwrite another run's checkpoints (check_new_run_folder). On resume the
     checkpoint's model, train and data configs stand, except the settings named in `explicit` ({"model"|"train"|
     "data": field names}, those the user gave; the command line passes them): RESUME_MAY_CHANGE ones are applied,
     any other must equal the saved value. explicit=None means {"train": {"steps"}}: the caller may raise `steps`.
@@ -169,10 +169,8 @@ def setup_run(
     if opts.out.exists() and not opts.out.is_dir():
         raise ConfigError(f"--out {opts.out} is a file; expected a run folder (a new one, or one that holds a run)")
     latest = opts.out / "latest.pt"
-    if not opts.resume and latest.exists():
-        raise ConfigError(
-            f"{opts.out} already holds a run ({latest}); add --resume to continue it, or choose another --out"
-        )
+    if not opts.resume:
+        check_new_run_folder(opts.out)
     state = None
     if opts.resume:
         state = load_checkpoint(latest)
@@ -210,6 +208,30 @@ def setup_run(
         run.saved_data_images = state.get("data_images")
         run.run_id = state.get("run_id") or run.run_id
     return run
+
+
+def check_new_run_folder(out: Path) -> None:
+    """Refuse to start a new run in `out` where its files would overwrite what is not a dead start of its own: a
+    run's checkpoints (latest.pt, or step_*.pt snapshots whose latest.pt was moved away), or a config.json that is
+    not a run's (--out . in a project folder). A run folder that holds only a run's config.json, stats and pictures
+    (one that died before its first checkpoint) is started again."""
+    latest = out / "latest.pt"
+    if latest.exists():
+        raise ConfigError(f"{out} already holds a run ({latest}); add --resume to continue it, or choose another --out")
+    snapshots = sorted(out.glob("step_*.pt"))
+    if snapshots:
+        raise ConfigError(
+            f"{out} holds a run's checkpoints ({snapshots[-1].name} and {len(snapshots) - 1} more) but no latest.pt: "
+            "a new run would overwrite them; move them away, or choose another --out"
+        )
+    config = out / "config.json"
+    if config.exists():
+        try:
+            saved = json.loads(config.read_text())
+        except (OSError, ValueError):  # unreadable, or not JSON (UnicodeDecodeError is a ValueError)
+            saved = None
+        if not (isinstance(saved, dict) and {"model", "train", "run"} <= saved.keys()):
+            raise ConfigError(f"{config} is not a began-fast run's: a new run would overwrite it; choose another --out")
 
 
 def check_same_run(out: Path, run_id: str | None) -> None:
@@ -423,7 +445,8 @@ def write_config(run: Run) -> None:
     }
     config = {"model": config_dict(run.model_cfg), "train": config_dict(run.train_cfg)}
     config |= {"data": config_dict(run.data_cfg), "run": run_info}
-    (run.out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")  # default: the Path
+    text = json.dumps(config, indent=2, default=str) + "\n"  # default=str: the Paths
+    atomic_write(run.out / "config.json", lambda f: f.write(text.encode()))
 
 
 def open_stats(out: Path, start: int):

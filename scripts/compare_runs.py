@@ -23,8 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from began_fast.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from began_fast.cli import one_line  # noqa: E402
-from began_fast.reports import plot_runs, read_stats, swd_points  # noqa: E402
+from began_fast.cli import OneLineParser, check_writable, one_line, output_path  # noqa: E402
+from began_fast.config import ConfigError  # noqa: E402
+from began_fast.reports import finite_number, plot_runs, read_stats, swd_points  # noqa: E402
 
 EVEN = 0.05  # relative difference below which the runs are called even
 M_TAIL = 10  # common logged steps averaged for the M verdict
@@ -46,7 +47,7 @@ class RunRecord:
 
     @property
     def m_by_step(self) -> dict[int, float]:
-        return {r["step"]: r["m"] for r in self.stats if "m" in r}
+        return {r["step"]: r["m"] for r in self.stats if finite_number(r.get("m"))}
 
     @property
     def swd_by_step(self) -> dict[int, float]:
@@ -62,14 +63,14 @@ def load_run(folder: Path) -> RunRecord:
         if not path.is_file():
             raise RunFolderError(f"{folder} is not a run folder: {path.name} is missing")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError:
+        config = json.loads(config_path.read_bytes())
+    except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError)
         raise RunFolderError(f"{config_path} is not valid JSON") from None
     if not isinstance(config, dict):
         raise RunFolderError(f"{config_path} does not hold a JSON object")
     stats = read_stats(stats_path)
-    if not any("m" in r for r in stats):
-        raise RunFolderError(f"{stats_path} has no logged step yet (no row with M)")
+    if not any(finite_number(r.get("m")) for r in stats):
+        raise RunFolderError(f"{stats_path} has no logged step yet (no row with a finite M)")
     latest = folder / "latest.pt"
     step = load_checkpoint(latest)["step"] if latest.is_file() else None
     return RunRecord(folder.name or str(folder), config, stats, step)
@@ -155,16 +156,17 @@ def format_table(c: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_a", type=Path)
     p.add_argument("run_b", type=Path)
     p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a table")
-    p.add_argument("--plot", type=Path, help="write a PNG with both runs' M (and SWD) curves overlaid")
+    p.add_argument("--plot", type=output_path, help="write a PNG with both runs' M (and SWD) curves overlaid")
     args = p.parse_args(argv)
-    if args.plot is not None and args.plot.suffix.lower() != ".png":
-        print(f"error: --plot {args.plot} must name a .png file (the plot is a PNG image)", file=sys.stderr)
-        return 2
     try:
+        if args.plot is not None:
+            if args.plot.suffix.lower() != ".png":
+                raise ConfigError(f"--plot {args.plot} must name a .png file (the plot is a PNG image)")
+            check_writable(args.plot, "--plot")
         a, b = load_run(args.run_a), load_run(args.run_b)
         if a.name == b.name:
             a.name, b.name = str(args.run_a), str(args.run_b)
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
         if args.plot is not None:
             plot_runs({a.name: a.stats, b.name: b.stats}, args.plot)
             print(f"plot written to {args.plot}", file=sys.stderr)  # stderr: stdout may be the --json
-    except (RunFolderError, CheckpointError, OSError) as e:
+    except (RunFolderError, CheckpointError, ConfigError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,7 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from began_fast.atomic_files import atomic_write  # noqa: E402
 from began_fast.checkpoint import CheckpointError, load_models, saved_configs  # noqa: E402
-from began_fast.cli import data_path, one_line, resolve_device, warnings_as_lines  # noqa: E402
+from began_fast.cli import (  # noqa: E402
+    OneLineParser,
+    check_seed,
+    check_writable,
+    data_path,
+    one_line,
+    output_path,
+    resolve_device,
+    warnings_as_lines,
+)
 from began_fast.config import ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, detect_source, held_out_images, open_source  # noqa: E402
 from began_fast.data.builtin import BuiltinFaces  # noqa: E402
@@ -35,7 +43,7 @@ from began_fast.metrics import MetricError, check_image_count, evaluate_models  
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "checkpoint", help="a began-fast .pt file (a run's latest.pt or a step_XXXXXXX.pt snapshot) or a run folder"
     )
@@ -46,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--fid", action="store_true", help="also compute FID (needs torch-fidelity)")
     p.add_argument("--inception-weights", help="torch-fidelity's Inception weights file (default: torch hub cache)")
-    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    p.add_argument("--json", type=output_path, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
 
@@ -112,14 +120,16 @@ def evaluate(args: argparse.Namespace) -> int:
     try:
         if args.num < 1 or args.batch_size < 1:
             raise ConfigError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
+        check_seed(args.seed)
+        if args.inception_weights is not None and not args.fid:
+            raise ConfigError("--inception-weights is for FID: add --fid, or leave it out")
         args.device = resolve_device(args.device)
         if args.fid:
             require_fid(args.inception_weights)
         if args.json is not None:  # can it be written? before the evaluation, not after it
-            if args.json.is_dir():
-                raise ConfigError(f"--json {args.json} is a folder; expected a file name")
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=args.json.parent).close()
+            if args.json.suffix != ".json":  # a slip such as --json latest.pt would replace a checkpoint
+                raise ConfigError(f"--json must name a .json file (it is replaced), got {args.json}")
+            check_writable(args.json, "--json")
         G, D, state = load_models(args.checkpoint, device=args.device)
         real, held_out, recon_images = evaluation_images(
             saved_configs(state, args.checkpoint)["data"], data_path(args.data), args.num, G.cfg.image_size
@@ -150,6 +160,9 @@ def evaluate(args: argparse.Namespace) -> int:
     except (CheckpointError, ConfigError, DataError, FIDUnavailableError, MetricError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from began_fast.atomic_files import durable_replace  # noqa: E402
-from began_fast.cli import one_line  # noqa: E402
+from began_fast.cli import OneLineParser, check_writable, one_line, output_path  # noqa: E402
 from began_fast.config import IMAGE_SIZES, ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, open_source  # noqa: E402
 from began_fast.data.images import load_image  # noqa: E402
@@ -52,9 +52,9 @@ def _decode(path: str) -> np.ndarray | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a CelebA folder (img_align_celeba or its parent) or any folder of images")
-    p.add_argument("out", type=Path, help="the HDF5 file to write (.h5 or .hdf5)")
+    p.add_argument("out", type=output_path, help="the HDF5 file to write (.h5 or .hdf5)")
     p.add_argument("--size", type=int, default=64, help=f"image size S, one of {IMAGE_SIZES} (default 64)")
     p.add_argument("--crop", choices=["celeba", "center"], help="crop before resizing (default: the folder's own)")
     p.add_argument("--crop-size", type=int, help="side of the crop box in pixels")
@@ -91,12 +91,14 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
     """Write the file; returns (images written, files skipped)."""
     if args.size not in IMAGE_SIZES:  # another size is resized again on every read
         raise DataError(f"--size must be an image size the model trains at, one of {IMAGE_SIZES}, got {args.size}")
-    if args.workers < 1:
-        raise DataError(f"--workers must be >= 1, got {args.workers}")
+    most_workers = 4 * (os.cpu_count() or 1)  # decoding is CPU-bound: more processes only take more memory
+    if not 1 <= args.workers <= most_workers:
+        raise DataError(f"--workers must be in [1, {most_workers}] (4 per core), got {args.workers}")
     if args.out.suffix.lower() not in (".h5", ".hdf5"):
         raise DataError(f"the output must be an .h5 or .hdf5 file, got {args.out}")
     if args.out.exists() and not args.overwrite:  # a prepared data set can take an hour to remake
         raise DataError(f"{args.out} already exists; give --overwrite to replace it, or choose another output")
+    check_writable(args.out, "the output")  # before the hour of decoding, not after it
     source = open_source(DataConfig(path=args.src, crop=args.crop, crop_size=args.crop_size), args.size)
     if source.kind not in ("celeba", "folder"):
         raise DataError(f"{args.src} is not an image folder (it is a {source.kind} source)")

@@ -5,15 +5,19 @@
 
 grid.png: a grid of G(z), z ~ U(-1, 1) (square for a square --grid). interpolation.png: each row walks from one
 random z to another along the great circle (slerp), as in the BEGAN paper's Figure 4. OUT/images/ holds exactly
-the --num images of the last call: the numbered PNGs an earlier call left there are removed first, so an FID tool
-reading the folder never mixes two calls' images. Errors end with one line on stderr, exit 2.
+the --num images of the last call that finished: they are drawn beside it first and replace the numbered PNGs an
+earlier call left there only once all are drawn, so an FID tool reading the folder never mixes two calls' images and
+a call that fails or is interrupted leaves the earlier ones. Errors end with one line on stderr, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,10 +28,12 @@ from tqdm import tqdm  # noqa: E402
 
 from began_fast import reports  # noqa: E402
 from began_fast.checkpoint import CheckpointError, load_models  # noqa: E402
-from began_fast.cli import one_line, resolve_device  # noqa: E402
+from began_fast.cli import OneLineParser, check_seed, check_writable, one_line, output_path, resolve_device  # noqa: E402
 from began_fast.config import ConfigError  # noqa: E402
 
 NUMBERED = re.compile(r"\d{6,}\.png")  # the single images' names: 000000.png, 000001.png, ...
+MAX_GRID = 4096  # images in one picture (a 64 x 64 grid)
+MAX_NUM = 1_000_000  # single images per call (FID takes 50,000)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -64,22 +70,35 @@ def write_samples(G, args) -> None:
         images = generate(G, path.reshape(-1, dim), args.device)
         reports.save_image_grid(images, args.out / "interpolation.png", nrow=args.interp_steps)
     if args.num:
-        folder = args.out / "images"
-        folder.mkdir(exist_ok=True)
+        write_single_images(G, draw_z(args.num, dim, gen), args.device, args.out / "images")
+
+
+def write_single_images(G, z: torch.Tensor, device, folder: Path) -> None:
+    """G(z) as numbered PNGs in `folder`, replacing the numbered PNGs of an earlier call. They are drawn into a
+    temporary folder beside it first, so a call that fails or is interrupted leaves the earlier set whole."""
+    folder.mkdir(exist_ok=True)
+    drawing = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        index = 0
+        for chunk in tqdm(z.split(256), desc="images", unit="batch"):
+            for image in reports.to_uint8_hwc(generate(G, chunk, device)):
+                Image.fromarray(image).save(drawing / f"{index:06d}.png")
+                index += 1
         for earlier in folder.glob("*.png"):  # numbered as this function numbers them: an earlier call's images
             if NUMBERED.fullmatch(earlier.name):
                 earlier.unlink()
-        index = 0
-        for chunk in tqdm(draw_z(args.num, dim, gen).split(256), desc="images", unit="batch"):
-            for image in reports.to_uint8_hwc(generate(G, chunk, args.device)):
-                Image.fromarray(image).save(folder / f"{index:06d}.png")
-                index += 1
+        for drawn in sorted(drawing.iterdir()):
+            os.replace(drawn, folder / drawn.name)
+    finally:
+        shutil.rmtree(drawing, ignore_errors=True)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="a began-fast .pt file or a run folder (its latest.pt)")
-    p.add_argument("--out", type=Path, default=Path("runs/samples"), help="output folder (default: runs/samples)")
+    p.add_argument(
+        "--out", type=output_path, default=Path("runs/samples"), help="output folder (default: runs/samples)"
+    )
     p.add_argument("--grid", type=int, default=64, help="images in grid.png (default 64; 0: no grid.png)")
     p.add_argument(
         "--num", type=int, default=0, help="also write this many single PNGs to OUT/images/, replacing earlier ones"
@@ -90,19 +109,27 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     args = p.parse_args(argv)
     try:
-        for name in ("grid", "num", "interp_rows"):
-            if getattr(args, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-        if args.interp_rows and args.interp_steps < 2:
-            raise ConfigError(f"--interp-steps must be >= 2 (a row walks from a z to another), got {args.interp_steps}")
+        for name, most in (("grid", MAX_GRID), ("num", MAX_NUM), ("interp_rows", MAX_GRID)):
+            if not 0 <= getattr(args, name) <= most:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, {most}], got {getattr(args, name)}")
+        if args.interp_rows and not 2 <= args.interp_steps <= MAX_GRID // args.interp_rows:
+            raise ConfigError(
+                f"--interp-steps must be >= 2 (a row walks from a z to another) and at most {MAX_GRID} images in "
+                f"all (--interp-rows x --interp-steps), got {args.interp_steps}"
+            )
         if not (args.grid or args.interp_rows or args.num):
             raise ConfigError("--grid, --interp-rows and --num are all 0: there is nothing to draw")
+        check_seed(args.seed)
+        check_writable(args.out, "--out", folder=True)
         args.device = resolve_device(args.device)
         G, _, state = load_models(args.checkpoint, args.device)
         write_samples(G, args)
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; what the last call that finished wrote is as it was", file=sys.stderr)
+        return 130
     written = [name for name, asked in (("grid.png", args.grid), ("interpolation.png", args.interp_rows)) if asked]
     written += [f"{args.num} images in images/"] if args.num else []
     print(f"wrote {', '.join(written)} from step {state['step']} to {args.out}", file=sys.stderr)

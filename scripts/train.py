@@ -26,7 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from began_fast.checkpoint import CheckpointError  # noqa: E402
-from began_fast.cli import data_path, one_line, resolve_device, say_line, warnings_as_lines  # noqa: E402
+from began_fast.cli import (  # noqa: E402
+    OneLineParser,
+    data_path,
+    one_line,
+    output_path,
+    resolve_device,
+    say_line,
+    warnings_as_lines,
+)
 from began_fast.config import LOADERS, LR_SCALINGS, PRESETS, ConfigError, DataConfig, get_preset, replace  # noqa: E402
 from began_fast.data import DataError  # noqa: E402
 from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, start, stop  # noqa: E402
@@ -35,7 +43,7 @@ from began_fast.train import RunOptions, TrainingError, setup_run, train  # noqa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="CelebA folder, image folder or HDF5 file (default: the built-in faces)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: demo, gpu64 on a GPU)")
     p.add_argument("--steps", type=int, help="train until this many steps are done")
@@ -77,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the data set's last N images out of training; evaluations measure D's reconstruction error on "
         "them (default 0; the built-in faces hold out the faces after the training set anyway)",
     )
-    p.add_argument("--out", type=Path, default=Path("runs/began"), help="run folder (default: runs/began)")
+    p.add_argument("--out", type=output_path, default=Path("runs/began"), help="run folder (default: runs/began)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest.pt")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument(

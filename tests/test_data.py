@@ -589,10 +589,17 @@ def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporar
         (["{tmp}/missing", "{tmp}/x.h5"], "does not exist"),
         (["{celeba}", "{tmp}/x.txt"], "must be an .h5 or .hdf5 file"),
         (["{celeba}", "{tmp}/x.h5", "--size", "33"], "--size must be an image size the model trains at, one of (16,"),
-        (["{celeba}", "{tmp}/x.h5", "--workers", "0"], "--workers must be >= 1, got 0"),
+        (["{celeba}", "{tmp}/x.h5", "--workers", "0"], f"--workers must be in [1, {4 * os.cpu_count()}] (4 per core)"),
+        (["{celeba}", "{tmp}/x.h5", "--workers", "100000"], "got 100000"),  # each a process: more exhaust memory
+        (["{celeba}", "{tmp}/folder.h5", "--overwrite"], "the output {tmp}/folder.h5 is a folder"),  # before decoding
+        (["{celeba}", "{tmp}/a_file/x.h5"], "the output {tmp}/a_file/x.h5: {tmp}/a_file is a file, not a folder"),
+        (["{celeba}", ""], "argument out: is empty (an unset shell variable?); give a path"),
     ],
 )
 def test_prepare_celeba_bad_input(tmp_path, celeba_root, args, message):
+    (tmp_path / "folder.h5").mkdir()
+    (tmp_path / "a_file").write_text("")
+    message = message.format(tmp=tmp_path)
     done = run_prepare(*[a.format(tmp=tmp_path, celeba=celeba_root) for a in args])
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and message in done.stderr

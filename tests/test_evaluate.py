@@ -81,8 +81,11 @@ def test_evaluate_script_end_to_end(tiny_checkpoint, tmp_path):
         (["{ckpt}", "--num", "100000"], "100000 images to compare, but the real images are only"),  # none drawn
         (["{ckpt}", "--fid"], INCEPTION_WEIGHTS_FILE),
         (["{ckpt}", "--fid", "--inception-weights", "{tmp}/w.pth"], "is not a file"),
-        (["{ckpt}", "--json", "{tmp}/a_file/report.json"], "File exists"),  # found before the evaluation runs
-        (["{ckpt}", "--json", "{tmp}"], "is a folder; expected a file name"),
+        (["{ckpt}", "--json", "{tmp}/a_file/report.json"], "a_file is a file, not a folder"),  # before evaluating
+        (["{ckpt}", "--json", "{tmp}/report.json"], "is a folder; expected a file name"),
+        (["{ckpt}", "--json", "{ckpt}"], "--json must name a .json file (it is replaced), got"),  # not a checkpoint
+        (["{ckpt}", "--seed", str(2**70)], "--seed must be in [0, 2**63 - 1), got"),
+        (["{ckpt}", "--inception-weights", "{tmp}/w.pth"], "--inception-weights is for FID: add --fid"),
     ],
 )
 def test_evaluate_script_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, monkeypatch, capsys, args, match):
@@ -90,10 +93,13 @@ def test_evaluate_script_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_p
     script = load_script("evaluate")
     monkeypatch.setattr(script, "evaluate_models", None)  # none of these may get as far as evaluating
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "report.json").mkdir()
+    checkpoint = tiny_checkpoint[0].read_bytes()
     argv = [a.format(ckpt=tiny_checkpoint[0], tmp=tmp_path) for a in args]
     assert script.main(argv + ["--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
+    assert tiny_checkpoint[0].read_bytes() == checkpoint
 
 
 @pytest.mark.parametrize("script", ["evaluate", "sample"])
@@ -115,12 +121,22 @@ def test_sample_script_refuses_a_diverged_generator_and_writes_nothing(tiny_chec
     assert not list(out.glob("*.png"))
 
 
+INTERP_STEPS = (
+    "--interp-steps must be >= 2 (a row walks from a z to another) and at most 4096 images in all (--interp-rows x "
+    "--interp-steps), got"
+)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--grid", "0", "--interp-rows", "0"], "--grid, --interp-rows and --num are all 0: there is nothing to draw"),
-        (["--interp-steps", "1"], "--interp-steps must be >= 2 (a row walks from a z to another), got 1"),
-        (["--interp-rows", "-1"], "--interp-rows must be >= 0, got -1"),
+        (["--interp-steps", "1"], f"{INTERP_STEPS} 1"),
+        (["--interp-rows", "-1"], "--interp-rows must be in [0, 4096], got -1"),
+        (["--grid", "100000000"], "--grid must be in [0, 4096], got 100000000"),  # one picture, in memory
+        (["--num", "1000000000"], "--num must be in [0, 1000000], got 1000000000"),
+        (["--interp-rows", "64", "--interp-steps", "65"], f"{INTERP_STEPS} 65"),
+        (["--seed", "-1"], "--seed must be in [0, 2**63 - 1), got -1"),
     ],
 )
 def test_sample_script_refuses_a_request_it_cannot_draw(tiny_checkpoint, tmp_path, capsys, argv, message):
@@ -152,6 +168,37 @@ def test_sample_script_images_folder_holds_the_last_calls_images_only(tiny_check
     names = sorted(p.name for p in (out / "images").iterdir())
     assert names == ["000000.png", "000001.png", "000002.png", "notes.png"]
     assert not (out / "grid.png").exists() and not (out / "interpolation.png").exists()
+
+
+def test_sample_script_keeps_the_earlier_images_when_a_call_fails_or_is_interrupted(
+    tiny_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """images/ is replaced only once a call has drawn all its images: a diverged checkpoint, or a Ctrl-C half-way,
+    leaves the earlier call's set whole and no temporary folder behind."""
+    out = tmp_path / "fid"
+    draw = ["--out", str(out), "--grid", "0", "--interp-rows", "0", "--device", "cpu"]
+    sample = load_script("sample")
+    assert sample.main([str(tiny_checkpoint[0]), "--num", "5", *draw]) == 0
+    earlier = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+    state = load_checkpoint(tiny_checkpoint[0])
+    state["G"] = {name: torch.full_like(value, float("nan")) for name, value in state["G"].items()}
+    save_checkpoint(tmp_path / "diverged.pt", state)
+    assert sample.main([str(tmp_path / "diverged.pt"), "--num", "3", *draw]) == 2
+    saved = []
+
+    def save_then_interrupt(image, path, *args, **kwargs):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(path)
+        Path(path).write_bytes(b"drawn")
+
+    monkeypatch.setattr(sample.Image.Image, "save", save_then_interrupt)
+    assert sample.main([str(tiny_checkpoint[0]), "--num", "3", "--seed", "1", *draw]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: interrupted; what the last call that finished wrote is as it was"
+    )
+    assert saved and {p.name: p.read_bytes() for p in (out / "images").iterdir()} == earlier
+    assert sorted(p.name for p in out.iterdir()) == ["images"]
 
 
 def test_evaluate_script_warns_in_one_line(tiny_checkpoint, tmp_path, capsys):
@@ -239,6 +286,10 @@ def test_compare_runs_at_equal_steps_with_a_swd_verdict(tmp_path, compare, tiny_
         f"error: --plot {tmp_path / 'm.txt'} must name a .png file (the plot is a PNG image)\n",
     )
     assert not (tmp_path / "m.txt").exists()
+    (tmp_path / "a_file").write_text("")
+    plot = tmp_path / "a_file" / "m.png"
+    rc, out, err = compare([a, b, "--plot", plot])  # refused before the table is printed
+    assert (rc, out, err) == (2, "", f"error: --plot {plot}: {plot.parent} is a file, not a folder\n")
     rc, table, _ = compare([a, b])
     assert rc == 0 and "verdict: b is better than a" in table and "config train.lr: 0.0001 vs 0.0003" in table
 
@@ -277,6 +328,21 @@ def test_compare_runs_gives_no_verdict_where_the_measure_differs(tmp_path, compa
     assert rc == 0, err
     verdict = json.loads(out)["verdict"]
     assert verdict == f"none: {withheld}" if withheld else verdict.startswith("b is better than a: SWD at step 500")
+
+
+def test_compare_runs_reads_the_good_rows_of_a_damaged_stats_file(tmp_path, compare):
+    """Rows damaged on disk or by hand (bytes that are not UTF-8, no step, not an object, an M that is not a finite
+    number) are skipped, by the comparison and by the plot alike."""
+    a = _write_run(tmp_path / "a", lr=1e-4, m_of_step=lambda s: 0.3, steps=[100, 200])
+    b = _write_run(tmp_path / "b", lr=1e-4, m_of_step=lambda s: 0.2, steps=[100, 200])
+    with open(b / "stats.jsonl", "ab") as f:
+        f.write(b'{"step": 300, "m": 0.1}\xff\xfe\n{"m": 0.1}\n5\n{"step": 200.5, "m": 0.1}\n')
+        f.write(b'{"step": 400, "m": "x"}\n{"step": 500, "m": NaN}\n{"step": 200, "m": Infinity}\n')
+    rc, out, err = compare([a, b, "--json", "--plot", tmp_path / "m.png"])
+    assert rc == 0, err
+    c = json.loads(out)
+    assert c["common_steps"] == {"count": 2, "first": 100, "last": 200} and c["m_at_last_common_step"] == [0.3, 0.2]
+    assert (tmp_path / "m.png").stat().st_size > 1000
 
 
 def test_compare_runs_rejects_missing_or_incomplete_folders(tmp_path):

@@ -141,6 +141,31 @@ def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
     assert (tmp_path / "latest.pt").read_bytes() == before
 
 
+def test_a_new_run_refuses_a_folder_whose_files_it_would_overwrite_and_restarts_a_dead_start(tmp_path):
+    """Snapshots of a run whose latest.pt was moved away, and a config.json that is not a run's (--out . in a
+    project folder), stay as they were; a folder that holds only what a run wrote before its first checkpoint (it
+    died) is started again."""
+    moved = tmp_path / "moved"
+    train(setup_run(MODEL, train_cfg(4, snapshot_every=2), DATA, RunOptions(out=moved, quiet=True)))
+    (moved / "latest.pt").rename(tmp_path / "latest.pt.bak")
+    snapshot = (moved / "step_0000002.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"holds a run's checkpoints \(step_0000004.pt and 1 more\) but no latest"):
+        run_steps(moved, 2)
+    assert (moved / "step_0000002.pt").read_bytes() == snapshot
+    project = tmp_path / "project"
+    project.mkdir()
+    for text in ('{"name": "my project"}', "not json", "\udcff"):
+        (project / "config.json").write_text(text, errors="surrogateescape")
+        with pytest.raises(ConfigError, match="config.json is not a began-fast run's: a new run would overwrite it"):
+            run_steps(project, 2)
+        assert (project / "config.json").read_text(errors="surrogateescape") == text
+    run_steps(tmp_path / "dead", 2)
+    for checkpoint in (tmp_path / "dead").glob("*.pt"):  # as if it had died before its first checkpoint
+        checkpoint.unlink()
+    run_steps(tmp_path / "dead", 2)
+    assert load_checkpoint(tmp_path / "dead" / "latest.pt")["step"] == 2
+
+
 def test_resume_drops_what_was_written_after_the_checkpoint(tmp_path):
     """A run that died after logging step 6 and drawing a grid at step 12, mid-way through writing a stats row,
     before it checkpointed: the resume logs step 6 anew, once, and its progress strip ends at its own last grid."""
@@ -450,6 +475,8 @@ def test_cli_trains_and_resumes(tmp_path):
     assert sorted(p.name for p in Path(out).glob("step_*.pt")) == ["step_0000002.pt", "step_0000004.pt"]
     for args, message in (
         ([], "already holds a run"),
+        (["--out", ""], "argument --out: is empty (an unset shell variable?); give a path (see train.py --help)"),
+        (["--steps", "abc"], "argument --steps: invalid int value: 'abc' (see train.py --help)"),
         (["--resume", "--batch-size", "8"], "train setting batch_size is 4, not 8"),
         (["--resume", "--holdout", "5"], "data setting holdout is 0, not 5"),
         (["--resume", "--preset", "demo"], "--preset demo only chooses a new run's: leave it out"),
