@@ -105,10 +105,17 @@ _ENTRIES = {
 }
 
 
+MISFIT_DETAIL_CHARS = 300  # of the problem quoted in misfit's line (a list of missing keys can be long)
+
+
 def misfit(path: str | Path, error: Exception) -> CheckpointError:
     """A readable began-fast checkpoint whose contents this version cannot use (written by another version, or
     edited): one line naming the first problem."""
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # load_state_dict's first line is a heading ("Error(s) in loading state_dict for Generator:"); its problem follows.
+    detail = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])
+    if len(detail) > MISFIT_DETAIL_CHARS:
+        detail = detail[: MISFIT_DETAIL_CHARS - 3] + "..."
     what = f"{type(error).__name__}: {detail}"
     return CheckpointError(f"checkpoint {path} does not fit this version of began-fast ({what})")
 

@@ -69,6 +69,8 @@ def resolve_device(requested: str | None) -> str:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {requested!r}")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ConfigError(f"--device {requested}: the CPU is one device; give --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {requested} asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
     if device.index is not None and device.index >= torch.cuda.device_count():

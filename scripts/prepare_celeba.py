@@ -94,6 +94,8 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
     most_workers = 4 * (os.cpu_count() or 1)  # decoding is CPU-bound: more processes only take more memory
     if not 1 <= args.workers <= most_workers:
         raise DataError(f"--workers must be in [1, {most_workers}] (4 per core), got {args.workers}")
+    if args.crop_size is not None and args.crop_size < 1:  # DataConfig would name its field, crop_size
+        raise DataError(f"--crop-size must be >= 1, got {args.crop_size}")
     if args.out.suffix.lower() not in (".h5", ".hdf5"):
         raise DataError(f"the output must be an .h5 or .hdf5 file, got {args.out}")
     if args.out.exists() and not args.overwrite:  # a prepared data set can take an hour to remake

@@ -19,6 +19,8 @@ def test_resolve_device():
             resolve_device("cuda")
     with pytest.raises(ConfigError, match="GPU"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+    with pytest.raises(ConfigError, match="--device cpu:1: the CPU is one device; give --device cpu"):
+        resolve_device("cpu:1")
 
 
 def test_one_line_unwraps_an_error_from_a_dataloader_worker():

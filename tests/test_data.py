@@ -594,6 +594,7 @@ def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporar
         (["{celeba}", "{tmp}/folder.h5", "--overwrite"], "the output {tmp}/folder.h5 is a folder"),  # before decoding
         (["{celeba}", "{tmp}/a_file/x.h5"], "the output {tmp}/a_file/x.h5: {tmp}/a_file is a file, not a folder"),
         (["{celeba}", ""], "argument out: is empty (an unset shell variable?); give a path"),
+        (["{celeba}", "{tmp}/x.h5", "--crop-size", "0"], "--crop-size must be >= 1, got 0"),
     ],
 )
 def test_prepare_celeba_bad_input(tmp_path, celeba_root, args, message):

@@ -606,6 +606,10 @@ def test_models_loaded_from_a_vanishing_residual_checkpoint_have_its_steps_carry
         (lambda state: state.update(fixed_z=None), r"its 'fixed_z' is None; expected a Tensor"),
         (lambda state: state["data_config"].update(shuffle=True), r"TypeError: .*unexpected keyword argument 'shuf"),
         (lambda state: state["train_config"].update(gamma=2.0), r"ConfigError: gamma must be in \(0, 1\], got 2.0"),
+        (  # weights that are not the saved config's: the problem itself, not only load_state_dict's heading
+            lambda state: state["G"].update({"decoder.fc.bias": state["G"]["decoder.fc.bias"][:5]}),
+            r"RuntimeError: Error\(s\) in loading state_dict for Generator: size mismatch for decoder.fc.bias",
+        ),
     ],
 )
 def test_a_checkpoint_of_another_version_or_edited_is_refused_by_every_reader(tmp_path, edit, message):
