@@ -220,9 +220,10 @@ def check_new_run_folder(out: Path) -> None:
         raise ConfigError(f"{out} already holds a run ({latest}); add --resume to continue it, or choose another --out")
     snapshots = sorted(out.glob("step_*.pt"))
     if snapshots:
+        others = f" and {len(snapshots) - 1} more" if len(snapshots) > 1 else ""
         raise ConfigError(
-            f"{out} holds a run's checkpoints ({snapshots[-1].name} and {len(snapshots) - 1} more) but no latest.pt: "
-            "a new run would overwrite them; move them away, or choose another --out"
+            f"{out} holds a run's checkpoints ({snapshots[-1].name}{others}) but no latest.pt: a new run would "
+            "overwrite them; move them away, or choose another --out"
         )
     config = out / "config.json"
     if config.exists():
