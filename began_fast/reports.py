@@ -81,6 +81,11 @@ def finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def training_rows(stats: list[dict]) -> list[dict]:
+    """The rows that log a training window: those with a finite M (evaluation rows carry none)."""
+    return [row for row in stats if finite_number(row.get("m"))]
+
+
 def save_reconstruction_grid(
     real: torch.Tensor | np.ndarray,
     reconstructed: torch.Tensor | np.ndarray,
@@ -220,7 +225,7 @@ def convergence_figure(stats: list[dict], title: str = "BEGAN convergence"):
     """M (the paper's convergence measure) with the learning rate, k_t and, when the rows carry evaluations,
     SWD, against the step. Rows without "m" (evaluation rows) only feed the SWD panel."""
     plt = _pyplot()
-    train_rows = [r for r in stats if finite_number(r.get("m"))]
+    train_rows = training_rows(stats)
     swd = swd_points(stats)
     panels = 3 if swd else 2
     fig, axes = plt.subplots(panels, 1, figsize=(7, 2.75 * panels), sharex=True)
@@ -259,7 +264,7 @@ def runs_figure(stats_by_run: dict[str, list[dict]], title: str = "BEGAN runs co
     fig, axes = plt.subplots(2 if with_swd else 1, 1, figsize=(7, 2.75 * (2 if with_swd else 1)), sharex=True)
     axes = list(axes) if with_swd else [axes]
     for i, (name, stats) in enumerate(stats_by_run.items()):
-        rows = [r for r in stats if finite_number(r.get("m"))]
+        rows = training_rows(stats)
         colour = f"C{i}"  # a run's colour in both panels, whichever runs were evaluated
         axes[0].plot([r["step"] for r in rows], [r["m"] for r in rows], color=colour, label=name)
         if with_swd and swd_points(stats):

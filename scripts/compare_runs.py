@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from began_fast.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from began_fast.cli import OneLineParser, check_writable, one_line, output_path  # noqa: E402
 from began_fast.config import ConfigError  # noqa: E402
-from began_fast.reports import finite_number, plot_runs, read_stats, swd_points  # noqa: E402
+from began_fast.reports import plot_runs, read_stats, swd_points, training_rows  # noqa: E402
 
 EVEN = 0.05  # relative difference below which the runs are called even
 M_TAIL = 10  # common logged steps averaged for the M verdict
@@ -47,7 +47,7 @@ class RunRecord:
 
     @property
     def m_by_step(self) -> dict[int, float]:
-        return {r["step"]: r["m"] for r in self.stats if finite_number(r.get("m"))}
+        return {r["step"]: r["m"] for r in training_rows(self.stats)}
 
     @property
     def swd_by_step(self) -> dict[int, float]:
@@ -69,7 +69,7 @@ def load_run(folder: Path) -> RunRecord:
     if not isinstance(config, dict):
         raise RunFolderError(f"{config_path} does not hold a JSON object")
     stats = read_stats(stats_path)
-    if not any(finite_number(r.get("m")) for r in stats):
+    if not training_rows(stats):
         raise RunFolderError(f"{stats_path} has no logged step yet (no row with a finite M)")
     latest = folder / "latest.pt"
     step = load_checkpoint(latest)["step"] if latest.is_file() else None

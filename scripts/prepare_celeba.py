@@ -100,12 +100,11 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
         raise DataError(f"the output must be an .h5 or .hdf5 file, got {args.out}")
     if args.out.exists() and not args.overwrite:  # a prepared data set can take an hour to remake
         raise DataError(f"{args.out} already exists; give --overwrite to replace it, or choose another output")
-    check_writable(args.out, "the output")  # before the hour of decoding, not after it
     source = open_source(DataConfig(path=args.src, crop=args.crop, crop_size=args.crop_size), args.size)
     if source.kind not in ("celeba", "folder"):
         raise DataError(f"{args.src} is not an image folder (it is a {source.kind} source)")
+    check_writable(args.out, "the output")  # before the hour of decoding, not after it
     size, files = args.size, source.files
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(args.out)
     tmp = _temporary(args.out, os.getpid())
     written = 0

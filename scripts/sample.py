@@ -120,9 +120,9 @@ def main(argv=None) -> int:
         if not (args.grid or args.interp_rows or args.num):
             raise ConfigError("--grid, --interp-rows and --num are all 0: there is nothing to draw")
         check_seed(args.seed)
-        check_writable(args.out, "--out", folder=True)
         args.device = resolve_device(args.device)
         G, _, state = load_models(args.checkpoint, args.device)
+        check_writable(args.out, "--out", folder=True)  # after the checks above: a refused call creates no folder
         write_samples(G, args)
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
