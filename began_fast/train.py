@@ -185,6 +185,8 @@ def setup_run(
             )
             raise ConfigError(f"the run in {opts.out} {where}: give --steps above {state['step']} to train it further")
         check_same_run(opts.out, state.get("run_id"))
+    if "eval_images" in (explicit or {}).get("train", ()) and not train_cfg.eval_every:
+        raise ConfigError("eval_images sizes the SWD evaluations, and this run has none: give --eval-every N too")
     check_out_outside_data(opts.out, data_cfg)
     torch.manual_seed(train_cfg.seed)
     G = Generator(model_cfg, impl=opts.impl).to(device)

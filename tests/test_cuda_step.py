@@ -145,5 +145,7 @@ def test_a_checkpoint_resumes_on_another_kind_of_device(tmp_path, capsys, first,
     resumed = setup_run(model, dataclasses.replace(train_cfg, steps=6), data, options(then, resume=True))
     train(resumed)
     assert resumed.step.steps_done == 6
+    for group in resumed.step.opt_g.param_groups + resumed.step.opt_d.param_groups:
+        assert group["capturable"] == (then == "cuda")
     assert all(torch.isfinite(p).all() for p in resumed.step.parameters())
     assert "noise generator ran on another kind of device" in capsys.readouterr().err

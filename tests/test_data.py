@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -23,6 +24,7 @@ from began_fast.data import (
     GpuResidentStream,
     SkippedImagesWarning,
     TorchLoader,
+    builtin,
     crop_box,
     detect_source,
     held_out_images,
@@ -261,10 +263,16 @@ def test_hdf5_layouts_and_resize(tmp_path):
     flat = open_source(DataConfig(path=str(write_h5(tmp_path / "flat.hdf5", faces.reshape(5, -1)))), 64)
     assert torch.equal(flat[2], ours[2]) and "flat" in flat.describe()
 
-    resized = open_source(DataConfig(path=str(tmp_path / "ours.h5")), 32)
+    with warnings.catch_warnings():  # downscaled: no warning
+        warnings.simplefilter("error")
+        resized = open_source(DataConfig(path=str(tmp_path / "ours.h5")), 32)
     expected = np.array(Image.fromarray(faces[1]).resize((32, 32), Image.Resampling.LANCZOS))
     assert torch.equal(resized[1], torch.from_numpy(expected).permute(2, 0, 1))
     assert resized.as_uint8().shape == (5, 3, 32, 32)
+    # Stored smaller than the model's size: upscaled, and said so (a model would learn blurred images unawares).
+    with pytest.warns(UserWarning, match=r"ours.h5 stores 64x64 images, smaller than the model's 128x128: each is"):
+        upscaled = open_source(DataConfig(path=str(tmp_path / "ours.h5")), 128)
+    assert upscaled[0].shape == (3, 128, 128)
 
     for crop in (dict(crop="center"), dict(crop_size=40)):  # the file holds cropped images: a crop is a mistake
         with pytest.raises(DataError, match="--crop and --crop-size act on image folders, not on .*ours.h5"):
@@ -323,6 +331,22 @@ def test_builtin_faces_are_deterministic_and_varied():
     centre = images[:, :, 12:20, 12:20].mean(dim=(1, 2, 3))
     corners = images[:, :, :4, :4].mean(dim=(1, 2, 3))
     assert ((centre - corners).abs() > 5).float().mean() > 0.6
+
+
+def test_builtin_faces_are_drawn_when_first_read_and_alike_in_any_order(monkeypatch):
+    """A run does not wait for its 10,000 faces: each is drawn when it is first read, the same face whatever was
+    read before it, and kept for the next read."""
+    monkeypatch.setattr(builtin, "_drawn", {})
+    faces = open_source(DataConfig(builtin_seed=5), 16)
+    assert len(faces) == 10_000 and not builtin._drawn
+    read = [faces[i] for i in (9_999, 2, -1, 0, 1, 3)]
+    assert sorted(builtin._drawn[16, 5]) == [0, 1, 2, 3, 9_999]
+    assert torch.equal(read[0], read[2]) and read[0].is_contiguous()
+    monkeypatch.setattr(builtin, "_drawn", {})  # drawn again from nothing, in order
+    assert torch.equal(torch.stack([read[3], read[4], read[1], read[5]]), BuiltinFaces(4, 16, 5).images)
+    assert torch.equal(read[0], BuiltinFaces(1, 16, 5, first=9_999)[0])
+    with pytest.raises(IndexError):
+        faces[10_000]
 
 
 # --- batch order --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from began_fast.atomic_files import TEMPORARY_SUFFIX
 from began_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from began_fast.config import DataConfig, ModelConfig, TrainConfig
 from began_fast.data.builtin import BuiltinFaces, draw_faces
@@ -199,6 +200,14 @@ def test_sample_script_keeps_the_earlier_images_when_a_call_fails_or_is_interrup
     )
     assert saved and {p.name: p.read_bytes() for p in (out / "images").iterdir()} == earlier
     assert sorted(p.name for p in out.iterdir()) == ["images"]
+    # A SIGKILLed call cannot remove its temporary folder: the next call does, and leaves other programs' alone.
+    killed, others = out / f".images.k1ll3d{TEMPORARY_SUFFIX}", out / ".images.backup"
+    for folder in (killed, others):
+        folder.mkdir()
+        (folder / "000000.png").write_bytes(b"drawn")
+    monkeypatch.undo()
+    assert sample.main([str(tiny_checkpoint[0]), "--num", "2", *draw]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".images.backup", "images"]
 
 
 def test_evaluate_script_warns_in_one_line(tiny_checkpoint, tmp_path, capsys):

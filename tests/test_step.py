@@ -85,3 +85,27 @@ def test_state_dict_round_trip_continues_identically():
     ):
         assert torch.equal(p, q)
     assert torch.equal(a.k, b.k) and b.opt_g.param_groups[0]["lr"] is b.lr
+
+
+def test_a_checkpoint_from_a_cuda_graph_step_resumes_with_this_devices_adam():
+    """A CUDA graph step's Adam is capturable (fused in the fast step); those settings say how it steps, not what it
+    computes, so a resume on the CPU keeps the CPU's (capturable Adam refuses CPU parameters) and steps as the run
+    it came from."""
+    a = make_step()
+    a(real_batch(0))
+    saved = copy.deepcopy(a.state_dict())
+    for optimizer in ("opt_g", "opt_d"):
+        for group in saved[optimizer]["param_groups"]:
+            group.update(capturable=True, fused=True, foreach=None)
+    b = make_step(seed=123)
+    b.G.load_state_dict(a.G.state_dict())
+    b.D.load_state_dict(a.D.state_dict())
+    b.load_state_dict(saved)
+    for group in b.opt_g.param_groups + b.opt_d.param_groups:
+        assert (group["capturable"], group["fused"], group["foreach"]) == (False, None, False)
+    a(real_batch(1))
+    b(real_batch(1))
+    for p, q in zip(
+        list(a.G.parameters()) + list(a.D.parameters()), list(b.G.parameters()) + list(b.D.parameters()), strict=True
+    ):
+        assert torch.equal(p, q)

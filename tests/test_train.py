@@ -448,6 +448,7 @@ def cli(*args, env=None):
         (["--steps", "0"], "error: --steps must be >= 1, got 0", {}),
         (["--lr", "inf"], "error: --lr must be a finite number > 0, got inf", {}),
         (["--seed", str(2**64 - 1)], "error: --seed must be in [0, 2**63 - 1)", {}),
+        (["--eval-images", "64"], "error: --eval-images sizes the SWD evaluations, and this run has none: give", {}),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, message, env):

@@ -9,8 +9,6 @@ eyes (spacing, size, iris colour), eyebrows, nose, mouth (width, smile), clothin
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -148,25 +146,34 @@ def draw_face(rng: np.random.Generator, canvas: int) -> Image.Image:
     return image
 
 
-# The loader and the loop's pictures and evaluation open the same set: draw it once per process.
-@functools.lru_cache(maxsize=2)
+# Faces drawn so far in this process, by (image size, seed) and then by index: the loader, the loop's pictures and
+# its evaluation read the same faces, and a run that stops after a few steps needs only those it read. Drawing is
+# deterministic, so a face drawn twice (by two DataLoader workers, say) is the same face.
+_drawn: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+
+
+def draw_face_at(index: int, image_size: int, seed: int) -> np.ndarray:
+    """Face `index` of the set `seed`: an (S, S, 3) uint8 array (HWC), shared by all callers (kept): copy it
+    before writing."""
+    faces = _drawn.setdefault((image_size, seed % 2**64), {})
+    if index not in faces:
+        rng = np.random.default_rng([seed % 2**64, index])
+        faces[index] = resize_square(draw_face(rng, max(128, 2 * image_size)), image_size)
+    return faces[index]
+
+
 def draw_faces(count: int, image_size: int, seed: int, first: int = 0) -> np.ndarray:
-    """Faces first .. first+count-1 of the set `seed`: a (count, S, S, 3) uint8 array (NHWC), shared by all callers
-    (cached): copy it before writing."""
-    canvas = max(128, 2 * image_size)
-    out = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
-    for k in range(count):
-        rng = np.random.default_rng([seed % 2**64, first + k])
-        out[k] = resize_square(draw_face(rng, canvas), image_size)
-    return out
+    """Faces first .. first+count-1 of the set `seed`: a new (count, S, S, 3) uint8 array (NHWC)."""
+    return np.stack([draw_face_at(first + k, image_size, seed) for k in range(count)])
 
 
 class BuiltinFaces(torch.utils.data.Dataset):
-    """`count` procedural faces at S x S, built once in memory (uint8 NCHW) when the source is opened: faces
-    first .. first+count-1 of the set `seed`. A run trains on faces 0 .. count-1, so the faces after them are
-    held-out images, as many as wanted (data.holdout.held_out_images).
+    """`count` procedural faces at S x S: faces first .. first+count-1 of the set `seed`. A run trains on faces
+    0 .. count-1, so the faces after them are held-out images, as many as wanted (data.holdout.held_out_images).
 
-    Built before any DataLoader worker forks, so the workers share the array instead of each drawing it.
+    A face is drawn when it is first read (about 1.5 ms), so a run starts at once and a short one draws only the
+    faces it reads; `images` and as_uint8() draw every face (the GPU-resident loader's copy). A DataLoader worker
+    forked after faces were drawn shares them.
     """
 
     kind = "builtin"
@@ -174,13 +181,23 @@ class BuiltinFaces(torch.utils.data.Dataset):
 
     def __init__(self, count: int, image_size: int, seed: int, first: int = 0):
         self.count, self.image_size, self.seed, self.first = count, image_size, seed, first
-        self.images = torch.from_numpy(draw_faces(count, image_size, seed, first)).permute(0, 3, 1, 2).contiguous()
+        self._all: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
+        """Face `index` of this set (negative: from its end), a (3, S, S) uint8 tensor (CHW)."""
+        face = draw_face_at(self.first + range(self.count)[index], self.image_size, self.seed)
+        return torch.from_numpy(face).permute(2, 0, 1).contiguous()
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All images, (N, 3, S, S) uint8 (drawn on first use, then kept)."""
+        if self._all is None:
+            faces = draw_faces(self.count, self.image_size, self.seed, self.first)
+            self._all = torch.from_numpy(faces).permute(0, 3, 1, 2).contiguous()
+        return self._all
 
     def as_uint8(self) -> torch.Tensor:
         """All images, (N, 3, S, S) uint8."""

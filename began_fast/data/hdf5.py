@@ -8,6 +8,7 @@ cropped, so the crop settings do not apply; a stored size other than the model's
 from __future__ import annotations
 
 import os
+import warnings
 
 import h5py
 import numpy as np
@@ -54,6 +55,13 @@ class Hdf5Images(torch.utils.data.Dataset):
         self.count, self.stored_size, self.flat = _check_layout(path)
         if self.count == 0:
             raise DataError(f"{path}:{DATASET} holds no images")
+        if self.stored_size < image_size:
+            warnings.warn(
+                f"{path} stores {self.stored_size}x{self.stored_size} images, smaller than the model's {image_size}x"
+                f"{image_size}: each is upscaled, so the model learns blurred images; prepare the data set at "
+                f"{image_size}px or more",
+                stacklevel=2,
+            )
         self._file, self._pid = None, None
 
     def __len__(self) -> int:
