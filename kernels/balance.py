@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.interpreter import INTERPRET, round_to
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATS = ("l_real", "l_fake", "l_d", "l_g", "k_next", "m")
 # Forward grid: at most MAX_PROGRAMS programs of BLOCK elements per iteration. The grid depends on N only (never
@@ -98,7 +100,16 @@ def _sign(d):
 
 @triton.jit
 def _l1_pair_grad(
-    a_ptr, ra_ptr, grad_a_ptr, grad_ra_ptr, idx, mask, scale, NEED_A: tl.constexpr, NEED_RA: tl.constexpr
+    a_ptr,
+    ra_ptr,
+    grad_a_ptr,
+    grad_ra_ptr,
+    idx,
+    mask,
+    scale,
+    NEED_A: tl.constexpr,
+    NEED_RA: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """The gradients of scale * sum |a - ra| at idx: d/d ra = scale * sign(ra - a), d/d a its negative.
 
@@ -109,9 +120,9 @@ def _l1_pair_grad(
         ra = tl.load(ra_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         grad_ra = scale * _sign(ra - a)
         if NEED_RA:
-            tl.store(grad_ra_ptr + idx, grad_ra.to(grad_ra_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_ra_ptr + idx, round_to(grad_ra, grad_ra_ptr.dtype.element_ty, INTERPRETED), mask=mask)
         if NEED_A:
-            tl.store(grad_a_ptr + idx, (-grad_ra).to(grad_a_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_a_ptr + idx, round_to(-grad_ra, grad_a_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 @triton.jit
@@ -132,6 +143,7 @@ def _l1_grad_kernel(
     NEED_RX: tl.constexpr,
     NEED_FAKE: tl.constexpr,
     NEED_RFAKE: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """Gradients of the inputs from the upstream gradient of the stats vector (only its l_* entries are used).
 
@@ -145,9 +157,18 @@ def _l1_grad_kernel(
     # Each loss is a mean over n_elements.
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_elements
-    _l1_pair_grad(x_ptr, rx_ptr, grad_x_ptr, grad_rx_ptr, idx, mask, g_real / n_elements, NEED_X, NEED_RX)
+    _l1_pair_grad(x_ptr, rx_ptr, grad_x_ptr, grad_rx_ptr, idx, mask, g_real / n_elements, NEED_X, NEED_RX, INTERPRETED)
     _l1_pair_grad(
-        fake_ptr, rfake_ptr, grad_fake_ptr, grad_rfake_ptr, idx, mask, g_fake / n_elements, NEED_FAKE, NEED_RFAKE
+        fake_ptr,
+        rfake_ptr,
+        grad_fake_ptr,
+        grad_rfake_ptr,
+        idx,
+        mask,
+        g_fake / n_elements,
+        NEED_FAKE,
+        NEED_RFAKE,
+        INTERPRETED,
     )
 
 
@@ -248,6 +269,7 @@ def balance_backward(
         NEED_RX=needs[1],
         NEED_FAKE=needs[2],
         NEED_RFAKE=needs[3],
+        INTERPRETED=INTERPRET,
         num_warps=NUM_WARPS,
     )
     return grads

@@ -27,13 +27,12 @@ input dtype (tensor cores) and float32 inputs use IEEE precision (no TF32).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from kernels.interpreter import INTERPRET, round_to
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -88,17 +87,6 @@ def _one_tile_for_ieee(configs: list[triton.Config], named_args: dict, **kwargs)
     if kwargs.get("PRECISION") != "ieee":
         return configs
     return [min(configs, key=lambda config: math.prod(config.kwargs.values()))]
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
-    """float32 x rounded to nearest-even in `dtype`. The interpreter's float32 -> bfloat16 cast truncates, so
-    there the rounding is done on the bits first (bf16 is the top half of a float32; finite values only)."""
-    if INTERPRETED:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -243,9 +231,7 @@ def conv_elu_fwd_kernel(
         # ELU (alpha = 1) on the float32 accumulator; min() keeps exp finite where the branch is not taken.
         acc = tl.where(acc > 0, acc, tl.exp(tl.minimum(acc, 0.0)) - 1.0)
     y_offs = offs_m[:, None] * COUT + offs_n[None, :]
-    tl.store(
-        y_ptr + y_offs, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=mask_m[:, None] & mask_n[None, :]
-    )
+    tl.store(y_ptr + y_offs, round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.autotune(
@@ -320,7 +306,7 @@ def conv_elu_dgrad_kernel(
                     g_offs = g_row[:, None] + nk[None, :]
                     g = _preact_grad(gy_ptr, y_ptr, g_offs, hit[:, None] & mask_k[None, :], ACT)
                     # Rounded to the activation dtype, as PyTorch's own backward stores dy * elu'(a).
-                    g = _round_to(g, gy_ptr.dtype.element_ty, INTERPRETED)
+                    g = round_to(g, gy_ptr.dtype.element_ty, INTERPRETED)
                     # w[n, c, tap] as a (BLOCK_K, BLOCK_C) tile of the forward's (9, CIN, COUT) pack: contiguous
                     # along n, the reduction axis.
                     wt = tl.load(
@@ -332,7 +318,7 @@ def conv_elu_dgrad_kernel(
 
     dx_offs = ((b * H + h) * W + w)[:, None] * C + offs_c[None, :]
     tl.store(
-        dx_ptr + dx_offs, _round_to(acc, dx_ptr.dtype.element_ty, INTERPRETED), mask=mask_m[:, None] & mask_c[None, :]
+        dx_ptr + dx_offs, round_to(acc, dx_ptr.dtype.element_ty, INTERPRETED), mask=mask_m[:, None] & mask_c[None, :]
     )
 
 
@@ -414,7 +400,7 @@ def conv_elu_wgrad_kernel(
         a = tl.load(
             src_ptr + src_row[:, None] + offs_c[None, :], mask=inside[:, None] & mask_c[None, :], other=0.0
         )  # (BLOCK_P, BLOCK_C)
-        acc = _mma(acc, tl.trans(a), _round_to(g, gy_ptr.dtype.element_ty, INTERPRETED), INTERPRETED, PRECISION)
+        acc = _mma(acc, tl.trans(a), round_to(g, gy_ptr.dtype.element_ty, INTERPRETED), INTERPRETED, PRECISION)
 
     dw_offs = ((pid_s * 9 + tap) * CIN + C_OFF + offs_c[:, None]) * COUT + offs_n[None, :]
     tl.store(dw_ptr + dw_offs, acc, mask=mask_c[:, None] & mask_n[None, :])

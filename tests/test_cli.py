@@ -8,7 +8,7 @@ from began_fast.config import ConfigError
 from began_fast.data import DataError
 
 
-def test_resolve_device():
+def test_resolve_device(monkeypatch):
     assert resolve_device("cpu") == "cpu"
     assert resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
     for bad in ("mps", "gpu", "cuda:x"):
@@ -17,10 +17,14 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="PyTorch sees no CUDA GPU"):
             resolve_device("cuda")
-    with pytest.raises(ConfigError, match="GPU"):
-        resolve_device(f"cuda:{torch.cuda.device_count()}")
     with pytest.raises(ConfigError, match="--device cpu:1: the CPU is one device; give --device cpu"):
         resolve_device("cpu:1")
+    # A GPU index past the last (on a machine with one GPU, as PyTorch sees it).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == "cuda:0" and resolve_device(None) == "cuda"
+    with pytest.raises(ConfigError, match=r"^--device cuda:1: this machine has 1 GPU\(s\)$"):
+        resolve_device("cuda:1")
 
 
 def test_one_line_unwraps_an_error_from_a_dataloader_worker():
