@@ -7,6 +7,7 @@ library (h5py) through durable_replace.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -58,8 +59,12 @@ def _sync(path: str | Path) -> None:
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporary files that atomic_write leaves in `folder` when its process is killed mid-write (a
-    checkpoint's can be hundreds of MB). Call it only where no other process of ours writes into the folder; other
-    programs' files stay, even in a run folder such as --out . or --out ~."""
+    """Remove the temporaries ours leave in `folder` when their process is killed mid-write: atomic_write's files (a
+    checkpoint's can be hundreds of MB), and folders named with TEMPORARY_SUFFIX (sample.py draws its images into
+    one). Call it only where no other process of ours writes into the folder; other programs' files stay, even in a
+    run folder such as --out . or --out ~."""
     for stale in folder.glob(".*" + TEMPORARY_SUFFIX):
-        stale.unlink(missing_ok=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)

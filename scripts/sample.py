@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from began_fast import reports  # noqa: E402
-from began_fast.atomic_files import TEMPORARY_SUFFIX  # noqa: E402
+from began_fast.atomic_files import TEMPORARY_SUFFIX, remove_stale_temporaries  # noqa: E402
 from began_fast.checkpoint import CheckpointError, load_models  # noqa: E402
 from began_fast.cli import OneLineParser, check_seed, check_writable, one_line, output_path, resolve_device  # noqa: E402
 from began_fast.config import ConfigError  # noqa: E402
@@ -79,8 +79,7 @@ def write_single_images(G, z: torch.Tensor, device, folder: Path) -> None:
     temporary folder beside it first, so a call that fails or is interrupted leaves the earlier set whole; one that
     a killed call left (SIGKILL, a power loss) is removed by the next."""
     folder.mkdir(exist_ok=True)
-    for stale in folder.parent.glob(f".{folder.name}.*{TEMPORARY_SUFFIX}"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(folder.parent)
     drawing = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=TEMPORARY_SUFFIX))
     try:
         index = 0
