@@ -70,20 +70,30 @@ def test_k_and_statistics_follow_the_objective():
     assert stats["m"] == res.m.float().item() and stats["l_d"] == res.l_d.float().item()
 
 
-def test_state_dict_round_trip_continues_identically():
-    a = make_step()
-    for i in range(2):
-        a(real_batch(i))
-    b = make_step(seed=123)  # different initial weights, overwritten by the load
+def resumed(a, state):
+    """A step with other initial weights that takes a's networks and `state`, as a resume from a checkpoint does."""
+    b = make_step(seed=123)
     b.G.load_state_dict(a.G.state_dict())
     b.D.load_state_dict(a.D.state_dict())
-    b.load_state_dict(copy.deepcopy(a.state_dict()))
-    a(real_batch(5))
-    b(real_batch(5))
+    b.load_state_dict(state)
+    return b
+
+
+def assert_same_parameters(a, b):
     for p, q in zip(
         list(a.G.parameters()) + list(a.D.parameters()), list(b.G.parameters()) + list(b.D.parameters()), strict=True
     ):
         assert torch.equal(p, q)
+
+
+def test_state_dict_round_trip_continues_identically():
+    a = make_step()
+    for i in range(2):
+        a(real_batch(i))
+    b = resumed(a, copy.deepcopy(a.state_dict()))
+    a(real_batch(5))
+    b(real_batch(5))
+    assert_same_parameters(a, b)
     assert torch.equal(a.k, b.k) and b.opt_g.param_groups[0]["lr"] is b.lr
 
 
@@ -97,15 +107,9 @@ def test_a_checkpoint_from_a_cuda_graph_step_resumes_with_this_devices_adam():
     for optimizer in ("opt_g", "opt_d"):
         for group in saved[optimizer]["param_groups"]:
             group.update(capturable=True, fused=True, foreach=None)
-    b = make_step(seed=123)
-    b.G.load_state_dict(a.G.state_dict())
-    b.D.load_state_dict(a.D.state_dict())
-    b.load_state_dict(saved)
+    b = resumed(a, saved)
     for group in b.opt_g.param_groups + b.opt_d.param_groups:
         assert (group["capturable"], group["fused"], group["foreach"]) == (False, None, False)
     a(real_batch(1))
     b(real_batch(1))
-    for p, q in zip(
-        list(a.G.parameters()) + list(a.D.parameters()), list(b.G.parameters()) + list(b.D.parameters()), strict=True
-    ):
-        assert torch.equal(p, q)
+    assert_same_parameters(a, b)
