@@ -164,6 +164,20 @@ class FastStep(StepState):
         for opt in (self.opt_g, self.opt_d):
             opt.found_inf = self.loss_scale.found_inf if self.loss_scale else None
 
+    def precompile(self, batch_shape, threads: int):
+        """Compile every Triton kernel `body` launches, each config its autotuning will try, on `threads` CPU threads
+        at once, before the first step launches them one compile after another (kernels.precompile): a dry run of
+        the body on a zero batch of `batch_shape`, whose launches are compiles, then undone (snapshot / restore), so
+        the run goes on exactly as if it had not happened. Returns the kernels.precompile.Precompiled counts."""
+        from kernels.precompile import precompile  # Triton: on the triton impl only
+
+        snap = self.snapshot()
+        x = torch.zeros(batch_shape, dtype=torch.float32, device=self.device)
+        try:
+            return precompile(lambda: self.body(x), threads)
+        finally:
+            self.restore(snap)
+
     # Warm-up before a capture runs real steps; these put everything they change back afterwards, in place
     # (the graph holds the addresses), so a graph run follows the same trajectory as an eager one.
     def snapshot(self) -> dict:

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import uuid
@@ -425,6 +426,32 @@ def stop_on_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
+def compile_kernels(run: Run) -> None:
+    """On a GPU with the Triton layers, compile the fast step's kernels before its first step, on this rank's share
+    of the CPU cores at once (FastStep.precompile): left to the first step, its autotuning compiles them one after
+    another, minutes on a machine's first run (later runs read Triton's disk cache either way). Rank 0 says how long
+    it took. Only a head start: should it fail, the first step compiles the kernels, and that is said instead."""
+    step = run.step
+    if not isinstance(step, FastStep) or step.device.type != "cuda":
+        return
+    if ops.resolve_impl(step.impl, step.device) != "triton":
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks_here = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun's ranks on this machine share its cores
+    threads = max(1, cores // max(1, int(ranks_here) if ranks_here.isdigit() else 1))
+    say = functools.partial(print, file=sys.stderr, flush=True) if run.is_main else lambda *args, **kwargs: None
+    say(f"  kernels: compiling the step's Triton kernels on {threads} CPU threads ...", end="")
+    size = run.model_cfg.image_size
+    try:
+        done = step.precompile((run.train_cfg.batch_size, 3, size, size), threads)
+    except Exception as error:  # noqa: BLE001 (a head start only: whatever stopped it, the first step compiles)
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        say(f" stopped ({type(error).__name__}: {first_line}); the first step compiles them instead")
+        return
+    failed = f"; {done.failed} failed, left to the first step" if done.failed else ""
+    say(f" {done.compiles} ready in {done.seconds:.1f} s{failed}")
+
+
 def make_feed(run: Run, batches):
     """A callable that runs one step on the next batch: eagerly, or as a CUDA graph replay. With a GPU-resident
     data set the graph draws the batch itself; otherwise each replay copies the loader's batch in."""
@@ -547,7 +574,6 @@ def train(run: Run) -> Path:
         source=source,
     )
     run.data_images = len(source)
-    feed = make_feed(run, batches)
     real = RealImages(run, source)
     if main:
         check_evaluation_data(run, real)
@@ -561,6 +587,8 @@ def train(run: Run) -> Path:
             remove_stale_temporaries(folder)
         write_config(run)
         announce(run, batches.describe())
+    compile_kernels(run)
+    feed = make_feed(run, batches)
     writer = open_tensorboard(out) if main else None
     last_checkpoint = out / "latest.pt"
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet or not main)

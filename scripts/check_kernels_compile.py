@@ -21,18 +21,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from triton.runtime import Autotuner  # noqa: E402
+
+from kernels import precompile  # noqa: E402
 
 # Shared memory one block may use (the opt-in maximum), per compute capability.
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
@@ -54,91 +53,24 @@ def _timed(compile_fn, *args, **kwargs):
     return compile_fn(*args, **kwargs), time.perf_counter() - start
 
 
-def _specialization(value):
-    """What Triton specializes an argument on: a tensor's dtype and 16-byte alignment, an integer being 1 or a
-    multiple of 16, any other value itself."""
-    if torch.is_tensor(value):
-        return value.dtype, value.data_ptr() % 16 == 0
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value == 1, value % 16 == 0
-    return value
+@contextlib.contextmanager
+def compile_only(arch: int, configs: str, jobs: int, compiles: list[Compile]):
+    """Inside: every launch of the project's kernels submits its compiles for sm_`arch` (kernels.precompile), run on
+    `jobs` threads at once, each recorded in `compiles`; yields the function that submits one (for other kernels,
+    through precompile.CompileOnly). On leaving, the compiles have ended."""
 
-
-class CompileOnly:
-    """Stands in for a @triton.jit or @triton.autotune kernel: `kernel[grid](*args, **kwargs)` submits one compile
-    per new specialization and config to `pool`, and launches nothing."""
-
-    def __init__(self, kernel, configs: str, pool: ThreadPoolExecutor, compiles: list[Compile]):
-        self.kernel, self.configs, self.pool, self.compiles = kernel, configs, pool, compiles
-        self.autotuned = isinstance(kernel, Autotuner)
-        self.jit = kernel.fn if self.autotuned else kernel
-        self.jit.device_caches[0]  # the argument binder, built once here rather than raced for by the threads
-        self.seen: set[tuple] = set()
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.submit(args, kwargs, grid)
-
-    def tiles(self, args, kwargs) -> list[dict]:
-        if not self.autotuned:  # a plain @triton.jit: its launch arguments are the whole config
-            return [{}]
-        self.kernel.nargs = dict(zip(self.kernel.arg_names, args, strict=False))  # args: the positional ones
-        configs = self.kernel.prune_configs(kwargs)
-        self.kernel.nargs = None
-        if self.configs == "smallest":
-            configs = [min(configs, key=lambda config: math.prod(config.kwargs.values()))]
-        return [config.all_kwargs() for config in configs]
-
-    def submit(self, args, kwargs, grid):
-        specialization = tuple(map(_specialization, (*args, *kwargs.values())))
+    def submit(jit, args, kwargs, grid, tile):
         dtypes = dict.fromkeys(
             str(a.dtype).removeprefix("torch.") for a in (*args, *kwargs.values()) if torch.is_tensor(a)
         )
         constexprs = [f"{k}={v}" for k, v in kwargs.items() if k.isupper() and k != "INTERPRETED"]
-        for tile in self.tiles(args, kwargs):
-            if (specialization, tuple(tile.items())) in self.seen:
-                continue
-            self.seen.add((specialization, tuple(tile.items())))
-            config = " ".join(f"{k}={v}" for k, v in tile.items())
-            result = self.pool.submit(_timed, self.jit.warmup, *args, grid=grid, **kwargs, **tile)
-            self.compiles.append(Compile(self.jit.__name__, " ".join([*dtypes, *constexprs]), config, result))
+        result = pool.submit(_timed, jit.warmup, *args, grid=grid, **kwargs, **tile)
+        config = " ".join(f"{k}={v}" for k, v in tile.items())
+        compiles.append(Compile(jit.__name__, " ".join([*dtypes, *constexprs]), config, result))
 
-
-class CompileOnlyDriver:
-    """The part of a Triton driver that compiling needs: the target, and device 0 with its default stream."""
-
-    def __init__(self, arch: int):
-        from triton.backends.compiler import GPUTarget
-
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-
-@contextlib.contextmanager
-def compile_only(arch: int, configs: str, jobs: int, compiles: list[Compile]):
-    """Inside: every launch of the project's kernels submits its compile for sm_`arch`, run on `jobs` threads at
-    once (Triton's passes and ptxas leave the GIL), and the Triton conv layers take CPU tensors (nothing is
-    launched). On leaving, the compiles have ended."""
-    from triton.runtime.driver import driver
-
-    import kernels.conv_elu
-
-    with contextlib.ExitStack() as stack:
-        # Triton reads the target from its active driver; without a GPU there is none to read it from.
-        stack.enter_context(mock.patch.object(driver, "_active", CompileOnlyDriver(arch)))
-        stack.enter_context(mock.patch.object(kernels.conv_elu, "runs_on", lambda device: True))
-        # Entered after the driver, so left before it: leaving waits for the compiles while the target is set.
-        pool = stack.enter_context(ThreadPoolExecutor(jobs))
-        for module, name, kernel in kernels.launched_kernels():
-            stack.enter_context(mock.patch.object(module, name, CompileOnly(kernel, configs, pool, compiles)))
-        yield pool
+    # The pool is left first, while the target is still set: leaving it waits for the compiles.
+    with precompile.compiling_for(arch), ThreadPoolExecutor(jobs) as pool, precompile.compile_only(submit, configs):
+        yield submit
 
 
 def run_one_step(preset: str, skip: bool, amp: str | None) -> None:

@@ -65,6 +65,7 @@ def test_a_compile_error_and_a_tile_too_big_for_shared_memory_fail_the_check(tmp
             import triton.language as tl
             sys.path.insert(0, {str(SCRIPT.parent)!r})
             import check_kernels_compile as check
+            from kernels.precompile import CompileOnly
 
             @triton.jit
             def tiny_dot_kernel(x_ptr, BLOCK: tl.constexpr):
@@ -83,9 +84,9 @@ def test_a_compile_error_and_a_tile_too_big_for_shared_memory_fail_the_check(tmp
 
             compiles = []
             x = torch.empty(2 * 256 * 256, dtype=torch.bfloat16)
-            with check.compile_only(90, "smallest", 2, compiles) as pool:
-                check.CompileOnly(tiny_dot_kernel, "smallest", pool, compiles)[(1,)](x, BLOCK=8)
-                check.CompileOnly(huge_tile_kernel, "smallest", pool, compiles)[(1,)](x, BLOCK=256)
+            with check.compile_only(90, "smallest", 2, compiles) as submit:
+                CompileOnly(tiny_dot_kernel, "smallest", submit)[(1,)](x, BLOCK=8)
+                CompileOnly(huge_tile_kernel, "smallest", submit)[(1,)](x, BLOCK=256)
             sys.exit(check.report(compiles, 90))
             """
         )

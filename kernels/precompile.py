@@ -1,0 +1,167 @@
+"""Compile the Triton kernels a piece of work launches, each autotuning config, all at once, launching none.
+
+Triton compiles a kernel when it is first launched, and autotuning a new specialization compiles every config it
+tries, one after another: a first gpu64 training step in bf16 compiles 135 kernels, about 6 CPU-minutes (Triton
+3.6 on a 2-core AMD EPYC, scripts/check_kernels_compile.py). Inside `compile_only`, each launch of the project's
+kernels (kernels.launched_kernels) is replaced by `compile(jit, args, kwargs, grid, tile)` for each config autotuning
+would try at that launch (after its pruning; or only the smallest), once per specialization: the work runs to its
+end, but nothing runs on the device, so what it computes is meaningless and must be thrown away.
+
+`precompile` runs such a dry run under Triton's AsyncCompileMode on a thread pool (Triton's passes and ptxas leave
+the GIL). Each compile lands in the kernel's in-memory cache, and in Triton's disk cache, under the key the real
+launch computes (the same binder reads the same arguments: dtypes, 16-byte alignment, integers equal to 1 or
+divisible by 16, constexprs, the config), so the real run and its autotuning then launch without compiling.
+`compiling_for` stands in for a GPU that is not there, so the same dry run compiles for it on any machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
+
+import torch
+import triton
+from triton.runtime import Autotuner
+from triton.runtime.driver import driver
+
+import kernels
+import kernels.conv_elu
+
+# compile(jit, args, kwargs, grid, tile): compile the @triton.jit function `jit` as kernel[grid](*args, **kwargs,
+# **tile) would launch it.
+CompileFn = Callable[[triton.runtime.JITFunction, tuple, dict, object, dict], None]
+
+
+def _specialization(value):
+    """What Triton specializes an argument on: a tensor's dtype and 16-byte alignment, an integer being 1 or a
+    multiple of 16, any other value itself."""
+    if torch.is_tensor(value):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value == 1, value % 16 == 0
+    return value
+
+
+class CompileOnly:
+    """Stands in for a @triton.jit or @triton.autotune kernel: `kernel[grid](*args, **kwargs)` calls `compile` once
+    per new specialization and config ("all" the configs autotuning would try there, or the "smallest"), and
+    launches nothing."""
+
+    def __init__(self, kernel, configs: str, compile: CompileFn):
+        self.kernel, self.configs, self.compile = kernel, configs, compile
+        self.autotuned = isinstance(kernel, Autotuner)
+        self.jit = kernel.fn if self.autotuned else kernel
+        # The argument binder, built here, once, rather than raced for by threads that compile.
+        self.jit.device_caches[driver.active.get_current_device()]
+        self.seen: set[tuple] = set()
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(args, kwargs, grid)
+
+    def tiles(self, args, kwargs) -> list[dict]:
+        if not self.autotuned:  # a plain @triton.jit: its launch arguments are the whole config
+            return [{}]
+        self.kernel.nargs = dict(zip(self.kernel.arg_names, args, strict=False))  # args: the positional ones
+        configs = self.kernel.prune_configs(kwargs)
+        self.kernel.nargs = None
+        if self.configs == "smallest":
+            configs = [min(configs, key=lambda config: math.prod(config.kwargs.values()))]
+        return [config.all_kwargs() for config in configs]
+
+    def launch(self, args, kwargs, grid) -> None:
+        specialization = tuple(map(_specialization, (*args, *kwargs.values())))
+        for tile in self.tiles(args, kwargs):
+            if (specialization, tuple(tile.items())) not in self.seen:
+                self.seen.add((specialization, tuple(tile.items())))
+                self.compile(self.jit, args, kwargs, grid, tile)
+
+
+@contextlib.contextmanager
+def compile_only(compile: CompileFn, configs: str = "all"):
+    """Inside, every launch of the project's kernels is a call of `compile` per new specialization and config
+    (CompileOnly)."""
+    with contextlib.ExitStack() as stack:
+        for module, name, kernel in kernels.launched_kernels():
+            stack.enter_context(mock.patch.object(module, name, CompileOnly(kernel, configs, compile)))
+        yield
+
+
+class _CountedAsyncCompile(triton.AsyncCompileMode):
+    """Triton's AsyncCompileMode, counting the compiles it starts and those that fail. A failed compile is left to
+    the real launch, which compiles it again and raises (or, autotuning, skips that config) as it would have."""
+
+    def __init__(self, executor):
+        super().__init__(executor, ignore_errors=True)
+        self.started, self.failed = 0, []
+
+    def submit(self, key, compile_fn, *finalize):
+        if key not in self.future_kernels:
+            self.started += 1
+
+        def counted():
+            try:
+                return compile_fn()
+            except Exception as error:
+                self.failed.append(error)  # list.append: atomic, whichever thread fails
+                raise
+
+        return super().submit(key, counted, *finalize)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precompiled:
+    compiles: int  # started: compiled, or read from Triton's disk cache where an earlier process compiled it
+    failed: int
+    seconds: float
+
+
+def _warm_up(jit, args, kwargs, grid, tile) -> None:
+    jit.warmup(*args, grid=grid, **kwargs, **tile)  # under AsyncCompileMode: submits the compile, returns at once
+
+
+def precompile(work: Callable[[], object], threads: int) -> Precompiled:
+    """Run `work` with every launch of the project's kernels replaced by compiles of each config autotuning would
+    try there, `threads` at a time; return when all have ended (each then in its kernel's cache). What `work`
+    computes is meaningless: undo its effects."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool:
+        mode = _CountedAsyncCompile(pool)
+        with mode, compile_only(_warm_up):
+            work()
+    return Precompiled(mode.started, len(mode.failed), time.perf_counter() - start)
+
+
+class _AbsentGpuDriver:
+    """The part of a Triton driver that compiling needs: the target, and device 0 with its default stream."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextlib.contextmanager
+def compiling_for(arch: int):
+    """Inside, Triton compiles for an NVIDIA GPU of compute capability `arch` (90: Hopper) whether or not one is
+    present, and the Triton conv layers take CPU tensors (to stand in for CUDA ones in a dry run: launching them
+    would fail). Only for compiling: nothing may launch inside."""
+    # Triton reads the target from its active driver; without a GPU there is none to read it from.
+    with (
+        mock.patch.object(driver, "_active", _AbsentGpuDriver(arch)),
+        mock.patch.object(kernels.conv_elu, "runs_on", lambda device: True),
+    ):
+        yield

@@ -1,0 +1,234 @@
+"""The fast step's Triton kernels are compiled ahead, all at once, before its first step (kernels/precompile.py,
+FastStep.precompile), and the autotuners keep their picks in Triton's disk cache.
+
+Each probe runs in a subprocess without TRITON_INTERPRET (this process's kernels are interpreted where there is no
+GPU) and, where it says so, with a Triton cache of its own, so that nothing an earlier test compiled is found.
+Without a GPU the probe compiles for sm_90 and checks what it can without launching: every compile the dry run
+asks for lands in the kernels' caches, and the step is left as it was. On a GPU the probes check what matters:
+the first step then compiles nothing, follows the trajectory it would have without the head start, and a second
+process reads the autotuners' picks instead of benchmarking again. What the training loop does with the head start
+(how many threads, what it says, that a failed one only costs the time) is checked on the CPU with a stand-in.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from began_fast import ops
+from began_fast.config import DataConfig, ModelConfig, TrainConfig
+from began_fast.fast_step import FastStep
+from began_fast.model import Discriminator, Generator
+from began_fast.train import RunOptions, compile_kernels, setup_run, train
+from kernels.precompile import Precompiled
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The probes build the `demo` preset's fast step on the Triton layers: build_step returns it and its batch shape.
+BUILD_STEP = """
+import json
+import torch
+from began_fast.config import get_preset
+from began_fast.fast_step import FastStep
+from began_fast.model import Discriminator, Generator
+
+def build_step(device, amp):
+    cfg = get_preset("demo")
+    torch.manual_seed(0)
+    G = Generator(cfg.model, impl="triton").to(device)
+    D = Discriminator(cfg.model, impl="triton").to(device)
+    size = cfg.model.image_size
+    return FastStep(G, D, cfg.train, device, amp=amp, impl="triton"), (cfg.train.batch_size, 3, size, size)
+"""
+
+# Without a GPU: the dry run compiles for sm_90; a second one finds every compile it asks for in the kernels'
+# in-memory caches, the ones a launch reads; the step's state is as it was, and the optimizer state the dry run's
+# updates created is zero (what a first update starts from).
+PROBE_COMPILE_FOR_HOPPER = """
+from kernels.precompile import compiling_for
+
+with compiling_for(90):
+    step, shape = build_step("cpu", None)
+    before = step.snapshot()
+    first = step.precompile(shape, 2)
+    again = step.precompile(shape, 2)
+unchanged = all(torch.equal(t, copy) for t, copy in before["tensors"])
+unchanged = unchanged and torch.equal(step.z_gen.get_state(), before["z_gen"])
+adam = [v for opt in (step.opt_g, step.opt_d) for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+print(json.dumps({"first": first.compiles, "failed": first.failed, "again": again.compiles, "unchanged": unchanged,
+                  "adam_state": len(adam), "adam_state_zero": all(not v.any() for v in adam)}))
+"""
+
+# Without a GPU, in bf16, with the compiles recorded rather than run: the tiles the head start asks for per kernel.
+PROBE_TILES = """
+from kernels import precompile
+from kernels.conv_elu import GPU_CONFIGS
+
+tiles = {}
+def record(jit, args, kwargs, grid, tile):
+    tiles.setdefault(jit.__name__, set()).add(json.dumps(tile, sort_keys=True))
+
+precompile._warm_up = record
+with precompile.compiling_for(90):
+    step, shape = build_step("cpu", "bf16")
+    step.precompile(shape, 2)
+every = {name: {json.dumps(c.all_kwargs(), sort_keys=True) for c in configs} for name, configs in GPU_CONFIGS.items()}
+print(json.dumps({name: sorted(tiles.get(name, ())) == sorted(every[name]) for name in every}))
+"""
+
+# On a GPU: the compiles that launches (autotuning's included) still ask for after the head start, through the
+# whole CUDA graph path (three eager warm-up steps, the capture, a replay), and the autotuners' reports.
+PROBE_FIRST_STEP_ON_GPU = """
+from triton import knobs
+from began_fast.fast_step import CudaGraphStep
+
+step, shape = build_step("cuda", "bf16")
+done = step.precompile(shape, 8)
+launch_compiles = []
+knobs.runtime.jit_cache_hook = lambda **hook: None if hook["is_manual_warmup"] else launch_compiles.append(
+    hook["repr"]
+)
+graph = CudaGraphStep(step, shape)
+graph(torch.rand(shape, device="cuda") * 2 - 1)
+torch.cuda.synchronize()
+print(json.dumps({"precompiled": done.compiles, "failed": done.failed, "launch_compiles": launch_compiles}))
+"""
+
+
+def run_probe(probe: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
+    """The probe's JSON line (its last line of output) and its whole output."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    source = textwrap.dedent(BUILD_STEP) + textwrap.dedent(probe)
+    result = subprocess.run(
+        [sys.executable, "-c", source], cwd=ROOT, env={**environment, **(env or {})}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes that launch cover it")
+def test_precompiling_for_hopper_fills_the_caches_the_launches_read_and_leaves_the_step_as_it_was():
+    result, _ = run_probe(PROBE_COMPILE_FOR_HOPPER)
+    assert result["first"] > 0 and result["failed"] == 0, result
+    assert result["again"] == 0, result
+    assert result["unchanged"], result
+    assert result["adam_state"] > 0 and result["adam_state_zero"], result
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes that launch cover it")
+def test_the_head_start_compiles_every_tile_autotuning_will_try_in_bf16():
+    result, _ = run_probe(PROBE_TILES)
+    assert result == dict.fromkeys(("conv_elu_fwd_kernel", "conv_elu_dgrad_kernel", "conv_elu_wgrad_kernel"), True)
+
+
+@pytest.mark.cuda
+def test_after_the_head_start_the_first_steps_compile_nothing_and_a_second_process_reuses_the_autotuning(tmp_path):
+    env = {"TRITON_CACHE_DIR": str(tmp_path / "triton"), "TRITON_PRINT_AUTOTUNING": "1"}
+    first, first_output = run_probe(PROBE_FIRST_STEP_ON_GPU, env)
+    assert first["precompiled"] > 0 and first["failed"] == 0, first
+    assert first["launch_compiles"] == [], first
+    assert "Triton autotuning for function" in first_output
+    second, second_output = run_probe(PROBE_FIRST_STEP_ON_GPU, env)
+    assert second["launch_compiles"] == [], second
+    assert "Triton autotuning for function" not in second_output  # each pick read from the disk cache
+
+
+@pytest.mark.cuda
+def test_a_step_given_the_head_start_follows_the_same_trajectory_bit_for_bit():
+    model, cfg = ModelConfig(image_size=32, n=32, h=32, skip=True), TrainConfig(batch_size=8)
+    steps = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        G, D = Generator(model, impl="triton").cuda(), Discriminator(model, impl="triton").cuda()
+        steps.append(FastStep(G, D, cfg, "cuda", amp="bf16", impl="triton"))
+    head_started, plain = steps
+    head_started.precompile((8, 3, 32, 32), 4)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(3):
+        x = torch.rand(8, 3, 32, 32, device="cuda", generator=g) * 2 - 1
+        head_started(x)
+        plain(x)
+    torch.cuda.synchronize()
+    for a, b in zip(head_started.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(head_started.k, plain.k)
+
+
+def train_on_gpu(out):
+    model = ModelConfig(image_size=16, n=8, h=8)
+    train_cfg = TrainConfig(batch_size=4, steps=2, log_every=1, sample_every=2, checkpoint_every=2)
+    data = DataConfig(builtin_count=64, num_workers=0, loader="torch")
+    options = RunOptions(out=out, device="cuda", amp="bf16", cuda_graphs=True, quiet=True)
+    return train(setup_run(model, train_cfg, data, options))
+
+
+@pytest.mark.cuda
+def test_a_gpu_run_says_how_long_compiling_its_kernels_took(tmp_path, capsys):
+    train_on_gpu(tmp_path / "run")
+    err = capsys.readouterr().err
+    assert re.search(r"kernels: compiling the step's Triton kernels on \d+ CPU threads \.\.\. \d+ ready in", err), err
+
+
+class HeadStart:
+    """Stands in for FastStep.precompile: records the threads it was given, then returns `result` or raises it."""
+
+    def __init__(self, result):
+        self.result, self.threads = result, []
+
+    def __call__(self, batch_shape, threads):
+        self.threads.append(threads)
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def cpu_run(tmp_path, monkeypatch, head_start, rank=0):
+    """A run's compile_kernels as on a GPU (a CPU step that says it is on one), with `head_start` for its dry run."""
+    model = ModelConfig(image_size=16, n=8, h=8)
+    run = setup_run(model, TrainConfig(batch_size=4), DataConfig(), RunOptions(out=tmp_path / "run", impl="torch"))
+    monkeypatch.setattr(run.step, "precompile", head_start)
+    monkeypatch.setattr(ops, "resolve_impl", lambda impl, device: "triton")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    run.step.device = torch.device("cuda")
+    run.step.rank = rank
+    return run
+
+
+@pytest.mark.parametrize(
+    "result, said",
+    [
+        (Precompiled(135, 0, 21.04), " 135 ready in 21.0 s\n"),
+        (Precompiled(135, 2, 3.0), " 135 ready in 3.0 s; 2 failed, left to the first step\n"),
+        (
+            AttributeError("module 'triton' has no attribute 'AsyncCompileMode'\nsecond line"),
+            " stopped (AttributeError: module 'triton' has no attribute 'AsyncCompileMode'); the first step compiles "
+            "them instead\n",
+        ),
+    ],
+    ids=["compiled", "some-failed", "stopped"],
+)
+def test_a_gpu_run_compiles_ahead_on_its_share_of_the_cores_and_says_how_it_went(
+    tmp_path, monkeypatch, capsys, result, said
+):
+    head_start = HeadStart(result)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks on this machine: 4 of its 8 cores each
+    compile_kernels(cpu_run(tmp_path, monkeypatch, head_start))
+    assert head_start.threads == [4]
+    assert capsys.readouterr().err == "  kernels: compiling the step's Triton kernels on 4 CPU threads ..." + said
+
+
+def test_only_rank_0_says_it_and_a_cpu_run_takes_no_head_start(tmp_path, monkeypatch, capsys):
+    head_start = HeadStart(Precompiled(135, 0, 1.0))
+    compile_kernels(cpu_run(tmp_path / "rank1", monkeypatch, head_start, rank=1))
+    assert head_start.threads == [8] and capsys.readouterr().err == ""
+    run = cpu_run(tmp_path / "cpu", monkeypatch, head_start)
+    run.step.device = torch.device("cpu")
+    compile_kernels(run)
+    assert head_start.threads == [8]
