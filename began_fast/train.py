@@ -46,6 +46,7 @@ from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep, StepState
 
 SAMPLE_GRID = 64  # images in a sample grid (8 x 8)
+PRECOMPILE_ENV = "BEGAN_FAST_PRECOMPILE"  # "0": no head start, the first step compiles the kernels (compile_kernels)
 RECONSTRUCTION_PAIRS = 16
 # On --resume the checkpoint's configs stand. These settings may still be given anew: how long the run goes, how
 # it is watched, and where and how its data is read (the same data, moved); any other one must match the saved.
@@ -430,9 +431,10 @@ def compile_kernels(run: Run) -> None:
     """On a GPU with the Triton layers, compile the fast step's kernels before its first step, on this rank's share
     of the CPU cores at once (FastStep.precompile): left to the first step, its autotuning compiles them one after
     another, minutes on a machine's first run (later runs read Triton's disk cache either way). Rank 0 says how long
-    it took. Only a head start: should it fail, the first step compiles the kernels, and that is said instead."""
+    it took. Only a head start: should it fail, the first step compiles the kernels, and that is said instead.
+    BEGAN_FAST_PRECOMPILE=0 leaves them to the first step (to time the difference, say)."""
     step = run.step
-    if not isinstance(step, FastStep) or step.device.type != "cuda":
+    if not isinstance(step, FastStep) or step.device.type != "cuda" or os.environ.get(PRECOMPILE_ENV) == "0":
         return
     if ops.resolve_impl(step.impl, step.device) != "triton":
         return

@@ -27,6 +27,10 @@
 #             Triton kernels against PyTorch's, and the graph-replayed against the eager step; paper64, batch 16,
 #             bf16, into OUT_DIR/profile/
 #   torchrun  a 1-GPU torchrun launch of the fast path (--amp --cuda-graphs), 300 paper64 steps
+#   startup   the wall time of a 1-step gpu64 run (--amp --cuda-graphs) with an empty Triton cache and no head start
+#             (BEGAN_FAST_PRECOMPILE=0: the first step compiles the kernels one after another), with an empty cache
+#             and the head start (all compiled at once first), and again with that cache full; each its own cache,
+#             so the order of the phases does not matter
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each, SWD side by side
 # The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
 # ~/.triton, which is lost with the machine: where the machine goes back after a short idle time, run `compile` in the
@@ -35,7 +39,7 @@
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...]}
 shift
-phases=${*:-compile tests bench profile torchrun quality}
+phases=${*:-compile tests bench profile torchrun startup quality}
 mkdir -p "$out"
 select=${BENCH_SELECT:+ and ($BENCH_SELECT)}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
@@ -96,9 +100,18 @@ for phase in $phases; do
         run torchrun python -m torch.distributed.run --standalone --nproc-per-node 1 scripts/train.py --preset paper64 \
             --steps 300 --log-every 100 --amp --cuda-graphs --out "$out/torchrun" --quiet
         ;;
+    startup)
+        empty=$(mktemp -d) filled=$(mktemp -d)
+        for case in "cold_one_by_one 0 $empty" "cold_head_start 1 $filled" "warm 1 $filled"; do
+            read -r name head_start cache <<<"$case"
+            run "startup_$name" env BEGAN_FAST_PRECOMPILE="$head_start" TRITON_CACHE_DIR="$cache" bash -c \
+                'TIMEFORMAT="wall %R s"; time python scripts/train.py --preset gpu64 --steps 1 --amp --cuda-graphs \
+                --quiet --out "$0"' "$out/startup_$name"
+        done
+        ;;
     quality) run quality bash scripts/quality_run.sh "$out/quality" 10000 ;;
     *) echo "unknown phase $phase (compile, tests, tests_cuda, bench_step, bench_step_compile, bench_kernels,"\
-        "bench_kernels_compile, bench_data, report, bench, profile, torchrun, quality)"; exit 2 ;;
+        "bench_kernels_compile, bench_data, report, bench, profile, torchrun, startup, quality)"; exit 2 ;;
     esac
 done
 exit $status

@@ -224,11 +224,13 @@ def test_a_gpu_run_compiles_ahead_on_its_share_of_the_cores_and_says_how_it_went
     assert capsys.readouterr().err == "  kernels: compiling the step's Triton kernels on 4 CPU threads ..." + said
 
 
-def test_only_rank_0_says_it_and_a_cpu_run_takes_no_head_start(tmp_path, monkeypatch, capsys):
+def test_only_rank_0_says_it_and_a_cpu_run_or_one_told_not_to_takes_no_head_start(tmp_path, monkeypatch, capsys):
     head_start = HeadStart(Precompiled(135, 0, 1.0))
     compile_kernels(cpu_run(tmp_path / "rank1", monkeypatch, head_start, rank=1))
     assert head_start.threads == [8] and capsys.readouterr().err == ""
     run = cpu_run(tmp_path / "cpu", monkeypatch, head_start)
     run.step.device = torch.device("cpu")
     compile_kernels(run)
-    assert head_start.threads == [8]
+    monkeypatch.setenv("BEGAN_FAST_PRECOMPILE", "0")
+    compile_kernels(cpu_run(tmp_path / "told", monkeypatch, head_start))
+    assert head_start.threads == [8] and capsys.readouterr().err == ""
