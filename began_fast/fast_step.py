@@ -171,11 +171,15 @@ class FastStep(StepState):
         the run goes on exactly as if it had not happened. Returns the kernels.precompile.Precompiled counts."""
         from kernels.precompile import precompile  # Triton: on the triton impl only
 
-        snap = self.snapshot()
+        snap, collectives = self.snapshot(), self.collectives
         x = torch.zeros(batch_shape, dtype=torch.float32, device=self.device)
+        # Without the all-reduces (they launch no Triton kernel): each rank's dry run is its own, so one that stops
+        # on one rank cannot leave the ranks' collectives out of step.
+        self.collectives = None
         try:
             return precompile(lambda: self.body(x), threads)
         finally:
+            self.collectives = collectives
             self.restore(snap)
 
     # Warm-up before a capture runs real steps; these put everything they change back afterwards, in place

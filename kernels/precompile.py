@@ -2,20 +2,21 @@
 
 Triton compiles a kernel when it is first launched, and autotuning a new specialization compiles every config it
 tries, one after another: a first gpu64 training step in bf16 compiles 135 kernels, 303 s on one core of a 2-core
-AMD EPYC (Triton 3.6, for sm_90), 177 s on both. Inside `compile_only`, each launch of the project's
-kernels (kernels.launched_kernels) is replaced by `compile(jit, args, kwargs, grid, tile)` for each config autotuning
-would try at that launch (after its pruning; or only the smallest), once per specialization: the work runs to its
-end, but nothing runs on the device, so what it computes is meaningless and must be thrown away.
+AMD EPYC (Triton 3.6, for sm_90), 177 s on both. Inside `compile_only`, each launch of the project's kernels
+(kernels.launched_kernels) is replaced by `compile(jit, args, kwargs, grid, tile)` for each config autotuning would
+try at that launch (after its pruning; or only the smallest), once per specialization: the work runs to its end,
+but nothing runs on the device, so what it computes is meaningless and must be thrown away.
 
-`precompile` runs such a dry run under Triton's AsyncCompileMode on a thread pool (Triton's passes and ptxas leave
-the GIL). Each compile lands in the kernel's in-memory cache, and in Triton's disk cache, under the key the real
-launch computes (the same binder reads the same arguments: dtypes, 16-byte alignment, integers equal to 1 or
-divisible by 16, constexprs, the config), so the real run and its autotuning then launch without compiling.
-`compiling_for` stands in for a GPU that is not there, so the same dry run compiles for it on any machine.
+`precompile` runs such a dry run with the compiles on a thread pool (Triton's passes and ptxas leave the GIL). Each
+compile lands in the kernel's in-memory cache, and in Triton's disk cache, under the key the real launch computes
+(the same binder reads the same arguments: dtypes, 16-byte alignment, integers equal to 1 or divisible by 16,
+constexprs, the config), so the real run and its autotuning then launch without compiling. `compiling_for` stands
+in for a GPU that is not there, so the same dry run compiles for it on any machine.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import math
@@ -38,13 +39,13 @@ CompileFn = Callable[[triton.runtime.JITFunction, tuple, dict, object, dict], No
 
 
 def _specialization(value):
-    """What Triton specializes an argument on: a tensor's dtype and 16-byte alignment, an integer being 1 or a
-    multiple of 16, any other value itself."""
+    """What Triton specializes a run-time (not constexpr) argument on: a tensor's dtype and 16-byte alignment, an
+    integer being 1, a multiple of 16, or too big for 32 bits; any other value, its type."""
     if torch.is_tensor(value):
         return value.dtype, value.data_ptr() % 16 == 0
     if isinstance(value, int) and not isinstance(value, bool):
-        return value == 1, value % 16 == 0
-    return value
+        return value == 1, value % 16 == 0, -(2**31) <= value < 2**31
+    return type(value)
 
 
 class CompileOnly:
@@ -56,6 +57,7 @@ class CompileOnly:
         self.kernel, self.configs, self.compile = kernel, configs, compile
         self.autotuned = isinstance(kernel, Autotuner)
         self.jit = kernel.fn if self.autotuned else kernel
+        self.constexprs = {param.name for param in self.jit.params if param.is_constexpr}  # specialized on the value
         # The argument binder, built here, once, rather than raced for by threads that compile.
         self.jit.device_caches[driver.active.get_current_device()]
         self.seen: set[tuple] = set()
@@ -74,7 +76,10 @@ class CompileOnly:
         return [config.all_kwargs() for config in configs]
 
     def launch(self, args, kwargs, grid) -> None:
-        specialization = tuple(map(_specialization, (*args, *kwargs.values())))
+        arguments = {**dict(zip(self.jit.arg_names, args, strict=False)), **kwargs}.items()
+        specialization = tuple(
+            (name, value if name in self.constexprs else _specialization(value)) for name, value in arguments
+        )
         for tile in self.tiles(args, kwargs):
             if (specialization, tuple(tile.items())) not in self.seen:
                 self.seen.add((specialization, tuple(tile.items())))
@@ -91,49 +96,43 @@ def compile_only(compile: CompileFn, configs: str = "all"):
         yield
 
 
-class _CountedAsyncCompile(triton.AsyncCompileMode):
-    """Triton's AsyncCompileMode, counting the compiles it starts and those that fail. A failed compile is left to
-    the real launch, which compiles it again and raises (or, autotuning, skips that config) as it would have."""
-
-    def __init__(self, executor):
-        super().__init__(executor, ignore_errors=True)
-        self.started, self.failed = 0, []
-
-    def submit(self, key, compile_fn, *finalize):
-        if key not in self.future_kernels:
-            self.started += 1
-
-        def counted():
-            try:
-                return compile_fn()
-            except Exception as error:
-                self.failed.append(error)  # list.append: atomic, whichever thread fails
-                raise
-
-        return super().submit(key, counted, *finalize)
-
-
 @dataclasses.dataclass(frozen=True)
 class Precompiled:
-    compiles: int  # started: compiled, or read from Triton's disk cache where an earlier process compiled it
-    failed: int
+    compiles: int  # asked for: compiled, or read from Triton's disk cache where an earlier process compiled it
+    failed: int  # left to the real launch, which compiles again and raises (or, autotuning, skips that config)
     seconds: float
 
 
-def _warm_up(jit, args, kwargs, grid, tile) -> None:
-    jit.warmup(*args, grid=grid, **kwargs, **tile)  # under AsyncCompileMode: submits the compile, returns at once
+def _warm_up(device: int, jit, args, kwargs, grid, tile) -> None:
+    """Compile `jit` as it would be launched, into its cache for GPU `device` (a pool thread's current GPU is 0)."""
+    on_device = torch.cuda.device(device) if torch.cuda.is_available() else contextlib.nullcontext()
+    with on_device:
+        jit.warmup(*args, grid=grid, **kwargs, **tile)
 
 
 def precompile(work: Callable[[], object], threads: int) -> Precompiled:
     """Run `work` with every launch of the project's kernels replaced by compiles of each config autotuning would
-    try there, `threads` at a time; return when all have ended (each then in its kernel's cache). What `work`
-    computes is meaningless: undo its effects."""
+    try there, `threads` at a time on a pool, and return when all have ended (each then in its kernel's cache).
+    What `work` computes is meaningless: undo its effects. Stopped (an error, Ctrl-C), it drops the compiles not
+    yet started, so that it waits only for those running, not for minutes of compiles nothing will use."""
     start = time.perf_counter()
+    compiles = []
+
+    def submit(jit, args, kwargs, grid, tile):
+        # Whichever thread launches (on CUDA, autograd runs backward on threads of its own), the pool compiles.
+        device = driver.active.get_current_device()
+        compiles.append(pool.submit(_warm_up, device, jit, args, kwargs, grid, tile))
+
     with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool:
-        mode = _CountedAsyncCompile(pool)
-        with mode, compile_only(_warm_up):
-            work()
-    return Precompiled(mode.started, len(mode.failed), time.perf_counter() - start)
+        try:
+            with compile_only(submit):
+                work()
+            concurrent.futures.wait(compiles)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # leaving the pool then waits for the running ones only
+            raise
+    failed = sum(future.exception() is not None for future in compiles)
+    return Precompiled(len(compiles), failed, time.perf_counter() - start)
 
 
 class _AbsentGpuDriver:

@@ -47,31 +47,78 @@ def build_step(device, amp):
     return FastStep(G, D, cfg.train, device, amp=amp, impl="triton"), (cfg.train.batch_size, 3, size, size)
 """
 
-# Without a GPU: the dry run compiles for sm_90; a second one finds every compile it asks for in the kernels'
-# in-memory caches, the ones a launch reads; the step's state is as it was, and the optimizer state the dry run's
-# updates created is zero (what a first update starts from).
-PROBE_COMPILE_FOR_HOPPER = """
-from kernels.precompile import compiling_for
+# How many compiles the step's dry run asks for, counted with them recorded rather than run; and each kernel Triton
+# compiles (or reads from its disk cache): the thread it compiles on, and whether a warm-up or a launch asked.
+COUNT_COMPILES = """
+import threading
+from triton import knobs
+from kernels import precompile
 
-with compiling_for(90):
+def asked_by(step, shape):
+    asked, warm_up = [], precompile._warm_up
+    precompile._warm_up = lambda *launch: asked.append(launch)
+    try:
+        step.precompile(shape, 1)
+    finally:
+        precompile._warm_up = warm_up
+    return len(asked)
+
+compiles = []
+knobs.runtime.jit_cache_hook = lambda **hook: compiles.append(
+    (threading.current_thread().name, hook["is_manual_warmup"])
+)
+
+def counted(compiled):
+    on_pool = sum(thread.startswith("triton-compile") for thread, _ in compiled)
+    return {"on_pool": on_pool, "elsewhere": len(compiled) - on_pool}
+"""
+
+# Without a GPU: the dry run compiles for sm_90, all on its pool; a second one compiles nothing, as its compiles are
+# all in the kernels' in-memory caches, the ones a launch reads; the step's state is as it was, and the optimizer
+# state the dry run's updates created is zero (what a first update starts from).
+PROBE_COMPILE_FOR_HOPPER = """
+with precompile.compiling_for(90):
     step, shape = build_step("cpu", None)
     before = step.snapshot()
     first = step.precompile(shape, 2)
-    again = step.precompile(shape, 2)
+    first_compiles, compiles[:] = counted(compiles), []
+    step.precompile(shape, 2)  # again
 unchanged = all(torch.equal(t, copy) for t, copy in before["tensors"])
 unchanged = unchanged and torch.equal(step.z_gen.get_state(), before["z_gen"])
 adam = [v for opt in (step.opt_g, step.opt_d) for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-print(json.dumps({"first": first.compiles, "failed": first.failed, "again": again.compiles, "unchanged": unchanged,
-                  "adam_state": len(adam), "adam_state_zero": all(not v.any() for v in adam)}))
+print(json.dumps({"asked": first.compiles, "failed": first.failed, "compiled": first_compiles,
+                  "compiled_again": len(compiles), "unchanged": unchanged, "adam_state": len(adam),
+                  "adam_state_zero": all(not v.any() for v in adam)}))
+"""
+
+# Without a GPU, in bf16 with an empty cache, one compile at a time: a dry run stopped at its end (as by Ctrl-C)
+# while its compiles are queued.
+PROBE_STOPPED = """
+import os
+
+with precompile.compiling_for(90):
+    step, shape = build_step("cpu", "bf16")
+    asked = asked_by(step, shape)
+
+    def stopped():
+        step.body(torch.zeros(shape))
+        raise KeyboardInterrupt
+
+    try:
+        precompile.precompile(stopped, 1)
+    except KeyboardInterrupt:
+        pass
+cache = os.environ["TRITON_CACHE_DIR"]
+compiled = [name for _, _, names in os.walk(cache) for name in names if name.endswith(".cubin")]
+print(json.dumps({"asked": asked, "compiled": len(compiled)}))
 """
 
 # Without a GPU, in bf16, with the compiles recorded rather than run: the tiles the head start asks for per kernel.
 PROBE_TILES = """
-from kernels import precompile
 from kernels.conv_elu import GPU_CONFIGS
 
 tiles = {}
-def record(jit, args, kwargs, grid, tile):
+def record(device, jit, args, kwargs, grid, tile):
     tiles.setdefault(jit.__name__, set()).add(json.dumps(tile, sort_keys=True))
 
 precompile._warm_up = record
@@ -82,22 +129,20 @@ every = {name: {json.dumps(c.all_kwargs(), sort_keys=True) for c in configs} for
 print(json.dumps({name: sorted(tiles.get(name, ())) == sorted(every[name]) for name in every}))
 """
 
-# On a GPU: the compiles that launches (autotuning's included) still ask for after the head start, through the
-# whole CUDA graph path (three eager warm-up steps, the capture, a replay), and the autotuners' reports.
+# On a GPU: where the head start's compiles ran (on CUDA autograd runs backward on threads of its own), and the
+# compiles that launches (autotuning's included) still ask for after it, through the whole CUDA graph path (three
+# eager warm-up steps, the capture, a replay); the output holds the autotuners' reports.
 PROBE_FIRST_STEP_ON_GPU = """
-from triton import knobs
 from began_fast.fast_step import CudaGraphStep
 
 step, shape = build_step("cuda", "bf16")
 done = step.precompile(shape, 8)
-launch_compiles = []
-knobs.runtime.jit_cache_hook = lambda **hook: None if hook["is_manual_warmup"] else launch_compiles.append(
-    hook["repr"]
-)
+head_start, compiles[:] = counted(compiles), []
 graph = CudaGraphStep(step, shape)
 graph(torch.rand(shape, device="cuda") * 2 - 1)
 torch.cuda.synchronize()
-print(json.dumps({"precompiled": done.compiles, "failed": done.failed, "launch_compiles": launch_compiles}))
+print(json.dumps({"asked": done.compiles, "failed": done.failed, "head_start": head_start,
+                  "launch_compiles": len(compiles)}))
 """
 
 
@@ -105,9 +150,14 @@ def run_probe(probe: str, env: dict[str, str] | None = None) -> tuple[dict, str]
     """The probe's JSON line (its last line of output) and its whole output."""
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
-    source = textwrap.dedent(BUILD_STEP) + textwrap.dedent(probe)
+    source = textwrap.dedent(BUILD_STEP) + textwrap.dedent(COUNT_COMPILES) + textwrap.dedent(probe)
     result = subprocess.run(
-        [sys.executable, "-c", source], cwd=ROOT, env={**environment, **(env or {})}, capture_output=True, text=True
+        [sys.executable, "-c", source],
+        cwd=ROOT,
+        env={**environment, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
@@ -116,8 +166,9 @@ def run_probe(probe: str, env: dict[str, str] | None = None) -> tuple[dict, str]
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes that launch cover it")
 def test_precompiling_for_hopper_fills_the_caches_the_launches_read_and_leaves_the_step_as_it_was():
     result, _ = run_probe(PROBE_COMPILE_FOR_HOPPER)
-    assert result["first"] > 0 and result["failed"] == 0, result
-    assert result["again"] == 0, result
+    assert result["asked"] > 0 and result["failed"] == 0, result
+    assert result["compiled"]["on_pool"] > 0 and result["compiled"]["elsewhere"] == 0, result
+    assert result["compiled_again"] == 0, result
     assert result["unchanged"], result
     assert result["adam_state"] > 0 and result["adam_state_zero"], result
 
@@ -128,15 +179,22 @@ def test_the_head_start_compiles_every_tile_autotuning_will_try_in_bf16():
     assert result == dict.fromkeys(("conv_elu_fwd_kernel", "conv_elu_dgrad_kernel", "conv_elu_wgrad_kernel"), True)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes that launch cover it")
+def test_a_head_start_stopped_drops_the_compiles_not_yet_started(tmp_path):
+    result, _ = run_probe(PROBE_STOPPED, {"TRITON_CACHE_DIR": str(tmp_path / "triton")})
+    assert result["asked"] > 100 and result["compiled"] <= 2, result  # the one compiling when it stopped, at most two
+
+
 @pytest.mark.cuda
 def test_after_the_head_start_the_first_steps_compile_nothing_and_a_second_process_reuses_the_autotuning(tmp_path):
     env = {"TRITON_CACHE_DIR": str(tmp_path / "triton"), "TRITON_PRINT_AUTOTUNING": "1"}
     first, first_output = run_probe(PROBE_FIRST_STEP_ON_GPU, env)
-    assert first["precompiled"] > 0 and first["failed"] == 0, first
-    assert first["launch_compiles"] == [], first
+    assert first["asked"] > 0 and first["failed"] == 0, first
+    assert first["head_start"]["on_pool"] > 0 and first["head_start"]["elsewhere"] == 0, first  # backward's too
+    assert first["launch_compiles"] == 0, first
     assert "Triton autotuning for function" in first_output
     second, second_output = run_probe(PROBE_FIRST_STEP_ON_GPU, env)
-    assert second["launch_compiles"] == [], second
+    assert second["launch_compiles"] == 0, second
     assert "Triton autotuning for function" not in second_output  # each pick read from the disk cache
 
 
@@ -234,3 +292,30 @@ def test_only_rank_0_says_it_and_a_cpu_run_or_one_told_not_to_takes_no_head_star
     monkeypatch.setenv("BEGAN_FAST_PRECOMPILE", "0")
     compile_kernels(cpu_run(tmp_path / "told", monkeypatch, head_start))
     assert head_start.threads == [8] and capsys.readouterr().err == ""
+
+
+class RecordingCollectives:
+    """Stands in for a torchrun job's collectives: records each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append(name)
+
+
+def test_the_dry_run_runs_without_the_collectives_and_leaves_the_step_as_it_was(monkeypatch):
+    """Each rank's dry run is its own: one that stops on one rank must not leave the ranks' all-reduces out of step.
+    (On PyTorch's layers, with the dry run run as it is, so that its effects are real and must be undone.)"""
+    import kernels.precompile
+
+    model = ModelConfig(image_size=16, n=8, h=8)
+    torch.manual_seed(0)
+    G, D = Generator(model, impl="torch"), Discriminator(model, impl="torch")
+    step = FastStep(G, D, TrainConfig(batch_size=4), "cpu")
+    collectives = step.collectives = RecordingCollectives()
+    monkeypatch.setattr(kernels.precompile, "precompile", lambda work, threads: (work(), Precompiled(0, 0, 0.0))[1])
+    before = step.snapshot()
+    step.precompile((4, 3, 16, 16), 2)
+    assert collectives.calls == [] and step.collectives is collectives
+    assert all(torch.equal(t, copy) for t, copy in before["tensors"])
