@@ -1,11 +1,11 @@
 """Compile the Triton kernels a piece of work launches, each autotuning config, all at once, launching none.
 
 Triton compiles a kernel when it is first launched, and autotuning a new specialization compiles every config it
-tries, one after another: a first gpu64 training step in bf16 compiles 135 kernels, 303 s on one core of a 2-core
-AMD EPYC (Triton 3.6, for sm_90), 177 s on both. Inside `compile_only`, each launch of the project's kernels
-(kernels.launched_kernels) is replaced by `compile(jit, args, kwargs, grid, tile)` for each config autotuning would
-try at that launch (after its pruning; or only the smallest), once per specialization: the work runs to its end,
-but nothing runs on the device, so what it computes is meaningless and must be thrown away.
+tries, one after another: a first gpu64 training step in bf16 compiles 135 kernels, 303 to 356 s on one core of a
+2-core AMD EPYC (Triton 3.6, for sm_90), 158 to 177 s on both. Inside `compile_only`, each launch of the project's
+kernels (kernels.launched_kernels) is replaced by `compile(jit, args, kwargs, grid, tile)` for each config
+autotuning would try at that launch (after its pruning; or only the smallest), once per specialization: the work
+runs to its end, but nothing runs on the device, so what it computes is meaningless and must be thrown away.
 
 `precompile` runs such a dry run with the compiles on a thread pool (Triton's passes and ptxas leave the GIL). Each
 compile lands in the kernel's in-memory cache, and in Triton's disk cache, under the key the real launch computes
