@@ -73,9 +73,9 @@ def compile_only(arch: int, configs: str, jobs: int, compiles: list[Compile]):
         yield submit
 
 
-def run_one_step(preset: str, skip: bool, amp: str | None) -> None:
-    """One fast training step of the preset (with the paper's skip connections if `skip`) on the CPU with the
-    Triton impl, as `scripts/train.py --amp AMP` runs it."""
+def preset_step(preset: str, skip: bool, amp: str | None, device: str = "cpu"):
+    """The preset's fast step (with the paper's skip connections if `skip`) on the Triton impl, as
+    `scripts/train.py --amp AMP` builds it, and the shape of its batch."""
     from began_fast.config import get_preset
     from began_fast.fast_step import FastStep
     from began_fast.model import Discriminator, Generator
@@ -83,10 +83,15 @@ def run_one_step(preset: str, skip: bool, amp: str | None) -> None:
     cfg = get_preset(preset)
     torch.manual_seed(0)
     model = dataclasses.replace(cfg.model, skip=skip)
-    G, D = Generator(model, impl="triton"), Discriminator(model, impl="triton")
-    step = FastStep(G, D, cfg.train, "cpu", amp=amp, impl="triton")
+    G, D = Generator(model, impl="triton").to(device), Discriminator(model, impl="triton").to(device)
     size = model.image_size
-    step(torch.rand(cfg.train.batch_size, 3, size, size) * 2 - 1)
+    return FastStep(G, D, cfg.train, device, amp=amp, impl="triton"), (cfg.train.batch_size, 3, size, size)
+
+
+def run_one_step(preset: str, skip: bool, amp: str | None) -> None:
+    """One fast training step of the preset on the CPU (preset_step)."""
+    step, shape = preset_step(preset, skip, amp)
+    step(torch.rand(shape) * 2 - 1)
 
 
 def report(compiles: list[Compile], arch: int) -> int:

@@ -30,21 +30,17 @@ from kernels.precompile import Precompiled
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The probes build the `demo` preset's fast step on the Triton layers: build_step returns it and its batch shape.
+# The probes build the `demo` preset's fast step on the Triton layers as the compile check does: build_step returns
+# it and its batch shape.
 BUILD_STEP = """
 import json
+import sys
 import torch
-from began_fast.config import get_preset
-from began_fast.fast_step import FastStep
-from began_fast.model import Discriminator, Generator
+sys.path.insert(0, "scripts")
+from check_kernels_compile import preset_step
 
 def build_step(device, amp):
-    cfg = get_preset("demo")
-    torch.manual_seed(0)
-    G = Generator(cfg.model, impl="triton").to(device)
-    D = Discriminator(cfg.model, impl="triton").to(device)
-    size = cfg.model.image_size
-    return FastStep(G, D, cfg.train, device, amp=amp, impl="triton"), (cfg.train.batch_size, 3, size, size)
+    return preset_step("demo", True, amp, device)
 """
 
 # How many compiles the step's dry run asks for, counted with them recorded rather than run; and each kernel Triton
