@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ from began_fast.step import ReferenceStep, StepState
 
 SAMPLE_GRID = 64  # images in a sample grid (8 x 8)
 PRECOMPILE_ENV = "BEGAN_FAST_PRECOMPILE"  # "0": no head start, the first step compiles the kernels (compile_kernels)
+# The longest a run waits for another process of its machine to compile (compile_kernels): one stopped while it
+# compiles must not stop this one for ever; after it, this one compiles on its own share of the cores.
+COMPILER_WAIT_S = 600.0
 RECONSTRUCTION_PAIRS = 16
 # On --resume the checkpoint's configs stand. These settings may still be given anew: how long the run goes, how
 # it is watched, and where and how its data is read (the same data, moved); any other one must match the saved.
@@ -428,28 +432,41 @@ def stop_on_interrupt():
 
 
 def compile_kernels(run: Run) -> None:
-    """On a GPU with the Triton layers, compile the fast step's kernels before its first step, on this rank's share
-    of the CPU cores at once (FastStep.precompile): left to the first step, its autotuning compiles them one after
-    another, minutes on a machine's first run (later runs read Triton's disk cache either way). Rank 0 says how long
-    it took. Only a head start: should it fail, the first step compiles the kernels, and that is said instead.
-    BEGAN_FAST_PRECOMPILE=0 leaves them to the first step (to time the difference, say)."""
+    """On a GPU with the Triton layers, compile the fast step's kernels before its first step, many at once
+    (FastStep.precompile): left to the first step, its autotuning compiles them one after another, minutes on a
+    machine's first run (later runs read Triton's disk cache either way). The processes of the machine take turns
+    (CompilerTurn): the first compiles on all its cores, and the others (torchrun's other ranks, runs started
+    together) wait for it, then each readies the step's kernels on its share of the cores, mostly read from the
+    cache. Rank 0 says how it went. Only a head start: should it fail, the first step compiles the kernels, and that
+    is said instead. BEGAN_FAST_PRECOMPILE=0 leaves them to the first step (to time the difference, say)."""
     step = run.step
     if not isinstance(step, FastStep) or step.device.type != "cuda" or os.environ.get(PRECOMPILE_ENV) == "0":
         return
     if ops.resolve_impl(step.impl, step.device) != "triton":
         return
+    from kernels.precompile import CompilerTurn  # Triton: on the triton impl only
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ranks_here = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun's ranks on this machine share its cores
-    threads = max(1, cores // max(1, int(ranks_here) if ranks_here.isdigit() else 1))
+    share = max(1, cores // max(1, int(ranks_here) if ranks_here.isdigit() else 1))
     say = functools.partial(print, file=sys.stderr, flush=True) if run.is_main else lambda *args, **kwargs: None
-    say(f"  kernels: compiling the step's Triton kernels on {threads} CPU threads ...", end="")
     size = run.model_cfg.image_size
-    try:
-        done = step.precompile((run.train_cfg.batch_size, 3, size, size), threads)
-    except Exception as error:  # noqa: BLE001 (a head start only: whatever stopped it, the first step compiles)
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        say(f" stopped ({type(error).__name__}: {first_line}); the first step compiles them instead")
-        return
+    with CompilerTurn() as turn:
+        threads = cores if turn.first else share
+        if turn.first is False:
+            say("  kernels: waiting for another process on this machine to compile Triton kernels ...", end="")
+            start = time.perf_counter()
+            let_go = turn.wait(COMPILER_WAIT_S)
+            waited = f"{time.perf_counter() - start:.1f} s" if let_go else f"still at it after {COMPILER_WAIT_S:g} s"
+            say(f" {waited}; the step's on {threads} CPU threads ...", end="")
+        else:
+            say(f"  kernels: compiling the step's Triton kernels on {threads} CPU threads ...", end="")
+        try:
+            done = step.precompile((run.train_cfg.batch_size, 3, size, size), threads)
+        except Exception as error:  # noqa: BLE001 (a head start only: whatever stopped it, the first step compiles)
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            say(f" stopped ({type(error).__name__}: {first_line}); the first step compiles them instead")
+            return
     failed = f"; {done.failed} failed, left to the first step" if done.failed else ""
     say(f" {done.compiles} ready in {done.seconds:.1f} s{failed}")
 

@@ -11,7 +11,9 @@ runs to its end, but nothing runs on the device, so what it computes is meaningl
 compile lands in the kernel's in-memory cache, and in Triton's disk cache, under the key the real launch computes
 (the same binder reads the same arguments: dtypes, 16-byte alignment, integers equal to 1 or divisible by 16,
 constexprs, the config), so the real run and its autotuning then launch without compiling. `compiling_for` stands
-in for a GPU that is not there, so the same dry run compiles for it on any machine.
+in for a GPU that is not there, so the same dry run compiles for it on any machine. `CompilerTurn` lets the
+processes of a machine take turns, so that the first compiles on all its cores and the others read its kernels from
+the disk cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +30,17 @@ from unittest import mock
 
 import torch
 import triton
+from triton import knobs
 from triton.runtime import Autotuner
 from triton.runtime.driver import driver
 
 import kernels
 import kernels.conv_elu
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no flock, so no turns (CompilerTurn)
+    fcntl = None
 
 # compile(jit, args, kwargs, grid, tile): compile the @triton.jit function `jit` as kernel[grid](*args, **kwargs,
 # **tile) would launch it.
@@ -133,6 +142,59 @@ def precompile(work: Callable[[], object], threads: int) -> Precompiled:
             raise
     failed = sum(future.exception() is not None for future in compiles)
     return Precompiled(len(compiles), failed, time.perf_counter() - start)
+
+
+class CompilerTurn:
+    """Which process of a machine compiles into Triton's disk cache first. The processes of a machine that start one
+    step together (torchrun's ranks, a sweep's runs) would each compile the same kernels into the same cache, each on
+    its share of the cores; instead the first to take the turn compiles on all of them, and the others wait for it,
+    then find its kernels in the cache. An exclusive flock on a file in the cache folder, held by the first from
+    entering to leaving, and released by the OS however its process ends; a waiter's shared lock is granted when it
+    is. `first`: True where this process holds the turn, False where another does (`wait` for it), None where the
+    cache's file system cannot lock (each process then compiles on its own share)."""
+
+    LOCK_NAME = "began_fast_compile.lock"
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None):
+        self.path = os.path.join(cache_dir or knobs.cache.dir, self.LOCK_NAME)
+        self.file, self.first = None, None
+
+    def __enter__(self) -> CompilerTurn:
+        if fcntl is None:
+            return self
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.file = open(self.path, "a")
+        except OSError:  # a cache folder this process cannot write
+            return self
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.first = True
+        except BlockingIOError:
+            self.first = False
+        except OSError:  # a file system without locks (ENOLCK, EOPNOTSUPP)
+            pass
+        return self
+
+    def wait(self, limit_s: float, poll_s: float = 0.1) -> bool:
+        """Where another process holds the turn, wait until it lets go (its compiles then in the cache), at most
+        `limit_s` seconds (a process stopped while it holds the turn must not stop this one for ever). Whether the
+        wait ended with the turn let go."""
+        deadline = time.monotonic() + limit_s
+        while True:
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(poll_s)
+                continue
+            fcntl.flock(self.file, fcntl.LOCK_UN)  # the shared lock only said the turn was let go
+            return True
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()  # lets go of the lock
 
 
 class _AbsentGpuDriver:

@@ -10,23 +10,28 @@ process reads the autotuners' picks instead of benchmarking again. What the trai
 (how many threads, what it says, that a failed one only costs the time) is checked on the CPU with a stand-in.
 """
 
+import errno
+import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import began_fast.train as train_module
 from began_fast import ops
 from began_fast.config import DataConfig, ModelConfig, TrainConfig
 from began_fast.fast_step import FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.train import RunOptions, compile_kernels, setup_run, train
-from kernels.precompile import Precompiled
+from kernels.precompile import CompilerTurn, Precompiled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,19 +147,37 @@ print(json.dumps({"asked": done.compiles, "failed": done.failed, "head_start": h
 """
 
 
-def run_probe(probe: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
-    """The probe's JSON line (its last line of output) and its whole output."""
+# Without a GPU, for sm_90: two processes of one machine ready BEGAN's balance as compile_kernels readies the step,
+# taking turns. Each says whether it had the turn; the one that had it waits for a line on stdin before it compiles
+# (so that the other has started waiting). Each counts what Triton compiled and what it read from its disk cache.
+PROBE_TAKING_TURNS = """
+from began_fast.balance_function import triton_began_balance
+
+compiled, read = [], []
+knobs.compilation.listener = lambda cache_hit, **kwargs: (read if cache_hit else compiled).append(1)
+images = [torch.rand(4, 3, 16, 16, requires_grad=True) for _ in range(4)]
+with precompile.compiling_for(90), precompile.CompilerTurn() as turn:
+    print(json.dumps({"first": turn.first}), flush=True)
+    if turn.first:
+        sys.stdin.readline()
+    let_go = turn.wait(600) if turn.first is False else None
+    done = precompile.precompile(lambda: triton_began_balance(*images, 0.0, 0.5, 0.001).l_d.backward(), 2)
+print(json.dumps({"first": turn.first, "let_go": let_go, "asked": done.compiles, "failed": done.failed,
+                  "compiled": len(compiled), "read": len(read)}))
+"""
+
+
+def probe_command(probe: str, env: dict[str, str] | None = None) -> dict:
+    """subprocess keyword arguments that run the probe in a process of its own."""
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
     source = textwrap.dedent(BUILD_STEP) + textwrap.dedent(COUNT_COMPILES) + textwrap.dedent(probe)
-    result = subprocess.run(
-        [sys.executable, "-c", source],
-        cwd=ROOT,
-        env={**environment, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    return {"args": [sys.executable, "-c", source], "cwd": ROOT, "env": {**environment, **(env or {})}, "text": True}
+
+
+def run_probe(probe: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
+    """The probe's JSON line (its last line of output) and its whole output."""
+    result = subprocess.run(**probe_command(probe, env), capture_output=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
 
@@ -179,6 +202,26 @@ def test_the_head_start_compiles_every_tile_autotuning_will_try_in_bf16():
 def test_a_head_start_stopped_drops_the_compiles_not_yet_started(tmp_path):
     result, _ = run_probe(PROBE_STOPPED, {"TRITON_CACHE_DIR": str(tmp_path / "triton")})
     assert result["asked"] > 100 and result["compiled"] <= 2, result  # the one compiling when it stopped, at most two
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes that launch cover it")
+def test_a_process_that_waits_its_turn_reads_every_kernel_from_the_cache_the_first_compiled_into(tmp_path):
+    env = {"TRITON_CACHE_DIR": str(tmp_path / "triton")}  # empty: the first process compiles
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+    first = subprocess.Popen(**probe_command(PROBE_TAKING_TURNS, env), **pipes)
+    second = None
+    try:
+        assert json.loads(first.stdout.readline()) == {"first": True}
+        second = subprocess.Popen(**probe_command(PROBE_TAKING_TURNS, env), **pipes)
+        assert json.loads(second.stdout.readline()) == {"first": False}  # and now waiting
+        outputs = [process.communicate("go\n", timeout=1200)[0] for process in (first, second)]
+    finally:
+        for process in filter(None, (first, second)):
+            process.kill()
+    assert first.returncode == second.returncode == 0
+    first, second = (json.loads(output.strip().splitlines()[-1]) for output in outputs)
+    assert first["compiled"] == first["asked"] > 0 and first["failed"] == 0, first
+    assert second["let_go"] and second["compiled"] == 0 and second["read"] == first["asked"], second
 
 
 @pytest.mark.cuda
@@ -244,12 +287,14 @@ class HeadStart:
 
 
 def cpu_run(tmp_path, monkeypatch, head_start, rank=0):
-    """A run's compile_kernels as on a GPU (a CPU step that says it is on one), with `head_start` for its dry run."""
+    """A run's compile_kernels as on a GPU (a CPU step that says it is on one) of a machine with 8 cores, with
+    `head_start` for its dry run and a Triton cache folder of its own (where the processes take turns)."""
     model = ModelConfig(image_size=16, n=8, h=8)
     run = setup_run(model, TrainConfig(batch_size=4), DataConfig(), RunOptions(out=tmp_path / "run", impl="torch"))
     monkeypatch.setattr(run.step, "precompile", head_start)
     monkeypatch.setattr(ops, "resolve_impl", lambda impl, device: "triton")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     run.step.device = torch.device("cuda")
     run.step.rank = rank
     return run
@@ -268,14 +313,42 @@ def cpu_run(tmp_path, monkeypatch, head_start, rank=0):
     ],
     ids=["compiled", "some-failed", "stopped"],
 )
-def test_a_gpu_run_compiles_ahead_on_its_share_of_the_cores_and_says_how_it_went(
+def test_the_first_process_of_a_machine_compiles_ahead_on_all_its_cores_and_says_how_it_went(
     tmp_path, monkeypatch, capsys, result, said
 ):
     head_start = HeadStart(result)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks on this machine: 4 of its 8 cores each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks on this machine, the other not yet compiling
     compile_kernels(cpu_run(tmp_path, monkeypatch, head_start))
+    assert head_start.threads == [8]
+    assert capsys.readouterr().err == "  kernels: compiling the step's Triton kernels on 8 CPU threads ..." + said
+    with CompilerTurn(tmp_path / "triton") as turn:
+        assert turn.first  # let go, however the head start went
+
+
+@pytest.mark.parametrize("let_go", [True, False], ids=["let-go", "still-compiling"])
+def test_a_process_whose_machine_compiles_elsewhere_waits_for_it_then_readies_on_its_share(
+    tmp_path, monkeypatch, capsys, let_go
+):
+    head_start = HeadStart(Precompiled(135, 0, 1.04))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 4 of the 8 cores each
+    monkeypatch.setattr(train_module, "COMPILER_WAIT_S", 60.0 if let_go else 0.5)
+    run = cpu_run(tmp_path, monkeypatch, head_start)
+    with CompilerTurn(tmp_path / "triton") as other:  # another rank of the machine, compiling
+        assert other.first
+        if let_go:
+            threading.Timer(1.0, other.__exit__).start()
+        compile_kernels(run)
     assert head_start.threads == [4]
-    assert capsys.readouterr().err == "  kernels: compiling the step's Triton kernels on 4 CPU threads ..." + said
+    said = re.fullmatch(
+        r"  kernels: waiting for another process on this machine to compile Triton kernels \.\.\. (.+); the step's "
+        r"on 4 CPU threads \.\.\. 135 ready in 1\.0 s\n",
+        capsys.readouterr().err,
+    )
+    assert said, capsys.readouterr().err
+    if let_go:
+        assert 1.0 <= float(said[1].removesuffix(" s")) < 60.0, said[1]
+    else:
+        assert said[1] == "still at it after 0.5 s"
 
 
 def test_only_rank_0_says_it_and_a_cpu_run_or_one_told_not_to_takes_no_head_start(tmp_path, monkeypatch, capsys):
@@ -315,3 +388,71 @@ def test_the_dry_run_runs_without_the_collectives_and_leaves_the_step_as_it_was(
     step.precompile((4, 3, 16, 16), 2)
     assert collectives.calls == [] and step.collectives is collectives
     assert all(torch.equal(t, copy) for t, copy in before["tensors"])
+
+
+def test_the_first_process_takes_the_turn_to_compile_and_the_others_wait_until_it_lets_go(tmp_path):
+    with CompilerTurn(tmp_path) as first, CompilerTurn(tmp_path) as second:
+        assert first.first is True and second.first is False
+        waited = []
+        waiter = threading.Thread(target=lambda: waited.append(second.wait(60)))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive()  # blocked while the first compiles
+        first.__exit__(None, None, None)
+        waiter.join(30)
+        assert waited == [True]
+    with CompilerTurn(tmp_path) as later:
+        assert later.first is True  # both let go
+
+
+def test_a_waiter_gives_up_after_its_limit(tmp_path):
+    with CompilerTurn(tmp_path) as first, CompilerTurn(tmp_path) as second:
+        assert first.first
+        start, waited = time.monotonic(), []
+        waiter = threading.Thread(target=lambda: waited.append(second.wait(0.3)), daemon=True)
+        waiter.start()
+        waiter.join(30)
+        assert waited == [False] and time.monotonic() - start >= 0.3
+
+
+def test_a_turn_held_by_a_process_that_was_killed_is_let_go(tmp_path):
+    code = "import sys, time; from kernels.precompile import CompilerTurn\n"
+    code += f"with CompilerTurn({str(tmp_path)!r}) as turn:\n    print(turn.first, flush=True)\n    time.sleep(600)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        with CompilerTurn(tmp_path) as waiter:
+            assert waiter.first is False
+            holder.kill()  # SIGKILL: no __exit__ runs
+            holder.wait(30)
+            assert waiter.wait(30)
+        with CompilerTurn(tmp_path) as later:
+            assert later.first is True
+    finally:
+        holder.kill()
+        holder.stdout.close()
+
+
+def no_locks(file, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+
+def test_where_the_cache_cannot_be_locked_no_process_has_the_turn(tmp_path, monkeypatch):
+    (tmp_path / "a file").write_text("")
+    with CompilerTurn(tmp_path / "a file") as turn:  # the cache folder cannot be made
+        assert turn.first is None
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with CompilerTurn(tmp_path / "triton") as turn:
+        assert turn.first is None
+
+
+def test_where_the_cache_cannot_be_locked_each_process_compiles_on_its_share(tmp_path, monkeypatch, capsys):
+    head_start = HeadStart(Precompiled(135, 0, 1.0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    compile_kernels(cpu_run(tmp_path, monkeypatch, head_start))
+    assert head_start.threads == [4]
+    assert (
+        capsys.readouterr().err
+        == "  kernels: compiling the step's Triton kernels on 4 CPU threads ... 135 ready in 1.0 s\n"
+    )
