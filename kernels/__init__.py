@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# Every launch compiles with Triton's floating-point fusion on: a*b + c as one FMA (one rounding, one instruction).
+# That was Triton's default up to 3.9, which warns that 3.10 turns it off; pinned, a kernel computes the same, as
+# fast, whichever Triton compiles it (TRITON_DEFAULT_FP_FUSION changes nothing here).
+FP_FUSION = True
+
 
 def launched_kernels() -> list[tuple[object, str, object]]:
     """(module, name, kernel) of every Triton kernel the project launches: the @triton.jit (or autotuned) functions

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import FP_FUSION
 from kernels.interpreter import INTERPRET, round_to
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -219,7 +220,9 @@ def balance_forward(
     partials = torch.empty(2 * num_programs, dtype=torch.float32, device=x.device)
     stats = torch.empty(len(STATS), dtype=torch.float32, device=x.device)
     k_used = torch.empty((), dtype=torch.float32, device=x.device)
-    _l1_partial_sums_kernel[(num_programs,)](x, rx, fake, rfake, partials, n, BLOCK=block, num_warps=NUM_WARPS)
+    _l1_partial_sums_kernel[(num_programs,)](
+        x, rx, fake, rfake, partials, n, BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION
+    )
     _balance_finalize_kernel[(1,)](
         partials,
         num_partials=num_programs,
@@ -231,6 +234,7 @@ def balance_forward(
         lambda_k=float(lambda_k),
         P_BLOCK=triton.next_power_of_2(max_programs),
         num_warps=4,
+        enable_fp_fusion=FP_FUSION,
     )
     return stats, k_used
 
@@ -271,5 +275,6 @@ def balance_backward(
         NEED_RFAKE=needs[3],
         INTERPRETED=INTERPRET,
         num_warps=NUM_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )
     return grads

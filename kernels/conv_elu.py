@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import FP_FUSION
 from kernels.interpreter import INTERPRET, round_to
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -512,6 +513,7 @@ def conv_elu_forward(
         ACT=act,
         INTERPRETED=INTERPRET,
         PRECISION=_precision(x.dtype),
+        enable_fp_fusion=FP_FUSION,
     )
     return y
 
@@ -566,6 +568,7 @@ def conv_elu_input_grad(
         ACT=act,
         INTERPRETED=INTERPRET,
         PRECISION=_precision(grad_y.dtype),
+        enable_fp_fusion=FP_FUSION,
     )
     return dx
 
@@ -632,6 +635,7 @@ def conv_elu_weight_grad(
             ACT=act,
             INTERPRETED=INTERPRET,
             PRECISION=_precision(grad_y.dtype),
+            enable_fp_fusion=FP_FUSION,
         )
     # The splits' partial sums added straight into the (Cout, Cin, 3, 3) layout: one op, no copy after it.
     grad_w = torch.empty((cout, cin, 3, 3), device=x.device, dtype=torch.float32)

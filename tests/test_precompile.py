@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import began_fast.train as train_module
+import kernels
 from began_fast import ops
 from began_fast.config import DataConfig, ModelConfig, TrainConfig
 from began_fast.fast_step import FastStep
@@ -130,6 +131,28 @@ every = {name: {json.dumps(c.all_kwargs(), sort_keys=True) for c in configs} for
 print(json.dumps({name: sorted(tiles.get(name, ())) == sorted(every[name]) for name in every}))
 """
 
+# Without a GPU, for sm_90, with Triton's default set to no floating-point fusion: the FP fusion each kernel launch
+# of the step in bf16 asks for (recorded rather than compiled), and the one BEGAN's balance kernels compile with.
+PROBE_FP_FUSION = """
+from began_fast.balance_function import triton_began_balance
+
+asked = set()
+def record(device, jit, args, kwargs, grid, tile):
+    asked.add((jit.__name__, kwargs.get("enable_fp_fusion")))
+
+warm_up, precompile._warm_up = precompile._warm_up, record
+with precompile.compiling_for(90):
+    step, shape = build_step("cpu", "bf16")
+    step.precompile(shape, 2)
+precompile._warm_up = warm_up
+compiled = []
+knobs.compilation.listener = lambda metadata, **kwargs: compiled.append(metadata["enable_fp_fusion"])
+images = [torch.rand(4, 3, 16, 16, requires_grad=True) for _ in range(4)]
+with precompile.compiling_for(90):
+    precompile.precompile(lambda: triton_began_balance(*images, 0.0, 0.5, 0.001).l_d.backward(), 2)
+print(json.dumps({"asked": sorted(asked), "compiled": compiled}))
+"""
+
 # On a GPU: where the head start's compiles ran (on CUDA autograd runs backward on threads of its own), and the
 # compiles that launches (autotuning's included) still ask for after it, through the whole CUDA graph path (three
 # eager warm-up steps, the capture, a replay); the output holds the autotuners' reports.
@@ -196,6 +219,15 @@ def test_precompiling_for_hopper_fills_the_caches_the_launches_read_and_leaves_t
 def test_the_head_start_compiles_every_tile_autotuning_will_try_in_bf16():
     result, _ = run_probe(PROBE_TILES)
     assert result == dict.fromkeys(("conv_elu_fwd_kernel", "conv_elu_dgrad_kernel", "conv_elu_wgrad_kernel"), True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes that launch cover it")
+def test_every_kernel_compiles_with_fp_fusion_whatever_tritons_default(tmp_path):
+    env = {"TRITON_DEFAULT_FP_FUSION": "0", "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    result, _ = run_probe(PROBE_FP_FUSION, env)
+    names = [name for _, name, _ in kernels.launched_kernels()]
+    assert sorted(map(tuple, result["asked"])) == sorted((name, True) for name in names), result["asked"]
+    assert result["compiled"] == [True] * 3, result["compiled"]  # the balance's forward two and its backward
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes that launch cover it")
