@@ -454,11 +454,12 @@ def compile_kernels(run: Run) -> None:
     with CompilerTurn() as turn:
         threads = cores if turn.first else share
         if turn.first is False:
-            say("  kernels: waiting for another process on this machine to compile Triton kernels ...", end="")
+            say("  kernels: waiting for another process to compile Triton kernels into the cache ...", end="")
             start = time.perf_counter()
             let_go = turn.wait(COMPILER_WAIT_S)
-            waited = f"{time.perf_counter() - start:.1f} s" if let_go else f"still at it after {COMPILER_WAIT_S:g} s"
-            say(f" {waited}; the step's on {threads} CPU threads ...", end="")
+            seconds = time.perf_counter() - start
+            waited = f"{seconds:.1f} s" if let_go else f"went on after {seconds:.1f} s"
+            say(f" {waited}; readying the step on {threads} CPU threads ...", end="")
         else:
             say(f"  kernels: compiling the step's Triton kernels on {threads} CPU threads ...", end="")
         try:
@@ -606,7 +607,7 @@ def train(run: Run) -> Path:
             remove_stale_temporaries(folder)
         write_config(run)
         announce(run, batches.describe())
-    compile_kernels(run)
+    compile_kernels(run)  # after make_batches, whose DataLoader workers fork: one forked meanwhile would hold the turn
     feed = make_feed(run, batches)
     writer = open_tensorboard(out) if main else None
     last_checkpoint = out / "latest.pt"

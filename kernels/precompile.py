@@ -151,7 +151,8 @@ class CompilerTurn:
     then find its kernels in the cache. An exclusive flock on a file in the cache folder, held by the first from
     entering to leaving, and released by the OS however its process ends; a waiter's shared lock is granted when it
     is. `first`: True where this process holds the turn, False where another does (`wait` for it), None where the
-    cache's file system cannot lock (each process then compiles on its own share)."""
+    cache's file system cannot lock (each process then compiles on its own share). A process forked (not exec'd)
+    while the turn is held holds it too, until it ends: fork nothing in between."""
 
     LOCK_NAME = "began_fast_compile.lock"
 
@@ -164,7 +165,7 @@ class CompilerTurn:
             return self
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self.file = open(self.path, "a")
+            self.file = open(self.path, "a+")  # readable too: NFS grants a shared lock only to a reader
         except OSError:  # a cache folder this process cannot write
             return self
         try:
@@ -179,7 +180,7 @@ class CompilerTurn:
     def wait(self, limit_s: float, poll_s: float = 0.1) -> bool:
         """Where another process holds the turn, wait until it lets go (its compiles then in the cache), at most
         `limit_s` seconds (a process stopped while it holds the turn must not stop this one for ever). Whether the
-        wait ended with the turn let go."""
+        wait ended with the turn let go (False too where the lock stops answering: this process then goes on)."""
         deadline = time.monotonic() + limit_s
         while True:
             try:
@@ -189,6 +190,8 @@ class CompilerTurn:
                     return False
                 time.sleep(poll_s)
                 continue
+            except OSError:  # a file system that took the exclusive lock but refuses a shared one
+                return False
             fcntl.flock(self.file, fcntl.LOCK_UN)  # the shared lock only said the turn was let go
             return True
 

@@ -31,6 +31,9 @@
 #             (BEGAN_FAST_PRECOMPILE=0: the first step compiles the kernels one after another), with an empty cache
 #             and the head start (all compiled at once first), and again with that cache full; each its own cache,
 #             so the order of the phases does not matter
+#   startup_pair  two such runs started together with one empty cache, as a sweep's runs or torchrun's ranks of a
+#             machine start: one compiles, the other waits its turn and then reads the kernels from the cache
+#             (kernels.precompile.CompilerTurn); each one's wall time and `kernels:` line in its log
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each, SWD side by side
 # The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
 # ~/.triton, which is lost with the machine: where the machine goes back after a short idle time, run `compile` in the
@@ -39,7 +42,7 @@
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...]}
 shift
-phases=${*:-compile tests bench profile torchrun startup quality}
+phases=${*:-compile tests bench profile torchrun startup startup_pair quality}
 mkdir -p "$out"
 select=${BENCH_SELECT:+ and ($BENCH_SELECT)}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
@@ -109,9 +112,20 @@ for phase in $phases; do
                 --quiet --out "$0"' "$out/startup_$name"
         done
         ;;
+    startup_pair)
+        shared=$(mktemp -d) pids=()
+        for n in 1 2; do
+            echo "== startup_pair_$n (in the background)"
+            TRITON_CACHE_DIR="$shared" bash -c 'TIMEFORMAT="wall %R s"; time python scripts/train.py --preset gpu64 \
+                --steps 1 --amp --cuda-graphs --quiet --out "$0"' "$out/startup_pair_$n" >"$out/startup_pair_$n.log" 2>&1 &
+            pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+        cat "$out"/startup_pair_[12].log
+        ;;
     quality) run quality bash scripts/quality_run.sh "$out/quality" 10000 ;;
     *) echo "unknown phase $phase (compile, tests, tests_cuda, bench_step, bench_step_compile, bench_kernels,"\
-        "bench_kernels_compile, bench_data, report, bench, profile, torchrun, startup, quality)"; exit 2 ;;
+        "bench_kernels_compile, bench_data, report, bench, profile, torchrun, startup, startup_pair, quality)"; exit 2 ;;
     esac
 done
 exit $status
