@@ -84,6 +84,18 @@ class World:
         return f"cuda:{self.local_rank}"
 
 
+def machine_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cores_per_rank() -> int:
+    """This process's share of the CPU cores for work of its own: torchrun's ranks on this machine
+    (LOCAL_WORLD_SIZE) share them; a process of its own has them all."""
+    ranks_here = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, machine_cores() // max(1, int(ranks_here) if ranks_here.isdigit() else 1))
+
+
 def lr_factor(rule: str, world_size: int) -> float:
     """The factor the lr is multiplied by for a global batch world_size times the per-rank batch:
     "none" keeps the paper's lr; "linear" scales it with the global batch (Goyal et al. 2017); "sqrt" with its

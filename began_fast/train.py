@@ -40,7 +40,7 @@ from began_fast.checkpoint import config_dict, load_checkpoint, misfit, save_che
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import held_out_images, make_batches, open_source, resolve_source
 from began_fast.data.gpu_resident import GpuResidentStream
-from began_fast.distributed import Collectives
+from began_fast.distributed import Collectives, cores_per_rank, machine_cores
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.hang_guard import HangGuard
 from began_fast.model import Discriminator, Generator
@@ -446,9 +446,7 @@ def compile_kernels(run: Run) -> None:
         return
     from kernels.precompile import CompilerTurn  # Triton: on the triton impl only
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ranks_here = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun's ranks on this machine share its cores
-    share = max(1, cores // max(1, int(ranks_here) if ranks_here.isdigit() else 1))
+    cores, share = machine_cores(), cores_per_rank()
     say = functools.partial(print, file=sys.stderr, flush=True) if run.is_main else lambda *args, **kwargs: None
     size = run.model_cfg.image_size
     with CompilerTurn() as turn:

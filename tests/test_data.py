@@ -3,6 +3,7 @@ JPEGs, PNGs, grayscale / CMYK / truncated / fake JPEGs, and HDF5 files in both l
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import subprocess
@@ -347,6 +348,38 @@ def test_builtin_faces_are_drawn_when_first_read_and_alike_in_any_order(monkeypa
     assert torch.equal(read[0], BuiltinFaces(1, 16, 5, first=9_999)[0])
     with pytest.raises(IndexError):
         faces[10_000]
+
+
+def test_faces_drawn_on_several_processes_are_the_faces_drawn_here_and_kept_here(monkeypatch):
+    """The GPU-resident loader's copy draws every face at once, on forked processes; a face is the same wherever it
+    is drawn, and those drawn elsewhere are kept here as if drawn here."""
+    monkeypatch.setattr(builtin, "_drawn", {})
+    here = draw_faces(24, 16, seed=3, first=5, processes=1)
+    drawn_here = []
+    draw_face = builtin.draw_face
+    monkeypatch.setattr(builtin, "draw_face", lambda *args: drawn_here.append(1) or draw_face(*args))
+    monkeypatch.setattr(builtin, "_drawn", {})  # nothing drawn yet here
+    monkeypatch.setattr(builtin, "FACES_PER_PROCESS", 4)
+    elsewhere = draw_faces(24, 16, seed=3, first=5, processes=3)
+    assert drawn_here == []  # all on the other processes (their draws of draw_face are counted there)
+    assert np.array_equal(here, elsewhere)
+    assert sorted(builtin._drawn[16, 3]) == list(range(5, 29))
+    assert np.array_equal(builtin.draw_face_at(7, 16, 3), here[2]) and drawn_here == []  # kept
+
+
+def test_faces_whose_processes_fail_are_drawn_here_with_a_warning_on_the_ranks_share_of_the_cores(monkeypatch):
+    def no_fork(*args, **kwargs):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(builtin, "_drawn", {})
+    monkeypatch.setattr(builtin, "FACES_PER_PROCESS", 4)
+    monkeypatch.setattr(builtin, "ProcessPoolExecutor", no_fork)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # by default a rank draws on its share of the cores: 2 of the 8
+    with pytest.warns(UserWarning, match=r"on 2 processes failed \(\[Errno 11\] Resource temporarily unavailable\)"):
+        faces = draw_faces(8, 16, seed=3)
+    monkeypatch.setattr(builtin, "_drawn", {})
+    assert np.array_equal(faces, draw_faces(8, 16, seed=3, processes=1))
 
 
 # --- batch order --------------------------------------------------------------------------------------------

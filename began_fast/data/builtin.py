@@ -9,11 +9,18 @@ eyes (spacing, size, iris colour), eyebrows, nose, mouth (width, smile), clothin
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from began_fast.data.images import resize_square
+from began_fast.distributed import cores_per_rank
 
 SKIN_TONES = np.array(
     [(255, 224, 196), (241, 194, 167), (224, 172, 135), (198, 134, 96), (160, 102, 66), (111, 69, 45), (80, 50, 35)],
@@ -150,6 +157,9 @@ def draw_face(rng: np.random.Generator, canvas: int) -> Image.Image:
 # its evaluation read the same faces, and a run that stops after a few steps needs only those it read. Drawing is
 # deterministic, so a face drawn twice (by two DataLoader workers, say) is the same face.
 _drawn: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+# draw_faces draws on several processes where each gets at least this many faces: drawing one takes 1.5 to 4 ms, so
+# that is about a second each, well above what forking a process and sending its faces back cost.
+FACES_PER_PROCESS = 500
 
 
 def draw_face_at(index: int, image_size: int, seed: int) -> np.ndarray:
@@ -162,8 +172,33 @@ def draw_face_at(index: int, image_size: int, seed: int) -> np.ndarray:
     return faces[index]
 
 
-def draw_faces(count: int, image_size: int, seed: int, first: int = 0) -> np.ndarray:
-    """Faces first .. first+count-1 of the set `seed`: a new (count, S, S, 3) uint8 array (NHWC)."""
+def _draw_some(indices: list[int], image_size: int, seed: int) -> list[np.ndarray]:
+    return [draw_face_at(index, image_size, seed) for index in indices]
+
+
+def draw_faces(count: int, image_size: int, seed: int, first: int = 0, processes: int | None = None) -> np.ndarray:
+    """Faces first .. first+count-1 of the set `seed`: a new (count, S, S, 3) uint8 array (NHWC).
+
+    The faces not drawn yet in this process are drawn on `processes` (default: this rank's CPU cores) forked
+    processes at once where there are FACES_PER_PROCESS of them per process, and kept here as if drawn here (a
+    face is the same whoever draws it); where fork is not there, or fails (with a warning), one after another here.
+    10,000 faces at 64 px: 12.5 and 12.0 s on one core of a 2-core AMD EPYC, 6.6 and 6.2 s on both.
+    """
+    faces = _drawn.setdefault((image_size, seed % 2**64), {})
+    missing = [index for index in range(first, first + count) if index not in faces]
+    processes = min(cores_per_rank() if processes is None else processes, len(missing) // FACES_PER_PROCESS)
+    if processes > 1 and "fork" in multiprocessing.get_all_start_methods():
+        # fork: a child starts at once, without importing torch again, and draws with numpy and PIL only (never
+        # CUDA, which a fork may not use). Four parts per process even out the parts' times.
+        parts = [part.tolist() for part in np.array_split(missing, 4 * processes)]
+        try:
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+                drawn = pool.map(_draw_some, parts, itertools.repeat(image_size), itertools.repeat(seed))
+                for part, part_faces in zip(parts, drawn, strict=True):
+                    faces.update(zip(part, part_faces, strict=True))
+        except (OSError, BrokenProcessPool) as e:  # no fork allowed, a child killed (out of memory, say)
+            message = f"drawing the built-in faces on {processes} processes failed ({e}); drawing them here"
+            warnings.warn(message, stacklevel=2)
     return np.stack([draw_face_at(first + k, image_size, seed) for k in range(count)])
 
 
@@ -172,7 +207,8 @@ class BuiltinFaces(torch.utils.data.Dataset):
     0 .. count-1, so the faces after them are held-out images, as many as wanted (data.holdout.held_out_images).
 
     A face is drawn when it is first read (about 1.5 ms), so a run starts at once and a short one draws only the
-    faces it reads; `images` and as_uint8() draw every face (the GPU-resident loader's copy). A DataLoader worker
+    faces it reads; `images` and as_uint8() draw every face (the GPU-resident loader's copy), on several processes
+    (draw_faces). A DataLoader worker
     forked after faces were drawn shares them.
     """
 
