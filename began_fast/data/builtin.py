@@ -208,8 +208,7 @@ class BuiltinFaces(torch.utils.data.Dataset):
 
     A face is drawn when it is first read (about 1.5 ms), so a run starts at once and a short one draws only the
     faces it reads; `images` and as_uint8() draw every face (the GPU-resident loader's copy), on several processes
-    (draw_faces). A DataLoader worker
-    forked after faces were drawn shares them.
+    (draw_faces). A DataLoader worker forked after faces were drawn shares them.
     """
 
     kind = "builtin"
