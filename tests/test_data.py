@@ -3,11 +3,15 @@ JPEGs, PNGs, grayscale / CMYK / truncated / fake JPEGs, and HDF5 files in both l
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import multiprocessing
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -367,19 +371,88 @@ def test_faces_drawn_on_several_processes_are_the_faces_drawn_here_and_kept_here
     assert np.array_equal(builtin.draw_face_at(7, 16, 3), here[2]) and drawn_here == []  # kept
 
 
-def test_faces_whose_processes_fail_are_drawn_here_with_a_warning_on_the_ranks_share_of_the_cores(monkeypatch):
-    def no_fork(*args, **kwargs):
-        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+def failing_second_fork(fork):
+    calls = []
 
+    def fork_once():
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return fork()
+
+    return fork_once
+
+
+def dying_draw(indices, image_size, seed):
+    os._exit(3)  # a drawing process killed (out of memory, say)
+
+
+@pytest.mark.parametrize("failure", ["second-fork", "child-killed"])
+def test_faces_whose_processes_fail_are_drawn_here_with_a_warning_and_no_process_left(monkeypatch, failure):
+    """By default on the rank's share of the cores; a fork that fails after another succeeded, or a drawing process
+    that dies, costs only the time: the faces are drawn here, and no forked process is left waiting for work."""
     monkeypatch.setattr(builtin, "_drawn", {})
     monkeypatch.setattr(builtin, "FACES_PER_PROCESS", 4)
-    monkeypatch.setattr(builtin, "ProcessPoolExecutor", no_fork)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # by default a rank draws on its share of the cores: 2 of the 8
-    with pytest.warns(UserWarning, match=r"on 2 processes failed \(\[Errno 11\] Resource temporarily unavailable\)"):
-        faces = draw_faces(8, 16, seed=3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 2 of the 8 cores
+    if failure == "second-fork":
+        monkeypatch.setattr(os, "fork", failing_second_fork(os.fork))
+        said = r"on 2 processes failed \(\[Errno 11\] Resource temporarily unavailable\)"
+    else:
+        monkeypatch.setattr(builtin, "_draw_some", dying_draw)
+        said = r"on 2 processes failed \(A process in the process pool was terminated abruptly"
+    with pytest.warns(UserWarning, match=said):
+        faces = draw_faces(40, 16, seed=3)  # 10 processes' worth: the share caps them
+    assert multiprocessing.active_children() == []
     monkeypatch.setattr(builtin, "_drawn", {})
-    assert np.array_equal(faces, draw_faces(8, 16, seed=3, processes=1))
+    assert np.array_equal(faces, draw_faces(40, 16, seed=3, processes=1))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_drawing_processes_end_with_the_process_that_forked_them(tmp_path):
+    """torchrun ends a job's ranks with a signal: a rank killed while drawing must not leave drawing processes
+    behind, which would hold its GPU's files (and its memory) open."""
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from began_fast.data import builtin
+
+def slow_face(rng, canvas):
+    open(os.path.join({str(tmp_path)!r}, str(os.getpid())), "w").close()
+    time.sleep(120)
+
+builtin.draw_face = slow_face
+builtin.FACES_PER_PROCESS = 2
+builtin.draw_faces(8, 16, seed=0, processes=2)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    children = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(children) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            children = [int(name) for name in os.listdir(tmp_path)]
+        assert len(children) == 2, children  # both drawing
+        parent.kill()
+        parent.wait(30)
+        deadline = time.monotonic() + 30
+        while any(map(alive, children)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(alive, children)), children
+    finally:
+        parent.kill()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Whether process pid runs (a zombie, ended but not yet reaped by whoever adopted it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 # --- batch order --------------------------------------------------------------------------------------------
