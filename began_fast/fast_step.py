@@ -164,49 +164,8 @@ class FastStep(StepState):
         for opt in (self.opt_g, self.opt_d):
             opt.found_inf = self.loss_scale.found_inf if self.loss_scale else None
 
-    def precompile(self, batch_shape, threads: int):
-        """Compile every Triton kernel `body` launches, each config its autotuning will try, on `threads` CPU threads
-        at once, before the first step launches them one compile after another (kernels.precompile): a dry run of
-        the body on a zero batch of `batch_shape`, whose launches are compiles, then undone (snapshot / restore), so
-        the run goes on exactly as if it had not happened. Returns the kernels.precompile.Precompiled counts."""
-        from kernels.precompile import precompile  # Triton: on the triton impl only
-
-        snap, collectives = self.snapshot(), self.collectives
-        x = torch.zeros(batch_shape, dtype=torch.float32, device=self.device)
-        # Without the all-reduces (they launch no Triton kernel): each rank's dry run is its own, so one that stops
-        # on one rank cannot leave the ranks' collectives out of step.
-        self.collectives = None
-        try:
-            return precompile(lambda: self.body(x), threads)
-        finally:
-            self.collectives = collectives
-            self.restore(snap)
-
-    # Warm-up before a capture runs real steps; these put everything they change back afterwards, in place
-    # (the graph holds the addresses), so a graph run follows the same trajectory as an eager one.
-    def snapshot(self) -> dict:
-        return {"tensors": [(t, t.clone()) for t in self._mutable_tensors()], "z_gen": self.z_gen.get_state()}
-
-    def restore(self, snap: dict) -> None:
-        saved = {id(t) for t, _ in snap["tensors"]}
-        with torch.no_grad():
-            for t, copy in snap["tensors"]:
-                t.copy_(copy)
-            # Adam's state is created by the first update: state that did not exist at the snapshot is reset to
-            # zero, which is what a first update starts from.
-            for t in self._optimizer_state():
-                if id(t) not in saved:
-                    t.zero_()
-        self.z_gen.set_state(snap["z_gen"])
-
-    def _optimizer_state(self) -> list[torch.Tensor]:
-        opt_states = [state for opt in (self.opt_g, self.opt_d) for state in opt.state.values()]
-        return [value for state in opt_states for value in state.values() if torch.is_tensor(value)]
-
     def _mutable_tensors(self) -> list[torch.Tensor]:
-        tensors = [p.data for p in self.parameters()] + self._optimizer_state()
-        tensors += [self.k, self.step_count, self.stats.sums, self.stats.count]
-        tensors += [self.decay.lr, self.decay.m_sum, self.decay.count, self.decay.best]
+        tensors = super()._mutable_tensors() + [self.step_count]
         if self.loss_scale is not None:
             tensors += [self.loss_scale.scale, self.loss_scale.growth_tracker]
         return tensors

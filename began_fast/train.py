@@ -432,17 +432,17 @@ def stop_on_interrupt():
 
 
 def compile_kernels(run: Run) -> None:
-    """On a GPU with the Triton layers, compile the fast step's kernels before its first step, many at once
-    (FastStep.precompile): left to the first step, its autotuning compiles them one after another, minutes on a
+    """On a GPU with the Triton layers, compile the step's kernels before its first step, many at once
+    (StepState.precompile): left to the first step, its autotuning compiles them one after another, minutes on a
     machine's first run (later runs read Triton's disk cache either way). The processes of the machine take turns
     (CompilerTurn): the first compiles on all its cores, and the others (torchrun's other ranks, runs started
     together) wait for it, then each readies the step's kernels on its share of the cores, mostly read from the
     cache. Rank 0 says how it went. Only a head start: should it fail, the first step compiles the kernels, and that
     is said instead. BEGAN_FAST_PRECOMPILE=0 leaves them to the first step (to time the difference, say)."""
     step = run.step
-    if not isinstance(step, FastStep) or step.device.type != "cuda" or os.environ.get(PRECOMPILE_ENV) == "0":
+    if step.device.type != "cuda" or os.environ.get(PRECOMPILE_ENV) == "0":
         return
-    if ops.resolve_impl(step.impl, step.device) != "triton":
+    if ops.resolve_impl(run.opts.impl, step.device) != "triton":  # the layers' impl, the fast or reference step's
         return
     from kernels.precompile import CompilerTurn  # Triton: on the triton impl only
 

@@ -31,6 +31,7 @@ from began_fast import ops
 from began_fast.config import DataConfig, ModelConfig, TrainConfig
 from began_fast.fast_step import FastStep
 from began_fast.model import Discriminator, Generator
+from began_fast.step import ReferenceStep
 from began_fast.train import RunOptions, compile_kernels, setup_run, train
 from kernels.precompile import CompilerTurn, Precompiled
 
@@ -322,11 +323,12 @@ class HeadStart:
         return self.result
 
 
-def cpu_run(tmp_path, monkeypatch, head_start, rank=0):
+def cpu_run(tmp_path, monkeypatch, head_start, rank=0, reference_step=False):
     """A run's compile_kernels as on a GPU (a CPU step that says it is on one) of a machine with 8 cores, with
     `head_start` for its dry run and a Triton cache folder of its own (where the processes take turns)."""
     model = ModelConfig(image_size=16, n=8, h=8)
-    run = setup_run(model, TrainConfig(batch_size=4), DataConfig(), RunOptions(out=tmp_path / "run", impl="torch"))
+    options = RunOptions(out=tmp_path / "run", impl="torch", reference_step=reference_step)
+    run = setup_run(model, TrainConfig(batch_size=4), DataConfig(), options)
     monkeypatch.setattr(run.step, "precompile", head_start)
     monkeypatch.setattr(ops, "resolve_impl", lambda impl, device: "triton")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
@@ -412,6 +414,16 @@ def test_only_rank_0_says_it_and_a_cpu_run_or_one_told_not_to_takes_no_head_star
     assert head_start.threads == [8] and capsys.readouterr().err == ""
 
 
+def test_a_reference_step_on_the_triton_layers_takes_the_head_start_too(tmp_path, monkeypatch, capsys):
+    head_start = HeadStart(Precompiled(40, 0, 2.0))
+    compile_kernels(cpu_run(tmp_path, monkeypatch, head_start, reference_step=True))
+    assert head_start.threads == [8]
+    assert (
+        capsys.readouterr().err
+        == "  kernels: compiling the step's Triton kernels on 8 CPU threads ... 40 ready in 2.0 s\n"
+    )
+
+
 class RecordingCollectives:
     """Stands in for a torchrun job's collectives: records each call."""
 
@@ -422,21 +434,49 @@ class RecordingCollectives:
         return lambda *args, **kwargs: self.calls.append(name)
 
 
-def test_the_dry_run_runs_without_the_collectives_and_leaves_the_step_as_it_was(monkeypatch):
+@pytest.mark.parametrize("kind", [FastStep, ReferenceStep], ids=["fast", "reference"])
+def test_the_dry_run_runs_without_the_collectives_and_the_steps_after_it_are_the_steps_without_it(monkeypatch, kind):
     """Each rank's dry run is its own: one that stops on one rank must not leave the ranks' all-reduces out of step.
-    (On PyTorch's layers, with the dry run run as it is, so that its effects are real and must be undone.)"""
+    (On PyTorch's layers, with the dry run run as it is, so that its effects are real and must be undone: the steps
+    after it must be those without it, bit for bit, Adam's first update included.)"""
     import kernels.precompile
 
-    model = ModelConfig(image_size=16, n=8, h=8)
-    torch.manual_seed(0)
-    G, D = Generator(model, impl="torch"), Discriminator(model, impl="torch")
-    step = FastStep(G, D, TrainConfig(batch_size=4), "cpu")
-    collectives = step.collectives = RecordingCollectives()
+    model, steps = ModelConfig(image_size=16, n=8, h=8), []
+    for _ in range(2):
+        torch.manual_seed(0)
+        steps.append(kind(Generator(model, impl="torch"), Discriminator(model, impl="torch"), TrainConfig(4), "cpu"))
+        steps[-1].k.fill_(0.05)  # a k_t the dry run's update changes (from 0 it may stay clipped at 0)
+    head_started, plain = steps
+    collectives = head_started.collectives = RecordingCollectives()
     monkeypatch.setattr(kernels.precompile, "precompile", lambda work, threads: (work(), Precompiled(0, 0, 0.0))[1])
-    before = step.snapshot()
-    step.precompile((4, 3, 16, 16), 2)
-    assert collectives.calls == [] and step.collectives is collectives
-    assert all(torch.equal(t, copy) for t, copy in before["tensors"])
+    before = head_started.snapshot()
+    head_started.precompile((4, 3, 16, 16), 2)
+    assert collectives.calls == [] and head_started.collectives is collectives
+    assert all(torch.equal(t, copy) for t, copy in before["tensors"]) and head_started.steps_done == 0
+    head_started.collectives = None  # one process from here on
+    data = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.rand(4, 3, 16, 16, generator=data) * 2 - 1
+        head_started(x)
+        plain(x)
+    for step in steps:
+        step.weights = [*step.D.parameters(), *step.G.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(head_started.weights, plain.weights, strict=True))
+    assert torch.equal(head_started.k, plain.k) and head_started.steps_done == plain.steps_done == 3
+    # The rest a checkpoint saves (Adam, the lr decay's window, the noise stream) and the running statistics.
+    assert same(head_started.state_dict(), plain.state_dict())
+    assert torch.equal(head_started.stats.sums, plain.stats.sums) and head_started.stats.count.item() == 3
+
+
+def same(a, b) -> bool:
+    """Whether two state dicts (nested dicts, lists, tensors, numbers) are equal, tensors bit for bit."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(same, a, b))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and torch.equal(a, b)
+    return a == b
 
 
 def test_the_first_process_takes_the_turn_to_compile_and_the_others_wait_until_it_lets_go(tmp_path):
