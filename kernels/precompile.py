@@ -21,7 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable
@@ -81,7 +80,7 @@ class CompileOnly:
         configs = self.kernel.prune_configs(kwargs)
         self.kernel.nargs = None
         if self.configs == "smallest":
-            configs = [min(configs, key=lambda config: math.prod(config.kwargs.values()))]
+            configs = [kernels.conv_elu.smallest_tile(configs)]
         return [config.all_kwargs() for config in configs]
 
     def launch(self, args, kwargs, grid) -> None:
