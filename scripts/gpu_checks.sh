@@ -53,6 +53,10 @@ run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, remember a failure, go 
     echo "== $name: $*"
     "$@" 2>&1 | tee "$out/$name.log" || status=1
 }
+start_once() {  # start_once OUT: the wall time of a 1-step gpu64 run (--amp --cuda-graphs) into the run folder OUT
+    local TIMEFORMAT="wall %R s"
+    time python scripts/train.py --preset gpu64 --steps 1 --amp --cuda-graphs --quiet --out "$1"
+}
 bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILTER (and BENCH_SELECT) -> NAME.json
     run "bench_$3" python -m pytest -q "bench/bench_$1.py" -k "$2$select" --benchmark-json "$out/$3.json"
 }
@@ -107,17 +111,15 @@ for phase in $phases; do
         empty=$(mktemp -d) filled=$(mktemp -d)
         for case in "cold_one_by_one 0 $empty" "cold_head_start 1 $filled" "warm 1 $filled"; do
             read -r name head_start cache <<<"$case"
-            run "startup_$name" env BEGAN_FAST_PRECOMPILE="$head_start" TRITON_CACHE_DIR="$cache" bash -c \
-                'TIMEFORMAT="wall %R s"; time python scripts/train.py --preset gpu64 --steps 1 --amp --cuda-graphs \
-                --quiet --out "$0"' "$out/startup_$name"
+            BEGAN_FAST_PRECOMPILE="$head_start" TRITON_CACHE_DIR="$cache" run "startup_$name" start_once \
+                "$out/startup_$name"
         done
         ;;
     startup_pair)
         shared=$(mktemp -d) pids=()
         for n in 1 2; do
             echo "== startup_pair_$n (in the background)"
-            TRITON_CACHE_DIR="$shared" bash -c 'TIMEFORMAT="wall %R s"; time python scripts/train.py --preset gpu64 \
-                --steps 1 --amp --cuda-graphs --quiet --out "$0"' "$out/startup_pair_$n" >"$out/startup_pair_$n.log" 2>&1 &
+            TRITON_CACHE_DIR="$shared" start_once "$out/startup_pair_$n" >"$out/startup_pair_$n.log" 2>&1 &
             pids+=($!)
         done
         for pid in "${pids[@]}"; do wait "$pid" || status=1; done
