@@ -50,21 +50,28 @@ def build_step(device, amp):
     return preset_step("demo", True, amp, device)
 """
 
-# How many compiles the step's dry run asks for, counted with them recorded rather than run; and each kernel Triton
-# compiles (or reads from its disk cache): the thread it compiles on, and whether a warm-up or a launch asked.
+# The compiles the step's dry run asks for, recorded rather than run; BEGAN's balance readied on its own (three
+# kernels, quick to compile); and each kernel Triton compiles (or reads from its disk cache): the thread it compiles
+# on, and whether a warm-up or a launch asked.
 COUNT_COMPILES = """
 import threading
 from triton import knobs
 from kernels import precompile
 
-def asked_by(step, shape):
+def launches_of(step, shape):
     asked, warm_up = [], precompile._warm_up
-    precompile._warm_up = lambda *launch: asked.append(launch)
+    precompile._warm_up = lambda *launch: asked.append(launch)  # launch: (device, jit, args, kwargs, grid, tile)
     try:
         step.precompile(shape, 1)
     finally:
         precompile._warm_up = warm_up
-    return len(asked)
+    return asked
+
+def ready_balance():
+    from began_fast.balance_function import triton_began_balance
+
+    images = [torch.rand(4, 3, 16, 16, requires_grad=True) for _ in range(4)]
+    return precompile.precompile(lambda: triton_began_balance(*images, 0.0, 0.5, 0.001).l_d.backward(), 2)
 
 compiles = []
 knobs.runtime.jit_cache_hook = lambda **hook: compiles.append(
@@ -101,7 +108,7 @@ import os
 
 with precompile.compiling_for(90):
     step, shape = build_step("cpu", "bf16")
-    asked = asked_by(step, shape)
+    asked = len(launches_of(step, shape))
 
     def stopped():
         step.body(torch.zeros(shape))
@@ -120,14 +127,12 @@ print(json.dumps({"asked": asked, "compiled": len(compiled)}))
 PROBE_TILES = """
 from kernels.conv_elu import GPU_CONFIGS
 
-tiles = {}
-def record(device, jit, args, kwargs, grid, tile):
-    tiles.setdefault(jit.__name__, set()).add(json.dumps(tile, sort_keys=True))
-
-precompile._warm_up = record
 with precompile.compiling_for(90):
     step, shape = build_step("cpu", "bf16")
-    step.precompile(shape, 2)
+    launches = launches_of(step, shape)
+tiles = {}
+for _, jit, _, _, _, tile in launches:
+    tiles.setdefault(jit.__name__, set()).add(json.dumps(tile, sort_keys=True))
 every = {name: {json.dumps(c.all_kwargs(), sort_keys=True) for c in configs} for name, configs in GPU_CONFIGS.items()}
 print(json.dumps({name: sorted(tiles.get(name, ())) == sorted(every[name]) for name in every}))
 """
@@ -135,22 +140,13 @@ print(json.dumps({name: sorted(tiles.get(name, ())) == sorted(every[name]) for n
 # Without a GPU, for sm_90, with Triton's default set to no floating-point fusion: the FP fusion each kernel launch
 # of the step in bf16 asks for (recorded rather than compiled), and the one BEGAN's balance kernels compile with.
 PROBE_FP_FUSION = """
-from began_fast.balance_function import triton_began_balance
-
-asked = set()
-def record(device, jit, args, kwargs, grid, tile):
-    asked.add((jit.__name__, kwargs.get("enable_fp_fusion")))
-
-warm_up, precompile._warm_up = precompile._warm_up, record
 with precompile.compiling_for(90):
     step, shape = build_step("cpu", "bf16")
-    step.precompile(shape, 2)
-precompile._warm_up = warm_up
+    asked = {(jit.__name__, kwargs.get("enable_fp_fusion")) for _, jit, _, kwargs, _, _ in launches_of(step, shape)}
 compiled = []
 knobs.compilation.listener = lambda metadata, **kwargs: compiled.append(metadata["enable_fp_fusion"])
-images = [torch.rand(4, 3, 16, 16, requires_grad=True) for _ in range(4)]
 with precompile.compiling_for(90):
-    precompile.precompile(lambda: triton_began_balance(*images, 0.0, 0.5, 0.001).l_d.backward(), 2)
+    ready_balance()
 print(json.dumps({"asked": sorted(asked), "compiled": compiled}))
 """
 
@@ -175,17 +171,14 @@ print(json.dumps({"asked": done.compiles, "failed": done.failed, "head_start": h
 # taking turns. Each says whether it had the turn; the one that had it waits for a line on stdin before it compiles
 # (so that the other has started waiting). Each counts what Triton compiled and what it read from its disk cache.
 PROBE_TAKING_TURNS = """
-from began_fast.balance_function import triton_began_balance
-
 compiled, read = [], []
 knobs.compilation.listener = lambda cache_hit, **kwargs: (read if cache_hit else compiled).append(1)
-images = [torch.rand(4, 3, 16, 16, requires_grad=True) for _ in range(4)]
 with precompile.compiling_for(90), precompile.CompilerTurn() as turn:
     print(json.dumps({"first": turn.first}), flush=True)
     if turn.first:
         sys.stdin.readline()
     let_go = turn.wait(600) if turn.first is False else None
-    done = precompile.precompile(lambda: triton_began_balance(*images, 0.0, 0.5, 0.001).l_d.backward(), 2)
+    done = ready_balance()
 print(json.dumps({"first": turn.first, "let_go": let_go, "asked": done.compiles, "failed": done.failed,
                   "compiled": len(compiled), "read": len(read)}))
 """
