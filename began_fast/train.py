@@ -40,6 +40,7 @@ from began_fast.checkpoint import config_dict, load_checkpoint, misfit, save_che
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import held_out_images, make_batches, open_source, resolve_source
 from began_fast.data.gpu_resident import GpuResidentStream
+from began_fast.data.sampler import data_position
 from began_fast.distributed import Collectives, cores_per_rank, machine_cores
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.hang_guard import HangGuard
@@ -115,6 +116,10 @@ class Run:
     # checkpoint (None: a new run, or a checkpoint that did not record it).
     data_images: int | None = None
     saved_data_images: int | None = None
+    # The step this process started at, and the data position (epoch, offset; data.BatchOrder) the checkpoint kept
+    # for it (None: a new run, or a checkpoint that did not record one: the position its step gives).
+    start_step: int = 0
+    saved_data_position: tuple[int, int] | None = None
     # Names the run in its checkpoints and config.json, so a latest.pt of another run is not resumed into this
     # run's folder (a random hex string given at its start; a checkpoint that did not record one gets a new one).
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
@@ -209,11 +214,14 @@ def setup_run(
             D.load_state_dict(state["D"])
             step.load_state_dict(state["trainer"])
             fixed_z = state["fixed_z"].to(device)
-        except (KeyError, ValueError, RuntimeError) as e:  # a missing entry, a wrong shape or optimizer layout
+            saved_position = state.get("data_position")
+            saved_position = None if saved_position is None else (int(saved_position[0]), int(saved_position[1]))
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:  # a missing entry, a wrong shape
             raise misfit(latest, e) from None
     run = Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z, collectives)
     if state is not None:
         run.saved_data_images = state.get("data_images")
+        run.saved_data_position = saved_position
         run.run_id = state.get("run_id") or run.run_id
     return run
 
@@ -308,6 +316,11 @@ def checkpoint_state(run: Run) -> dict:
         "trainer": run.step.state_dict(),
         "fixed_z": run.fixed_z.cpu(),
         "data_images": run.data_images,
+        "data_position": list(
+            data_position(
+                run.data_images, run.global_batch, run.step.steps_done, run.start_step, run.saved_data_position
+            )
+        ),
         "run_id": run.run_id,
     }
 
@@ -578,7 +591,7 @@ def train(run: Run) -> Path:
     cfg, out, main = run.train_cfg, run.out, run.is_main
     if run.collectives is not None:
         run.collectives.check_same(start_fingerprint(run), run.step.device)
-    start = run.step.steps_done
+    start = run.start_step = run.step.steps_done
     source = open_source(run.data_cfg, run.model_cfg.image_size)
     batches = make_batches(
         run.data_cfg,
@@ -587,6 +600,7 @@ def train(run: Run) -> Path:
         device=torch.device(run.opts.device),
         seed=cfg.seed,
         start_step=start,
+        start_position=run.saved_data_position,
         rank=run.step.rank,
         world_size=run.step.world_size,
         source=source,

@@ -480,6 +480,27 @@ def test_batch_order_epochs_are_permutations():
     assert not torch.equal(epochs[0], epochs[1])
 
 
+def test_batch_order_resumed_with_another_global_batch_finishes_its_epoch():
+    """4 ranks of batch 2 take 3 global batches of 8 of the 50 items; one process of batch 4 resumed from that
+    position takes the rest of the epoch without a repeat (6 batches of 4, items 24 to 47: a seventh would pass its
+    end), then whole epochs of its own batch size."""
+    four_ranks = [BatchOrder(50, 2, seed=3, rank=r, world_size=4) for r in range(4)]
+    taken = [i for step in range(3) for order in four_ranks for i in order.batch(step)[0].tolist()]
+    assert four_ranks[0].position(3) == (0, 24)
+    one = BatchOrder(50, 4, seed=3, start_step=3, start_position=(0, 24))
+    taken += [i for step in range(3, 9) for i in one.batch(step)[0].tolist()]
+    assert taken == four_ranks[0].permutation(0)[:48].tolist()  # the epoch's order, every item once
+    assert [one.position(step) for step in (8, 9, 10, 21)] == [(0, 44), (1, 0), (1, 4), (2, 0)]
+    assert torch.equal(one.batch(9)[0], BatchOrder(50, 4, seed=3).batch(12)[0])  # epoch 1's first batch
+    # The same global batch: the position the step gives, so the order is an uninterrupted run's.
+    assert BatchOrder(50, 4, seed=3, start_step=20, start_position=(1, 32)).batch(25)[0].tolist() == (
+        BatchOrder(50, 4, seed=3).batch(25)[0].tolist()
+    )
+    assert one.continued_at(8).batch(9)[0].tolist() == one.batch(9)[0].tolist()
+    with pytest.raises(DataError, match="both >= 0"):
+        BatchOrder(50, 4, seed=3, start_position=(0, -4))
+
+
 def test_batch_order_sharding():
     world = 3
     single = BatchOrder(40, 4 * world, seed=5)

@@ -21,8 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import began_fast.train as train_module
 from began_fast.checkpoint import load_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from began_fast.data import make_batches
 from began_fast.distributed import CollectiveError, Collectives, World, start, stop
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
@@ -216,18 +218,25 @@ def test_ranks_given_different_settings_are_refused_before_the_first_step(two_ra
         )
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
+def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path, monkeypatch):
     folder, ranks = two_ranks
     saved = load_checkpoint(folder / "run_torch" / "latest.pt")
     assert saved["step"] == 4 and saved["trainer"]["world_size"] == 2
+    assert saved["data_position"] == [0, 16]  # epoch 0, its first 4 global batches of 2 x 2 images taken
     assert torch.equal(saved["trainer"]["k"], ranks[0]["loop_k_torch"])
     out = tmp_path / "run"
     out.mkdir()
     (out / "latest.pt").write_bytes((folder / "run_torch" / "latest.pt").read_bytes())
     run = setup_run(MODEL, loop_cfg(6), LOOP_DATA, RunOptions(out=out, resume=True, quiet=True))
     assert run.step.world_size == 1 and torch.equal(run.step.k, ranks[0]["loop_k_torch"])
+    loaders = []
+    monkeypatch.setattr(train_module, "make_batches", lambda *a, **kw: loaders.append(kw) or make_batches(*a, **kw))
     train(run)
-    assert load_checkpoint(out / "latest.pt")["step"] == 6
+    assert loaders[0]["start_step"] == 4 and loaders[0]["start_position"] == (0, 16)
+    resumed = load_checkpoint(out / "latest.pt")
+    # The one rank went on where the two had stopped in the epoch, with batches of 2: not at step 6's place in
+    # an epoch of 2-image batches (image 12).
+    assert resumed["step"] == 6 and resumed["data_position"] == [0, 20]
     rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [6]
     assert all(torch.isfinite(p).all() for p in run.G.parameters())

@@ -109,6 +109,7 @@ def make_batches(
     device: torch.device | str,
     seed: int,
     start_step: int = 0,
+    start_position: tuple[int, int] | None = None,
     rank: int = 0,
     world_size: int = 1,
     source=None,
@@ -116,7 +117,7 @@ def make_batches(
     """An iterator of float32 (B, 3, S, S) batches in [-1, 1] on `device`, with a one-line `describe()`.
 
     source: cfg's source at image_size when the caller has opened it already (opening a folder checks every file),
-    else it is opened here.
+    else it is opened here. start_step, start_position: where a resumed run goes on (BatchOrder).
 
     cfg.loader: "torch" -> TorchLoader (exact resume); "gpu" -> GpuResidentStream (all images in device memory,
     sampled on the device); "dali" -> DaliLoader (GPU JPEG decoding); "auto" -> gpu-resident on CUDA for hdf5 and
@@ -135,6 +136,7 @@ def make_batches(
                 device=device,
                 seed=seed,
                 start_step=start_step,
+                start_position=start_position,
                 rank=rank,
                 world_size=world_size,
                 source=source,
@@ -160,6 +162,7 @@ def make_batches(
         batch_size,
         seed=seed,
         start_step=start_step,
+        start_position=start_position,
         flip=cfg.flip,
         num_workers=default_workers(source.kind) if cfg.num_workers is None else cfg.num_workers,
         device=device,

@@ -164,8 +164,9 @@ class DaliLoader:
     Infinite: iterate for as many steps as the run needs; `step` counts the batches returned, `epoch` the
     completed epochs and `batches_per_epoch` (len) is this rank's number of batches in an epoch.
     Only image folders and HDF5 files are read; the built-in faces have no files to decode (use the torch or gpu
-    loader). start_step: the step a resumed run continues at: the batches and flips are BatchOrder's, as the torch
-    loader's, so a resume continues exactly. source: cfg's source, when the caller has opened it already.
+    loader). start_step, start_position: the step a resumed run continues at and its data position (BatchOrder):
+    the batches and flips are BatchOrder's, as the torch loader's, so a resume continues exactly. source: cfg's
+    source, when the caller has opened it already.
     """
 
     def __init__(
@@ -177,6 +178,7 @@ class DaliLoader:
         device: torch.device | str,
         seed: int,
         start_step: int = 0,
+        start_position: tuple[int, int] | None = None,
         rank: int = 0,
         world_size: int = 1,
         dtype: torch.dtype = torch.float32,
@@ -190,12 +192,22 @@ class DaliLoader:
         self.source = open_source(cfg, image_size) if source is None else source
         if self.source.kind not in ("celeba", "folder", "hdf5"):
             raise DataError(f"the DALI loader reads image folders and HDF5 files, not the {self.source.kind} source")
-        self.seed, self.flip, self.image_size = seed, cfg.flip, image_size
+        self.flip, self.image_size = cfg.flip, image_size
         on_gpu = self.device.type == "cuda"
         self.decoder = "mixed" if on_gpu else "cpu"
         workers = default_workers("folder") if cfg.num_workers is None else cfg.num_workers
         self.num_threads = max(1, workers)
         self._files = _EncodedFiles(self.source.files) if self.source.kind != "hdf5" else None
+        self._order = BatchOrder(
+            len(self.source),
+            batch_size,
+            seed,
+            start_step,
+            start_position=start_position,
+            rank=rank,
+            world_size=world_size,
+        )
+        self.batches_per_epoch = self._order.batches_per_epoch
         self._start(start_step)
 
     def _start(self, step: int) -> None:
@@ -209,9 +221,7 @@ class DaliLoader:
             else None,
             prefetch_queue_depth=self.prefetch,
         )
-        order = BatchOrder(
-            len(self.source), self.batch_size, self.seed, step, rank=self.rank, world_size=self.world_size
-        )
+        order = self._order.continued_at(step)
         if self._files is None:
             batches = _OrderedBatches(order, self.flip, _Hdf5Rows(self.source))
             pipe = pipeline(_hdf5_pipeline)(self.source, self.image_size, self.dtype, batches, on_gpu)
@@ -221,12 +231,13 @@ class DaliLoader:
         pipe.build()
         # The external source never ends: no reader, no epochs inside DALI (BatchOrder has them).
         self._batches = DALIGenericIterator(pipe, ["images"], last_batch_policy=LastBatchPolicy.DROP)
-        self._order, self.step, self.batches_per_epoch = order, step, order.batches_per_epoch
+        self.step = step
 
     @property
     def epoch(self) -> int:
-        """This rank's completed epochs: an epoch is `batches_per_epoch` batches in both pipelines."""
-        return self.step // self.batches_per_epoch
+        """The completed epochs: an epoch is `batches_per_epoch` batches in both pipelines (the one a resume on
+        another number of ranks went on with, fewer or more)."""
+        return self._order.position(self.step)[0]
 
     def __len__(self) -> int:
         return self.batches_per_epoch

@@ -38,7 +38,7 @@ class TorchLoader:
 
     Workers decode and flip uint8 images (a quarter of float32's bytes to move); the batch goes to the device
     pinned and non-blocking when the device is CUDA, and is converted to float there.
-    Batch order and flips: BatchOrder(len(source), batch_size, seed, start_step, rank, world_size).
+    Batch order and flips: BatchOrder(len(source), batch_size, seed, start_step, start_position, rank, world_size).
     """
 
     def __init__(
@@ -48,6 +48,7 @@ class TorchLoader:
         *,
         seed: int,
         start_step: int = 0,
+        start_position: tuple[int, int] | None = None,
         flip: bool = True,
         num_workers: int = 2,
         device: torch.device | str = "cpu",
@@ -56,7 +57,9 @@ class TorchLoader:
     ):
         self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
         self.device = torch.device(device)
-        order = BatchOrder(len(source), batch_size, seed, start_step, rank=rank, world_size=world_size)
+        order = BatchOrder(
+            len(source), batch_size, seed, start_step, start_position=start_position, rank=rank, world_size=world_size
+        )
         workers = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
         self._loader = torch.utils.data.DataLoader(
             _FlippedItems(source),
