@@ -159,9 +159,15 @@ class Collectives:
         k_next = torch.clamp(k + lambda_k * balance, 0.0, 1.0)
         return BalanceResult(l_real, l_fake, l_real - k * l_fake, l_fake, k_next, l_real + balance.abs())
 
-    def check_same(self, fingerprint: dict[str, int], device: torch.device | str) -> None:
+    def check_same(
+        self,
+        fingerprint: dict[str, int],
+        device: torch.device | str,
+        remedy: str = "give every rank the same flags and, to resume, the same latest.pt",
+    ) -> None:
         """Raise ConfigError, on every rank, when a value of `fingerprint` ({what: int64}, the same keys
-        on every rank) differs between the ranks. Two tiny all-reduces; call it once, before training."""
+        on every rank) differs between the ranks; its message ends with `remedy`. Two tiny all-reduces; call it
+        once per fingerprint, before training."""
         values = torch.tensor(list(fingerprint.values()), dtype=torch.int64, device=device)
         low, high = values.clone(), values.clone()
         self._all_reduce(low, op=dist.ReduceOp.MIN)
@@ -170,7 +176,7 @@ class Collectives:
         if differing:
             raise ConfigError(
                 f"the {self.world_size} ranks do not start from the same run: {' and '.join(differing)} differ "
-                "between ranks; give every rank the same flags and, to resume, the same latest.pt"
+                f"between ranks; {remedy}"
             )
 
     def any_(self, flag: bool, device: torch.device) -> bool:

@@ -305,6 +305,23 @@ def start_fingerprint(run: Run) -> dict[str, int]:
     }
 
 
+def data_fingerprint(source, batches) -> dict[str, int]:
+    """What every rank of a torchrun job must read alike, each as one int64 (the data path is not compared: each
+    machine may keep its copy elsewhere): the number of training images, their files' names (image folders) and
+    a first, middle and last image, and the loader. Ranks that opened different copies (one with a file missing or
+    damaged, so skipped) would cut their shards from different orders, overlapping and leaving images out; ranks
+    on different loaders (--loader auto picks one by each GPU's free memory) would not share one global batch."""
+    count = len(source)
+    root = str(getattr(source, "root", ""))
+    names = [name.removeprefix(root).encode() + b"\0" for name in getattr(source, "files", ())]
+    images = [source[i].contiguous().numpy().tobytes() for i in sorted({0, count // 2, count - 1})]
+    return {
+        "the number of training images": count,
+        "the training images": _int64_digest([*names, *images]),
+        "the loaders": _int64_digest([type(batches).__name__.encode()]),
+    }
+
+
 def checkpoint_state(run: Run) -> dict:
     return {
         "model_config": config_dict(run.model_cfg),
@@ -605,6 +622,12 @@ def train(run: Run) -> Path:
         world_size=run.step.world_size,
         source=source,
     )
+    if run.collectives is not None:
+        run.collectives.check_same(
+            data_fingerprint(source, batches),
+            run.step.device,
+            remedy="give every rank the same data (a whole copy on every machine) and the same --loader",
+        )
     run.data_images = len(source)
     real = RealImages(run, source)
     if main:

@@ -20,16 +20,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
 import began_fast.train as train_module
 from began_fast.checkpoint import load_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from began_fast.data import make_batches
+from began_fast.data import BuiltinFaces, GpuResidentSet, GpuResidentStream, TorchLoader, make_batches
+from began_fast.data.builtin import draw_faces
 from began_fast.distributed import CollectiveError, Collectives, World, start, stop
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep
-from began_fast.train import RunOptions, setup_run, train
+from began_fast.train import RunOptions, data_fingerprint, setup_run, train
 from tests.tolerances import assert_parity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +113,21 @@ def rank_main(rank, port, folder):
         train(run)
     except ConfigError as e:
         results["mismatch_error"] = (str(e), run.step.steps_done)
+    # Jobs whose ranks read different copies of one image folder (the data path is not compared: it may differ
+    # between machines): rank 1's copy lacks a file, as a copy cut short would; then one of its faces differs.
+    for case, count, changed in (("missing", 8 - rank, False), ("changed", 8, rank == 1)):
+        images = folder / f"images_{case}{rank}"
+        images.mkdir()
+        for i, face in enumerate(draw_faces(count, 16, seed=0)):
+            Image.fromarray(255 - face if changed and i == 0 else face).save(images / f"{i}.png")
+        data = DataConfig(path=str(images), num_workers=0, loader="torch")
+        run = setup_run(
+            MODEL, loop_cfg(4), data, RunOptions(out=folder / f"data_{case}{rank}", quiet=True), collectives
+        )
+        try:
+            train(run)
+        except ConfigError as e:
+            results[f"data_{case}_error"] = (str(e), run.step.steps_done, run.out.exists())
     if rank == 1:
         torch.save(results, folder / f"rank{rank}.pt")
         return  # leaves the job: rank 0's next collective must fail with one clear line
@@ -216,6 +233,29 @@ def test_ranks_given_different_settings_are_refused_before_the_first_step(two_ra
             "the 2 ranks do not start from the same run: the settings and the weights differ between ranks; "
             "give every rank the same flags and, to resume, the same latest.pt"
         )
+
+
+@pytest.mark.parametrize(
+    "case, differing",
+    [("missing", "the number of training images and the training images"), ("changed", "the training images")],
+)
+def test_ranks_reading_different_data_are_refused_before_the_first_step(two_ranks, case, differing):
+    _, ranks = two_ranks
+    for rank in ranks:
+        message, steps_done, wrote_out = rank[f"data_{case}_error"]
+        assert steps_done == 0 and not wrote_out
+        assert message == (
+            f"the 2 ranks do not start from the same run: {differing} differ between ranks; give every rank the same "
+            "data (a whole copy on every machine) and the same --loader"
+        )
+
+
+def test_the_data_fingerprint_names_the_loader():
+    source = BuiltinFaces(8, 16, seed=0)
+    torch_loader = TorchLoader(source, 2, seed=0, num_workers=0)
+    gpu_resident = GpuResidentStream(GpuResidentSet(source, "cpu"), 2, seed=0)
+    one, other = data_fingerprint(source, torch_loader), data_fingerprint(source, gpu_resident)
+    assert [key for key in one if one[key] != other[key]] == ["the loaders"]
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path, monkeypatch):
