@@ -174,16 +174,16 @@ class FastStep(StepState):
 class CudaGraphStep:
     """Capture `step.body` once in a CUDA graph and replay it for every step.
 
-    The batch enters through a static buffer: either `sample_into(buffer)` (a GPU-resident data set drawing its
-    batch on the device from `generators`) is captured in the graph too, or each call copies the loader's batch
-    into the buffer.
+    The batch enters through a static buffer: either `sample_into(buffer)` (a GPU-resident data set gathering the
+    batch it staged for the step, GpuResidentStream) is captured in the graph too, or each call copies the loader's
+    batch into the buffer.
     Warm-up runs on a side stream (as PyTorch's whole-network capture recipe asks), then everything it changed
     is restored, so the captured run starts exactly where the step was. Under torchrun the warm-up steps' all-
     reduces are also the NCCL warm-up that capturing a collective needs (the communicator must exist before
     capture); the graph then replays the collectives with the rest of the step.
     """
 
-    def __init__(self, step: FastStep, batch_shape, sample_into=None, generators=(), warmup_steps: int = 3):
+    def __init__(self, step: FastStep, batch_shape, sample_into=None, warmup_steps: int = 3):
         if step.device.type != "cuda":
             raise ValueError("--cuda-graphs needs a CUDA device")
         self.step, self.sample_into = step, sample_into
@@ -200,10 +200,8 @@ class CudaGraphStep:
         torch.cuda.current_stream().wait_stream(side)
         step.restore(snap)
         self.graph = torch.cuda.CUDAGraph()
-        # The noise (and data) generators are not the default one: the graph must advance their Philox offsets on
-        # every replay.
-        for generator in (step.z_gen, *generators):
-            self.graph.register_generator_state(generator)
+        # The noise generator is not the default one: the graph must advance its Philox offset on every replay.
+        self.graph.register_generator_state(step.z_gen)
         for opt in (step.opt_g, step.opt_d):
             opt.zero_grad(set_to_none=True)
         with torch.cuda.graph(self.graph):

@@ -502,12 +502,14 @@ def compile_kernels(run: Run) -> None:
 
 def make_feed(run: Run, batches):
     """A callable that runs one step on the next batch: eagerly, or as a CUDA graph replay. With a GPU-resident
-    data set the graph draws the batch itself; otherwise each replay copies the loader's batch in."""
+    data set the graph gathers the batch itself, from the indices staged before each replay; otherwise each replay
+    copies the loader's batch in."""
     if not run.opts.cuda_graphs:
         return lambda: run.step(next(batches))
     shape = (run.train_cfg.batch_size, 3, run.model_cfg.image_size, run.model_cfg.image_size)
     if isinstance(batches, GpuResidentStream):
-        return CudaGraphStep(run.step, shape, sample_into=batches.sample_into, generators=[batches.generator])
+        graph = CudaGraphStep(run.step, shape, sample_into=batches.sample_into)
+        return lambda: (batches.stage(), graph())
     graph = CudaGraphStep(run.step, shape)
     return lambda: graph(next(batches))
 

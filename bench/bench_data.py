@@ -95,9 +95,9 @@ STEP_BATCH, STEPS_PER_ROUND = 16, 50
 @pytest.mark.parametrize("feed", ["gpu-resident", "dali-mixed", "torch"])
 def test_fast_step_fed_by_loader(benchmark, jpeg_dir, feed):
     """The fast path (paper64, batch 16, bf16, one CUDA graph) fed by each loader: steps/s against the
-    GPU-resident set, which draws its batch inside the graph and so is the upper bound."""
+    GPU-resident set, which gathers its batch inside the graph and so is the upper bound."""
     from began_fast.config import get_preset
-    from began_fast.data.gpu_resident import GpuResidentSet
+    from began_fast.data.gpu_resident import GpuResidentSet, GpuResidentStream
     from began_fast.fast_step import CudaGraphStep, FastStep
     from began_fast.model import Discriminator, Generator
 
@@ -108,11 +108,11 @@ def test_fast_step_fed_by_loader(benchmark, jpeg_dir, feed):
     step = FastStep(G, D, preset.train, "cuda", amp="bf16")
     cfg = DataConfig(path=jpeg_dir, num_workers=CORES)
     if feed == "gpu-resident":
-        images = GpuResidentSet(open_source(cfg, size), "cuda")
-        gen = torch.Generator("cuda").manual_seed(0)
-        graph = CudaGraphStep(step, shape, sample_into=lambda out: images.sample_into(out, gen), generators=[gen])
+        batches = GpuResidentStream(GpuResidentSet(open_source(cfg, size), "cuda"), STEP_BATCH, seed=0)
+        graph = CudaGraphStep(step, shape, sample_into=batches.sample_into)
 
         def one_step():
+            batches.stage()
             graph()
 
     else:

@@ -25,7 +25,7 @@ import torch
 
 from began_fast.config import DataConfig, get_preset
 from began_fast.data import open_source
-from began_fast.data.gpu_resident import GpuResidentSet
+from began_fast.data.gpu_resident import GpuResidentSet, GpuResidentStream
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import ConvELU, Discriminator, Generator, Linear
 from began_fast.step import ReferenceStep
@@ -83,17 +83,16 @@ def make_provider(provider: str, preset_name: str, batch: int):
     torch.cuda.empty_cache()
     G, D = Generator(cfg, impl=impl).to(device), Discriminator(cfg, impl=impl).to(device)
     images = GpuResidentSet(open_source(DataConfig(builtin_count=DATASET_IMAGES), cfg.image_size), device)
-    data_gen = torch.Generator(device).manual_seed(0)
+    batches = GpuResidentStream(images, batch, seed=0)  # fed as train.py feeds the step (make_feed)
     torch.cuda.reset_peak_memory_stats()
     if provider == "triton":
         step = FastStep(G, D, train_cfg, device, amp="bf16", impl="triton")
-        graph = CudaGraphStep(
-            step,
-            (batch, 3, cfg.image_size, cfg.image_size),
-            sample_into=lambda out: images.sample_into(out, data_gen),
-            generators=[data_gen],
-        )
-        run = graph
+        graph = CudaGraphStep(step, (batch, 3, cfg.image_size, cfg.image_size), sample_into=batches.sample_into)
+
+        def run():
+            batches.stage()
+            graph()
+
     else:
         if provider == "compile":
             # One static shape per case (a second case would otherwise get a shape-generic graph), and no CUDA
@@ -105,7 +104,7 @@ def make_provider(provider: str, preset_name: str, batch: int):
         step = ReferenceStep(G, D, train_cfg, device)  # compiled modules pass .cfg etc. to the original
 
         def run():
-            x = images.sample(batch, data_gen)
+            x = next(batches)
             if provider == "torch-bf16":
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16):

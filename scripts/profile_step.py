@@ -52,15 +52,21 @@ def build_step(preset: str, batch: int, amp: str | None):
     D = Discriminator(cfg.model, impl="triton").to(device)
     step = FastStep(G, D, train_cfg, device, amp=amp, impl="triton")
     images = GpuResidentSet(open_source(DataConfig(builtin_count=BUILTIN_IMAGES), cfg.model.image_size), device)
-    # As train.py feeds it (make_feed): eagerly the stream's next batch; in the graph, drawn into its buffer.
+    # As train.py feeds it (make_feed): eagerly the stream's next batch; in the graph, gathered into its buffer
+    # from the indices staged before each replay.
     batches = GpuResidentStream(images, batch, seed=0)
 
     def eager() -> None:
         step(next(batches))
 
     shape = (batch, 3, cfg.model.image_size, cfg.model.image_size)
-    graph = CudaGraphStep(step, shape, sample_into=batches.sample_into, generators=[batches.generator])
-    return eager, graph
+    graph = CudaGraphStep(step, shape, sample_into=batches.sample_into)
+
+    def replay() -> None:
+        batches.stage()
+        graph()
+
+    return eager, replay
 
 
 def median_ms(run, repeats: int) -> float:

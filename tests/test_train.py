@@ -112,6 +112,20 @@ def test_resume_is_exact(tmp_path, reference_step):
     assert torch.equal(whole.step.k, resumed.step.k)
 
 
+def test_the_gpu_resident_loader_trains_and_resumes_as_the_torch_loader(tmp_path):
+    """--loader gpu (here on the CPU) gathers the torch loader's batches: 4 steps, then 4 resumed, end where 8
+    uninterrupted steps on the torch loader do, bit for bit."""
+    whole = run_steps(tmp_path / "torch", 8)
+    on_gpu_loader = dataclasses.replace(DATA, loader="gpu")
+    train(setup_run(MODEL, train_cfg(4), on_gpu_loader, RunOptions(out=tmp_path / "gpu", quiet=True)))
+    resumed = setup_run(MODEL, train_cfg(8), on_gpu_loader, RunOptions(out=tmp_path / "gpu", resume=True, quiet=True))
+    train(resumed)
+    assert resumed.step.steps_done == 8
+    for a, b in zip(parameters(whole), parameters(resumed), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(whole.step.k, resumed.step.k)
+
+
 @pytest.mark.parametrize("first, then", [("reference", "fp16"), ("fp16", "reference")])
 def test_a_run_resumes_with_another_kind_of_step(tmp_path, first, then):
     """--reference-step and --amp are not saved: a checkpoint of one kind of step resumes on another (Adam keeps

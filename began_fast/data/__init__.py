@@ -119,8 +119,8 @@ def make_batches(
     source: cfg's source at image_size when the caller has opened it already (opening a folder checks every file),
     else it is opened here. start_step, start_position: where a resumed run goes on (BatchOrder).
 
-    cfg.loader: "torch" -> TorchLoader (exact resume); "gpu" -> GpuResidentStream (all images in device memory,
-    sampled on the device); "dali" -> DaliLoader (GPU JPEG decoding); "auto" -> gpu-resident on CUDA for hdf5 and
+    cfg.loader: "torch" -> TorchLoader; "gpu" -> GpuResidentStream (all images in device memory, gathered on the
+    device); "dali" -> DaliLoader (GPU JPEG decoding); "auto" -> gpu-resident on CUDA for hdf5 and
     builtin sources that fit in memory, DALI on CUDA for image folders when it is installed, torch otherwise.
     """
     device = torch.device(device)
@@ -155,7 +155,14 @@ def make_batches(
             )
         images = GpuResidentSet(source, device)
         return GpuResidentStream(
-            images, batch_size, seed=seed, start_step=start_step, rank=rank, world_size=world_size, flip=cfg.flip
+            images,
+            batch_size,
+            seed=seed,
+            start_step=start_step,
+            start_position=start_position,
+            rank=rank,
+            world_size=world_size,
+            flip=cfg.flip,
         )
     return TorchLoader(
         source,

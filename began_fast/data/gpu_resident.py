@@ -1,21 +1,15 @@
-"""The GPU-resident data set: every image in device memory as uint8, batches drawn on the device.
+"""The GPU-resident data set: every image in device memory as uint8, batches gathered on the device.
 
 Layout: one (N, 3, S, S) uint8 tensor (NCHW). A batch is a gather along dim 0, which is then already the
 (B, 3, S, S) layout the model reads: no transpose per step. uint8 keeps CelebA at 64 px in 2.5 GB (202,599 x
 12,288 bytes); the conversion to float happens on the B gathered images only.
 
-Randomness: indices (torch.randint, with replacement) and flips (torch.rand < 0.5) are drawn ON the device with
-its Philox generator. Nothing reads a value back to the host, so sampling can be captured in a CUDA graph: the
-captured kernels read the generator's seed and offset from device memory, and each replay advances the offset,
-so every replay draws a fresh batch. (A non-default generator must be registered with the graph,
-torch.cuda.CUDAGraph.register_generator_state.) This stream is not resumable step for step: a resumed or
-graph-captured run continues with a new RNG stream. Sampling with replacement is the usual choice for a GAN: each
-step sees B uniform draws, as in expectation an epoch-based order does.
-
-Sharding (torchrun): every rank seeds the same generator and draws the indices and flips of the whole global batch
-of world_size * B images, then gathers only its rows [rank*B, (rank+1)*B). The ranks' rows together are that global
-batch, so world_size ranks of batch B see exactly the images one process of batch world_size*B sees (the few
-extra random numbers are cheap next to the gather, which each rank does for its own rows only).
+Order: BatchOrder's, as the torch and DALI loaders read (epochs of a permutation, this rank's slice of each
+global batch, flips keyed by the step; data/sampler.py), so every image comes once per epoch, the loaders give the
+same batches for one seed, and a resumed run, on any number of ranks, goes on as the others do. Per step the host
+stages this rank's B indices and flips (2 x B int64, from pinned memory, non-blocking) into a device buffer; the
+gather, the flip and the conversion read that buffer and can be captured in a CUDA graph, so a step is one small
+copy and one graph replay.
 """
 
 from __future__ import annotations
@@ -26,7 +20,7 @@ import numpy as np
 import torch
 
 from began_fast.data.errors import DataError
-from began_fast.data.sampler import check_rank, derived_seed
+from began_fast.data.sampler import BatchOrder
 
 # The share of free memory the images may take: the rest is for the model, its activations and the optimizer.
 MEMORY_SHARE = 0.5
@@ -77,43 +71,12 @@ class GpuResidentSet:
     def image_size(self) -> int:
         return self.images.shape[-1]
 
-    def sample_into(
-        self,
-        out: torch.Tensor,
-        generator: torch.Generator | None = None,
-        flip: bool = True,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        """Fill `out`, a float (B, 3, S, S) tensor on the device, with B random images in [-1, 1], randomly
-        mirrored left-right when flip is true: rows [rank*B, (rank+1)*B) of a global batch of world_size*B draws
-        (see the module docstring). Capturable in a CUDA graph.
-        """
-        batch = out.shape[0]
-        rows = slice(rank * batch, (rank + 1) * batch)
-        global_batch = world_size * batch
-        indices = torch.randint(len(self), (global_batch,), device=self.device, generator=generator)[rows]
+    def gather_into(self, out: torch.Tensor, indices: torch.Tensor, flips: torch.Tensor) -> None:
+        """Fill `out`, a float (B, 3, S, S) tensor on the device, with images `indices` (B,) in [-1, 1], mirrored
+        left-right where `flips` (B,) is true. Both on the device; reads no value back (capturable)."""
         images = self.images.index_select(0, indices)
-        if flip:
-            mirrored = (torch.rand(global_batch, device=self.device, generator=generator) < 0.5)[rows]
-            images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+        images = torch.where(flips[:, None, None, None], images.flip(-1), images)
         out.copy_(images).div_(127.5).sub_(1.0)  # x = u8 / 127.5 - 1
-
-    def sample(
-        self,
-        batch_size: int,
-        generator: torch.Generator | None = None,
-        *,
-        flip: bool = True,
-        dtype: torch.dtype = torch.float32,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> torch.Tensor:
-        """B random images, (B, 3, S, S) of `dtype` in [-1, 1] on the device (see sample_into)."""
-        out = torch.empty(batch_size, 3, self.image_size, self.image_size, device=self.device, dtype=dtype)
-        self.sample_into(out, generator, flip, rank=rank, world_size=world_size)
-        return out
 
     def describe(self) -> str:
         megabytes = self.images.numel() / 2**20
@@ -121,11 +84,11 @@ class GpuResidentSet:
 
 
 class GpuResidentStream:
-    """Iterator of this rank's (B, 3, S, S) float32 batches, sampled from a GpuResidentSet with its own device
-    generator: rows [rank*B, (rank+1)*B) of each global batch of world_size*B draws.
+    """Iterator of this rank's (B, 3, S, S) float32 batches from a GpuResidentSet, in BatchOrder's order (see the
+    module docstring): start_step, start_position, rank and world_size as BatchOrder takes them.
 
-    The generator is seeded with (seed, start_step), the same on every rank: reproducible for a given start, but a
-    resumed run draws a new stream (see the module docstring).
+    Eagerly, `next()` gives the next batch. In a CUDA graph, `sample_into(buffer)` is captured and each step calls
+    `stage()` before the replay: the graph then gathers the batch staged for it.
     """
 
     def __init__(
@@ -135,28 +98,43 @@ class GpuResidentStream:
         *,
         seed: int,
         start_step: int = 0,
+        start_position: tuple[int, int] | None = None,
         rank: int = 0,
         world_size: int = 1,
         flip: bool = True,
     ):
-        check_rank(rank, world_size)
         self.images, self.batch_size, self.flip = images, batch_size, flip
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator(images.device).manual_seed(derived_seed(seed, start_step))
+        self.order = BatchOrder(
+            len(images), batch_size, seed, start_step, start_position=start_position, rank=rank, world_size=world_size
+        )
+        self.step = start_step  # the step whose batch stage() stages next
+        self._staged = torch.zeros(2, batch_size, dtype=torch.int64, device=images.device)  # indices; flips (0/1)
+
+    def stage(self) -> None:
+        """Stage the next step's indices and flips in the device buffer sample_into reads, behind the work already
+        queued (a graph replay still reading the last step's)."""
+        indices, flips = self.order.batch(self.step)
+        rows = torch.stack([indices, (flips & self.flip).long()])
+        if self._staged.is_cuda:
+            rows = rows.pin_memory()  # the caching host allocator keeps it until the copy has run
+        self._staged.copy_(rows, non_blocking=True)
+        self.step += 1
+
+    def sample_into(self, out: torch.Tensor) -> None:
+        """The staged batch into `out`, a float (B, 3, S, S) tensor on the device (capturable)."""
+        self.images.gather_into(out, self._staged[0], self._staged[1].bool())
 
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
-        return self.images.sample(
-            self.batch_size, self.generator, flip=self.flip, rank=self.rank, world_size=self.world_size
-        )
-
-    def sample_into(self, out: torch.Tensor) -> None:
-        """This rank's next batch into `out` (capturable in a CUDA graph, see GpuResidentSet.sample_into)."""
-        self.images.sample_into(out, self.generator, self.flip, rank=self.rank, world_size=self.world_size)
+        self.stage()
+        out = torch.empty(self.batch_size, 3, self.images.image_size, self.images.image_size, device=self.images.device)
+        self.sample_into(out)
+        return out
 
     def describe(self) -> str:
-        shard = f", rank {self.rank}'s rows of a {self.world_size}-rank global batch" if self.world_size > 1 else ""
-        where = self.images.device.type
-        return f"{where}-side sampler (batch {self.batch_size}, with replacement{shard}) over {self.images.describe()}"
+        shard = f", rank {self.rank}'s share of a {self.world_size}-rank global batch" if self.world_size > 1 else ""
+        order = f"batch {self.batch_size}, in the torch loader's order{shard}"
+        return f"{self.images.device.type}-side gather ({order}) over {self.images.describe()}"
