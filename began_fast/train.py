@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -53,6 +54,7 @@ PRECOMPILE_ENV = "BEGAN_FAST_PRECOMPILE"  # "0": no head start, the first step c
 # compiles must not stop this one for ever; after it, this one compiles on its own share of the cores.
 COMPILER_WAIT_S = 600.0
 RECONSTRUCTION_PAIRS = 16
+RUN_LOCK = ".began-fast.lock"  # in the run folder: held by the process that trains there (lock_run_folder)
 # On --resume the checkpoint's configs stand. These settings may still be given anew: how long the run goes, how
 # it is watched, and where and how its data is read (the same data, moved); any other one must match the saved.
 RESUME_MAY_CHANGE = {
@@ -601,12 +603,38 @@ def announce(run: Run, data: str) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+def lock_run_folder(out: Path):
+    """An open file holding an exclusive lock on the run folder `out` until it is closed (or its process ends, however
+    it ends). ConfigError when another process holds it: two runs writing one folder overwrite each other's
+    checkpoints and interleave their stats, each believing it finished. Where the file system has no locks: none."""
+    try:
+        handle = open(out / RUN_LOCK, "a+")
+    except OSError as e:
+        raise ConfigError(f"cannot write into the run folder --out {out}: {e.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(
+            f"another process is training in {out} (it holds {RUN_LOCK}): let it end, or choose another --out"
+        ) from None
+    except OSError:  # no locks here (ENOLCK): as before them
+        pass
+    return handle
+
+
 def train(run: Run) -> Path:
     """Run from the step the run is at to `train_cfg.steps`; return the path of the last checkpoint.
 
     Ctrl-C finishes the step in flight (under torchrun: the steps up to the next statistics read), writes a
-    checkpoint and returns cleanly. Only rank 0 writes the run folder and prints.
+    checkpoint and returns cleanly. Only rank 0 writes the run folder and prints, and holds it (lock_run_folder)
+    from before its first write to the end.
     """
+    with contextlib.ExitStack() as held:
+        return _train(run, held)
+
+
+def _train(run: Run, held: contextlib.ExitStack) -> Path:
     cfg, out, main = run.train_cfg, run.out, run.is_main
     if run.collectives is not None:
         run.collectives.check_same(start_fingerprint(run), run.step.device)
@@ -640,6 +668,7 @@ def train(run: Run) -> Path:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create the run folder --out {out}: {e.strerror}") from None
+        held.enter_context(lock_run_folder(out))
         for folder in (out, out / "samples"):
             remove_stale_temporaries(folder)
         write_config(run)

@@ -543,6 +543,24 @@ def test_torch_loader_batches_and_flips():
     assert "torch DataLoader" in plain.describe() and "builtin" in plain.describe()
 
 
+def test_ctrl_c_leaves_the_torch_loaders_workers_to_the_training_loop():
+    """Ctrl-C reaches the whole process group: the workers go on (the training loop finishes its step and writes
+    its checkpoint) instead of dying, which would end the run in the middle of next() with a traceback."""
+    source = BuiltinFaces(16, 16, seed=0)
+    before = set(multiprocessing.active_children())
+    loader, reference = TorchLoader(source, 4, seed=0, num_workers=2), TorchLoader(source, 4, seed=0, num_workers=0)
+    for _ in range(2):  # one batch from each worker: both have started
+        assert torch.equal(next(loader), next(reference))
+    workers = [child for child in multiprocessing.active_children() if child not in before]
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert all(worker.is_alive() for worker in workers)
+    for _ in range(6):
+        assert torch.equal(next(loader), next(reference))
+
+
 def test_torch_loader_workers_read_hdf5(tmp_path):
     path = write_h5(tmp_path / "faces.h5", draw_faces(12, 16, seed=6))
     source = open_source(DataConfig(path=str(path)), 16)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import errno
+import fcntl
 import io
 import json
 import math
@@ -21,13 +22,14 @@ import pytest
 import torch
 from PIL import Image
 
+import began_fast.train as train_module
 from began_fast import metrics, reports
 from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data.builtin import BuiltinFaces
 from began_fast.metrics import MetricError
 from began_fast.step import ADAM_IMPLEMENTATION
-from began_fast.train import RunOptions, TrainingError, setup_run, train
+from began_fast.train import RUN_LOCK, RunOptions, TrainingError, setup_run, train
 from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +126,45 @@ def test_the_gpu_resident_loader_trains_and_resumes_as_the_torch_loader(tmp_path
     for a, b in zip(parameters(whole), parameters(resumed), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(whole.step.k, resumed.step.k)
+
+
+def test_a_run_folder_another_process_trains_in_is_refused(tmp_path, monkeypatch):
+    """Two runs in one folder overwrite each other's checkpoints and interleave their stats: while one process
+    holds the folder, a run there is refused with one line before it writes anything; once it let go, it trains,
+    holding the folder while it writes, and lets go when it ends."""
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "; time.sleep(120)", str(out / RUN_LOCK)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "1\n"
+        with pytest.raises(ConfigError) as refused:
+            train(setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=out, quiet=True)))
+        assert str(refused.value) == (
+            f"another process is training in {out} (it holds {RUN_LOCK}): let it end, or choose another --out"
+        )
+        assert os.listdir(out) == [RUN_LOCK]
+    finally:
+        holder.kill()
+        holder.wait()
+
+    def lock_state():
+        with open(out / RUN_LOCK) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: refused while the run holds one
+            except BlockingIOError:
+                return "held"
+            return "free"
+
+    states, write_checkpoint = [], train_module.write_checkpoint
+    monkeypatch.setattr(
+        train_module, "write_checkpoint", lambda run: states.append(lock_state()) or write_checkpoint(run)
+    )
+    train(setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=out, quiet=True)))
+    assert load_checkpoint(out / "latest.pt")["step"] == 2
+    assert states == ["held"] and lock_state() == "free"
 
 
 @pytest.mark.parametrize("first, then", [("reference", "fp16"), ("fp16", "reference")])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import torch
 
 from began_fast.data.sampler import BatchOrder
@@ -20,6 +22,12 @@ class _FlippedItems(torch.utils.data.Dataset):
         index, flip = item
         image = self.source[index]
         return image.flip(-1) if flip else image
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """A worker's start: Ctrl-C reaches the whole process group, and it is the training loop's to handle (it finishes
+    the step and writes a checkpoint); a worker it ended would end the run with a traceback instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _BatchSampler:
@@ -65,6 +73,7 @@ class TorchLoader:
             _FlippedItems(source),
             batch_sampler=_BatchSampler(order, flip),
             num_workers=num_workers,
+            worker_init_fn=_ignore_ctrl_c,
             pin_memory=self.device.type == "cuda",
             **workers,
         )
