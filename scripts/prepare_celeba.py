@@ -31,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 from began_fast.atomic_files import durable_replace  # noqa: E402
 from began_fast.cli import OneLineParser, check_writable, one_line, output_path  # noqa: E402
 from began_fast.config import IMAGE_SIZES, ConfigError, DataConfig  # noqa: E402
-from began_fast.data import DataError, open_source  # noqa: E402
+from began_fast.data import DataError, open_source, resolve_source  # noqa: E402
 from began_fast.data.images import load_image  # noqa: E402
 
 _job: tuple[int, str, int | None] = (64, "center", None)  # (size, crop, crop_size), set in each worker
@@ -100,9 +100,11 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
         raise DataError(f"the output must be an .h5 or .hdf5 file, got {args.out}")
     if args.out.exists() and not args.overwrite:  # a prepared data set can take an hour to remake
         raise DataError(f"{args.out} already exists; give --overwrite to replace it, or choose another output")
-    source = open_source(DataConfig(path=args.src, crop=args.crop, crop_size=args.crop_size), args.size)
-    if source.kind not in ("celeba", "folder"):
-        raise DataError(f"{args.src} is not an image folder (it is a {source.kind} source)")
+    cfg = DataConfig(path=args.src, crop=args.crop, crop_size=args.crop_size)
+    kind, _ = resolve_source(cfg)
+    if kind not in ("celeba", "folder"):  # before it is opened: opening an HDF5 file warns about its image size
+        raise DataError(f"{args.src} is not an image folder (it is a {kind} source)")
+    source = open_source(cfg, args.size)
     check_writable(args.out, "the output")  # before the hour of decoding, not after it
     size, files = args.size, source.files
     remove_stale_temporaries(args.out)

@@ -37,7 +37,7 @@ from began_fast.cli import (  # noqa: E402
 )
 from began_fast.config import LOADERS, LR_SCALINGS, PRESETS, ConfigError, DataConfig, get_preset, replace  # noqa: E402
 from began_fast.data import DataError  # noqa: E402
-from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, start, stop  # noqa: E402
+from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, machine_cores, start, stop  # noqa: E402
 from began_fast.metrics import MetricError  # noqa: E402
 from began_fast.train import RunOptions, TrainingError, setup_run, train  # noqa: E402
 
@@ -131,6 +131,9 @@ def configs_from_flags(args: argparse.Namespace, device: str):
     """(model, train, data configs, the settings given by section): a new run's are the preset's with the flags laid
     over them; a resumed run's are the flags alone, which setup_run checks against the checkpoint's settings."""
     preset = get_preset(args.preset or ("gpu64" if device.startswith("cuda") else "demo"))
+    most_workers = 4 * machine_cores()  # decoding is CPU-bound: more processes only take more memory
+    if args.workers is not None and not 0 <= args.workers <= most_workers:
+        raise ConfigError(f"--workers must be in [0, {most_workers}] (4 per core), got {args.workers}")
     # The settings given on the command line, by config section (None: not given, the preset's stands).
     flags = {
         "model": dict(

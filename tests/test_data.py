@@ -768,11 +768,14 @@ def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporar
         (["{celeba}", "{tmp}/a_file/x.h5"], "the output {tmp}/a_file/x.h5: {tmp}/a_file is a file, not a folder"),
         (["{celeba}", ""], "argument out: is empty (an unset shell variable?); give a path"),
         (["{celeba}", "{tmp}/x.h5", "--crop-size", "0"], "--crop-size must be >= 1, got 0"),
+        # Not opened first: its images, stored at 16 px, would be warned about as smaller than the --size.
+        (["{tmp}/small.h5", "{tmp}/x.h5"], "{tmp}/small.h5 is not an image folder (it is a hdf5 source)"),
     ],
 )
 def test_prepare_celeba_bad_input(tmp_path, celeba_root, args, message):
     (tmp_path / "folder.h5").mkdir()
     (tmp_path / "a_file").write_text("")
+    write_h5(tmp_path / "small.h5", draw_faces(4, 16, seed=0))
     message = message.format(tmp=tmp_path)
     done = run_prepare(*[a.format(tmp=tmp_path, celeba=celeba_root) for a in args])
     assert done.returncode == 2

@@ -504,6 +504,7 @@ def cli(*args, env=None):
         (["--lr", "inf"], "error: --lr must be a finite number > 0, got inf", {}),
         (["--seed", str(2**64 - 1)], "error: --seed must be in [0, 2**63 - 1)", {}),
         (["--eval-images", "64"], "error: --eval-images sizes the SWD evaluations, and this run has none: give", {}),
+        (["--workers", "100000"], "] (4 per core), got 100000", {}),  # not 100,000 processes, then out of memory
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, message, env):
