@@ -699,7 +699,7 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
                     # The checkpoint first: a failure in the pictures or the evaluation cannot cost it.
                     if main and checkpoint_due:
                         last_checkpoint = write_checkpoint(run)
-                    if main and cfg.eval_every and done % cfg.eval_every == 0:
+                    if main and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                         evaluate(run, real, stats_file, writer)
                     if main and (done % cfg.sample_every == 0 or done == cfg.steps):
                         write_pictures(run, real, pictures)
