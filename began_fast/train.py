@@ -149,6 +149,11 @@ def resumed_configs(state: dict, path: Path, given: dict, explicit: dict[str, se
         changes = {}
         for name in sorted(names):
             value, old = getattr(given[section], name), getattr(saved[section], name)
+            if (section, name) == ("data", "path") and old is None and value is not None:
+                raise ConfigError(
+                    f"--resume continues the saved run, which trained on the built-in faces: --data {value} may name "
+                    "the run's data moved, not other data; leave it out, or start a new run in another --out"
+                )
             if name in RESUME_MAY_CHANGE[section]:
                 changes[name] = value
             elif value != old:

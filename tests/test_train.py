@@ -277,6 +277,21 @@ def test_a_resume_on_a_changed_image_folder_says_so(tmp_path, capsys):
     )
 
 
+def test_a_resume_of_a_run_on_the_built_in_faces_refuses_other_data(tmp_path):
+    """--data on resume names the run's data moved; the built-in faces have no files to move: a path there is
+    other data, refused with one line before anything changes."""
+    run_steps(tmp_path / "run", 2)
+    write_faces(tmp_path / "faces", range(8))
+    data = DataConfig(path=str(tmp_path / "faces"), num_workers=0)
+    options = RunOptions(out=tmp_path / "run", resume=True, quiet=True)
+    with pytest.raises(ConfigError) as refused:
+        setup_run(MODEL, train_cfg(4), data, options, explicit={"train": {"steps"}, "data": {"path"}})
+    assert str(refused.value) == (
+        f"--resume continues the saved run, which trained on the built-in faces: --data {tmp_path / 'faces'} may "
+        "name the run's data moved, not other data; leave it out, or start a new run in another --out"
+    )
+
+
 def write_faces(folder: Path, numbers) -> None:
     """Built-in faces (16 px PNGs) as numbered files in `folder`."""
     folder.mkdir(exist_ok=True)
