@@ -163,11 +163,11 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=output_path, help="write a PNG with both runs' M (and SWD) curves overlaid")
     args = p.parse_args(argv)
     try:
-        if args.plot is not None:
-            if args.plot.suffix.lower() != ".png":
-                raise ConfigError(f"--plot {args.plot} must name a .png file (the plot is a PNG image)")
-            check_writable(args.plot, "--plot")
+        if args.plot is not None and args.plot.suffix.lower() != ".png":
+            raise ConfigError(f"--plot {args.plot} must name a .png file (the plot is a PNG image)")
         a, b = load_run(args.run_a), load_run(args.run_b)
+        if args.plot is not None:  # after the runs are read: a refused call creates no folder
+            check_writable(args.plot, "--plot")
         if a.name == b.name:
             a.name, b.name = str(args.run_a), str(args.run_b)
         comparison = compare(a, b)

@@ -126,14 +126,14 @@ def evaluate(args: argparse.Namespace) -> int:
         args.device = resolve_device(args.device)
         if args.fid:
             require_fid(args.inception_weights)
-        if args.json is not None:  # can it be written? before the evaluation, not after it
-            if args.json.suffix != ".json":  # a slip such as --json latest.pt would replace a checkpoint
-                raise ConfigError(f"--json must name a .json file (it is replaced), got {args.json}")
-            check_writable(args.json, "--json")
+        if args.json is not None and args.json.suffix != ".json":  # --json latest.pt would replace a checkpoint
+            raise ConfigError(f"--json must name a .json file (it is replaced), got {args.json}")
         G, D, state = load_models(args.checkpoint, device=args.device)
         real, held_out, recon_images = evaluation_images(
             saved_configs(state, args.checkpoint)["data"], data_path(args.data), args.num, G.cfg.image_size
         )
+        if args.json is not None:  # before the evaluation, not after it; after the checks: a refused call creates
+            check_writable(args.json, "--json")  # no folder
         result = evaluate_models(
             G,
             D,

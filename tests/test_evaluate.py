@@ -77,6 +77,7 @@ def test_evaluate_script_end_to_end(tiny_checkpoint, tmp_path):
     ("args", "match"),
     [
         (["missing.pt"], "does not exist"),
+        (["missing.pt", "--json", "{tmp}/new/report.json"], "does not exist"),  # and makes no folder "new"
         (["{ckpt}", "--data", "{tmp}/no_such_dir"], "no_such_dir"),
         (["{ckpt}", "--num", "0"], "--num and --batch-size must be >= 1"),
         (["{ckpt}", "--num", "100000"], "100000 images to compare, but the real images are only"),  # none drawn
@@ -100,7 +101,7 @@ def test_evaluate_script_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_p
     assert script.main(argv + ["--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
-    assert tiny_checkpoint[0].read_bytes() == checkpoint
+    assert tiny_checkpoint[0].read_bytes() == checkpoint and not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("script", ["evaluate", "sample"])
@@ -299,6 +300,9 @@ def test_compare_runs_at_equal_steps_with_a_swd_verdict(tmp_path, compare, tiny_
     plot = tmp_path / "a_file" / "m.png"
     rc, out, err = compare([a, b, "--plot", plot])  # refused before the table is printed
     assert (rc, out, err) == (2, "", f"error: --plot {plot}: {plot.parent} is a file, not a folder\n")
+    rc, out, err = compare([a, tmp_path / "none", "--plot", tmp_path / "new" / "m.png"])
+    assert rc == 2 and err.startswith(f"error: run folder {tmp_path / 'none'} does not exist")
+    assert not (tmp_path / "new").exists()
     rc, table, _ = compare([a, b])
     assert rc == 0 and "verdict: b is better than a" in table and "config train.lr: 0.0001 vs 0.0003" in table
 
