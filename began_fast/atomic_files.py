@@ -58,12 +58,13 @@ def _sync(path: str | Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temporaries(folder: Path) -> None:
+def remove_stale_temporaries(folder: Path, of: str | None = None) -> None:
     """Remove the temporaries ours leave in `folder` when their process is killed mid-write: atomic_write's files (a
     checkpoint's can be hundreds of MB), and folders named with TEMPORARY_SUFFIX (sample.py draws its images into
-    one). Call it only where no other process of ours writes into the folder; other programs' files stay, even in a
-    run folder such as --out . or --out ~."""
-    for stale in folder.glob(".*" + TEMPORARY_SUFFIX):
+    one); only those of the file or folder named `of` when given. Call it only where no other process of ours writes
+    into the folder (or, with `of`, that file); other programs' files stay, even in a run folder such as --out . or
+    --out ~."""
+    for stale in folder.glob(("." if of is None else f".{of}.") + "*" + TEMPORARY_SUFFIX):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:

@@ -79,7 +79,7 @@ def write_single_images(G, z: torch.Tensor, device, folder: Path) -> None:
     temporary folder beside it first, so a call that fails or is interrupted leaves the earlier set whole; one that
     a killed call left (SIGKILL, a power loss) is removed by the next."""
     folder.mkdir(exist_ok=True)
-    remove_stale_temporaries(folder.parent)
+    remove_stale_temporaries(folder.parent, of=folder.name)  # not others': --out may be a run folder a trainer writes
     drawing = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=TEMPORARY_SUFFIX))
     try:
         index = 0

@@ -201,14 +201,20 @@ def test_sample_script_keeps_the_earlier_images_when_a_call_fails_or_is_interrup
     )
     assert saved and {p.name: p.read_bytes() for p in (out / "images").iterdir()} == earlier
     assert sorted(p.name for p in out.iterdir()) == ["images"]
-    # A SIGKILLed call cannot remove its temporary folder: the next call does, and leaves other programs' alone.
+    # A SIGKILLed call cannot remove its temporary folder: the next call does, and leaves other programs' alone,
+    # and a trainer's checkpoint in the writing (--out may be the run folder).
     killed, others = out / f".images.k1ll3d{TEMPORARY_SUFFIX}", out / ".images.backup"
     for folder in (killed, others):
         folder.mkdir()
         (folder / "000000.png").write_bytes(b"drawn")
+    (out / f".latest.pt.wr1t1ng{TEMPORARY_SUFFIX}").write_bytes(b"half a checkpoint")
     monkeypatch.undo()
     assert sample.main([str(tiny_checkpoint[0]), "--num", "2", *draw]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [".images.backup", "images"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".images.backup",
+        f".latest.pt.wr1t1ng{TEMPORARY_SUFFIX}",
+        "images",
+    ]
 
 
 def test_evaluate_script_warns_in_one_line(tiny_checkpoint, tmp_path, capsys):
