@@ -195,7 +195,10 @@ def resume_command(args: argparse.Namespace) -> str:
         for word in (flag, value)
     ]
     how += [flag for flag, on in (("--cuda-graphs", args.cuda_graphs), ("--reference-step", args.reference_step)) if on]
-    return shlex.join(["scripts/train.py", "--out", str(args.out), "--resume", *how])
+    script = Path(__file__).resolve()
+    if script.is_relative_to(Path.cwd()):  # as the user most likely typed it: from the working folder
+        script = script.relative_to(Path.cwd())
+    return shlex.join([str(script), "--out", str(args.out), "--resume", *how])
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ import sys
 import threading
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -468,7 +469,7 @@ def test_cli_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, monkeypatch, caps
     """An interrupted run is not a finished one: `train && evaluate` must stop, and no "done" line may claim
     samples the run never drew. The resume command it prints continues the run."""
     script = load_script("train")
-
+    monkeypatch.chdir(ROOT)
     monkeypatch.setattr(script, "setup_run", lambda *args, **kwargs: interrupt_after(setup_run(*args, **kwargs), 3))
     out = tmp_path / "my run"  # a space: the command printed must quote it
     tiny = ["--image-size", "16", "--batch-size", "4", "--checkpoint-every", "100", "--sample-every", "100"]
@@ -479,6 +480,9 @@ def test_cli_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, monkeypatch, caps
     assert lines[-2] == f"interrupted at step 3; checkpoint written to {out / 'latest.pt'}"
     assert lines[-1] == f"resume with: python scripts/train.py --out '{out}' --resume --device cpu"
     assert load_checkpoint(out / "latest.pt")["step"] == 3
+    monkeypatch.chdir(tmp_path)  # run from elsewhere: the command names the script where it is
+    how = SimpleNamespace(out=out, device="cpu", impl=None, amp=None, cuda_graphs=False, reference_step=False)
+    assert script.resume_command(how) == f"{ROOT / 'scripts' / 'train.py'} --out '{out}' --resume --device cpu"
 
     monkeypatch.setattr(script, "setup_run", setup_run)
     assert script.main([*shlex.split(lines[-1])[4:], "--quiet"]) == 0
