@@ -151,6 +151,22 @@ def test_celeba_source_crops_the_celeba_box(celeba_root):
     assert torch.equal(centred[2], reference_item(Path(centred.files[2]), (14, 34, 150), 16))
 
 
+def test_folder_images_smaller_than_the_model_are_warned_about_once(tmp_path):
+    """Upscaled images teach the model blur: one warning names how many (an HDF5 file of small images gets one too)."""
+    faces = draw_faces(4, 16, seed=0)
+    for i, face in enumerate(faces):
+        Image.fromarray(face).resize((8, 8) if i else (16, 16)).save(tmp_path / f"{i}.png")
+    with pytest.warns(UserWarning) as warned:
+        open_source(DataConfig(path=str(tmp_path), crop="center"), 16)
+    assert [str(w.message) for w in warned] == [
+        f"3 of 4 images are smaller than the model's 16x16 once cropped (first: {tmp_path / '1.png'}): each is "
+        "upscaled, so the model learns blurred images"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_source(DataConfig(path=str(tmp_path), crop="center"), 8)
+
+
 def test_folder_source_converts_modes_and_skips_corrupt_files(mixed_folder):
     with pytest.warns(SkippedImagesWarning, match="skipped 3 of 7"):
         source = open_source(DataConfig(path=str(mixed_folder)), 32)

@@ -67,8 +67,9 @@ def _image_size(path: str) -> tuple[int, int] | None:
         return None
 
 
-def scan_images(files: list[str], crop: str | None, crop_size: int | None) -> list[str]:
-    """The files that pass the check, in order; warns once about the others.
+def scan_images(files: list[str], crop: str | None, crop_size: int | None, image_size: int) -> list[str]:
+    """The files that pass the check, in order; warns once about the others, and once about those whose crop is
+    smaller than image_size (upscaled, as an HDF5 file of smaller images is, with its warning).
 
     Raises DataError when none pass, or when an image is smaller than the crop box.
     """
@@ -77,11 +78,20 @@ def scan_images(files: list[str], crop: str | None, crop_size: int | None) -> li
     good = [(path, size) for path, size in zip(files, sizes, strict=True) if size is not None]
     if not good:
         raise DataError(f"none of the {len(files)} image files could be decoded (first: {files[0]})")
+    small = []
     for path, (width, height) in good:
         try:
-            crop_box(width, height, crop, crop_size)
+            _, _, side = crop_box(width, height, crop, crop_size)
         except DataError as error:
             raise DataError(f"{path}: {error}") from None
+        if side < image_size:
+            small.append(path)
+    if small:
+        warnings.warn(
+            f"{len(small)} of {len(good)} images are smaller than the model's {image_size}x{image_size} once cropped "
+            f"(first: {small[0]}): each is upscaled, so the model learns blurred images",
+            stacklevel=3,
+        )
     skipped = len(files) - len(good)
     if skipped:
         first = next(path for path, size in zip(files, sizes, strict=True) if size is None)
@@ -107,7 +117,7 @@ class ImageFolder(torch.utils.data.Dataset):
         files = find_images(root)
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-        self.files = scan_images(files, self.crop, crop_size)
+        self.files = scan_images(files, self.crop, crop_size, image_size)
         # Which files were warned about, seen by every worker (shared memory, under fork or spawn).
         self._warned = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
 
