@@ -51,7 +51,8 @@ def build_step(preset: str, batch: int, amp: str | None):
     G = Generator(cfg.model, impl="triton").to(device)
     D = Discriminator(cfg.model, impl="triton").to(device)
     step = FastStep(G, D, train_cfg, device, amp=amp, impl="triton")
-    images = GpuResidentSet(open_source(DataConfig(builtin_count=BUILTIN_IMAGES), cfg.model.image_size), device)
+    count = max(BUILTIN_IMAGES, batch)  # at least one batch
+    images = GpuResidentSet(open_source(DataConfig(builtin_count=count), cfg.model.image_size), device)
     # As train.py feeds it (make_feed): eagerly the stream's next batch; in the graph, gathered into its buffer
     # from the indices staged before each replay.
     batches = GpuResidentStream(images, batch, seed=0)

@@ -63,6 +63,9 @@ def write_samples(G, args) -> None:
     dim = G.cfg.z_size
     gen = torch.Generator().manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    # What a killed call left of these outputs; not other temporaries: --out may be a run folder a trainer writes.
+    for name in ("grid.png", "interpolation.png", "images"):
+        remove_stale_temporaries(args.out, of=name)
     if args.grid:
         reports.save_image_grid(generate(G, draw_z(args.grid, dim, gen), args.device), args.out / "grid.png")
     if args.interp_rows:
@@ -79,7 +82,6 @@ def write_single_images(G, z: torch.Tensor, device, folder: Path) -> None:
     temporary folder beside it first, so a call that fails or is interrupted leaves the earlier set whole; one that
     a killed call left (SIGKILL, a power loss) is removed by the next."""
     folder.mkdir(exist_ok=True)
-    remove_stale_temporaries(folder.parent, of=folder.name)  # not others': --out may be a run folder a trainer writes
     drawing = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=TEMPORARY_SUFFIX))
     try:
         index = 0

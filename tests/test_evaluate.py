@@ -208,6 +208,7 @@ def test_sample_script_keeps_the_earlier_images_when_a_call_fails_or_is_interrup
         folder.mkdir()
         (folder / "000000.png").write_bytes(b"drawn")
     (out / f".latest.pt.wr1t1ng{TEMPORARY_SUFFIX}").write_bytes(b"half a checkpoint")
+    (out / f".grid.png.k1ll3d{TEMPORARY_SUFFIX}").write_bytes(b"half a grid")  # atomic_write's, of a killed call
     monkeypatch.undo()
     assert sample.main([str(tiny_checkpoint[0]), "--num", "2", *draw]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
