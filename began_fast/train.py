@@ -125,6 +125,8 @@ class Run:
     # Names the run in its checkpoints and config.json, so a latest.pt of another run is not resumed into this
     # run's folder (a random hex string given at its start; a checkpoint that did not record one gets a new one).
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    # The latest.pt a resumed run read (file_identity), None for a new run: train() checks it is still there.
+    checkpoint_identity: tuple[int, int, int] | None = None
 
     @property
     def out(self) -> Path:
@@ -189,8 +191,9 @@ def setup_run(
     latest = opts.out / "latest.pt"
     if not opts.resume:
         check_new_run_folder(opts.out)
-    state = None
+    state = checkpoint_identity = None
     if opts.resume:
+        checkpoint_identity = file_identity(latest)  # before reading: a file replaced meanwhile counts as changed
         state = load_checkpoint(latest)
         given = {"model": model_cfg, "train": train_cfg, "data": data_cfg}
         configs = resumed_configs(state, latest, given, {"train": {"steps"}} if explicit is None else explicit)
@@ -230,6 +233,7 @@ def setup_run(
         run.saved_data_images = state.get("data_images")
         run.saved_data_position = saved_position
         run.run_id = state.get("run_id") or run.run_id
+        run.checkpoint_identity = checkpoint_identity
     return run
 
 
@@ -319,8 +323,8 @@ def data_fingerprint(source, batches) -> dict[str, int]:
     damaged, so skipped) would cut their shards from different orders, overlapping and leaving images out; ranks
     on different loaders (--loader auto picks one by each GPU's free memory) would not share one global batch."""
     count = len(source)
-    root = str(getattr(source, "root", ""))
-    names = [name.removeprefix(root).encode() + b"\0" for name in getattr(source, "files", ())]
+    root = getattr(source, "root", None)
+    names = [os.path.relpath(name, root).encode() + b"\0" for name in getattr(source, "files", ())]
     images = [source[i].contiguous().numpy().tobytes() for i in sorted({0, count // 2, count - 1})]
     return {
         "the number of training images": count,
@@ -628,6 +632,25 @@ def lock_run_folder(out: Path):
     return handle
 
 
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime in ns, size) of `path`, None where there is none: atomic_write's replacement changes it."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def check_folder_as_found(run: Run) -> None:
+    """Once this process holds its run folder: no other run wrote it since setup_run looked at it (one that held it
+    then and has let go since), as this one would overwrite that run's work."""
+    latest = run.out / "latest.pt"
+    if run.checkpoint_identity is None:
+        check_new_run_folder(run.out)
+    elif file_identity(latest) != run.checkpoint_identity:
+        raise ConfigError(f"another process wrote {latest} after this run read it: resume again to go on from it")
+
+
 def train(run: Run) -> Path:
     """Run from the step the run is at to `train_cfg.steps`; return the path of the last checkpoint.
 
@@ -674,6 +697,7 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
         except OSError as e:
             raise ConfigError(f"cannot create the run folder --out {out}: {e.strerror}") from None
         held.enter_context(lock_run_folder(out))
+        check_folder_as_found(run)
         for folder in (out, out / "samples"):
             remove_stale_temporaries(folder)
         write_config(run)

@@ -9,6 +9,7 @@ joins) and leave their results in a folder the tests read.
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from PIL import Image
 import began_fast.train as train_module
 from began_fast.checkpoint import load_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from began_fast.data import BuiltinFaces, GpuResidentSet, GpuResidentStream, TorchLoader, make_batches
+from began_fast.data import BuiltinFaces, GpuResidentSet, GpuResidentStream, TorchLoader, make_batches, open_source
 from began_fast.data.builtin import draw_faces
 from began_fast.distributed import CollectiveError, Collectives, World, start, stop
 from began_fast.fast_step import CudaGraphStep, FastStep
@@ -248,6 +249,18 @@ def test_ranks_reading_different_data_are_refused_before_the_first_step(two_rank
             f"the 2 ranks do not start from the same run: {differing} differ between ranks; give every rank the same "
             "data (a whole copy on every machine) and the same --loader"
         )
+
+
+def test_the_data_fingerprint_is_the_same_however_the_folder_is_named(tmp_path):
+    for i, face in enumerate(draw_faces(4, 16, seed=0)):
+        Image.fromarray(face).save(tmp_path / f"{i}.png")
+    copy = tmp_path.parent / (tmp_path.name + "_copy")
+    shutil.copytree(tmp_path, copy)
+    prints = []
+    for path in (str(tmp_path), str(tmp_path) + "/", str(copy)):
+        source = open_source(DataConfig(path=path), 16)
+        prints.append(data_fingerprint(source, TorchLoader(source, 2, seed=0, num_workers=0)))
+    assert prints[0] == prints[1] == prints[2]
 
 
 def test_the_data_fingerprint_names_the_loader():

@@ -168,6 +168,23 @@ def test_a_run_folder_another_process_trains_in_is_refused(tmp_path, monkeypatch
     assert states == ["held"] and lock_state() == "free"
 
 
+def test_a_run_refuses_a_folder_another_run_wrote_after_it_looked(tmp_path):
+    """setup_run looks at the folder before train() holds it: a run that held it meanwhile, and has let go, wrote
+    there. A new run set up before that, or a resume that read the checkpoint before it, would overwrite its work:
+    both are refused when they come to hold the folder, and its checkpoint stays."""
+    new = setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=tmp_path, quiet=True))
+    run_steps(tmp_path, 4)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(new)
+    resumed_later = setup_run(MODEL, train_cfg(6), DATA, RunOptions(out=tmp_path, resume=True, quiet=True))
+    run_steps(tmp_path, 8, resume=True)
+    with pytest.raises(ConfigError) as refused:
+        train(resumed_later)
+    latest = tmp_path / "latest.pt"
+    assert str(refused.value) == f"another process wrote {latest} after this run read it: resume again to go on from it"
+    assert load_checkpoint(latest)["step"] == 8
+
+
 @pytest.mark.parametrize("first, then", [("reference", "fp16"), ("fp16", "reference")])
 def test_a_run_resumes_with_another_kind_of_step(tmp_path, first, then):
     """--reference-step and --amp are not saved: a checkpoint of one kind of step resumes on another (Adam keeps
