@@ -129,6 +129,30 @@ def test_graph_run_and_its_resume_continue_the_same_trajectory(tmp_path, resume_
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_the_gpu_resident_loader_in_the_graph_gathers_the_torch_loaders_batches(tmp_path):
+    """--loader gpu stages each step's indices and flips and the graph gathers the images: 6 graph steps and 6
+    resumed ones end where 12 graph steps on the torch loader do, bit for bit (the same batches, the same kernels)."""
+    model = ModelConfig(image_size=16, n=8, h=8)
+    train_cfg = TrainConfig(batch_size=4, steps=12, log_every=3, sample_every=6, checkpoint_every=6)
+
+    def run(out, steps, loader, resume=False):
+        data = DataConfig(builtin_count=64, num_workers=0, loader=loader)
+        opts = RunOptions(out=out, device="cuda", amp="bf16", cuda_graphs=True, resume=resume, quiet=True)
+        r = setup_run(model, dataclasses.replace(train_cfg, steps=steps), data, opts)
+        train(r)
+        return r
+
+    on_torch_loader = run(tmp_path / "torch", 12, "torch")
+    run(tmp_path / "gpu", 6, "gpu")
+    resumed = run(tmp_path / "gpu", 12, "gpu", resume=True)
+    for a, b in zip(
+        on_torch_loader.step.parameters() + [on_torch_loader.step.k],
+        resumed.step.parameters() + [resumed.step.k],
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("first, then", [("cpu", "cuda"), ("cuda", "cpu")])
 def test_a_checkpoint_resumes_on_another_kind_of_device(tmp_path, capsys, first, then):
     """Adam's capturable setting and the noise generator (Mersenne Twister on the CPU, Philox on CUDA) differ
