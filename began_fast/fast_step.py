@@ -174,22 +174,22 @@ class FastStep(StepState):
 class CudaGraphStep:
     """Capture `step.body` once in a CUDA graph and replay it for every step.
 
-    The batch enters through a static buffer: either `sample_into(buffer)` (a GPU-resident data set gathering the
-    batch it staged for the step, GpuResidentStream) is captured in the graph too, or each call copies the loader's
-    batch into the buffer.
+    The batch enters through a static buffer: either a GPU-resident `stream` (GpuResidentStream) gathers it there
+    inside the graph (its `sample_into(buffer)` is captured) from the indices each call first stages
+    (`stream.stage()`), or each call copies the loader's batch into the buffer.
     Warm-up runs on a side stream (as PyTorch's whole-network capture recipe asks), then everything it changed
     is restored, so the captured run starts exactly where the step was. Under torchrun the warm-up steps' all-
     reduces are also the NCCL warm-up that capturing a collective needs (the communicator must exist before
     capture); the graph then replays the collectives with the rest of the step.
     """
 
-    def __init__(self, step: FastStep, batch_shape, sample_into=None, warmup_steps: int = 3):
+    def __init__(self, step: FastStep, batch_shape, stream=None, warmup_steps: int = 3):
         if step.device.type != "cuda":
             raise ValueError("--cuda-graphs needs a CUDA device")
-        self.step, self.sample_into = step, sample_into
+        self.step, self.stream = step, stream
         self.static_x = torch.zeros(batch_shape, dtype=torch.float32, device=step.device)
-        if sample_into is not None:
-            sample_into(self.static_x)
+        if stream is not None:
+            stream.sample_into(self.static_x)
         # Warm up with the optimizer state present (fused Adam creates it lazily, outside any capture).
         snap = step.snapshot()
         side = torch.cuda.Stream()
@@ -205,13 +205,15 @@ class CudaGraphStep:
         for opt in (step.opt_g, step.opt_d):
             opt.zero_grad(set_to_none=True)
         with torch.cuda.graph(self.graph):
-            if sample_into is not None:
-                sample_into(self.static_x)
+            if stream is not None:
+                stream.sample_into(self.static_x)
             step.body(self.static_x)
         torch.cuda.synchronize()
 
     def __call__(self, x: torch.Tensor | None = None) -> None:
         if x is not None:
             self.static_x.copy_(x, non_blocking=True)
+        if self.stream is not None:
+            self.stream.stage()  # the indices this replay gathers, queued behind the last replay's reads
         self.graph.replay()
         self.step.steps_done += 1

@@ -519,8 +519,7 @@ def make_feed(run: Run, batches):
         return lambda: run.step(next(batches))
     shape = (run.train_cfg.batch_size, 3, run.model_cfg.image_size, run.model_cfg.image_size)
     if isinstance(batches, GpuResidentStream):
-        graph = CudaGraphStep(run.step, shape, sample_into=batches.sample_into)
-        return lambda: (batches.stage(), graph())
+        return CudaGraphStep(run.step, shape, stream=batches)
     graph = CudaGraphStep(run.step, shape)
     return lambda: graph(next(batches))
 

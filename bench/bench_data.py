@@ -109,10 +109,9 @@ def test_fast_step_fed_by_loader(benchmark, jpeg_dir, feed):
     cfg = DataConfig(path=jpeg_dir, num_workers=CORES)
     if feed == "gpu-resident":
         batches = GpuResidentStream(GpuResidentSet(open_source(cfg, size), "cuda"), STEP_BATCH, seed=0)
-        graph = CudaGraphStep(step, shape, sample_into=batches.sample_into)
+        graph = CudaGraphStep(step, shape, stream=batches)
 
         def one_step():
-            batches.stage()
             graph()
 
     else:

@@ -87,12 +87,7 @@ def make_provider(provider: str, preset_name: str, batch: int):
     torch.cuda.reset_peak_memory_stats()
     if provider == "triton":
         step = FastStep(G, D, train_cfg, device, amp="bf16", impl="triton")
-        graph = CudaGraphStep(step, (batch, 3, cfg.image_size, cfg.image_size), sample_into=batches.sample_into)
-
-        def run():
-            batches.stage()
-            graph()
-
+        run = CudaGraphStep(step, (batch, 3, cfg.image_size, cfg.image_size), stream=batches)
     else:
         if provider == "compile":
             # One static shape per case (a second case would otherwise get a shape-generic graph), and no CUDA

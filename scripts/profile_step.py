@@ -61,13 +61,8 @@ def build_step(preset: str, batch: int, amp: str | None):
         step(next(batches))
 
     shape = (batch, 3, cfg.model.image_size, cfg.model.image_size)
-    graph = CudaGraphStep(step, shape, sample_into=batches.sample_into)
-
-    def replay() -> None:
-        batches.stage()
-        graph()
-
-    return eager, replay
+    graph = CudaGraphStep(step, shape, stream=batches)
+    return eager, graph
 
 
 def median_ms(run, repeats: int) -> float:

@@ -87,8 +87,8 @@ class GpuResidentStream:
     """Iterator of this rank's (B, 3, S, S) float32 batches from a GpuResidentSet, in BatchOrder's order (see the
     module docstring): start_step, start_position, rank and world_size as BatchOrder takes them.
 
-    Eagerly, `next()` gives the next batch. In a CUDA graph, `sample_into(buffer)` is captured and each step calls
-    `stage()` before the replay: the graph then gathers the batch staged for it.
+    Eagerly, `next()` gives the next batch. In a CUDA graph (CudaGraphStep's `stream`), `sample_into(buffer)` is
+    captured and each step calls `stage()` before the replay: the graph then gathers the batch staged for it.
     """
 
     def __init__(
