@@ -188,7 +188,7 @@ class DaliLoader:
         if dtype not in OUTPUT_TYPES:
             raise DataError(f"the DALI loader makes float32, float16 or bfloat16 batches, got {dtype}")
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
-        self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
+        self.prefetch = prefetch
         self.source = open_source(cfg, image_size) if source is None else source
         if self.source.kind not in ("celeba", "folder", "hdf5"):
             raise DataError(f"the DALI loader reads image folders and HDF5 files, not the {self.source.kind} source")
@@ -282,5 +282,5 @@ class DaliLoader:
     def describe(self) -> str:
         return (
             f"DALI ({self.decoder} decode, {self.num_threads} threads, prefetch {self.prefetch}, batch "
-            f"{self.batch_size}, shard {self.rank} of {self.world_size}) over {self.source.describe()}"
+            f"{self.batch_size}, shard {self._order.rank} of {self._order.world_size}) over {self.source.describe()}"
         )

@@ -104,7 +104,6 @@ class GpuResidentStream:
         flip: bool = True,
     ):
         self.images, self.batch_size, self.flip = images, batch_size, flip
-        self.rank, self.world_size = rank, world_size
         self.order = BatchOrder(
             len(images), batch_size, seed, start_step, start_position=start_position, rank=rank, world_size=world_size
         )
@@ -135,6 +134,7 @@ class GpuResidentStream:
         return out
 
     def describe(self) -> str:
-        shard = f", rank {self.rank}'s share of a {self.world_size}-rank global batch" if self.world_size > 1 else ""
+        rank, world_size = self.order.rank, self.order.world_size
+        shard = f", rank {rank}'s share of a {world_size}-rank global batch" if world_size > 1 else ""
         order = f"batch {self.batch_size}, in the torch loader's order{shard}"
         return f"{self.images.device.type}-side gather ({order}) over {self.images.describe()}"
