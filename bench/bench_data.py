@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
     pytest.skip("bench/bench_data.py needs an NVIDIA GPU (CUDA is not available)", allow_module_level=True)
 
 from began_fast.config import DataConfig
-from began_fast.data import TorchLoader, dali_install_command, open_source
+from began_fast.data import dali_install_command, make_batches
 from began_fast.data.builtin import draw_face
 
 HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
@@ -56,22 +56,18 @@ def jpeg_dir(tmp_path_factory):
     return str(root)
 
 
-def _loader(name: str, cfg: DataConfig, image_size: int):
-    if name == "torch":
-        return TorchLoader(open_source(cfg, image_size), BATCH, seed=0, num_workers=CORES, device="cuda")
-    if not HAS_DALI:
+def _loader(name: str, jpeg_dir: str, image_size: int):
+    if name != "torch" and not HAS_DALI:
         pytest.skip(f"NVIDIA DALI is not installed ({dali_install_command()})")
-    from began_fast.data.dali import DaliLoader
-
-    device = "cuda" if name == "dali-mixed" else "cpu"
-    return DaliLoader(cfg, image_size, BATCH, device=device, seed=0)
+    cfg = DataConfig(path=jpeg_dir, num_workers=CORES, loader="torch" if name == "torch" else "dali")
+    device = "cpu" if name == "dali-cpu" else "cuda"
+    return make_batches(cfg, image_size, BATCH, device=device, seed=0)
 
 
 @pytest.mark.parametrize("image_size", [64, 128])
 @pytest.mark.parametrize("name", ["dali-mixed", "dali-cpu", "torch"])
 def test_loader_throughput(benchmark, jpeg_dir, name, image_size):
-    cfg = DataConfig(path=jpeg_dir, num_workers=CORES)
-    loader = _loader(name, cfg, image_size)
+    loader = _loader(name, jpeg_dir, image_size)
 
     def batches(count: int) -> None:
         for _ in range(count):
@@ -97,7 +93,6 @@ def test_fast_step_fed_by_loader(benchmark, jpeg_dir, feed):
     """The fast path (paper64, batch 16, bf16, one CUDA graph) fed by each loader: steps/s against the
     GPU-resident set, which gathers its batch inside the graph and so is the upper bound."""
     from began_fast.config import get_preset
-    from began_fast.data.gpu_resident import GpuResidentSet, GpuResidentStream
     from began_fast.fast_step import CudaGraphStep, FastStep
     from began_fast.model import Discriminator, Generator
 
@@ -106,23 +101,20 @@ def test_fast_step_fed_by_loader(benchmark, jpeg_dir, feed):
     torch.manual_seed(0)
     G, D = Generator(preset.model).cuda(), Discriminator(preset.model).cuda()
     step = FastStep(G, D, preset.train, "cuda", amp="bf16")
-    cfg = DataConfig(path=jpeg_dir, num_workers=CORES)
+    cfg = DataConfig(
+        path=jpeg_dir, num_workers=CORES, loader={"gpu-resident": "gpu", "dali-mixed": "dali"}.get(feed, feed)
+    )
     if feed == "gpu-resident":
-        batches = GpuResidentStream(GpuResidentSet(open_source(cfg, size), "cuda"), STEP_BATCH, seed=0)
+        batches = make_batches(cfg, size, STEP_BATCH, device="cuda", seed=0)
         graph = CudaGraphStep(step, shape, stream=batches)
 
         def one_step():
             graph()
 
     else:
-        if feed == "torch":
-            loader = TorchLoader(open_source(cfg, size), STEP_BATCH, seed=0, num_workers=CORES, device="cuda")
-        else:
-            if not HAS_DALI:
-                pytest.skip(f"NVIDIA DALI is not installed ({dali_install_command()})")
-            from began_fast.data.dali import DaliLoader
-
-            loader = DaliLoader(cfg, size, STEP_BATCH, device="cuda", seed=0)
+        if feed == "dali-mixed" and not HAS_DALI:
+            pytest.skip(f"NVIDIA DALI is not installed ({dali_install_command()})")
+        loader = make_batches(cfg, size, STEP_BATCH, device="cuda", seed=0)
         graph = CudaGraphStep(step, shape)
 
         def one_step():

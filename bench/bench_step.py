@@ -24,8 +24,7 @@ import pytest
 import torch
 
 from began_fast.config import DataConfig, get_preset
-from began_fast.data import open_source
-from began_fast.data.gpu_resident import GpuResidentSet, GpuResidentStream
+from began_fast.data import make_batches
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import ConvELU, Discriminator, Generator, Linear
 from began_fast.step import ReferenceStep
@@ -82,8 +81,10 @@ def make_provider(provider: str, preset_name: str, batch: int):
     gc.collect()
     torch.cuda.empty_cache()
     G, D = Generator(cfg, impl=impl).to(device), Discriminator(cfg, impl=impl).to(device)
-    images = GpuResidentSet(open_source(DataConfig(builtin_count=DATASET_IMAGES), cfg.image_size), device)
-    batches = GpuResidentStream(images, batch, seed=0)  # fed as train.py feeds the step (make_feed)
+    # Fed as train.py feeds the step (make_feed).
+    batches = make_batches(
+        DataConfig(builtin_count=DATASET_IMAGES, loader="gpu"), cfg.image_size, batch, device=device, seed=0
+    )
     torch.cuda.reset_peak_memory_stats()
     if provider == "triton":
         step = FastStep(G, D, train_cfg, device, amp="bf16", impl="triton")

@@ -39,8 +39,7 @@ def build_step(preset: str, batch: int, amp: str | None):
     """The fast step on the GPU, with a function that runs it eagerly on a batch drawn on the device, and the
     CUDA-graph version of it (captured after warm-up steps that leave the state as it was)."""
     from began_fast.config import DataConfig, get_preset
-    from began_fast.data import open_source
-    from began_fast.data.gpu_resident import GpuResidentSet, GpuResidentStream
+    from began_fast.data import make_batches
     from began_fast.fast_step import CudaGraphStep, FastStep
     from began_fast.model import Discriminator, Generator
 
@@ -52,10 +51,11 @@ def build_step(preset: str, batch: int, amp: str | None):
     D = Discriminator(cfg.model, impl="triton").to(device)
     step = FastStep(G, D, train_cfg, device, amp=amp, impl="triton")
     count = max(BUILTIN_IMAGES, batch)  # at least one batch
-    images = GpuResidentSet(open_source(DataConfig(builtin_count=count), cfg.model.image_size), device)
     # As train.py feeds it (make_feed): eagerly the stream's next batch; in the graph, gathered into its buffer
     # from the indices staged before each replay.
-    batches = GpuResidentStream(images, batch, seed=0)
+    batches = make_batches(
+        DataConfig(builtin_count=count, loader="gpu"), cfg.model.image_size, batch, device=device, seed=0
+    )
 
     def eager() -> None:
         step(next(batches))

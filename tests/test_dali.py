@@ -24,7 +24,7 @@ import torch
 from PIL import ExifTags, Image
 
 from began_fast.config import DataConfig
-from began_fast.data import DataError, SkippedImagesWarning, TorchLoader, make_batches, open_source
+from began_fast.data import BatchOrder, DataError, SkippedImagesWarning, TorchLoader, make_batches, open_source
 from began_fast.data.builtin import draw_face
 
 HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
@@ -56,10 +56,15 @@ def celeba_dir(tmp_path_factory):
     return str(root)
 
 
-def _dali(cfg: DataConfig, image_size: int, batch_size: int, **kwargs):
+def _dali(
+    cfg: DataConfig, image_size: int, batch_size: int, *, source=None, device="cpu", dtype=torch.float32, **order
+):
+    """DaliLoader over cfg's source (or `source`) in BatchOrder(len(source), batch_size, seed=0, **order)."""
     from began_fast.data.dali import DaliLoader
 
-    return DaliLoader(cfg, image_size, batch_size, device=kwargs.pop("device", "cpu"), seed=0, **kwargs)
+    source = open_source(cfg, image_size) if source is None else source
+    order = BatchOrder(len(source), batch_size, seed=0, **order)
+    return DaliLoader(cfg, image_size, source, order, device=device, dtype=dtype)
 
 
 def _reference(cfg: DataConfig, image_size: int) -> torch.Tensor:
@@ -202,10 +207,13 @@ def test_bad_files_are_skipped_and_counted(celeba_dir, tmp_path):
 @needs_dali
 def test_bad_arguments_fail_with_one_line(celeba_dir):
     cfg = DataConfig(path=celeba_dir, flip=False, num_workers=1)
-    with pytest.raises(DataError, match="fewer than one global batch"):
-        _dali(cfg, 16, 16, rank=0, world_size=2)
-    with pytest.raises(DataError, match="rank"):
-        _dali(cfg, 16, 4, rank=2, world_size=2)
+    from began_fast.data.dali import DaliLoader
+
+    source = open_source(cfg, 16)
+    with pytest.raises(
+        ValueError, match=f"order is over {len(source) - 1} items, the loader's data set has {len(source)}"
+    ):
+        DaliLoader(cfg, 16, source, BatchOrder(len(source) - 1, 4, seed=0), device="cpu")
     with pytest.raises(DataError, match="float32, float16 or bfloat16"):
         _dali(cfg, 16, 4, dtype=torch.float64)
     with pytest.raises(DataError, match="builtin"):
@@ -235,7 +243,8 @@ def test_batches_equal_torch_loader_batches(unresized):
     # boundaries (24 faces or 20 rows, batch 8: 3 or 2 batches per epoch).
     cfg, size = unresized
     loader = _dali(cfg, size, 8)
-    reference = TorchLoader(open_source(cfg, size), 8, seed=0, flip=True, num_workers=0)
+    source = open_source(cfg, size)
+    reference = TorchLoader(source, BatchOrder(len(source), 8, seed=0), flip=True, num_workers=0)
     for step in range(7):
         torch.testing.assert_close(next(loader), next(reference), atol=EXACT_TOL, rtol=0, msg=f"step {step}")
     assert loader.epoch == 7 // len(loader)
@@ -245,7 +254,8 @@ def test_batches_equal_torch_loader_batches(unresized):
 def test_resume_continues_the_same_batches(unresized):
     cfg, size = unresized
     resumed = _dali(cfg, size, 8, start_step=4)
-    reference = TorchLoader(open_source(cfg, size), 8, seed=0, start_step=4, flip=True, num_workers=0)
+    source = open_source(cfg, size)
+    reference = TorchLoader(source, BatchOrder(len(source), 8, seed=0, start_step=4), flip=True, num_workers=0)
     for step in range(4, 8):
         torch.testing.assert_close(next(resumed), next(reference), atol=EXACT_TOL, rtol=0, msg=f"step {step}")
     assert resumed.step == 8
@@ -280,7 +290,7 @@ def test_files_that_fail_during_the_run_are_replaced_as_the_torch_loader_does(br
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loader = _dali(cfg, 128, 4, source=source)
-        reference = TorchLoader(source, 4, seed=0, flip=True, num_workers=0)
+        reference = TorchLoader(source, BatchOrder(len(source), 4, seed=0), flip=True, num_workers=0)
         for step in range(6):  # two epochs: each bad file is met twice
             torch.testing.assert_close(next(loader), next(reference), atol=EXACT_TOL, rtol=0, msg=f"step {step}")
     warned = sorted(Path(str(w.message).split()[2]).name for w in caught if "cannot decode" in str(w.message))
@@ -314,7 +324,8 @@ def test_held_out_images_are_never_read(unresized):
 def test_hdf5_resized_on_read(hdf5_file):
     cfg = DataConfig(path=hdf5_file, flip=False, num_workers=1)
     loader = _dali(cfg, 32, 8, rank=1, world_size=2)
-    reference = TorchLoader(open_source(cfg, 32), 8, seed=0, flip=False, num_workers=0, rank=1, world_size=2)
+    source = open_source(cfg, 32)
+    reference = TorchLoader(source, BatchOrder(len(source), 8, seed=0, rank=1, world_size=2), flip=False, num_workers=0)
     _assert_close_to_torch(next(loader), next(reference), "hdf5 64px -> 32px")
 
 

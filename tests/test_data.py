@@ -260,10 +260,10 @@ def test_loader_workers_warn_once_between_them_about_a_file_that_broke(tmp_path)
     program = f"""
 import os, torch
 from began_fast.config import DataConfig
-from began_fast.data import TorchLoader, open_source
+from began_fast.data import BatchOrder, TorchLoader, open_source
 source = open_source(DataConfig(path={str(tmp_path / "faces")!r}), 16)
 os.remove({str(paths[5])!r})
-loader = TorchLoader(source, 4, seed=0, num_workers=2)
+loader = TorchLoader(source, BatchOrder(len(source), 4, seed=0), num_workers=2)
 assert all(torch.isfinite(next(loader)).all() for _ in range(8))
 """
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -538,8 +538,8 @@ def test_batch_order_sharding():
 
 def test_torch_loader_batches_and_flips():
     source = BuiltinFaces(20, 16, seed=1)
-    flipped = TorchLoader(source, 4, seed=2, num_workers=0)
-    plain = TorchLoader(source, 4, seed=2, flip=False, num_workers=0)
+    flipped = TorchLoader(source, BatchOrder(len(source), 4, seed=2), num_workers=0)
+    plain = TorchLoader(source, BatchOrder(len(source), 4, seed=2), flip=False, num_workers=0)
     order = BatchOrder(20, 4, seed=2)
     seen = set()
     for step in range(5):
@@ -552,8 +552,8 @@ def test_torch_loader_batches_and_flips():
             assert torch.equal(x[k], torch.flip(y[k], dims=[-1]) if flips[k] else y[k])
             seen.add(bool(flips[k]))
     assert seen == {True, False}
-    resumed = TorchLoader(source, 4, seed=2, start_step=3, flip=False, num_workers=0)
-    replay = TorchLoader(source, 4, seed=2, flip=False, num_workers=0)
+    resumed = TorchLoader(source, BatchOrder(len(source), 4, seed=2, start_step=3), flip=False, num_workers=0)
+    replay = TorchLoader(source, BatchOrder(len(source), 4, seed=2), flip=False, num_workers=0)
     expected = [next(replay) for _ in range(4)][3]
     assert torch.equal(next(resumed), expected)
     assert "torch DataLoader" in plain.describe() and "builtin" in plain.describe()
@@ -564,7 +564,10 @@ def test_ctrl_c_leaves_the_torch_loaders_workers_to_the_training_loop():
     its checkpoint) instead of dying, which would end the run in the middle of next() with a traceback."""
     source = BuiltinFaces(16, 16, seed=0)
     before = set(multiprocessing.active_children())
-    loader, reference = TorchLoader(source, 4, seed=0, num_workers=2), TorchLoader(source, 4, seed=0, num_workers=0)
+    loader, reference = (
+        TorchLoader(source, BatchOrder(len(source), 4, seed=0), num_workers=2),
+        TorchLoader(source, BatchOrder(len(source), 4, seed=0), num_workers=0),
+    )
     for _ in range(2):  # one batch from each worker: both have started
         assert torch.equal(next(loader), next(reference))
     workers = [child for child in multiprocessing.active_children() if child not in before]
@@ -580,8 +583,8 @@ def test_ctrl_c_leaves_the_torch_loaders_workers_to_the_training_loop():
 def test_torch_loader_workers_read_hdf5(tmp_path):
     path = write_h5(tmp_path / "faces.h5", draw_faces(12, 16, seed=6))
     source = open_source(DataConfig(path=str(path)), 16)
-    with_workers = TorchLoader(source, 3, seed=1, num_workers=2)
-    in_process = TorchLoader(source, 3, seed=1, num_workers=0)
+    with_workers = TorchLoader(source, BatchOrder(len(source), 3, seed=1), num_workers=2)
+    in_process = TorchLoader(source, BatchOrder(len(source), 3, seed=1), num_workers=0)
     for _ in range(5):
         assert torch.equal(next(with_workers), next(in_process))
 
@@ -612,17 +615,28 @@ def test_gpu_resident_stream_gives_the_torch_loaders_batches(world_size):
     replay) gathers what next() gives."""
     source = BuiltinFaces(29, 16, seed=4)
     images = GpuResidentSet(source, "cpu")
-    streams = [GpuResidentStream(images, 4, seed=9, rank=r, world_size=world_size) for r in range(world_size)]
-    loaders = [TorchLoader(source, 4, seed=9, num_workers=0, rank=r, world_size=world_size) for r in range(world_size)]
-    one = GpuResidentStream(images, 4 * world_size, seed=9)
+    streams = [
+        GpuResidentStream(images, BatchOrder(len(images), 4, seed=9, rank=r, world_size=world_size))
+        for r in range(world_size)
+    ]
+    loaders = [
+        TorchLoader(source, BatchOrder(len(source), 4, seed=9, rank=r, world_size=world_size), num_workers=0)
+        for r in range(world_size)
+    ]
+    one = GpuResidentStream(images, BatchOrder(len(images), 4 * world_size, seed=9))
     steps = 2 * (29 // (4 * world_size)) + 1  # into a third epoch
     batches = [[next(stream) for stream in streams] for _ in range(steps)]
     for shards in batches:
         assert all(torch.equal(shard, next(loader)) for shard, loader in zip(shards, loaders, strict=True))
         assert torch.equal(torch.cat(shards), next(one))
-    resumed = GpuResidentStream(images, 4, seed=9, start_step=steps - 2, rank=world_size - 1, world_size=world_size)
+    resumed = GpuResidentStream(
+        images, BatchOrder(len(images), 4, seed=9, start_step=steps - 2, rank=world_size - 1, world_size=world_size)
+    )
     assert torch.equal(next(resumed), batches[-2][-1]) and torch.equal(next(resumed), batches[-1][-1])
-    replayed, out = GpuResidentStream(images, 4, seed=9, world_size=world_size), torch.empty(4, 3, 16, 16)
+    replayed, out = (
+        GpuResidentStream(images, BatchOrder(len(images), 4, seed=9, world_size=world_size)),
+        torch.empty(4, 3, 16, 16),
+    )
     for shards in batches[:3]:
         replayed.stage()
         replayed.sample_into(out)
@@ -630,8 +644,17 @@ def test_gpu_resident_stream_gives_the_torch_loaders_batches(world_size):
     assert one.describe().startswith("cpu-side gather (batch") and "over cpu-resident uint8" in one.describe()
     if world_size > 1:
         assert "rank 1's share of a" in streams[1].describe()
-    with pytest.raises(DataError, match="rank must be in"):
-        GpuResidentStream(images, 4, seed=9, rank=world_size, world_size=world_size)
+
+
+def test_a_loader_refuses_an_order_over_another_number_of_images():
+    """An order drawn for another data set would skip some of its images or index past its end."""
+    source = BuiltinFaces(12, 16, seed=0)
+    for make in (
+        lambda order: TorchLoader(source, order),
+        lambda order: GpuResidentStream(GpuResidentSet(source, "cpu"), order),
+    ):
+        with pytest.raises(ValueError, match="order is over 13 items, the loader's data set has 12"):
+            make(BatchOrder(13, 4, seed=0))
 
 
 def test_make_batches_picks_the_loader(monkeypatch):
@@ -678,7 +701,7 @@ def test_holdout_keeps_the_last_images_out_of_training(numbered_source):
         training[7]
     assert torch.equal(pickle.loads(pickle.dumps(training))[6], images[6])  # as spawned DataLoader workers get it
     # The loader reads only the training images: one batch of 7 is an epoch.
-    batch = next(TorchLoader(training, 7, seed=0, flip=False, num_workers=0))
+    batch = next(TorchLoader(training, BatchOrder(len(training), 7, seed=0), flip=False, num_workers=0))
     read = ((batch + 1) * 127.5).round().to(torch.uint8)
     assert sorted(map(bytes, read.flatten(1).numpy())) == sorted(map(bytes, images[:7].flatten(1).numpy()))
     assert torch.equal(held_out_images(training, 5), images[7:])  # all three held out, fewer than asked for

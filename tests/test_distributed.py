@@ -26,7 +26,15 @@ from PIL import Image
 import began_fast.train as train_module
 from began_fast.checkpoint import load_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from began_fast.data import BuiltinFaces, GpuResidentSet, GpuResidentStream, TorchLoader, make_batches, open_source
+from began_fast.data import (
+    BatchOrder,
+    BuiltinFaces,
+    GpuResidentSet,
+    GpuResidentStream,
+    TorchLoader,
+    make_batches,
+    open_source,
+)
 from began_fast.data.builtin import draw_faces
 from began_fast.distributed import CollectiveError, Collectives, World, start, stop
 from began_fast.fast_step import CudaGraphStep, FastStep
@@ -259,14 +267,14 @@ def test_the_data_fingerprint_is_the_same_however_the_folder_is_named(tmp_path):
     prints = []
     for path in (str(tmp_path), str(tmp_path) + "/", str(copy)):
         source = open_source(DataConfig(path=path), 16)
-        prints.append(data_fingerprint(source, TorchLoader(source, 2, seed=0, num_workers=0)))
+        prints.append(data_fingerprint(source, TorchLoader(source, BatchOrder(len(source), 2, seed=0), num_workers=0)))
     assert prints[0] == prints[1] == prints[2]
 
 
 def test_the_data_fingerprint_names_the_loader():
     source = BuiltinFaces(8, 16, seed=0)
-    torch_loader = TorchLoader(source, 2, seed=0, num_workers=0)
-    gpu_resident = GpuResidentStream(GpuResidentSet(source, "cpu"), 2, seed=0)
+    torch_loader = TorchLoader(source, BatchOrder(len(source), 2, seed=0), num_workers=0)
+    gpu_resident = GpuResidentStream(GpuResidentSet(source, "cpu"), BatchOrder(len(source), 2, seed=0))
     one, other = data_fingerprint(source, torch_loader), data_fingerprint(source, gpu_resident)
     assert [key for key in one if one[key] != other[key]] == ["the loaders"]
 

@@ -125,25 +125,19 @@ def make_batches(
     """
     device = torch.device(device)
     loader = cfg.loader
-    if loader == "dali" or loader == "auto" and device.type == "cuda" and _folder_source(cfg):
-        if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
-            from began_fast.data.dali import DaliLoader
-
-            return DaliLoader(
-                cfg,
-                image_size,
-                batch_size,
-                device=device,
-                seed=seed,
-                start_step=start_step,
-                start_position=start_position,
-                rank=rank,
-                world_size=world_size,
-                source=source,
-            )
+    dali = loader == "dali" or loader == "auto" and device.type == "cuda" and _folder_source(cfg)
+    if dali and (importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None):
         if loader == "dali":
             raise DataError(f"--loader dali needs NVIDIA DALI: {dali_install_command()}")
+        dali = False
     source = open_source(cfg, image_size) if source is None else source
+    order = BatchOrder(
+        len(source), batch_size, seed, start_step, start_position=start_position, rank=rank, world_size=world_size
+    )
+    if dali:
+        from began_fast.data.dali import DaliLoader
+
+        return DaliLoader(cfg, image_size, source, order, device=device)
     if loader == "auto" and device.type == "cuda" and source.kind in ("hdf5", "builtin"):
         loader = "gpu" if fits(len(source), image_size, device) else "torch"
     if loader == "gpu":
@@ -153,29 +147,9 @@ def make_batches(
                 f"--loader gpu: the {len(source)} images need {need:.1f} GiB, more than {MEMORY_SHARE:.0%} of the free "
                 f"memory of {device}; use --loader torch or dali"
             )
-        images = GpuResidentSet(source, device)
-        return GpuResidentStream(
-            images,
-            batch_size,
-            seed=seed,
-            start_step=start_step,
-            start_position=start_position,
-            rank=rank,
-            world_size=world_size,
-            flip=cfg.flip,
-        )
-    return TorchLoader(
-        source,
-        batch_size,
-        seed=seed,
-        start_step=start_step,
-        start_position=start_position,
-        flip=cfg.flip,
-        num_workers=default_workers(source.kind) if cfg.num_workers is None else cfg.num_workers,
-        device=device,
-        rank=rank,
-        world_size=world_size,
-    )
+        return GpuResidentStream(GpuResidentSet(source, device), order, flip=cfg.flip)
+    workers = default_workers(source.kind) if cfg.num_workers is None else cfg.num_workers
+    return TorchLoader(source, order, flip=cfg.flip, num_workers=workers, device=device)
 
 
 def default_workers(kind: str) -> int:

@@ -32,7 +32,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 
 from began_fast.config import DataConfig
-from began_fast.data import default_workers, open_source
+from began_fast.data import default_workers
 from began_fast.data.errors import DataError
 from began_fast.data.hdf5 import DATASET
 from began_fast.data.images import crop_box, load_image
@@ -164,32 +164,26 @@ class DaliLoader:
     Infinite: iterate for as many steps as the run needs; `step` counts the batches returned, `epoch` the
     completed epochs and `batches_per_epoch` (len) is this rank's number of batches in an epoch.
     Only image folders and HDF5 files are read; the built-in faces have no files to decode (use the torch or gpu
-    loader). start_step, start_position: the step a resumed run continues at and its data position (BatchOrder):
-    the batches and flips are BatchOrder's, as the torch loader's, so a resume continues exactly. source: cfg's
-    source, when the caller has opened it already.
+    loader). source: cfg's source at image_size, opened by the caller; order: a BatchOrder over it, whose batches
+    and flips these are (as the torch loader's are), so a resume continues exactly.
     """
 
     def __init__(
         self,
         cfg: DataConfig,
         image_size: int,
-        batch_size: int,
+        source,
+        order: BatchOrder,
         *,
         device: torch.device | str,
-        seed: int,
-        start_step: int = 0,
-        start_position: tuple[int, int] | None = None,
-        rank: int = 0,
-        world_size: int = 1,
         dtype: torch.dtype = torch.float32,
         prefetch: int = 2,
-        source=None,
     ):
         if dtype not in OUTPUT_TYPES:
             raise DataError(f"the DALI loader makes float32, float16 or bfloat16 batches, got {dtype}")
-        self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
-        self.prefetch = prefetch
-        self.source = open_source(cfg, image_size) if source is None else source
+        self.device, self.dtype, self.batch_size = torch.device(device), dtype, order.batch_size
+        self.prefetch, self.source = prefetch, source
+        order.check_covers(len(source))
         if self.source.kind not in ("celeba", "folder", "hdf5"):
             raise DataError(f"the DALI loader reads image folders and HDF5 files, not the {self.source.kind} source")
         self.flip, self.image_size = cfg.flip, image_size
@@ -198,17 +192,9 @@ class DaliLoader:
         workers = default_workers("folder") if cfg.num_workers is None else cfg.num_workers
         self.num_threads = max(1, workers)
         self._files = _EncodedFiles(self.source.files) if self.source.kind != "hdf5" else None
-        self._order = BatchOrder(
-            len(self.source),
-            batch_size,
-            seed,
-            start_step,
-            start_position=start_position,
-            rank=rank,
-            world_size=world_size,
-        )
-        self.batches_per_epoch = self._order.batches_per_epoch
-        self._start(start_step)
+        self._order = order
+        self.batches_per_epoch = order.batches_per_epoch
+        self._start(order.start_step)
 
     def _start(self, step: int) -> None:
         """Build the pipeline whose first batch is that of `step`."""

@@ -84,31 +84,18 @@ class GpuResidentSet:
 
 
 class GpuResidentStream:
-    """Iterator of this rank's (B, 3, S, S) float32 batches from a GpuResidentSet, in BatchOrder's order (see the
-    module docstring): start_step, start_position, rank and world_size as BatchOrder takes them.
+    """Iterator of this rank's (B, 3, S, S) float32 batches from a GpuResidentSet, in the order of `order`, a
+    BatchOrder over its images (see the module docstring).
 
     Eagerly, `next()` gives the next batch. In a CUDA graph (CudaGraphStep's `stream`), `sample_into(buffer)` is
     captured and each step calls `stage()` before the replay: the graph then gathers the batch staged for it.
     """
 
-    def __init__(
-        self,
-        images: GpuResidentSet,
-        batch_size: int,
-        *,
-        seed: int,
-        start_step: int = 0,
-        start_position: tuple[int, int] | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        flip: bool = True,
-    ):
-        self.images, self.batch_size, self.flip = images, batch_size, flip
-        self.order = BatchOrder(
-            len(images), batch_size, seed, start_step, start_position=start_position, rank=rank, world_size=world_size
-        )
-        self.step = start_step  # the step whose batch stage() stages next
-        self._staged = torch.zeros(2, batch_size, dtype=torch.int64, device=images.device)  # indices; flips (0/1)
+    def __init__(self, images: GpuResidentSet, order: BatchOrder, *, flip: bool = True):
+        order.check_covers(len(images))
+        self.images, self.order, self.batch_size, self.flip = images, order, order.batch_size, flip
+        self.step = order.start_step  # the step whose batch stage() stages next
+        self._staged = torch.zeros(2, self.batch_size, dtype=torch.int64, device=images.device)  # indices; flips (0/1)
 
     def stage(self) -> None:
         """Stage the next step's indices and flips in the device buffer sample_into reads, behind the work already

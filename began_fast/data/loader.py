@@ -46,28 +46,21 @@ class TorchLoader:
 
     Workers decode and flip uint8 images (a quarter of float32's bytes to move); the batch goes to the device
     pinned and non-blocking when the device is CUDA, and is converted to float there.
-    Batch order and flips: BatchOrder(len(source), batch_size, seed, start_step, start_position, rank, world_size).
+    Batch order and flips: `order`, a BatchOrder over this source (its batch size is this rank's).
     """
 
     def __init__(
         self,
         source,
-        batch_size: int,
+        order: BatchOrder,
         *,
-        seed: int,
-        start_step: int = 0,
-        start_position: tuple[int, int] | None = None,
         flip: bool = True,
         num_workers: int = 2,
         device: torch.device | str = "cpu",
-        rank: int = 0,
-        world_size: int = 1,
     ):
-        self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
+        order.check_covers(len(source))
+        self.source, self.batch_size, self.num_workers = source, order.batch_size, num_workers
         self.device = torch.device(device)
-        order = BatchOrder(
-            len(source), batch_size, seed, start_step, start_position=start_position, rank=rank, world_size=world_size
-        )
         workers = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
         self._loader = torch.utils.data.DataLoader(
             _FlippedItems(source),
