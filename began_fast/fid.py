@@ -38,14 +38,20 @@ def inception_weights_path(path: str | Path | None = None) -> Path:
 
 
 def require_fid(weights: str | Path | None = None) -> Path:
-    """Check, before any work is done, that FID can be computed: the weights file, then the library.
-    Returns the weights file."""
-    path = inception_weights_path(weights)
+    """Check, before any work is done, that FID can be computed: the weights file and the library, both told in one
+    line when both are missing. Returns the weights file."""
+    missing = []
+    try:
+        path = inception_weights_path(weights)
+    except FIDUnavailableError as e:
+        missing.append(str(e))
     if importlib.util.find_spec("torch_fidelity") is None:
-        raise FIDUnavailableError(
+        missing.append(
             "FID needs torch-fidelity and torchvision: pip install torch-fidelity torchvision (in a checkout of "
             "began-fast: pip install -e '.[fid]')"
         )
+    if missing:
+        raise FIDUnavailableError("; and ".join(missing))
     return path
 
 

@@ -286,6 +286,20 @@ def test_fid_without_torch_fidelity_says_how_to_install(tmp_path):
         require_fid(weights)
 
 
+def test_fid_without_weights_or_torch_fidelity_says_both_at_once(tmp_path, monkeypatch):
+    """Not one, then after the user mends it, the other."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch_fidelity" else find_spec(name, *a)
+    )
+    with pytest.raises(FIDUnavailableError) as error:
+        require_fid()
+    message = str(error.value)
+    assert INCEPTION_WEIGHTS_FILE in message and "pip install torch-fidelity torchvision" in message
+    assert "\n" not in message
+
+
 def test_fid_hands_torch_fidelity_uint8_image_datasets_and_the_weights(tmp_path, monkeypatch):
     calls = {}
 
