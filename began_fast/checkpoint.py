@@ -50,10 +50,12 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """The checkpoint at `path`, a .pt file or a run folder (its latest.pt); CheckpointError when it is not one."""
     path = Path(path)
-    if path.is_dir():
-        if not (path / "latest.pt").is_file():
-            raise CheckpointError(f"{path} is a folder without a latest.pt; expected a .pt file or a run folder")
+    if path.is_dir() and (path / "latest.pt").exists():
         path = path / "latest.pt"
+    elif path.is_dir() and path.suffix != ".pt":
+        raise CheckpointError(f"{path} is a folder without a latest.pt; expected a .pt file or a run folder")
+    if path.is_dir():  # a latest.pt, or a folder named as a checkpoint, that is no file
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file; expected a .pt file written by began-fast")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (expected a .pt file written by began-fast)")
     # torch.save writes a zip archive with a CRC32 per record, which torch.load does not check: damaged tensor

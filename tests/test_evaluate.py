@@ -158,6 +158,13 @@ def test_scripts_take_a_run_folder_for_its_latest_checkpoint(tiny_checkpoint, tm
     assert load_checkpoint(run)["step"] == 123
     with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder without a latest.pt"):
         load_checkpoint(tmp_path)
+    # A latest.pt that is a folder (what --resume reads), named directly or through its run folder.
+    (tmp_path / "run" / "latest.pt").mkdir(parents=True)
+    for path in (tmp_path / "run", tmp_path / "run" / "latest.pt"):
+        with pytest.raises(
+            CheckpointError, match=f"checkpoint {tmp_path / 'run' / 'latest.pt'} is a folder, not a file"
+        ):
+            load_checkpoint(path)
 
 
 def test_sample_script_images_folder_holds_the_last_calls_images_only(tiny_checkpoint, tmp_path, capsys):
