@@ -7,7 +7,8 @@ each set's descriptors are normalised per channel by that set's own mean and std
 are compared by the sliced Wasserstein distance: project both on random unit directions, sort each projection
 and average |a - b| (the 1-D Wasserstein-1 distance of the projections). Reported x1e3 per level (finest
 first, keyed by the level's resolution) and their average. Lower is better: the finest level measures
-fine detail, the coarsest the colour and layout.
+fine detail, the coarsest the layout. The per-channel normalisation makes SWD blind, at every level, to a change of
+a channel's brightness or contrast (a tint, a washed-out set), as the published method is: FID sees those.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ def generated_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def pyramid_resolutions(image_size: int) -> list[int]:
-    """The Laplacian pyramid's level sizes, finest first: S, S/2, ... down to the last one >= 16."""
-    sizes = [image_size]
-    while (image_size + 1) // 2 >= MIN_RESOLUTION:
-        image_size = (image_size + 1) // 2
-        sizes.append(image_size)
+    """The Laplacian pyramid's level sizes, finest first: as many levels as the published code takes (S, S // 2,
+    ... while >= 16), each the size of its level's image (pyrDown rounds an odd size up)."""
+    sizes, floor = [image_size], image_size // 2
+    while floor >= MIN_RESOLUTION:
+        sizes.append((sizes[-1] + 1) // 2)
+        floor //= 2
     return sizes
 
 
@@ -199,10 +201,12 @@ def _real_images(real: Dataset | torch.Tensor, indices: range) -> torch.Tensor:
     return torch.stack([real[i] for i in indices])
 
 
-def check_image_count(num: int, available: int) -> None:
-    """MetricError unless `num` images can be compared: at least one, and no more than the `available` real ones."""
-    if num < 1:
-        raise MetricError(f"the number of images to compare must be >= 1, got {num}")
+def check_image_count(num: int, available: int, *, with_fid: bool = False) -> None:
+    """MetricError unless `num` images can be compared: at least one (two for FID, whose covariance of one image is
+    undefined), and no more than the `available` real ones."""
+    if num < 1 or with_fid and num < 2:
+        least = "2 for FID (the covariance of its features)" if with_fid else "1"
+        raise MetricError(f"the number of images to compare must be >= {least}, got {num}")
     if available < num:
         raise MetricError(f"{num} images to compare, but the real images are only {available}; compare fewer")
 
@@ -231,7 +235,7 @@ def evaluate_models(
     Returns {"num", "image_size", "swd": {per level..., "avg"}, "recon_l1"[, "fid"]}.
     """
     size = G.cfg.image_size
-    check_image_count(num, len(real))
+    check_image_count(num, len(real), with_fid=with_fid)
     # The inputs are checked before G and D run.
     reals = _as_pixels(_real_images(real, range(num)), "real images")
     held_out = reals if held_out is None else _as_pixels(held_out, "held-out images")
@@ -262,4 +266,6 @@ def evaluate_models(
         }
         if with_fid:
             result["fid"] = fid(fake, reals, weights=inception_weights, device=device, batch_size=batch_size)
+            if not math.isfinite(result["fid"]):
+                raise MetricError(f"torch-fidelity's FID of {num} images came out {result['fid']}")
     return result

@@ -101,7 +101,9 @@ def format_table(report: dict) -> str:
         f"SWD x1e3     {swd}",
     ]
     if "fid" in report:
-        lines.append(f"FID          {report['fid']:.2f}")
+        lines.append(
+            f"FID          {report['fid']:.2f} (of {report['num']} images: FID falls as N grows, compare at equal N)"
+        )
     recon_on = f"{report['recon_num']} {report['recon_images']} images"
     recon = f"D recon L1   {report['recon_l1']:.4f} (mean |x - D(x)| on {recon_on}"
     if report["recon_images"] == "training":
@@ -120,6 +122,8 @@ def evaluate(args: argparse.Namespace) -> int:
     try:
         if args.num < 1 or args.batch_size < 1:
             raise ConfigError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
+        if args.fid and args.num < 2:
+            raise ConfigError(f"--fid needs --num >= 2 (the covariance of the images' features), got {args.num}")
         check_seed(args.seed)
         if args.inception_weights is not None and not args.fid:
             raise ConfigError("--inception-weights is for FID: add --fid, or leave it out")

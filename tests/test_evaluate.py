@@ -82,6 +82,7 @@ def test_evaluate_script_end_to_end(tiny_checkpoint, tmp_path):
         (["{ckpt}", "--num", "0"], "--num and --batch-size must be >= 1"),
         (["{ckpt}", "--num", "100000"], "100000 images to compare, but the real images are only"),  # none drawn
         (["{ckpt}", "--fid"], INCEPTION_WEIGHTS_FILE),
+        (["{ckpt}", "--fid", "--num", "1"], "--fid needs --num >= 2"),
         (["{ckpt}", "--fid", "--inception-weights", "{tmp}/w.pth"], "is not a file"),
         (["{ckpt}", "--json", "{tmp}/a_file/report.json"], "a_file is a file, not a folder"),  # before evaluating
         (["{ckpt}", "--json", "{tmp}/report.json"], "is a folder; expected a file name"),

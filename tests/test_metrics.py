@@ -54,6 +54,9 @@ def test_pyramid_levels_go_down_to_16():
     assert pyramid_resolutions(16) == [16]
     assert pyramid_resolutions(64) == [64, 32, 16]
     assert pyramid_resolutions(256) == [256, 128, 64, 32, 16]
+    # Odd sizes: the published code's level count (halving rounded down while >= 16), pyrDown's sizes (rounded up).
+    assert pyramid_resolutions(31) == [31] and pyramid_resolutions(63) == [63, 32]
+    assert pyramid_resolutions(100) == [100, 50, 25]
 
 
 def test_sliced_wasserstein_is_the_mean_1d_wasserstein_of_the_projections():
@@ -112,21 +115,30 @@ def _published_swd(a: np.ndarray, b: np.ndarray, corners: list, directions: list
     return dist + [np.mean(dist)]
 
 
-def test_swd_matches_the_published_code_given_its_random_draws(faces):
+@pytest.mark.parametrize(
+    ("size", "settings"),
+    [
+        (32, {"descriptors_per_image": 16, "dirs_per_repeat": 32, "dir_repeats": 3}),
+        (64, {}),  # swd's defaults, which must be the published ones; three levels, so a middle one
+    ],
+)
+def test_swd_matches_the_published_code_given_its_random_draws(size, settings):
     """swd() against a transcription of the published numpy code, fed the same patch corners and directions
     (swd's documented draw order from its seed): pins the pyramid, the patch orientation, the per-set
     normalisation, the projections, the level order and the x1e3 scale, not only SWD's behaviour as a distance."""
-    a, b, seed, per_image, dirs, repeats = faces[0][:24], faces[1][:24], 11, 16, 32, 3
+    a, b, seed = BuiltinFaces(24, size, seed=0).images, BuiltinFaces(24, size, seed=1).images, 11
+    published = {"descriptors_per_image": 128, "dirs_per_repeat": 128, "dir_repeats": 4} | settings
+    per_image, dirs, repeats = published.values()
     generator = torch.Generator().manual_seed(seed)
     corners, directions = [], []
-    for resolution in pyramid_resolutions(32):
+    for resolution in pyramid_resolutions(size):
         shape = (a.shape[0], per_image, 2)
         corners.append([torch.randint(0, resolution - 6, shape, generator=generator).numpy() for _ in range(2)])
         repeat_dirs = [torch.randn(3 * 7 * 7, dirs, generator=generator) for _ in range(repeats)]
         directions.append([(d / d.norm(dim=0, keepdim=True)).numpy() for d in repeat_dirs])
     want = _published_swd(a.numpy().astype(np.float32), b.numpy().astype(np.float32), corners, directions)
-    got = swd(a, b, seed=seed, descriptors_per_image=per_image, dirs_per_repeat=dirs, dir_repeats=repeats)
-    assert list(got) == ["32", "16", "avg"]
+    got = swd(a, b, seed=seed, **settings)
+    assert list(got) == [*map(str, pyramid_resolutions(size)), "avg"] and len(got) == {32: 3, 64: 4}[size]
     np.testing.assert_allclose(list(got.values()), want, rtol=1e-4)
 
 
@@ -318,6 +330,24 @@ def test_fid_hands_torch_fidelity_uint8_image_datasets_and_the_weights(tmp_path,
     assert fid(a, b, weights=weights) == 12.5
     assert calls["fid"] and calls["feature_extractor_weights_path"] == str(weights) and not calls["cuda"]
     assert len(calls["input1"]) == 3 and torch.equal(calls["input1"][2], a[2]) and torch.equal(calls["input2"][0], b[0])
+
+
+def test_evaluate_models_refuses_fid_of_one_image_and_a_non_finite_fid(tmp_path, monkeypatch):
+    """One image has no covariance (torch-fidelity then fails inside numpy, or returns NaN): refused before G runs;
+    a FID that still comes out NaN is one line, not a NaN written into the JSON report."""
+    fake = types.ModuleType("torch_fidelity")
+    fake.__spec__ = importlib.machinery.ModuleSpec("torch_fidelity", None)
+    fake.calculate_metrics, fake.KEY_METRIC_FID = lambda **kwargs: {"fid": float("nan")}, "fid"
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
+    weights = tmp_path / INCEPTION_WEIGHTS_FILE
+    weights.write_bytes(b"")
+    G, D = _tiny_models()
+    real, fid_args = BuiltinFaces(4, 16, seed=0).images, {"with_fid": True, "inception_weights": str(weights)}
+    with pytest.raises(MetricError, match="must be >= 2 for FID"):
+        evaluate_models(G, D, real, num=1, **fid_args)
+    assert "fid" not in evaluate_models(G, D, real, num=1)  # SWD alone takes one image
+    with pytest.raises(MetricError, match="FID of 4 images came out nan"):
+        evaluate_models(G, D, real, num=4, **fid_args)
 
 
 def test_fid_through_torch_fidelity_is_a_distance_on_stand_in_weights(tmp_path, monkeypatch, faces):
