@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from began_fast.fid import fid
 from began_fast.reports import to_uint8
+from began_fast.seeds import SAMPLING, generator
 
 PATCH_SIZE = 7
 MIN_RESOLUTION = 16
@@ -243,10 +244,10 @@ def evaluate_models(
         if images.shape[-1] != size:
             raise MetricError(f"{name} are {images.shape[-1]}x{images.shape[-1]}, the model makes {size}x{size}")
     device = torch.device(device)
-    generator = torch.Generator().manual_seed(seed)
+    noise = generator(seed, SAMPLING)  # not torch.manual_seed(seed)'s stream, which drew a run's initial weights
     fakes = []
     for start in range(0, num, batch_size):
-        z = torch.rand(min(batch_size, num - start), G.cfg.z_size, generator=generator) * 2 - 1
+        z = torch.rand(min(batch_size, num - start), G.cfg.z_size, generator=noise) * 2 - 1
         fakes.append(generated_pixels(G(z.to(device))).cpu())
     fake = torch.cat(fakes)
     errors = []

@@ -19,10 +19,10 @@ import contextlib
 import torch
 
 from began_fast.config import TrainConfig
-from began_fast.data.sampler import derived_seed
 from began_fast.distributed import Collectives, lr_factor
 from began_fast.model import Discriminator, Generator, carry_at
 from began_fast.reference import BalanceResult, began_objective
+from began_fast.seeds import NOISE, NOISE_RESTART, derived_seed, generator
 from began_fast.stats import MStallDecay, RunningStats
 
 
@@ -67,8 +67,7 @@ class StepState:
         self.k = torch.zeros((), dtype=torch.float32, device=self.device)
         self.decay = MStallDecay(self.lr, cfg.lr_decay_window, cfg.lr_decay_factor, cfg.lr_floor * self.lr_factor)
         self.stats = RunningStats(self.device)
-        self.z_gen = torch.Generator(device=self.device)
-        self.z_gen.manual_seed(cfg.seed)
+        self.z_gen = generator(cfg.seed, NOISE, device=self.device)  # not the weights' stream (seeds.py)
         self.noise_restarted = False  # set by load_state_dict when the saved noise stream cannot go on here
         self.steps_done = 0
 
@@ -174,12 +173,10 @@ class StepState:
         if saved_noise.numel() == self.z_gen.get_state().numel():
             self.z_gen.set_state(saved_noise)
         else:  # another kind of device's generator (CPU: a 5056-byte Mersenne Twister; CUDA: a 16-byte Philox)
-            self.z_gen.manual_seed(derived_seed(self.cfg.seed, _NOISE_RESTART, self.steps_done))
+            self.z_gen.manual_seed(derived_seed(self.cfg.seed, NOISE_RESTART, self.steps_done))
             self.noise_restarted = True
         self.set_carry()
 
-
-_NOISE_RESTART = 2  # the stream tag of a noise generator reseeded on resume (the data sampler's tags are 0 and 1)
 
 # Adam's settings that say how it steps, not what it computes: they belong to this step (reference or fast, CPU
 # or CUDA graph), not to the checkpoint, which may come from another kind of step or device.

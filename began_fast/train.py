@@ -46,6 +46,7 @@ from began_fast.distributed import Collectives, cores_per_rank, machine_cores
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.hang_guard import HangGuard
 from began_fast.model import Discriminator, Generator
+from began_fast.seeds import FIXED_Z, generator
 from began_fast.step import ReferenceStep, StepState
 
 SAMPLE_GRID = 64  # images in a sample grid (8 x 8)
@@ -212,8 +213,8 @@ def setup_run(
     torch.manual_seed(train_cfg.seed)
     G = Generator(model_cfg, impl=opts.impl).to(device)
     D = Discriminator(model_cfg, impl=opts.impl).to(device)
-    gen = torch.Generator().manual_seed(train_cfg.seed + 1)
-    fixed_z = (torch.rand(SAMPLE_GRID, model_cfg.z_size, generator=gen) * 2 - 1).to(device)
+    fixed_z = torch.rand(SAMPLE_GRID, model_cfg.z_size, generator=generator(train_cfg.seed, FIXED_Z)) * 2 - 1
+    fixed_z = fixed_z.to(device)
     if opts.reference_step:
         step = ReferenceStep(G, D, train_cfg, device, collectives=collectives)
     else:

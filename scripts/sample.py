@@ -31,6 +31,7 @@ from began_fast.atomic_files import TEMPORARY_SUFFIX, remove_stale_temporaries  
 from began_fast.checkpoint import CheckpointError, load_models  # noqa: E402
 from began_fast.cli import OneLineParser, check_seed, check_writable, one_line, output_path, resolve_device  # noqa: E402
 from began_fast.config import ConfigError  # noqa: E402
+from began_fast.seeds import SAMPLING, generator  # noqa: E402
 
 NUMBERED = re.compile(r"\d{6,}\.png")  # the single images' names: 000000.png, 000001.png, ...
 MAX_GRID = 4096  # images in one picture (a 64 x 64 grid)
@@ -45,8 +46,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) * a[:, None] + torch.sin(t * omega) * b[:, None]) / torch.sin(omega)
 
 
-def draw_z(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, dim, generator=generator) * 2 - 1
+def draw_z(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, dim, generator=gen) * 2 - 1
 
 
 @torch.no_grad()
@@ -61,7 +62,7 @@ def generate(G, z: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
 def write_samples(G, args) -> None:
     """grid.png, interpolation.png and the single PNGs the flags ask for, into args.out."""
     dim = G.cfg.z_size
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = generator(args.seed, SAMPLING)  # not torch.manual_seed(seed)'s stream, which drew a run's initial weights
     args.out.mkdir(parents=True, exist_ok=True)
     # What a killed call left of these outputs; not other temporaries: --out may be a run folder a trainer writes.
     for name in ("grid.png", "interpolation.png", "images"):

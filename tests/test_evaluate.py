@@ -3,6 +3,7 @@ errors) and scripts/compare_runs.py on two small synthetic run folders."""
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -122,6 +123,18 @@ def test_sample_script_refuses_a_diverged_generator_and_writes_nothing(tiny_chec
     assert load_script("sample").main([str(tmp_path / "diverged.pt"), "--out", str(out), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == "error: G(z) holds NaN or inf: the checkpoint's generator has diverged\n"
     assert not list(out.glob("*.png"))
+
+
+def test_sample_script_noise_is_not_the_stream_that_drew_the_weights(tiny_checkpoint, tmp_path, monkeypatch):
+    """The tiny checkpoint's G was initialised after torch.manual_seed(0): --seed 0 must not draw its z from a
+    generator seeded alike, whose z would be rescaled rows of G's first layer."""
+    script, drawn = load_script("sample"), []
+    generate = script.generate
+    monkeypatch.setattr(script, "generate", lambda G, z, *args: drawn.append(z) or generate(G, z, *args))
+    argv = [str(tiny_checkpoint[0]), "--out", str(tmp_path), "--grid", "4", "--interp-rows", "0", "--seed", "0"]
+    assert script.main(argv + ["--device", "cpu"]) == 0
+    rows = load_checkpoint(tiny_checkpoint[0])["G"]["decoder.fc.weight"] * math.sqrt(TINY.z_size)
+    assert len(drawn) == 1 and torch.cdist(drawn[0], rows).min() > 1e-3
 
 
 INTERP_STEPS = (

@@ -248,6 +248,17 @@ def test_evaluate_models_records_no_autograd_graph():
     assert grad_modes and not any(grad_modes)
 
 
+def test_evaluation_noise_is_not_the_stream_that_draws_a_runs_weights():
+    """torch.manual_seed(seed) drew the initial weights of a run of that seed: z from a generator seeded alike
+    would be rescaled rows of G's first layer (each sample's h0 spiking in one unit)."""
+    G, D = _tiny_models()
+    zs = []
+    G.register_forward_pre_hook(lambda module, args: zs.append(args[0].clone()))
+    evaluate_models(G, D, BuiltinFaces(8, 16, seed=0), num=8, seed=3)
+    weights_stream = torch.rand(8, G.cfg.z_size, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    assert torch.cat(zs).shape == weights_stream.shape and not torch.allclose(torch.cat(zs), weights_stream, atol=1e-3)
+
+
 def test_evaluate_models_rejects_a_too_small_or_mismatched_real_set():
     G, D = _tiny_models()
     with pytest.raises(MetricError, match="10 images to compare, but the real images are only 5; compare fewer"):

@@ -101,6 +101,21 @@ def test_run_writes_its_outputs(tmp_path, monkeypatch):
         assert stat.S_IMODE((tmp_path / written).stat().st_mode) == 0o666 & ~umask, written
 
 
+@pytest.mark.parametrize("reference_step", [False, True])
+def test_the_steps_noise_is_not_the_stream_that_drew_the_weights(tmp_path, reference_step):
+    """On the CPU a generator seeded with the run's seed is the one that drew the initial weights: each z would be
+    a rescaled row of G's first layer (whose sample's h0 then spikes in that row's unit), and a later z the draws
+    behind the other weights (the step's noise was seeded so until a review helper found it)."""
+    run = setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=tmp_path, quiet=True, reference_step=reference_step))
+    z_size, batch = run.G.cfg.z_size, 4 * MODEL.h
+    z = run.step.draw_z(batch)
+    weights_stream = torch.rand(batch, z_size, generator=torch.Generator().manual_seed(run.train_cfg.seed)) * 2 - 1
+    assert not torch.allclose(z, weights_stream, atol=1e-3)
+    rows = run.G.decoder.fc.weight.detach() * math.sqrt(z_size)  # U(-1/sqrt(z_size), +) rescaled to U(-1, 1)
+    assert torch.cdist(z, rows).min() > 1e-3
+    assert torch.cdist(run.fixed_z.cpu(), rows).min() > 1e-3
+
+
 @pytest.mark.parametrize("reference_step", [False, True], ids=["fast", "reference"])
 def test_resume_is_exact(tmp_path, reference_step):
     whole = run_steps(tmp_path / "whole", 8, reference_step=reference_step)

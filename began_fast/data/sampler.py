@@ -22,22 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from began_fast.data.errors import DataError
-
-_PERMUTATION, _FLIPS = 0, 1  # stream tags, so the permutation and flip seeds never coincide
-
-
-def derived_seed(*key: int) -> int:
-    """One 64-bit seed for the tuple `key`: SeedSequence hashes the whole tuple, so (seed, epoch) pairs never
-    collide the way seed + epoch would."""
-    return int(np.random.SeedSequence([k % 2**64 for k in key]).generate_state(1, np.uint64)[0])
-
-
-def _generator(*key: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derived_seed(*key))
+from began_fast.seeds import FLIPS, PERMUTATION, generator
 
 
 def check_rank(rank: int, world_size: int) -> None:
@@ -109,7 +97,7 @@ class BatchOrder:
     def permutation(self, epoch: int) -> torch.Tensor:
         """The order of the items in `epoch`: a LongTensor permutation of range(num_items)."""
         if epoch != self._epoch:
-            self._permutation = torch.randperm(self.num_items, generator=_generator(self.seed, _PERMUTATION, epoch))
+            self._permutation = torch.randperm(self.num_items, generator=generator(self.seed, PERMUTATION, epoch))
             self._epoch = epoch
         return self._permutation
 
@@ -136,7 +124,7 @@ class BatchOrder:
         global_batch = self.batch_size * self.world_size
         start = offset + self.rank * self.batch_size
         indices = self.permutation(epoch)[start : start + self.batch_size]
-        flips = torch.rand(global_batch, generator=_generator(self.seed, _FLIPS, step)) < 0.5
+        flips = torch.rand(global_batch, generator=generator(self.seed, FLIPS, step)) < 0.5
         return indices, flips[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
