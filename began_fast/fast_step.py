@@ -18,14 +18,12 @@ CUDA graph captures too (NCCL >= 2.9.6).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from began_fast import ops
 from began_fast.distributed import Collectives
 from began_fast.model import Discriminator, Generator, carry_at
-from began_fast.step import StepState, balance_stats
+from began_fast.step import StepState, balance_stats, ieee_float32
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -98,9 +96,10 @@ class FastStep(StepState):
 
     def autocast(self):
         if self.amp is None:
-            return contextlib.nullcontext()
+            return ieee_float32()
         return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
 
+    @ieee_float32()  # in float32, the backward's PyTorch convolutions too (the forward's: autocast() above)
     def body(self, x: torch.Tensor) -> None:
         """All of one step's device work, and nothing on the host: what a CUDA graph captures."""
         cfg, G, D, b = self.cfg, self.G, self.D, x.shape[0]

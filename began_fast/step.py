@@ -31,6 +31,19 @@ def balance_stats(res: BalanceResult, k: torch.Tensor) -> torch.Tensor:
     return torch.stack([res.l_real, res.l_fake, res.l_d, res.l_g, k, res.m]).detach().float()
 
 
+@contextlib.contextmanager
+def ieee_float32():
+    """PyTorch's float32 convolutions and matmuls in IEEE float32 inside the block. By default PyTorch lets cuDNN's
+    float32 convolutions round their inputs to TF32 (10 mantissa bits) on Ampere and later GPUs: a float32 step
+    would not be one. Under bf16 / fp16 autocast the layers run in half precision and this changes nothing."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class StepState:
     """What every BEGAN step holds besides the networks: Adam for G and D sharing one lr tensor, k_t, the lr
     decay, the running statistics, and the noise generator (its state is saved so that a resume is exact).
@@ -73,7 +86,7 @@ class StepState:
 
     def autocast(self):
         """The precision the networks run in, in the step and outside it (pictures, evaluation): float32 here."""
-        return contextlib.nullcontext()
+        return ieee_float32()
 
     def draw_z(self, batch_size: int) -> torch.Tensor:
         """z ~ U(-1, 1), (batch_size, z_size), drawn on the device from the step's own generator.
@@ -196,6 +209,7 @@ def _with_own_implementation(saved: dict, optimizer: torch.optim.Optimizer) -> d
 class ReferenceStep(StepState):
     """One BEGAN step in eager float32 with plain autograd: the specification of a training step."""
 
+    @ieee_float32()  # forward, backward and Adam
     def __call__(self, x: torch.Tensor) -> BalanceResult:
         cfg, G, D = self.cfg, self.G, self.D
         self.set_carry()

@@ -8,7 +8,7 @@ import torch
 
 from began_fast.config import ModelConfig, TrainConfig
 from began_fast.fast_step import CudaGraphStep, FastStep
-from began_fast.model import Discriminator, Generator
+from began_fast.model import ConvELU, Discriminator, Generator, Linear
 from began_fast.step import ReferenceStep
 from tests.glue_ops import ComputedTensors, stub_kernels
 from tests.tolerances import assert_parity
@@ -50,6 +50,38 @@ CONFIGS = [
     # carry 1/3 at step 2: not a float32 number, so a carry computed in float32 shows in the float64 comparison.
     ModelConfig(image_size=16, n=3, h=4, z_dim=5, skip=True, vanishing_residual=True, carry_steps=3),
 ]
+
+
+@pytest.mark.parametrize("kind", ["reference", "fast"])
+def test_float32_steps_run_pytorchs_layers_in_ieee_float32(kind):
+    """PyTorch lets cuDNN's float32 convolutions round to TF32 by default (10 mantissa bits, on Ampere and later):
+    the float32 steps turn that off for every layer's forward and backward, and give the user's setting back."""
+    G, D = build(CONFIGS[0], dtype=torch.float32)
+    cfg = TrainConfig(batch_size=2)
+    step = ReferenceStep(G, D, cfg, "cpu") if kind == "reference" else FastStep(G, D, cfg, "cpu", impl="torch")
+    seen = []
+
+    def record(*args):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+
+    def record_forward_and_backward(module, inputs, output):
+        record()
+        output.register_hook(record)  # runs when backward reaches this layer
+
+    for module in list(G.modules()) + list(D.modules()):
+        if isinstance(module, (ConvELU, Linear)):
+            module.register_forward_hook(record_forward_and_backward)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        step(real_batch(2, 16, dtype=torch.float32))
+        with step.autocast():  # pictures and evaluations
+            G(torch.zeros(1, G.cfg.z_size))
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    layers = sum(isinstance(m, (ConvELU, Linear)) for m in list(G.modules()) + list(D.modules()))
+    assert len(seen) > 2 * layers and set(seen) == {(False, False)}
 
 
 @pytest.mark.parametrize("model_cfg", CONFIGS, ids=["plain", "skip-residual"])
