@@ -48,12 +48,17 @@ def test_l1_gradient_is_zero_where_reconstruction_is_exact():
     assert (grad[0, 0, 4:].abs() == 1 / x.numel()).all()
 
 
-def test_began_balance_torch_impl_is_the_objective():
-    x, rx, fake, rfake = images(3)
-    a = ops.began_balance(x, rx, fake, rfake, torch.tensor(0.2, dtype=torch.float64), 0.5, 0.001, impl="torch")
-    b = began_objective(x, rx, fake, rfake, 0.2, 0.5, 0.001)
-    for u, v in zip(a, b, strict=True):
-        torch.testing.assert_close(u, v)
+def test_began_balance_torch_impl_keeps_k_and_the_losses_in_float32_for_half_precision_images():
+    """In bf16 the k update (lambda_k x balance, about 1e-5 here) would round back to k_t: the op's results are
+    float32 whatever the images' precision, equal to the objective of the same images promoted."""
+    x, rx, fake, rfake = (t.bfloat16() for t in images(3))
+    k = torch.tensor(0.2)
+    got = ops.began_balance(x, rx, fake, rfake, k, 0.5, 0.0001, impl="torch")
+    want = began_objective(*(t.double() for t in (x, rx, fake, rfake)), k.double(), 0.5, 0.0001)
+    assert all(value.dtype == torch.float32 for value in got)
+    for u, v in zip(got, want, strict=True):
+        torch.testing.assert_close(u.double(), v, rtol=1e-6, atol=1e-7)
+    assert got.k_next != k and (got.k_next - k).abs() < 1e-4
     with pytest.raises(ValueError, match="share one shape"):
         ops.began_balance(x, rx[:1], fake, rfake, 0.0, 0.5, 0.001, impl="torch")
 
