@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,12 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_size: int):
+def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_size: int, trained_images=None):
     """(real, held_out, recon_images): the real images SWD compares with, the images D's reconstruction error is
     measured on (None: the same real images) and what those are, "held-out" or "training".
 
     On the data the checkpoint trained on, its own settings (crop, holdout) are reused; other data was never
-    trained on. Built-in faces are drawn per (seed, index), so only the faces needed are drawn."""
+    trained on. Where the run's data is no longer where it was, `path` holding as many training images under the
+    run's settings as the run trained on (trained_images, its checkpoint's data_images) is taken for that data,
+    moved, with a warning. Built-in faces are drawn per (seed, index), so only the faces needed are drawn."""
     if path is None and trained_on.path is None:
         training = trained_on.builtin_count - trained_on.holdout
         check_image_count(num, training)  # before the held-out faces are drawn (a millisecond each)
@@ -71,7 +74,8 @@ def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_
         return real, BuiltinFaces(num, image_size, trained_on.builtin_seed, first=training).images, "held-out"
     if path is None:
         return BuiltinFaces(num, image_size, seed=0), None, "held-out"
-    if trained_on.path is not None and _same_source(trained_on.path, path):
+    same = None if trained_on.path is None else _same_source(trained_on.path, path)
+    if same or same is None and trained_on.path is not None and trained_images is not None:
         cfg = DataConfig(
             path=path,
             source=trained_on.source,
@@ -79,17 +83,35 @@ def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_
             crop_size=trained_on.crop_size,
             holdout=trained_on.holdout,
         )
-        real = open_source(cfg, image_size)
-        held_out = held_out_images(real, num)
-        return real, held_out, "training" if held_out is None else "held-out"
+        try:
+            real = open_source(cfg, image_size)
+        except DataError:
+            if same:
+                raise
+            real = None  # the run's settings do not fit this data: other data
+        if real is not None and (same or len(real) == trained_images):
+            if not same:
+                warnings.warn(
+                    f"the run's data {trained_on.path} is gone; {path} holds as many training images as the run "
+                    f"read ({trained_images}) with its settings, so it is taken for that data, moved: its crop and "
+                    "holdout are reused",
+                    stacklevel=2,
+                )
+            held_out = held_out_images(real, num)
+            return real, held_out, "training" if held_out is None else "held-out"
     return open_source(DataConfig(path=path), image_size), None, "held-out"
 
 
-def _same_source(a: str, b: str) -> bool:
-    """Whether paths a and b name the same images: a CelebA folder is named by itself or by its parent."""
+def _same_source(a: str, b: str) -> bool | None:
+    """Whether paths a (the run's data) and b name the same images: a CelebA folder is named by itself or by its
+    parent. None when a is gone from where it was (b may be it, moved)."""
     try:
-        return Path(detect_source(a)[1]).resolve() == Path(detect_source(b)[1]).resolve()
-    except DataError:  # the run's data is gone from where it was: b is other data
+        run_data = detect_source(a)[1]
+    except DataError:
+        return None
+    try:
+        return Path(run_data).resolve() == Path(detect_source(b)[1]).resolve()
+    except DataError:  # b is no data set: open_source says why
         return False
 
 
@@ -134,7 +156,11 @@ def evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--json must name a .json file (it is replaced), got {args.json}")
         G, D, state = load_models(args.checkpoint, device=args.device)
         real, held_out, recon_images = evaluation_images(
-            saved_configs(state, args.checkpoint)["data"], data_path(args.data), args.num, G.cfg.image_size
+            saved_configs(state, args.checkpoint)["data"],
+            data_path(args.data),
+            args.num,
+            G.cfg.image_size,
+            state.get("data_images"),
         )
         if args.json is not None:  # before the evaluation, not after it; after the checks: a refused call creates
             check_writable(args.json, "--json")  # no folder

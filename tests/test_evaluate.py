@@ -266,9 +266,16 @@ def test_evaluation_on_the_runs_own_celeba_folder_however_it_is_named(tmp_path):
         real, held_out, recon_images = evaluation_images(trained_on, str(path), 4, 16)
         assert "center crop 30" in real.describe() and len(real) == 4, path
         assert recon_images == "held-out" and len(held_out) == 2, path
+    # The run's data gone from where it was: --data with as many training images as the run read is that data,
+    # moved (its crop and held-out images are the run's; before, its training images were scored as held out);
+    # with another count, or no count in the checkpoint, it is other data.
     moved = dataclasses.replace(trained_on, path=str(tmp_path / "gone"))
-    real, held_out, recon_images = evaluation_images(moved, str(images), 4, 16)
-    assert "celeba crop" in real.describe() and held_out is None and recon_images == "held-out"
+    with pytest.warns(UserWarning, match=f"the run's data {tmp_path / 'gone'} is gone; .* taken for that data, moved"):
+        real, held_out, recon_images = evaluation_images(moved, str(images), 4, 16, 4)
+    assert "center crop 30" in real.describe() and len(real) == 4 and len(held_out) == 2
+    for trained_images in (5, None):
+        real, held_out, recon_images = evaluation_images(moved, str(images), 4, 16, trained_images)
+        assert "celeba crop" in real.describe() and held_out is None and recon_images == "held-out"
 
 
 def _write_run(folder, *, lr, m_of_step, steps, swd=None, image_size=16, **train):
@@ -333,6 +340,19 @@ def test_compare_runs_at_equal_steps_with_a_swd_verdict(tmp_path, compare, tiny_
     assert not (tmp_path / "new").exists()
     rc, table, _ = compare([a, b])
     assert rc == 0 and "verdict: b is better than a" in table and "config train.lr: 0.0001 vs 0.0003" in table
+
+
+def test_compare_runs_judges_swd_over_its_last_evaluations_and_within_run_to_run_noise(tmp_path, compare):
+    """One snapshot's SWD is noisy (two runs of one setting: 132.10 and 150.61 at step 6000): the verdict averages
+    the last three common evaluations, and calls a difference within that noise even."""
+    steps = range(2000, 6001, 2000)
+    a = _write_run(tmp_path / "a", lr=1e-4, m_of_step=lambda s: 0.2, steps=steps, swd=dict.fromkeys(steps, 100.0))
+    b = _write_run(tmp_path / "b", lr=1e-4, m_of_step=lambda s: 0.2, steps=steps, swd={2000: 140, 4000: 140, 6000: 80})
+    c = _write_run(tmp_path / "c", lr=1e-4, m_of_step=lambda s: 0.2, steps=[6000], swd={6000: 132.10})
+    d = _write_run(tmp_path / "d", lr=1e-4, m_of_step=lambda s: 0.2, steps=[6000], swd={6000: 150.61})
+    verdicts = [json.loads(compare([x, y, "--json"])[1])["verdict"] for x, y in ((a, b), (c, d))]
+    assert verdicts[0] == "a is better than b: mean SWD at steps 2000, 4000, 6000 100 (a) vs 120 (b)"
+    assert verdicts[1] == "even: SWD at step 6000 132.1 vs 150.6 differ by less than 15%, within two runs' noise"
 
 
 def test_compare_runs_keeps_each_runs_swd_whatever_the_runs_are_named(tmp_path, compare):
