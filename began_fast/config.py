@@ -173,9 +173,9 @@ PRESETS: dict[str, Preset] = {
         ModelConfig(image_size=64, n=128, h=64),
         TrainConfig(batch_size=16, lr=1e-4, gamma=0.7, steps=50_000, sample_every=1000, checkpoint_every=5000),
     ),
-    # Small enough that a 2-core CPU shows faces forming within about five minutes (6000 steps: about 300 s on
-    # this project's 2-core CI machine): 32 px, n=16, with the paper's skip connections, which sharpen early
-    # samples, a higher lr and gamma 0.7 for diverse faces early on.
+    # Small enough that a 2-core CPU shows faces forming within minutes (6000 steps: about 10 minutes on this
+    # project's 2-core machines, README Results): 32 px, n=16, with the paper's skip connections, which sharpen
+    # early samples, a higher lr and gamma 0.7 for diverse faces early on.
     "demo": Preset(
         ModelConfig(image_size=32, n=16, h=32, skip=True),
         TrainConfig(

@@ -1,9 +1,11 @@
 """A run's random streams, each seeded apart so that no two of them draw the same numbers.
 
 The run's seed s seeds torch's global generator, which draws G's and D's initial weights (torch.manual_seed(s) just
-before the networks are built). Every other stream seeds its own generator with derived_seed(s, its tag, ...):
-a generator seeded with s itself would, on the CPU, be the same Mersenne Twister in the same state as the one that
-drew the weights, and would draw them again (the step's z would each be a rescaled row of G's first layer).
+before the networks are built). Every other stream of a run, and the z of evaluations and samples, seeds its own
+generator with derived_seed(s, its tag, ...): a generator seeded with s itself would, on the CPU, be the same
+Mersenne Twister in the same state as the one that drew the weights, and would draw them again (the step's z would
+each be a rescaled row of G's first layer). SWD's patch positions and directions, which never reach a network, keep
+a generator seeded with the evaluation's seed.
 """
 
 from __future__ import annotations

@@ -35,13 +35,16 @@ def balance_stats(res: BalanceResult, k: torch.Tensor) -> torch.Tensor:
 def ieee_float32():
     """PyTorch's float32 convolutions and matmuls in IEEE float32 inside the block. By default PyTorch lets cuDNN's
     float32 convolutions round their inputs to TF32 (10 mantissa bits) on Ampere and later GPUs: a float32 step
-    would not be one. Under bf16 / fp16 autocast the layers run in half precision and this changes nothing."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    would not be one. Under bf16 / fp16 autocast the layers run in half precision and this changes nothing.
+    Through PyTorch's fp32_precision settings: once those are in use (the user's torch.backends.fp32_precision,
+    or set_float32_matmul_precision("medium")), the older allow_tf32 flags can no longer be read."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 class StepState:

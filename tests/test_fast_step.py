@@ -2,16 +2,21 @@
 weight-gradient scales gives exactly the reference's gradients; fp16 overflow handling; warm-up restore."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from began_fast.config import ModelConfig, TrainConfig
 from began_fast.fast_step import CudaGraphStep, FastStep
-from began_fast.model import ConvELU, Discriminator, Generator, Linear
+from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep
 from tests.glue_ops import ComputedTensors, stub_kernels
 from tests.tolerances import assert_parity
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(model_cfg, impl="torch", dtype=torch.float64, seed=0, device="cpu"):
@@ -52,36 +57,61 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["reference", "fast"])
-def test_float32_steps_run_pytorchs_layers_in_ieee_float32(kind):
+def _user_precision(setting: str) -> None:
+    """The TF32 settings a user may have made before training, by either of PyTorch's APIs."""
+    if setting == "allow_tf32":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    elif setting == "medium":
+        torch.set_float32_matmul_precision("medium")
+    else:
+        torch.backends.fp32_precision = "tf32"
+
+
+def _precision_settings() -> tuple:
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    return conv.fp32_precision, matmul.fp32_precision, torch.backends.fp32_precision
+
+
+def test_float32_steps_run_pytorchs_layers_in_ieee_float32():
     """PyTorch lets cuDNN's float32 convolutions round to TF32 by default (10 mantissa bits, on Ampere and later):
-    the float32 steps turn that off for every layer's forward and backward, and give the user's setting back."""
-    G, D = build(CONFIGS[0], dtype=torch.float32)
-    cfg = TrainConfig(batch_size=2)
-    step = ReferenceStep(G, D, cfg, "cpu") if kind == "reference" else FastStep(G, D, cfg, "cpu", impl="torch")
-    seen = []
+    the float32 steps turn that off for every layer's forward and backward, and give the user's setting back,
+    whichever of PyTorch's APIs made it (a review helper: the older flags cannot be read once the newer API is in
+    use). In a subprocess: these settings are the process's; each user setting is made on top of the last."""
+    program = """
+import torch
+from began_fast.config import TrainConfig
+from began_fast.fast_step import FastStep
+from began_fast.model import ConvELU, Linear
+from began_fast.step import ReferenceStep
+from tests.test_fast_step import CONFIGS, _precision_settings, _user_precision, build, real_batch
 
-    def record(*args):
-        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+for setting in ("allow_tf32", "medium", "fp32_precision"):
+    _user_precision(setting)
+    user = _precision_settings(), torch.get_float32_matmul_precision()
+    for kind in ("reference", "fast"):
+        G, D = build(CONFIGS[0], dtype=torch.float32)
+        cfg = TrainConfig(batch_size=2)
+        step = ReferenceStep(G, D, cfg, "cpu") if kind == "reference" else FastStep(G, D, cfg, "cpu", impl="torch")
+        layers = [m for m in list(G.modules()) + list(D.modules()) if isinstance(m, (ConvELU, Linear))]
+        seen = []
 
-    def record_forward_and_backward(module, inputs, output):
-        record()
-        output.register_hook(record)  # runs when backward reaches this layer
+        def record(*args):
+            seen.append(_precision_settings()[:2])
 
-    for module in list(G.modules()) + list(D.modules()):
-        if isinstance(module, (ConvELU, Linear)):
-            module.register_forward_hook(record_forward_and_backward)
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+        def record_forward_and_backward(module, inputs, output):
+            record()
+            output.register_hook(record)  # runs when backward reaches this layer
+
+        for layer in layers:
+            layer.register_forward_hook(record_forward_and_backward)
         step(real_batch(2, 16, dtype=torch.float32))
         with step.autocast():  # pictures and evaluations
             G(torch.zeros(1, G.cfg.z_size))
-        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-    layers = sum(isinstance(m, (ConvELU, Linear)) for m in list(G.modules()) + list(D.modules()))
-    assert len(seen) > 2 * layers and set(seen) == {(False, False)}
+        assert (_precision_settings(), torch.get_float32_matmul_precision()) == user, (setting, kind, user)
+        assert len(seen) > 2 * len(layers) and set(seen) == {("ieee", "ieee")}, (setting, kind, seen)
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("model_cfg", CONFIGS, ids=["plain", "skip-residual"])
