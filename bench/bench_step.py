@@ -1,7 +1,9 @@
 """End-to-end training-step benchmark (GPU only): steps/s, images/s, model FLOP utilisation and peak memory.
 
 Providers, measured in one run on the same models and batches:
-  torch       (a) the reference step (D on x and on G(z) apart, plain autograd), eager float32
+  torch       (a) the reference step (D on x and on G(z) apart, plain autograd), eager IEEE float32 (the spec)
+  torch-tf32  (a') the same with PyTorch's default float32 convolutions, which cuDNN rounds to TF32: what a plain
+              PyTorch port gets in float32 (the reference step turns TF32 off)
   torch-bf16  (b) the reference step under bf16 autocast with channels_last activations
   compile     (c) the reference step on torch.compile(mode="max-autotune-no-cudagraphs", dynamic=False) networks
   triton      (d) ours: FastStep on the Triton kernels, --amp bf16, one CUDA graph, GPU-resident data
@@ -35,7 +37,7 @@ if not torch.cuda.is_available():
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 PRESETS = ("paper64", "paper128")
 BATCHES = (16, 64)
-PROVIDERS = ("torch", "torch-bf16", "compile", "triton")
+PROVIDERS = ("torch", "torch-tf32", "torch-bf16", "compile", "triton")
 DATASET_IMAGES = 2048
 
 torch.backends.cudnn.benchmark = True
@@ -99,12 +101,23 @@ def make_provider(provider: str, preset_name: str, batch: int):
             G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
         step = ReferenceStep(G, D, train_cfg, device)  # compiled modules pass .cfg etc. to the original
 
+        # ReferenceStep.__call__ sets IEEE float32 around its body (step.ieee_float32); torch-tf32 runs the body
+        # under PyTorch's own settings.
+        body = ReferenceStep.__call__.__wrapped__
+
         def run():
             x = next(batches)
             if provider == "torch-bf16":
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     step(x)
+            elif provider == "torch-tf32":
+                conv = torch.backends.cudnn.conv
+                default, conv.fp32_precision = conv.fp32_precision, "tf32"
+                try:
+                    body(step, x)
+                finally:
+                    conv.fp32_precision = default
             else:
                 step(x)
 

@@ -2,7 +2,7 @@
 
 Writes bench/results/YYYY-MM-DD_<device>_<suite>.json (the input's benchmarks) and .md (a markdown table: per
 layer, direction and batch, each provider's median time and TFLOP/s, and triton's time over each baseline's:
-torch, torch-bf16, compile), and puts the same table between `<!-- bench:<suite>:start -->` and
+torch, torch-tf32, torch-bf16, compile), and puts the same table between `<!-- bench:<suite>:start -->` and
 `<!-- bench:<suite>:end -->` in each README that has those markers. Each benchmark must carry extra_info {layer,
 direction, batch, provider} and may carry flop (per call), as bench/conftest.py's `measure` records them.
 
@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROVIDER_ORDER = ("torch", "torch-bf16", "compile", "triton")
-BASELINES = ("torch", "torch-bf16", "compile")  # triton's time is reported over each of these present
+PROVIDER_ORDER = ("torch", "torch-tf32", "torch-bf16", "compile", "triton")
+BASELINES = ("torch", "torch-tf32", "torch-bf16", "compile")  # triton's time is reported over each of these present
 ROW_KEYS = ("layer", "direction", "batch", "provider")
 
 
