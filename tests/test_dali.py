@@ -211,7 +211,7 @@ def test_bad_arguments_fail_with_one_line(celeba_dir):
 
     source = open_source(cfg, 16)
     with pytest.raises(
-        ValueError, match=f"order is over {len(source) - 1} items, the loader's data set has {len(source)}"
+        DataError, match=f"order is over {len(source) - 1} items, the loader's data set has {len(source)}"
     ):
         DaliLoader(cfg, 16, source, BatchOrder(len(source) - 1, 4, seed=0), device="cpu")
     with pytest.raises(DataError, match="float32, float16 or bfloat16"):

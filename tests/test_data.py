@@ -653,7 +653,7 @@ def test_a_loader_refuses_an_order_over_another_number_of_images():
         lambda order: TorchLoader(source, order),
         lambda order: GpuResidentStream(GpuResidentSet(source, "cpu"), order),
     ):
-        with pytest.raises(ValueError, match="order is over 13 items, the loader's data set has 12"):
+        with pytest.raises(DataError, match="order is over 13 items, the loader's data set has 12"):
             make(BatchOrder(13, 4, seed=0))
 
 

@@ -92,7 +92,7 @@ class BatchOrder:
     def check_covers(self, num_items: int) -> None:
         """Refuse a loader's data set of another size than this order's: its indices would skip or overrun it."""
         if num_items != self.num_items:
-            raise ValueError(f"the batch order is over {self.num_items} items, the loader's data set has {num_items}")
+            raise DataError(f"the batch order is over {self.num_items} items, the loader's data set has {num_items}")
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The order of the items in `epoch`: a LongTensor permutation of range(num_items)."""
