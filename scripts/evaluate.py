@@ -74,8 +74,8 @@ def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_
         return real, BuiltinFaces(num, image_size, trained_on.builtin_seed, first=training).images, "held-out"
     if path is None:
         return BuiltinFaces(num, image_size, seed=0), None, "held-out"
-    same = None if trained_on.path is None else _same_source(trained_on.path, path)
-    if same or same is None and trained_on.path is not None and trained_images is not None:
+    same = trained_on.path is not None and _same_source(trained_on.path, path)  # None: the run's data is gone
+    if same or same is None and trained_images is not None:
         cfg = DataConfig(
             path=path,
             source=trained_on.source,
