@@ -14,6 +14,7 @@ a channel's brightness or contrast (a tint, a washed-out set), as the published 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -33,8 +34,9 @@ class MetricError(ValueError):
 
 def _as_pixels(images: torch.Tensor, name: str) -> torch.Tensor:
     """(N, 3, S, S) uint8 or float in [-1, 1] -> the same images as uint8 (the scale the published code uses).
-    Float images outside [-1, 1] are refused (0..255 floats would otherwise be read as nearly black and white);
-    G's output, which has no squashing activation, goes through `generated_pixels` instead."""
+    Float images outside [-1, 1] are refused (0..255 floats would otherwise be read as nearly black and white), and
+    float images with no value below 0 (most likely [0, 1] images) get a warning; G's output, which has no squashing
+    activation, goes through `generated_pixels` instead."""
     if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise MetricError(f"{name} must be a (N, 3, S, S) tensor of square RGB images, got {shape}")
@@ -48,6 +50,14 @@ def _as_pixels(images: torch.Tensor, name: str) -> torch.Tensor:
     if not -1 <= low <= high <= 1:  # NaN fails this too
         raise MetricError(
             f"{name}: float images must lie in [-1, 1], got values in [{low:g}, {high:g}] (pass 0..255 pixels as uint8)"
+        )
+    if low >= 0:
+        # Real photographs in [-1, 1] all but always hold pixels darker than mid-grey; a set with none is most likely
+        # [0, 1] images, which would be scored as washed out (FID sees that; SWD, normalised per set, barely does).
+        warnings.warn(
+            f"{name}: every value lies in [0, 1], but float images are read as [-1, 1] (-1 black, 1 white); "
+            "if these are [0, 1] images, pass x * 2 - 1",
+            stacklevel=3,
         )
     return to_uint8(images)
 

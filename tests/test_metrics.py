@@ -6,6 +6,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -199,6 +200,16 @@ def test_swd_is_deterministic_by_seed_and_reads_uint8_and_float_alike(faces):
 def test_swd_rejects_bad_input_with_one_line(a, b, match):
     with pytest.raises(MetricError, match=match):
         swd(a, b)
+
+
+def test_swd_warns_of_float_images_that_look_like_0_to_1(faces):
+    a, b = (x.float() / 255 for x in faces)
+    with pytest.warns(UserWarning, match=r"images_a: every value lies in \[0, 1\].*x \* 2 - 1"):
+        result = swd(a, b * 2 - 1, seed=1, descriptors_per_image=8)
+    assert result["avg"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swd(a * 2 - 1, b * 2 - 1, seed=1, descriptors_per_image=8)
 
 
 @pytest.mark.cuda
