@@ -136,7 +136,8 @@ class DataConfig:
     crop: str | None = None
     crop_size: int | None = None
     flip: bool = True
-    num_workers: int | None = None  # DataLoader workers; None: none for the in-memory built-in set, else up to 8
+    # DataLoader workers (DALI threads); None: none for the in-memory built-in set, else up to 8, the rank's core share
+    num_workers: int | None = None
     loader: str = "auto"
     builtin_count: int = 10_000
     builtin_seed: int = 0

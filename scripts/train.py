@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "trains without)",
     )
     p.add_argument("--loader", choices=LOADERS, help="how images are read (default: auto)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="DataLoader worker processes or DALI threads (default: up to 8, the rank's share of the cores)",
+    )
     p.add_argument(
         "--holdout",
         type=int,

@@ -31,6 +31,7 @@ from began_fast.data import (
     TorchLoader,
     builtin,
     crop_box,
+    default_workers,
     detect_source,
     held_out_images,
     make_batches,
@@ -578,6 +579,20 @@ def test_ctrl_c_leaves_the_torch_loaders_workers_to_the_training_loop():
     assert all(worker.is_alive() for worker in workers)
     for _ in range(6):
         assert torch.equal(next(loader), next(reference))
+
+
+@pytest.mark.parametrize(
+    ("cores", "ranks_here", "workers"), [(16, None, 8), (16, "2", 8), (16, "8", 2), (4, "8", 1), (3, "1", 3)]
+)
+def test_default_decoding_workers_are_the_ranks_share_of_the_cores(monkeypatch, cores, ranks_here, workers):
+    """8 ranks on a 16-core machine start 2 workers (or DALI threads) each, not 8 each."""
+    monkeypatch.setattr("began_fast.distributed.machine_cores", lambda: cores)
+    if ranks_here is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_here)
+    assert default_workers("folder") == default_workers("hdf5") == workers
+    assert default_workers("builtin") == 0
 
 
 def test_torch_loader_workers_read_hdf5(tmp_path):

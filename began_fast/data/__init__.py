@@ -23,6 +23,7 @@ from began_fast.data.holdout import TrainingImages, held_out_images
 from began_fast.data.images import crop_box
 from began_fast.data.loader import TorchLoader
 from began_fast.data.sampler import BatchOrder
+from began_fast.distributed import cores_per_rank
 
 __all__ = [
     "BatchOrder",
@@ -154,8 +155,9 @@ def make_batches(
 
 def default_workers(kind: str) -> int:
     """Decoding workers when none are asked for: the built-in faces are already in memory, where worker processes
-    only add copies between processes; a file-backed source decodes in up to 8."""
-    return 0 if kind == "builtin" else min(8, os.cpu_count() or 1)
+    only add copies between processes; a file-backed source decodes in up to 8, at most this rank's share of the
+    CPU cores (torchrun's ranks on a machine each start their own)."""
+    return 0 if kind == "builtin" else min(8, cores_per_rank())
 
 
 def _folder_source(cfg: DataConfig) -> bool:
