@@ -203,7 +203,10 @@ class CudaGraphStep:
         self.graph.register_generator_state(step.z_gen)
         for opt in (step.opt_g, step.opt_d):
             opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
+        # thread_local: the capture refuses unsafe CUDA calls of this thread only. The loaders' threads (the
+        # DataLoader's pin-memory thread, DALI's) go on while it runs, and in the default global mode a call of theirs
+        # that is unsafe during a capture (a cudaHostAlloc, an event query) would fail it now and then.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             if stream is not None:
                 stream.sample_into(self.static_x)
             step.body(self.static_x)
