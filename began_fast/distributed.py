@@ -108,7 +108,9 @@ class Collectives:
 
     Every rank must call the same methods in the same order (the step's body does, and the loop calls `any_`
     on the same steps everywhere). On NCCL the calls enqueue device work without a host sync, so a CUDA graph can
-    capture them. A failure raises CollectiveError naming the rank and the timeout.
+    capture them. A failure the call sees raises CollectiveError naming the rank and the timeout: gloo's failures
+    (a closed connection, a timeout); NCCL reports its own later, from PyTorch's watchdog thread, which ends the
+    process with its own log.
     """
 
     def __init__(self, world: World, timeout_s: float):
@@ -190,9 +192,9 @@ def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_T
     """Join the job's process group (env://): NCCL for a CUDA device, gloo otherwise. None for a single process.
 
     In the training loop a hang ends the rank after timeout_s through HangGuard. Elsewhere, and as a backstop, a
-    collective that does not finish within timeout_s + PROCESS_GROUP_MARGIN_S raises (gloo) or, on NCCL, makes the
-    watchdog abort the communicator and end the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, unless the user set
-    it) instead of hanging forever.
+    collective that does not finish within timeout_s + PROCESS_GROUP_MARGIN_S raises (gloo) or, on NCCL, makes
+    PyTorch's watchdog end the process with its own log (PyTorch's default TORCH_NCCL_ASYNC_ERROR_HANDLING=3, which
+    does not abort the communicator first: that abort can itself hang).
     """
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise ConfigError(f"--dist-timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds (a week), got {timeout_s}")
@@ -201,7 +203,6 @@ def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_T
     device = torch.device(device)
     kwargs = {}
     if device.type == "cuda":
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
     backend = "nccl" if device.type == "cuda" else "gloo"

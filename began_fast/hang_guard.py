@@ -6,8 +6,9 @@ graph launch before it ever reaches the eager, watchdog-tracked all-reduce of th
 watchdog does fire, it ends the process with its own multi-line log. This guard watches the host instead: the loop
 calls `beat()` after every step, and a thread ends the process with one line (and exit status 1) when no beat
 came for the timeout. The process group's own timeout is `PROCESS_GROUP_MARGIN_S` longer (distributed.start), so
-on a hang this line comes first; a crashed rank is still reported at once by the collective that sees the closed
-connection.
+on a hang this line comes first. On gloo a crashed rank is still reported at once by the collective that sees the
+closed connection; NCCL reports a failure only through the watchdog, so on GPUs this guard also ends the ranks that a
+crash on another machine left waiting (torchrun stops those of the crashed rank's machine).
 
 The process ends through os._exit: a rank stuck in a CUDA call cannot unwind, and a clean exit would wait for the
 hung GPU work. Rank 0's own long work between steps (pictures, evaluation, checkpoints) runs `paused()`, so a

@@ -419,11 +419,21 @@ def test_train_script_on_two_machines_meets_through_the_c10d_rendezvous(tmp_path
 
 
 @pytest.mark.cuda
-def test_nccl_collectives_are_captured_in_the_cuda_graph(tmp_path):
-    """The fast step's all-reduces on NCCL replay inside the CUDA graph. One GPU allows a one-rank NCCL group only
-    (NCCL refuses two ranks on one device), where an all-reduce is a copy: this proves that capture and replay of
-    the collectives work (graph equals eager bit for bit) and that the distributed step stays on the single-process
-    trajectory; that N ranks average correctly is what the gloo tests above prove."""
+def test_nccl_collectives_are_captured_in_the_cuda_graph(tmp_path, monkeypatch):
+    """The fast step's all-reduces on NCCL are captured in the CUDA graph and replayed with it. One GPU allows a
+    one-rank NCCL group only (NCCL refuses two ranks on one device), where an all-reduce changes nothing, so the
+    values alone cannot tell a captured collective from a dropped one: a spy records that each of the step's
+    all-reduces was issued while the graph was capturing, and that a replay issues none from Python. The values
+    show that capture and replay work with NCCL (graph equals eager bit for bit) and that the distributed step stays
+    on the single-process trajectory; that N ranks average correctly is what the gloo tests above prove."""
+    issued = []  # per all-reduce from Python: whether the current stream was capturing
+    all_reduce = dist.all_reduce
+
+    def spy(tensor, *args, **kwargs):
+        issued.append(torch.cuda.is_current_stream_capturing())
+        return all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_reduce", spy)
     dist.init_process_group(
         "nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, device_id=torch.device("cuda", 0)
     )
@@ -441,12 +451,18 @@ def test_nccl_collectives_are_captured_in_the_cuda_graph(tmp_path):
         data = [torch.rand(8, 3, 32, 32, device="cuda", generator=gen) * 2 - 1 for _ in range(6)]
         for step in (eager, graphed, single):
             step(data[0])  # Adam's state and the communicator exist before capture
-        graph = CudaGraphStep(graphed, data[0].shape)
+        per_step = len(issued) // 2  # the two distributed steps' eager steps
+        assert per_step == 3 and not any(issued)  # D's gradients, G's gradients, the two L1 means
+        issued.clear()
+        graph = CudaGraphStep(graphed, data[0].shape, warmup_steps=3)
+        assert issued == [False] * 3 * per_step + [True] * per_step  # the warm-up steps, then the capture
+        issued.clear()
         for x in data[1:]:
             eager(x)
             graph(x)
             single(x)
         torch.cuda.synchronize()
+        assert issued == [False] * per_step * len(data[1:])  # the eager step's alone: the graph replays its own
         state = [list(step.parameters()) + [step.k, step.stats.sums] for step in (eager, graphed, single)]
         for a, b in zip(state[0], state[1], strict=True):
             assert torch.equal(a, b)
