@@ -1,6 +1,7 @@
 """Data-parallel BEGAN (distributed.py) on the CPU with gloo: two ranks of batch B/2 train exactly like one process
 of batch B (both steps), the ranks agree bit for bit, a 2-rank checkpoint resumes on one rank, a dead rank ends
-the others with one line, and scripts/train.py runs under torchrun, on one machine and on two (two agents).
+the others with one line, and scripts/train.py runs under torchrun, on one machine and on two (two agents). Marked
+`cuda`: the step's collectives on NCCL inside a CUDA graph (one GPU), and with two GPUs a two-rank NCCL job.
 
 The two-rank runs are spawned once for the whole module (spawn start method, a free port on 127.0.0.1, bounded
 joins) and leave their results in a folder the tests read.
@@ -472,6 +473,103 @@ def test_nccl_collectives_are_captured_in_the_cuda_graph(tmp_path, monkeypatch):
         torch.testing.assert_close(graphed.stats.sums, single.stats.sums, rtol=1e-5, atol=1e-6)
     finally:
         stop()
+
+
+TWO_GPUS = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs (NCCL: one rank per GPU)"
+)
+NCCL_MODEL = ModelConfig(image_size=32, n=16, h=16, skip=True)
+NCCL_PER_RANK, NCCL_STEPS = 4, 6
+
+
+def nccl_rank_main(rank, port, folder):
+    """One rank of a two-GPU NCCL job (through distributed.start, as torchrun's ranks join): the fast step in bf16,
+    eager and CUDA-graphed, on this rank's half of each global batch, and a step without collectives on that half."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank)
+    collectives = start(World(rank, 2, rank), device, COLLECTIVE_TIMEOUT_S)
+    try:
+
+        def fast_step(with_collectives):
+            torch.manual_seed(0)
+            G, D = Generator(NCCL_MODEL).to(device), Discriminator(NCCL_MODEL).to(device)
+            cfg = TrainConfig(batch_size=NCCL_PER_RANK)
+            return FastStep(G, D, cfg, device, amp="bf16", collectives=collectives if with_collectives else None)
+
+        eager, graphed, alone = fast_step(True), fast_step(True), fast_step(False)
+        gen = torch.Generator(device=device).manual_seed(0)  # the same global batches on both ranks
+        shard = slice(rank * NCCL_PER_RANK, (rank + 1) * NCCL_PER_RANK)
+        batches = [(torch.rand(2 * NCCL_PER_RANK, 3, 32, 32, device=device, generator=gen) * 2 - 1)[shard]]
+        batches += [batches[0].roll(i, 0) * 0.9 for i in range(1, NCCL_STEPS)]
+        for step in (eager, graphed, alone):
+            step(batches[0])  # Adam's state and the communicator exist before capture
+        graph = CudaGraphStep(graphed, batches[0].shape)
+        for x in batches[1:]:
+            eager(x)
+            graph(x)
+            alone(x)
+        torch.cuda.synchronize()
+        results = {
+            name: {
+                "weights": [p.detach().cpu() for p in step.parameters()],
+                "k": step.k.cpu(),
+                "stats": step.stats.sums.cpu(),
+            }
+            for name, step in (("eager", eager), ("graphed", graphed), ("alone", alone))
+        }
+        torch.save(results, Path(folder) / f"nccl_rank{rank}.pt")
+    finally:
+        stop()
+
+
+@pytest.mark.cuda
+@TWO_GPUS
+def test_two_nccl_ranks_capture_their_collectives_and_agree_bit_for_bit(tmp_path):
+    """On two GPUs: the graphed step equals the eager one bit for bit on each rank (a sum of two addends is exact
+    whichever order NCCL takes), both ranks hold the same weights, k_t and statistics bit for bit, and those are not
+    what a rank trained on its half alone would hold (the collectives did average)."""
+    context = mp.start_processes(
+        nccl_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the two-GPU job did not finish in {JOB_TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    ranks = [torch.load(tmp_path / f"nccl_rank{r}.pt") for r in range(2)]
+
+    def flat(state):
+        return [*state["weights"], state["k"], state["stats"]]
+
+    for results in ranks:
+        for a, b in zip(flat(results["eager"]), flat(results["graphed"]), strict=True):
+            assert torch.equal(a, b)
+    for a, b in zip(flat(ranks[0]["graphed"]), flat(ranks[1]["graphed"]), strict=True):
+        assert torch.equal(a, b)
+    for results in ranks:
+        pairs = zip(results["graphed"]["weights"], results["alone"]["weights"], strict=True)
+        assert not all(torch.equal(a, b) for a, b in pairs)
+
+
+@pytest.mark.cuda
+@TWO_GPUS
+def test_train_script_under_torchrun_on_two_gpus(tmp_path):
+    """torchrun with two GPUs runs the fast path (--amp --cuda-graphs) through distributed.start's NCCL branch."""
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--quiet", "--image-size", "32", "--batch-size", "4", "--steps", "20"]
+    args += ["--checkpoint-every", "20", "--log-every", "10", "--amp", "--cuda-graphs"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [*launcher, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ranks: 2, batch 4 per rank, global batch 8" in result.stderr
+    assert "graphs=True" in result.stderr
+    assert load_checkpoint(out / "latest.pt")["step"] == 20
 
 
 def test_a_hung_rank_ends_the_others_with_one_line(tmp_path):
