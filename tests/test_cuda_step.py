@@ -153,6 +153,29 @@ def test_the_gpu_resident_loader_in_the_graph_gathers_the_torch_loaders_batches(
         assert torch.equal(a, b)
 
 
+def test_the_graph_is_captured_while_the_loaders_workers_and_pin_thread_run(tmp_path):
+    """The torch loader with worker processes has a pin-memory thread that calls CUDA (cudaHostAlloc) while the
+    step is captured; the capture must not fail on it (thread_local capture mode), and the run must end where the
+    same run without workers does, bit for bit (the same batches in the same order)."""
+    model = ModelConfig(image_size=16, n=8, h=8)
+    train_cfg = TrainConfig(batch_size=4, steps=8, log_every=4, sample_every=8, checkpoint_every=8)
+
+    def run(out, workers):
+        data = DataConfig(builtin_count=64, num_workers=workers, loader="torch")
+        opts = RunOptions(out=out, device="cuda", amp="bf16", cuda_graphs=True, quiet=True)
+        r = setup_run(model, train_cfg, data, opts)
+        train(r)
+        return r
+
+    with_workers, without = run(tmp_path / "workers", 2), run(tmp_path / "none", 0)
+    for a, b in zip(
+        with_workers.step.parameters() + [with_workers.step.k],
+        without.step.parameters() + [without.step.k],
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("first, then", [("cpu", "cuda"), ("cuda", "cpu")])
 def test_a_checkpoint_resumes_on_another_kind_of_device(tmp_path, capsys, first, then):
     """Adam's capturable setting and the noise generator (Mersenne Twister on the CPU, Philox on CUDA) differ
