@@ -37,7 +37,9 @@ def ieee_float32():
     float32 convolutions round their inputs to TF32 (10 mantissa bits) on Ampere and later GPUs: a float32 step
     would not be one. Under bf16 / fp16 autocast the layers run in half precision and this changes nothing.
     Through PyTorch's fp32_precision settings: once those are in use (the user's torch.backends.fp32_precision,
-    or set_float32_matmul_precision("medium")), the older allow_tf32 flags can no longer be read."""
+    or set_float32_matmul_precision("medium")), the older allow_tf32 flags can no longer be read. Inside the block
+    torch.backends.cudnn.allow_tf32 cannot be read either (PyTorch 2.11 to 2.13 refuse to): code run in a float32
+    step, a hook say, must read the fp32_precision settings instead."""
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     saved = conv.fp32_precision, matmul.fp32_precision
     conv.fp32_precision = matmul.fp32_precision = "ieee"
