@@ -91,7 +91,8 @@ def machine_cores() -> int:
 
 def cores_per_rank() -> int:
     """This process's share of the CPU cores for work of its own: torchrun's ranks on this machine
-    (LOCAL_WORLD_SIZE) share them; a process of its own has them all."""
+    (LOCAL_WORLD_SIZE) share them; a process of its own has them all. Under `torchrun --numa-binding` each rank
+    may run on its own cores already, and is then given a share of those: fewer threads than it could run."""
     ranks_here = os.environ.get("LOCAL_WORLD_SIZE", "1")
     return max(1, machine_cores() // max(1, int(ranks_here) if ranks_here.isdigit() else 1))
 
