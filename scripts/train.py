@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=int,
-        help="DataLoader worker processes or DALI threads (default: up to 8, the rank's share of the cores)",
+        help="DataLoader worker processes or DALI threads (default: 0 for the built-in faces, else up to 8, the "
+        "rank's share of the cores)",
     )
     p.add_argument(
         "--holdout",
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=output_path, default=Path("runs/began"), help="run folder (default: runs/began)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest.pt")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available; under torchrun GPU LOCAL_RANK)")
     p.add_argument(
         "--impl",
         choices=["auto", "torch", "triton"],
