@@ -11,7 +11,10 @@ channels_last activations and weights, with three providers:
 - triton: ops.conv_elu(impl="triton"), the fused kernels.
 
 The balance op (L1 losses, k_t, M) runs against the eager and compiled reference.began_objective at each model's
-image size. Run and report: see bench/README.md.
+image size. A round is CALLS_PER_ROUND calls back to back, then a synchronize. Each call is an eager call: for the
+smallest layers (a few microseconds of GPU work) the times are the host's (Python, autograd, the launch), which a
+training step replayed from a CUDA graph does not pay; and the same tensors every call may stay in the GPU's L2
+cache (50 to 60 MB on an H100 / H200), as a layer's input often has in training. Run and report: see bench/README.md.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ DIRECTIONS = ("forward", "backward", "both")
 PROVIDERS = ("torch", "compile", "triton")
 DTYPE = torch.bfloat16
 GAMMA, LAMBDA_K = 0.5, 0.001
+CALLS_PER_ROUND = 10
 
 # As a training run would: let cuDNN pick its fastest algorithm per shape.
 torch.backends.cudnn.benchmark = True
@@ -192,6 +196,7 @@ def test_conv_elu(measure, layer, batch, direction, provider):
         shape += f" skip({batch},{layer.skip_channels},{layer.skip_size[0]},{layer.skip_size[1]})"
     measure(
         work,
+        calls=CALLS_PER_ROUND,
         flop=flop,
         bytes=elt * bytes_moved[direction],
         layer=f"{CONV_LAYERS[layer][0]} {layer.describe()}",
@@ -233,6 +238,7 @@ def test_balance(measure, size, batch, direction, provider):
     bytes_moved = {"forward": 4 * n, "backward": 7 * n, "both": 11 * n}[direction]
     measure(
         work,
+        calls=CALLS_PER_ROUND,
         flop=None,
         bytes=elt * bytes_moved,
         layer=f"balance {size}px",

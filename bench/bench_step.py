@@ -5,13 +5,15 @@ Providers, measured in one run on the same models and batches:
   torch-tf32  (a') the same with PyTorch's default float32 convolutions, which cuDNN rounds to TF32: what a plain
               PyTorch port gets in float32 (the reference step turns TF32 off)
   torch-bf16  (b) the reference step under bf16 autocast with channels_last activations
-  compile     (c) the reference step on torch.compile(mode="max-autotune-no-cudagraphs", dynamic=False) networks
+  compile     (c) the same on torch.compile(mode="max-autotune-no-cudagraphs", dynamic=False) networks: the best a
+              plain PyTorch port gets from the compiler in the fast step's precision
   triton      (d) ours: FastStep on the Triton kernels, --amp bf16, one CUDA graph, GPU-resident data
 for paper64 and paper128 at batch 16 and 64. Model FLOPs per step count each conv and fc once forward and twice
 backward (input and weight gradients) for G on B images and D on 2B images: the algorithm's work, the same for
 every provider however it schedules it. MFU divides by the bf16 dense peak of the device (H100/H200: 989 TFLOP/s),
 for every provider (a float32 provider's MFU is then a fraction of what bf16 could reach).
-cuDNN picks its fastest algorithm per shape (cudnn.benchmark), as a training run would.
+cuDNN picks its fastest algorithm per shape (cudnn.benchmark), as a training run would. A round is STEPS_PER_ROUND
+steps back to back, then a synchronize, as a training loop queues steps: an eager step's host work overlaps the GPU's.
 
     python -m pytest bench/bench_step.py --benchmark-json bench/step.json
     python scripts/bench_report.py bench/step.json --suite step
@@ -39,6 +41,8 @@ PRESETS = ("paper64", "paper128")
 BATCHES = (16, 64)
 PROVIDERS = ("torch", "torch-tf32", "torch-bf16", "compile", "triton")
 DATASET_IMAGES = 2048
+STEPS_PER_ROUND, ROUNDS, WARMUP_ROUNDS = 5, 10, 2  # 60 timed and warm-up steps per case: paper128 b64 in IEEE
+# float32 is the slowest case
 
 torch.backends.cudnn.benchmark = True
 
@@ -92,25 +96,27 @@ def make_provider(provider: str, preset_name: str, batch: int):
         step = FastStep(G, D, train_cfg, device, amp="bf16", impl="triton")
         run = CudaGraphStep(step, (batch, 3, cfg.image_size, cfg.image_size), stream=batches)
     else:
+        bf16 = provider in ("torch-bf16", "compile")
+        if bf16:
+            G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
         if provider == "compile":
             # One static shape per case (a second case would otherwise get a shape-generic graph), and no CUDA
             # graph trees: the reference step runs a second backward through D with retain_graph.
             compile_options = dict(mode="max-autotune-no-cudagraphs", dynamic=False)
             G, D = torch.compile(G, **compile_options), torch.compile(D, **compile_options)
-        if provider == "torch-bf16":
-            G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
         step = ReferenceStep(G, D, train_cfg, device)  # compiled modules pass .cfg etc. to the original
 
-        # ReferenceStep.__call__ sets IEEE float32 around its body (step.ieee_float32); torch-tf32 runs the body
-        # under PyTorch's own settings.
+        # ReferenceStep.__call__ sets IEEE float32 around its body (step.ieee_float32); the bf16 providers and
+        # torch-tf32 run the body under PyTorch's own settings, as a plain port does (and Inductor's conv lowering
+        # of some torch versions reads cudnn.allow_tf32, which cannot be read inside ieee_float32).
         body = ReferenceStep.__call__.__wrapped__
 
         def run():
             x = next(batches)
-            if provider == "torch-bf16":
+            if bf16:
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    step(x)
+                    body(step, x)
             elif provider == "torch-tf32":
                 conv = torch.backends.cudnn.conv
                 default, conv.fp32_precision = conv.fp32_precision, "tf32"
@@ -138,6 +144,9 @@ def test_step(measure, benchmark, provider, preset_name, batch):
     image_bytes = batch * 3 * cfg.image_size**2 * 4
     measure(
         run,
+        calls=STEPS_PER_ROUND,
+        rounds=ROUNDS,
+        warmup_rounds=WARMUP_ROUNDS,
         flop=step_flop,
         bytes=image_bytes,
         layer=preset_name,
@@ -147,7 +156,7 @@ def test_step(measure, benchmark, provider, preset_name, batch):
         provider=provider,
     )
     if benchmark.stats is not None:
-        median = benchmark.stats.stats.median
+        median = benchmark.stats.stats.median / STEPS_PER_ROUND
         benchmark.extra_info.update(
             steps_per_s=1 / median,
             images_per_s=batch / median,

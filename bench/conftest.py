@@ -1,9 +1,12 @@
 """Shared by the pytest-benchmark suites under bench/ (GPU only; see bench/README.md).
 
-`measure` times one case with pytest-benchmark's pedantic mode, synchronizing the GPU inside the timed call, and
-records what scripts/bench_report.py reads back from the JSON: extra_info = {layer, shape, direction, batch,
-provider, flop, bytes, tflops, gbps}. The machine_info hook adds the GPU, the torch and triton versions and the
-git commit to the JSON's header.
+`measure` times one case with pytest-benchmark's pedantic mode: each round makes `calls` calls back to back and then
+synchronizes the GPU, so the host queues the next call while the GPU runs the last (as a training loop does) and the
+round ends when the work has. It records what scripts/bench_report.py reads back from the JSON: extra_info = {layer,
+shape, direction, batch, provider, calls_per_round, flop, bytes, tflops, gbps}; pytest-benchmark's statistics are per
+round, the rates per call. A case interrupted (a phase's time limit sends SIGINT) is marked failed, for every suite,
+so the JSON pytest-benchmark then writes holds the cases that finished and not a part of that one. The machine_info
+hook adds the GPU, the torch and triton versions and the git commit to the JSON's header.
 """
 
 from __future__ import annotations
@@ -35,26 +38,51 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["git_commit"] = os.environ.get("BEGAN_FAST_COMMIT", "unknown")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A case interrupted (KeyboardInterrupt: a phase's time limit sends SIGINT) is marked failed. pytest-benchmark
+    marks a case failed on an Exception only: on KeyboardInterrupt it would write that case's rounds so far into the
+    JSON, or, none finished, fail to write the JSON at all."""
+    try:
+        return (yield)
+    except BaseException:
+        benchmark = getattr(item, "funcargs", {}).get("benchmark")
+        if benchmark is not None:
+            benchmark.has_error = True
+        raise
+
+
 @pytest.fixture
 def measure(benchmark):
-    """measure(fn, *, flop, bytes, layer, shape, direction, batch, provider): time fn() and record its rates.
+    """measure(fn, *, flop, bytes, layer, shape, direction, batch, provider, calls=1, rounds=ROUNDS,
+    warmup_rounds=WARMUP_ROUNDS): time fn() and record its rates.
 
-    fn runs the work once; the GPU is synchronized inside each timed call, so a round is the work's full
-    latency. flop and bytes are per call (flop None where the op is memory-bound and a FLOP rate means nothing).
+    fn runs the work once; a round runs it `calls` times and synchronizes the GPU. flop and bytes are per call (flop
+    None where the op is memory-bound and a FLOP rate means nothing).
     """
 
-    def run(fn: Callable[[], object], *, flop: float | None, bytes: float, **info) -> None:
+    def run(
+        fn: Callable[[], object],
+        *,
+        flop: float | None,
+        bytes: float,
+        calls: int = 1,
+        rounds: int = ROUNDS,
+        warmup_rounds: int = WARMUP_ROUNDS,
+        **info,
+    ) -> None:
         def timed():
-            fn()
+            for _ in range(calls):
+                fn()
             torch.cuda.synchronize()
 
         benchmark.group = f"{info['layer']} {info['direction']} b{info['batch']}"
-        benchmark.extra_info.update(info, flop=flop, bytes=bytes)
-        benchmark.pedantic(timed, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+        benchmark.extra_info.update(info, calls_per_round=calls, flop=flop, bytes=bytes)
+        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
         if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test, nothing was timed
             return
-        median = benchmark.stats.stats.median
-        benchmark.extra_info["tflops"] = None if flop is None else flop / median / 1e12
-        benchmark.extra_info["gbps"] = bytes / median / 1e9
+        per_call = benchmark.stats.stats.median / calls
+        benchmark.extra_info["tflops"] = None if flop is None else flop / per_call / 1e12
+        benchmark.extra_info["gbps"] = bytes / per_call / 1e9
 
     return run

@@ -1,7 +1,7 @@
 """Turn pytest-benchmark JSON (from --benchmark-json) into a dated record of one GPU run (docs/DESIGN.md section 5).
 
 Writes bench/results/YYYY-MM-DD_<device>_<suite>.json (the input's benchmarks) and .md (a markdown table: per
-layer, direction and batch, each provider's median time and TFLOP/s, and triton's time over each baseline's:
+layer, direction and batch, each provider's median time per call and TFLOP/s, and triton's time over each baseline's:
 torch, torch-tf32, torch-bf16, compile), and puts the same table between `<!-- bench:<suite>:start -->` and
 `<!-- bench:<suite>:end -->` in each README that has those markers. Each benchmark must carry extra_info {layer,
 direction, batch, provider} and may carry flop (per call), as bench/conftest.py's `measure` records them.
@@ -58,7 +58,9 @@ def collect_rows(data: dict) -> tuple[list[str], dict[tuple, dict[str, dict]]]:
             name = bench.get("name")
             raise ReportError(f"benchmark {name!r} has no extra_info {missing}; record them with measure()")
         key = (info["layer"], info["direction"], info["batch"])
-        rows.setdefault(key, {})[info["provider"]] = {"median_s": bench["stats"]["median"], "flop": info.get("flop")}
+        # pytest-benchmark's statistics are per round; a round of measure() makes calls_per_round calls.
+        median = bench["stats"]["median"] / info.get("calls_per_round", 1)
+        rows.setdefault(key, {})[info["provider"]] = {"median_s": median, "flop": info.get("flop")}
     seen = {provider for cells in rows.values() for provider in cells}
     providers = [p for p in PROVIDER_ORDER if p in seen] + sorted(seen - set(PROVIDER_ORDER))
     return providers, rows
@@ -100,7 +102,8 @@ def render_section(data: dict) -> str:
     return (
         f"Device: {info['device']} · torch {info['torch']} · triton {info['triton']} · commit {info['commit']} · "
         f"{info['date']}\n\n"
-        "Medians of rounds that each end in torch.cuda.synchronize()."
+        "Median time per call, of rounds that each make one or more calls back to back and end in "
+        "torch.cuda.synchronize()."
         + (" triton/X time < 1 means triton is faster." if "triton" in collect_rows(data)[0] else "")
         + "\n\n"
         + render_table(data)

@@ -20,9 +20,12 @@
 #   report    the markdown reports of the JSON files there, merged per suite, into OUT_DIR/results/ and a copy of
 #             README.md in OUT_DIR (bring the JSON back and rerun scripts/bench_report.py in the repository)
 #   bench     bench_step, bench_kernels and report
-#             pytest-benchmark writes its JSON only when a session ends: a phase killed by a time limit leaves none,
-#             so narrow a long one with BENCH_SELECT, a pytest -k expression ANDed to the phase's own (e.g.
-#             BENCH_SELECT="paper64 and not skip").
+#             pytest-benchmark writes its JSON only when a session ends: each bench phase sends itself SIGINT after
+#             BENCH_BUDGET_S seconds (default 540), so the JSON holds the cases that finished (bench/conftest.py
+#             leaves the interrupted one out). Narrow the rest with BENCH_SELECT, a pytest -k expression ANDed to
+#             the phase's own (e.g. BENCH_SELECT="paper64 and not skip"), and set BENCH_TAG to keep that session's
+#             JSON apart (OUT_DIR/<name>_<tag>.json); report merges every JSON of a suite. The bench phases refuse
+#             to start without BEGAN_FAST_COMMIT (a quoted result names its commit).
 #   profile   where the fast step's time goes (scripts/profile_step.py): each kernel's device time per step, the
 #             Triton kernels against PyTorch's, and the graph-replayed against the eager step; paper64, batch 16,
 #             bf16, into OUT_DIR/profile/
@@ -35,6 +38,8 @@
 #             machine start: one compiles, the other waits its turn and then reads the kernels from the cache
 #             (kernels.precompile.CompilerTurn); each one's wall time and `kernels:` line in its log
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each, SWD side by side
+# Through the device tool, whose $OUT brings back at most 8 files: write OUT_DIR outside $OUT and pack it, e.g.
+#   bash scripts/gpu_checks.sh /tmp/gc compile tests; tar czf "$OUT/gc.tgz" -C /tmp gc
 # The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
 # ~/.triton, which is lost with the machine: where the machine goes back after a short idle time, run `compile` in the
 # same call as the phases after it, or call again at once. Usage, from the repository root:
@@ -58,14 +63,21 @@ start_once() {  # start_once OUT: the wall time of a 1-step gpu64 run (--amp --c
     time python scripts/train.py --preset gpu64 --steps 1 --amp --cuda-graphs --quiet --out "$1"
 }
 bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILTER (and BENCH_SELECT) -> NAME.json
-    run "bench_$3" python -m pytest -q "bench/bench_$1.py" -k "$2$select" --benchmark-json "$out/$3.json"
+    if [ -z "${BEGAN_FAST_COMMIT:-}" ]; then
+        echo "bench_$3: set BEGAN_FAST_COMMIT to the commit this tree is (its JSON must name it)"
+        status=1
+        return
+    fi
+    local name=$3${BENCH_TAG:+_$BENCH_TAG}
+    run "bench_$name" timeout -s INT -k 30 "${BENCH_BUDGET_S:-540}" python -m pytest -q "bench/bench_$1.py" \
+        -k "$2$select" --benchmark-json "$out/$name.json"
 }
 report() {  # each suite's JSON files in OUT_DIR, merged, as markdown into OUT_DIR/results and a README copy
     cp README.md "$out/README.md"
     local suite f files
     for suite in step kernels data; do
         files=()
-        for f in "$out/$suite.json" "$out/${suite}_compile.json"; do [ -s "$f" ] && files+=("$f"); done
+        for f in "$out/$suite.json" "$out/${suite}"_*.json; do [ -s "$f" ] && files+=("$f"); done
         [ ${#files[@]} -eq 0 ] || run "report_$suite" python scripts/bench_report.py "${files[@]}" --suite "$suite" \
             --out-dir "$out/results" --readme "$out/README.md"
     done

@@ -1,6 +1,11 @@
 """scripts/bench_report.py on a small synthetic pytest-benchmark JSON (made-up numbers; tests the writer only)."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +61,17 @@ def test_report_files_and_table(tmp_path):
     assert conv == ["conv A", "forward", "16", "4.000", "3.000", "2.000", "2000.0", "2666.7", "4000.0", "0.50", "0.67"]
     # No compile run and no FLOP count for the balance op: dashes, and only the triton/torch ratio.
     assert balance == ["balance 64px", "both", "64", "0.500", "–", "0.100", "–", "–", "–", "0.20", "–"]
+
+
+def test_times_are_per_call_of_rounds_of_several_calls():
+    """The step suite times rounds of several steps back to back; the table gives the time of one."""
+    benches = [
+        synthetic_bench("paper64", "step", 16, p, median_s, 3e12) for p, median_s in (("torch", 0.5), ("triton", 0.1))
+    ]
+    benches[0]["extra_info"]["calls_per_round"] = benches[1]["extra_info"]["calls_per_round"] = 5
+    _, _, row = table_rows(bench_report.render_table(dict(SYNTHETIC, benchmarks=benches)))
+    # 0.5 s and 0.1 s per round of 5 steps: 100 and 20 ms a step, 30 and 150 TFLOP/s.
+    assert row == ["paper64", "step", "16", "100.000", "20.000", "30.0", "150.0", "0.20"]
 
 
 def test_readme_section_is_replaced_between_markers_only(tmp_path):
@@ -162,3 +178,39 @@ def test_a_suite_without_triton_or_flop_counts_gets_neither_their_columns_nor_th
         ["64px, 32 batches", "load", "64", "400.000", "50.000"],
     ]
     assert "triton/X" not in section
+
+
+INTERRUPTED_SUITE = """
+import os, signal
+import pytest
+
+@pytest.mark.parametrize("case", ["finished", "interrupted", "never-run"])
+def test_case(benchmark, case):
+    calls = [0]
+
+    def work():
+        calls[0] += 1
+        if case == "interrupted" and calls[0] == int(os.environ["INTERRUPT_AT_CALL"]):
+            os.kill(os.getpid(), signal.SIGINT)  # what gpu_checks.sh's time limit sends
+
+    benchmark.extra_info.update(layer="x", direction="d", batch=1, provider=case)
+    benchmark.pedantic(work, rounds=5, iterations=1, warmup_rounds=2)
+"""
+
+
+@pytest.mark.parametrize("interrupt_at_call", [1, 4], ids=["in-warm-up", "in-timed-rounds"])
+def test_a_suite_interrupted_keeps_the_cases_that_finished(tmp_path, interrupt_at_call):
+    """bench/conftest.py marks the interrupted case failed: the JSON holds the finished case alone, not a part of
+    the interrupted one, and is written even when that case had timed no round (pytest-benchmark alone leaves it
+    empty then)."""
+    shutil.copy(Path(__file__).parent.parent / "bench" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "bench_case.py").write_text(INTERRUPTED_SUITE)
+    out = tmp_path / "out.json"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench_case.py", f"--benchmark-json={out}"],
+        cwd=tmp_path,
+        env={**os.environ, "INTERRUPT_AT_CALL": str(interrupt_at_call)},
+        capture_output=True,
+        timeout=120,
+    )
+    assert [bench["extra_info"]["provider"] for bench in json.loads(out.read_text())["benchmarks"]] == ["finished"]
