@@ -40,6 +40,8 @@
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each, SWD side by side
 # Through the device tool, whose $OUT brings back at most 8 files: write OUT_DIR outside $OUT and pack it, e.g.
 #   bash scripts/gpu_checks.sh /tmp/gc compile tests; tar czf "$OUT/gc.tgz" -C /tmp gc
+# and a phase longer than one call (quality: two 10k-step runs) detached, collected by later calls while the machine
+# stays warm: setsid nohup bash scripts/gpu_checks.sh /tmp/q quality >/tmp/q.log 2>&1 &
 # The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
 # ~/.triton, which is lost with the machine: where the machine goes back after a short idle time, run `compile` in the
 # same call as the phases after it, or call again at once. Usage, from the repository root:
