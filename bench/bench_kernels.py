@@ -46,7 +46,7 @@ DIRECTIONS = ("forward", "backward", "both")
 PROVIDERS = ("torch", "compile", "triton")
 DTYPE = torch.bfloat16
 GAMMA, LAMBDA_K = 0.5, 0.001
-CALLS_PER_ROUND = 10
+CALLS_PER_ROUND, ROUNDS, WARMUP_ROUNDS = 10, 10, 3  # 130 calls a case (about 700 cases)
 
 # As a training run would: let cuDNN pick its fastest algorithm per shape.
 torch.backends.cudnn.benchmark = True
@@ -197,6 +197,8 @@ def test_conv_elu(measure, layer, batch, direction, provider):
     measure(
         work,
         calls=CALLS_PER_ROUND,
+        rounds=ROUNDS,
+        warmup_rounds=WARMUP_ROUNDS,
         flop=flop,
         bytes=elt * bytes_moved[direction],
         layer=f"{CONV_LAYERS[layer][0]} {layer.describe()}",
@@ -239,6 +241,8 @@ def test_balance(measure, size, batch, direction, provider):
     measure(
         work,
         calls=CALLS_PER_ROUND,
+        rounds=ROUNDS,
+        warmup_rounds=WARMUP_ROUNDS,
         flop=None,
         bytes=elt * bytes_moved,
         layer=f"balance {size}px",

@@ -5,8 +5,8 @@ Providers, measured in one run on the same models and batches:
   torch-tf32  (a') the same with PyTorch's default float32 convolutions, which cuDNN rounds to TF32: what a plain
               PyTorch port gets in float32 (the reference step turns TF32 off)
   torch-bf16  (b) the reference step under bf16 autocast with channels_last activations
-  compile     (c) the same on torch.compile(mode="max-autotune-no-cudagraphs", dynamic=False) networks: the best a
-              plain PyTorch port gets from the compiler in the fast step's precision
+  compile     (c) the same with G and D torch.compile'd (mode="max-autotune-no-cudagraphs", dynamic=False); the
+              losses and Adam stay eager, and no CUDA graph: torch.compile of a plain port's networks in bf16
   triton      (d) ours: FastStep on the Triton kernels, --amp bf16, one CUDA graph, GPU-resident data
 for paper64 and paper128 at batch 16 and 64. Model FLOPs per step count each conv and fc once forward and twice
 backward (input and weight gradients) for G on B images and D on 2B images: the algorithm's work, the same for

@@ -12,6 +12,7 @@ hook adds the GPU, the torch and triton versions and the git commit to the JSON'
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -38,18 +39,26 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["git_commit"] = os.environ.get("BEGAN_FAST_COMMIT", "unknown")
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
     """A case interrupted (KeyboardInterrupt: a phase's time limit sends SIGINT) is marked failed. pytest-benchmark
     marks a case failed on an Exception only: on KeyboardInterrupt it would write that case's rounds so far into the
     JSON, or, none finished, fail to write the JSON at all."""
+    outcome = yield
+    benchmark = getattr(item, "funcargs", {}).get("benchmark")
+    if outcome.excinfo is not None and benchmark is not None:
+        benchmark.has_error = True
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session):
+    """pytest-benchmark writes the JSON here (after reading the CPU's description in a subprocess, a second or so): a
+    SIGINT now would leave it empty, so one is ignored until the JSON is written."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        return (yield)
-    except BaseException:
-        benchmark = getattr(item, "funcargs", {}).get("benchmark")
-        if benchmark is not None:
-            benchmark.has_error = True
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

@@ -102,8 +102,8 @@ def render_section(data: dict) -> str:
     return (
         f"Device: {info['device']} · torch {info['torch']} · triton {info['triton']} · commit {info['commit']} · "
         f"{info['date']}\n\n"
-        "Median time per call, of rounds that each make one or more calls back to back and end in "
-        "torch.cuda.synchronize()."
+        "Median time per call (a data-suite call is the round of batches its layer names), of rounds that each "
+        "make one or more calls back to back and end in torch.cuda.synchronize()."
         + (" triton/X time < 1 means triton is faster." if "triton" in collect_rows(data)[0] else "")
         + "\n\n"
         + render_table(data)
@@ -120,14 +120,18 @@ def replace_section(text: str, suite: str, body: str) -> str | None:
     return pattern.sub(lambda _: f"{start}\n{body}{end}", text, count=1)
 
 
-def read_run(path: Path) -> dict:
-    """One pytest-benchmark JSON file; ReportError when it cannot be read, or lacks the benchmarks or what a quoted
-    result must name (device, versions, commit: bench/conftest.py records them)."""
+def read_run(path: Path, may_be_empty: bool = False) -> dict:
+    """One pytest-benchmark JSON file; ReportError when it cannot be read, or lacks the benchmarks (unless
+    may_be_empty) or what a quoted result must name (device, versions, commit: bench/conftest.py records them)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ReportError(f"cannot read {path} as pytest-benchmark JSON ({e})") from None
-    if not isinstance(data, dict) or not data.get("benchmarks"):
+    if not isinstance(data, dict):
+        raise ReportError(f"{path} holds no benchmarks; expected the --benchmark-json of a bench/ suite")
+    if not data.get("benchmarks"):
+        if may_be_empty:
+            return data
         raise ReportError(f"{path} holds no benchmarks; expected the --benchmark-json of a bench/ suite")
     unknown = [name for name, value in run_info(data).items() if value.startswith("unknown")]
     if unknown:
@@ -137,15 +141,34 @@ def read_run(path: Path) -> dict:
 
 
 def merge_runs(json_paths: list[Path]) -> dict:
-    """One run's JSON from one or more files: the first file's header with every file's benchmarks. ReportError
-    when the files disagree on the device, versions or commit (they are not one run)."""
-    runs = [read_run(path) for path in json_paths]
-    first = {key: value for key, value in run_info(runs[0]).items() if key != "date"}
-    for path, data in zip(json_paths[1:], runs[1:], strict=True):
+    """One run's JSON from one or more files: the first file's header with every file's benchmarks. Among several
+    files, one without benchmarks (a session stopped by its time limit in its first case) is left out with a note.
+    ReportError when the files disagree on the device, versions or commit (they are not one run), or when two hold
+    the same case (which one to report would be a silent choice)."""
+    read = [(path, read_run(path, may_be_empty=len(json_paths) > 1)) for path in json_paths]
+    for path, data in read:
+        if not data.get("benchmarks"):
+            print(f"note: {path} holds no benchmarks (a session stopped in its first case?): left out", file=sys.stderr)
+    read = [(path, data) for path, data in read if data.get("benchmarks")]
+    if not read:
+        raise ReportError(f"{', '.join(map(str, json_paths))} hold no benchmarks")
+    (first_path, first_run), runs = read[0], [data for _, data in read]
+    first = {key: value for key, value in run_info(first_run).items() if key != "date"}
+    for path, data in read[1:]:
         info = {key: value for key, value in run_info(data).items() if key != "date"}
         if info != first:
-            raise ReportError(f"{path} is from another run than {json_paths[0]}: {info} vs {first}")
-    return runs[0] | {"benchmarks": [bench for data in runs for bench in data.get("benchmarks", [])]}
+            raise ReportError(f"{path} is from another run than {first_path}: {info} vs {first}")
+    seen: dict[tuple, Path] = {}
+    for path, data in read:
+        for bench in data["benchmarks"]:
+            info = bench.get("extra_info", {})
+            case = tuple(info.get(key) for key in ROW_KEYS)
+            if None in case:  # collect_rows says what is missing
+                continue
+            if case in seen:
+                raise ReportError(f"{path} and {seen[case]} both hold the case {case}; give each case's file once")
+            seen[case] = path
+    return first_run | {"benchmarks": [bench for data in runs for bench in data["benchmarks"]]}
 
 
 def write_report(json_paths: Path | list[Path], suite: str, out_dir: Path, readmes: list[Path]) -> list[Path]:

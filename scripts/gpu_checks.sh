@@ -20,9 +20,10 @@
 #   report    the markdown reports of the JSON files there, merged per suite, into OUT_DIR/results/ and a copy of
 #             README.md in OUT_DIR (bring the JSON back and rerun scripts/bench_report.py in the repository)
 #   bench     bench_step, bench_kernels and report
-#             pytest-benchmark writes its JSON only when a session ends: each bench phase sends itself SIGINT after
-#             BENCH_BUDGET_S seconds (default 540), so the JSON holds the cases that finished (bench/conftest.py
-#             leaves the interrupted one out). Narrow the rest with BENCH_SELECT, a pytest -k expression ANDed to
+#             pytest-benchmark writes its JSON only when a session ends: the bench phases send themselves SIGINT
+#             once BENCH_BUDGET_S seconds (default 540, under a device call's 600) have passed since this script
+#             started, and one that would start with less than a minute left is skipped; the JSON then holds the
+#             cases that finished (bench/conftest.py leaves the interrupted one out), and the stop is not a failure. Narrow the rest with BENCH_SELECT, a pytest -k expression ANDed to
 #             the phase's own (e.g. BENCH_SELECT="paper64 and not skip"), and set BENCH_TAG to keep that session's
 #             JSON apart (OUT_DIR/<name>_<tag>.json); report merges every JSON of a suite. The bench phases refuse
 #             to start without BEGAN_FAST_COMMIT (a quoted result names its commit).
@@ -41,7 +42,8 @@
 # Through the device tool, whose $OUT brings back at most 8 files: write OUT_DIR outside $OUT and pack it, e.g.
 #   bash scripts/gpu_checks.sh /tmp/gc compile tests; tar czf "$OUT/gc.tgz" -C /tmp gc
 # and a phase longer than one call (quality: two 10k-step runs) detached, collected by later calls while the machine
-# stays warm: setsid nohup bash scripts/gpu_checks.sh /tmp/q quality >/tmp/q.log 2>&1 &
+# stays warm (it goes back after a short idle time and after 30 minutes held: call again at once, and poll):
+#   setsid nohup bash scripts/gpu_checks.sh /tmp/q quality >/tmp/q.log 2>&1 &
 # The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
 # ~/.triton, which is lost with the machine: where the machine goes back after a short idle time, run `compile` in the
 # same call as the phases after it, or call again at once. Usage, from the repository root:
@@ -64,15 +66,27 @@ start_once() {  # start_once OUT: the wall time of a 1-step gpu64 run (--amp --c
     local TIMEFORMAT="wall %R s"
     time python scripts/train.py --preset gpu64 --steps 1 --amp --cuda-graphs --quiet --out "$1"
 }
+bench_deadline=$((SECONDS + ${BENCH_BUDGET_S:-540}))
 bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILTER (and BENCH_SELECT) -> NAME.json
+    local name=$3${BENCH_TAG:+_$BENCH_TAG} left=$((bench_deadline - SECONDS)) rc
     if [ -z "${BEGAN_FAST_COMMIT:-}" ]; then
-        echo "bench_$3: set BEGAN_FAST_COMMIT to the commit this tree is (its JSON must name it)"
+        echo "bench_$name: set BEGAN_FAST_COMMIT to the commit this tree is (its JSON must name it)"
         status=1
         return
     fi
-    local name=$3${BENCH_TAG:+_$BENCH_TAG}
-    run "bench_$name" timeout -s INT -k 30 "${BENCH_BUDGET_S:-540}" python -m pytest -q "bench/bench_$1.py" \
-        -k "$2$select" --benchmark-json "$out/$name.json"
+    if ((left < 60)); then
+        echo "bench_$name: skipped, less than a minute of BENCH_BUDGET_S left"
+        return
+    fi
+    echo "== bench_$name: bench/bench_$1.py -k '$2$select', at most $left s"
+    timeout -s INT -k 30 "$left" python -m pytest -q "bench/bench_$1.py" -k "$2$select" \
+        --benchmark-json "$out/$name.json" 2>&1 | tee "$out/bench_$name.log"
+    rc=${PIPESTATUS[0]}
+    if ((rc == 124)); then
+        echo "bench_$name: stopped at BENCH_BUDGET_S; $out/$name.json holds the cases that finished"
+    elif ((rc != 0)); then
+        status=1
+    fi
 }
 report() {  # each suite's JSON files in OUT_DIR, merged, as markdown into OUT_DIR/results and a README copy
     cp README.md "$out/README.md"

@@ -126,6 +126,22 @@ def test_several_files_of_one_run_make_one_table_and_others_are_refused(tmp_path
         bench_report.write_report([paths[0], other], "kernels", tmp_path / "r", readmes=[])
 
 
+def test_a_file_stopped_in_its_first_case_is_left_out_and_a_repeated_case_refused(tmp_path, capsys):
+    """A session stopped by its time limit in its first case writes a JSON with no benchmarks: among several files
+    it is left out with a note, not fatal to the others; a case in two files is refused, not reported from one."""
+    whole, stopped, again = tmp_path / "step.json", tmp_path / "step_compile.json", tmp_path / "step_again.json"
+    whole.write_text(json.dumps(SYNTHETIC))
+    stopped.write_text(json.dumps(dict(SYNTHETIC, benchmarks=[])))
+    written = bench_report.write_report([whole, stopped], "step", tmp_path / "r", readmes=[])
+    assert len(json.loads(written[0].read_text())["benchmarks"]) == len(SYNTHETIC["benchmarks"])
+    assert f"note: {stopped} holds no benchmarks" in capsys.readouterr().err
+    again.write_text(json.dumps(dict(SYNTHETIC, benchmarks=SYNTHETIC["benchmarks"][2:3])))
+    with pytest.raises(bench_report.ReportError, match=r"both hold the case \('conv A', 'forward', 16, 'triton'\)"):
+        bench_report.write_report([whole, again], "step", tmp_path / "r", readmes=[])
+    with pytest.raises(bench_report.ReportError, match="hold no benchmarks"):
+        bench_report.write_report([stopped, stopped], "step", tmp_path / "r", readmes=[])
+
+
 NO_COMMIT = dict(SYNTHETIC, machine_info=SYNTHETIC["machine_info"] | {"git_commit": "unknown"}, commit_info={})
 
 
@@ -198,19 +214,40 @@ def test_case(benchmark, case):
 """
 
 
-@pytest.mark.parametrize("interrupt_at_call", [1, 4], ids=["in-warm-up", "in-timed-rounds"])
+# Loaded with -p: a SIGINT while pytest-benchmark gathers the machine's description for the JSON it is writing.
+INTERRUPT_AT_SESSION_FINISH = """
+import os, signal
+import pytest_benchmark.plugin
+
+describe_cpu = pytest_benchmark.plugin.get_cpu_info
+
+def interrupted_get_cpu_info():
+    os.kill(os.getpid(), signal.SIGINT)
+    return describe_cpu()
+
+pytest_benchmark.plugin.get_cpu_info = interrupted_get_cpu_info
+"""
+
+
+@pytest.mark.parametrize(
+    "interrupt_at_call", [1, 4, 0], ids=["in-warm-up", "in-timed-rounds", "as-the-json-is-written"]
+)
 def test_a_suite_interrupted_keeps_the_cases_that_finished(tmp_path, interrupt_at_call):
     """bench/conftest.py marks the interrupted case failed: the JSON holds the finished case alone, not a part of
     the interrupted one, and is written even when that case had timed no round (pytest-benchmark alone leaves it
-    empty then)."""
+    empty then), or when the SIGINT comes as the session ends."""
     shutil.copy(Path(__file__).parent.parent / "bench" / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "bench_case.py").write_text(INTERRUPTED_SUITE)
+    (tmp_path / "late_interrupt.py").write_text(INTERRUPT_AT_SESSION_FINISH)
     out = tmp_path / "out.json"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench_case.py"]
+    command += [f"--benchmark-json={out}"] + (["-p", "late_interrupt"] if interrupt_at_call == 0 else [])
     subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench_case.py", f"--benchmark-json={out}"],
+        command,
         cwd=tmp_path,
-        env={**os.environ, "INTERRUPT_AT_CALL": str(interrupt_at_call)},
+        env={**os.environ, "INTERRUPT_AT_CALL": str(interrupt_at_call), "PYTHONPATH": str(tmp_path)},
         capture_output=True,
         timeout=120,
     )
-    assert [bench["extra_info"]["provider"] for bench in json.loads(out.read_text())["benchmarks"]] == ["finished"]
+    expected = ["finished", "interrupted", "never-run"] if interrupt_at_call == 0 else ["finished"]
+    assert [bench["extra_info"]["provider"] for bench in json.loads(out.read_text())["benchmarks"]] == expected

@@ -525,9 +525,9 @@ def nccl_rank_main(rank, port, folder):
 @pytest.mark.cuda
 @TWO_GPUS
 def test_two_nccl_ranks_capture_their_collectives_and_agree_bit_for_bit(tmp_path):
-    """On two GPUs: the graphed step equals the eager one bit for bit on each rank (a sum of two addends is exact
-    whichever order NCCL takes), both ranks hold the same weights, k_t and statistics bit for bit, and those are not
-    what a rank trained on its half alone would hold (the collectives did average)."""
+    """On two GPUs: the graphed step equals the eager one bit for bit on each rank (a sum of two addends does not
+    depend on their order, whichever algorithm NCCL takes), both ranks hold the same weights, k_t and statistics bit
+    for bit, and those are not what a rank trained on its half alone would hold (the collectives did average)."""
     context = mp.start_processes(
         nccl_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
     )
