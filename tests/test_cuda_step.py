@@ -36,6 +36,16 @@ def state_of(step):
     return [t.detach().clone() for t in step.parameters()] + [step.k.clone(), step.stats.sums.clone()]
 
 
+def assert_graph_replays_the_eager_step(eager, graphed, graph, data):
+    """eager and graph (capturing graphed) each take every batch of data; both end in the same state, bit for bit."""
+    for x in data:
+        eager(x)
+        graph(x)
+    torch.cuda.synchronize()
+    for a, b in zip(state_of(eager), state_of(graphed), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("amp", [None, "bf16"])
 def test_graph_replay_equals_eager_bit_for_bit(amp):
     cfg = TrainConfig(batch_size=BATCH)
@@ -45,12 +55,7 @@ def test_graph_replay_equals_eager_bit_for_bit(amp):
     eager(data[0])  # both start from one real step, so Adam's state exists in both
     graphed(data[0])
     graph = CudaGraphStep(graphed, data[0].shape)
-    for x in data[1:]:
-        eager(x)
-        graph(x)
-    torch.cuda.synchronize()
-    for a, b in zip(state_of(eager), state_of(graphed), strict=True):
-        assert torch.equal(a, b)
+    assert_graph_replays_the_eager_step(eager, graphed, graph, data[1:])
     assert graphed.steps_done == eager.steps_done == 6
 
 
@@ -185,12 +190,7 @@ def test_the_capture_lets_other_threads_call_cuda():
     graphed.body = body_with_a_thread_that_pins
     graph = CudaGraphStep(graphed, data[0].shape)
     assert not failures and len(pinned) == 1  # the capture ran the thread once
-    for x in data[1:]:
-        eager(x)
-        graph(x)
-    torch.cuda.synchronize()
-    for a, b in zip(state_of(eager), state_of(graphed), strict=True):
-        assert torch.equal(a, b)
+    assert_graph_replays_the_eager_step(eager, graphed, graph, data[1:])
 
 
 @pytest.mark.parametrize("first, then", [("cpu", "cuda"), ("cuda", "cpu")])

@@ -155,12 +155,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """The folder of the spawned two-rank job and its per-rank results."""
-    folder = tmp_path_factory.mktemp("two_ranks")
+def run_two_ranks(rank_main_fn, folder: Path) -> None:
+    """Spawn rank_main_fn(rank, port, folder) on two processes and wait for both, at most JOB_TIMEOUT_S."""
     context = mp.start_processes(
-        rank_main, args=(free_port(), str(folder)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+        rank_main_fn, args=(free_port(), str(folder)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + JOB_TIMEOUT_S
     try:
@@ -171,6 +169,13 @@ def two_ranks(tmp_path_factory):
         for process in context.processes:
             if process.is_alive():
                 process.kill()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The folder of the spawned two-rank job and its per-rank results."""
+    folder = tmp_path_factory.mktemp("two_ranks")
+    run_two_ranks(rank_main, folder)
     return folder, [torch.load(folder / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
@@ -528,18 +533,7 @@ def test_two_nccl_ranks_capture_their_collectives_and_agree_bit_for_bit(tmp_path
     """On two GPUs: the graphed step equals the eager one bit for bit on each rank (a sum of two addends does not
     depend on their order, whichever algorithm NCCL takes), both ranks hold the same weights, k_t and statistics bit
     for bit, and those are not what a rank trained on its half alone would hold (the collectives did average)."""
-    context = mp.start_processes(
-        nccl_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the two-GPU job did not finish in {JOB_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_two_ranks(nccl_rank_main, tmp_path)
     ranks = [torch.load(tmp_path / f"nccl_rank{r}.pt") for r in range(2)]
 
     def flat(state):
