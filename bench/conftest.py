@@ -28,6 +28,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     import triton
 
     machine_info["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    # Which GPU of that name: files measured on two (the device machine changed between calls) are not one run.
+    properties = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    machine_info["cuda_uuid"] = str(getattr(properties, "uuid", ""))
     machine_info["torch"] = torch.__version__
     machine_info["triton"] = triton.__version__
     try:

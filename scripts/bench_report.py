@@ -7,7 +7,7 @@ torch, torch-tf32, torch-bf16, compile), and puts the same table between `<!-- b
 direction, batch, provider} and may carry flop (per call), as bench/conftest.py's `measure` records them.
 
 Several JSON files of one suite (say, the torch.compile cases run as a pytest session of their own, which keeps each
-session within a time limit) are merged into one record; they must come from the same device, versions and commit.
+session within a time limit) are merged into one record; they must come from one GPU (its UUID), versions and commit.
 
 usage: python scripts/bench_report.py RESULTS.json [MORE.json ...] --suite kernels [--out-dir DIR] [--readme FILE]
 """
@@ -41,6 +41,7 @@ def run_info(data: dict) -> dict[str, str]:
     sha = machine.get("git_commit") or commit.get("id") or "unknown"
     return {
         "device": machine.get("cuda_device", "unknown"),
+        "gpu": machine.get("cuda_uuid", ""),  # which GPU of that name ("" in files written before it was recorded)
         "torch": machine.get("torch", "unknown"),
         "triton": machine.get("triton", "unknown"),
         "commit": sha + ("+dirty" if commit.get("dirty") else ""),
@@ -143,8 +144,8 @@ def read_run(path: Path, may_be_empty: bool = False) -> dict:
 def merge_runs(json_paths: list[Path]) -> dict:
     """One run's JSON from one or more files: the first file's header with every file's benchmarks. Among several
     files, one without benchmarks (a session stopped by its time limit in its first case) is left out with a note.
-    ReportError when the files disagree on the device, versions or commit (they are not one run), or when two hold
-    the same case (which one to report would be a silent choice)."""
+    ReportError when the files disagree on the device (name or GPU), versions or commit (they are not one run), or
+    when two hold the same case (which one to report would be a silent choice)."""
     read = [(path, read_run(path, may_be_empty=len(json_paths) > 1)) for path in json_paths]
     for path, data in read:
         if not data.get("benchmarks"):

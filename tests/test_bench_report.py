@@ -23,7 +23,13 @@ def synthetic_bench(layer, direction, batch, provider, median_s, flop):
 
 
 SYNTHETIC = {
-    "machine_info": {"cuda_device": "Synthetic GPU 80GB", "torch": "9.9.0", "triton": "8.8.0", "git_commit": "abc123"},
+    "machine_info": {
+        "cuda_device": "Synthetic GPU 80GB",
+        "cuda_uuid": "GPU-0123",
+        "torch": "9.9.0",
+        "triton": "8.8.0",
+        "git_commit": "abc123",
+    },
     "commit_info": {"id": "abc123def", "dirty": True},
     "datetime": "2031-02-03T04:05:06+00:00",
     "benchmarks": [
@@ -120,10 +126,11 @@ def test_several_files_of_one_run_make_one_table_and_others_are_refused(tmp_path
     header, _, conv, _ = table_rows(written[1].read_text())
     assert header[-3:] == ["triton/torch time", "triton/torch-bf16 time", "triton/compile time"]
     assert conv[3:7] == ["4.000", "1.000", "3.000", "2.000"] and conv[-3:] == ["0.50", "2.00", "0.67"]
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps(dict(compiled, machine_info=SYNTHETIC["machine_info"] | {"git_commit": "fff"})))
-    with pytest.raises(bench_report.ReportError, match="from another run"):
-        bench_report.write_report([paths[0], other], "kernels", tmp_path / "r", readmes=[])
+    for differing in ({"git_commit": "fff"}, {"cuda_uuid": "GPU-another-one"}):
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps(dict(compiled, machine_info=SYNTHETIC["machine_info"] | differing)))
+        with pytest.raises(bench_report.ReportError, match="from another run"):
+            bench_report.write_report([paths[0], other], "kernels", tmp_path / "r", readmes=[])
 
 
 def test_a_file_stopped_in_its_first_case_is_left_out_and_a_repeated_case_refused(tmp_path, capsys):
