@@ -20,7 +20,6 @@ time per round side by side:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
@@ -31,10 +30,10 @@ if not torch.cuda.is_available():
     pytest.skip("bench/bench_data.py needs an NVIDIA GPU (CUDA is not available)", allow_module_level=True)
 
 from began_fast.config import DataConfig
-from began_fast.data import dali_install_command, make_batches
+from began_fast.data import dali_install_command, dali_installed, make_batches
 from began_fast.data.builtin import draw_face
 
-HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+HAS_DALI = dali_installed()
 NUM_FILES = 4096
 DISTINCT = 512
 QUALITIES = (88, 89, 90, 91, 92, 93, 94, 95)  # NUM_FILES = DISTINCT * len(QUALITIES)

@@ -24,10 +24,18 @@ import torch
 from PIL import ExifTags, Image
 
 from began_fast.config import DataConfig
-from began_fast.data import BatchOrder, DataError, SkippedImagesWarning, TorchLoader, make_batches, open_source
+from began_fast.data import (
+    BatchOrder,
+    DataError,
+    SkippedImagesWarning,
+    TorchLoader,
+    dali_installed,
+    make_batches,
+    open_source,
+)
 from began_fast.data.builtin import draw_face
 
-HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+HAS_DALI = dali_installed()
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI is not installed (pip install 'began-fast[dali]')")
 
 MEAN_TOL = 0.004  # mean |dali - torch| over a batch, [-1, 1] units (measured <= 0.0024)

@@ -33,6 +33,7 @@ __all__ = [
     "TorchLoader",
     "crop_box",
     "dali_install_command",
+    "dali_installed",
     "detect_source",
     "held_out_images",
     "make_batches",
@@ -95,6 +96,11 @@ def open_source(cfg: DataConfig, image_size: int):
     return TrainingImages(source, cfg.holdout) if cfg.holdout else source
 
 
+def dali_installed() -> bool:
+    """Whether NVIDIA DALI can be imported (looked up without importing it, which takes seconds)."""
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
 def dali_install_command() -> str:
     """The pip command that installs the DALI build for this torch's CUDA major version (DALI ships one per major
     version; a CPU-only torch gets the CUDA 12 one, whose CPU pipeline needs no GPU)."""
@@ -127,7 +133,7 @@ def make_batches(
     device = torch.device(device)
     loader = cfg.loader
     dali = loader == "dali" or loader == "auto" and device.type == "cuda" and _folder_source(cfg)
-    if dali and (importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None):
+    if dali and not dali_installed():
         if loader == "dali":
             raise DataError(f"--loader dali needs NVIDIA DALI: {dali_install_command()}")
         dali = False
