@@ -689,6 +689,22 @@ def test_make_batches_picks_the_loader(monkeypatch):
             make_batches(DataConfig(loader="dali"), 16, 4, device="cpu", seed=0)
 
 
+def test_auto_loader_on_cuda_asks_once_whether_the_images_fit(monkeypatch):
+    """--loader auto on a GPU keeps the built-in and HDF5 sources in device memory when they fit, and reads the free
+    memory once to decide (no GPU here: the resident set and the memory reading are stand-ins)."""
+    readings = []
+    monkeypatch.setattr("began_fast.data.GpuResidentSet", lambda source, device: ("resident", len(source), device))
+    monkeypatch.setattr("began_fast.data.GpuResidentStream", lambda images, order, flip: images)
+    for room, expected in [(True, ("resident", 16, torch.device("cuda"))), (False, TorchLoader)]:
+        readings.clear()
+        monkeypatch.setattr(
+            "began_fast.data.fits", lambda num_images, image_size, device, room=room: readings.append(1) or room
+        )
+        monkeypatch.setattr("began_fast.data.TorchLoader", lambda source, order, **kwargs: TorchLoader)
+        batches = make_batches(DataConfig(builtin_count=16), 16, 4, device="cuda", seed=0)
+        assert batches == expected and len(readings) == 1
+
+
 # --- held-out images ------------------------------------------------------------------------------------------
 
 

@@ -145,16 +145,15 @@ def make_batches(
         from began_fast.data.dali import DaliLoader
 
         return DaliLoader(cfg, image_size, source, order, device=device)
-    if loader == "auto" and device.type == "cuda" and source.kind in ("hdf5", "builtin"):
-        loader = "gpu" if fits(len(source), image_size, device) else "torch"
-    if loader == "gpu":
-        if not fits(len(source), image_size, device):
-            need = len(source) * 3 * image_size**2 / 2**30
-            raise DataError(
-                f"--loader gpu: the {len(source)} images need {need:.1f} GiB, more than {MEMORY_SHARE:.0%} of the free "
-                f"memory of {device}; use --loader torch or dali"
-            )
+    resident = loader == "gpu" or loader == "auto" and device.type == "cuda" and source.kind in ("hdf5", "builtin")
+    if resident and fits(len(source), image_size, device):
         return GpuResidentStream(GpuResidentSet(source, device), order, flip=cfg.flip)
+    if loader == "gpu":
+        need = len(source) * 3 * image_size**2 / 2**30
+        raise DataError(
+            f"--loader gpu: the {len(source)} images need {need:.1f} GiB, more than {MEMORY_SHARE:.0%} of the free "
+            f"memory of {device}; use --loader torch or dali"
+        )
     workers = default_workers(source.kind) if cfg.num_workers is None else cfg.num_workers
     return TorchLoader(source, order, flip=cfg.flip, num_workers=workers, device=device)
 
