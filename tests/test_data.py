@@ -731,6 +731,8 @@ def test_holdout_keeps_the_last_images_out_of_training(numbered_source):
     with pytest.raises(IndexError):
         training[7]
     assert torch.equal(pickle.loads(pickle.dumps(training))[6], images[6])  # as spawned DataLoader workers get it
+    with pytest.raises(AttributeError):  # what Python 3.10's pickle reads (3.11's finds object.__getstate__ first)
+        training.__getattr__("__getstate__")
     # The loader reads only the training images: one batch of 7 is an epoch.
     batch = next(TorchLoader(training, BatchOrder(len(training), 7, seed=0), flip=False, num_workers=0))
     read = ((batch + 1) * 127.5).round().to(torch.uint8)

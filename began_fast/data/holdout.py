@@ -33,7 +33,9 @@ class TrainingImages(torch.utils.data.Dataset):
         self.files = source.files[: self.count]
 
     def __getattr__(self, name: str):
-        if name == "source":  # not set yet (unpickling): no recursion
+        # "source": not set yet while unpickling (no recursion). Special names are this object's own: Python 3.10's
+        # pickle looks __getstate__ up through here, and the source's (Hdf5Images') would pickle the source's state.
+        if name == "source" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.source, name)
 
