@@ -107,7 +107,7 @@ def lr_factor(rule: str, world_size: int) -> float:
 class Collectives:
     """The collectives a data-parallel step and loop need, over the default process group.
 
-    Every rank must call the same methods in the same order (the step's body does, and the loop calls `any_`
+    Every rank must call the same methods in the same order (the step's body does, and the loop calls `max_`
     on the same steps everywhere). On NCCL the calls enqueue device work without a host sync, so a CUDA graph can
     capture them. A failure the call sees raises CollectiveError naming the rank and the timeout: gloo's failures
     (a closed connection, a timeout); NCCL reports its own later, from PyTorch's watchdog thread, which ends the
@@ -182,11 +182,12 @@ class Collectives:
                 f"between ranks; {remedy}"
             )
 
-    def any_(self, flag: bool, device: torch.device) -> bool:
-        """Whether flag is true on any rank (one tiny all-reduce and a host sync: call it rarely)."""
-        value = torch.tensor(float(flag), device=device)
+    def max_(self, number: int, device: torch.device) -> int:
+        """The largest of `number` (a small integer) over the ranks (one tiny all-reduce and a host sync: call it
+        rarely)."""
+        value = torch.tensor(float(number), device=device)
         self._all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return int(value.item())
 
 
 def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Collectives | None:

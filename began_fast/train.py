@@ -55,6 +55,11 @@ PRECOMPILE_ENV = "BEGAN_FAST_PRECOMPILE"  # "0": no head start, the first step c
 # compiles must not stop this one for ever; after it, this one compiles on its own share of the cores.
 COMPILER_WAIT_S = 600.0
 RECONSTRUCTION_PAIRS = 16
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each stops the loop after the step in flight (stop_on_interrupt)
+# A stop signal repeated sooner is the same request (stop_on_interrupt): torchrun's launcher repeats the signal it
+# got to its workers at once, and they got it too when it came from a terminal's Ctrl-C or from a scheduler that
+# signals every process of a job. A person's second Ctrl-C, to stop at once, comes later.
+REPEAT_WINDOW_S = 2.0
 RUN_LOCK = ".began-fast.lock"  # in the run folder: held by the process that trains there (lock_run_folder)
 # On --resume the checkpoint's configs stand. These settings may still be given anew: how long the run goes, how
 # it is watched, and where and how its data is read (the same data, moved); any other one must match the saved.
@@ -128,6 +133,8 @@ class Run:
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     # The latest.pt a resumed run read (file_identity), None for a new run: train() checks it is still there.
     checkpoint_identity: tuple[int, int, int] | None = None
+    # The signal that made train() stop before its last step (SIGINT, SIGTERM: stop_on_interrupt), 0 when none did.
+    stopped_by: int = 0
 
     @property
     def out(self) -> Path:
@@ -425,13 +432,16 @@ def evaluate(run: Run, real: RealImages, stats_file, writer) -> None:
         writer.add_scalar("eval/recon_l1", row["recon_l1"], row["step"])
 
 
-def open_tensorboard(out: Path):
-    """A SummaryWriter when tensorboard is installed, else None (it is an optional extra)."""
+def open_tensorboard(out: Path, start: int):
+    """A SummaryWriter for a run that starts after step `start` when tensorboard is installed, else None (it is an
+    optional extra)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+    # TensorBoard hides the events at purge_step and after it in the folder's earlier files: those a run that then
+    # died logged after the checkpoint this one resumes (open_stats drops their rows), or every one of a dead start.
+    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start + 1)
 
 
 def log_window(run: Run, stats_file, writer, bar) -> dict:
@@ -439,11 +449,10 @@ def log_window(run: Run, stats_file, writer, bar) -> dict:
     the other ranks pass stats_file=None and only read and check)."""
     row = {"step": run.step.steps_done, **run.step.stats.read_and_reset(), "lr": run.step.lr.item()}
     if not all(math.isfinite(v) for v in row.values()):
-        latest = run.out / "latest.pt"
-        kept = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint had been written yet"
         raise TrainingError(
             f"non-finite loss in the {run.train_cfg.log_every} steps up to step {row['step']} "
-            f"(L_D={row['l_d']:.4g}, L_G={row['l_g']:.4g}, M={row['m']:.4g}); training stopped, {kept}"
+            f"(L_D={row['l_d']:.4g}, L_G={row['l_g']:.4g}, M={row['m']:.4g}); training stopped, "
+            f"{last_good_checkpoint(run)}"
         )
     if stats_file is None:
         return row
@@ -456,21 +465,46 @@ def log_window(run: Run, stats_file, writer, bar) -> dict:
     return row
 
 
+def check_weights(run: Run) -> None:
+    """Before a checkpoint: G's and D's weights and k_t are finite (one read from the device). The statistics read
+    with it are those of the weights before each update, so an update that diverged on the checkpoint's own step
+    shows only here; a checkpoint must never replace the last good one with it."""
+    tensors = [*run.G.parameters(), *run.D.parameters(), run.step.k]
+    if not torch.stack([t.detach().isfinite().all() for t in tensors]).all().item():
+        raise TrainingError(
+            f"non-finite weights after step {run.step.steps_done} (its update diverged); training stopped, "
+            f"{last_good_checkpoint(run)}"
+        )
+
+
+def last_good_checkpoint(run: Run) -> str:
+    latest = run.out / "latest.pt"
+    return f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint had been written yet"
+
+
 @contextlib.contextmanager
 def stop_on_interrupt():
-    """Turn the first Ctrl-C into a request the loop honours between steps (a step is never cut in half);
-    a second Ctrl-C interrupts at once."""
-    requested = []
+    """Turn Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption or time limit, `timeout`, `docker stop`) into a
+    request the loop honours between steps (a step is never cut in half): it yields the list of the signals received,
+    each once. The same signal again acts at once, as it would have without this, unless it comes within
+    REPEAT_WINDOW_S of the first: then it is the first's echo."""
+    requested, first_at, previous = [], {}, {}
 
     def handler(signum, frame):
-        requested.append(signum)
-        signal.signal(signal.SIGINT, previous)
+        now = time.monotonic()
+        if now - first_at.setdefault(signum, now) > REPEAT_WINDOW_S:
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+        elif signum not in requested:
+            requested.append(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    for signum in STOP_SIGNALS:
+        previous[signum] = signal.signal(signum, handler)
     try:
         yield requested
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def compile_kernels(run: Run) -> None:
@@ -573,15 +607,17 @@ def check_evaluation_data(run: Run, real: RealImages) -> None:
         )
 
 
-def stop_requested(run: Run, interrupted: list, done: int) -> bool:
-    """Whether to stop after step `done`: a Ctrl-C on this process; under torchrun, on any rank, agreed at the
-    steps where every rank reads its statistics anyway (a rank never stops alone, leaving the others waiting)."""
+def stop_signal(run: Run, interrupted: list, done: int) -> int:
+    """The signal to stop on after step `done`, 0 to go on: the first this process received (stop_on_interrupt);
+    under torchrun, the largest any rank received (SIGTERM over SIGINT), agreed at the steps where every rank reads
+    its statistics anyway (a rank never stops alone, leaving the others waiting)."""
+    own = interrupted[0] if interrupted else 0
     if run.collectives is None:
-        return bool(interrupted)
+        return own
     cfg = run.train_cfg
     if done % cfg.log_every and done % cfg.checkpoint_every and done != cfg.steps:
-        return False
-    return run.collectives.any_(bool(interrupted), run.step.device)
+        return 0
+    return run.collectives.max_(own, run.step.device)
 
 
 def announce(run: Run, data: str) -> None:
@@ -654,9 +690,9 @@ def check_folder_as_found(run: Run) -> None:
 def train(run: Run) -> Path:
     """Run from the step the run is at to `train_cfg.steps`; return the path of the last checkpoint.
 
-    Ctrl-C finishes the step in flight (under torchrun: the steps up to the next statistics read), writes a
-    checkpoint and returns cleanly. Only rank 0 writes the run folder and prints, and holds it (lock_run_folder)
-    from before its first write to the end.
+    Ctrl-C or SIGTERM finishes the step in flight (under torchrun: the steps up to the next statistics read), writes
+    a checkpoint and returns cleanly, with the signal in run.stopped_by. Only rank 0 writes the run folder and prints,
+    and holds it (lock_run_folder) from before its first write to the end.
     """
     with contextlib.ExitStack() as held:
         return _train(run, held)
@@ -704,7 +740,7 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
         announce(run, batches.describe())
     compile_kernels(run)  # after make_batches, whose DataLoader workers fork: one forked meanwhile would hold the turn
     feed = make_feed(run, batches)
-    writer = open_tensorboard(out) if main else None
+    writer = open_tensorboard(out, start) if main else None
     last_checkpoint = out / "latest.pt"
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet or not main)
     stats = open_stats(out, start) if main else contextlib.nullcontext()  # None on the other ranks
@@ -718,12 +754,14 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
                 done = run.step.steps_done
                 guard.beat(done)
                 bar.update(1)
-                stop = stop_requested(run, interrupted, done)
+                stop = run.stopped_by = stop_signal(run, interrupted, done)
                 checkpoint_due = any(done % every == 0 for every in (cfg.checkpoint_every, cfg.snapshot_every))
                 checkpoint_due = checkpoint_due or done == cfg.steps or stop
-                # Statistics are read before every checkpoint, so a checkpoint never holds a diverged model.
+                # Statistics and weights are read before every checkpoint: it never holds a diverged model.
                 if done % cfg.log_every == 0 or checkpoint_due:
                     log_window(run, stats_file, writer, bar)
+                if checkpoint_due:
+                    check_weights(run)
                 with guard.paused():  # rank 0's own work; the other ranks' wait for it counts against their timeout
                     # The checkpoint first: a failure in the pictures or the evaluation cannot cost it.
                     if main and checkpoint_due:
@@ -734,7 +772,8 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
                         write_pictures(run, real, pictures)
                 if stop:
                     if main:
-                        print(f"interrupted at step {done}; checkpoint written to {last_checkpoint}", file=sys.stderr)
+                        how = "interrupted" if stop == signal.SIGINT else f"stopped by {signal.Signals(stop).name}"
+                        print(f"{how} at step {done}; checkpoint written to {last_checkpoint}", file=sys.stderr)
                     break
         pictures.wait()
     finally:

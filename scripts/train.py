@@ -9,8 +9,9 @@
 Under torchrun every rank runs this script on its shard of each global batch (--batch-size is per rank); only
 rank 0 prints and writes the run folder. Bad input (a missing path, an invalid value, a damaged checkpoint, a
 diverged run) ends with one line on stderr and exit status 2, never a traceback; a rank that died or hung makes
-the others end with one line naming the rank and the timeout, and exit status 1. Ctrl-C writes a checkpoint after
-the step in flight and exits with status 130.
+the others end with one line naming the rank and the timeout, and exit status 1. Ctrl-C, or SIGTERM (a scheduler's
+preemption or time limit, `timeout`, `docker stop`), writes a checkpoint after the step in flight and exits with
+status 128 + the signal's number: 130 or 143.
 """
 
 from __future__ import annotations
@@ -243,11 +244,13 @@ def main(argv=None) -> int:
         return 130
     finally:
         stop()
-    if run.step.steps_done < run.train_cfg.steps:  # Ctrl-C: train() said where it stopped and what it wrote
+    if run.stopped_by:  # Ctrl-C or SIGTERM: train() said where it stopped and what it wrote
         if run.is_main:
             launch = "the same torchrun launch of" if run.step.world_size > 1 else "python"
             say_line(f"resume with: {launch} {resume_command(args)}")
-        return 130  # a shell's `train && evaluate` must not go on with a run that did not finish
+        # Not 0: a shell's `train && evaluate` must not go on with a run that did not finish, and a scheduler
+        # reads the signal from it.
+        return 128 + run.stopped_by
     if run.is_main:
         done = f"done: {run.step.steps_done} steps; checkpoint {last}; samples in {run.out / 'samples'}"
         print(done, file=sys.stderr)

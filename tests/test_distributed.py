@@ -10,6 +10,7 @@ joins) and leave their results in a folder the tests read.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +43,7 @@ from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep
 from began_fast.train import RunOptions, data_fingerprint, setup_run, train
+from tests.test_train import interrupt_after
 from tests.tolerances import assert_parity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +118,10 @@ def rank_main(rank, port, folder):
         run = setup_run(MODEL, loop_cfg(4), loop_data(loader), RunOptions(out=out, quiet=True), collectives)
         train(run)
         results[f"loop_k_{loader}"] = run.step.k.clone()
+    # SIGTERM on rank 1 alone after step 3: both ranks stop after step 4, where they read their statistics.
+    run = setup_run(MODEL, loop_cfg(8), LOOP_DATA, RunOptions(out=folder / f"stopped{rank}", quiet=True), collectives)
+    train(interrupt_after(run, 3, signal.SIGTERM) if rank == 1 else run)
+    results["stopped"] = (run.step.steps_done, run.stopped_by)
     # A job whose ranks were given different settings (here rank 1 another seed, so other weights too).
     mismatched = dataclasses.replace(loop_cfg(4), seed=rank)
     run = setup_run(MODEL, mismatched, LOOP_DATA, RunOptions(out=folder / f"mismatch{rank}", quiet=True), collectives)
@@ -142,7 +148,7 @@ def rank_main(rank, port, folder):
         torch.save(results, folder / f"rank{rank}.pt")
         return  # leaves the job: rank 0's next collective must fail with one clear line
     try:
-        collectives.any_(False, torch.device("cpu"))
+        collectives.max_(0, torch.device("cpu"))
     except CollectiveError as e:
         results["dead_rank_error"] = str(e)
     torch.save(results, folder / f"rank{rank}.pt")
@@ -222,6 +228,14 @@ def test_only_rank_0_writes_and_the_config_states_the_batches(two_ranks):
     assert [row["step"] for row in rows] == [2, 4]
     # Rank 1 wrote nothing: no checkpoint, stats, pictures or events.
     assert not any((folder / f"run_{loader}_rank1").exists() for loader in LOOP_LOADERS)
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(two_ranks):
+    """SIGTERM (or Ctrl-C) that reached one rank stops them all where they next read their statistics, and rank 0
+    writes the checkpoint there: a rank stopping alone would leave the others waiting in their next all-reduce."""
+    folder, ranks = two_ranks
+    assert [rank["stopped"] for rank in ranks] == [(4, signal.SIGTERM)] * 2
+    assert load_checkpoint(folder / "stopped0" / "latest.pt")["step"] == 4 and not (folder / "stopped1").exists()
 
 
 @pytest.mark.parametrize("loader", LOOP_LOADERS)
@@ -371,6 +385,39 @@ def test_train_script_under_torchrun(tmp_path):
     assert result.stderr.count("began-fast: new run") == 1  # rank 0 alone prints
     assert "ranks: 2, batch 2 per rank, global batch 4, lr 0.0006 (lr 0.0003, scaling linear)" in result.stderr
     assert load_checkpoint(out / "latest.pt")["step"] == 3
+
+
+@pytest.mark.parametrize("signum, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "stopped by SIGTERM")])
+def test_train_script_under_torchrun_stops_with_a_checkpoint_on_a_signal_to_the_job(tmp_path, signum, said):
+    """Ctrl-C in a terminal, or a scheduler's SIGTERM, reaches the launcher and its workers; the launcher repeats it to
+    them at once (then kills them after its grace period): the ranks stop together where they next read their
+    statistics, and rank 0 writes the checkpoint there."""
+    out = tmp_path / "run"
+    args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2"]
+    args += ["--steps", "100000", "--log-every", "5", "--checkpoint-every", "100000", "--workers", "0"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    job = subprocess.Popen(
+        [*launcher, str(ROOT / "scripts" / "train.py"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job is
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "stats.jsonl").exists() or not (out / "stats.jsonl").read_text():  # training
+            assert job.poll() is None and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.2)
+        os.killpg(job.pid, signum)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    stopped = re.findall(f"^{said} at step (\\d+); checkpoint written to (.*)$", stderr, flags=re.MULTILINE)
+    assert len(stopped) == 1 and stopped[0][1] == str(out / "latest.pt"), stderr
+    step = int(stopped[0][0])
+    assert step % 5 == 0 and load_checkpoint(out / "latest.pt")["step"] == step
+    assert "resume with: the same torchrun launch of" in stderr and "Traceback" not in stderr.split(" at step ")[0]
 
 
 def test_train_script_under_torchrun_fails_on_bad_input_with_one_line_per_rank(tmp_path):

@@ -116,18 +116,58 @@ def test_the_steps_noise_is_not_the_stream_that_drew_the_weights(tmp_path, refer
     assert torch.cdist(run.fixed_z.cpu(), rows).min() > 1e-3
 
 
+def assert_same_trainer_state(a, b, where="trainer"):
+    """Two step states (both Adam states, k_t, the lr decay's, the noise generator's) are equal, bit for bit."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_trainer_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_trainer_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
 @pytest.mark.parametrize("reference_step", [False, True], ids=["fast", "reference"])
 def test_resume_is_exact(tmp_path, reference_step):
-    whole = run_steps(tmp_path / "whole", 8, reference_step=reference_step)
-    run_steps(tmp_path / "split", 4, reference_step=reference_step)
-    options = RunOptions(out=tmp_path / "split", resume=True, quiet=True, reference_step=reference_step)
-    resumed = setup_run(MODEL, train_cfg(8), DATA, options)
+    """4 steps, then 4 resumed, end where 8 uninterrupted steps do, bit for bit: weights, Adam's moments, k_t, and
+    the lr's decay, which M's 2-step windows make halve during both halves (a high lr, so M stalls)."""
+    cfg = lambda steps: train_cfg(steps, lr=1e-2, lr_decay_window=2, lr_floor=1e-4)  # noqa: E731
+    options = lambda folder, resume=False: RunOptions(  # noqa: E731
+        out=tmp_path / folder, resume=resume, quiet=True, reference_step=reference_step
+    )
+    whole = setup_run(MODEL, cfg(8), DATA, options("whole"))
+    train(whole)
+    train(setup_run(MODEL, cfg(4), DATA, options("split")))
+    halfway = load_checkpoint(tmp_path / "split" / "latest.pt")["trainer"]["opt_g"]["param_groups"][0]["lr"]
+    resumed = setup_run(MODEL, cfg(8), DATA, options("split", resume=True))
     assert resumed.step.steps_done == 4  # it continues; a fresh start would reach the same state by itself
     train(resumed)
     assert resumed.step.steps_done == 8
+    assert 1e-2 > halfway > resumed.step.lr.item()  # decayed before the checkpoint, and after it
     for a, b in zip(parameters(whole), parameters(resumed), strict=True):
         assert torch.equal(a, b)
-    assert torch.equal(whole.step.k, resumed.step.k)
+    assert_same_trainer_state(whole.step.state_dict(), resumed.step.state_dict())
+
+
+def test_tensorboard_shows_a_resumed_run_once_after_its_predecessor_died(tmp_path):
+    """A run that died after logging steps its checkpoint does not hold: the resumed run logs those steps anew, and
+    TensorBoard must show each step once (as stats.jsonl keeps it), not the dead run's points beside the new ones."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_steps(tmp_path, 4)
+    at_step_4 = (tmp_path / "latest.pt").read_bytes()
+    run_steps(tmp_path, 8, resume=True)
+    (tmp_path / "latest.pt").write_bytes(at_step_4)  # as if it had died before its checkpoint at step 8
+    resumed = run_steps(tmp_path, 8, resume=True)
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("began/m")] == [2, 4, 6, 8]
+    assert [event.step for event in events.Scalars("eval/swd")] == [4, 8]  # 4: the first run's last step
+    assert resumed.step.steps_done == 8
 
 
 def test_the_gpu_resident_loader_trains_and_resumes_as_the_torch_loader(tmp_path):
@@ -477,39 +517,87 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (tmp_path / "latest.pt").read_bytes() == good
 
 
-def interrupt_after(run, steps_done):
-    """Make `run`'s step send this process a SIGINT, as Ctrl-C does, once `steps_done` steps are done."""
+def test_weights_that_diverge_on_a_checkpoints_step_never_replace_the_last_good_one(tmp_path):
+    """The statistics a checkpoint is checked by are those of the weights before each update: an update that made
+    the weights non-finite on the checkpoint's own step shows only in the weights, which are read there too."""
+    run_steps(tmp_path, 4)
+    good = (tmp_path / "latest.pt").read_bytes()
+    run = setup_run(MODEL, train_cfg(12), DATA, RunOptions(out=tmp_path, resume=True, quiet=True))
+    step = run.step.__class__.__call__
+
+    def diverging_step(self, x):
+        step(self, x)
+        if self.steps_done == 8:  # a checkpoint's step: its losses, read next, are still finite
+            with torch.no_grad():
+                run.D.decoder.out.bias.fill_(float("inf"))
+
+    run.step.__class__ = type("Diverging", (run.step.__class__,), {"__call__": diverging_step})
+    with pytest.raises(TrainingError, match=f"non-finite weights after step 8 .* checkpoint is {tmp_path}/latest.pt"):
+        train(run)
+    assert (tmp_path / "latest.pt").read_bytes() == good
+    assert max(row["step"] for row in reports.read_stats(tmp_path / "stats.jsonl")) == 8  # its losses were finite
+
+
+def interrupt_after(run, steps_done, signum=signal.SIGINT, times=1):
+    """Make `run`'s step send this process `signum` (SIGINT: as Ctrl-C does) `times` times once `steps_done` steps
+    are done."""
     step = run.step.__class__.__call__
 
     def interrupting_step(self, x):
         step(self, x)
         if self.steps_done == steps_done:
-            signal.raise_signal(signal.SIGINT)
+            for _ in range(times):
+                signal.raise_signal(signum)
 
     run.step.__class__ = type("Interrupting", (run.step.__class__,), {"__call__": interrupting_step})
     return run
 
 
-def test_ctrl_c_checkpoints_after_the_step_in_flight(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("times", [1, 2], ids=["once", "with-its-echo"])
+def test_ctrl_c_or_sigterm_checkpoints_after_the_step_in_flight(tmp_path, signum, times):
+    """SIGTERM is how schedulers (a preemption, a time limit), `timeout` and `docker stop` end a run: it stops as
+    Ctrl-C does, with a checkpoint, instead of losing the steps since the last one. The signal's echo (torchrun's
+    launcher repeats it to its workers at once) is the same request."""
     run = setup_run(MODEL, train_cfg(20), DATA, RunOptions(out=tmp_path, quiet=True))
-    train(interrupt_after(run, 3))
-    assert load_checkpoint(tmp_path / "latest.pt")["step"] == 3
+    train(interrupt_after(run, 3, signum, times))
+    assert load_checkpoint(tmp_path / "latest.pt")["step"] == 3 and run.stopped_by == signum
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_second_ctrl_c_after_the_echo_window_stops_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "REPEAT_WINDOW_S", 0.0)  # any repeat comes later than the window
+    run = setup_run(MODEL, train_cfg(20), DATA, RunOptions(out=tmp_path, quiet=True))
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupt_after(run, 3, signal.SIGINT, times=2))
+    assert not (tmp_path / "latest.pt").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_cli_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "signum, status, said",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_cli_ctrl_c_or_sigterm_exits_with_the_signal_and_says_how_to_resume(
+    tmp_path, monkeypatch, capsys, signum, status, said
+):
     """An interrupted run is not a finished one: `train && evaluate` must stop, and no "done" line may claim
-    samples the run never drew. The resume command it prints continues the run."""
+    samples the run never drew; a scheduler reads the signal from the status (128 + its number). The resume command
+    it prints continues the run."""
     script = load_script("train")
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(script, "setup_run", lambda *args, **kwargs: interrupt_after(setup_run(*args, **kwargs), 3))
+    monkeypatch.setattr(
+        script, "setup_run", lambda *args, **kwargs: interrupt_after(setup_run(*args, **kwargs), 3, signum)
+    )
     out = tmp_path / "my run"  # a space: the command printed must quote it
     tiny = ["--image-size", "16", "--batch-size", "4", "--checkpoint-every", "100", "--sample-every", "100"]
-    assert script.main(["--out", str(out), "--quiet", "--device", "cpu", "--steps", "6", *tiny]) == 130
+    assert script.main(["--out", str(out), "--quiet", "--device", "cpu", "--steps", "6", *tiny]) == status
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0] == f"began-fast: new run in {out}"
     assert "  train: 6 steps, gamma 0.7, lambda_k 0.001, Adam betas (0.5, 0.999)" in lines  # the demo preset's
-    assert lines[-2] == f"interrupted at step 3; checkpoint written to {out / 'latest.pt'}"
+    assert lines[-2] == f"{said} at step 3; checkpoint written to {out / 'latest.pt'}"
     assert lines[-1] == f"resume with: python scripts/train.py --out '{out}' --resume --device cpu"
     assert load_checkpoint(out / "latest.pt")["step"] == 3
     monkeypatch.chdir(tmp_path)  # run from elsewhere: the command names the script where it is
