@@ -7,8 +7,8 @@ A run folder is what scripts/train.py writes: config.json, stats.jsonl (a row pe
 with "swd" are evaluations) and latest.pt. Only the steps both runs logged are compared. The verdict goes by
 the mean SWD over the last (up to 3) steps both runs were evaluated at; without evaluations, by the mean M over
 the last common steps (M tracks convergence, not sample quality, so that verdict is weaker and says so).
-Differences within the noise between two runs of one setting are called even: under 15% for SWD, 10% for M
-(about twice the differences measured between two runs of one setting: see EVEN). No verdict is given between
+Differences within the noise between two runs of one setting are called even: under 30% for SWD, 10% for M
+(above the largest differences measured between two runs of one setting: see EVEN). No verdict is given between
 runs whose numbers do not measure the same thing: SWD of another image size, evaluation size or data set, and M
 of another gamma (M = L_real + |gamma L_real - L_fake|). Bad input ends with one line on stderr and exit status 2.
 """
@@ -28,12 +28,14 @@ from began_fast.cli import OneLineParser, check_writable, one_line, output_path 
 from began_fast.config import ConfigError  # noqa: E402
 from began_fast.reports import plot_runs, read_stats, swd_points, training_rows  # noqa: E402
 
-# The relative difference below which the runs are called even, per measure: about twice the run-to-run noise of
-# one setting (README, Results). SWD: two runs of the demo preset with the same seed and settings (other commit and
-# thread count) scored 132.10 and 150.61 at step 6000 (12%); seeds 0 and 1 differed by 7%, 8% and 6% at steps 2000,
-# 4000 and 6000, and by 1% in their mean over the three. M: the mean over the last 10 logged steps of those two seeds
-# differed by 3.9%.
-EVEN = {"SWD": 0.15, "M": 0.10}
+# The relative difference below which the runs are called even, per measure: above the largest difference measured
+# between two runs of one setting (README, Results), with a margin. SWD: the largest is 26%, two runs of the demo
+# preset with the same seed and settings (commits 20f795b and d336f00, other thread counts), 167.85 and 226.59 at step
+# 4000 (217.23 and 238.38 at 2000: 9%; 132.10 and 150.61 at 6000: 12%; 16% in their mean over the three); seeds 0
+# and 1 differed by 7%, 8% and 6% at steps 2000, 4000 and 6000. A verdict may rest on one common evaluation, so the
+# single-snapshot gap sets it. Two pairs of runs are all that was measured: a larger gap may yet turn up. M: the mean
+# over the last 10 logged steps of those two seeds differed by 3.9%.
+EVEN = {"SWD": 0.30, "M": 0.10}
 SWD_TAIL = 3  # common evaluations averaged for the SWD verdict
 M_TAIL = 10  # common logged steps averaged for the M verdict
 # The settings that must match for a verdict by each measure (config.json keys, flattened).
