@@ -16,6 +16,8 @@ from torch.utils.data import Dataset
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+# The first conv of torch-fidelity's FeatureExtractorInceptionV3, whose state dict its weights file holds.
+INCEPTION_STATE_KEY = "Conv2d_1a_3x3.conv.weight"
 
 
 class FIDUnavailableError(ValueError):
@@ -37,12 +39,30 @@ def inception_weights_path(path: str | Path | None = None) -> Path:
     return cached
 
 
+def check_inception_weights(path: Path) -> None:
+    """Refuse a file that is not a state dict of torch-fidelity's Inception: torch-fidelity would fail on it with a
+    traceback from torch.load or load_state_dict, after the SWD was computed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a file that is not a torch.save archive
+        raise FIDUnavailableError(
+            f"the Inception weights {path} cannot be read by torch.load ({type(e).__name__}): expected "
+            f"{INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}"
+        ) from None
+    if not isinstance(state, dict) or INCEPTION_STATE_KEY not in state:
+        raise FIDUnavailableError(
+            f"the Inception weights {path} are not torch-fidelity's Inception state dict (no {INCEPTION_STATE_KEY}): "
+            f"expected {INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}"
+        )
+
+
 def require_fid(weights: str | Path | None = None) -> Path:
     """Check, before any work is done, that FID can be computed: the weights file and the library, both told in one
     line when both are missing. Returns the weights file."""
     missing = []
     try:
         path = inception_weights_path(weights)
+        check_inception_weights(path)
     except FIDUnavailableError as e:
         missing.append(str(e))
     if importlib.util.find_spec("torch_fidelity") is None:

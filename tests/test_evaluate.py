@@ -85,6 +85,8 @@ def test_evaluate_script_end_to_end(tiny_checkpoint, tmp_path):
         (["{ckpt}", "--fid"], INCEPTION_WEIGHTS_FILE),
         (["{ckpt}", "--fid", "--num", "1"], "--fid needs --num >= 2"),
         (["{ckpt}", "--fid", "--inception-weights", "{tmp}/w.pth"], "is not a file"),
+        (["{ckpt}", "--fid", "--inception-weights", "{tmp}/a_file"], "cannot be read by torch.load (EOFError)"),
+        (["{ckpt}", "--fid", "--inception-weights", "{ckpt}"], "are not torch-fidelity's Inception state dict"),
         (["{ckpt}", "--json", "{tmp}/a_file/report.json"], "a_file is a file, not a folder"),  # before evaluating
         (["{ckpt}", "--json", "{tmp}/report.json"], "is a folder; expected a file name"),
         (["{ckpt}", "--json", "{ckpt}"], "--json must name a .json file (it is replaced), got"),  # not a checkpoint

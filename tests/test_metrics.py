@@ -1,6 +1,6 @@
 """SWD (Karras et al. 2018) and the evaluation of a trained G and D: the method against a transcription of the
 published code, its behaviour as a distance (a small floor on identical sets, growing with the corruption, small
-between two draws of one distribution), determinism, and FID's one-line error when its weights are missing."""
+between two draws of one distribution), determinism, and FID's one-line error when its weights are missing or wrong."""
 
 import importlib.machinery
 import importlib.util
@@ -14,7 +14,14 @@ import torch
 
 from began_fast.config import ModelConfig
 from began_fast.data.builtin import BuiltinFaces
-from began_fast.fid import INCEPTION_WEIGHTS_FILE, FIDUnavailableError, fid, inception_weights_path, require_fid
+from began_fast.fid import (
+    INCEPTION_STATE_KEY,
+    INCEPTION_WEIGHTS_FILE,
+    FIDUnavailableError,
+    fid,
+    inception_weights_path,
+    require_fid,
+)
 from began_fast.metrics import (
     MetricError,
     evaluate_models,
@@ -292,6 +299,21 @@ def test_evaluate_models_refuses_a_diverged_network(network, message):
         evaluate_models(G, D, BuiltinFaces(4, 16, seed=0).images, num=4)
 
 
+def _stand_in_weights(tmp_path):
+    """A weights file that passes require_fid's check (a state dict with the Inception's first conv), for the tests
+    whose torch-fidelity is a stand-in that never reads it."""
+    weights = tmp_path / INCEPTION_WEIGHTS_FILE
+    torch.save({INCEPTION_STATE_KEY: torch.zeros(1)}, weights)
+    return weights
+
+
+def _stand_in_torch_fidelity(monkeypatch, calculate_metrics, key):
+    fake = types.ModuleType("torch_fidelity")
+    fake.__spec__ = importlib.machinery.ModuleSpec("torch_fidelity", None)
+    fake.calculate_metrics, fake.KEY_METRIC_FID = calculate_metrics, key
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
+
+
 def test_fid_without_weights_says_which_file_goes_where(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
@@ -314,10 +336,32 @@ def test_fid_finds_the_weights_in_the_hub_cache(tmp_path, monkeypatch):
 def test_fid_without_torch_fidelity_says_how_to_install(tmp_path):
     if importlib.util.find_spec("torch_fidelity") is not None:
         pytest.skip("torch-fidelity is installed")
-    weights = tmp_path / INCEPTION_WEIGHTS_FILE
-    weights.write_bytes(b"")
-    with pytest.raises(FIDUnavailableError, match=r"pip install torch-fidelity torchvision"):
+    with pytest.raises(FIDUnavailableError, match=r"^FID needs torch-fidelity and torchvision: pip install"):
+        require_fid(_stand_in_weights(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "cannot be read by torch.load (EOFError)"),
+        (b"not weights", "cannot be read by torch.load (UnpicklingError)"),
+        (torch.zeros(3), f"are not torch-fidelity's Inception state dict (no {INCEPTION_STATE_KEY})"),
+        ({"G": {"decoder.fc.weight": torch.zeros(1)}}, "are not torch-fidelity's Inception state dict"),  # a checkpoint
+    ],
+)
+def test_fid_refuses_a_weights_file_that_is_not_torch_fidelitys_inception(tmp_path, monkeypatch, content, message):
+    """Checked up front, in one line: torch-fidelity would end in a traceback from torch.load after the SWD."""
+    _stand_in_torch_fidelity(monkeypatch, None, "fid")
+    weights = tmp_path / "w.pth"
+    if isinstance(content, bytes):
+        weights.write_bytes(content)
+    else:
+        torch.save(content, weights)
+    with pytest.raises(FIDUnavailableError) as error:
         require_fid(weights)
+    assert str(error.value).startswith(f"the Inception weights {weights} {message}") and "\n" not in str(error.value)
+    assert INCEPTION_WEIGHTS_FILE in str(error.value)
+    assert require_fid(_stand_in_weights(tmp_path)) == tmp_path / INCEPTION_WEIGHTS_FILE
 
 
 def test_fid_without_weights_or_torch_fidelity_says_both_at_once(tmp_path, monkeypatch):
@@ -341,12 +385,8 @@ def test_fid_hands_torch_fidelity_uint8_image_datasets_and_the_weights(tmp_path,
         calls.update(kwargs)
         return {"frechet_inception_distance": 12.5}
 
-    fake = types.ModuleType("torch_fidelity")
-    fake.__spec__ = importlib.machinery.ModuleSpec("torch_fidelity", None)
-    fake.calculate_metrics, fake.KEY_METRIC_FID = calculate_metrics, "frechet_inception_distance"
-    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
-    weights = tmp_path / INCEPTION_WEIGHTS_FILE
-    weights.write_bytes(b"")
+    _stand_in_torch_fidelity(monkeypatch, calculate_metrics, "frechet_inception_distance")
+    weights = _stand_in_weights(tmp_path)
     a = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     b = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     assert fid(a, b, weights=weights) == 12.5
@@ -357,12 +397,8 @@ def test_fid_hands_torch_fidelity_uint8_image_datasets_and_the_weights(tmp_path,
 def test_evaluate_models_refuses_fid_of_one_image_and_a_non_finite_fid(tmp_path, monkeypatch):
     """One image has no covariance (torch-fidelity then fails inside numpy, or returns NaN): refused before G runs;
     a FID that still comes out NaN is one line, not a NaN written into the JSON report."""
-    fake = types.ModuleType("torch_fidelity")
-    fake.__spec__ = importlib.machinery.ModuleSpec("torch_fidelity", None)
-    fake.calculate_metrics, fake.KEY_METRIC_FID = lambda **kwargs: {"fid": float("nan")}, "fid"
-    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
-    weights = tmp_path / INCEPTION_WEIGHTS_FILE
-    weights.write_bytes(b"")
+    _stand_in_torch_fidelity(monkeypatch, lambda **kwargs: {"fid": float("nan")}, "fid")
+    weights = _stand_in_weights(tmp_path)
     G, D = _tiny_models()
     real, fid_args = BuiltinFaces(4, 16, seed=0).images, {"with_fid": True, "inception_weights": str(weights)}
     with pytest.raises(MetricError, match="must be >= 2 for FID"):
