@@ -255,6 +255,24 @@ def test_evaluate_script_warns_in_one_line(tiny_checkpoint, tmp_path, capsys):
     assert err.count("\n") == 1, err
 
 
+def test_evaluate_script_reports_ds_error_on_the_held_out_count_below_num(tiny_checkpoint, tmp_path, capsys):
+    """A folder run that held out 2 images, evaluated with --num 4: D's error is measured on those 2, and the table
+    and JSON say 2, not --num."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(draw_faces(1, 20, seed=i)[0]).save(folder / f"{i}.png")
+    state = load_checkpoint(tiny_checkpoint[0])
+    state["data_config"] = dataclasses.asdict(DataConfig(path=str(folder), holdout=2))
+    save_checkpoint(tmp_path / "folder_run.pt", state)
+    out = tmp_path / "eval.json"
+    argv = [str(tmp_path / "folder_run.pt"), "--data", str(folder), "--num", "4", "--device", "cpu", "--json", str(out)]
+    assert load_script("evaluate").main(argv) == 0
+    assert "on 2 held-out images" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["num"] == 4 and report["recon_images"] == "held-out" and report["recon_num"] == 2
+
+
 def test_evaluation_on_the_runs_own_celeba_folder_however_it_is_named(tmp_path):
     """A CelebA folder is named by itself or by its parent: either way it is the data the run trained on, so its
     crop and held-out images are the run's, not another data set's defaults."""
@@ -280,13 +298,14 @@ def test_evaluation_on_the_runs_own_celeba_folder_however_it_is_named(tmp_path):
         assert "celeba crop" in real.describe() and held_out is None and recon_images == "held-out"
 
 
-def _write_run(folder, *, lr, m_of_step, steps, swd=None, image_size=16, **train):
+def _write_run(folder, *, lr, m_of_step, steps, swd=None, image_size=16, data=None, **train):
     """A run folder as scripts/train.py writes it, with M = m_of_step(step) and SWD evaluations {step: value}."""
     folder.mkdir()
     model = dataclasses.replace(TINY, image_size=image_size)
     config = {
         "model": dataclasses.asdict(model),
         "train": dataclasses.asdict(TrainConfig(lr=lr, lr_floor=lr / 5, **train)),
+        "data": dataclasses.asdict(DataConfig(**(data or {}))),
     }
     (folder / "config.json").write_text(json.dumps(config))
     rows = [{"step": s, "m": m_of_step(s), "k": 0.01, "lr": lr} for s in steps]
@@ -355,11 +374,17 @@ def test_compare_runs_judges_swd_over_its_last_evaluations_and_within_run_to_run
         _write_run(tmp_path / name, lr=1e-4, m_of_step=lambda s: 0.2, steps=[step], swd={step: swd})
         for name, step, swd in [("c", 4000, 167.85), ("d", 4000, 226.59), ("e", 10000, 89.67), ("f", 10000, 131.28)]
     ]
-    pairs = [(a, b), snapshots[:2], snapshots[2:]]
+    # Four common evaluations: the last three say g is better, the first three h.
+    steps = range(2000, 8001, 2000)
+    g = _write_run(tmp_path / "g", lr=1e-4, m_of_step=lambda s: 0.2, steps=steps, swd=dict.fromkeys(steps, 100.0))
+    h_swd = {2000: 10, 4000: 80, 6000: 80, 8000: 290}
+    h = _write_run(tmp_path / "h", lr=1e-4, m_of_step=lambda s: 0.2, steps=steps, swd=h_swd)
+    pairs = [(a, b), snapshots[:2], snapshots[2:], (g, h)]
     verdicts = [json.loads(compare([x, y, "--json"])[1])["verdict"] for x, y in pairs]
     assert verdicts[0] == "a is better than b: mean SWD at steps 2000, 4000, 6000 100 (a) vs 160 (b)"
     assert verdicts[1] == "even: SWD at step 4000 167.8 vs 226.6 differ by less than 30%, within two runs' noise"
     assert verdicts[2] == "e is better than f: SWD at step 10000 89.67 (e) vs 131.3 (f)"
+    assert verdicts[3] == "g is better than h: mean SWD at steps 4000, 6000, 8000 100 (g) vs 150 (h)"
 
 
 def test_compare_runs_keeps_each_runs_swd_whatever_the_runs_are_named(tmp_path, compare):
@@ -384,6 +409,8 @@ def test_compare_runs_without_evaluations_judges_by_m_and_calls_small_difference
     [
         ({"image_size": 32}, True, "SWD does not compare runs with different model.image_size 16 vs 32"),
         ({"eval_images": 1024}, True, "SWD does not compare runs with different train.eval_images 512 vs 1024"),
+        ({"data": {"path": "c64.h5"}}, True, "SWD does not compare runs with different data.path None vs c64.h5"),
+        ({"data": {"builtin_seed": 1}}, True, "SWD does not compare runs with different data.builtin_seed 0 vs 1"),
         ({"gamma": 0.7}, False, "M does not compare runs with different train.gamma 0.5 vs 0.7"),
         ({"gamma": 0.7}, True, None),  # SWD compares the samples, whatever gamma trained them
     ],
