@@ -73,6 +73,11 @@ def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_
         real = BuiltinFaces(num, image_size, trained_on.builtin_seed)
         return real, BuiltinFaces(num, image_size, trained_on.builtin_seed, first=training).images, "held-out"
     if path is None:
+        warnings.warn(
+            f"the checkpoint trained on {trained_on.path}, but without --data it is scored against the built-in "
+            f"faces: pass --data {trained_on.path} to score it against the data it trained on",
+            stacklevel=2,
+        )
         return BuiltinFaces(num, image_size, seed=0), None, "held-out"
     same = trained_on.path is not None and _same_source(trained_on.path, path)  # None: the run's data is gone
     if same or same is None and trained_images is not None:

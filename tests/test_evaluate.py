@@ -58,7 +58,7 @@ def test_evaluate_script_end_to_end(tiny_checkpoint, tmp_path):
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # no warning: it trained on the built-in faces
     assert "SWD x1e3" in done.stdout and "(step 123)" in done.stdout
     assert "D recon L1" in done.stdout and "on 8 held-out images" in done.stdout
     report = json.loads(out.read_text())
@@ -255,9 +255,8 @@ def test_evaluate_script_warns_in_one_line(tiny_checkpoint, tmp_path, capsys):
     assert err.count("\n") == 1, err
 
 
-def test_evaluate_script_reports_ds_error_on_the_held_out_count_below_num(tiny_checkpoint, tmp_path, capsys):
-    """A folder run that held out 2 images, evaluated with --num 4: D's error is measured on those 2, and the table
-    and JSON say 2, not --num."""
+def _folder_run(tiny_checkpoint, tmp_path):
+    """(checkpoint, folder): the tiny checkpoint as if trained on a folder of 6 faces holding out the last 2."""
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(6):
@@ -265,12 +264,34 @@ def test_evaluate_script_reports_ds_error_on_the_held_out_count_below_num(tiny_c
     state = load_checkpoint(tiny_checkpoint[0])
     state["data_config"] = dataclasses.asdict(DataConfig(path=str(folder), holdout=2))
     save_checkpoint(tmp_path / "folder_run.pt", state)
+    return tmp_path / "folder_run.pt", folder
+
+
+def test_evaluate_script_reports_ds_error_on_the_held_out_count_below_num(tiny_checkpoint, tmp_path, capsys):
+    """A folder run that held out 2 images, evaluated with --num 4: D's error is measured on those 2, and the table
+    and JSON say 2, not --num."""
+    checkpoint, folder = _folder_run(tiny_checkpoint, tmp_path)
     out = tmp_path / "eval.json"
-    argv = [str(tmp_path / "folder_run.pt"), "--data", str(folder), "--num", "4", "--device", "cpu", "--json", str(out)]
+    argv = [str(checkpoint), "--data", str(folder), "--num", "4", "--device", "cpu", "--json", str(out)]
     assert load_script("evaluate").main(argv) == 0
     assert "on 2 held-out images" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["num"] == 4 and report["recon_images"] == "held-out" and report["recon_num"] == 2
+
+
+def test_evaluate_script_warns_that_a_folder_run_without_data_is_scored_against_the_built_in_faces(
+    tiny_checkpoint, tmp_path, capsys
+):
+    """Without --data the built-in faces stand in for the data the run trained on (as before), with one warning that
+    names that data and the flag; a run of the built-in faces gets none (test_evaluate_script_end_to_end)."""
+    checkpoint, folder = _folder_run(tiny_checkpoint, tmp_path)
+    assert load_script("evaluate").main([str(checkpoint), "--num", "4", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"warning: the checkpoint trained on {folder}, but without --data it is scored against the built-in faces: "
+        f"pass --data {folder} to score it against the data it trained on\n"
+    )
+    assert "real data    builtin faces: 4 images" in captured.out
 
 
 def test_evaluation_on_the_runs_own_celeba_folder_however_it_is_named(tmp_path):
