@@ -8,6 +8,7 @@ says where to put which file, never a silent skip.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -100,15 +101,19 @@ def fid(
     weights_path = require_fid(weights)
     import torch_fidelity
 
-    metrics = torch_fidelity.calculate_metrics(
-        input1=_Images(images_a.cpu()),
-        input2=_Images(images_b.cpu()),
-        fid=True,
-        feature_extractor_weights_path=str(weights_path),
-        cuda=torch.device(device).type == "cuda",
-        batch_size=batch_size,
-        cache=False,
-        save_cpu_ram=True,  # its DataLoader then reads our in-memory tensors in-process, without 4 worker processes
-        verbose=False,
-    )
+    device = torch.device(device)
+    # torch-fidelity takes only cuda=True and moves its network and batches with .cuda(), onto the current CUDA
+    # device: cuda:N is made the current one while it runs (not yet run on a machine with several GPUs).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        metrics = torch_fidelity.calculate_metrics(
+            input1=_Images(images_a.cpu()),
+            input2=_Images(images_b.cpu()),
+            fid=True,
+            feature_extractor_weights_path=str(weights_path),
+            cuda=device.type == "cuda",
+            batch_size=batch_size,
+            cache=False,
+            save_cpu_ram=True,  # its DataLoader then reads our in-memory tensors in-process, without 4 worker processes
+            verbose=False,
+        )
     return float(metrics[torch_fidelity.KEY_METRIC_FID])

@@ -2,6 +2,7 @@
 published code, its behaviour as a distance (a small floor on identical sets, growing with the corruption, small
 between two draws of one distribution), determinism, and FID's one-line error when its weights are missing or wrong."""
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import sys
@@ -392,6 +393,27 @@ def test_fid_hands_torch_fidelity_uint8_image_datasets_and_the_weights(tmp_path,
     assert fid(a, b, weights=weights) == 12.5
     assert calls["fid"] and calls["feature_extractor_weights_path"] == str(weights) and not calls["cuda"]
     assert len(calls["input1"]) == 3 and torch.equal(calls["input1"][2], a[2]) and torch.equal(calls["input2"][0], b[0])
+
+
+def test_fid_runs_torch_fidelity_on_the_cuda_device_it_is_given(tmp_path, monkeypatch):
+    """torch-fidelity's cuda=True means the current CUDA device: --device cuda:1 must be made the current one while
+    it runs, not leave it on cuda:0 (a stand-in for torch.cuda.device records it; no GPU is needed)."""
+    current, seen = [], []
+
+    @contextlib.contextmanager
+    def cuda_device(device):
+        current.append(device)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", cuda_device)
+    _stand_in_torch_fidelity(
+        monkeypatch, lambda **kwargs: seen.append((list(current), kwargs["cuda"])) or {"f": 1}, "f"
+    )
+    images, weights = torch.zeros(2, 3, 16, 16, dtype=torch.uint8), _stand_in_weights(tmp_path)
+    for device in ("cuda:1", "cpu"):
+        assert fid(images, images, weights=weights, device=device) == 1
+    assert seen == [([torch.device("cuda:1")], True), ([], False)]
 
 
 def test_evaluate_models_refuses_fid_of_one_image_and_a_non_finite_fid(tmp_path, monkeypatch):
