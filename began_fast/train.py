@@ -232,6 +232,8 @@ def setup_run(
             D.load_state_dict(state["D"])
             step.load_state_dict(state["trainer"])
             fixed_z = state["fixed_z"].to(device)
+            if fixed_z.shape != (SAMPLE_GRID, model_cfg.z_size):  # else the first sample grid fails, hours in
+                raise ValueError(f"fixed_z is {tuple(fixed_z.shape)}, expected ({SAMPLE_GRID}, {model_cfg.z_size})")
             saved_position = state.get("data_position")
             saved_position = None if saved_position is None else (int(saved_position[0]), int(saved_position[1]))
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:  # a missing entry, a wrong shape

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
@@ -235,6 +237,10 @@ def main(argv=None) -> int:
         return 2
     except (DataError, CheckpointError, MetricError, TrainingError, OSError) as e:
         say_line(f"error: {rank}{one_line(e)}")
+        return 2
+    except torch.OutOfMemoryError as e:  # the batch or the images are too large for this GPU: bad input too
+        first = one_line(e).split(". ")[0]  # "CUDA out of memory. Tried to allocate ...": its first sentence
+        say_line(f"error: {rank}{first}: the step does not fit this GPU's memory; lower --batch-size or --image-size")
         return 2
     except CollectiveError as e:  # its message names the rank
         say_line(f"error: {e}")

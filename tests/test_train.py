@@ -610,6 +610,23 @@ def test_cli_ctrl_c_or_sigterm_exits_with_the_signal_and_says_how_to_resume(
     assert load_checkpoint(out / "latest.pt")["step"] == 6
 
 
+def test_cli_out_of_gpu_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    """A batch or image size too large for the GPU is bad input: one line that says what to lower, status 2."""
+    script = load_script("train")
+
+    def out_of_memory(run):
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.2 GiB "
+            "is free.\nIf reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF"
+        )
+
+    monkeypatch.setattr(script, "train", out_of_memory)
+    assert script.main(["--out", str(tmp_path / "run"), "--quiet", "--device", "cpu", "--image-size", "16"]) == 2
+    assert capsys.readouterr().err == (
+        "error: CUDA out of memory: the step does not fit this GPU's memory; lower --batch-size or --image-size\n"
+    )
+
+
 def cli(*args, env=None):
     """scripts/train.py run as a user runs it, on the CPU unless `args` name a device: the CLI's behaviour is the
     same on every machine (on a GPU machine the default would be cuda, the gpu64 preset and compiled kernels)."""
@@ -823,6 +840,18 @@ def test_a_checkpoint_of_another_version_or_edited_is_refused_by_every_reader(tm
     for read in (lambda: load_models(tmp_path), lambda: run_steps(tmp_path, 4, resume=True)):
         with pytest.raises(CheckpointError, match=message):
             read()
+
+
+def test_a_resume_refuses_sample_noise_of_another_shape_before_the_first_step(tmp_path):
+    """The fixed z is read at the first sample step only, which can be hours into a resumed run."""
+    run_steps(tmp_path, 2)
+    state = load_checkpoint(tmp_path / "latest.pt")
+    state["fixed_z"] = torch.zeros(64, 7)
+    torch.save(state, tmp_path / "latest.pt")
+    with pytest.raises(
+        CheckpointError, match=r"does not fit .*\(ValueError: fixed_z is \(64, 7\), expected \(64, 4\)\)"
+    ):
+        setup_run(MODEL, train_cfg(4), DATA, RunOptions(out=tmp_path, resume=True, quiet=True))
 
 
 def test_cli_reference_step_runs_on_plain_pytorch_layers(tmp_path):
