@@ -7,15 +7,18 @@ grid.png: a grid of G(z), z ~ U(-1, 1) (square for a square --grid). interpolati
 random z to another along the great circle (slerp), as in the BEGAN paper's Figure 4. OUT/images/ holds exactly
 the --num images of the last call that finished: they are drawn beside it first and replace the numbered PNGs an
 earlier call left there only once all are drawn, so an FID tool reading the folder never mixes two calls' images and
-a call that fails or is interrupted leaves the earlier ones. Errors end with one line on stderr, exit 2.
+a call that fails or is interrupted leaves the earlier ones (a Ctrl-C while one set replaces the other waits for the
+end of it). Errors end with one line on stderr, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -90,13 +93,27 @@ def write_single_images(G, z: torch.Tensor, device, folder: Path) -> None:
             for image in reports.to_uint8_hwc(generate(G, chunk, device)):
                 Image.fromarray(image).save(drawing / f"{index:06d}.png")
                 index += 1
-        for earlier in folder.glob("*.png"):  # numbered as this function numbers them: an earlier call's images
-            if NUMBERED.fullmatch(earlier.name):
-                earlier.unlink()
-        for drawn in sorted(drawing.iterdir()):
-            os.replace(drawn, folder / drawn.name)
+        with ctrl_c_held():  # the earlier set out and this one in: a Ctrl-C meanwhile would leave part of each
+            for earlier in folder.glob("*.png"):  # numbered as this function numbers them: an earlier call's images
+                if NUMBERED.fullmatch(earlier.name):
+                    earlier.unlink()
+            for drawn in sorted(drawing.iterdir()):
+                os.replace(drawn, folder / drawn.name)
     finally:
         shutil.rmtree(drawing, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """A Ctrl-C during the block is raised once the block is done."""
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -134,7 +151,10 @@ def main(argv=None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; what the last call that finished wrote is as it was", file=sys.stderr)
+        print(
+            "error: interrupted; each picture and images/ is whole, as this call or an earlier one wrote it",
+            file=sys.stderr,
+        )
         return 130
     written = [name for name, asked in (("grid.png", args.grid), ("interpolation.png", args.interp_rows)) if asked]
     written += [f"{args.num} images in images/"] if args.num else []

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -219,11 +220,24 @@ def test_sample_script_keeps_the_earlier_images_when_a_call_fails_or_is_interrup
 
     monkeypatch.setattr(sample.Image.Image, "save", save_then_interrupt)
     assert sample.main([str(tiny_checkpoint[0]), "--num", "3", "--seed", "1", *draw]) == 130
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        "error: interrupted; what the last call that finished wrote is as it was"
-    )
+    interrupted = "error: interrupted; each picture and images/ is whole, as this call or an earlier one wrote it"
+    assert capsys.readouterr().err.splitlines()[-1] == interrupted
     assert saved and {p.name: p.read_bytes() for p in (out / "images").iterdir()} == earlier
     assert sorted(p.name for p in out.iterdir()) == ["images"]
+    # A Ctrl-C while the earlier set goes out and the new one in waits for the end of it: one whole set.
+    monkeypatch.undo()
+    replace = os.replace
+
+    def replace_then_press_ctrl_c(source, target):
+        replace(source, target)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(sample.os, "replace", replace_then_press_ctrl_c)
+    assert sample.main([str(tiny_checkpoint[0]), "--num", "4", "--seed", "2", *draw]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == interrupted
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert sorted(p.name for p in out.iterdir()) == ["images"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     # A SIGKILLed call cannot remove its temporary folder: the next call does, and leaves other programs' alone,
     # and a trainer's checkpoint in the writing (--out may be the run folder).
     killed, others = out / f".images.k1ll3d{TEMPORARY_SUFFIX}", out / ".images.backup"
