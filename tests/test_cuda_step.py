@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+import began_fast.train as training
 from began_fast.config import DataConfig, ModelConfig, TrainConfig
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
@@ -157,6 +158,50 @@ def test_the_gpu_resident_loader_in_the_graph_gathers_the_torch_loaders_batches(
         strict=True,
     ):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "amp, cuda_graphs, loader",
+    [("bf16", True, "gpu"), ("bf16", True, "torch"), ("fp16", True, "gpu"), ("bf16", False, "torch")],
+    ids=["graph-gpu-loader", "graph-torch-loader", "graph-fp16", "eager"],
+)
+def test_the_loop_waits_for_the_gpu_only_where_it_reads_its_statistics(tmp_path, monkeypatch, amp, cuda_graphs, loader):
+    """Between two log steps the loop queues work and reads nothing back: a step that waited for the GPU (an
+    .item(), a copy to the host, a blocking copy in, a skipped-step check on the host) would cost the time the
+    queue hides. Under torch.cuda.set_sync_debug_mode("error") each such call raises; the loop runs under it from
+    each step (after the first two, which may compile) to the next call that may read the device: the statistics'
+    read, the weights' check, the checkpoint, the pictures and the evaluation."""
+    steps = []
+
+    def strict(feed):
+        def step():
+            steps.append(None)
+            if len(steps) > 2:
+                torch.cuda.set_sync_debug_mode("error")
+            feed()
+
+        return step
+
+    def lenient(reads):
+        def read(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode(0)
+            return reads(*args, **kwargs)
+
+        return read
+
+    make_feed = training.make_feed
+    monkeypatch.setattr(training, "make_feed", lambda run, batches: strict(make_feed(run, batches)))
+    for name in ("log_window", "check_weights", "write_checkpoint", "write_pictures", "evaluate"):
+        monkeypatch.setattr(training, name, lenient(getattr(training, name)))
+    model = ModelConfig(image_size=16, n=8, h=8)
+    train_cfg = TrainConfig(batch_size=4, steps=16, log_every=8, sample_every=16, checkpoint_every=16)
+    data = DataConfig(builtin_count=64, num_workers=0, loader=loader)
+    opts = RunOptions(out=tmp_path, device="cuda", amp=amp, cuda_graphs=cuda_graphs, quiet=True)
+    try:
+        train(setup_run(model, train_cfg, data, opts))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(steps) == 16 and torch.cuda.get_sync_debug_mode() == 0
 
 
 def test_the_capture_lets_other_threads_call_cuda():
