@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, field
 
 IMAGE_SIZES = (16, 32, 64, 128, 256)
+# A batch draws its images from the data set without repeats, so it is at most the data set's size: this is five times
+# CelebA's 202,599, and keeps a mistyped batch from sizing tensors past what torch can allocate (2**62 overflows).
+MAX_BATCH_SIZE = 2**20
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 
@@ -93,7 +96,10 @@ class TrainConfig:
     eval_images: int = 512
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _require(
+            1 <= self.batch_size <= MAX_BATCH_SIZE,
+            f"batch_size must be in [1, {MAX_BATCH_SIZE}], got {self.batch_size}",
+        )
         _require(0 < self.lr < math.inf, f"lr must be a finite number > 0, got {self.lr}")
         _require(0 <= self.seed < 2**63 - 1, f"seed must be in [0, 2**63 - 1), got {self.seed}")
         _require(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -43,6 +44,9 @@ from began_fast.data import DataError  # noqa: E402
 from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, machine_cores, start, stop  # noqa: E402
 from began_fast.metrics import MetricError  # noqa: E402
 from began_fast.train import RunOptions, TrainingError, setup_run, train  # noqa: E402
+
+# A failed CPU allocation (torch's DefaultCPUAllocator): "... can't allocate memory: you tried to allocate N bytes."
+CPU_OUT_OF_MEMORY = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +249,15 @@ def main(argv=None) -> int:
     except CollectiveError as e:  # its message names the rank
         say_line(f"error: {e}")
         return 1
+    except RuntimeError as e:  # the CPU allocator's OutOfMemoryError; after CollectiveError, a RuntimeError too
+        tried = CPU_OUT_OF_MEMORY.search(str(e))
+        if tried is None:
+            raise
+        say_line(
+            f"error: {rank}cannot allocate {int(tried[1]):,} bytes: the step does not fit this machine's memory; "
+            "lower --batch-size or --image-size"
+        )
+        return 2
     except KeyboardInterrupt:  # a Ctrl-C before the loop took over, or a second one
         say_line(f"error: {rank}interrupted")
         return 130

@@ -627,6 +627,27 @@ def test_cli_out_of_gpu_memory_is_one_line(tmp_path, monkeypatch, capsys):
     )
 
 
+def test_cli_out_of_cpu_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    """On a CPU the allocator's failure is a plain RuntimeError, not torch.OutOfMemoryError: the same one line."""
+    script = load_script("train")
+
+    def out_of_memory(run):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 400000000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(script, "train", out_of_memory)
+    assert script.main(["--out", str(tmp_path / "run"), "--quiet", "--device", "cpu", "--image-size", "16"]) == 2
+    assert capsys.readouterr().err == (
+        "error: cannot allocate 400,000,000,000 bytes: the step does not fit this machine's memory; lower "
+        "--batch-size or --image-size\n"
+    )
+    monkeypatch.setattr(script, "train", lambda run: (_ for _ in ()).throw(RuntimeError("another error")))
+    with pytest.raises(RuntimeError, match="another error"):  # any other RuntimeError is a bug, not bad input
+        script.main(["--out", str(tmp_path / "run2"), "--quiet", "--device", "cpu", "--image-size", "16"])
+
+
 def cli(*args, env=None):
     """scripts/train.py run as a user runs it, on the CPU unless `args` name a device: the CLI's behaviour is the
     same on every machine (on a GPU machine the default would be cuda, the gpu64 preset and compiled kernels)."""
@@ -664,6 +685,9 @@ def cli(*args, env=None):
         (["--seed", str(2**64 - 1)], "error: --seed must be in [0, 2**63 - 1)", {}),
         (["--eval-images", "64"], "error: --eval-images sizes the SWD evaluations, and this run has none: give", {}),
         (["--workers", "100000"], "] (4 per core), got 100000", {}),  # not 100,000 processes, then out of memory
+        # Not a batch torch cannot size (2**62: "Storage size calculation overflowed", a traceback) or unpack.
+        (["--batch-size", str(2**62)], f"error: --batch-size must be in [1, 1048576], got {2**62}", {}),
+        (["--batch-size", str(2**64)], f"error: --batch-size must be in [1, 1048576], got {2**64}", {}),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, message, env):
