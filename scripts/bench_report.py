@@ -134,11 +134,37 @@ def read_run(path: Path, may_be_empty: bool = False) -> dict:
         if may_be_empty:
             return data
         raise ReportError(f"{path} holds no benchmarks; expected the --benchmark-json of a bench/ suite")
+    check_layout(path, data)
     unknown = [name for name, value in run_info(data).items() if value.startswith("unknown")]
     if unknown:
         hint = "; on a machine without git, set BEGAN_FAST_COMMIT" if "commit" in unknown else ""
         raise ReportError(f"{path} does not name its {', '.join(unknown)} (bench/conftest.py records them){hint}")
     return data
+
+
+def check_layout(path: Path, data: dict) -> None:
+    """ReportError unless `data` is laid out as pytest-benchmark writes it and bench/conftest.py annotates it (what
+    run_info and collect_rows read): a hand-edited or foreign file would otherwise fail with a traceback."""
+    machine, commit = data.get("machine_info", {}), data.get("commit_info", {})
+    if not (isinstance(machine, dict) and isinstance(commit, dict) and isinstance(data["benchmarks"], list)):
+        raise ReportError(f"{path}: machine_info, commit_info or benchmarks is not as pytest-benchmark writes them")
+    header = [data.get("datetime"), *(machine.get(key) for key in ("cuda_device", "cuda_uuid", "torch", "triton"))]
+    header += [machine.get("git_commit"), commit.get("id")]
+    if not all(value is None or isinstance(value, str) for value in header):
+        raise ReportError(f"{path}: its datetime, device, versions or commit are not text")
+    for bench in data["benchmarks"]:
+        name = bench.get("name") if isinstance(bench, dict) else bench
+        stats, info = (bench.get("stats"), bench.get("extra_info", {})) if isinstance(bench, dict) else (None, None)
+        if not (isinstance(stats, dict) and _positive(stats.get("median")) and isinstance(info, dict)):
+            raise ReportError(f"{path}: benchmark {name!r} has no stats.median > 0 or no extra_info object")
+        if not _positive(info.get("calls_per_round", 1)) or not (info.get("flop") is None or _positive(info["flop"])):
+            raise ReportError(f"{path}: benchmark {name!r} has a calls_per_round or flop that is not a number > 0")
+        if not all(isinstance(info.get(key, ""), (str, int)) for key in ROW_KEYS):
+            raise ReportError(f"{path}: benchmark {name!r} has an extra_info {', '.join(ROW_KEYS)} not text or number")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 def merge_runs(json_paths: list[Path]) -> dict:

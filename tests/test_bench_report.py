@@ -177,6 +177,43 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, mes
     assert readme.read_text() == before and not (tmp_path / "r").exists()
 
 
+def edited(edit):
+    """SYNTHETIC as JSON with `edit` applied to a copy of it."""
+    data = json.loads(json.dumps(SYNTHETIC))
+    edit(data)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (edited(lambda d: d["benchmarks"][0].pop("stats")), "has no stats.median > 0 or no extra_info object"),
+        (edited(lambda d: d["benchmarks"][0]["stats"].update(median="fast")), "has no stats.median > 0"),
+        (edited(lambda d: d["benchmarks"][0]["stats"].update(median=0)), "has no stats.median > 0"),
+        (edited(lambda d: d["benchmarks"][0].update(extra_info=None)), "or no extra_info object"),
+        (edited(lambda d: d.update(benchmarks=["x"])), "benchmark 'x' has no stats.median > 0"),
+        (edited(lambda d: d.update(benchmarks={"a": 1})), "machine_info, commit_info or benchmarks is not as"),
+        (edited(lambda d: d.update(machine_info=[1])), "machine_info, commit_info or benchmarks is not as"),
+        (edited(lambda d: d.update(datetime=20310203)), "its datetime, device, versions or commit are not text"),
+        (edited(lambda d: d["machine_info"].update(cuda_device=5)), "its datetime, device, versions or commit are"),
+        (edited(lambda d: d["benchmarks"][0]["extra_info"].update(calls_per_round=0)), "a calls_per_round or flop"),
+        (edited(lambda d: d["benchmarks"][0]["extra_info"].update(flop="many")), "a calls_per_round or flop"),
+        (edited(lambda d: d["benchmarks"][0]["extra_info"].update(layer=["a"])), "provider not text or number"),
+    ],
+)
+def test_a_file_not_laid_out_as_pytest_benchmark_writes_it_is_one_line(tmp_path, capsys, content, message):
+    """Each of these ended in a traceback (KeyError, TypeError, ZeroDivisionError, AttributeError) before."""
+    source = tmp_path / "run.json"
+    source.write_text(content)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:kernels:start -->\nNo GPU run has been recorded yet.\n<!-- bench:kernels:end -->\n")
+    before = readme.read_text()
+    rc = bench_report.main([str(source), "--suite", "kernels", "--out-dir", str(tmp_path / "r"), f"--readme={readme}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: {source}: ") and err.count("\n") == 1 and message in err, err
+    assert readme.read_text() == before and not (tmp_path / "r").exists()
+
+
 def test_a_readme_named_but_missing_is_refused(tmp_path, capsys):
     source = tmp_path / "run.json"
     source.write_text(json.dumps(SYNTHETIC))
