@@ -253,7 +253,7 @@ def check_new_run_folder(out: Path) -> None:
     not a run's (--out . in a project folder). A run folder that holds only a run's config.json, stats and pictures
     (one that died before its first checkpoint) is started again."""
     latest = out / "latest.pt"
-    if latest.exists():
+    if latest.exists() or latest.is_symlink():  # a link to a checkpoint on a disk not mounted now holds a run too
         raise ConfigError(f"{out} already holds a run ({latest}); add --resume to continue it, or choose another --out")
     snapshots = sorted(out.glob("step_*.pt"))
     if snapshots:

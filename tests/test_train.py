@@ -269,6 +269,18 @@ def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
     assert (tmp_path / "latest.pt").read_bytes() == before
 
 
+def test_a_new_run_refuses_a_folder_whose_latest_pt_links_to_a_checkpoint_not_there_now(tmp_path):
+    """latest.pt a symbolic link to a checkpoint on a disk not mounted now: the run's stats and pictures stay."""
+    run_steps(tmp_path / "run", 4)
+    (tmp_path / "run" / "latest.pt").rename(tmp_path / "elsewhere.pt")
+    (tmp_path / "run" / "latest.pt").symlink_to(tmp_path / "unmounted" / "latest.pt")
+    stats = (tmp_path / "run" / "stats.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run .*add --resume"):
+        run_steps(tmp_path / "run", 2)
+    assert (tmp_path / "run" / "stats.jsonl").read_bytes() == stats
+    assert (tmp_path / "run" / "latest.pt").is_symlink()
+
+
 def test_a_new_run_refuses_a_folder_whose_files_it_would_overwrite_and_restarts_a_dead_start(tmp_path):
     """Snapshots of a run whose latest.pt was moved away, and a config.json that is not a run's (--out . in a
     project folder), stay as they were; a folder that holds only what a run wrote before its first checkpoint (it
