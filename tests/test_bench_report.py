@@ -200,6 +200,20 @@ def edited(edit):
         (edited(lambda d: d["benchmarks"][0]["extra_info"].update(flop="many")), "a calls_per_round or flop"),
         (edited(lambda d: d["benchmarks"][0]["extra_info"].update(layer=["a"])), "provider not text or number"),
     ],
+    ids=[
+        "no-stats",
+        "median-text",
+        "median-0",
+        "extra-info-null",
+        "benchmark-not-object",
+        "benchmarks-not-list",
+        "machine-info-list",
+        "datetime-number",
+        "device-number",
+        "calls-per-round-0",
+        "flop-text",
+        "layer-list",
+    ],
 )
 def test_a_file_not_laid_out_as_pytest_benchmark_writes_it_is_one_line(tmp_path, capsys, content, message):
     """Each of these ended in a traceback (KeyError, TypeError, ZeroDivisionError, AttributeError) before."""
