@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from began_fast.atomic_files import atomic_write  # noqa: E402
+
 PROVIDER_ORDER = ("torch", "torch-tf32", "torch-bf16", "compile", "triton")
 BASELINES = ("torch", "torch-tf32", "torch-bf16", "compile")  # triton's time is reported over each of these present
 ROW_KEYS = ("layer", "direction", "batch", "provider")
@@ -206,16 +209,15 @@ def write_report(json_paths: Path | list[Path], suite: str, out_dir: Path, readm
     body = render_section(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{info['date']}_{slug(info['device'])}_{slug(suite)}"
-    if len(json_paths) == 1:
-        shutil.copyfile(json_paths[0], stem.with_suffix(".json"))
-    else:
-        stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(f"# Benchmarks: {suite}\n\n{body}")
+    # Each file whole or as it was (atomic_write): an interrupted report never leaves a README cut short.
+    record = json_paths[0].read_bytes() if len(json_paths) == 1 else (json.dumps(data, indent=2) + "\n").encode()
+    atomic_write(stem.with_suffix(".json"), lambda f: f.write(record))
+    atomic_write(stem.with_suffix(".md"), lambda f: f.write(f"# Benchmarks: {suite}\n\n{body}".encode()))
     written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     for readme in readmes:
         updated = replace_section(readme.read_text(), suite, body)
         if updated is not None:
-            readme.write_text(updated)
+            atomic_write(readme, lambda f, text=updated: f.write(text.encode()))
             written.append(readme)
     return written
 
