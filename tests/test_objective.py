@@ -75,6 +75,18 @@ def test_running_stats_means_and_reset():
     torch.testing.assert_close(torch.tensor(list(stats.read_and_reset().values())), rows[0])
 
 
+def test_running_stats_leave_skipped_steps_out_of_the_means():
+    """A skipped step (an fp16 overflow, valid False) adds neither its values nor its count; a window of skipped
+    steps only reads as zeros, not NaN (0 / 0), which the loop would take for a diverged run."""
+    stats = RunningStats(torch.device("cpu"))
+    rows = torch.rand(4, len(STAT_NAMES)) + 0.5
+    for row, valid in zip(rows, (True, False, True, False), strict=True):
+        stats.add(row * (1 if valid else 1e4), torch.tensor(valid))
+    torch.testing.assert_close(torch.tensor(list(stats.read_and_reset().values())), rows[[0, 2]].mean(0))
+    stats.add(rows[1], torch.tensor(False))
+    assert list(stats.read_and_reset().values()) == [0.0] * len(STAT_NAMES)
+
+
 def test_lr_decays_only_when_m_stalls_and_never_below_floor():
     lr = torch.tensor(1.0)
     decay = MStallDecay(lr, window=2, factor=0.5, floor=0.3)
