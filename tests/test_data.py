@@ -497,6 +497,16 @@ def test_batch_order_epochs_are_permutations():
     assert not torch.equal(epochs[0], epochs[1])
 
 
+def test_batch_order_streams_of_neighbouring_seeds_do_not_collide():
+    """Each (seed, epoch) and (seed, step) seeds its own stream: the seed s + 1 of another run does not replay run s's
+    next epoch, nor its flips of the step after."""
+    seed = int(torch.randint(0, 2**31, ()))
+    order, neighbour = BatchOrder(60, 4, seed=seed), BatchOrder(60, 4, seed=seed + 1)
+    assert not torch.equal(order.permutation(1), neighbour.permutation(0))
+    flips = [torch.cat([o.batch(s)[1] for s in steps]) for o, steps in ((order, range(1, 40)), (neighbour, range(39)))]
+    assert not torch.equal(*flips)
+
+
 def test_batch_order_resumed_with_another_global_batch_finishes_its_epoch():
     """4 ranks of batch 2 take 3 global batches of 8 of the 50 items; one process of batch 4 resumed from that
     position takes the rest of the epoch without a repeat (6 batches of 4, items 24 to 47: a seventh would pass its
