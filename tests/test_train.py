@@ -114,6 +114,7 @@ def test_the_steps_noise_is_not_the_stream_that_drew_the_weights(tmp_path, refer
     rows = run.G.decoder.fc.weight.detach() * math.sqrt(z_size)  # U(-1/sqrt(z_size), +) rescaled to U(-1, 1)
     assert torch.cdist(z, rows).min() > 1e-3
     assert torch.cdist(run.fixed_z.cpu(), rows).min() > 1e-3
+    assert torch.cdist(run.fixed_z.cpu(), z.cpu()).min() > 1e-3  # nor is it the steps' noise: a stream of its own
 
 
 def assert_same_trainer_state(a, b, where="trainer"):
