@@ -528,6 +528,16 @@ def test_batch_order_resumed_with_another_global_batch_finishes_its_epoch():
         BatchOrder(50, 4, seed=3, start_position=(0, -4))
 
 
+def test_batch_order_resumed_on_a_shrunk_data_set_starts_its_next_epoch_whole():
+    """A checkpoint's position past the end of a data set that has since shrunk: the resume goes on with the next
+    epoch from its first batch, as an uninterrupted run on the smaller set would, skipping none of it."""
+    seed = int(torch.randint(0, 2**31, ()))
+    resumed = BatchOrder(40, 4, seed=seed, start_step=17, start_position=(0, 48))  # 48 taken of what were 50 items
+    assert [resumed.position(step) for step in (17, 18, 26, 27)] == [(1, 0), (1, 4), (1, 36), (2, 0)]
+    fresh = BatchOrder(40, 4, seed=seed)
+    assert resumed.batch(17)[0].tolist() == fresh.batch(10)[0].tolist()  # epoch 1's first batch
+
+
 def test_batch_order_sharding():
     world = 3
     single = BatchOrder(40, 4 * world, seed=5)
@@ -538,6 +548,7 @@ def test_batch_order_sharding():
         assert len(set(indices.tolist())) == 4 * world  # disjoint
         assert torch.equal(indices, single.batch(step)[0])  # together: the global batch
         assert torch.equal(torch.cat([p[1] for p in parts]), single.batch(step)[1])
+    assert [r.batches_per_epoch for r in ranks] == [single.batches_per_epoch] * world == [3] * world  # global batches
     with pytest.raises(DataError, match="fewer than one global batch"):
         BatchOrder(10, 4, seed=0, world_size=3)
     with pytest.raises(DataError, match="rank"):
