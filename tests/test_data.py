@@ -112,6 +112,8 @@ def test_crop_box_values():
     assert crop_box(300, 200, "center", None) == (50, 0, 200)
     with pytest.raises(DataError, match="smaller than the celeba crop box .*; use --crop center or a smaller --crop-s"):
         crop_box(100, 100, "celeba", None)
+    with pytest.raises(DataError, match="smaller than the celeba crop box of 200x200 at left -11, top 14"):
+        crop_box(300, 300, "celeba", 200)  # fits below and to the right, but starts left of the image (black border)
     with pytest.raises(DataError, match="smaller than the center crop box .*; use a --crop-size of at most 178$"):
         crop_box(178, 218, "center", 200)
 
