@@ -287,9 +287,10 @@ def test_hdf5_layouts_and_resize(tmp_path):
     flat = open_source(DataConfig(path=str(write_h5(tmp_path / "flat.hdf5", faces.reshape(5, -1)))), 64)
     assert torch.equal(flat[2], ours[2]) and "flat" in flat.describe()
 
-    with warnings.catch_warnings():  # downscaled: no warning
+    with warnings.catch_warnings():  # downscaled or at the stored size: no warning
         warnings.simplefilter("error")
         resized = open_source(DataConfig(path=str(tmp_path / "ours.h5")), 32)
+        assert open_source(DataConfig(path=str(tmp_path / "ours.h5")), 64).describe().endswith("(NHWC)")
     expected = np.array(Image.fromarray(faces[1]).resize((32, 32), Image.Resampling.LANCZOS))
     assert torch.equal(resized[1], torch.from_numpy(expected).permute(2, 0, 1))
     assert resized.as_uint8().shape == (5, 3, 32, 32)
@@ -315,6 +316,7 @@ def test_hdf5_layouts_and_resize(tmp_path):
         (np.random.rand(2, 8, 8, 3).astype(np.float32), "dtype float32; expected uint8"),
         (np.zeros((2, 8, 8), np.uint8), "shape"),
         (np.zeros((2, 8, 9, 3), np.uint8), "shape"),
+        (np.random.randint(1, 256, (2, 8, 8, 4), dtype=np.uint8), r"shape \(2, 8, 8, 4\); expected \(N, S, S, 3\)"),
         (np.zeros((2, 0, 0, 3), np.uint8), "shape"),
         (np.zeros((2, 100), np.uint8), "shape"),
         (np.zeros((0, 8, 8, 3), np.uint8), "holds no images"),
