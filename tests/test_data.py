@@ -751,6 +751,8 @@ def test_holdout_keeps_the_last_images_out_of_training(numbered_source):
     path, images = numbered_source
     training = open_source(DataConfig(path=path, holdout=3), 16)
     assert len(training) == 7 and "the last 3 held out" in training.describe()
+    # DALI's readers take the file list: the held-out files are not in the training set's (an HDF5 file has none).
+    assert training.files == open_source(DataConfig(path=path), 16).files[:7]
     assert torch.equal(torch.stack([training[i] for i in range(7)]), images[:7])
     assert torch.equal(training.as_uint8(), images[:7])  # what the GPU-resident set reads
     with pytest.raises(IndexError):
