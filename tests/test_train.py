@@ -856,6 +856,7 @@ def test_models_loaded_from_a_vanishing_residual_checkpoint_have_its_steps_carry
     [
         (lambda state: state.pop("step"), r"its 'step' is missing; expected an int >= 0"),
         (lambda state: state.update(step=-3), r"its 'step' is -3; expected an int >= 0"),
+        (lambda state: state.update(step=True), r"its 'step' is True; expected an int >= 0"),
         (lambda state: state.update(fixed_z=None), r"its 'fixed_z' is None; expected a Tensor"),
         (lambda state: state["data_config"].update(shuffle=True), r"TypeError: .*unexpected keyword argument 'shuf"),
         (lambda state: state["train_config"].update(gamma=2.0), r"ConfigError: gamma must be in \(0, 1\], got 2.0"),
@@ -877,6 +878,19 @@ def test_a_checkpoint_of_another_version_or_edited_is_refused_by_every_reader(tm
     for read in (lambda: load_models(tmp_path), lambda: run_steps(tmp_path, 4, resume=True)):
         with pytest.raises(CheckpointError, match=message):
             read()
+
+
+def test_a_misfit_checkpoints_long_problem_is_cut_to_one_short_line(tmp_path):
+    """load_state_dict lists every missing key: a checkpoint of another model quotes the start of that list."""
+    run_steps(tmp_path, 2)
+    state = load_checkpoint(tmp_path / "latest.pt")
+    state["G"] = {f"{name}.renamed": value for name, value in state["G"].items()}
+    torch.save(state, tmp_path / "latest.pt")
+    with pytest.raises(CheckpointError) as refused:
+        load_models(tmp_path)
+    message = str(refused.value)
+    assert "\n" not in message and "Missing key(s) in state_dict" in message and message.endswith("...)")
+    assert len(message) <= len(f"checkpoint {tmp_path / 'latest.pt'} does not fit this version of began-fast (") + 320
 
 
 def test_a_resume_refuses_sample_noise_of_another_shape_before_the_first_step(tmp_path):
