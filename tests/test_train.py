@@ -462,6 +462,25 @@ def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_keeps_the_last_one(t
     assert [p.name for p in tmp_path.glob(".*.tmp")] == [".notes.txt.tmp"]
 
 
+def test_a_checkpoint_reaches_the_disk_before_its_name_and_the_name_before_the_write_returns(tmp_path, monkeypatch):
+    """atomic_write syncs the whole temporary file, renames it over the checkpoint, then syncs the folder: a power
+    loss leaves the old checkpoint or the whole new one, never the new name on missing data."""
+    from began_fast.checkpoint import save_checkpoint
+
+    path = tmp_path / "run" / "latest.pt"
+    save_checkpoint(path, {"step": 3, "fixed_z": torch.rand(8, 4)})
+    events, fsync, replace = [], os.fsync, os.replace
+    synced = lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))  # noqa: E731
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), replace(a, b)))
+    fixed_z = torch.rand(8, 4) * 2 - 1
+    save_checkpoint(path, {"step": 7, "fixed_z": fixed_z})
+    [(_, temporary), *_] = events
+    assert Path(temporary).parent == path.parent and temporary.endswith(".began-fast.tmp")
+    assert events == [("fsync", temporary), ("replace", temporary, str(path)), ("fsync", str(path.parent))]
+    assert torch.equal(torch.load(path)["fixed_z"], fixed_z)
+
+
 def test_a_failing_evaluation_keeps_its_steps_checkpoint(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise MetricError("broken evaluation")
