@@ -81,3 +81,36 @@ def test_it_ends_a_process_whose_main_thread_is_blocked():
     assert time.monotonic() - started < 30
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: rank 3 of 4: no training step finished within")
+
+
+def test_a_step_that_hangs_right_after_a_pause_still_ends_the_rank():
+    """The clock restarts after rank 0's pictures or checkpoint: the step after them hanging is caught too."""
+    recorder = ExitRecorder()
+    with guard(recorder) as g:
+        g.beat(3)
+        with g.paused():
+            time.sleep(TIMEOUT_S / 3)
+        assert recorder.called.wait(10 * TIMEOUT_S + 5)  # no beat after the pause
+    assert recorder.codes == [1]
+
+
+def test_a_pause_before_the_first_step_does_not_arm_it():
+    """Work paused before the first beat (setup on rank 0) leaves the first step's compiling unwatched."""
+    recorder = ExitRecorder()
+    with guard(recorder) as g:
+        with g.paused():
+            time.sleep(TIMEOUT_S / 3)
+        time.sleep(4 * TIMEOUT_S)
+    assert not recorder.called.is_set()
+
+
+def test_it_ends_the_rank_soon_after_the_timeout_passes():
+    """It looks often (a tenth of the timeout): the process group's own timeout, PROCESS_GROUP_MARGIN_S later, must
+    not fire first with its multi-line log, which a guard looking once per timeout could let happen."""
+    timeout_s, recorder = 2.0, ExitRecorder()
+    with HangGuard(Collectives(World(1, 2, 1), timeout_s), exit_process=recorder) as g:
+        time.sleep(timeout_s / 5)  # a step between the guard's looks
+        g.beat(5)
+        beat = time.monotonic()
+        assert recorder.called.wait(4 * timeout_s)
+        assert time.monotonic() - beat < 1.5 * timeout_s
