@@ -1,9 +1,11 @@
 """What the scripts share (began_fast/cli.py): the --device flag and one-line error messages."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from began_fast.cli import one_line, resolve_device
+from began_fast.cli import check_writable, one_line, resolve_device
 from began_fast.config import ConfigError
 from began_fast.data import DataError
 
@@ -37,6 +39,20 @@ def test_one_line_unwraps_an_error_from_a_dataloader_worker():
     assert one_line(wrapped) == "all 3 images under x could not be decoded"
     wrapped = DataError("Caught DataError in DataLoader worker process 1.\nTraceback ...\nDataError: gone\n")
     assert one_line(wrapped) == "gone"
+    # Re-raised as another type (PyTorch could not rebuild the worker's): the original type stays in the line.
+    wrapped = RuntimeError("Caught OSError in DataLoader worker process 0.\nTraceback ...\nOSError: [Errno 5] I/O")
+    assert one_line(wrapped) == "OSError: [Errno 5] I/O"
     assert one_line(OSError(17, "File exists", "runs/x")) == "[Errno 17] File exists: 'runs/x'"
     assert one_line(ValueError("two\nlines")) == "two lines"
     assert one_line(KeyError()) == "KeyError"
+
+
+def test_check_writable_tries_a_write_before_any_work(tmp_path):
+    """A folder that exists but takes no files (read-only; /proc even for root) is refused up front, naming the flag,
+    not after the hour of work that would write into it."""
+    with pytest.raises(ConfigError, match=r"^--out /proc: cannot write into /proc \("):
+        check_writable(Path("/proc"), "--out", folder=True)
+    with pytest.raises(ConfigError, match=r"^--json /proc/results.json: cannot write into /proc \("):
+        check_writable(Path("/proc/results.json"), "--json")
+    check_writable(tmp_path / "new" / "results.json", "--json")
+    assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []  # the probe leaves nothing
