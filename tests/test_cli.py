@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from began_fast.cli import check_writable, one_line, resolve_device
+from began_fast.cli import check_writable, data_path, one_line, resolve_device
 from began_fast.config import ConfigError
 from began_fast.data import DataError
 
@@ -56,3 +56,12 @@ def test_check_writable_tries_a_write_before_any_work(tmp_path):
         check_writable(Path("/proc/results.json"), "--json")
     check_writable(tmp_path / "new" / "results.json", "--json")
     assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []  # the probe leaves nothing
+
+
+def test_data_path_is_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
+    """--data is saved in the run's config: a relative path would name another folder when the resume runs elsewhere."""
+    (tmp_path / "faces").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert data_path("faces/../faces") == str(tmp_path.resolve() / "faces") and data_path(None) is None
+    with pytest.raises(ConfigError, match="--data is empty"):
+        data_path("  ")
