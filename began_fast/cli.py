@@ -69,9 +69,11 @@ def resolve_device(requested: str | None) -> str:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {requested!r}")
-    if device.type == "cpu" and device.index not in (None, 0):
-        raise ConfigError(f"--device {requested}: the CPU is one device; give --device cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cpu":  # cpu:0 is the one CPU device too
+        if device.index not in (None, 0):
+            raise ConfigError(f"--device {requested}: the CPU is one device; give --device cpu")
+        return "cpu"
+    if not torch.cuda.is_available():
         raise ConfigError(f"--device {requested} asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")

@@ -21,6 +21,9 @@ def test_resolve_device(monkeypatch):
             resolve_device("cuda")
     with pytest.raises(ConfigError, match="--device cpu:1: the CPU is one device; give --device cpu"):
         resolve_device("cpu:1")
+    # cpu:0 names the CPU, with no GPU (it was checked against the number of GPUs) and with one.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert resolve_device("cpu:0") == "cpu"
     # A GPU index past the last (on a machine with one GPU, as PyTorch sees it).
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
