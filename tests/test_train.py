@@ -992,3 +992,13 @@ def test_pictures_and_evaluation_run_in_the_steps_precision(tmp_path, monkeypatc
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "swd" in r] == [8] and (tmp_path / "samples" / "step_0000008.png").exists()
     assert seen == {torch.bfloat16} and run.step.amp == "bf16"
+
+
+def test_a_run_ending_off_its_schedules_logs_checkpoints_and_draws_its_last_step(tmp_path):
+    """5 steps, logged every 2 and drawn every 4: the last step's statistics window (step 5 alone) is logged with
+    its checkpoint, not lost, and its grid is drawn (the "done" line points at the samples of the run's end)."""
+    run_steps(tmp_path, 5)
+    rows = reports.read_stats(tmp_path / "stats.jsonl")
+    assert [row["step"] for row in rows if "swd" not in row] == [2, 4, 5]
+    assert [step for step, _ in reports.sample_frames(tmp_path)] == [4, 5]
+    assert load_checkpoint(tmp_path / "latest.pt")["step"] == 5
