@@ -1002,3 +1002,37 @@ def test_a_run_ending_off_its_schedules_logs_checkpoints_and_draws_its_last_step
     assert [row["step"] for row in rows if "swd" not in row] == [2, 4, 5]
     assert [step for step, _ in reports.sample_frames(tmp_path)] == [4, 5]
     assert load_checkpoint(tmp_path / "latest.pt")["step"] == 5
+
+
+def test_a_resume_refuses_every_setting_that_shapes_training_and_takes_those_that_watch_it(tmp_path):
+    """What the run trains (the model, the objective, the optimizer, the seed, the data's content) must stay the
+    checkpoint's: each given anew with another value is refused. How long it runs, how it is watched and how its
+    data is read (another machine: other --workers, another --loader) may change, and the new value is applied."""
+    run_steps(tmp_path, 2)
+    options = RunOptions(out=tmp_path, resume=True, quiet=True)
+    configs = {"model": MODEL, "train": train_cfg(4), "data": DATA}
+
+    def resume_with(section, name, value):
+        given = configs | {section: dataclasses.replace(configs[section], **{name: value})}
+        explicit = {"train": {"steps"}}
+        explicit[section] = explicit.get(section, set()) | {name}
+        return setup_run(*given.values(), options, explicit=explicit)
+
+    refused = {
+        "model": dict(image_size=32, n=8, h=8, z_dim=8, skip=True, vanishing_residual=True, carry_steps=100),
+        "train": dict(batch_size=2, lr=2e-4, betas=(0.9, 0.999), gamma=0.7, lambda_k=0.01, lr_decay_window=10),
+        "data": dict(crop="center", flip=False, builtin_count=32, builtin_seed=1, holdout=4),
+    }
+    refused["train"] |= dict(lr_decay_factor=0.25, lr_floor=1e-5, seed=1, lr_scaling="linear")
+    for section, settings in refused.items():
+        for name, value in settings.items():
+            with pytest.raises(ConfigError, match=f"whose {section} setting {name} is "):
+                resume_with(section, name, value)
+    taken = {
+        "train": dict(log_every=1, sample_every=3, checkpoint_every=3, snapshot_every=6, eval_every=3, eval_images=8),
+        "data": dict(loader="torch", num_workers=1),
+    }
+    for section, settings in taken.items():
+        for name, value in settings.items():
+            run = resume_with(section, name, value)
+            assert getattr({"train": run.train_cfg, "data": run.data_cfg}[section], name) == value, name
