@@ -1036,3 +1036,12 @@ def test_a_resume_refuses_every_setting_that_shapes_training_and_takes_those_tha
         for name, value in settings.items():
             run = resume_with(section, name, value)
             assert getattr({"train": run.train_cfg, "data": run.data_cfg}[section], name) == value, name
+
+
+def test_a_resume_drops_the_grid_of_the_step_right_after_its_checkpoint(tmp_path):
+    """A run that died after drawing a grid at step 5 (sample_every 1) and before its next checkpoint: a resume
+    from step 4 that draws every 4 never redraws step 5, so that stale grid must go, or it sits in the strip."""
+    run_steps(tmp_path, 4)
+    shutil.copy(tmp_path / "samples" / "step_0000004.png", tmp_path / "samples" / "step_0000005.png")
+    run_steps(tmp_path, 6, resume=True)
+    assert [step for step, _ in reports.sample_frames(tmp_path)] == [4, 6]
