@@ -28,6 +28,7 @@ from began_fast import metrics, reports
 from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data.builtin import BuiltinFaces
+from began_fast.distributed import CollectiveError
 from began_fast.metrics import MetricError
 from began_fast.step import ADAM_IMPLEMENTATION
 from began_fast.train import RUN_LOCK, RunOptions, TrainingError, setup_run, train
@@ -1045,3 +1046,36 @@ def test_a_resume_drops_the_grid_of_the_step_right_after_its_checkpoint(tmp_path
     shutil.copy(tmp_path / "samples" / "step_0000004.png", tmp_path / "samples" / "step_0000005.png")
     run_steps(tmp_path, 6, resume=True)
     assert [step for step, _ in reports.sample_frames(tmp_path)] == [4, 6]
+
+
+def test_cli_resume_command_keeps_how_the_run_ran(tmp_path, monkeypatch):
+    """How a run executes is not saved with it: the resume command printed after a stop carries every flag of it,
+    or the run would go on in float32, without its graphs or on another step."""
+    script = load_script("train")
+    monkeypatch.chdir(tmp_path)
+    command = f"{ROOT / 'scripts' / 'train.py'} --out {tmp_path / 'run'} --resume"
+    how = dict(out=tmp_path / "run", device="cuda:1", impl="triton", amp="fp16", cuda_graphs=True, reference_step=False)
+    given = "--device cuda:1 --impl triton --amp fp16 --cuda-graphs"
+    assert script.resume_command(SimpleNamespace(**how)) == f"{command} {given}"
+    how |= dict(device=None, impl="torch", amp=None, cuda_graphs=False, reference_step=True)
+    assert script.resume_command(SimpleNamespace(**how)) == f"{command} --impl torch --reference-step"
+
+
+@pytest.mark.parametrize(
+    "error, status, line",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 2, "error: [Errno 28] No space left on device"),
+        (TrainingError("non-finite loss up to step 6"), 2, "error: non-finite loss up to step 6"),
+        (MetricError("broken evaluation"), 2, "error: broken evaluation"),
+        (CollectiveError("rank 0 of 2: a collective failed"), 1, "error: rank 0 of 2: a collective failed"),
+        (KeyboardInterrupt(), 130, "error: interrupted"),
+    ],
+    ids=["full-disk", "diverged", "evaluation", "dead-rank", "ctrl-c-early"],
+)
+def test_cli_exit_status_says_how_the_run_ended(tmp_path, monkeypatch, capsys, error, status, line):
+    """A full disk, a diverged run or a failed evaluation ends with one line and status 2, a dead rank with 1, a
+    Ctrl-C before the loop took over with 130 (128 + SIGINT): what a shell's `&&` or a scheduler reads."""
+    script = load_script("train")
+    monkeypatch.setattr(script, "setup_run", lambda *args, **kwargs: (_ for _ in ()).throw(error))
+    assert script.main(["--out", str(tmp_path / "run"), "--quiet", "--device", "cpu", "--image-size", "16"]) == status
+    assert capsys.readouterr().err == line + "\n"
