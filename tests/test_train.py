@@ -1079,3 +1079,21 @@ def test_cli_exit_status_says_how_the_run_ended(tmp_path, monkeypatch, capsys, e
     monkeypatch.setattr(script, "setup_run", lambda *args, **kwargs: (_ for _ in ()).throw(error))
     assert script.main(["--out", str(tmp_path / "run"), "--quiet", "--device", "cpu", "--image-size", "16"]) == status
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_ranks_agree_on_a_stop_at_every_statistics_read_and_the_last_step():
+    """Under torchrun a SIGTERM that reached one rank stops every rank at the next step where they read their
+    statistics (every log_every steps), not at the next checkpoint (thousands of steps later, past a scheduler's
+    grace period); a single process stops after the step in flight."""
+    agreed = []
+    collectives = SimpleNamespace(max_=lambda own, device: agreed.append(own) or signal.SIGTERM)
+    run = SimpleNamespace(
+        collectives=collectives,
+        train_cfg=train_cfg(11, log_every=2, checkpoint_every=8),
+        step=SimpleNamespace(device=torch.device("cpu")),
+    )
+    stops = [train_module.stop_signal(run, [], done) for done in range(1, 12)]
+    assert [done for done, stop in zip(range(1, 12), stops, strict=True) if stop] == [2, 4, 6, 8, 10, 11]
+    assert set(stops) == {0, signal.SIGTERM} and agreed == [0] * 6  # its own: none
+    one_process = SimpleNamespace(collectives=None, train_cfg=run.train_cfg, step=run.step)
+    assert train_module.stop_signal(one_process, [signal.SIGINT, signal.SIGTERM], 3) == signal.SIGINT
