@@ -1097,3 +1097,10 @@ def test_ranks_agree_on_a_stop_at_every_statistics_read_and_the_last_step():
     assert set(stops) == {0, signal.SIGTERM} and agreed == [0] * 6  # its own: none
     one_process = SimpleNamespace(collectives=None, train_cfg=run.train_cfg, step=run.step)
     assert train_module.stop_signal(one_process, [signal.SIGINT, signal.SIGTERM], 3) == signal.SIGINT
+
+
+def test_an_evaluation_may_take_every_training_image(tmp_path):
+    """--eval-images up to the number of training images is enough (the refusal says "needs that many")."""
+    run = setup_run(MODEL, train_cfg(1, eval_every=1, eval_images=64), DATA, RunOptions(out=tmp_path, quiet=True))
+    train(run)
+    assert [row["step"] for row in reports.read_stats(tmp_path / "stats.jsonl") if "swd" in row] == [1]
