@@ -1104,3 +1104,14 @@ def test_an_evaluation_may_take_every_training_image(tmp_path):
     run = setup_run(MODEL, train_cfg(1, eval_every=1, eval_images=64), DATA, RunOptions(out=tmp_path, quiet=True))
     train(run)
     assert [row["step"] for row in reports.read_stats(tmp_path / "stats.jsonl") if "swd" in row] == [1]
+
+
+def test_a_resumed_runs_config_states_the_lr_it_goes_on_with(tmp_path):
+    """config.json's effective_lr is the lr a resumed run carries after its decay, not the configured one."""
+    cfg = lambda steps: train_cfg(steps, lr=1e-2, lr_decay_window=2, lr_floor=1e-4)  # noqa: E731 (M stalls: decays)
+    train(setup_run(MODEL, cfg(4), DATA, RunOptions(out=tmp_path, quiet=True)))
+    run = setup_run(MODEL, cfg(5), DATA, RunOptions(out=tmp_path, resume=True, quiet=True))
+    decayed = run.step.lr.item()
+    assert decayed < 1e-2
+    train(run)
+    assert json.loads((tmp_path / "config.json").read_text())["run"]["effective_lr"] == pytest.approx(decayed)
