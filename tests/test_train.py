@@ -1108,7 +1108,10 @@ def test_an_evaluation_may_take_every_training_image(tmp_path):
 
 def test_a_resumed_runs_config_states_the_lr_it_goes_on_with(tmp_path):
     """config.json's effective_lr is the lr a resumed run carries after its decay, not the configured one."""
-    cfg = lambda steps: train_cfg(steps, lr=1e-2, lr_decay_window=2, lr_floor=1e-4)  # noqa: E731 (M stalls: decays)
+
+    def cfg(steps):  # at lr 1e-2 M stalls over windows of 2 steps: the lr decays
+        return train_cfg(steps, lr=1e-2, lr_decay_window=2, lr_floor=1e-4)
+
     train(setup_run(MODEL, cfg(4), DATA, RunOptions(out=tmp_path, quiet=True)))
     run = setup_run(MODEL, cfg(5), DATA, RunOptions(out=tmp_path, resume=True, quiet=True))
     decayed = run.step.lr.item()
