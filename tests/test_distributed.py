@@ -41,6 +41,7 @@ from began_fast.data.builtin import draw_faces
 from began_fast.distributed import CollectiveError, Collectives, World, start, stop
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
+from began_fast.reference import began_objective
 from began_fast.step import ReferenceStep
 from began_fast.train import RunOptions, data_fingerprint, setup_run, train
 from tests.test_train import interrupt_after
@@ -337,6 +338,30 @@ def test_each_rank_keeps_its_rows_of_the_global_noise():
     whole = one.draw_z(4)
     assert torch.equal(torch.cat([step.draw_z(2) for step in steps]), whole)
     assert all(torch.equal(step.z_gen.get_state(), one.z_gen.get_state()) for step in steps)
+
+
+@pytest.mark.parametrize("k", [0.0, 1.0])
+def test_global_balance_is_the_objective_of_the_global_batch_at_ks_clamps(k, monkeypatch):
+    """Rank 0's k_next, M and losses from the ranks' mean L_real and L_fake are began_objective's for the whole
+    batch, also where the balance pushes k_t past a clamp (lambda_k = 1): k_next stays in [0, 1], and M takes
+    |gamma L_real - L_fake| of a negative balance. (The two-rank runs keep k_t inside (0, 1) and the balance positive,
+    where a missing clamp or abs would not show.) The all-reduce is stood in for: it adds rank 1's share."""
+    gen = torch.Generator().manual_seed(11)
+    x, rx, fake, rfake = (torch.rand(4, 3, 8, 8, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(4))
+    if k == 1.0:
+        rfake = fake + 0.01 * (rfake - fake)  # D reconstructs fakes well: the balance is positive
+    gamma, lambda_k = 0.7, 1.0
+    whole = began_objective(x, rx, fake, rfake, k, gamma, lambda_k)
+    assert (gamma * whole.l_real - whole.l_fake < 0) == (k == 0.0)  # the update pushes k_t past its clamp
+    rank0, rank1 = (
+        began_objective(*(t[r * 2 : r * 2 + 2] for t in (x, rx, fake, rfake)), k, gamma, lambda_k) for r in range(2)
+    )
+    share1 = torch.stack([rank1.l_real, rank1.l_fake]).float() / WORLD_SIZE
+    monkeypatch.setattr(Collectives, "_all_reduce", lambda self, tensor, op=dist.ReduceOp.SUM: tensor.add_(share1))
+    got = Collectives(World(0, WORLD_SIZE, 0), 1.0).global_balance(rank0, torch.tensor(k), gamma, lambda_k)
+    for name in got._fields:
+        assert_parity(getattr(got, name), getattr(whole, name), name=name)
+    assert got.k_next.item() == k
 
 
 @pytest.mark.parametrize("rule, factor", [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
