@@ -38,7 +38,7 @@ from began_fast.data import (
     open_source,
 )
 from began_fast.data.builtin import draw_faces
-from began_fast.distributed import CollectiveError, Collectives, World, start, stop
+from began_fast.distributed import MAX_TIMEOUT_S, CollectiveError, Collectives, World, start, stop
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.reference import began_objective
@@ -390,6 +390,15 @@ def test_world_from_torchrun_environment(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ValueError, match="RANK must be a non-negative integer, got 'x'"):
         World.from_env()
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, MAX_TIMEOUT_S * 2, float("nan")])
+def test_a_dist_timeout_outside_its_range_is_refused_even_for_one_process(timeout_s):
+    """--dist-timeout must be in (0, a week] (0 s leaves no time for any collective): a single process, which joins no
+    process group, is refused all the same, before the world size is looked at; a week itself is taken."""
+    with pytest.raises(ConfigError, match=r"--dist-timeout must be in \(0, 604800\] seconds \(a week\), got"):
+        start(World(), "cpu", timeout_s)
+    assert start(World(), "cpu", MAX_TIMEOUT_S) is None
 
 
 def test_an_explicit_gpu_index_is_refused_under_torchrun():
