@@ -113,3 +113,20 @@ def test_a_checkpoint_from_a_cuda_graph_step_resumes_with_this_devices_adam():
     a(real_batch(1))
     b(real_batch(1))
     assert_same_parameters(a, b)
+
+
+def test_a_noise_generator_from_another_kind_of_device_restarts_from_the_seed_and_the_step():
+    """A checkpoint's noise generator that cannot go on here (a CUDA run's 16-byte Philox state on the CPU) is
+    restarted from the run's seed and the checkpoint's step: two resumes at one step draw the same z, and a resume at
+    another step does not replay the noise of the first."""
+    a = make_step()
+    a(real_batch())
+    draws = []
+    for steps_done in (1, 1, 2):
+        state = copy.deepcopy(a.state_dict())
+        state.update(z_gen=torch.tensor([7, 0], dtype=torch.int64).view(torch.uint8), steps_done=steps_done)
+        b = resumed(a, state)
+        assert b.noise_restarted
+        draws.append(b.draw_z(3))
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.allclose(draws[0], draws[2], atol=1e-3)
