@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from began_fast.config import ModelConfig, TrainConfig
@@ -130,3 +131,17 @@ def test_a_noise_generator_from_another_kind_of_device_restarts_from_the_seed_an
         draws.append(b.draw_z(3))
     assert torch.equal(draws[0], draws[1])
     assert not torch.allclose(draws[0], draws[2], atol=1e-3)
+
+
+def test_a_resume_gives_the_networks_the_checkpoints_carry_before_the_first_step():
+    """The vanishing residual's carry is derived from the step, not saved: load_state_dict sets it in G and both
+    halves of D, so pictures or evaluations made before the resumed run's first step see the checkpoint's networks."""
+    torch.manual_seed(0)
+    model = ModelConfig(image_size=16, n=4, h=4, vanishing_residual=True, carry_steps=10)
+    G, D = Generator(model, impl="torch").double(), Discriminator(model, impl="torch").double()
+    step = ReferenceStep(G, D, TrainConfig(batch_size=3), "cpu")
+    state = copy.deepcopy(step.state_dict())
+    state["steps_done"] = 4
+    step.load_state_dict(state)
+    for net in (G.decoder, D.encoder, D.decoder):
+        assert net.carry.item() == pytest.approx(0.6)
