@@ -214,3 +214,12 @@ def test_impl_env_override(monkeypatch):
     with pytest.raises(ValueError, match="BEGAN_FAST_IMPL"):
         ops.resolve_impl("auto", torch.device("cpu"))
     assert ops.resolve_impl("triton", torch.device("cpu")) == "triton"
+
+
+def test_auto_is_triton_on_cuda_and_pytorch_elsewhere(monkeypatch):
+    """Without BEGAN_FAST_IMPL, impl="auto" takes the Triton kernels on a CUDA device only (on a CPU they would run
+    through Triton's interpreter, or not at all); an explicit impl is taken as given."""
+    monkeypatch.delenv(ops.IMPL_ENV, raising=False)
+    assert ops.resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert ops.resolve_impl("auto", torch.device("cuda")) == ("triton" if ops.triton_available() else "torch")
+    assert ops.resolve_impl("torch", torch.device("cuda")) == "torch"
