@@ -223,3 +223,20 @@ def test_auto_is_triton_on_cuda_and_pytorch_elsewhere(monkeypatch):
     assert ops.resolve_impl("auto", torch.device("cpu")) == "torch"
     assert ops.resolve_impl("auto", torch.device("cuda")) == ("triton" if ops.triton_available() else "torch")
     assert ops.resolve_impl("torch", torch.device("cuda")) == "torch"
+
+
+def test_without_triton_the_ops_fall_back_to_pytorch_with_one_warning(monkeypatch, recwarn):
+    """Asked for Triton where it cannot be imported, every op runs on PyTorch, and the process is told once, not at
+    every layer of every step."""
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    ops._warn_fallback.cache_clear()  # once per reason and process: another test may have warned already
+    for device in ("cuda", "cpu"):
+        assert ops.resolve_impl("triton", torch.device(device)) == "torch"
+        assert ops.resolve_impl("auto", torch.device(device)) == "torch"
+    gen = torch.Generator().manual_seed(3)
+    x, weight, bias = (torch.randn(shape, generator=gen) for shape in ((2, 4, 5, 5), (3, 4, 3, 3), (3,)))
+    for _ in range(2):
+        torch.testing.assert_close(ops.conv_elu(x, weight, bias, impl="triton"), conv_elu_ref(x, weight, bias))
+    fallbacks = [str(w.message) for w in recwarn.list if str(w.message).startswith("began_fast")]
+    assert fallbacks == ["began_fast: impl='triton' unavailable (triton is not installed); using impl='torch'"]
+    ops._warn_fallback.cache_clear()
