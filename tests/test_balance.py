@@ -179,6 +179,15 @@ def test_ops_dispatch(device):
     assert all(torch.equal(a, b) for a, b in zip(via_ops, direct, strict=True))
 
 
+def test_an_explicit_triton_impl_refuses_images_the_kernels_do_not_take(device, recwarn):
+    """impl="auto" takes PyTorch for float64 images (with a warning); an explicit impl="triton" is a request for the
+    kernels and refuses them, as conv_elu does, instead of falling back."""
+    inputs = [t.double() for t in make_inputs((2, 3, 8, 8), torch.float32, device, seed=8)]
+    with pytest.raises(BalanceInputError, match="one dtype"):
+        ops.began_balance(*inputs, 0.1, GAMMA, LAMBDA_K, impl="triton")
+    assert not [w for w in recwarn.list if str(w.message).startswith("began_fast")]
+
+
 def test_bad_input(device):
     x, rx, fake, rfake = make_inputs((2, 3, 8, 8), torch.float32, device, seed=9)
     with pytest.raises(BalanceInputError, match="one dtype"):
