@@ -207,6 +207,24 @@ def test_snapshot_restore_undoes_warmup_steps():
     assert torch.equal(step.z_gen.get_state(), replica.z_gen.get_state())
 
 
+def test_snapshot_restore_undoes_warmup_steps_of_the_fp16_loss_scale():
+    """Under fp16 the warm-up steps before a CUDA graph capture (and the head start's dry run) move the loss scale
+    too: its count of clean steps, and the scale when it grows. restore puts both back, or the captured run would grow
+    its scale at other steps than the run without warm-up."""
+    model_cfg, train_cfg = CONFIGS[0], TrainConfig(batch_size=2)
+    step = FastStep(*build(model_cfg, dtype=torch.float32), train_cfg, "cpu", amp="fp16")
+    step.loss_scale.scale.fill_(256.0)  # (2**16, the usual start, overflows this tiny net's first fp16 grads)
+    step.loss_scale.growth_interval = 3
+    step(real_batch(2, 16, torch.float32))
+    snap = step.snapshot()
+    scale, tracker = step.loss_scale.scale.clone(), step.loss_scale.growth_tracker.clone()
+    for i in range(2):
+        step.body(real_batch(2, 16, torch.float32, seed=i + 1))
+    assert step.loss_scale.found_inf.item() == 0 and step.loss_scale.scale.item() == 2 * scale.item()
+    step.restore(snap)
+    assert torch.equal(step.loss_scale.scale, scale) and torch.equal(step.loss_scale.growth_tracker, tracker)
+
+
 def test_restore_to_before_the_first_update_zeroes_the_optimizer_state_created_since():
     """A CUDA graph is captured after warm-up steps on a step that may not have updated yet: Adam's state, created
     by the warm-up, must restart from zero as a first update starts from, or the first real step is not the first."""
