@@ -7,7 +7,7 @@ wrong sign, a missing term or a stale k_t then moves a gradient by about 1, far 
 import pytest
 import torch
 
-from began_fast import ops
+from began_fast import balance_function, ops
 from began_fast.balance_function import triton_began_balance
 from began_fast.reference import began_objective
 from kernels.balance import STATS, BalanceInputError, balance_backward, balance_forward
@@ -80,6 +80,24 @@ def test_only_the_inputs_that_need_a_gradient_get_one(needs, device):
             assert_parity(leaf.grad, g_ref, name="grad")
         else:
             assert leaf.grad is None
+
+
+def test_the_backward_kernel_is_asked_only_for_the_gradients_autograd_needs(monkeypatch, device):
+    """The fast step's real images need no gradient: the backward kernel is not asked to write one, an image-sized
+    pass per step that autograd would drop unseen (so the test above cannot tell)."""
+    asked = []
+
+    def recording(*args, **kwargs):
+        grads = balance_backward(*args, **kwargs)
+        asked.append(tuple(g is not None for g in grads))
+        return grads
+
+    monkeypatch.setattr(balance_function, "balance_backward", recording)
+    needs = (False, True, True, True)
+    inputs = make_inputs((2, 3, 9, 9), torch.float32, device, seed=5)
+    leaves = [t.detach().clone().requires_grad_(need) for t, need in zip(inputs, needs, strict=True)]
+    loss_of(triton_began_balance(*leaves, 0.4, GAMMA, LAMBDA_K), LOSSES["mixed"], inputs[0].numel()).backward()
+    assert asked == [needs]
 
 
 def test_zero_difference_gets_zero_gradient(device):
