@@ -153,8 +153,9 @@ def load_models(
         D.load_state_dict(state["D"])
     except (KeyError, TypeError, RuntimeError) as e:  # a missing entry, an unknown setting, a wrong shape
         raise misfit(path, e) from None
-    # A finished vanishing residual has carry 0; mid-run, the carry of the step the checkpoint was taken at.
-    carry = carry_at(state["step"], cfg)
+    # A finished vanishing residual has carry 0; mid-run, the carry the checkpoint's last update ran under (each step
+    # sets its own at its start), which the run's own pictures and evaluations at that step used.
+    carry = carry_at(max(state["step"] - 1, 0), cfg)
     G.set_carry(carry)
     D.set_carry(carry)
     return G.to(device).eval(), D.to(device).eval(), state

@@ -861,14 +861,18 @@ def test_cli_resume_of_a_checkpoint_from_another_version_is_one_line(tmp_path):
 
 
 def test_models_loaded_from_a_vanishing_residual_checkpoint_have_its_steps_carry(tmp_path):
-    """evaluate.py and sample.py see G and D as training left them: mid-fade, with the carry of the checkpoint's
-    step in G's decoder and in both halves of D, not the carry 1 a new network starts with."""
+    """evaluate.py and sample.py see G and D as training left them: mid-fade, with the carry the checkpoint's last
+    update ran under (step 4's, set at its start: 1 - 3/10) in G's decoder and in both halves of D, which the run's
+    own pictures and evaluation at step 4 used; not the carry 1 a new network starts with, nor the next step's."""
     model = dataclasses.replace(MODEL, vanishing_residual=True, carry_steps=10)
-    train(setup_run(model, train_cfg(4), DATA, RunOptions(out=tmp_path, quiet=True)))
+    run = setup_run(model, train_cfg(4), DATA, RunOptions(out=tmp_path, quiet=True))
+    train(run)
     G, D, state = load_models(tmp_path)
     assert state["step"] == 4
-    for net in (G.decoder, D.encoder, D.decoder):
-        assert net.carry.item() == pytest.approx(0.6)
+    for net, trained in zip(
+        (G.decoder, D.encoder, D.decoder), (run.G.decoder, run.D.encoder, run.D.decoder), strict=True
+    ):
+        assert net.carry.item() == trained.carry.item() == pytest.approx(0.7)
 
 
 @pytest.mark.parametrize(
