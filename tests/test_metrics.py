@@ -194,6 +194,16 @@ def test_swd_is_deterministic_by_seed_and_reads_uint8_and_float_alike(faces):
     assert other_seed["avg"] == pytest.approx(first["avg"], rel=0.5)
 
 
+def test_swd_cut_into_chunks_is_the_swd_of_the_whole_sets(faces):
+    """evaluate_models' 2048 images go through the pyramid 256 at a time: each chunk must take its own images'
+    patch corners, whatever the chunk size (here 64 images in chunks of 5: a last, partial chunk too)."""
+    a, b = faces
+    whole = swd(a, b, seed=4, descriptors_per_image=16)
+    chunked = swd(a, b, seed=4, descriptors_per_image=16, chunk=5)
+    assert list(chunked) == list(whole)
+    np.testing.assert_allclose(list(chunked.values()), list(whole.values()), rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("a", "b", "match"),
     [
