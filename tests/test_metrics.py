@@ -289,6 +289,20 @@ def test_evaluation_noise_is_not_the_stream_that_draws_a_runs_weights():
     assert torch.cat(zs).shape == weights_stream.shape and not torch.allclose(torch.cat(zs), weights_stream, atol=1e-3)
 
 
+def test_evaluate_models_scores_in_float32_under_the_callers_autocast_with_its_seed():
+    """A training run with --amp evaluates under its autocast: G and D run in it, but SWD must be the float32 SWD
+    (drawn from the evaluation's seed) of the samples G made, not one projected and sorted in bfloat16."""
+    G, D = _tiny_models()
+    real = BuiltinFaces(12, 16, seed=0).images
+    outputs = []
+    G.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach().float()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = evaluate_models(G, D, real, num=12, seed=5, batch_size=8)
+    fake = torch.cat([(output.clamp(-1, 1) + 1).mul(127.5).round().to(torch.uint8) for output in outputs])
+    assert fake.shape == real.shape
+    assert result["swd"] == swd(fake, real, seed=5)
+
+
 def test_evaluate_models_rejects_a_too_small_or_mismatched_real_set():
     G, D = _tiny_models()
     with pytest.raises(MetricError, match="10 images to compare, but the real images are only 5; compare fewer"):
