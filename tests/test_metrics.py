@@ -307,6 +307,8 @@ def test_evaluate_models_rejects_a_too_small_or_mismatched_real_set():
     G, D = _tiny_models()
     with pytest.raises(MetricError, match="10 images to compare, but the real images are only 5; compare fewer"):
         evaluate_models(G, D, BuiltinFaces(5, 16, seed=0), num=10)
+    with pytest.raises(MetricError, match="6 images to compare, but the real images are only 5; compare fewer"):
+        evaluate_models(G, D, BuiltinFaces(5, 16, seed=0).images, num=6)
     with pytest.raises(MetricError, match="real images are 32x32, the model makes 16x16"):
         evaluate_models(G, D, BuiltinFaces(4, 32, seed=0).images, num=4)
     held_out = BuiltinFaces(4, 32, seed=1).images
