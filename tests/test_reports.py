@@ -59,6 +59,21 @@ def test_progress_strip_shows_the_grids_in_step_order(tmp_path):
     tiles = [strip[reports.LABEL_HEIGHT :, x : x + 256] for x in range(0, 10 * 260, 260)]  # 256 px + a 4 px gap
     greys = [float(np.median(tile)) for tile in tiles]  # the images fill most of a tile; the rest is padding
     assert greys[0] == 0 and greys[-1] == 255 and all(a < b for a, b in zip(greys, greys[1:], strict=False)), greys
+    # Each tile's white band above the grid carries its "step N" label in black.
+    bands = [strip[: reports.LABEL_HEIGHT, x : x + 256] for x in range(0, 10 * 260, 260)]
+    assert all(band.max() == 255 and band.min() < 64 for band in bands)
+
+
+def test_progress_gif_loops_holds_its_last_frame_and_keeps_at_most_max_frames(tmp_path):
+    _write_samples(tmp_path, range(0, 1200, 100))  # 12 grids; the GIF keeps 5 of them, the first and the last
+    reports.save_progress_gif(reports.sample_frames(tmp_path), tmp_path / "p.gif", max_frames=5, height=32, frame_ms=70)
+    with Image.open(tmp_path / "p.gif") as gif:
+        assert gif.n_frames == 5 and gif.info.get("loop") == 0
+        durations = []
+        for frame in range(gif.n_frames):
+            gif.seek(frame)
+            durations.append(gif.info["duration"])
+    assert durations == [70, 70, 70, 70, 280]
 
 
 def test_update_progress_before_any_sample_writes_nothing(tmp_path):
