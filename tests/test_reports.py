@@ -81,6 +81,15 @@ def test_update_progress_before_any_sample_writes_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_image_grid_with_a_partly_filled_last_row():
+    images = torch.rand(10, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    pixels = np.asarray(reports.image_grid(images, nrow=4))
+    assert pixels.shape == (3 * (SIZE + 2) + 2, 4 * (SIZE + 2) + 2, 3)
+    third_row = 2 + 2 * (SIZE + 2)
+    np.testing.assert_array_equal(pixels[third_row : third_row + SIZE, 20 : 20 + SIZE], reports.to_uint8_hwc(images)[9])
+    assert (pixels[third_row:, 2 * (SIZE + 2) :] == 255).all()  # the two empty places are white
+
+
 def test_reconstruction_grid_puts_each_real_image_next_to_its_reconstruction(tmp_path):
     rng = torch.Generator().manual_seed(1)
     real, recon = torch.rand(6, 3, SIZE, SIZE, generator=rng) * 2 - 1, torch.rand(6, 3, SIZE, SIZE, generator=rng)
