@@ -174,3 +174,22 @@ def test_runs_figure_gives_each_run_one_colour_in_both_panels():
     assert m_colour["plain"] != m_colour["evaluated"]
     assert swd[:2] == ("evaluated", m_colour["evaluated"]) and swd[2:] == ([500, 1000], [80.5, 60.25])
     assert all(legend is not None for legend in legends)
+
+
+def test_background_writer_runs_jobs_in_order_and_raises_a_jobs_error_at_the_next_submit():
+    writer, done = reports.BackgroundWriter(), []
+
+    def fail(message):
+        raise OSError(message)
+
+    try:
+        for k in range(3):
+            writer.submit(done.append, k)
+        writer.submit(fail, "disk full")
+        with pytest.raises(OSError, match="disk full"):
+            writer.submit(done.append, "after")  # the failed job's error, not lost under the next job
+        writer.submit(done.append, 3)  # raised once: the writer goes on
+        writer.wait()
+    finally:
+        writer.close()
+    assert done == [0, 1, 2, 3]
