@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from began_fast import metrics
-from began_fast.config import ModelConfig, TrainConfig, get_preset
+from began_fast.config import ConfigError, ModelConfig, TrainConfig, get_preset
 from began_fast.fast_step import FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep
@@ -43,3 +43,23 @@ def test_both_steps_run_adam_with_the_configs_lr_and_betas(step_class):
         [group] = optimizer.param_groups
         assert group["betas"] == (0.3, 0.9) and float(group["lr"]) == pytest.approx(3e-4)
     assert torch.equal(step.k, torch.zeros(())), "k_0 = 0"
+
+
+def test_presets_are_the_ones_the_readme_describes():
+    """README: `demo` is 32 px, n=16 (h = z = 32), with skips, lr 5e-4, gamma 0.7, 6000 steps, M's window 1000 steps
+    and a snapshot every 2000; `gpu64` the paper's 64 px model at gamma 0.7; `paper128` the paper's setting at 128 px.
+    The lr floor is 2e-5 and evaluations are off (512 images when on) in every preset."""
+    demo, gpu64, paper128 = get_preset("demo"), get_preset("gpu64"), get_preset("paper128")
+    assert demo.model == ModelConfig(image_size=32, n=16, h=32, skip=True)
+    assert (demo.train.lr, demo.train.gamma, demo.train.batch_size, demo.train.steps) == (5e-4, 0.7, 16, 6000)
+    assert (demo.train.lr_decay_window, demo.train.snapshot_every) == (1000, 2000)
+    assert gpu64.model == ModelConfig()
+    assert (gpu64.train.lr, gpu64.train.gamma, gpu64.train.batch_size) == (1e-4, 0.7, 16)
+    assert gpu64.train.snapshot_every == 50_000 and gpu64.train.lr_decay_window == 3000
+    assert paper128.train == TrainConfig()
+    for name in ("demo", "gpu64", "paper64", "paper128"):
+        train = get_preset(name).train
+        assert (train.lr_floor, train.eval_every, train.eval_images, train.betas) == (2e-5, 0, 512, (0.5, 0.999))
+        assert not get_preset(name).model.vanishing_residual
+    with pytest.raises(ConfigError, match=r"^unknown preset 'paper32'; expected one of \['demo', 'gpu64', 'paper128'"):
+        get_preset("paper32")
