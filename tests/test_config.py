@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from began_fast import metrics
-from began_fast.config import ConfigError, ModelConfig, TrainConfig, get_preset
+from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig, get_preset, replace
 from began_fast.fast_step import FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep
@@ -63,3 +63,54 @@ def test_presets_are_the_ones_the_readme_describes():
         assert not get_preset(name).model.vanishing_residual
     with pytest.raises(ConfigError, match=r"^unknown preset 'paper32'; expected one of \['demo', 'gpu64', 'paper128'"):
         get_preset("paper32")
+
+
+@pytest.mark.parametrize(
+    "config, changes, message",
+    [
+        (ModelConfig, {"image_size": 48}, r"image_size must be a power of two in 16\.\.256 .*got 48"),
+        (ModelConfig, {"n": 0}, r"n \(filters\) must be an integer >= 1, got 0"),
+        (ModelConfig, {"h": 2.5}, r"h \(embedding size\) must be an integer >= 1, got 2.5"),
+        (ModelConfig, {"z_dim": 0}, r"z_dim must be None \(= h\) or an integer >= 1, got 0"),
+        (ModelConfig, {"carry_steps": 0}, "carry_steps must be >= 1, got 0"),
+        (TrainConfig, {"betas": (0.5, 1.0)}, r"betas must be two numbers in \[0, 1\), got \(0.5, 1.0\)"),
+        (TrainConfig, {"betas": (0.9,)}, "betas must be two numbers"),
+        (TrainConfig, {"lambda_k": -0.001}, "lambda_k must be >= 0, got -0.001"),
+        (TrainConfig, {"gamma": 0.0}, r"gamma must be in \(0, 1\], got 0.0"),
+        (TrainConfig, {"lr_decay_window": 0}, "lr_decay_window must be >= 1, got 0"),
+        (TrainConfig, {"lr_decay_factor": 1.5}, r"lr_decay_factor must be in \(0, 1\], got 1.5"),
+        (TrainConfig, {"lr_decay_factor": 0.0}, r"lr_decay_factor must be in \(0, 1\], got 0.0"),
+        (TrainConfig, {"lr_scaling": "cubic"}, "lr_scaling must be one of .*got 'cubic'"),
+        (TrainConfig, {"eval_every": -1}, "eval_every must be >= 0"),
+        (TrainConfig, {"eval_images": 0}, "eval_images must be >= 1, got 0"),
+        (TrainConfig, {"log_every": 0}, "log_every must be >= 1, got 0"),
+        (TrainConfig, {"sample_every": 0}, "sample_every must be >= 1, got 0"),
+        (TrainConfig, {"checkpoint_every": 0}, "checkpoint_every must be >= 1, got 0"),
+        (TrainConfig, {"snapshot_every": 0}, "snapshot_every must be >= 1, got 0"),
+        (DataConfig, {"source": "lmdb"}, "data source must be one of .*got 'lmdb'"),
+        (DataConfig, {"crop": "top"}, "crop must be one of .* or None, got 'top'"),
+        (DataConfig, {"crop_size": 0}, "crop_size must be >= 1, got 0"),
+        (DataConfig, {"num_workers": -1}, "num_workers must be >= 0, got -1"),
+        (DataConfig, {"loader": "ffcv"}, "loader must be one of .*got 'ffcv'"),
+        (DataConfig, {"builtin_count": 0}, "builtin_count must be >= 1, got 0"),
+        (DataConfig, {"holdout": -1}, "holdout must be >= 0, got -1"),
+    ],
+)
+def test_a_value_out_of_range_is_refused_in_one_line(config, changes, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        config(**changes)
+
+
+def test_the_edges_of_each_range_are_accepted():
+    ModelConfig(image_size=16, n=1, h=1, z_dim=1, carry_steps=1)
+    ModelConfig(image_size=256)
+    TrainConfig(betas=(0.0, 0.0), lambda_k=0.0, gamma=1.0, lr_decay_window=1, lr_decay_factor=1.0, lr_floor=0.0)
+    TrainConfig(lr_floor=1e-4, eval_every=0, eval_images=1, log_every=1, snapshot_every=1, lr_scaling="sqrt")
+    DataConfig(crop="center", crop_size=1, num_workers=0, builtin_count=1, holdout=0, source="folder", loader="dali")
+
+
+def test_replace_keeps_the_values_not_given_and_checks_the_result():
+    cfg = TrainConfig(batch_size=4, lr=3e-4)
+    assert replace(cfg, lr=None, steps=7, gamma=None) == TrainConfig(batch_size=4, lr=3e-4, steps=7)
+    with pytest.raises(ConfigError, match=r"gamma must be in \(0, 1\], got 2.0"):
+        replace(cfg, gamma=2.0)
