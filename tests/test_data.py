@@ -207,6 +207,46 @@ def test_folder_images_are_read_upright_as_8_bit_rgb(tmp_path):
     assert torch.equal(grey[0], torch.from_numpy(eight_bit).float()) and torch.equal(grey[0], grey[2])
 
 
+def test_a_turned_image_is_checked_against_the_crop_box_upright(tmp_path):
+    """A 200 x 160 JPEG shown turned (EXIF orientation 6) is 160 x 200 upright: the CelebA box (left 25, top 50,
+    128 px) fits it upright, though not the stored pixels, which are only 160 high."""
+    stored = np.random.default_rng(7).integers(0, 256, (160, 200, 3), dtype=np.uint8)
+    save_turned(tmp_path / "turned.jpg", Image.fromarray(stored), 6)
+    source = open_source(DataConfig(path=str(tmp_path), crop="celeba"), 16)
+    with Image.open(tmp_path / "turned.jpg") as image:
+        upright = image.transpose(Image.Transpose.ROTATE_270)  # orientation 6: turn 90 degrees clockwise
+        assert upright.size == (160, 200)
+        upright.save(tmp_path / "upright.png")
+    assert torch.equal(source[0], reference_item(tmp_path / "upright.png", (25, 50, 128), 16))
+
+
+def test_image_extensions_are_matched_whatever_their_case(tmp_path):
+    faces = draw_faces(3, 16, seed=6)
+    for face, name in zip(faces, ("a.JPG", "b.Png", "c.jpeg"), strict=True):
+        Image.fromarray(face).save(tmp_path / name, format="PNG" if name.lower().endswith("png") else "JPEG")
+    (tmp_path / "d.TXT").write_text("not an image")
+    source = open_source(DataConfig(path=str(tmp_path), crop="center"), 16)
+    assert [Path(f).name for f in source.files] == ["a.JPG", "b.Png", "c.jpeg"]
+
+
+def test_a_png_whose_chunk_checksum_is_wrong_is_skipped(tmp_path):
+    """PIL decodes a PNG whose IDAT checksum is wrong without a word; DALI's decoder stops on it: the scan leaves
+    it out."""
+    faces = draw_faces(2, 16, seed=8)
+    for i, face in enumerate(faces):
+        Image.fromarray(face).save(tmp_path / f"{i}.png")
+    png = bytearray((tmp_path / "1.png").read_bytes())
+    idat = png.index(b"IDAT")
+    crc = idat + 4 + int.from_bytes(png[idat - 4 : idat], "big")  # after the chunk's type and data
+    png[crc : crc + 4] = bytes(255 - b for b in png[crc : crc + 4])
+    (tmp_path / "1.png").write_bytes(bytes(png))
+    with Image.open(tmp_path / "1.png") as image:
+        image.load()  # the pixels are whole: only the checksum says the file is damaged
+    with pytest.warns(SkippedImagesWarning, match="skipped 1 of 2"):
+        source = open_source(DataConfig(path=str(tmp_path), crop="center"), 16)
+    assert [Path(f).name for f in source.files] == ["0.png"]
+
+
 def test_whole_images_with_unusual_endings_are_kept(tmp_path):
     """A JPEG with data after its end marker (as some cameras write) and a PNG named .jpg decode, so they stay."""
     faces = draw_faces(3, 16, seed=5)
