@@ -439,6 +439,36 @@ def test_compare_runs_without_evaluations_judges_by_m_and_calls_small_difference
     assert c["config_diff"] == {} and c["verdict"].startswith("even: mean M over the last 10 common steps")
 
 
+def test_compare_runs_judges_m_over_the_last_common_steps_and_calls_under_10_percent_even(tmp_path, compare):
+    """20 common steps: b's M is half a's over the first 10, 8% above it over the last 10 (within two seeds' noise,
+    3.9%, with a margin: even); c's is 14% above a's throughout (beyond it)."""
+    steps = range(50, 1001, 50)
+    a = _write_run(tmp_path / "a", lr=1e-4, m_of_step=lambda s: 0.2, steps=steps)
+    b = _write_run(tmp_path / "b", lr=1e-4, m_of_step=lambda s: 0.1 if s <= 500 else 0.216, steps=steps)
+    c = _write_run(tmp_path / "c", lr=1e-4, m_of_step=lambda s: 0.228, steps=steps)
+    with_b, with_c = (json.loads(compare([a, other, "--json"])[1]) for other in (b, c))
+    assert with_b["m_tail_mean"] == pytest.approx([0.2, 0.216])
+    assert with_b["verdict"] == (
+        "even: mean M over the last 10 common steps (no common SWD evaluation; M is a weaker guide) 0.2 vs 0.216 "
+        "differ by less than 10%, within two runs' noise"
+    )
+    assert with_b["m_mean_abs_diff"] == pytest.approx((10 * 0.1 + 10 * 0.016) / 20)  # the gaps, not their sum
+    assert with_c["verdict"].startswith("a is better than c: mean M over the last 10 common steps")
+
+
+def test_compare_runs_of_two_folders_of_one_name_names_each_by_its_path(tmp_path, compare):
+    """runs1/x against runs2/x: each run is named by the path given, in the table and in the plot's legend."""
+    for parent in ("runs1", "runs2"):
+        (tmp_path / parent).mkdir()
+    a = _write_run(tmp_path / "runs1" / "x", lr=1e-4, m_of_step=lambda s: 0.3, steps=[100, 200])
+    b = _write_run(tmp_path / "runs2" / "x", lr=1e-4, m_of_step=lambda s: 0.2, steps=[100, 200])
+    rc, out, err = compare([a, b, "--json", "--plot", tmp_path / "compared.PNG"])  # the suffix in any case
+    assert rc == 0, err
+    c = json.loads(out)
+    assert c["runs"] == [str(a), str(b)] and c["verdict"].startswith(f"{b} is better than {a}: mean M")
+    assert (tmp_path / "compared.PNG").stat().st_size > 1000
+
+
 @pytest.mark.parametrize(
     ("change", "evaluated", "withheld"),
     [
