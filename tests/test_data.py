@@ -687,6 +687,39 @@ def test_gpu_resident_set_on_cpu():
     assert fits(10, 32, "cpu") and not fits(10**12, 256, "cpu")
 
 
+def test_gpu_resident_set_of_a_plain_dataset_and_a_stream_without_flips():
+    """A source without as_uint8 (an image folder) is stacked item by item, every item; a run with flips off
+    (DataConfig.flip False) gets its images unmirrored, whatever BatchOrder's flips say; an empty set is refused."""
+    pixels = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(pixels)
+
+        def __getitem__(self, index):
+            return pixels[index]
+
+    images = GpuResidentSet(Items(), "cpu")
+    assert torch.equal(images.images, pixels)
+    stream, order = GpuResidentStream(images, BatchOrder(6, 2, seed=3), flip=False), BatchOrder(6, 2, seed=3)
+    flipped = 0
+    for step in range(9):
+        indices, flips = order.batch(step)
+        flipped += int(flips.sum())
+        assert torch.equal(next(stream), pixels[indices].float() / 127.5 - 1)
+    assert flipped > 0  # the order's flips were there to ignore
+    with pytest.raises(DataError, match="non-empty set of square images"):
+        GpuResidentSet(torch.empty(0, 3, 16, 16, dtype=torch.uint8), "cpu")
+
+
+def test_gpu_resident_images_may_take_half_the_free_memory(monkeypatch):
+    """On the CPU the free memory is the available pages: 1000 of 4 KiB, half of it 2,048,000 bytes, 2666 images of
+    16 x 16 x 3 bytes and not 2667."""
+    pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    assert fits(2666, 16, "cpu") and not fits(2667, 16, "cpu")
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_gpu_resident_stream_gives_the_torch_loaders_batches(world_size):
     """Each rank's batches are, byte for byte, the torch loader's for that rank (BatchOrder's epochs and flips),
