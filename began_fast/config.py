@@ -107,7 +107,7 @@ class TrainConfig:
             f"betas must be two numbers in [0, 1), got {self.betas}",
         )
         _require(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
-        _require(self.lambda_k >= 0, f"lambda_k must be >= 0, got {self.lambda_k}")
+        _require(0 <= self.lambda_k < math.inf, f"lambda_k must be a finite number >= 0, got {self.lambda_k}")
         _require(self.lr_decay_window >= 1, f"lr_decay_window must be >= 1, got {self.lr_decay_window}")
         _require(0 < self.lr_decay_factor <= 1, f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}")
         _require(0 <= self.lr_floor <= self.lr, f"lr_floor must be in [0, lr={self.lr}], got {self.lr_floor}")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import math
 
 import pytest
 import torch
@@ -75,7 +76,8 @@ def test_presets_are_the_ones_the_readme_describes():
         (ModelConfig, {"carry_steps": 0}, "carry_steps must be >= 1, got 0"),
         (TrainConfig, {"betas": (0.5, 1.0)}, r"betas must be two numbers in \[0, 1\), got \(0.5, 1.0\)"),
         (TrainConfig, {"betas": (0.9,)}, "betas must be two numbers"),
-        (TrainConfig, {"lambda_k": -0.001}, "lambda_k must be >= 0, got -0.001"),
+        (TrainConfig, {"lambda_k": -0.001}, "lambda_k must be a finite number >= 0, got -0.001"),
+        (TrainConfig, {"lambda_k": math.inf}, "lambda_k must be a finite number >= 0, got inf"),  # k_t: inf * 0 = NaN
         (TrainConfig, {"gamma": 0.0}, r"gamma must be in \(0, 1\], got 0.0"),
         (TrainConfig, {"lr_decay_window": 0}, "lr_decay_window must be >= 1, got 0"),
         (TrainConfig, {"lr_decay_factor": 1.5}, r"lr_decay_factor must be in \(0, 1\], got 1.5"),
