@@ -165,6 +165,13 @@ NO_COMMIT = dict(SYNTHETIC, machine_info=SYNTHETIC["machine_info"] | {"git_commi
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, message):
     """Before, `{}` put a record of an unknown device and commit with an empty table into both READMEs."""
+    err = refused(tmp_path, capsys, content)
+    assert err.startswith("error: ") and message in err, err
+
+
+def refused(tmp_path, capsys, content: str | None) -> str:
+    """bench_report.main on a run.json holding `content` (None: no file) must end with status 2 and one line on
+    stderr, leave the README as it was and create no output folder; returns that line."""
     source = tmp_path / "run.json"
     if content is not None:
         source.write_text(content)
@@ -173,8 +180,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, mes
     before = readme.read_text()
     rc = bench_report.main([str(source), "--suite", "kernels", "--out-dir", str(tmp_path / "r"), f"--readme={readme}"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert rc == 2 and err.count("\n") == 1, err
     assert readme.read_text() == before and not (tmp_path / "r").exists()
+    return err
 
 
 def edited(edit):
@@ -217,15 +225,8 @@ def edited(edit):
 )
 def test_a_file_not_laid_out_as_pytest_benchmark_writes_it_is_one_line(tmp_path, capsys, content, message):
     """Each of these ended in a traceback (KeyError, TypeError, ZeroDivisionError, AttributeError) before."""
-    source = tmp_path / "run.json"
-    source.write_text(content)
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- bench:kernels:start -->\nNo GPU run has been recorded yet.\n<!-- bench:kernels:end -->\n")
-    before = readme.read_text()
-    rc = bench_report.main([str(source), "--suite", "kernels", "--out-dir", str(tmp_path / "r"), f"--readme={readme}"])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith(f"error: {source}: ") and err.count("\n") == 1 and message in err, err
-    assert readme.read_text() == before and not (tmp_path / "r").exists()
+    err = refused(tmp_path, capsys, content)
+    assert err.startswith(f"error: {tmp_path / 'run.json'}: ") and message in err, err
 
 
 def test_a_readme_named_but_missing_is_refused(tmp_path, capsys):
