@@ -102,6 +102,25 @@ def test_readme_section_is_replaced_between_markers_only(tmp_path):
     assert unmarked.read_text() == "no markers here\n"
 
 
+def test_a_write_that_fails_leaves_the_readme_whole(tmp_path, monkeypatch, capsys):
+    """A disk that fills up while the report is written (here: every fsync fails) ends with one line and status 2,
+    and the README is as it was, with no temporary file beside it: each file is replaced whole or not at all."""
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(SYNTHETIC))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:kernels:start -->\nold table\n<!-- bench:kernels:end -->\n")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    rc = bench_report.main([str(source), "--suite", "kernels", "--out-dir", str(tmp_path / "r"), f"--readme={readme}"])
+    assert rc == 2 and capsys.readouterr().err == "error: [Errno 28] No space left on device\n"
+    assert readme.read_text() == "intro\n<!-- bench:kernels:start -->\nold table\n<!-- bench:kernels:end -->\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "r", "run.json"]
+    assert list((tmp_path / "r").iterdir()) == []
+
+
 def test_missing_extra_info_is_a_clear_error(tmp_path):
     data = dict(SYNTHETIC, benchmarks=[{"name": "test_x", "stats": {"median": 1.0}, "extra_info": {"layer": "a"}}])
     source = tmp_path / "run.json"
