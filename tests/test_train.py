@@ -643,42 +643,38 @@ def test_cli_ctrl_c_or_sigterm_exits_with_the_signal_and_says_how_to_resume(
     assert load_checkpoint(out / "latest.pt")["step"] == 6
 
 
-def test_cli_out_of_gpu_memory_is_one_line(tmp_path, monkeypatch, capsys):
-    """A batch or image size too large for the GPU is bad input: one line that says what to lower, status 2."""
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (
+            torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                "1.2 GiB is free.\nIf reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF"
+            ),
+            "error: CUDA out of memory: the step does not fit this GPU's memory; lower --batch-size or --image-size",
+        ),
+        (  # on a CPU the allocator's failure is a plain RuntimeError, not torch.OutOfMemoryError
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                "to allocate 400000000000 bytes. Error code 12 (Cannot allocate memory)"
+            ),
+            "error: cannot allocate 400,000,000,000 bytes: the step does not fit this machine's memory; lower "
+            "--batch-size or --image-size",
+        ),
+    ],
+    ids=["gpu", "cpu"],
+)
+def test_cli_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys, error, line):
+    """A batch or image size too large for the device's memory is bad input: one line that says what to lower,
+    status 2; any other RuntimeError is a bug, not bad input, and propagates."""
     script = load_script("train")
-
-    def out_of_memory(run):
-        raise torch.OutOfMemoryError(
-            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.2 GiB "
-            "is free.\nIf reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF"
-        )
-
-    monkeypatch.setattr(script, "train", out_of_memory)
-    assert script.main(["--out", str(tmp_path / "run"), "--quiet", "--device", "cpu", "--image-size", "16"]) == 2
-    assert capsys.readouterr().err == (
-        "error: CUDA out of memory: the step does not fit this GPU's memory; lower --batch-size or --image-size\n"
-    )
-
-
-def test_cli_out_of_cpu_memory_is_one_line(tmp_path, monkeypatch, capsys):
-    """On a CPU the allocator's failure is a plain RuntimeError, not torch.OutOfMemoryError: the same one line."""
-    script = load_script("train")
-
-    def out_of_memory(run):
-        raise RuntimeError(
-            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
-            "allocate 400000000000 bytes. Error code 12 (Cannot allocate memory)"
-        )
-
-    monkeypatch.setattr(script, "train", out_of_memory)
-    assert script.main(["--out", str(tmp_path / "run"), "--quiet", "--device", "cpu", "--image-size", "16"]) == 2
-    assert capsys.readouterr().err == (
-        "error: cannot allocate 400,000,000,000 bytes: the step does not fit this machine's memory; lower "
-        "--batch-size or --image-size\n"
-    )
+    argv = ["--out", str(tmp_path / "run"), "--quiet", "--device", "cpu", "--image-size", "16"]
+    monkeypatch.setattr(script, "train", lambda run: (_ for _ in ()).throw(error))
+    assert script.main(argv) == 2
+    assert capsys.readouterr().err == line + "\n"
     monkeypatch.setattr(script, "train", lambda run: (_ for _ in ()).throw(RuntimeError("another error")))
-    with pytest.raises(RuntimeError, match="another error"):  # any other RuntimeError is a bug, not bad input
-        script.main(["--out", str(tmp_path / "run2"), "--quiet", "--device", "cpu", "--image-size", "16"])
+    with pytest.raises(RuntimeError, match="another error"):
+        script.main(["--out", str(tmp_path / "run2"), *argv[2:]])
 
 
 def cli(*args, env=None):
