@@ -625,9 +625,11 @@ def test_torch_loader_batches_and_flips():
     assert "torch DataLoader" in plain.describe() and "builtin" in plain.describe()
 
 
-def test_ctrl_c_leaves_the_torch_loaders_workers_to_the_training_loop():
-    """Ctrl-C reaches the whole process group: the workers go on (the training loop finishes its step and writes
-    its checkpoint) instead of dying, which would end the run in the middle of next() with a traceback."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_leaves_the_torch_loaders_workers_to_the_training_loop(signum):
+    """Ctrl-C reaches the whole process group, a scheduler's SIGTERM every process of the job: the workers go on
+    (the training loop finishes its step and writes its checkpoint) instead of dying, which would make the loader
+    raise in the middle of the step or of the checkpoint's write."""
     source = BuiltinFaces(16, 16, seed=0)
     before = set(multiprocessing.active_children())
     loader, reference = (
@@ -639,7 +641,7 @@ def test_ctrl_c_leaves_the_torch_loaders_workers_to_the_training_loop():
     workers = [child for child in multiprocessing.active_children() if child not in before]
     assert len(workers) == 2
     for worker in workers:
-        os.kill(worker.pid, signal.SIGINT)
+        os.kill(worker.pid, signum)
     time.sleep(0.5)
     assert all(worker.is_alive() for worker in workers)
     for _ in range(6):

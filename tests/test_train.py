@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -641,6 +642,29 @@ def test_cli_ctrl_c_or_sigterm_exits_with_the_signal_and_says_how_to_resume(
     assert script.main([*shlex.split(lines[-1])[4:], "--quiet"]) == 0
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("done: 6 steps")
     assert load_checkpoint(out / "latest.pt")["step"] == 6
+
+
+def test_a_sigterm_to_every_process_of_the_job_stops_with_a_checkpoint_when_workers_decode(tmp_path):
+    """A scheduler's time limit or preemption signals every process of the job, the DataLoader's workers too (here:
+    the process group). The run stops as it does alone, with its checkpoint, instead of failing to write it when the
+    DataLoader raised about its killed workers in the middle of torch.save."""
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--device", "cpu", "--quiet", "--workers", "2", "--loader", "torch", "--log-every", "1"]
+    tiny = ["--image-size", "16", "--batch-size", "4", "--steps", "100000", "--checkpoint-every", "100000"]
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"), *args, *tiny]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stats = out / "stats.jsonl"
+        while process.poll() is None and (not stats.exists() or len(stats.read_text().splitlines()) < 10):
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGTERM)
+        err = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert "2 workers" in err and "Traceback" not in err and "error" not in err, err
+    stopped_at = load_checkpoint(out / "latest.pt")["step"]
+    assert stopped_at >= 10 and process.returncode == 128 + signal.SIGTERM
+    assert f"stopped by SIGTERM at step {stopped_at}; checkpoint written to {out / 'latest.pt'}" in err
 
 
 @pytest.mark.parametrize(

@@ -24,10 +24,13 @@ class _FlippedItems(torch.utils.data.Dataset):
         return image.flip(-1) if flip else image
 
 
-def _ignore_ctrl_c(worker_id: int) -> None:
-    """A worker's start: Ctrl-C reaches the whole process group, and it is the training loop's to handle (it finishes
-    the step and writes a checkpoint); a worker it ended would end the run with a traceback instead."""
+def _leave_stop_signals_to_the_loop(worker_id: int) -> None:
+    """A worker's start: Ctrl-C (SIGINT) reaches the whole process group, and a scheduler's SIGTERM (a time limit,
+    a preemption, `kill -TERM -PGID`) every process of the job; both are the training loop's to handle (it finishes
+    the step and writes a checkpoint). A worker they ended would make the DataLoader raise in the loop wherever it
+    was, in the middle of writing that checkpoint too. The workers end with the loader, or with the loop's process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _BatchSampler:
@@ -66,7 +69,7 @@ class TorchLoader:
             _FlippedItems(source),
             batch_sampler=_BatchSampler(order, flip),
             num_workers=num_workers,
-            worker_init_fn=_ignore_ctrl_c,
+            worker_init_fn=_leave_stop_signals_to_the_loop,
             pin_memory=self.device.type == "cuda",
             **workers,
         )
