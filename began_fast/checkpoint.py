@@ -23,7 +23,7 @@ import torch
 
 from began_fast.atomic_files import atomic_write
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from began_fast.model import Discriminator, Generator, carry_at
+from began_fast.model import Discriminator, Generator, carry_after
 
 CHECKPOINT_FORMAT = "began-fast/1"
 
@@ -153,9 +153,7 @@ def load_models(
         D.load_state_dict(state["D"])
     except (KeyError, TypeError, RuntimeError) as e:  # a missing entry, an unknown setting, a wrong shape
         raise misfit(path, e) from None
-    # A finished vanishing residual has carry 0; mid-run, the carry the checkpoint's last update ran under (each step
-    # sets its own at its start), which the run's own pictures and evaluations at that step used.
-    carry = carry_at(max(state["step"] - 1, 0), cfg)
+    carry = carry_after(state["step"], cfg)
     G.set_carry(carry)
     D.set_carry(carry)
     return G.to(device).eval(), D.to(device).eval(), state

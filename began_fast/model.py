@@ -167,3 +167,9 @@ def carry_at(step: int | torch.Tensor, cfg: ModelConfig):
     if torch.is_tensor(step):
         return torch.clamp(1 - step.double() / cfg.carry_steps, min=0.0)
     return max(0.0, 1.0 - step / cfg.carry_steps)
+
+
+def carry_after(steps_done: int, cfg: ModelConfig) -> float:
+    """The carry of a model that has done `steps_done` steps: the one its last update ran under (each step sets its
+    own at its start, from the steps done before it), which the run's pictures and evaluations at that step used."""
+    return carry_at(max(steps_done - 1, 0), cfg)

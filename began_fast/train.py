@@ -45,7 +45,7 @@ from began_fast.data.sampler import data_position
 from began_fast.distributed import Collectives, cores_per_rank, machine_cores
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.hang_guard import HangGuard
-from began_fast.model import Discriminator, Generator
+from began_fast.model import Discriminator, Generator, carry_after
 from began_fast.seeds import FIXED_Z, generator
 from began_fast.step import ReferenceStep, StepState
 
@@ -434,6 +434,27 @@ def evaluate(run: Run, real: RealImages, stats_file, writer) -> None:
         writer.add_scalar("eval/recon_l1", row["recon_l1"], row["step"])
 
 
+def catch_up(run: Run, real: RealImages, stats_file, writer, pictures: reports.BackgroundWriter) -> None:
+    """On a resume, the evaluation and the pictures due at the checkpoint's step that the run never wrote (it was
+    killed between the checkpoint and them, or they failed): made now, as the loop would have made them then, with
+    the carry of the step's last update, so the run's record has every step of its schedule."""
+    cfg, out, step = run.train_cfg, run.out, run.start_step
+    if step == 0:
+        return
+    evaluated = any("swd" in row and row["step"] == step for row in reports.read_stats(out / "stats.jsonl"))
+    owes_evaluation = bool(cfg.eval_every) and step % cfg.eval_every == 0 and not evaluated
+    owes_pictures = step % cfg.sample_every == 0 and not (out / "samples" / f"step_{step:07d}.png").exists()
+    if not (owes_evaluation or owes_pictures):
+        return
+    if run.model_cfg.vanishing_residual:  # the next step sets its own again
+        for net in (run.G, run.D):
+            net.set_carry(carry_after(step, run.model_cfg))
+    if owes_evaluation:
+        evaluate(run, real, stats_file, writer)
+    if owes_pictures:
+        write_pictures(run, real, pictures)
+
+
 def open_tensorboard(out: Path, start: int):
     """A SummaryWriter for a run that starts after step `start` when tensorboard is installed, else None (it is an
     optional extra)."""
@@ -751,6 +772,8 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
     pictures = reports.BackgroundWriter()
     try:
         with stats as stats_file, stop_on_interrupt() as interrupted, HangGuard(run.collectives) as guard:
+            if main:
+                catch_up(run, real, stats_file, writer, pictures)
             for _ in range(start, cfg.steps):
                 feed()
                 done = run.step.steps_done

@@ -325,6 +325,40 @@ def test_resume_drops_what_was_written_after_the_checkpoint(tmp_path):
     assert [step for step, _ in reports.sample_frames(tmp_path)] == [4, 8]
 
 
+@pytest.mark.parametrize("died", [False, True], ids=["after-its-pictures", "between-checkpoint-and-evaluation"])
+def test_a_resume_makes_the_evaluation_and_pictures_its_checkpoints_step_missed(tmp_path, monkeypatch, died):
+    """A run killed after the checkpoint of an evaluation step and before its evaluation and pictures (or stopped by
+    a failure in them): the resume makes them, as the uninterrupted run did, with the vanishing residual's carry of
+    that step's last update (1/8 apart from the next step's here), and a run that made them gets no second ones."""
+    model = dataclasses.replace(MODEL, vanishing_residual=True, carry_steps=8)
+    run = lambda folder, steps, resume=False: train(  # noqa: E731
+        setup_run(model, train_cfg(steps, eval_every=4), DATA, RunOptions(out=folder, resume=resume, quiet=True))
+    )
+    run(tmp_path / "whole", 8)
+    split = tmp_path / "split"
+    if died:
+        evaluate = train_module.evaluate
+
+        def dying_evaluation(run, *args):
+            if run.step.steps_done == 4:
+                raise RuntimeError("killed")
+            evaluate(run, *args)
+
+        monkeypatch.setattr(train_module, "evaluate", dying_evaluation)
+        with pytest.raises(RuntimeError, match="killed"):
+            run(split, 8)
+        monkeypatch.setattr(train_module, "evaluate", evaluate)
+        assert load_checkpoint(split / "latest.pt")["step"] == 4 and reports.sample_frames(split) == []
+    else:
+        run(split, 4)
+    run(split, 8, resume=True)
+    assert reports.read_stats(split / "stats.jsonl") == reports.read_stats(tmp_path / "whole" / "stats.jsonl")
+    frames = [reports.sample_frames(folder) for folder in (tmp_path / "whole", split)]
+    assert [step for step, _ in frames[1]] == [4, 8]
+    for (_, whole), (_, resumed) in zip(*frames, strict=True):
+        assert whole.read_bytes() == resumed.read_bytes()
+
+
 def test_resume_checks_the_settings_given_again(tmp_path):
     run_steps(tmp_path, 4)
     changed = dataclasses.replace(train_cfg(8), batch_size=2, log_every=4)
