@@ -26,6 +26,11 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _is_count(value) -> bool:
+    """An integer >= 1, and not a bool (True is an int to Python, not a number of filters)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The BEGAN architecture (docs/DESIGN.md section 2).
@@ -50,10 +55,10 @@ class ModelConfig:
             self.image_size in IMAGE_SIZES,
             f"image_size must be a power of two in 16..256 (one of {IMAGE_SIZES}), got {self.image_size}",
         )
-        _require(isinstance(self.n, int) and self.n >= 1, f"n (filters) must be an integer >= 1, got {self.n}")
-        _require(isinstance(self.h, int) and self.h >= 1, f"h (embedding size) must be an integer >= 1, got {self.h}")
+        _require(_is_count(self.n), f"n (filters) must be an integer >= 1, got {self.n}")
+        _require(_is_count(self.h), f"h (embedding size) must be an integer >= 1, got {self.h}")
         _require(
-            self.z_dim is None or (isinstance(self.z_dim, int) and self.z_dim >= 1),
+            self.z_dim is None or _is_count(self.z_dim),
             f"z_dim must be None (= h) or an integer >= 1, got {self.z_dim}",
         )
         _require(self.carry_steps >= 1, f"carry_steps must be >= 1, got {self.carry_steps}")

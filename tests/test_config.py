@@ -73,6 +73,8 @@ def test_presets_are_the_ones_the_readme_describes():
         (ModelConfig, {"n": 0}, r"n \(filters\) must be an integer >= 1, got 0"),
         (ModelConfig, {"h": 2.5}, r"h \(embedding size\) must be an integer >= 1, got 2.5"),
         (ModelConfig, {"z_dim": 0}, r"z_dim must be None \(= h\) or an integer >= 1, got 0"),
+        (ModelConfig, {"n": True}, r"n \(filters\) must be an integer >= 1, got True"),  # an int to Python
+        (ModelConfig, {"z_dim": True}, r"z_dim must be None \(= h\) or an integer >= 1, got True"),
         (ModelConfig, {"carry_steps": 0}, "carry_steps must be >= 1, got 0"),
         (TrainConfig, {"betas": (0.5, 1.0)}, r"betas must be two numbers in \[0, 1\), got \(0.5, 1.0\)"),
         (TrainConfig, {"betas": (0.9,)}, "betas must be two numbers"),
