@@ -11,6 +11,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -646,6 +647,48 @@ def test_a_stop_signal_leaves_the_torch_loaders_workers_to_the_training_loop(sig
     assert all(worker.is_alive() for worker in workers)
     for _ in range(6):
         assert torch.equal(next(loader), next(reference))
+
+
+def test_close_ends_the_torch_loaders_workers_even_one_that_does_not_answer():
+    """The workers ignore SIGTERM (above), so close() cannot leave a stuck one to the terminate() that PyTorch's
+    shutdown falls back on: one stopped (SIGSTOP) is killed."""
+    source = BuiltinFaces(16, 16, seed=0)
+    before = set(multiprocessing.active_children())
+    loader = TorchLoader(source, BatchOrder(len(source), 4, seed=0), num_workers=2)
+    next(loader)
+    workers = [child for child in multiprocessing.active_children() if child not in before]
+    os.kill(workers[0].pid, signal.SIGSTOP)
+    closing = threading.Thread(target=loader.close, daemon=True)  # on a failure, the test ends all the same
+    closing.start()
+    closing.join(timeout=60)
+    for worker in workers:
+        if closing.is_alive():
+            worker.kill()
+    assert not closing.is_alive() and not any(worker.is_alive() for worker in workers)
+    assert workers[0].exitcode == -signal.SIGKILL and workers[1].exitcode == 0  # the other ended in order
+    with pytest.raises(RuntimeError, match="closed"):
+        next(loader)
+
+
+@pytest.mark.parametrize("ending", ["done", "uncaught-error"])
+def test_a_process_ends_with_a_torch_loader_it_left_open(ending):
+    """At the exit of a process that still holds a loader (a module global; the frames of an uncaught error),
+    multiprocessing terminates the workers with SIGTERM, which they ignore, and waits for them: the loader is closed
+    before that, so the process ends instead of hanging."""
+    program = f"""
+import torch
+from began_fast.data import BatchOrder, TorchLoader
+from began_fast.data.builtin import BuiltinFaces
+source = BuiltinFaces(16, 16, seed=0)
+loader = TorchLoader(source, BatchOrder(len(source), 4, seed=0), num_workers=2)
+assert torch.isfinite(next(loader)).all()
+if {ending!r} == "uncaught-error":
+    raise ValueError("a bug")
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert (done.returncode, done.stderr.strip().splitlines()[-1:]) == (
+        (0, []) if ending == "done" else (1, ["ValueError: a bug"])
+    ), done.stderr
 
 
 @pytest.mark.parametrize(

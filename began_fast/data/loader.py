@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
+import weakref
 
 import torch
 
@@ -28,9 +31,22 @@ def _leave_stop_signals_to_the_loop(worker_id: int) -> None:
     """A worker's start: Ctrl-C (SIGINT) reaches the whole process group, and a scheduler's SIGTERM (a time limit,
     a preemption, `kill -TERM -PGID`) every process of the job; both are the training loop's to handle (it finishes
     the step and writes a checkpoint). A worker they ended would make the DataLoader raise in the loop wherever it
-    was, in the middle of writing that checkpoint too. The workers end with the loader, or with the loop's process."""
+    was, in the middle of writing that checkpoint too. The workers end with their loader (TorchLoader.close), or
+    within seconds of their process if it is killed outright (they watch it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# The loaders with worker processes still running. At the interpreter's exit, multiprocessing ends the processes
+# left with SIGTERM, which ours ignore, and then waits for them; PyTorch shuts them down before that only when it
+# pins memory. So every loader left open is closed first (atexit runs its hooks last registered first, and this one
+# is registered after multiprocessing's and PyTorch's: at the first loader with workers).
+_open_loaders: weakref.WeakSet[TorchLoader] = weakref.WeakSet()
+
+
+def _close_open_loaders() -> None:
+    for loader in list(_open_loaders):
+        loader.close()
 
 
 class _BatchSampler:
@@ -73,12 +89,33 @@ class TorchLoader:
             pin_memory=self.device.type == "cuda",
             **workers,
         )
-        self._batches = iter(self._loader)
+        before = set(multiprocessing.active_children())
+        self._batches = iter(self._loader)  # starts the (persistent) workers
+        self._workers = [child for child in multiprocessing.active_children() if child not in before]
+        if self._workers:
+            if not _open_loaders:
+                atexit.unregister(_close_open_loaders)
+                atexit.register(_close_open_loaders)
+            _open_loaders.add(self)
+
+    def close(self) -> None:
+        """End the worker processes: in order, as PyTorch does when its iterator goes (each takes the end-of-work
+        signal, or is terminated, within a few seconds), and then any still alive is killed, since they ignore
+        SIGTERM. The loader yields no more batches after it."""
+        self._batches = self._loader = None  # the only references to the iterator: its __del__ shuts the workers down
+        for worker in self._workers:
+            if worker.is_alive():
+                worker.kill()
+            worker.join()
+        self._workers = []
+        _open_loaders.discard(self)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
+        if self._batches is None:
+            raise RuntimeError("this TorchLoader was closed: it yields no more batches")
         batch = next(self._batches).to(self.device, non_blocking=True)
         return batch.float().div_(127.5).sub_(1.0)
 
