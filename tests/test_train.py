@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -28,7 +29,7 @@ import began_fast.train as train_module
 from began_fast import metrics, reports
 from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from began_fast.data.builtin import BuiltinFaces
+from began_fast.data.builtin import BuiltinFaces, draw_faces
 from began_fast.distributed import CollectiveError
 from began_fast.metrics import MetricError
 from began_fast.step import ADAM_IMPLEMENTATION
@@ -699,6 +700,58 @@ def test_a_sigterm_to_every_process_of_the_job_stops_with_a_checkpoint_when_work
     stopped_at = load_checkpoint(out / "latest.pt")["step"]
     assert stopped_at >= 10 and process.returncode == 128 + signal.SIGTERM
     assert f"stopped by SIGTERM at step {stopped_at}; checkpoint written to {out / 'latest.pt'}" in err
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_random_moments_and_resumed_each_time_ends_as_one_never_killed(tmp_path):
+    """kill -9 (a node failure, the OOM killer) at any moment costs a run at most the steps since its last
+    checkpoint: killed four times, each time started again with --resume (or anew before its first checkpoint), it
+    ends with the checkpoint, statistics and sample grids of a run never killed, bit for bit. Whatever the moment of
+    each kill (in a step, a checkpoint's write, an evaluation, the pictures, the start), with image files decoded by
+    2 worker processes, the vanishing residual and evaluations."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i, face in enumerate(draw_faces(48, 32, seed=5)):
+        Image.fromarray(face).save(faces / f"{i:03d}.png")
+    steps = 120
+    args = ["--data", str(faces), "--workers", "2", "--image-size", "16", "--batch-size", "4", "--steps", str(steps)]
+    args += ["--log-every", "5", "--sample-every", "10", "--checkpoint-every", "10", "--snapshot-every", "30"]
+    args += ["--eval-every", "20", "--eval-images", "16", "--vanishing-residual", "--carry-steps", "60", "--quiet"]
+    assert cli("--out", str(tmp_path / "whole"), *args).returncode == 0
+
+    out, kills, moments = tmp_path / "killed", 0, random.Random(0)
+    while True:
+        resume = ["--resume"] if (out / "latest.pt").exists() else []
+        command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--device", "cpu", "--out", str(out)]
+        with open(tmp_path / "stderr.txt", "w") as err:
+            process = subprocess.Popen([*command, *args, *resume], stderr=err, start_new_session=True)
+        # Once a step at or past a random one is logged, a random fraction of a second later (a step below the one
+        # the run resumes from: a kill in its start). Never near the end: a run killed after its last checkpoint is
+        # finished, and refuses --resume.
+        kill_after, delay = moments.randint(1, 80), moments.uniform(0.0, 0.2)
+        while process.poll() is None:
+            at = max([0] + [row["step"] for row in reports.read_stats(out / "stats.jsonl")])
+            if kills < 4 and at >= kill_after:
+                time.sleep(delay)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                kills += 1
+                break
+            time.sleep(0.02)
+        else:
+            break
+    assert process.returncode == 0, (tmp_path / "stderr.txt").read_text()
+    assert kills == 4
+
+    whole, killed = (load_checkpoint(folder / "latest.pt") for folder in (tmp_path / "whole", out))
+    assert whole["step"] == killed["step"] == steps
+    assert_same_trainer_state({**whole, "run_id": None}, {**killed, "run_id": None}, "checkpoint")
+    assert reports.read_stats(out / "stats.jsonl") == reports.read_stats(tmp_path / "whole" / "stats.jsonl")
+    frames = [reports.sample_frames(folder) for folder in (tmp_path / "whole", out)]
+    assert [step for step, _ in frames[1]] == list(range(10, steps + 1, 10))
+    for (_, grid), (_, again) in zip(*frames, strict=True):
+        assert grid.read_bytes() == again.read_bytes()
+    assert sorted(path.name for path in out.glob("step_*.pt")) == [f"step_{s:07d}.pt" for s in (30, 60, 90, 120)]
 
 
 @pytest.mark.parametrize(
