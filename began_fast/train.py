@@ -128,6 +128,9 @@ class Run:
     # for it (None: a new run, or a checkpoint that did not record one: the position its step gives).
     start_step: int = 0
     saved_data_position: tuple[int, int] | None = None
+    # The --steps of the run that wrote the checkpoint (None: a new run): the last step of that run, whose
+    # evaluation and pictures it made off their schedules too.
+    saved_steps: int | None = None
     # Names the run in its checkpoints and config.json, so a latest.pt of another run is not resumed into this
     # run's folder (a random hex string given at its start; a checkpoint that did not record one gets a new one).
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
@@ -206,7 +209,15 @@ def setup_run(
         given = {"model": model_cfg, "train": train_cfg, "data": data_cfg}
         configs = resumed_configs(state, latest, given, {"train": {"steps"}} if explicit is None else explicit)
         model_cfg, train_cfg, data_cfg = configs["model"], configs["train"], configs["data"]
-        if train_cfg.steps <= state["step"]:
+        saved_steps = saved_configs(state, latest)["train"].steps
+        # A run that did its steps and was killed before the evaluation or the pictures of its last step: the same
+        # command again makes them. Rank 0's folder decides (the other ranks may not see it), on every rank.
+        finishes = agreed(
+            collectives,
+            device,
+            lambda: train_cfg.steps == state["step"] and any(owed_at(opts.out, train_cfg, state["step"], final=True)),
+        )
+        if train_cfg.steps < state["step"] or (train_cfg.steps == state["step"] and not finishes):
             where = (
                 f"has done its {train_cfg.steps} steps"
                 if train_cfg.steps == state["step"]
@@ -244,7 +255,25 @@ def setup_run(
         run.saved_data_position = saved_position
         run.run_id = state.get("run_id") or run.run_id
         run.checkpoint_identity = checkpoint_identity
+        run.saved_steps = saved_steps
     return run
+
+
+def agreed(collectives: Collectives | None, device: torch.device, decide) -> bool:
+    """decide() of rank 0 (of this process without torchrun), on every rank; the other ranks do not call it."""
+    if collectives is None:
+        return bool(decide())
+    return bool(collectives.max_(int(decide()) if collectives.rank == 0 else 0, device))
+
+
+def owed_at(out: Path, cfg: TrainConfig, step: int, final: bool) -> tuple[bool, bool]:
+    """(evaluation, pictures): whether the loop makes each at `step` (on its schedule, or always at a run's last
+    step: `final`) and the run folder `out` does not hold it."""
+    evaluation = bool(cfg.eval_every) and (final or step % cfg.eval_every == 0)
+    if evaluation:
+        evaluation = not any("swd" in row and row["step"] == step for row in reports.read_stats(out / "stats.jsonl"))
+    pictures = final or step % cfg.sample_every == 0
+    return evaluation, pictures and not (out / "samples" / f"step_{step:07d}.png").exists()
 
 
 def check_new_run_folder(out: Path) -> None:
@@ -437,13 +466,13 @@ def evaluate(run: Run, real: RealImages, stats_file, writer) -> None:
 def catch_up(run: Run, real: RealImages, stats_file, writer, pictures: reports.BackgroundWriter) -> None:
     """On a resume, the evaluation and the pictures due at the checkpoint's step that the run never wrote (it was
     killed between the checkpoint and them, or they failed): made now, as the loop would have made them then, with
-    the carry of the step's last update, so the run's record has every step of its schedule."""
-    cfg, out, step = run.train_cfg, run.out, run.start_step
+    the carry of the step's last update, so the run's record has every step of its schedule. The checkpoint's step
+    is a last step when the run that wrote it ended there, or when this resume does."""
+    step = run.start_step
     if step == 0:
         return
-    evaluated = any("swd" in row and row["step"] == step for row in reports.read_stats(out / "stats.jsonl"))
-    owes_evaluation = bool(cfg.eval_every) and step % cfg.eval_every == 0 and not evaluated
-    owes_pictures = step % cfg.sample_every == 0 and not (out / "samples" / f"step_{step:07d}.png").exists()
+    final = step in (run.saved_steps, run.train_cfg.steps)
+    owes_evaluation, owes_pictures = owed_at(run.out, run.train_cfg, step, final)
     if not (owes_evaluation or owes_pictures):
         return
     if run.model_cfg.vanishing_residual:  # the next step sets its own again
@@ -648,6 +677,8 @@ def announce(run: Run, data: str) -> None:
     (gamma: gpu64 and paper64 differ in it alone)."""
     cfg, start = run.train_cfg, run.step.steps_done
     lines = [f"began-fast: {'resuming at step ' + str(start) if start else 'new run'} in {run.out}", f"  data: {data}"]
+    if start == cfg.steps:
+        lines.append(f"  its {start} steps are done: this makes the evaluation or pictures of that step it never wrote")
     if run.saved_data_images not in (None, run.data_images):
         lines.append(
             f"  warning: the data set now holds {run.data_images} training images, the run read "
@@ -761,8 +792,9 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
             remove_stale_temporaries(folder)
         write_config(run)
         announce(run, batches.describe())
-    compile_kernels(run)  # after make_batches, whose DataLoader workers fork: one forked meanwhile would hold the turn
-    feed = make_feed(run, batches)
+    if start < cfg.steps:  # else this resume only makes its last step's missing evaluation or pictures (catch_up)
+        compile_kernels(run)  # after make_batches, whose workers fork: one forked meanwhile would hold the turn
+        feed = make_feed(run, batches)
     writer = open_tensorboard(out, start) if main else None
     last_checkpoint = out / "latest.pt"
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet or not main)

@@ -123,6 +123,21 @@ def rank_main(rank, port, folder):
     run = setup_run(MODEL, loop_cfg(8), LOOP_DATA, RunOptions(out=folder / f"stopped{rank}", quiet=True), collectives)
     train(interrupt_after(run, 3, signal.SIGTERM) if rank == 1 else run)
     results["stopped"] = (run.step.steps_done, run.stopped_by)
+    # --resume with --steps at the checkpoint's step makes a finished run's missing last pictures, where rank 0's
+    # folder lacks them: it decides for every rank (rank 1's, here a copy of the run, may differ), so that where
+    # rank 1's alone lacks them both refuse, and none waits for the other. (run_torch is whole: the run since was a
+    # barrier.)
+    for lacking in (0, 1):
+        out = folder / f"finish_{lacking}_{rank}"
+        shutil.copytree(folder / "run_torch", out)
+        if rank == lacking:
+            (out / "samples" / "step_0000004.png").unlink()
+        options = RunOptions(out=out, resume=True, quiet=True)
+        try:
+            train(setup_run(MODEL, loop_cfg(4), loop_data("torch"), options, collectives))
+            results[f"finish_{lacking}"] = "finished"
+        except ConfigError as e:
+            results[f"finish_{lacking}"] = str(e)
     # A job whose ranks were given different settings (here rank 1 another seed, so other weights too).
     mismatched = dataclasses.replace(loop_cfg(4), seed=rank)
     run = setup_run(MODEL, mismatched, LOOP_DATA, RunOptions(out=folder / f"mismatch{rank}", quiet=True), collectives)
@@ -253,6 +268,16 @@ def test_the_loop_feeds_each_rank_its_shard_of_the_global_batch(two_ranks, tmp_p
         for name, value in model.state_dict().items():
             assert_parity(two_ranks_state[network][name], value, name=f"{network} {name}")
     torch.testing.assert_close(two_ranks_state["trainer"]["k"], one.step.k)
+
+
+def test_rank_0s_folder_decides_whether_a_finished_run_resumes_to_make_its_missing_last_pictures(two_ranks):
+    folder, ranks = two_ranks
+    assert [rank["finish_0"] for rank in ranks] == ["finished"] * 2
+    made = [folder / name / "samples" / "step_0000004.png" for name in ("run_torch", "finish_0_0")]
+    assert made[0].read_bytes() == made[1].read_bytes()
+    assert not (folder / "finish_1_1" / "samples" / "step_0000004.png").exists()  # rank 1 wrote nothing
+    for rank in ranks:
+        assert re.fullmatch(r"the run in .*finish_1_\d has done its 4 steps: give --steps above 4 .*", rank["finish_1"])
 
 
 def test_ranks_given_different_settings_are_refused_before_the_first_step(two_ranks):

@@ -360,6 +360,84 @@ def test_a_resume_makes_the_evaluation_and_pictures_its_checkpoints_step_missed(
         assert whole.read_bytes() == resumed.read_bytes()
 
 
+@pytest.mark.parametrize("steps_again", [6, 10], ids=["same-steps", "more-steps"])
+@pytest.mark.parametrize("dies_in", ["evaluate", "write_pictures"])
+def test_a_run_killed_after_its_last_checkpoint_gets_its_last_steps_evaluation_and_pictures(
+    tmp_path, monkeypatch, capsys, dies_in, steps_again
+):
+    """A run of 6 steps killed after its last checkpoint, in the evaluation or the pictures of its last step (off
+    their schedules of 4, made because it is the last): --resume with the same --steps makes what it lacks, and
+    nothing else, then refuses to run again; with more steps it makes them before training on. Either way the
+    record is a run's never killed (the carry of that step: vanishing residual)."""
+    model = dataclasses.replace(MODEL, vanishing_residual=True, carry_steps=8)
+    run = lambda folder, steps, resume=False: train(  # noqa: E731
+        setup_run(model, train_cfg(steps, eval_every=4), DATA, RunOptions(out=folder, resume=resume, quiet=True))
+    )
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run(whole, 6)
+    if steps_again > 6:
+        run(whole, steps_again, resume=True)
+    original = getattr(train_module, dies_in)
+
+    def dying(run, *args):
+        if run.step.steps_done == 6:
+            raise RuntimeError("killed")
+        original(run, *args)
+
+    monkeypatch.setattr(train_module, dies_in, dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(split, 6)
+    monkeypatch.setattr(train_module, dies_in, original)
+    assert load_checkpoint(split / "latest.pt")["step"] == 6
+    assert [step for step, _ in reports.sample_frames(split)] == [4]
+    capsys.readouterr()
+    run(split, steps_again, resume=True)
+    said = "its 6 steps are done: this makes the evaluation or pictures of that step it never wrote"
+    assert (said in capsys.readouterr().err) == (steps_again == 6)
+    assert reports.read_stats(split / "stats.jsonl") == reports.read_stats(whole / "stats.jsonl")
+    frames = [reports.sample_frames(folder) for folder in (whole, split)]
+    assert [step for step, _ in frames[1]] == [4, 6, 8, 10][: 2 if steps_again == 6 else 4]
+    for (_, a), (_, b) in zip(*frames, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+    if steps_again == 6:
+        with pytest.raises(ConfigError, match="has done its 6 steps: give --steps above 6"):
+            run(split, 6, resume=True)
+
+
+def test_a_resume_with_steps_at_its_checkpoint_ends_the_run_there_as_a_run_of_that_many_steps(tmp_path, monkeypatch):
+    """A run of 10 steps killed after its checkpoint of step 6, resumed with --steps 6: step 6 is now its last, and
+    gets the evaluation and pictures a 6-step run makes there (off their schedules of 4)."""
+    run = lambda folder, steps, resume=False: train(  # noqa: E731
+        setup_run(
+            MODEL,
+            train_cfg(steps, eval_every=4, checkpoint_every=2),
+            DATA,
+            RunOptions(out=folder, resume=resume, quiet=True),
+            explicit={"train": {"steps"}},
+        )
+    )
+    run(tmp_path / "whole", 6)
+    write_checkpoint = train_module.write_checkpoint
+
+    def dying_after_checkpoint(run):
+        written = write_checkpoint(run)
+        if run.step.steps_done == 6:
+            raise RuntimeError("killed")
+        return written
+
+    monkeypatch.setattr(train_module, "write_checkpoint", dying_after_checkpoint)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "split", 10)
+    monkeypatch.setattr(train_module, "write_checkpoint", write_checkpoint)
+    run(tmp_path / "split", 6, resume=True)
+    stats = [reports.read_stats(tmp_path / name / "stats.jsonl") for name in ("whole", "split")]
+    assert stats[0] == stats[1] and [row["step"] for row in stats[1] if "swd" in row] == [4, 6]
+    frames = [reports.sample_frames(tmp_path / name) for name in ("whole", "split")]
+    assert [step for step, _ in frames[1]] == [4, 6]
+    for (_, a), (_, b) in zip(*frames, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+
+
 def test_resume_checks_the_settings_given_again(tmp_path):
     run_steps(tmp_path, 4)
     changed = dataclasses.replace(train_cfg(8), batch_size=2, log_every=4)
