@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 IMAGE_SIZES = (16, 32, 64, 128, 256)
@@ -26,9 +27,27 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _is_count(value) -> bool:
-    """An integer >= 1, and not a bool (True is an int to Python, not a number of filters)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _require_integers(config, ranges: dict[str, tuple[int, int | None]], optional: tuple[str, ...] = ()) -> None:
+    """Each field named in `ranges` of the frozen dataclass `config` must be an integer in [low, high] (high None: no
+    bound), and is stored as a Python int: a NumPy integer (a sweep's np.arange) is one; a float is not (steps=1e5 would
+    reach range() as a float, deep in the loop), nor a bool (True is an int to Python, not a number of filters). The
+    `optional` fields may be None."""
+    for name, (low, high) in ranges.items():
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not (ok and low <= value and (high is None or value <= high)):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{name} must be {'None or ' * (name in optional)}an integer {bounds}, got {value!r}")
+        object.__setattr__(config, name, int(value))
+
+
+def _require_bools(config, names: tuple[str, ...]) -> None:
+    """Each named field must be True or False (a string "no" would be true)."""
+    for name in names:
+        value = getattr(config, name)
+        _require(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -51,17 +70,13 @@ class ModelConfig:
     carry_steps: int = 16000
 
     def __post_init__(self) -> None:
+        _require_integers(self, {"image_size": (IMAGE_SIZES[0], IMAGE_SIZES[-1])})  # 64.0 is in IMAGE_SIZES too
         _require(
             self.image_size in IMAGE_SIZES,
             f"image_size must be a power of two in 16..256 (one of {IMAGE_SIZES}), got {self.image_size}",
         )
-        _require(_is_count(self.n), f"n (filters) must be an integer >= 1, got {self.n}")
-        _require(_is_count(self.h), f"h (embedding size) must be an integer >= 1, got {self.h}")
-        _require(
-            self.z_dim is None or _is_count(self.z_dim),
-            f"z_dim must be None (= h) or an integer >= 1, got {self.z_dim}",
-        )
-        _require(self.carry_steps >= 1, f"carry_steps must be >= 1, got {self.carry_steps}")
+        _require_integers(self, {name: (1, None) for name in ("n", "h", "z_dim", "carry_steps")}, optional=("z_dim",))
+        _require_bools(self, ("skip", "vanishing_residual"))
 
     @property
     def z_size(self) -> int:
@@ -101,27 +116,20 @@ class TrainConfig:
     eval_images: int = 512
 
     def __post_init__(self) -> None:
-        _require(
-            1 <= self.batch_size <= MAX_BATCH_SIZE,
-            f"batch_size must be in [1, {MAX_BATCH_SIZE}], got {self.batch_size}",
-        )
+        counts = ("lr_decay_window", "steps", "log_every", "sample_every", "checkpoint_every", "snapshot_every")
+        ranges = {"batch_size": (1, MAX_BATCH_SIZE), "seed": (0, None), "eval_every": (0, None)}
+        _require_integers(self, ranges | {name: (1, None) for name in (*counts, "eval_images")})
+        _require(self.seed < 2**63 - 1, f"seed must be in [0, 2**63 - 1), got {self.seed}")
         _require(0 < self.lr < math.inf, f"lr must be a finite number > 0, got {self.lr}")
-        _require(0 <= self.seed < 2**63 - 1, f"seed must be in [0, 2**63 - 1), got {self.seed}")
         _require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"betas must be two numbers in [0, 1), got {self.betas}",
         )
         _require(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
         _require(0 <= self.lambda_k < math.inf, f"lambda_k must be a finite number >= 0, got {self.lambda_k}")
-        _require(self.lr_decay_window >= 1, f"lr_decay_window must be >= 1, got {self.lr_decay_window}")
         _require(0 < self.lr_decay_factor <= 1, f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}")
         _require(0 <= self.lr_floor <= self.lr, f"lr_floor must be in [0, lr={self.lr}], got {self.lr_floor}")
-        _require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _require(self.lr_scaling in LR_SCALINGS, f"lr_scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}")
-        _require(self.eval_every >= 0, f"eval_every must be >= 0 (0 turns it off), got {self.eval_every}")
-        _require(self.eval_images >= 1, f"eval_images must be >= 1, got {self.eval_images}")
-        for name in ("log_every", "sample_every", "checkpoint_every", "snapshot_every"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 CROPS = ("celeba", "center")
@@ -157,11 +165,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.source in SOURCES, f"data source must be one of {SOURCES}, got {self.source!r}")
         _require(self.crop is None or self.crop in CROPS, f"crop must be one of {CROPS} or None, got {self.crop!r}")
-        _require(self.crop_size is None or self.crop_size >= 1, f"crop_size must be >= 1, got {self.crop_size}")
-        _require(self.num_workers is None or self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         _require(self.loader in LOADERS, f"loader must be one of {LOADERS}, got {self.loader!r}")
-        _require(self.builtin_count >= 1, f"builtin_count must be >= 1, got {self.builtin_count}")
-        _require(self.holdout >= 0, f"holdout must be >= 0, got {self.holdout}")
+        ranges = {"crop_size": (1, None), "num_workers": (0, None), "builtin_count": (1, None), "holdout": (0, None)}
+        _require_integers(self, ranges | {"builtin_seed": (0, None)}, optional=("crop_size", "num_workers"))
+        _require_bools(self, ("flip",))
 
 
 @dataclass(frozen=True)

@@ -132,8 +132,8 @@ _FLAG_OF_FIELD = {"num_workers": "--workers", "path": "--data"}
 
 
 def in_flag_terms(message: str, parser: argparse.ArgumentParser) -> str:
-    """A config error names the config field ("batch_size must be >= 1, got 0"); the user gave a flag, so the
-    message names it ("--batch-size must be >= 1, got 0")."""
+    """A config error names the config field ("steps must be an integer >= 1, got 0"); the user gave a flag, so the
+    message names it ("--steps must be an integer >= 1, got 0")."""
     field, space, rest = message.partition(" ")
     flag = _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
     return f"{flag} {rest}" if space and flag in parser._option_string_actions else message

@@ -2,8 +2,10 @@
 
 import dataclasses
 import inspect
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,34 +72,48 @@ def test_presets_are_the_ones_the_readme_describes():
     "config, changes, message",
     [
         (ModelConfig, {"image_size": 48}, r"image_size must be a power of two in 16\.\.256 .*got 48"),
-        (ModelConfig, {"n": 0}, r"n \(filters\) must be an integer >= 1, got 0"),
-        (ModelConfig, {"h": 2.5}, r"h \(embedding size\) must be an integer >= 1, got 2.5"),
-        (ModelConfig, {"z_dim": 0}, r"z_dim must be None \(= h\) or an integer >= 1, got 0"),
-        (ModelConfig, {"n": True}, r"n \(filters\) must be an integer >= 1, got True"),  # an int to Python
-        (ModelConfig, {"z_dim": True}, r"z_dim must be None \(= h\) or an integer >= 1, got True"),
-        (ModelConfig, {"carry_steps": 0}, "carry_steps must be >= 1, got 0"),
+        (ModelConfig, {"n": 0}, "n must be an integer >= 1, got 0"),
+        (ModelConfig, {"h": 2.5}, "h must be an integer >= 1, got 2.5"),
+        (ModelConfig, {"z_dim": 0}, "z_dim must be None or an integer >= 1, got 0"),
+        (ModelConfig, {"n": True}, "n must be an integer >= 1, got True"),  # an int to Python
+        (ModelConfig, {"z_dim": True}, "z_dim must be None or an integer >= 1, got True"),
+        (ModelConfig, {"carry_steps": 0}, "carry_steps must be an integer >= 1, got 0"),
         (TrainConfig, {"betas": (0.5, 1.0)}, r"betas must be two numbers in \[0, 1\), got \(0.5, 1.0\)"),
         (TrainConfig, {"betas": (0.9,)}, "betas must be two numbers"),
         (TrainConfig, {"lambda_k": -0.001}, "lambda_k must be a finite number >= 0, got -0.001"),
         (TrainConfig, {"lambda_k": math.inf}, "lambda_k must be a finite number >= 0, got inf"),  # k_t: inf * 0 = NaN
         (TrainConfig, {"gamma": 0.0}, r"gamma must be in \(0, 1\], got 0.0"),
-        (TrainConfig, {"lr_decay_window": 0}, "lr_decay_window must be >= 1, got 0"),
+        (TrainConfig, {"lr_decay_window": 0}, "lr_decay_window must be an integer >= 1, got 0"),
         (TrainConfig, {"lr_decay_factor": 1.5}, r"lr_decay_factor must be in \(0, 1\], got 1.5"),
         (TrainConfig, {"lr_decay_factor": 0.0}, r"lr_decay_factor must be in \(0, 1\], got 0.0"),
         (TrainConfig, {"lr_scaling": "cubic"}, "lr_scaling must be one of .*got 'cubic'"),
-        (TrainConfig, {"eval_every": -1}, "eval_every must be >= 0"),
-        (TrainConfig, {"eval_images": 0}, "eval_images must be >= 1, got 0"),
-        (TrainConfig, {"log_every": 0}, "log_every must be >= 1, got 0"),
-        (TrainConfig, {"sample_every": 0}, "sample_every must be >= 1, got 0"),
-        (TrainConfig, {"checkpoint_every": 0}, "checkpoint_every must be >= 1, got 0"),
-        (TrainConfig, {"snapshot_every": 0}, "snapshot_every must be >= 1, got 0"),
+        (TrainConfig, {"eval_every": -1}, "eval_every must be an integer >= 0, got -1"),
+        (TrainConfig, {"eval_images": 0}, "eval_images must be an integer >= 1, got 0"),
+        (TrainConfig, {"log_every": 0}, "log_every must be an integer >= 1, got 0"),
+        (TrainConfig, {"sample_every": 0}, "sample_every must be an integer >= 1, got 0"),
+        (TrainConfig, {"checkpoint_every": 0}, "checkpoint_every must be an integer >= 1, got 0"),
+        (TrainConfig, {"snapshot_every": 0}, "snapshot_every must be an integer >= 1, got 0"),
         (DataConfig, {"source": "lmdb"}, "data source must be one of .*got 'lmdb'"),
         (DataConfig, {"crop": "top"}, "crop must be one of .* or None, got 'top'"),
-        (DataConfig, {"crop_size": 0}, "crop_size must be >= 1, got 0"),
-        (DataConfig, {"num_workers": -1}, "num_workers must be >= 0, got -1"),
+        (DataConfig, {"crop_size": 0}, "crop_size must be None or an integer >= 1, got 0"),
+        (DataConfig, {"num_workers": -1}, "num_workers must be None or an integer >= 0, got -1"),
         (DataConfig, {"loader": "ffcv"}, "loader must be one of .*got 'ffcv'"),
-        (DataConfig, {"builtin_count": 0}, "builtin_count must be >= 1, got 0"),
-        (DataConfig, {"holdout": -1}, "holdout must be >= 0, got -1"),
+        (DataConfig, {"builtin_count": 0}, "builtin_count must be an integer >= 1, got 0"),
+        (DataConfig, {"holdout": -1}, "holdout must be an integer >= 0, got -1"),
+        # A float is no count even when whole (steps=1e5 reached range() deep in the loop), nor a bool, nor a string.
+        (ModelConfig, {"image_size": 64.0}, r"image_size must be an integer in \[16, 256\], got 64.0"),
+        (ModelConfig, {"carry_steps": 1e4}, "carry_steps must be an integer >= 1, got 10000.0"),
+        (ModelConfig, {"skip": "no"}, "skip must be True or False, got 'no'"),
+        (ModelConfig, {"vanishing_residual": 1}, "vanishing_residual must be True or False, got 1"),
+        (TrainConfig, {"steps": 1e5}, "steps must be an integer >= 1, got 100000.0"),
+        (TrainConfig, {"batch_size": 16.0}, r"batch_size must be an integer in \[1, 1048576\], got 16.0"),
+        (TrainConfig, {"seed": True}, "seed must be an integer >= 0, got True"),
+        (TrainConfig, {"seed": 2**63 - 1}, r"seed must be in \[0, 2\*\*63 - 1\)"),
+        (TrainConfig, {"eval_every": 0.5}, "eval_every must be an integer >= 0, got 0.5"),
+        (TrainConfig, {"log_every": "50"}, "log_every must be an integer >= 1, got '50'"),
+        (DataConfig, {"num_workers": 2.0}, "num_workers must be None or an integer >= 0, got 2.0"),
+        (DataConfig, {"builtin_seed": -1}, "builtin_seed must be an integer >= 0, got -1"),
+        (DataConfig, {"flip": "False"}, "flip must be True or False, got 'False'"),
     ],
 )
 def test_a_value_out_of_range_is_refused_in_one_line(config, changes, message):
@@ -111,6 +127,22 @@ def test_the_edges_of_each_range_are_accepted():
     TrainConfig(betas=(0.0, 0.0), lambda_k=0.0, gamma=1.0, lr_decay_window=1, lr_decay_factor=1.0, lr_floor=0.0)
     TrainConfig(lr_floor=1e-4, eval_every=0, eval_images=1, log_every=1, snapshot_every=1, lr_scaling="sqrt")
     DataConfig(crop="center", crop_size=1, num_workers=0, builtin_count=1, holdout=0, source="folder", loader="dali")
+
+
+def test_a_numpy_integer_is_an_integer_and_is_kept_as_a_python_int():
+    """A sweep's np.arange gives NumPy integers: accepted, and stored as int (json.dumps of the configs, in
+    config.json and the checkpoint, refuses NumPy's)."""
+    model = ModelConfig(image_size=np.int64(32), n=np.int32(8), h=np.int64(4), z_dim=np.int64(3))
+    train = TrainConfig(batch_size=np.int64(4), steps=np.uint16(10), seed=np.int64(3), eval_every=np.int64(0))
+    data = DataConfig(num_workers=np.int64(2), crop_size=np.int64(100), holdout=np.int8(1))
+    for config, names in (
+        (model, ("image_size", "n", "h", "z_dim")),
+        (train, ("batch_size", "steps", "seed", "eval_every")),
+        (data, ("num_workers", "crop_size", "holdout")),
+    ):
+        assert all(type(getattr(config, name)) is int for name in names)
+        json.dumps(dataclasses.asdict(config))
+    assert (model.image_size, train.steps, data.holdout) == (32, 10, 1)
 
 
 def test_replace_keeps_the_values_not_given_and_checks_the_result():

@@ -894,18 +894,18 @@ def cli(*args, env=None):
         (["--lr", "1e-4", "--lr-floor", "1e-3"], "error: --lr-floor must be in [0, lr=0.0001]", {}),
         (["--device", "cpu", "--impl", "triton"], "the Triton kernels need a CUDA", {"TRITON_INTERPRET": "0"}),
         ([], "BEGAN_FAST_IMPL must be one of", {"BEGAN_FAST_IMPL": "bogus"}),
-        (["--holdout", "-1"], "error: --holdout must be >= 0, got -1", {}),
+        (["--holdout", "-1"], "error: --holdout must be an integer >= 0, got -1", {}),
         (["--dist-timeout", "inf"], "--dist-timeout must be in (0, 604800] seconds (a week), got inf", {}),
         (["--holdout", "10000"], "--holdout 10000 must leave training images: the set holds 10000", {}),
         (["--data", ""], "--data is empty: give a CelebA folder", {}),
-        (["--steps", "0"], "error: --steps must be >= 1, got 0", {}),
+        (["--steps", "0"], "error: --steps must be an integer >= 1, got 0", {}),
         (["--lr", "inf"], "error: --lr must be a finite number > 0, got inf", {}),
         (["--seed", str(2**64 - 1)], "error: --seed must be in [0, 2**63 - 1)", {}),
         (["--eval-images", "64"], "error: --eval-images sizes the SWD evaluations, and this run has none: give", {}),
         (["--workers", "100000"], "] (4 per core), got 100000", {}),  # not 100,000 processes, then out of memory
         # Not a batch torch cannot size (2**62: "Storage size calculation overflowed", a traceback) or unpack.
-        (["--batch-size", str(2**62)], f"error: --batch-size must be in [1, 1048576], got {2**62}", {}),
-        (["--batch-size", str(2**64)], f"error: --batch-size must be in [1, 1048576], got {2**64}", {}),
+        (["--batch-size", str(2**62)], f"error: --batch-size must be an integer in [1, 1048576], got {2**62}", {}),
+        (["--batch-size", str(2**64)], f"error: --batch-size must be an integer in [1, 1048576], got {2**64}", {}),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, message, env):
