@@ -803,7 +803,9 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
         drop_later_samples(out, start)
     pictures = reports.BackgroundWriter()
     try:
-        with stats as stats_file, stop_on_interrupt() as interrupted, HangGuard(run.collectives) as guard:
+        # The pictures in flight are written with the stop signals still deferred: under torchrun a rank that stops
+        # on a signal may leave before rank 0 is done, and the launcher then ends rank 0 with SIGTERM.
+        with stop_on_interrupt() as interrupted, stats as stats_file, HangGuard(run.collectives) as guard:
             if main:
                 catch_up(run, real, stats_file, writer, pictures)
             for _ in range(start, cfg.steps):
@@ -832,7 +834,8 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
                         how = "interrupted" if stop == signal.SIGINT else f"stopped by {signal.Signals(stop).name}"
                         print(f"{how} at step {done}; checkpoint written to {last_checkpoint}", file=sys.stderr)
                     break
-        pictures.wait()
+            with guard.paused():
+                pictures.wait()
     finally:
         pictures.close()
         bar.close()

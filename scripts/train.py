@@ -20,6 +20,7 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -236,6 +237,11 @@ def main(argv=None) -> int:
             collectives = start(world, device, args.dist_timeout)
             run = setup_run(model_cfg, train_cfg, data_cfg, opts, collectives, explicit)
             last = train(run)
+            if run.stopped_by and world.world_size > 1:
+                # The ranks stopped together on a signal, and one that leaves first makes torchrun's launcher send
+                # SIGTERM to the others: their way out (leaving the process group, the resume line) is not cut short.
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_IGN)
     except ConfigError as e:
         say_line(f"error: {rank}{in_flag_terms(one_line(e), parser)}")
         return 2

@@ -780,6 +780,27 @@ def test_a_sigterm_to_every_process_of_the_job_stops_with_a_checkpoint_when_work
     assert f"stopped by SIGTERM at step {stopped_at}; checkpoint written to {out / 'latest.pt'}" in err
 
 
+def test_a_sigterm_while_the_last_pictures_are_written_neither_ends_the_run_nor_cuts_them(tmp_path):
+    """Under torchrun a rank that stopped on a signal may leave first, and its launcher then sends SIGTERM to the
+    others, rank 0 among them, while rank 0 still writes its last pictures: the loop's hold on the stop signals lasts
+    until they are written (it ended before, and the SIGTERM killed rank 0 without its stop step's grid)."""
+    code = f"""
+import os, signal
+from pathlib import Path
+from began_fast import reports
+from tests.test_train import run_steps
+wait = reports.BackgroundWriter.wait
+def wait_after_a_sigterm(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    wait(self)
+reports.BackgroundWriter.wait = wait_after_a_sigterm
+run_steps(Path({str(tmp_path / "run")!r}), 4)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [step for step, _ in reports.sample_frames(tmp_path / "run")] == [4]
+
+
 @pytest.mark.slow
 def test_a_run_killed_at_random_moments_and_resumed_each_time_ends_as_one_never_killed(tmp_path):
     """kill -9 (a node failure, the OOM killer) at any moment costs a run at most the steps since its last
