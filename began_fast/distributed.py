@@ -16,9 +16,12 @@ A single-process run uses none of this: its step holds `collectives=None` and to
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import math
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,10 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: longer is a typo or "never", which wo
 # The process group's own timeout is this much longer than --dist-timeout, which the training loop's HangGuard
 # enforces with one line first (hang_guard.py); the process group's timeout is the backstop outside the loop.
 PROCESS_GROUP_MARGIN_S = 30.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# The process that started this one, as early as it can be read: a launcher that ended before end_with_launcher()
+# shows as another parent then (not as PID 1: in a container the launcher may be PID 1).
+_PARENT_AT_IMPORT = os.getppid()
 
 
 class CollectiveError(RuntimeError):
@@ -202,6 +209,7 @@ def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_T
         raise ConfigError(f"--dist-timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds (a week), got {timeout_s}")
     if world.world_size == 1:
         return None
+    end_with_launcher()
     device = torch.device(device)
     kwargs = {}
     if device.type == "cuda":
@@ -222,6 +230,23 @@ def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_T
         what, cause = "could not join the job's process group", "did not start, or MASTER_ADDR:MASTER_PORT is wrong"
         raise collectives.failure(e, what, cause) from None
     return collectives
+
+
+def end_with_launcher() -> None:
+    """Have Linux send this rank SIGTERM when the process that started it (torchrun's agent) ends.
+
+    torchrun starts each rank in a session of its own (torch's SubprocessHandler: start_new_session=True), so a
+    SIGKILL to the launcher's process group (`kill -9 -PGID`, `timeout -s KILL`, an OOM kill of the launcher) ends
+    the launcher alone: without this its ranks would train on as orphans to their last step, holding the run
+    folder's lock, so that the job's --resume is refused. With it they stop as a SIGTERM to the job stops them:
+    together at their next statistics read, rank 0 writing a checkpoint (stop_on_interrupt; outside the loop the
+    default action ends the rank). Only under torchrun (its agent sets TORCHELASTIC_RUN_ID)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # no prctl: not Linux
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != _PARENT_AT_IMPORT:  # the launcher ended before prctl
+        signal.raise_signal(signal.SIGTERM)
 
 
 def stop() -> None:

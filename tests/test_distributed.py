@@ -7,6 +7,7 @@ The two-rank runs are spawned once for the whole module (spawn start method, a f
 joins) and leave their results in a folder the tests read.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -448,9 +449,9 @@ def test_train_script_under_torchrun(tmp_path):
 
 @pytest.mark.parametrize("signum, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "stopped by SIGTERM")])
 def test_train_script_under_torchrun_stops_with_a_checkpoint_on_a_signal_to_the_job(tmp_path, signum, said):
-    """Ctrl-C in a terminal, or a scheduler's SIGTERM, reaches the launcher and its workers; the launcher repeats it to
-    them at once (then kills them after its grace period): the ranks stop together where they next read their
-    statistics, and rank 0 writes the checkpoint there."""
+    """Ctrl-C in a terminal, or a scheduler's SIGTERM, reaches the launcher (its workers are in sessions of their
+    own); it repeats it to them at once (then kills them after its grace period): the ranks stop together where they
+    next read their statistics, and rank 0 writes the checkpoint there. The launcher itself exits with 1."""
     out = tmp_path / "run"
     args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2"]
     args += ["--steps", "100000", "--log-every", "5", "--checkpoint-every", "100000", "--workers", "0"]
@@ -477,6 +478,46 @@ def test_train_script_under_torchrun_stops_with_a_checkpoint_on_a_signal_to_the_
     step = int(stopped[0][0])
     assert step % 5 == 0 and load_checkpoint(out / "latest.pt")["step"] == step
     assert "resume with: the same torchrun launch of" in stderr and "Traceback" not in stderr.split(" at step ")[0]
+    assert job.returncode == 1
+
+
+def test_train_script_under_torchrun_stops_with_a_checkpoint_when_its_launcher_is_killed(tmp_path):
+    """torchrun starts each rank in a session of its own, so `kill -9 -PGID` of the job (timeout -s KILL, an OOM
+    kill of the launcher) ends the launcher alone: its ranks, told by Linux (PR_SET_PDEATHSIG), stop as on a SIGTERM,
+    with a checkpoint, rather than train on as orphans holding the run folder's lock (a --resume was refused)."""
+    out = tmp_path / "run"
+    args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2"]
+    args += ["--steps", "100000", "--log-every", "5", "--checkpoint-every", "100000", "--workers", "0"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        job = subprocess.Popen(
+            [*launcher, str(ROOT / "scripts" / "train.py"), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "stats.jsonl").exists() or not (out / "stats.jsonl").read_text():  # training
+            assert job.poll() is None and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.2)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while "resume with:" not in (tmp_path / "stderr.txt").read_text():
+            assert time.monotonic() < deadline, "the ranks did not stop: " + (tmp_path / "stderr.txt").read_text()
+            time.sleep(0.2)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):  # ranks left training (this test failing)
+            with contextlib.suppress(OSError):
+                if str(out).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    stopped = re.findall("^stopped by SIGTERM at step (\\d+); checkpoint written to (.*)$", stderr, flags=re.MULTILINE)
+    assert len(stopped) == 1 and stopped[0][1] == str(out / "latest.pt"), stderr
+    assert load_checkpoint(out / "latest.pt")["step"] == int(stopped[0][0])
 
 
 def test_train_script_under_torchrun_fails_on_bad_input_with_one_line_per_rank(tmp_path):
