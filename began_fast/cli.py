@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 import warnings
@@ -126,3 +127,81 @@ def warnings_as_lines(prefix: str = ""):
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *_args, **_kwargs: say_line(f"warning: {prefix}{one_line(message)}")
         yield
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; a scheduler's preemption or time limit, `timeout`
+_stop_state: list[list[int]] = []  # the signals received within each open stop_signals(), innermost last
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (Ctrl-C's SIGINT, or SIGTERM: `timeout`, a scheduler, `docker stop`) within stop_signals();
+    the script ends with one line and status 128 + signum, as train.py does."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def status(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def what(self) -> str:
+        return "interrupted" if self.signum == signal.SIGINT else f"stopped by {signal.Signals(self.signum).name}"
+
+
+def interruption(error: KeyboardInterrupt) -> Interrupted:
+    """`error` as an Interrupted: a plain KeyboardInterrupt (Python's own Ctrl-C handler) is a SIGINT."""
+    return error if isinstance(error, Interrupted) else Interrupted(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Within it SIGINT and SIGTERM raise Interrupted, and are remembered: check_stop() raises it again. Python drops
+    an exception raised while a finalizer runs (a weakref callback, an h5py or PIL object freed), so a Ctrl-C that
+    lands there would be lost and the script would finish and exit 0; a script calls check_stop() in its loops and
+    before it replaces an earlier output. Without the SIGTERM handler, a SIGTERM would end it at once, with no
+    line and its temporary files left behind."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise Interrupted(signum)
+
+    def unraisable(info):  # the dropped stop signal is check_stop()'s to raise: no traceback for it
+        if not isinstance(info.exc_value, Interrupted):
+            previous_hook(info)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    _stop_state.append(received)
+    try:
+        yield
+    finally:
+        _stop_state.pop()
+        sys.unraisablehook = previous_hook
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def check_stop() -> None:
+    """Raise Interrupted if a stop signal came within stop_signals() (see there)."""
+    if _stop_state and _stop_state[-1]:
+        raise Interrupted(_stop_state[-1][0])
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Within stop_signals(): a stop signal during the block (an earlier output going out and the new one in) is
+    raised once the block is done, not in the middle of it."""
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    if held:
+        if _stop_state:
+            _stop_state[-1].extend(held)
+        raise Interrupted(held[0])

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from began_fast import metrics, ops, reports
 from began_fast.atomic_files import atomic_write, remove_stale_temporaries
 from began_fast.checkpoint import config_dict, load_checkpoint, misfit, save_checkpoint, saved_configs
+from began_fast.cli import STOP_SIGNALS
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import held_out_images, make_batches, open_source, resolve_source
 from began_fast.data.gpu_resident import GpuResidentStream
@@ -55,10 +56,10 @@ PRECOMPILE_ENV = "BEGAN_FAST_PRECOMPILE"  # "0": no head start, the first step c
 # compiles must not stop this one for ever; after it, this one compiles on its own share of the cores.
 COMPILER_WAIT_S = 600.0
 RECONSTRUCTION_PAIRS = 16
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # each stops the loop after the step in flight (stop_on_interrupt)
 # A stop signal repeated sooner is the same request (stop_on_interrupt): torchrun's launcher repeats the signal it
-# got to its workers at once, and they got it too when it came from a terminal's Ctrl-C or from a scheduler that
-# signals every process of a job. A person's second Ctrl-C, to stop at once, comes later.
+# got to its workers at once, and they got it too when it came from a scheduler that signals every process of a job
+# (a terminal's Ctrl-C reaches the launcher alone: the workers run in sessions of their own). A person's second
+# Ctrl-C, to stop at once, comes later.
 REPEAT_WINDOW_S = 2.0
 RUN_LOCK = ".began-fast.lock"  # in the run folder: held by the process that trains there (lock_run_folder)
 # On --resume the checkpoint's configs stand. These settings may still be given anew: how long the run goes, how

@@ -24,7 +24,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from began_fast.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from began_fast.cli import OneLineParser, check_writable, one_line, output_path  # noqa: E402
+from began_fast.cli import (  # noqa: E402
+    OneLineParser,
+    check_stop,
+    check_writable,
+    interruption,
+    one_line,
+    output_path,
+    stop_signals,
+)
 from began_fast.config import ConfigError  # noqa: E402
 from began_fast.reports import plot_runs, read_stats, swd_points, training_rows  # noqa: E402
 
@@ -175,6 +183,16 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=output_path, help="write a PNG with both runs' M (and SWD) curves overlaid")
     args = p.parse_args(argv)
     try:
+        with stop_signals():
+            return _compare(args)
+    except KeyboardInterrupt as e:
+        stop = interruption(e)
+        print(f"error: {stop.what}; nothing was written", file=sys.stderr)
+        return stop.status
+
+
+def _compare(args: argparse.Namespace) -> int:
+    try:
         if args.plot is not None and args.plot.suffix.lower() != ".png":
             raise ConfigError(f"--plot {args.plot} must name a .png file (the plot is a PNG image)")
         a, b = load_run(args.run_a), load_run(args.run_b)
@@ -185,6 +203,7 @@ def main(argv=None) -> int:
         comparison = compare(a, b)
         print(json.dumps(comparison, indent=2) if args.json else format_table(comparison))
         if args.plot is not None:
+            check_stop()
             plot_runs({a.name: a.stats, b.name: b.stats}, args.plot)
             print(f"plot written to {args.plot}", file=sys.stderr)  # stderr: stdout may be the --json
     except (RunFolderError, CheckpointError, ConfigError, OSError) as e:

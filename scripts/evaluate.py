@@ -29,11 +29,14 @@ from began_fast.checkpoint import CheckpointError, load_models, saved_configs  #
 from began_fast.cli import (  # noqa: E402
     OneLineParser,
     check_seed,
+    check_stop,
     check_writable,
     data_path,
+    interruption,
     one_line,
     output_path,
     resolve_device,
+    stop_signals,
     warnings_as_lines,
 )
 from began_fast.config import ConfigError, DataConfig  # noqa: E402
@@ -141,7 +144,7 @@ def format_table(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    with warnings_as_lines():
+    with warnings_as_lines(), stop_signals():
         return evaluate(args)
 
 
@@ -191,13 +194,15 @@ def evaluate(args: argparse.Namespace) -> int:
         }
         print(format_table(report))
         if args.json is not None:
+            check_stop()  # a Ctrl-C that a finalizer dropped
             atomic_write(args.json, lambda f: f.write((json.dumps(report, indent=2, allow_nan=False) + "\n").encode()))
     except (CheckpointError, ConfigError, DataError, FIDUnavailableError, MetricError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        stop = interruption(e)
+        print(f"error: {stop.what}; nothing was written", file=sys.stderr)
+        return stop.status
     return 0
 
 

@@ -14,6 +14,8 @@ Bad input ends with one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import glob
 import os
 import signal
@@ -29,7 +31,17 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from began_fast.atomic_files import durable_replace  # noqa: E402
-from began_fast.cli import OneLineParser, check_writable, one_line, output_path  # noqa: E402
+from began_fast.cli import (  # noqa: E402
+    STOP_SIGNALS,
+    OneLineParser,
+    check_stop,
+    check_writable,
+    interruption,
+    one_line,
+    output_path,
+    stop_signals,
+    stop_signals_held,
+)
 from began_fast.config import IMAGE_SIZES, ConfigError, DataConfig  # noqa: E402
 from began_fast.data import DataError, open_source, resolve_source  # noqa: E402
 from began_fast.data.images import load_image  # noqa: E402
@@ -40,7 +52,32 @@ _job: tuple[int, str, int | None] = (64, "center", None)  # (size, crop, crop_si
 def _init_worker(size: int, crop: str, crop_size: int | None) -> None:
     global _job
     _job = (size, crop, crop_size)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: one line, not one per worker
+    # Ctrl-C and SIGTERM, which a terminal or a scheduler may send every process of the job, are the main process's
+    # to handle (one line, not one per worker): it ends the pool in order (_end_pool). A worker killed while it sends
+    # its result would keep the result queue's lock, and the pool would hang.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _decoded(pool, files: list[str], chunk: int, window: int):
+    """The images of `files` in order, decoded by `pool` (None for a file that does not decode), queued `window` files
+    at a time, the next window while this one is read: the pool never holds more than two windows of work, all that
+    _end_pool waits for."""
+    windows = [files[start : start + window] for start in range(0, len(files), window)]
+    pending = pool.imap(_decode, windows[0], chunksize=chunk) if windows else iter(())
+    for following in [*windows[1:], None]:
+        queued = None if following is None else pool.imap(_decode, following, chunksize=chunk)
+        yield from pending
+        pending = queued
+
+
+def _end_pool(pool) -> None:
+    """End the pool of a prepare that stopped early (a failed write, a stop signal) once its queued windows are
+    decoded (seconds). Not with Pool.terminate, as its `with` would: that kills the workers, and one killed while it
+    sends its result keeps the result queue's lock, so that the pool hangs for ever (seen on a full disk)."""
+    with stop_signals_held():  # another Ctrl-C meanwhile is the same request
+        pool.close()
+        pool.join()
 
 
 def _decode(path: str) -> np.ndarray | None:
@@ -106,32 +143,78 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
         raise DataError(f"{args.src} is not an image folder (it is a {kind} source)")
     source = open_source(cfg, args.size)
     check_writable(args.out, "the output")  # before the hour of decoding, not after it
-    size, files = args.size, source.files
+    files = source.files
     remove_stale_temporaries(args.out)
     tmp = _temporary(args.out, os.getpid())
-    written = 0
+    chunk = max(1, min(64, len(files) // (4 * args.workers)))
     try:
-        with h5py.File(tmp, "w") as f, Pool(args.workers, _init_worker, (size, source.crop, source.crop_size)) as pool:
-            images = f.create_dataset(
-                "images",
-                shape=(len(files), size, size, 3),
-                maxshape=(None, size, size, 3),
-                dtype=np.uint8,
-                chunks=(1, size, size, 3),
-            )
-            f.attrs.update({"source": str(args.src), "crop": source.crop, "image_size": size})
-            chunk = max(1, min(64, len(files) // (4 * args.workers)))
-            for image in tqdm(pool.imap(_decode, files, chunksize=chunk), total=len(files), unit="img"):
-                if image is not None:
-                    images[written] = image
-                    written += 1
-            if written == 0:
-                raise DataError(f"none of the {len(files)} images under {args.src} could be decoded")
-            images.resize(written, axis=0)
+        with Pool(args.workers, _init_worker, (args.size, source.crop, source.crop_size)) as pool:
+            try:
+                written = _write(tmp, _decoded(pool, files, chunk, window=2 * chunk * args.workers), args, source)
+            except BaseException:
+                _end_pool(pool)
+                raise
+        check_stop()  # a stop signal dropped by a finalizer: the earlier file stays
         durable_replace(tmp, args.out)
     finally:
         tmp.unlink(missing_ok=True)
     return written, len(files) - written
+
+
+def _write(tmp: Path, decoded, args: argparse.Namespace, source) -> int:
+    """Write the `decoded` images of source.files to the HDF5 file `tmp`; return how many were written."""
+    size, files, written = args.size, source.files, 0
+    # No chunk cache: each image goes to disk in its own write, so a full disk fails that write, here, and not a
+    # write from an h5py finalizer, where Python drops the error and HDF5 then crashes the process.
+    try:
+        f = h5py.File(tmp, "w", rdcc_nbytes=0)
+    except OSError as e:  # a full disk
+        raise _write_error(e, args.out) from None
+    try:
+        images = f.create_dataset(
+            "images",
+            shape=(len(files), size, size, 3),
+            maxshape=(None, size, size, 3),
+            dtype=np.uint8,
+            chunks=(1, size, size, 3),
+        )
+        f.attrs.update({"source": str(args.src), "crop": source.crop, "image_size": size})
+        for image in tqdm(decoded, total=len(files), unit="img"):
+            check_stop()
+            if image is not None:
+                images[written] = image
+                written += 1
+        if written == 0:
+            raise DataError(f"none of the {len(files)} images under {args.src} could be decoded")
+        images.resize(written, axis=0)
+        f.flush()  # the file's metadata too, while a failure can still be handled as below
+    except BaseException as e:
+        with contextlib.suppress(OSError, RuntimeError):  # the error that made it fail is the one to tell
+            f.close()
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, DataError):
+            raise _write_error(e, args.out, written, len(files)) from None
+        raise
+    _close(f, args.out)
+    return written
+
+
+def _write_error(error: BaseException, out: Path, written: int | None = None, total: int = 0) -> OSError:
+    """h5py's error for a failed write as one line that names the output and the system's reason (h5py's own names
+    the temporary file, with a time stamp, a C buffer's address and offsets)."""
+    code = getattr(error, "errno", None)
+    if code is None and "No space left on device" in str(error):  # some of h5py's RuntimeErrors carry no errno
+        code = errno.ENOSPC
+    when = "" if written is None else f" after {written} of {total} images"
+    if code is None:
+        return OSError(f"cannot write {out}{when}: {one_line(error)}")
+    return OSError(code, f"cannot write {out}{when}: {os.strerror(code)}")
+
+
+def _close(f: h5py.File, out: Path) -> None:
+    try:
+        f.close()
+    except (OSError, RuntimeError) as e:  # h5py raises RuntimeError for some failed closes
+        raise _write_error(e, out) from None
 
 
 def main(argv=None) -> int:
@@ -139,13 +222,15 @@ def main(argv=None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            written, skipped = prepare(args)
+            with stop_signals():
+                written, skipped = prepare(args)
         except (ConfigError, DataError, OSError) as e:
             print(f"error: {one_line(e)}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(f"error: interrupted; {args.out} left as it was", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:
+            stop = interruption(e)
+            print(f"error: {stop.what}; {args.out} left as it was", file=sys.stderr)
+            return stop.status
         finally:
             for warning in caught:
                 print(f"warning: {warning.message}", file=sys.stderr)

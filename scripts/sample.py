@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +32,18 @@ from tqdm import tqdm  # noqa: E402
 from began_fast import reports  # noqa: E402
 from began_fast.atomic_files import TEMPORARY_SUFFIX, remove_stale_temporaries  # noqa: E402
 from began_fast.checkpoint import CheckpointError, load_models  # noqa: E402
-from began_fast.cli import OneLineParser, check_seed, check_writable, one_line, output_path, resolve_device  # noqa: E402
+from began_fast.cli import (  # noqa: E402
+    OneLineParser,
+    check_seed,
+    check_stop,
+    check_writable,
+    interruption,
+    one_line,
+    output_path,
+    resolve_device,
+    stop_signals,
+    stop_signals_held,
+)
 from began_fast.config import ConfigError  # noqa: E402
 from began_fast.seeds import SAMPLING, generator  # noqa: E402
 
@@ -67,9 +78,31 @@ def write_samples(G, args) -> None:
     dim = G.cfg.z_size
     gen = generator(args.seed, SAMPLING)  # not torch.manual_seed(seed)'s stream, which drew a run's initial weights
     args.out.mkdir(parents=True, exist_ok=True)
-    # What a killed call left of these outputs; not other temporaries: --out may be a run folder a trainer writes.
-    for name in ("grid.png", "interpolation.png", "images"):
-        remove_stale_temporaries(args.out, of=name)
+    with _only_call_writing(args.out):
+        # What a killed call left of these outputs; not other temporaries: --out may be a run folder a trainer
+        # writes. Another call writing into --out now would lose its folder here: the lock keeps it out.
+        for name in ("grid.png", "interpolation.png", "images"):
+            remove_stale_temporaries(args.out, of=name)
+        _draw(G, args, dim, gen)
+
+
+@contextlib.contextmanager
+def _only_call_writing(out: Path):
+    """An exclusive lock on the folder `out` for the call: two calls writing into one folder would remove each
+    other's temporary folder and mix their images in images/. ConfigError when another holds it."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message = f"--out {out}: another sample.py is writing into it; wait for it, or give another --out"
+            raise ConfigError(message) from None
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def _draw(G, args, dim: int, gen) -> None:
     if args.grid:
         reports.save_image_grid(generate(G, draw_z(args.grid, dim, gen), args.device), args.out / "grid.png")
     if args.interp_rows:
@@ -91,9 +124,12 @@ def write_single_images(G, z: torch.Tensor, device, folder: Path) -> None:
         index = 0
         for chunk in tqdm(z.split(256), desc="images", unit="batch"):
             for image in reports.to_uint8_hwc(generate(G, chunk, device)):
+                check_stop()  # a Ctrl-C that a finalizer dropped
                 Image.fromarray(image).save(drawing / f"{index:06d}.png")
                 index += 1
-        with ctrl_c_held():  # the earlier set out and this one in: a Ctrl-C meanwhile would leave part of each
+        check_stop()
+        with stop_signals_held():  # the earlier set out and this one in: a Ctrl-C or SIGTERM meanwhile would leave
+            # part of each
             for earlier in folder.glob("*.png"):  # numbered as this function numbers them: an earlier call's images
                 if NUMBERED.fullmatch(earlier.name):
                     earlier.unlink()
@@ -101,19 +137,6 @@ def write_single_images(G, z: torch.Tensor, device, folder: Path) -> None:
                 os.replace(drawn, folder / drawn.name)
     finally:
         shutil.rmtree(drawing, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def ctrl_c_held():
-    """A Ctrl-C during the block is raised once the block is done."""
-    pressed = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if pressed:
-        raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -146,16 +169,18 @@ def main(argv=None) -> int:
         args.device = resolve_device(args.device)
         G, _, state = load_models(args.checkpoint, args.device)
         check_writable(args.out, "--out", folder=True)  # after the checks above: a refused call creates no folder
-        write_samples(G, args)
+        with stop_signals():
+            write_samples(G, args)
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        stop = interruption(e)
         print(
-            "error: interrupted; each picture and images/ is whole, as this call or an earlier one wrote it",
+            f"error: {stop.what}; each picture and images/ is whole, as this call or an earlier one wrote it",
             file=sys.stderr,
         )
-        return 130
+        return stop.status
     written = [name for name, asked in (("grid.png", args.grid), ("interpolation.png", args.interp_rows)) if asked]
     written += [f"{args.num} images in images/"] if args.num else []
     print(f"wrote {', '.join(written)} from step {state['step']} to {args.out}", file=sys.stderr)

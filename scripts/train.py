@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from began_fast.checkpoint import CheckpointError  # noqa: E402
 from began_fast.cli import (  # noqa: E402
+    STOP_SIGNALS,
     OneLineParser,
     data_path,
     one_line,
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
             if run.stopped_by and world.world_size > 1:
                 # The ranks stopped together on a signal, and one that leaves first makes torchrun's launcher send
                 # SIGTERM to the others: their way out (leaving the process group, the resume line) is not cut short.
-                for signum in (signal.SIGINT, signal.SIGTERM):
+                for signum in STOP_SIGNALS:
                     signal.signal(signum, signal.SIG_IGN)
     except ConfigError as e:
         say_line(f"error: {rank}{in_flag_terms(one_line(e), parser)}")

@@ -67,3 +67,15 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """The device the parity tests run on: the GPU when there is one (compiled kernels), else the CPU."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def sigterm_recorded():
+    """SIGTERM recorded instead of ending pytest, for a test of a script that should handle it itself: one that does
+    not lets it through to this record, and its test fails instead of killing the test run."""
+    import signal
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    yield received
+    signal.signal(signal.SIGTERM, previous)

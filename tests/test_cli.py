@@ -1,11 +1,14 @@
 """What the scripts share (began_fast/cli.py): the --device flag and one-line error messages."""
 
+import signal
+import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
-from began_fast.cli import check_writable, data_path, one_line, resolve_device
+from began_fast.cli import Interrupted, check_stop, check_writable, data_path, one_line, resolve_device, stop_signals
 from began_fast.config import ConfigError
 from began_fast.data import DataError
 
@@ -68,3 +71,25 @@ def test_data_path_is_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkey
     assert data_path("faces/../faces") == str(tmp_path.resolve() / "faces") and data_path(None) is None
     with pytest.raises(ConfigError, match="--data is empty"):
         data_path("  ")
+
+
+def test_a_stop_signal_that_a_finalizer_dropped_is_raised_again_by_check_stop(monkeypatch, sigterm_recorded):
+    """Python drops an exception raised in a finalizer (h5py's and PIL's objects free themselves in them), so a
+    Ctrl-C or SIGTERM that landed there was lost and the script went on to exit 0: stop_signals remembers it for
+    check_stop, without printing the dropped exception's traceback."""
+
+    class Held:
+        pass
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+    with stop_signals():
+        check_stop()  # none yet
+        held = Held()
+        weakref.finalize(held, signal.raise_signal, signal.SIGTERM)
+        del held  # the finalizer runs here, and the handler's Interrupted is dropped
+        with pytest.raises(Interrupted) as stopped:
+            check_stop()
+    assert (stopped.value.status, stopped.value.what) == (143, "stopped by SIGTERM")
+    assert dropped == [] and sigterm_recorded == []
+    check_stop()  # outside stop_signals: nothing to raise

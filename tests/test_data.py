@@ -8,6 +8,7 @@ import errno
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -971,6 +972,60 @@ def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporar
     # The data reaches the disk before the new name does, and the name before the function returns.
     assert events == [("fsync", ours), ("replace", ours, str(out)), ("fsync", str(tmp_path))]
     assert not stale.exists() and running.exists() and len(open_source(DataConfig(path=str(out)), 16)) == CELEBA_COUNT
+
+
+def test_prepare_celeba_stops_on_a_signal_with_one_line_and_keeps_the_earlier_file(
+    tmp_path, celeba_root, monkeypatch, capsys, sigterm_recorded
+):
+    """SIGTERM (`timeout`, a scheduler) ends it as Ctrl-C does: one line, status 143, the earlier file as it was, no
+    temporary file. It ended at once, silently, its temporary file left behind and its workers' tracebacks printed;
+    here the signal comes while the images are written (the workers' part: they end with the pool)."""
+    prepare_celeba = load_script("prepare_celeba")
+    out = tmp_path / "faces.h5"
+    out.write_bytes(b"an earlier data set")
+
+    def progress_then_sigterm(images, **kwargs):
+        for i, image in enumerate(images):
+            if i == 2:
+                signal.raise_signal(signal.SIGTERM)
+            yield image
+
+    monkeypatch.setattr(prepare_celeba, "tqdm", progress_then_sigterm)
+    args = [str(celeba_root), str(out), "--size", "16", "--workers", "1", "--overwrite"]
+    assert prepare_celeba.main(args) == 143
+    assert capsys.readouterr().err.splitlines() == [f"error: stopped by SIGTERM; {out} left as it was"]
+    assert out.read_bytes() == b"an earlier data set" and sorted(p.name for p in tmp_path.iterdir()) == ["faces.h5"]
+    assert sigterm_recorded == []
+
+
+def test_prepare_celeba_on_a_full_disk_ends_with_one_line_and_keeps_the_earlier_file(tmp_path):
+    """A write that fails (here past the file size limit, EFBIG; a full disk's ENOSPC takes the same way) ends with
+    one line naming the output, and status 2; the earlier file stays, and no temporary file. HDF5 crashed the
+    process (status -11, after h5py's tracebacks) when it freed the objects of a file it could not write."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, face in enumerate(draw_faces(40, 64, seed=0)):
+        Image.fromarray(face).save(images / f"{i:02d}.png")
+    out = tmp_path / "faces.h5"
+    out.write_bytes(b"an earlier data set")
+
+    # The limit set in a process that then becomes the script (exec keeps both), not by preexec_fn: that can hang
+    # the fork of a process with threads, as pytest's is by now. 40 images of 64 px: 490 kB.
+    limited = (
+        "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    command = [sys.executable, "-c", limited, sys.executable, str(ROOT / "scripts" / "prepare_celeba.py")]
+    command += [str(images), str(out), "--size", "64", "--workers", "1", "--overwrite"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    said = done.stderr.strip().splitlines()[-1]
+    expected = f"error: \\[Errno 27\\] cannot write {re.escape(str(out))} after \\d+ of 40 images: File too large"
+    assert re.fullmatch(expected, said), said
+    assert out.read_bytes() == b"an earlier data set" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "faces.h5",
+        "images",
+    ]
 
 
 @pytest.mark.parametrize(
