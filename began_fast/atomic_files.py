@@ -22,7 +22,9 @@ def atomic_write(path: str | Path, write) -> None:
     """Call write(file_object) on a temporary file beside `path`, then rename it over `path`.
 
     The rename is atomic on POSIX, so a crash or Ctrl-C mid-write leaves the old file whole; the folder is
-    synced after it, so the new name survives a power loss too.
+    synced after it, so the new name survives a power loss too. A system error in the writing (a full disk) is
+    raised as an OSError that names `path` ("[Errno 28] cannot write PATH: No space left on device"): the system's
+    own names no file, or the temporary one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,8 +36,10 @@ def atomic_write(path: str | Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
         raise
     _sync(path.parent)
 
