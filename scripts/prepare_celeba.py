@@ -72,9 +72,11 @@ def _decoded(pool, files: list[str], chunk: int, window: int):
 
 
 def _end_pool(pool) -> None:
-    """End the pool of a prepare that stopped early (a failed write, a stop signal) once its queued windows are
-    decoded (seconds). Not with Pool.terminate, as its `with` would: that kills the workers, and one killed while it
-    sends its result keeps the result queue's lock, so that the pool hangs for ever (seen on a full disk)."""
+    """End the pool in order once its queued windows are decoded (none are left at the end; seconds' worth when a
+    prepare stopped early: a failed write, a stop signal), so that the `with`'s Pool.terminate finds no worker: it
+    holds the task queue and ends the workers with SIGTERM, which they ignore (it would wait for them for ever, as
+    Python 3.12 did); and a worker it killed while sending its result would keep the result queue's lock, so that
+    the pool would hang all the same (seen on a full disk)."""
     with stop_signals_held():  # another Ctrl-C meanwhile is the same request
         pool.close()
         pool.join()
@@ -151,9 +153,8 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
         with Pool(args.workers, _init_worker, (args.size, source.crop, source.crop_size)) as pool:
             try:
                 written = _write(tmp, _decoded(pool, files, chunk, window=2 * chunk * args.workers), args, source)
-            except BaseException:
+            finally:
                 _end_pool(pool)
-                raise
         check_stop()  # a stop signal dropped by a finalizer: the earlier file stays
         durable_replace(tmp, args.out)
     finally:
