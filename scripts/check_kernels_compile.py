@@ -29,9 +29,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+from began_fast.startup import quiet_ctrl_c_while_importing  # noqa: E402
 
-from kernels import precompile  # noqa: E402
+with quiet_ctrl_c_while_importing():
+    import torch
+
+    from kernels import precompile
+
 
 # Shared memory one block may use (the opt-in maximum), per compute capability.
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}

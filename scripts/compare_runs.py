@@ -23,18 +23,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from began_fast.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from began_fast.cli import (  # noqa: E402
-    OneLineParser,
-    check_stop,
-    check_writable,
-    interruption,
-    one_line,
-    output_path,
-    stop_signals,
-)
-from began_fast.config import ConfigError  # noqa: E402
-from began_fast.reports import plot_runs, read_stats, swd_points, training_rows  # noqa: E402
+from began_fast.startup import quiet_ctrl_c_while_importing  # noqa: E402
+
+with quiet_ctrl_c_while_importing():
+    from began_fast.checkpoint import CheckpointError, load_checkpoint
+    from began_fast.cli import (
+        OneLineParser,
+        check_stop,
+        check_writable,
+        interruption,
+        one_line,
+        output_path,
+        stop_signals,
+    )
+    from began_fast.config import ConfigError
+    from began_fast.reports import plot_runs, read_stats, swd_points, training_rows
+
 
 # The relative difference below which the runs are called even, per measure: above the largest difference measured
 # between two runs of one setting (README, Results), with a margin. SWD: the largest is 26%, two runs of the demo

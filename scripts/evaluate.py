@@ -23,27 +23,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from began_fast.startup import quiet_ctrl_c_while_importing  # noqa: E402
 
-from began_fast.atomic_files import atomic_write  # noqa: E402
-from began_fast.checkpoint import CheckpointError, load_models, saved_configs  # noqa: E402
-from began_fast.cli import (  # noqa: E402
-    OneLineParser,
-    check_seed,
-    check_stop,
-    check_writable,
-    data_path,
-    interruption,
-    one_line,
-    output_path,
-    resolve_device,
-    stop_signals,
-    warnings_as_lines,
-)
-from began_fast.config import ConfigError, DataConfig  # noqa: E402
-from began_fast.data import DataError, detect_source, held_out_images, open_source  # noqa: E402
-from began_fast.data.builtin import BuiltinFaces  # noqa: E402
-from began_fast.fid import FIDUnavailableError, require_fid  # noqa: E402
-from began_fast.metrics import MetricError, check_image_count, evaluate_models  # noqa: E402
+with quiet_ctrl_c_while_importing():
+    from began_fast.atomic_files import atomic_write
+    from began_fast.checkpoint import CheckpointError, load_models, saved_configs
+    from began_fast.cli import (
+        OneLineParser,
+        check_seed,
+        check_stop,
+        check_writable,
+        data_path,
+        interruption,
+        one_line,
+        output_path,
+        resolve_device,
+        stop_signals,
+        warnings_as_lines,
+    )
+    from began_fast.config import ConfigError, DataConfig
+    from began_fast.data import DataError, detect_source, held_out_images, open_source
+    from began_fast.data.builtin import BuiltinFaces
+    from began_fast.fid import FIDUnavailableError, require_fid
+    from began_fast.metrics import MetricError, check_image_count, evaluate_models
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -26,25 +26,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from began_fast.startup import quiet_ctrl_c_while_importing  # noqa: E402
 
-from began_fast.atomic_files import durable_replace  # noqa: E402
-from began_fast.cli import (  # noqa: E402
-    STOP_SIGNALS,
-    OneLineParser,
-    check_stop,
-    check_writable,
-    interruption,
-    one_line,
-    output_path,
-    stop_signals,
-    stop_signals_held,
-)
-from began_fast.config import IMAGE_SIZES, ConfigError, DataConfig  # noqa: E402
-from began_fast.data import DataError, open_source, resolve_source  # noqa: E402
-from began_fast.data.images import load_image  # noqa: E402
+with quiet_ctrl_c_while_importing():
+    import h5py
+    import numpy as np
+    from tqdm import tqdm
+
+    from began_fast.atomic_files import durable_replace
+    from began_fast.cli import (
+        STOP_SIGNALS,
+        OneLineParser,
+        check_stop,
+        check_writable,
+        interruption,
+        one_line,
+        output_path,
+        stop_signals,
+        stop_signals_held,
+    )
+    from began_fast.config import IMAGE_SIZES, ConfigError, DataConfig
+    from began_fast.data import DataError, open_source, resolve_source
+    from began_fast.data.images import load_image
+
 
 _job: tuple[int, str, int | None] = (64, "center", None)  # (size, crop, crop_size), set in each worker
 

@@ -21,7 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+from began_fast.startup import quiet_ctrl_c_while_importing  # noqa: E402
+
+with quiet_ctrl_c_while_importing():
+    import torch
+
 
 KERNEL_NAME_WIDTH = 80
 TABLE_ROWS = 40

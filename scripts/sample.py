@@ -25,27 +25,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from began_fast.startup import quiet_ctrl_c_while_importing  # noqa: E402
 
-from began_fast import reports  # noqa: E402
-from began_fast.atomic_files import TEMPORARY_SUFFIX, remove_stale_temporaries  # noqa: E402
-from began_fast.checkpoint import CheckpointError, load_models  # noqa: E402
-from began_fast.cli import (  # noqa: E402
-    OneLineParser,
-    check_seed,
-    check_stop,
-    check_writable,
-    interruption,
-    one_line,
-    output_path,
-    resolve_device,
-    stop_signals,
-    stop_signals_held,
-)
-from began_fast.config import ConfigError  # noqa: E402
-from began_fast.seeds import SAMPLING, generator  # noqa: E402
+with quiet_ctrl_c_while_importing():
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from began_fast import reports
+    from began_fast.atomic_files import TEMPORARY_SUFFIX, remove_stale_temporaries
+    from began_fast.checkpoint import CheckpointError, load_models
+    from began_fast.cli import (
+        OneLineParser,
+        check_seed,
+        check_stop,
+        check_writable,
+        interruption,
+        one_line,
+        output_path,
+        resolve_device,
+        stop_signals,
+        stop_signals_held,
+    )
+    from began_fast.config import ConfigError
+    from began_fast.seeds import SAMPLING, generator
+
 
 NUMBERED = re.compile(r"\d{6,}\.png")  # the single images' names: 000000.png, 000001.png, ...
 MAX_GRID = 4096  # images in one picture (a 64 x 64 grid)

@@ -25,27 +25,30 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from began_fast.startup import quiet_ctrl_c_while_importing  # noqa: E402
 
-from began_fast.checkpoint import CheckpointError  # noqa: E402
-from began_fast.cli import (  # noqa: E402
-    STOP_SIGNALS,
-    OneLineParser,
-    data_path,
-    one_line,
-    output_path,
-    resolve_device,
-    say_line,
-    warnings_as_lines,
-)
-from began_fast.config import LOADERS, LR_SCALINGS, PRESETS, ConfigError, DataConfig, get_preset, replace  # noqa: E402
-from began_fast.data import DataError  # noqa: E402
-from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, machine_cores, start, stop  # noqa: E402
-from began_fast.metrics import MetricError  # noqa: E402
-from began_fast.train import RunOptions, TrainingError, setup_run, train  # noqa: E402
+with quiet_ctrl_c_while_importing():
+    import torch
+
+    from began_fast.checkpoint import CheckpointError
+    from began_fast.cli import (
+        STOP_SIGNALS,
+        OneLineParser,
+        data_path,
+        one_line,
+        output_path,
+        resolve_device,
+        say_line,
+        warnings_as_lines,
+    )
+    from began_fast.config import LOADERS, LR_SCALINGS, PRESETS, ConfigError, DataConfig, get_preset, replace
+    from began_fast.data import DataError
+    from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, machine_cores, start, stop
+    from began_fast.metrics import MetricError
+    from began_fast.train import RunOptions, TrainingError, setup_run, train
+
 
 # A failed CPU allocation (torch's DefaultCPUAllocator): "... can't allocate memory: you tried to allocate N bytes."
 CPU_OUT_OF_MEMORY = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")

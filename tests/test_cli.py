@@ -1,6 +1,8 @@
 """What the scripts share (began_fast/cli.py): the --device flag and one-line error messages."""
 
+import os
 import signal
+import subprocess
 import sys
 import weakref
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 from began_fast.cli import Interrupted, check_stop, check_writable, data_path, one_line, resolve_device, stop_signals
 from began_fast.config import ConfigError
 from began_fast.data import DataError
+from tests.scripts import ROOT
 
 
 def test_resolve_device(monkeypatch):
@@ -93,3 +96,20 @@ def test_a_stop_signal_that_a_finalizer_dropped_is_raised_again_by_check_stop(mo
     assert (stopped.value.status, stopped.value.what) == (143, "stopped by SIGTERM")
     assert dropped == [] and sigterm_recorded == []
     check_stop()  # outside stop_signals: nothing to raise
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "sample", "compare_runs", "prepare_celeba", "profile_step"])
+def test_a_ctrl_c_while_a_script_imports_torch_is_one_line(tmp_path, script):
+    """torch takes seconds to import, the moment a user sees a wrong flag and presses Ctrl-C: that ended in a
+    traceback through the import machinery. A stand-in torch, first on the path, gets the Ctrl-C mid-import."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("import signal\nsignal.raise_signal(signal.SIGINT)\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "error: interrupted while starting\n")
