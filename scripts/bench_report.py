@@ -14,7 +14,6 @@ usage: python scripts/bench_report.py RESULTS.json [MORE.json ...] --suite kerne
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -23,7 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from began_fast.atomic_files import atomic_write  # noqa: E402
+from began_fast.startup import quiet_ctrl_c_while_importing  # noqa: E402
+
+with quiet_ctrl_c_while_importing():
+    from began_fast.atomic_files import atomic_write
+    from began_fast.cli import OneLineParser
 
 PROVIDER_ORDER = ("torch", "torch-tf32", "torch-bf16", "compile", "triton")
 BASELINES = ("torch", "torch-tf32", "torch-bf16", "compile")  # triton's time is reported over each of these present
@@ -223,7 +226,7 @@ def write_report(json_paths: Path | list[Path], suite: str, out_dir: Path, readm
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path, nargs="+", help="pytest-benchmark JSON written by --benchmark-json")
     parser.add_argument("--suite", required=True, help="suite name: file names and README markers (e.g. kernels)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")

@@ -191,6 +191,21 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, mes
     assert err.startswith("error: ") and message in err, err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "the following arguments are required: json, --suite"),
+        (["run.json", "--suite", "kernels", "--colour"], "unrecognized arguments: --colour"),
+    ],
+)
+def test_a_mistyped_command_line_is_one_line(capsys, argv, message):
+    """argparse's own errors, as every script's: one line naming the error and --help, status 2, not the usage text."""
+    with pytest.raises(SystemExit) as ended:
+        bench_report.main(argv)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.startswith(f"error: {message} (see ") and err.count("\n") == 1, err
+
+
 def refused(tmp_path, capsys, content: str | None) -> str:
     """bench_report.main on a run.json holding `content` (None: no file) must end with status 2 and one line on
     stderr, leave the README as it was and create no output folder; returns that line."""

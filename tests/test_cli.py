@@ -98,7 +98,9 @@ def test_a_stop_signal_that_a_finalizer_dropped_is_raised_again_by_check_stop(mo
     check_stop()  # outside stop_signals: nothing to raise
 
 
-@pytest.mark.parametrize("script", ["train", "evaluate", "sample", "compare_runs", "prepare_celeba", "profile_step"])
+@pytest.mark.parametrize(
+    "script", ["train", "evaluate", "sample", "compare_runs", "prepare_celeba", "profile_step", "bench_report"]
+)
 def test_a_ctrl_c_while_a_script_imports_torch_is_one_line(tmp_path, script):
     """torch takes seconds to import, the moment a user sees a wrong flag and presses Ctrl-C: that ended in a
     traceback through the import machinery. A stand-in torch, first on the path, gets the Ctrl-C mid-import."""
