@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+import began_fast.distributed as distributed
 import began_fast.train as train_module
 from began_fast.checkpoint import load_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
@@ -518,6 +519,27 @@ def test_train_script_under_torchrun_stops_with_a_checkpoint_when_its_launcher_i
     stopped = re.findall("^stopped by SIGTERM at step (\\d+); checkpoint written to (.*)$", stderr, flags=re.MULTILINE)
     assert len(stopped) == 1 and stopped[0][1] == str(out / "latest.pt"), stderr
     assert load_checkpoint(out / "latest.pt")["step"] == int(stopped[0][0])
+
+
+@pytest.mark.parametrize("launcher_gone", [False, True])
+def test_a_rank_whose_launcher_ended_before_it_asked_for_the_signal_stops_at_once(monkeypatch, launcher_gone):
+    """PR_SET_PDEATHSIG fires when the parent ends after the call, not before it: a launcher killed while the rank
+    imported torch left it an orphan that no signal would reach; end_with_launcher sends it its own SIGTERM then.
+    (The parent of a live launcher is the one read at import.)"""
+    asked, raised = [], []
+
+    class Libc:
+        def prctl(self, option, signum):
+            asked.append((option, signum))
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setattr(distributed.ctypes, "CDLL", lambda *args, **kwargs: Libc())
+    monkeypatch.setattr(distributed.signal, "raise_signal", raised.append)
+    if launcher_gone:  # reparented: to PID 1, or to a subreaper such as a container's launcher
+        monkeypatch.setattr(distributed, "_PARENT_AT_IMPORT", os.getppid() + 1)
+    distributed.end_with_launcher()
+    assert asked == [(distributed._PR_SET_PDEATHSIG, signal.SIGTERM)]
+    assert raised == ([signal.SIGTERM] if launcher_gone else [])
 
 
 def test_train_script_under_torchrun_fails_on_bad_input_with_one_line_per_rank(tmp_path):
