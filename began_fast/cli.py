@@ -61,7 +61,9 @@ def check_seed(seed: int) -> None:
 
 
 def resolve_device(requested: str | None) -> str:
-    """--device: cpu, cuda or cuda:N; None means cuda when PyTorch sees a GPU, else cpu. ConfigError otherwise."""
+    """--device: cpu, cuda or cuda:N; None means cuda when PyTorch sees a GPU, else cpu. ConfigError otherwise.
+    cuda:N becomes the current CUDA device: Triton launches its kernels on the current device's stream, and a CUDA
+    graph captures there, whatever device the tensors are on (on GPU 0, with pointers into GPU N)."""
     if requested is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -76,8 +78,10 @@ def resolve_device(requested: str | None) -> str:
         return "cpu"
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {requested} asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(device)
     return requested
 
 

@@ -31,11 +31,18 @@ def test_resolve_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert resolve_device("cpu:0") == "cpu"
     # A GPU index past the last (on a machine with one GPU, as PyTorch sees it).
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert resolve_device("cuda:0") == "cuda:0" and resolve_device(None) == "cuda"
     with pytest.raises(ConfigError, match=r"^--device cuda:1: this machine has 1 GPU\(s\)$"):
         resolve_device("cuda:1")
+    # On a machine with two, cuda:1 is made the current device (Triton's kernels and CUDA graphs run on the current
+    # device, not the tensors'); plain cuda leaves the current one (GPU 0, or torchrun's LOCAL_RANK) as it is.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cuda") == "cuda"
+    assert made_current == [torch.device("cuda:0"), torch.device("cuda:1")]
 
 
 def test_one_line_unwraps_an_error_from_a_dataloader_worker():
