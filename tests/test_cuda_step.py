@@ -182,9 +182,12 @@ def test_the_loop_waits_for_the_gpu_only_where_it_reads_its_statistics(tmp_path,
 
         return step
 
-    def lenient(reads):
+    reads_at = []  # (what, step): a read made on every step would pass unseen without it
+
+    def lenient(name, reads):
         def read(*args, **kwargs):
             torch.cuda.set_sync_debug_mode(0)
+            reads_at.append((name, run.step.steps_done))
             return reads(*args, **kwargs)
 
         return read
@@ -192,16 +195,19 @@ def test_the_loop_waits_for_the_gpu_only_where_it_reads_its_statistics(tmp_path,
     make_feed = training.make_feed
     monkeypatch.setattr(training, "make_feed", lambda run, batches: strict(make_feed(run, batches)))
     for name in ("log_window", "check_weights", "write_checkpoint", "write_pictures", "evaluate"):
-        monkeypatch.setattr(training, name, lenient(getattr(training, name)))
+        monkeypatch.setattr(training, name, lenient(name, getattr(training, name)))
     model = ModelConfig(image_size=16, n=8, h=8)
     train_cfg = TrainConfig(batch_size=4, steps=16, log_every=8, sample_every=16, checkpoint_every=16)
     data = DataConfig(builtin_count=64, num_workers=0, loader=loader)
     opts = RunOptions(out=tmp_path, device="cuda", amp=amp, cuda_graphs=cuda_graphs, quiet=True)
+    run = setup_run(model, train_cfg, data, opts)
     try:
-        train(setup_run(model, train_cfg, data, opts))
+        train(run)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert len(steps) == 16 and torch.cuda.get_sync_debug_mode() == 0
+    last = [("check_weights", 16), ("write_checkpoint", 16), ("write_pictures", 16)]
+    assert reads_at == [("log_window", 8), ("log_window", 16), *last]  # no evaluation: eval_every is 0
 
 
 def test_the_capture_lets_other_threads_call_cuda():
