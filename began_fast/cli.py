@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -109,6 +110,26 @@ def one_line(error: BaseException) -> str:
         name, colon, message = lines[-1].partition(": ")  # "package.module.DataError: message"
         return message if colon and name.split(".")[-1] == type(error).__name__ else lines[-1]
     return " ".join(lines)
+
+
+# A failed CPU allocation (torch's DefaultCPUAllocator): "... can't allocate memory: you tried to allocate N bytes."
+CPU_OUT_OF_MEMORY = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
+# Out of GPU memory outside PyTorch's caching allocator: a CUDA call that failed (torch.AcceleratorError: a graph's
+# instantiation, a library's workspace) or Triton loading a kernel's binary onto the GPU.
+GPU_OUT_OF_MEMORY = re.compile(r"(?:CUDA error|Triton Error \[CUDA\]): out of memory")
+
+
+def out_of_memory(error: RuntimeError, what: str) -> str | None:
+    """When `error` is a failed allocation, one line that says so ("CUDA out of memory: the step does not fit this
+    GPU's memory"): sizes too large for the device are bad input, to which the script adds what to lower. None for
+    any other error."""
+    if isinstance(error, torch.OutOfMemoryError):  # "CUDA out of memory. Tried to allocate ...": its first sentence
+        return f"{one_line(error).split('. ')[0]}: {what} does not fit this GPU's memory"
+    if gpu := GPU_OUT_OF_MEMORY.search(str(error)):
+        return f"{gpu[0]}: {what} does not fit this GPU's memory"
+    if cpu := CPU_OUT_OF_MEMORY.search(str(error)):
+        return f"cannot allocate {int(cpu[1]):,} bytes: {what} does not fit this machine's memory"
+    return None
 
 
 def say_line(line: str) -> None:

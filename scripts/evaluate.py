@@ -36,6 +36,7 @@ with quiet_ctrl_c_while_importing():
         data_path,
         interruption,
         one_line,
+        out_of_memory,
         output_path,
         resolve_device,
         stop_signals,
@@ -200,6 +201,12 @@ def evaluate(args: argparse.Namespace) -> int:
             atomic_write(args.json, lambda f: f.write((json.dumps(report, indent=2, allow_nan=False) + "\n").encode()))
     except (CheckpointError, ConfigError, DataError, FIDUnavailableError, MetricError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        ran_out = out_of_memory(e, "the evaluation")
+        if ran_out is None:
+            raise
+        print(f"error: {ran_out}; lower --batch-size or --num", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         stop = interruption(e)

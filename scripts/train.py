@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import signal
 import sys
@@ -30,14 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from began_fast.startup import quiet_ctrl_c_while_importing  # noqa: E402
 
 with quiet_ctrl_c_while_importing():
-    import torch
-
     from began_fast.checkpoint import CheckpointError
     from began_fast.cli import (
         STOP_SIGNALS,
         OneLineParser,
         data_path,
         one_line,
+        out_of_memory,
         output_path,
         resolve_device,
         say_line,
@@ -48,10 +46,6 @@ with quiet_ctrl_c_while_importing():
     from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, machine_cores, start, stop
     from began_fast.metrics import MetricError
     from began_fast.train import RunOptions, TrainingError, setup_run, train
-
-
-# A failed CPU allocation (torch's DefaultCPUAllocator): "... can't allocate memory: you tried to allocate N bytes."
-CPU_OUT_OF_MEMORY = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,21 +246,14 @@ def main(argv=None) -> int:
     except (DataError, CheckpointError, MetricError, TrainingError, OSError) as e:
         say_line(f"error: {rank}{one_line(e)}")
         return 2
-    except torch.OutOfMemoryError as e:  # the batch or the images are too large for this GPU: bad input too
-        first = one_line(e).split(". ")[0]  # "CUDA out of memory. Tried to allocate ...": its first sentence
-        say_line(f"error: {rank}{first}: the step does not fit this GPU's memory; lower --batch-size or --image-size")
-        return 2
     except CollectiveError as e:  # its message names the rank
         say_line(f"error: {e}")
         return 1
-    except RuntimeError as e:  # the CPU allocator's OutOfMemoryError; after CollectiveError, a RuntimeError too
-        tried = CPU_OUT_OF_MEMORY.search(str(e))
-        if tried is None:
+    except RuntimeError as e:  # after CollectiveError, a RuntimeError too
+        ran_out = out_of_memory(e, "the step")
+        if ran_out is None:
             raise
-        say_line(
-            f"error: {rank}cannot allocate {int(tried[1]):,} bytes: the step does not fit this machine's memory; "
-            "lower --batch-size or --image-size"
-        )
+        say_line(f"error: {rank}{ran_out}; lower --batch-size or --image-size")
         return 2
     except KeyboardInterrupt:  # a Ctrl-C before the loop took over, or a second one
         say_line(f"error: {rank}interrupted")

@@ -110,6 +110,28 @@ def test_evaluate_script_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_p
     assert tiny_checkpoint[0].read_bytes() == checkpoint and not (tmp_path / "new").exists()
 
 
+def test_evaluate_script_out_of_memory_is_one_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """--num or --batch-size too large for the device is bad input: one line that says what to lower, status 2, no
+    --json written; any other RuntimeError is a bug and propagates."""
+    script = load_script("evaluate")
+    json_out = tmp_path / "eval.json"
+    argv = [str(tiny_checkpoint[0]), "--num", "4", "--device", "cpu", "--json", str(json_out)]
+    failure = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+        "123456789 bytes. Error code 12 (Cannot allocate memory)"
+    )
+    monkeypatch.setattr(script, "evaluate_models", lambda *args, **kwargs: (_ for _ in ()).throw(failure))
+    assert script.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: cannot allocate 123,456,789 bytes: the evaluation does not fit this machine's memory; lower "
+        "--batch-size or --num\n"
+    )
+    failure = RuntimeError("another error")
+    with pytest.raises(RuntimeError, match="another error"):
+        script.main(argv)
+    assert not json_out.exists()
+
+
 @pytest.mark.parametrize("script", ["evaluate", "sample"])
 @pytest.mark.parametrize("device", ["mps", "bogus"])
 def test_scripts_refuse_an_unknown_device_with_one_line(tiny_checkpoint, tmp_path, capsys, script, device):

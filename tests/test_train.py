@@ -863,6 +863,19 @@ def test_a_run_killed_at_random_moments_and_resumed_each_time_ends_as_one_never_
             ),
             "error: CUDA out of memory: the step does not fit this GPU's memory; lower --batch-size or --image-size",
         ),
+        (  # the CUDA driver's own failure (torch.AcceleratorError), as when a CUDA graph is instantiated
+            RuntimeError(
+                "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API "
+                "call, so the stacktrace below might be incorrect."
+            ),
+            "error: CUDA error: out of memory: the step does not fit this GPU's memory; lower --batch-size or "
+            "--image-size",
+        ),
+        (  # Triton loading a kernel's binary onto a full GPU
+            RuntimeError("Triton Error [CUDA]: out of memory"),
+            "error: Triton Error [CUDA]: out of memory: the step does not fit this GPU's memory; lower --batch-size "
+            "or --image-size",
+        ),
         (  # on a CPU the allocator's failure is a plain RuntimeError, not torch.OutOfMemoryError
             RuntimeError(
                 "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
@@ -872,7 +885,7 @@ def test_a_run_killed_at_random_moments_and_resumed_each_time_ends_as_one_never_
             "--batch-size or --image-size",
         ),
     ],
-    ids=["gpu", "cpu"],
+    ids=["gpu", "cuda-driver", "triton", "cpu"],
 )
 def test_cli_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys, error, line):
     """A batch or image size too large for the device's memory is bad input: one line that says what to lower,
