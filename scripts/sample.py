@@ -7,18 +7,23 @@ grid.png: a grid of G(z), z ~ U(-1, 1) (square for a square --grid). interpolati
 random z to another along the great circle (slerp), as in the BEGAN paper's Figure 4. OUT/images/ holds exactly
 the --num images of the last call that finished: they are drawn beside it first and replace the numbered PNGs an
 earlier call left there only once all are drawn, so an FID tool reading the folder never mixes two calls' images and
-a call that fails or is interrupted leaves the earlier ones (a Ctrl-C while one set replaces the other waits for the
-end of it). Errors end with one line on stderr, exit 2.
+a call that fails or is interrupted leaves the earlier ones. On Linux the new set takes the earlier one's place in
+one step (renameat2's RENAME_EXCHANGE), so that even a SIGKILL or a power loss leaves one set whole; where the
+folders cannot be exchanged (see write_single_images) the images are replaced one by one, a Ctrl-C meanwhile waits
+for the end of it, and a SIGKILL can leave part of each. Errors end with one line on stderr, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import errno
 import fcntl
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -54,6 +59,14 @@ with quiet_ctrl_c_while_importing():
 NUMBERED = re.compile(r"\d{6,}\.png")  # the single images' names: 000000.png, 000001.png, ...
 MAX_GRID = 4096  # images in one picture (a 64 x 64 grid)
 MAX_NUM = 1_000_000  # single images per call (FID takes 50,000)
+
+# libc's renameat2 (glibc >= 2.28) exchanges two folders in one step; None where the C library has none (an older
+# glibc, another system): write_single_images replaces the images one by one there.
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+_AT_FDCWD = -100  # paths from the working folder, as os.rename takes them (linux/fcntl.h)
+_RENAME_EXCHANGE = 2  # linux/fs.h
+# renameat2's errors where it cannot exchange: a kernel before 3.15, a filesystem without the flag (some network ones)
+_CANNOT_EXCHANGE = (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -119,10 +132,18 @@ def _draw(G, args, dim: int, gen) -> None:
 
 
 def write_single_images(G, z: torch.Tensor, device, folder: Path) -> None:
-    """G(z) as numbered PNGs in `folder`, replacing the numbered PNGs of an earlier call. They are drawn into a
-    temporary folder beside it first, so a call that fails or is interrupted leaves the earlier set whole; one that
-    a killed call left (SIGKILL, a power loss) is removed by the next."""
-    folder.mkdir(exist_ok=True)
+    """G(z) as numbered PNGs in `folder`, replacing the numbered PNGs of an earlier call; its other entries stay.
+
+    The images are drawn into a temporary folder beside it first, so a call that fails or is interrupted leaves the
+    earlier set whole; one that a killed call left (SIGKILL, a power loss) is removed by the next. Once all are drawn
+    the two folders are exchanged in one step (_exchange), so that a SIGKILL or a power loss at any moment leaves
+    `folder` the earlier set or the new one, each whole; the earlier set, then in the temporary folder, is removed.
+    Where they cannot be exchanged (a C library without renameat2, as glibc before 2.28 and other systems; a kernel
+    or filesystem that cannot exchange, as some network filesystems; an entry of `folder` that cannot be hard-linked,
+    as a subfolder or another filesystem mounted there; a `folder` that is a symbolic link), the earlier images are
+    removed and the new ones moved in one by one, with Ctrl-C and SIGTERM held until the end of it: a SIGKILL or a
+    power loss meanwhile leaves part of each, until the next call."""
+    folder.mkdir(exist_ok=True)  # a first call's is empty, with the mode a new folder gets: the new set takes it
     drawing = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=TEMPORARY_SUFFIX))
     try:
         index = 0
@@ -132,15 +153,40 @@ def write_single_images(G, z: torch.Tensor, device, folder: Path) -> None:
                 Image.fromarray(image).save(drawing / f"{index:06d}.png")
                 index += 1
         check_stop()
-        with stop_signals_held():  # the earlier set out and this one in: a Ctrl-C or SIGTERM meanwhile would leave
-            # part of each
-            for earlier in folder.glob("*.png"):  # numbered as this function numbers them: an earlier call's images
-                if NUMBERED.fullmatch(earlier.name):
-                    earlier.unlink()
-            for drawn in sorted(drawing.iterdir()):
-                os.replace(drawn, folder / drawn.name)
+        if not _exchange(folder, drawing):
+            with stop_signals_held():  # the earlier set out and this one in: a Ctrl-C or SIGTERM meanwhile would
+                # leave part of each
+                for earlier in folder.glob("*.png"):  # numbered as this function numbers them: an earlier call's
+                    if NUMBERED.fullmatch(earlier.name):
+                        earlier.unlink()
+                for drawn in sorted(drawing.iterdir()):
+                    if NUMBERED.fullmatch(drawn.name):  # not the other entries' hard links _exchange may have made
+                        os.replace(drawn, folder / drawn.name)
     finally:
-        shutil.rmtree(drawing, ignore_errors=True)
+        shutil.rmtree(drawing, ignore_errors=True)  # the unfinished set, or the earlier one _exchange swapped out
+
+
+def _exchange(folder: Path, drawing: Path) -> bool:
+    """Put the folder `drawing` where `folder` is and `folder` where `drawing` is, in one step (renameat2 with
+    RENAME_EXCHANGE), having hard-linked into `drawing` the entries of `folder` that are not numbered PNGs and given
+    it the mode of `folder`. False, `folder` untouched, where they cannot be exchanged (see write_single_images)."""
+    if _renameat2 is None or folder.is_symlink():  # exchanged, the link would move, not the folder it names
+        return False
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not NUMBERED.fullmatch(entry.name):
+                try:  # linked, not moved: until the exchange `folder` holds them, after it the new folder does
+                    os.link(entry.path, drawing / entry.name, follow_symlinks=False)  # a symbolic link as itself
+                except OSError:  # a folder, another filesystem mounted there, a file its filesystem will not link
+                    return False
+    os.chmod(drawing, stat.S_IMODE(folder.stat().st_mode))  # mkdtemp made it 0700
+    os.sync()  # the new images' data on disk before their names are: a power loss after the exchange finds them whole
+    if _renameat2(_AT_FDCWD, os.fsencode(drawing), _AT_FDCWD, os.fsencode(folder), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _CANNOT_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(drawing), None, str(folder))
 
 
 def main(argv=None) -> int:

@@ -1,13 +1,17 @@
 """The judging scripts: scripts/evaluate.py on a tiny checkpoint (end to end, as a user runs it, and its one-line
 errors) and scripts/compare_runs.py on two small synthetic run folders."""
 
+import ctypes
 import dataclasses
+import errno
 import fcntl
+import itertools
 import json
 import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -247,8 +251,10 @@ def test_sample_script_keeps_the_earlier_images_when_a_call_fails_or_is_interrup
     assert capsys.readouterr().err.splitlines()[-1] == interrupted
     assert saved and {p.name: p.read_bytes() for p in (out / "images").iterdir()} == earlier
     assert sorted(p.name for p in out.iterdir()) == ["images"]
-    # A Ctrl-C while the earlier set goes out and the new one in waits for the end of it: one whole set.
+    # Where the folders cannot be exchanged, a Ctrl-C while the earlier set goes out and the new one in, one by one,
+    # waits for the end of it: one whole set.
     monkeypatch.undo()
+    monkeypatch.setattr(sample, "_renameat2", None)
     replace = os.replace
 
     def replace_then_press_ctrl_c(source, target):
@@ -283,6 +289,149 @@ def test_sample_script_keeps_the_earlier_images_when_a_call_fails_or_is_interrup
         f".latest.pt.wr1t1ng{TEMPORARY_SUFFIX}",
         "images",
     ]
+
+
+def _skip_unless_folders_exchange(sample, tmp_path):
+    """Skip a test of the exchange where renameat2 cannot exchange two folders in tmp_path's filesystem (no such
+    function in the C library, a kernel before 3.15, a filesystem without RENAME_EXCHANGE)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    exchanged = sample._renameat2 and sample._renameat2(
+        sample._AT_FDCWD, bytes(a), sample._AT_FDCWD, bytes(b), sample._RENAME_EXCHANGE
+    )
+    a.rmdir()
+    b.rmdir()
+    if exchanged != 0:
+        pytest.skip("renameat2 cannot exchange folders here")
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [None, "no renameat2", errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP],
+    ids=["exchanged", "no renameat2", "ENOSYS", "EINVAL", "EOPNOTSUPP"],
+)
+def test_sample_script_swaps_the_images_whole_keeping_the_folders_other_entries_and_mode(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys, failure
+):
+    """The new set takes the earlier one's place in one step (the folder exchanged: another inode), with the
+    folder's other entries (a file, a symbolic link as itself) and its mode, not mkdtemp's 0700; the earlier set is
+    removed. Where renameat2 cannot exchange (no such function in the C library, or its error where the kernel or
+    filesystem cannot), the images are replaced one by one in the same folder, to the same result."""
+    sample = load_script("sample")
+
+    def renameat2(*args):  # failing as libc's does
+        ctypes.set_errno(failure)
+        return -1
+
+    if failure is None:
+        _skip_unless_folders_exchange(sample, tmp_path)
+    else:
+        monkeypatch.setattr(sample, "_renameat2", None if failure == "no renameat2" else renameat2)
+    draw = ["--grid", "0", "--interp-rows", "0", "--device", "cpu"]
+    out, reference = tmp_path / "fid", tmp_path / "reference"
+    assert sample.main([str(tiny_checkpoint[0]), "--num", "5", "--out", str(out), *draw]) == 0
+    images = out / "images"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(images.stat().st_mode) == 0o777 & ~umask  # a first call's: as any new folder
+    (images / "notes.txt").write_text("the user's own file")
+    (images / "notes.link").symlink_to("notes.txt")
+    images.chmod(0o750)
+    earlier_folder = images.stat().st_ino
+    assert sample.main([str(tiny_checkpoint[0]), "--num", "3", "--seed", "1", "--out", str(out), *draw]) == 0
+    assert sample.main([str(tiny_checkpoint[0]), "--num", "3", "--seed", "1", "--out", str(reference), *draw]) == 0
+    drawn = {name: data for name, data in _contents(images).items() if name.endswith(".png")}
+    assert drawn == _contents(reference / "images") and sorted(drawn) == ["000000.png", "000001.png", "000002.png"]
+    assert sorted(p.name for p in images.iterdir()) == [*sorted(drawn), "notes.link", "notes.txt"]
+    assert (images / "notes.txt").read_text() == "the user's own file"
+    assert (images / "notes.link").is_symlink() and os.readlink(images / "notes.link") == "notes.txt"
+    assert stat.S_IMODE(images.stat().st_mode) == 0o750
+    assert sorted(p.name for p in out.iterdir()) == ["images"]  # the earlier set gone with its temporary folder
+    assert (images.stat().st_ino != earlier_folder) == (failure is None)
+
+
+@pytest.mark.parametrize("case", ["subfolder", "symbolic link"])
+def test_sample_script_replaces_the_images_one_by_one_where_its_folder_cannot_be_exchanged(
+    tiny_checkpoint, tmp_path, capsys, case
+):
+    """A subfolder of images/ cannot be hard-linked into the new folder, and an images/ that is a symbolic link
+    would be exchanged itself, not the folder it names: both keep the one-by-one swap, as before the exchange."""
+    out, elsewhere = tmp_path / "fid", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    if case == "subfolder":
+        (elsewhere / "kept").mkdir()
+        (elsewhere / "kept" / "000000.png").write_bytes(b"the user's own file")
+        elsewhere.rename(out / "images")
+        elsewhere = out / "images"
+    else:
+        (out / "images").symlink_to(elsewhere)
+    draw = ["--out", str(out), "--grid", "0", "--interp-rows", "0", "--device", "cpu"]
+    assert load_script("sample").main([str(tiny_checkpoint[0]), "--num", "2", *draw]) == 0
+    names = ["000000.png", "000001.png"] + (["kept"] if case == "subfolder" else [])
+    assert sorted(p.name for p in elsewhere.iterdir()) == names
+    assert (out / "images").is_symlink() == (case == "symbolic link")
+    assert case != "subfolder" or (elsewhere / "kept" / "000000.png").read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in out.iterdir()) == ["images"]
+
+
+class _Killed(BaseException):
+    """A SIGKILL as the call meets it: it ends there, and its temporary folder is not removed."""
+
+
+def test_a_sample_call_killed_at_any_moment_of_its_swap_leaves_one_whole_set(tiny_checkpoint, tmp_path, capsys):
+    """The call is killed before each change it makes to the folders (a link, a chmod, the exchange, a rename or
+    unlink), in turn, until one is not: images/ holds the earlier set or the new one, each whole, with the user's
+    file. (The one-by-one swap left part of each: 3 of 4 earlier images, say, and 1 of 3 new.)"""
+    sample = load_script("sample")
+    _skip_unless_folders_exchange(sample, tmp_path)
+    draw = ["--grid", "0", "--interp-rows", "0", "--device", "cpu"]
+    earlier, new = tmp_path / "earlier", tmp_path / "new"
+    assert sample.main([str(tiny_checkpoint[0]), "--num", "4", "--out", str(earlier), *draw]) == 0
+    assert sample.main([str(tiny_checkpoint[0]), "--num", "3", "--seed", "1", "--out", str(new), *draw]) == 0
+    for out in (earlier, new):
+        (out / "images" / "notes.txt").write_text("the user's own file")
+    sets = [_contents(earlier / "images"), _contents(new / "images")]
+    kill_at, changes, found = 0, [], []
+
+    def killed_at_its_turn(name, change):
+        def change_or_die(*args, **kwargs):
+            changes.append(name)
+            if len(changes) > kill_at:
+                raise _Killed
+            return change(*args, **kwargs)
+
+        return change_or_die
+
+    for kill_at in itertools.count():
+        out = tmp_path / f"killed_at_{kill_at}"
+        shutil.copytree(earlier, out)
+        changes.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
+            for name in ("link", "chmod", "replace", "rename", "unlink"):
+                patch.setattr(os, name, killed_at_its_turn(name, getattr(os, name)))
+            patch.setattr(sample, "_renameat2", killed_at_its_turn("renameat2", sample._renameat2))
+            try:
+                status = sample.main([str(tiny_checkpoint[0]), "--num", "3", "--seed", "1", "--out", str(out), *draw])
+            except _Killed:
+                status = None
+        images = _contents(out / "images")
+        assert images in sets, f"killed at change {kill_at} of {changes}: images/ holds {sorted(images)}"
+        found.append(sets.index(images))
+        left = [p.name for p in out.iterdir() if p.name != "images"]
+        assert all(name.startswith(".images.") and name.endswith(TEMPORARY_SUFFIX) for name in left), left
+        if status is not None:
+            break
+    # Killed before the exchange or at it: the earlier set; after it, or not killed: the new one.
+    assert status == 0 and "renameat2" in changes, changes
+    exchange = changes.index("renameat2")
+    assert found == [0] * (exchange + 1) + [1] * (len(changes) - exchange), (changes, found)
 
 
 STOPS = [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM")]
