@@ -62,7 +62,8 @@ MAX_NUM = 1_000_000  # single images per call (FID takes 50,000)
 
 # libc's renameat2 (glibc >= 2.28) exchanges two folders in one step; None where the C library has none (an older
 # glibc, another system): write_single_images replaces the images one by one there.
-_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
 _AT_FDCWD = -100  # paths from the working folder, as os.rename takes them (linux/fcntl.h)
 _RENAME_EXCHANGE = 2  # linux/fs.h
 # renameat2's errors where it cannot exchange: a kernel before 3.15, a filesystem without the flag (some network ones)
@@ -180,7 +181,15 @@ def _exchange(folder: Path, drawing: Path) -> bool:
                 except OSError:  # a folder, another filesystem mounted there, a file its filesystem will not link
                     return False
     os.chmod(drawing, stat.S_IMODE(folder.stat().st_mode))  # mkdtemp made it 0700
-    os.sync()  # the new images' data on disk before their names are: a power loss after the exchange finds them whole
+    # The new images' data on disk before their names are: a power loss after the exchange finds them whole. syncfs,
+    # of this filesystem only (glibc has had it since 2.14, before renameat2): os.sync would wait for every one's.
+    folder_fd = os.open(drawing, os.O_RDONLY)
+    try:
+        if _libc.syncfs(folder_fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(drawing))
+    finally:
+        os.close(folder_fd)
     if _renameat2(_AT_FDCWD, os.fsencode(drawing), _AT_FDCWD, os.fsencode(folder), _RENAME_EXCHANGE) == 0:
         return True
     code = ctypes.get_errno()
