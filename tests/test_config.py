@@ -107,6 +107,8 @@ def test_presets_are_the_ones_the_readme_describes():
         (ModelConfig, {"vanishing_residual": 1}, "vanishing_residual must be True or False, got 1"),
         (TrainConfig, {"steps": 1e5}, "steps must be an integer >= 1, got 100000.0"),
         (TrainConfig, {"batch_size": 16.0}, r"batch_size must be an integer in \[1, 1048576\], got 16.0"),
+        (TrainConfig, {"batch_size": 2**20 + 1}, r"batch_size must be an integer in \[1, 1048576\], got 1048577"),
+        (TrainConfig, {"steps": None}, "steps must be an integer >= 1, got None"),  # None is for optional fields only
         (TrainConfig, {"seed": True}, "seed must be an integer >= 0, got True"),
         (TrainConfig, {"seed": 2**63 - 1}, r"seed must be in \[0, 2\*\*63 - 1\)"),
         (TrainConfig, {"eval_every": 0.5}, "eval_every must be an integer >= 0, got 0.5"),
