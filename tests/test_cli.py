@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from began_fast.cli import Interrupted, check_stop, check_writable, data_path, one_line, resolve_device, stop_signals
+from began_fast.cli import (
+    Interrupted,
+    check_stop,
+    check_writable,
+    data_path,
+    one_line,
+    resolve_device,
+    stop_signals,
+    stop_signals_held,
+)
 from began_fast.config import ConfigError
 from began_fast.data import DataError
 from tests.scripts import ROOT
@@ -103,6 +112,24 @@ def test_a_stop_signal_that_a_finalizer_dropped_is_raised_again_by_check_stop(mo
     assert (stopped.value.status, stopped.value.what) == (143, "stopped by SIGTERM")
     assert dropped == [] and sigterm_recorded == []
     check_stop()  # outside stop_signals: nothing to raise
+
+
+def test_a_stop_signal_held_through_a_block_is_raised_after_it_and_the_next_stops_at_once(sigterm_recorded):
+    """stop_signals_held (an earlier output going out and the new one in, a pool ending) raises a signal that came
+    during its block once the block is done, and puts stop_signals' handlers back: a signal after it (prepare_celeba's
+    rename of the finished file, with its fsync of gigabytes) stops the script at once, not added to a list no one
+    reads any more, where the script finished and exited 0."""
+    done = []
+    with stop_signals():
+        with pytest.raises(Interrupted) as stopped:
+            with stop_signals_held():
+                signal.raise_signal(signal.SIGTERM)
+                done.append("the whole block")
+        assert done == ["the whole block"] and stopped.value.signum == signal.SIGTERM
+        with pytest.raises(Interrupted) as stopped:
+            signal.raise_signal(signal.SIGINT)
+        assert stopped.value.signum == signal.SIGINT
+    assert sigterm_recorded == []
 
 
 @pytest.mark.parametrize(
