@@ -28,7 +28,7 @@ from began_fast.data.builtin import BuiltinFaces, draw_faces
 from began_fast.fid import INCEPTION_WEIGHTS_FILE
 from began_fast.metrics import evaluate_models
 from began_fast.model import Discriminator, Generator
-from tests.scripts import load_script
+from tests.scripts import dropped_by_a_finalizer, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ModelConfig(image_size=16, n=4, h=4)
@@ -437,19 +437,24 @@ def test_a_sample_call_killed_at_any_moment_of_its_swap_leaves_one_whole_set(tin
 STOPS = [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM")]
 
 
+@pytest.mark.parametrize("stop", [signal.raise_signal, dropped_by_a_finalizer], ids=["raised", "dropped"])
 @pytest.mark.parametrize("signum, status, what", STOPS)
 def test_evaluate_and_compare_runs_stop_on_a_signal_with_one_line_and_write_nothing(
-    tiny_checkpoint, tmp_path, capsys, monkeypatch, sigterm_recorded, signum, status, what
+    tiny_checkpoint, tmp_path, capsys, monkeypatch, sigterm_recorded, signum, status, what, stop
 ):
     """Ctrl-C, or SIGTERM (`timeout`, a scheduler), ends them with one line and status 128 + signal, and nothing
-    written. SIGTERM ended them at once, silently; compare_runs printed a traceback on Ctrl-C."""
+    written. SIGTERM ended them at once, silently; compare_runs printed a traceback on Ctrl-C. A signal that Python
+    dropped in a finalizer stops them too, before the --json or the --plot is written (not: written, status 0)."""
     evaluate, compare_runs = load_script("evaluate"), load_script("compare_runs")
-    monkeypatch.setattr(evaluate, "evaluate_models", lambda *args, **kwargs: signal.raise_signal(signum))
+    evaluate_models, compare = evaluate.evaluate_models, compare_runs.compare
+    monkeypatch.setattr(
+        evaluate, "evaluate_models", lambda *args, **kwargs: stop(signum) or evaluate_models(*args, **kwargs)
+    )
     report = tmp_path / "eval.json"
     assert evaluate.main([str(tiny_checkpoint[0]), "--num", "4", "--device", "cpu", "--json", str(report)]) == status
     assert capsys.readouterr().err.splitlines() == [f"error: {what}; nothing was written"]
     a, b = (_write_run(tmp_path / name, lr=1e-4, m_of_step=lambda s: 0.3, steps=[10, 20]) for name in "ab")
-    monkeypatch.setattr(compare_runs, "compare", lambda *args: signal.raise_signal(signum))
+    monkeypatch.setattr(compare_runs, "compare", lambda *args: stop(signum) or compare(*args))
     assert compare_runs.main([str(a), str(b), "--plot", str(tmp_path / "m.png")]) == status
     assert capsys.readouterr().err.splitlines() == [f"error: {what}; nothing was written"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"] and sigterm_recorded == []
