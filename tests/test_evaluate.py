@@ -462,6 +462,40 @@ def test_evaluate_and_compare_runs_stop_on_a_signal_with_one_line_and_write_noth
     assert sigterm_recorded == [signal.SIGTERM] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.parametrize(
+    "at, stop",
+    [(0, signal.raise_signal), (0, dropped_by_a_finalizer), (3, dropped_by_a_finalizer)],
+    ids=["raised", "dropped-in-the-first", "dropped-in-the-last"],
+)
+@pytest.mark.parametrize("signum, status, what", STOPS)
+def test_sample_script_stops_drawing_at_a_signal_even_one_a_finalizer_dropped(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys, sigterm_recorded, signum, status, what, at, stop
+):
+    """Ctrl-C or SIGTERM while the images are drawn ends the call after the image it came in, with one line, status
+    128 + signal, the earlier set whole and no temporary folder: raised there (SIGTERM ended the call at once, its
+    temporary folder left behind), or dropped by Python in a finalizer (PIL's objects free themselves in them) in
+    the first image (the call would draw all the others first) or in the last (it would replace the earlier set and
+    exit 0)."""
+    sample = load_script("sample")
+    out = tmp_path / "fid"
+    draw = [str(tiny_checkpoint[0]), "--out", str(out), "--grid", "0", "--interp-rows", "0", "--device", "cpu"]
+    assert sample.main([*draw, "--num", "4"]) == 0
+    earlier, save, saved = _contents(out / "images"), sample.Image.Image.save, []
+
+    def save_then_stop(image, path, *args, **kwargs):
+        save(image, path, *args, **kwargs)
+        saved.append(path)
+        if len(saved) == at + 1:
+            stop(signum)
+
+    monkeypatch.setattr(sample.Image.Image, "save", save_then_stop)
+    assert sample.main([*draw, "--num", "4", "--seed", "1"]) == status
+    said = f"error: {what}; each picture and images/ is whole, as this call or an earlier one wrote it"
+    assert capsys.readouterr().err.splitlines()[-1] == said and len(saved) == at + 1
+    assert _contents(out / "images") == earlier and sorted(p.name for p in out.iterdir()) == ["images"]
+    assert sigterm_recorded == []
+
+
 def test_two_sample_calls_into_one_folder_do_not_mix_their_images(tiny_checkpoint, tmp_path, capsys):
     """A call writing into --out holds it: a second call there is refused in one line, as it would remove the
     first's temporary folder and put its images among the first's."""
