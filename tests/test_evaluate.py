@@ -497,10 +497,14 @@ def test_sample_script_stops_drawing_at_a_signal_even_one_a_finalizer_dropped(
 
 
 def test_two_sample_calls_into_one_folder_do_not_mix_their_images(tiny_checkpoint, tmp_path, capsys):
-    """A call writing into --out holds it: a second call there is refused in one line, as it would remove the
-    first's temporary folder and put its images among the first's."""
+    """A call writing into --out holds it: a second call there is refused in one line before it changes anything,
+    as it would remove the first's temporary folder (taking it for a killed call's) and put its images among the
+    first's."""
     out = tmp_path / "fid"
     out.mkdir()
+    drawing = out / f".images.dr4w1ng{TEMPORARY_SUFFIX}"  # the first call's images, not yet in images/
+    drawing.mkdir()
+    (drawing / "000000.png").write_bytes(b"drawn")
     writing = os.open(out, os.O_RDONLY)  # as a call that is drawing holds it
     try:
         fcntl.flock(writing, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -509,7 +513,9 @@ def test_two_sample_calls_into_one_folder_do_not_mix_their_images(tiny_checkpoin
     finally:
         os.close(writing)
     refused = f"error: --out {out}: another sample.py is writing into it; wait for it, or give another --out"
-    assert capsys.readouterr().err.splitlines() == [refused] and list(out.iterdir()) == []
+    assert capsys.readouterr().err.splitlines() == [refused] and list(out.iterdir()) == [drawing]
+    assert _contents(drawing) == {"000000.png": b"drawn"}
+    drawing.rename(out / "first")
     assert load_script("sample").main(args) == 0 and len(list((out / "images").iterdir())) == 2
 
 
