@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import stat
@@ -517,6 +518,46 @@ def test_two_sample_calls_into_one_folder_do_not_mix_their_images(tiny_checkpoin
     assert _contents(drawing) == {"000000.png": b"drawn"}
     drawing.rename(out / "first")
     assert load_script("sample").main(args) == 0 and len(list((out / "images").iterdir())) == 2
+
+
+@pytest.mark.parametrize("failing", [None, "syncfs", "renameat2"])
+def test_sample_script_syncs_the_new_images_before_the_exchange_and_a_failure_is_one_line(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys, failing
+):
+    """The new images' filesystem is synced (syncfs) before the folders are exchanged, so that a power loss after
+    the exchange finds no image named without its data. A failed writeback, or an exchange that fails for another
+    reason than a system that cannot exchange (EIO here), ends the call with one line naming the folders and status
+    2, the earlier set whole, no temporary folder: not the images swapped in regardless."""
+    sample = load_script("sample")
+    _skip_unless_folders_exchange(sample, tmp_path)
+    out = tmp_path / "fid"
+    draw = [str(tiny_checkpoint[0]), "--out", str(out), "--grid", "0", "--interp-rows", "0", "--device", "cpu"]
+    assert sample.main([*draw, "--num", "3"]) == 0
+    earlier, events = _contents(out / "images"), []
+
+    def recorded(name, call):
+        def record_then_call(*args):
+            events.append(name)
+            if name == failing:
+                ctypes.set_errno(errno.EIO)
+                return -1
+            return call(*args)
+
+        return record_then_call
+
+    monkeypatch.setattr(sample._libc, "syncfs", recorded("syncfs", sample._libc.syncfs))
+    monkeypatch.setattr(sample, "_renameat2", recorded("renameat2", sample._renameat2))
+    capsys.readouterr()
+    status = sample.main([*draw, "--num", "2", "--seed", "1"])
+    assert events == ["syncfs", "renameat2"][: 1 + (failing != "syncfs")]
+    if failing is None:
+        assert status == 0 and sorted(_contents(out / "images")) == ["000000.png", "000001.png"]
+    else:
+        drawing = f"'{re.escape(str(out))}/\\.images\\.[^/']+'"
+        exchanged = "" if failing == "syncfs" else re.escape(f" -> '{out / 'images'}'")
+        said = f"error: \\[Errno 5\\] Input/output error: {drawing}{exchanged}\n"
+        assert status == 2 and re.fullmatch(said, capsys.readouterr().err.splitlines(keepends=True)[-1])
+        assert _contents(out / "images") == earlier and sorted(p.name for p in out.iterdir()) == ["images"]
 
 
 def test_evaluate_script_warns_in_one_line(tiny_checkpoint, tmp_path, capsys):
