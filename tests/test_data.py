@@ -41,7 +41,7 @@ from began_fast.data import (
 )
 from began_fast.data.builtin import BuiltinFaces, draw_faces
 from began_fast.data.gpu_resident import fits
-from tests.scripts import load_script
+from tests.scripts import dropped_by_a_finalizer, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CELEBA_COUNT = 6
@@ -975,6 +975,12 @@ def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporar
     assert not stale.exists() and running.exists() and len(open_source(DataConfig(path=str(out)), 16)) == CELEBA_COUNT
 
 
+def _said(capsys) -> list[str]:
+    """prepare_celeba's lines on stderr, less Python 3.12's warning of a fork() in a process with threads, as
+    pytest's is by now (a command line's is not)."""
+    return [line for line in capsys.readouterr().err.splitlines() if "is multi-threaded, use of fork()" not in line]
+
+
 def test_prepare_celeba_stops_on_a_signal_with_one_line_and_keeps_the_earlier_file(
     tmp_path, celeba_root, monkeypatch, capsys, sigterm_recorded
 ):
@@ -994,11 +1000,36 @@ def test_prepare_celeba_stops_on_a_signal_with_one_line_and_keeps_the_earlier_fi
     monkeypatch.setattr(prepare_celeba, "tqdm", progress_then_sigterm)
     args = [str(celeba_root), str(out), "--size", "16", "--workers", "1", "--overwrite"]
     assert prepare_celeba.main(args) == 143
-    # Python 3.12 warns of a fork() in a process with threads, as pytest's is by now (a command line's is not).
-    said = [line for line in capsys.readouterr().err.splitlines() if "is multi-threaded, use of fork()" not in line]
-    assert said == [f"error: stopped by SIGTERM; {out} left as it was"]
+    assert _said(capsys) == [f"error: stopped by SIGTERM; {out} left as it was"]
     assert out.read_bytes() == b"an earlier data set" and sorted(p.name for p in tmp_path.iterdir()) == ["faces.h5"]
     assert sigterm_recorded == []
+
+
+@pytest.mark.parametrize("after", [2, CELEBA_COUNT], ids=["a-few-images", "all-images"])
+def test_prepare_celeba_stops_at_a_signal_that_a_finalizer_dropped(
+    tmp_path, celeba_root, monkeypatch, capsys, sigterm_recorded, after
+):
+    """A SIGTERM (or Ctrl-C) that Python dropped in a finalizer (h5py's objects free themselves in them) stops the
+    prepare at the next image, not after decoding the whole folder, and before the earlier file is replaced (it was,
+    with status 0): one line, status 143, the earlier file as it was, no temporary file."""
+    prepare_celeba = load_script("prepare_celeba")
+    out = tmp_path / "faces.h5"
+    out.write_bytes(b"an earlier data set")
+    yielded = []
+
+    def progress_then_a_dropped_sigterm(images, **kwargs):
+        for image in images:
+            yielded.append(image)
+            yield image
+            if len(yielded) == after:  # the image is written
+                dropped_by_a_finalizer(signal.SIGTERM)
+
+    monkeypatch.setattr(prepare_celeba, "tqdm", progress_then_a_dropped_sigterm)
+    args = [str(celeba_root), str(out), "--size", "16", "--workers", "1", "--overwrite"]
+    assert prepare_celeba.main(args) == 143
+    assert _said(capsys) == [f"error: stopped by SIGTERM; {out} left as it was"]
+    assert len(yielded) == min(after + 1, CELEBA_COUNT) and sigterm_recorded == []
+    assert out.read_bytes() == b"an earlier data set" and sorted(p.name for p in tmp_path.iterdir()) == ["faces.h5"]
 
 
 def test_prepare_celeba_on_a_full_disk_ends_with_one_line_and_keeps_the_earlier_file(tmp_path):
