@@ -1032,6 +1032,41 @@ def test_prepare_celeba_stops_at_a_signal_that_a_finalizer_dropped(
     assert out.read_bytes() == b"an earlier data set" and sorted(p.name for p in tmp_path.iterdir()) == ["faces.h5"]
 
 
+# h5py's errors for a full disk name the temporary file, with a time stamp, a C buffer's address and offsets.
+H5PY_FULL_DISK = (
+    "(file write failed: time = Thu Jan  1 00:00:00 2026, filename = '/data/.faces.h5.4242.tmp', file descriptor = 5, "
+    "errno = 28, error message = 'No space left on device', buf = 0x55d0c3a0, total write size = 4096, bytes this "
+    "sub-write = 4096, bytes already written = 0, file offset = 8192)"
+)
+
+
+@pytest.mark.parametrize("failing", ["create", "flush", "close"])
+def test_prepare_celeba_names_the_output_in_one_line_when_h5py_cannot_write(
+    tmp_path, celeba_root, monkeypatch, capsys, failing
+):
+    """A full disk when h5py creates the file (an OSError), or flushes or closes it (a RuntimeError without an errno,
+    the reason only in its text), ends with one line naming the output and the system's reason, status 2, the
+    earlier file as it was and no temporary file: not h5py's message about the temporary file, nor a traceback."""
+    prepare_celeba = load_script("prepare_celeba")
+    out = tmp_path / "faces.h5"
+    out.write_bytes(b"an earlier data set")
+    if failing == "create":
+        error = OSError(errno.ENOSPC, f"Unable to synchronously create file {H5PY_FULL_DISK}")
+        monkeypatch.setattr(h5py, "File", lambda *args, **kwargs: (_ for _ in ()).throw(error))
+    elif failing == "flush":
+        error = RuntimeError(f"Unable to synchronously flush file {H5PY_FULL_DISK}")
+        monkeypatch.setattr(h5py.File, "flush", lambda file: (_ for _ in ()).throw(error))
+    else:
+        close, error = h5py.File.close, RuntimeError(f"Can't decrement id ref count {H5PY_FULL_DISK}")
+        monkeypatch.setattr(h5py.File, "close", lambda file: (close(file), (_ for _ in ()).throw(error)))
+    monkeypatch.setattr(prepare_celeba, "tqdm", lambda images, **kwargs: images)  # no progress bar on stderr
+    args = [str(celeba_root), str(out), "--size", "16", "--workers", "1", "--overwrite"]
+    assert prepare_celeba.main(args) == 2
+    when = f" after {CELEBA_COUNT} of {CELEBA_COUNT} images" if failing == "flush" else ""
+    assert _said(capsys) == [f"error: [Errno 28] cannot write {out}{when}: No space left on device"]
+    assert out.read_bytes() == b"an earlier data set" and sorted(p.name for p in tmp_path.iterdir()) == ["faces.h5"]
+
+
 def test_prepare_celeba_on_a_full_disk_ends_with_one_line_and_keeps_the_earlier_file(tmp_path):
     """A write that fails (here past the file size limit, EFBIG; a full disk's ENOSPC takes the same way) ends with
     one line naming the output, and status 2; the earlier file stays, and no temporary file. HDF5 crashed the
