@@ -1068,6 +1068,23 @@ def test_prepare_celeba_names_the_output_in_one_line_when_h5py_cannot_write(
     assert out.read_bytes() == b"an earlier data set" and sorted(p.name for p in tmp_path.iterdir()) == ["faces.h5"]
 
 
+def _stop_signal_handlers() -> list:
+    return [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
+
+
+def test_prepare_celeba_workers_leave_stop_signals_to_the_main_process():
+    """Ctrl-C reaches the whole process group, a scheduler's SIGTERM every process of the job: the decoding workers
+    ignore both, and the main process ends the pool in order and says its one line. A worker they killed printed a
+    traceback, and one killed while it sent its result kept the result queue's lock: the pool hung."""
+    prepare_celeba = load_script("prepare_celeba")
+    pool = multiprocessing.Pool(1, prepare_celeba._init_worker, (16, "center", None))
+    try:
+        assert pool.apply(_stop_signal_handlers) == [signal.SIG_IGN, signal.SIG_IGN]
+    finally:
+        pool.close()
+        pool.join()
+
+
 @pytest.mark.parametrize(
     "ending, status, what",
     [("done", 0, None), ("stopped", 143, "stopped by SIGTERM"), ("stopped-as-the-pool-ends", 130, "interrupted")],
