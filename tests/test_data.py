@@ -1085,6 +1085,27 @@ def test_prepare_celeba_workers_leave_stop_signals_to_the_main_process():
         pool.join()
 
 
+def test_prepare_celeba_queues_two_windows_of_files_at_a_time():
+    """The files go to the pool a window at a time, the next queued while this one is written: the workers do not
+    wait for the writer, and a prepare that stops early (a full disk, a stop signal) waits, as it ends its pool,
+    for at most two windows' decoding, not for the whole folder's (an hour of CelebA)."""
+    prepare_celeba = load_script("prepare_celeba")
+
+    class Pool:
+        queued: list[str] = []
+
+        def imap(self, decode, files, chunksize):
+            assert decode is prepare_celeba._decode and chunksize == 2
+            self.queued = [*self.queued, *files]
+            return iter(files)
+
+    pool, files, read = Pool(), [f"{i:02d}.png" for i in range(10)], []
+    for name in prepare_celeba._decoded(pool, files, chunk=2, window=3):
+        read.append(name)
+        assert len(pool.queued) == min(len(files), 3 * ((len(read) - 1) // 3 + 2)), read
+    assert read == files == pool.queued
+
+
 @pytest.mark.parametrize(
     "ending, status, what",
     [("done", 0, None), ("stopped", 143, "stopped by SIGTERM"), ("stopped-as-the-pool-ends", 130, "interrupted")],
