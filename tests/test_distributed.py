@@ -127,12 +127,12 @@ def rank_main(rank, port, folder):
     results["stopped"] = (run.step.steps_done, run.stopped_by)
     # --resume with --steps at the checkpoint's step makes a finished run's missing last pictures, where rank 0's
     # folder lacks them: it decides for every rank (rank 1's, here a copy of the run, may differ), so that where
-    # rank 1's alone lacks them both refuse, and none waits for the other. (run_torch is whole: the run since was a
-    # barrier.)
-    for lacking in (0, 1):
+    # rank 1's alone lacks them both refuse, and none waits for the other; rank 0 alone makes them, where both lack
+    # them. (run_torch is whole: the run since was a barrier.)
+    for lacking in (0, 1, "both"):
         out = folder / f"finish_{lacking}_{rank}"
         shutil.copytree(folder / "run_torch", out)
-        if rank == lacking:
+        if lacking in (rank, "both"):
             (out / "samples" / "step_0000004.png").unlink()
         options = RunOptions(out=out, resume=True, quiet=True)
         try:
@@ -273,11 +273,15 @@ def test_the_loop_feeds_each_rank_its_shard_of_the_global_batch(two_ranks, tmp_p
 
 
 def test_rank_0s_folder_decides_whether_a_finished_run_resumes_to_make_its_missing_last_pictures(two_ranks):
+    """Only rank 0 writes the run folder, the pictures it makes up for too: a rank 1 that made them as well would
+    write them into the folder rank 0 writes at the same moment (on another machine, into one no one reads), and
+    fail on an evaluation (it holds no stats file)."""
     folder, ranks = two_ranks
-    assert [rank["finish_0"] for rank in ranks] == ["finished"] * 2
-    made = [folder / name / "samples" / "step_0000004.png" for name in ("run_torch", "finish_0_0")]
-    assert made[0].read_bytes() == made[1].read_bytes()
-    assert not (folder / "finish_1_1" / "samples" / "step_0000004.png").exists()  # rank 1 wrote nothing
+    assert [rank["finish_0"] for rank in ranks] == [rank["finish_both"] for rank in ranks] == ["finished"] * 2
+    made = [folder / name / "samples" / "step_0000004.png" for name in ("run_torch", "finish_0_0", "finish_both_0")]
+    assert made[0].read_bytes() == made[1].read_bytes() == made[2].read_bytes()
+    for rank_1s in ("finish_1_1", "finish_both_1"):  # rank 1 wrote nothing
+        assert not (folder / rank_1s / "samples" / "step_0000004.png").exists()
     for rank in ranks:
         assert re.fullmatch(r"the run in .*finish_1_\d has done its 4 steps: give --steps above 4 .*", rank["finish_1"])
 
