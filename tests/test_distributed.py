@@ -546,6 +546,25 @@ def test_a_rank_whose_launcher_ended_before_it_asked_for_the_signal_stops_at_onc
     assert raised == ([signal.SIGTERM] if launcher_gone else [])
 
 
+def test_a_rank_not_started_by_torchrun_is_not_tied_to_its_parent(monkeypatch):
+    """Ranks started by other means, with RANK and WORLD_SIZE in their environment (a scheduler's own launcher, a
+    shell script, as test_a_hung_rank_ends_the_others_with_one_line starts them), may outlive the process that
+    started them (a login shell, nohup): no PR_SET_PDEATHSIG, which would stop them when it ends, and no stop for
+    a parent that is not the one at import."""
+    asked, raised = [], []
+
+    class Libc:
+        def prctl(self, option, signum):
+            asked.append((option, signum))
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(distributed.ctypes, "CDLL", lambda *args, **kwargs: Libc())
+    monkeypatch.setattr(distributed.signal, "raise_signal", raised.append)
+    monkeypatch.setattr(distributed, "_PARENT_AT_IMPORT", os.getppid() + 1)  # its shell ended: reparented
+    distributed.end_with_launcher()
+    assert asked == [] and raised == []
+
+
 def test_train_script_under_torchrun_fails_on_bad_input_with_one_line_per_rank(tmp_path):
     """Each rank says what it met, prefixed with its rank, in one write (the ranks share the launcher's stderr), and
     leaves with the status 2 of bad input: Gloo's threads could abort a failing rank at interpreter exit (SIGABRT,
