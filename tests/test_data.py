@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -670,6 +671,23 @@ def test_close_ends_the_torch_loaders_workers_even_one_that_does_not_answer():
     assert workers[0].exitcode == -signal.SIGKILL and workers[1].exitcode == 0  # the other ended in order
     with pytest.raises(RuntimeError, match="closed"):
         next(loader)
+
+
+def test_a_torch_loader_dropped_without_close_ends_its_workers():
+    """The loaders left open are tracked for the interpreter's exit without being held: one that is dropped (a
+    train() call that returned, in a notebook or a sweep of runs in one process) ends its workers then, as PyTorch's
+    iterator does when it goes, rather than leaving them decoding for nothing until the process exits."""
+    source = BuiltinFaces(16, 16, seed=0)
+    before = set(multiprocessing.active_children())
+    loader = TorchLoader(source, BatchOrder(len(source), 4, seed=0), num_workers=2)
+    next(loader)
+    workers = [child for child in multiprocessing.active_children() if child not in before]
+    assert len(workers) == 2
+    del loader
+    gc.collect()
+    for worker in workers:
+        worker.join(timeout=10)
+    assert [worker.exitcode for worker in workers] == [0, 0]  # ended in order, not killed
 
 
 @pytest.mark.parametrize("ending", ["done", "uncaught-error"])
