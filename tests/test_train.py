@@ -757,6 +757,33 @@ def test_cli_ctrl_c_or_sigterm_exits_with_the_signal_and_says_how_to_resume(
     assert load_checkpoint(out / "latest.pt")["step"] == 6
 
 
+def test_cli_under_torchrun_a_launchers_sigterm_after_a_signal_stop_does_not_cut_the_ranks_way_out(tmp_path):
+    """Under torchrun the ranks stop together on a signal, and the first that leaves makes the launcher send SIGTERM
+    to the others, rank 0 among them, while it leaves the process group: it still prints its resume line and exits
+    with its stop's status (130 for a Ctrl-C), not killed by that SIGTERM (status -15, no resume line). Here one
+    process stands for rank 0 of 2 (no process group), and leaving the group is where the launcher's SIGTERM lands."""
+    out = tmp_path / "run"
+    code = f"""
+import os, signal, sys
+from types import SimpleNamespace
+from began_fast.distributed import World
+from tests.scripts import load_script
+from tests.test_train import interrupt_after
+script = load_script("train")
+script.World = SimpleNamespace(from_env=lambda: World(0, 2, 0))
+script.start = lambda *args: None
+setup_run = script.setup_run
+script.setup_run = lambda *args, **kwargs: interrupt_after(setup_run(*args, **kwargs), 3, signal.SIGINT)
+script.stop = lambda: os.kill(os.getpid(), signal.SIGTERM)
+tiny = ["--image-size", "16", "--batch-size", "4", "--steps", "6", "--checkpoint-every", "100", "--quiet"]
+sys.exit(script.main(["--out", {str(out)!r}, "--device", "cpu", *tiny]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert done.stderr.splitlines()[-1] == f"resume with: python scripts/train.py --out {out} --resume --device cpu"
+    assert load_checkpoint(out / "latest.pt")["step"] == 3
+
+
 def test_a_sigterm_to_every_process_of_the_job_stops_with_a_checkpoint_when_workers_decode(tmp_path):
     """A scheduler's time limit or preemption signals every process of the job, the DataLoader's workers too (here:
     the process group). The run stops as it does alone, with its checkpoint, instead of failing to write it when the
