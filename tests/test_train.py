@@ -30,7 +30,8 @@ from began_fast import metrics, reports
 from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data.builtin import BuiltinFaces, draw_faces
-from began_fast.distributed import CollectiveError
+from began_fast.distributed import CollectiveError, Collectives, World
+from began_fast.hang_guard import HangGuard
 from began_fast.metrics import MetricError
 from began_fast.step import ADAM_IMPLEMENTATION
 from began_fast.train import RUN_LOCK, RunOptions, TrainingError, setup_run, train
@@ -826,6 +827,25 @@ run_steps(Path({str(tmp_path / "run")!r}), 4)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert [step for step, _ in reports.sample_frames(tmp_path / "run")] == [4]
+
+
+def test_rank_0s_wait_for_its_last_pictures_is_not_taken_for_a_hang(tmp_path, monkeypatch):
+    """Under torchrun rank 0 waits for its last pictures after its last step (the progress GIF of a long run takes
+    seconds): its own work, as their start is, not a hung loop, so the hang guard must not end it when the wait
+    outlasts --dist-timeout. Here one process stands for rank 0 of 2, its collectives changing nothing, its guard's
+    exit recorded, and the pictures take three timeouts."""
+    timeout_s, ended = 1.0, []
+    collectives = Collectives(World(0, 2, 0), timeout_s)
+    collectives.check_same = lambda *args, **kwargs: None
+    collectives.max_ = lambda number, device: number
+    monkeypatch.setattr(train_module, "HangGuard", lambda collectives: HangGuard(collectives, ended.append))
+    update_progress = reports.update_progress
+    monkeypatch.setattr(reports, "update_progress", lambda out: time.sleep(3 * timeout_s) or update_progress(out))
+    run = setup_run(MODEL, train_cfg(1), DATA, RunOptions(out=tmp_path, quiet=True))
+    run.collectives = collectives
+    train(run)
+    assert ended == [] and [step for step, _ in reports.sample_frames(tmp_path)] == [1]
+    assert (tmp_path / "progress.gif").exists()
 
 
 @pytest.mark.slow
