@@ -405,9 +405,14 @@ def test_a_run_killed_after_its_last_checkpoint_gets_its_last_steps_evaluation_a
             run(split, 6, resume=True)
 
 
-def test_a_resume_with_steps_at_its_checkpoint_ends_the_run_there_as_a_run_of_that_many_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("steps_again", [6, 10], ids=["steps-at-its-checkpoint", "its-own-steps"])
+def test_a_resume_from_a_checkpoint_off_the_schedules_ends_as_a_run_of_the_steps_it_is_given(
+    tmp_path, monkeypatch, steps_again
+):
     """A run of 10 steps killed after its checkpoint of step 6, resumed with --steps 6: step 6 is now its last, and
-    gets the evaluation and pictures a 6-step run makes there (off their schedules of 4)."""
+    gets the evaluation and pictures a 6-step run makes there (off their schedules of 4). Resumed with its 10 steps,
+    step 6 is neither its last nor the last of the run that wrote it: no evaluation or pictures there, as in a run
+    of 10 steps never killed."""
     run = lambda folder, steps, resume=False: train(  # noqa: E731
         setup_run(
             MODEL,
@@ -417,7 +422,7 @@ def test_a_resume_with_steps_at_its_checkpoint_ends_the_run_there_as_a_run_of_th
             explicit={"train": {"steps"}},
         )
     )
-    run(tmp_path / "whole", 6)
+    run(tmp_path / "whole", steps_again)
     write_checkpoint = train_module.write_checkpoint
 
     def dying_after_checkpoint(run):
@@ -430,11 +435,12 @@ def test_a_resume_with_steps_at_its_checkpoint_ends_the_run_there_as_a_run_of_th
     with pytest.raises(RuntimeError, match="killed"):
         run(tmp_path / "split", 10)
     monkeypatch.setattr(train_module, "write_checkpoint", write_checkpoint)
-    run(tmp_path / "split", 6, resume=True)
+    run(tmp_path / "split", steps_again, resume=True)
+    made_at = [4, 6] if steps_again == 6 else [4, 8, 10]
     stats = [reports.read_stats(tmp_path / name / "stats.jsonl") for name in ("whole", "split")]
-    assert stats[0] == stats[1] and [row["step"] for row in stats[1] if "swd" in row] == [4, 6]
+    assert stats[0] == stats[1] and [row["step"] for row in stats[1] if "swd" in row] == made_at
     frames = [reports.sample_frames(tmp_path / name) for name in ("whole", "split")]
-    assert [step for step, _ in frames[1]] == [4, 6]
+    assert [step for step, _ in frames[1]] == made_at
     for (_, a), (_, b) in zip(*frames, strict=True):
         assert a.read_bytes() == b.read_bytes()
 
