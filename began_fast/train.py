@@ -56,6 +56,8 @@ PRECOMPILE_ENV = "BEGAN_FAST_PRECOMPILE"  # "0": no head start, the first step c
 # compiles must not stop this one for ever; after it, this one compiles on its own share of the cores.
 COMPILER_WAIT_S = 600.0
 RECONSTRUCTION_PAIRS = 16
+# In the run folder: {"step": S}, written after the last picture of step S (pictures_written).
+PICTURES_RECORD = "pictures.json"
 # A stop signal repeated sooner is the same request (stop_on_interrupt): torchrun's launcher repeats the signal it
 # got to its workers at once, and they got it too when it came from a scheduler that signals every process of a job
 # (a terminal's Ctrl-C reaches the launcher alone: the workers run in sessions of their own). A person's second
@@ -274,7 +276,22 @@ def owed_at(out: Path, cfg: TrainConfig, step: int, final: bool) -> tuple[bool, 
     if evaluation:
         evaluation = not any("swd" in row and row["step"] == step for row in reports.read_stats(out / "stats.jsonl"))
     pictures = final or step % cfg.sample_every == 0
-    return evaluation, pictures and not (out / "samples" / f"step_{step:07d}.png").exists()
+    return evaluation, pictures and not pictures_written(out, step)
+
+
+def pictures_written(out: Path, step: int) -> bool:
+    """Whether every picture of `step` is in the run folder `out`: its sample grid, and PICTURES_RECORD at that step
+    or a later one (the grid is written first: a run killed, or failing, in the progress strip, the reconstructions
+    or the plot after it has the grid without them). A folder without the record (a run from before it) goes by the
+    grid; a damaged one means drawing them again."""
+    if not (out / "samples" / f"step_{step:07d}.png").exists():
+        return False
+    try:
+        return json.loads((out / PICTURES_RECORD).read_text())["step"] >= step
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def check_new_run_folder(out: Path) -> None:
@@ -442,6 +459,7 @@ def _write_pictures(out: Path, step: int, samples: np.ndarray, x: np.ndarray, re
     # The rows up to this step: the loop appends later ones meanwhile.
     stats = [row for row in reports.read_stats(out / "stats.jsonl") if row["step"] <= step]
     reports.plot_convergence(stats, out / "convergence.png")
+    atomic_write(out / PICTURES_RECORD, lambda f: f.write((json.dumps({"step": step}) + "\n").encode()))
 
 
 @torch.no_grad()
@@ -792,6 +810,8 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
         for folder in (out, out / "samples"):
             remove_stale_temporaries(folder)
         write_config(run)
+        if start == 0:  # a new run: the record of a dead start's pictures is not its own
+            (out / PICTURES_RECORD).unlink(missing_ok=True)
         announce(run, batches.describe())
     if start < cfg.steps:  # else this resume only makes its last step's missing evaluation or pictures (catch_up)
         compile_kernels(run)  # after make_batches, whose workers fork: one forked meanwhile would hold the turn

@@ -361,6 +361,70 @@ def test_a_resume_makes_the_evaluation_and_pictures_its_checkpoints_step_missed(
         assert whole.read_bytes() == resumed.read_bytes()
 
 
+@pytest.mark.parametrize("fails_in", ["update_progress", "save_reconstruction_grid", "plot_convergence"])
+def test_a_run_whose_last_pictures_failed_after_their_sample_grid_gets_them_all_from_the_same_resume(
+    tmp_path, monkeypatch, fails_in
+):
+    """A step's pictures are its sample grid, the progress strip and GIF, the reconstructions and the convergence
+    plot, written one after the other (the GIF takes most of a second at 60 grids): a run killed, or failing on a
+    full disk, after its last step's grid and before the rest gets them all from the same --resume command, and ends
+    with the pictures of a run never failed. (The grid alone told that the step was drawn: the resume was refused as
+    a finished run's, and the strip, reconstructions and plot stayed those of step 4.)"""
+    run = lambda folder, resume=False: train(  # noqa: E731
+        setup_run(MODEL, train_cfg(6, eval_every=4), DATA, RunOptions(out=folder, resume=resume, quiet=True))
+    )
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run(whole)
+    original, calls = getattr(reports, fails_in), []
+
+    def full_disk_at_step_6(*args, **kwargs):  # its second call: step 4's pictures, then step 6's
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reports, fails_in, full_disk_at_step_6)
+    with pytest.raises(OSError, match="No space left on device"):
+        run(split)
+    monkeypatch.setattr(reports, fails_in, original)
+    run(split, resume=True)
+    assert reports.read_stats(split / "stats.jsonl") == reports.read_stats(whole / "stats.jsonl")
+    frames = [reports.sample_frames(folder) for folder in (whole, split)]
+    assert [step for step, _ in frames[1]] == [4, 6]
+    for (_, a), (_, b) in zip(*frames, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+    for picture in ("progress.png", "progress.gif", "reconstruction.png", "convergence.png"):
+        assert (split / picture).read_bytes() == (whole / picture).read_bytes(), picture
+    assert [path.name for path in (split / "samples").iterdir() if path.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "record, written",
+    [(None, True), ('{"step": 6}', True), ('{"step": 8}', True), ('{"step": 4}', False), ("{damaged", False)],
+    ids=["a-run-from-before-the-record", "at-the-step", "at-a-later-step", "at-an-earlier-step", "damaged"],
+)
+def test_a_steps_pictures_are_written_when_its_grid_is_and_the_record_reached_it(tmp_path, record, written):
+    """Step 6's pictures are all written when its sample grid is and the record of the last finished pictures is at
+    6 or later; a folder without a record (a run from before it) goes by the grid alone; a damaged record means
+    drawing them again. Without the grid they are never written."""
+    (tmp_path / "samples").mkdir()
+    if record is not None:
+        (tmp_path / train_module.PICTURES_RECORD).write_text(record)
+    assert not train_module.pictures_written(tmp_path, 6)
+    (tmp_path / "samples" / "step_0000006.png").write_bytes(b"a grid")
+    assert train_module.pictures_written(tmp_path, 6) == written
+
+
+def test_a_new_run_drops_the_record_of_a_dead_starts_pictures(tmp_path, monkeypatch):
+    """A run that died before its first checkpoint is started again in its folder: its record of pictures (of a
+    step the new run has not drawn yet) is not the new run's, and would hide pictures a kill of the new run left
+    unfinished."""
+    (tmp_path / train_module.PICTURES_RECORD).write_text('{"step": 8}')
+    monkeypatch.setattr(train_module, "write_pictures", lambda *args: None)
+    train(setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=tmp_path, quiet=True)))
+    assert not (tmp_path / train_module.PICTURES_RECORD).exists()
+
+
 @pytest.mark.parametrize("steps_again", [6, 10], ids=["same-steps", "more-steps"])
 @pytest.mark.parametrize("dies_in", ["evaluate", "write_pictures"])
 def test_a_run_killed_after_its_last_checkpoint_gets_its_last_steps_evaluation_and_pictures(
