@@ -131,9 +131,9 @@ class Run:
     # for it (None: a new run, or a checkpoint that did not record one: the position its step gives).
     start_step: int = 0
     saved_data_position: tuple[int, int] | None = None
-    # The --steps of the run that wrote the checkpoint (None: a new run): the last step of that run, whose
-    # evaluation and pictures it made off their schedules too.
-    saved_steps: int | None = None
+    # The train config of the run that wrote the checkpoint (None: a new run): its --steps, the last step of that
+    # run, whose evaluation and pictures it made off their schedules too, and the schedules it kept up to there.
+    saved_train: TrainConfig | None = None
     # Names the run in its checkpoints and config.json, so a latest.pt of another run is not resumed into this
     # run's folder (a random hex string given at its start; a checkpoint that did not record one gets a new one).
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
@@ -212,13 +212,16 @@ def setup_run(
         given = {"model": model_cfg, "train": train_cfg, "data": data_cfg}
         configs = resumed_configs(state, latest, given, {"train": {"steps"}} if explicit is None else explicit)
         model_cfg, train_cfg, data_cfg = configs["model"], configs["train"], configs["data"]
-        saved_steps = saved_configs(state, latest)["train"].steps
+        saved_train = saved_configs(state, latest)["train"]
         # A run that did its steps and was killed before the evaluation or the pictures of its last step: the same
         # command again makes them. Rank 0's folder decides (the other ranks may not see it), on every rank.
         finishes = agreed(
             collectives,
             device,
-            lambda: train_cfg.steps == state["step"] and any(owed_at(opts.out, train_cfg, state["step"], final=True)),
+            lambda: (
+                train_cfg.steps == state["step"]
+                and any(owed_at(opts.out, train_cfg, saved_train, state["step"], final=True))
+            ),
         )
         if train_cfg.steps < state["step"] or (train_cfg.steps == state["step"] and not finishes):
             where = (
@@ -258,7 +261,7 @@ def setup_run(
         run.saved_data_position = saved_position
         run.run_id = state.get("run_id") or run.run_id
         run.checkpoint_identity = checkpoint_identity
-        run.saved_steps = saved_steps
+        run.saved_train = saved_train
     return run
 
 
@@ -269,13 +272,16 @@ def agreed(collectives: Collectives | None, device: torch.device, decide) -> boo
     return bool(collectives.max_(int(decide()) if collectives.rank == 0 else 0, device))
 
 
-def owed_at(out: Path, cfg: TrainConfig, step: int, final: bool) -> tuple[bool, bool]:
-    """(evaluation, pictures): whether the loop makes each at `step` (on its schedule, or always at a run's last
-    step: `final`) and the run folder `out` does not hold it."""
-    evaluation = bool(cfg.eval_every) and (final or step % cfg.eval_every == 0)
+def owed_at(out: Path, cfg: TrainConfig, saved: TrainConfig, step: int, final: bool) -> tuple[bool, bool]:
+    """(evaluation, pictures): whether a run resumed with `cfg` from a checkpoint of `step` written by a run with
+    `saved` makes each there, the run folder `out` not holding it. Due at a run's last step (`final`), or on the
+    schedule of the run that wrote the checkpoint (a resume that changes --sample-every or --eval-every owes the
+    steps of the old schedule, not of its own, whose steps start after this one); an evaluation only where `cfg`
+    still evaluates (a resume given --eval-every 0 makes none)."""
+    evaluation = bool(cfg.eval_every) and (final or bool(saved.eval_every) and step % saved.eval_every == 0)
     if evaluation:
         evaluation = not any("swd" in row and row["step"] == step for row in reports.read_stats(out / "stats.jsonl"))
-    pictures = final or step % cfg.sample_every == 0
+    pictures = final or step % saved.sample_every == 0
     return evaluation, pictures and not pictures_written(out, step)
 
 
@@ -490,8 +496,8 @@ def catch_up(run: Run, real: RealImages, stats_file, writer, pictures: reports.B
     step = run.start_step
     if step == 0:
         return
-    final = step in (run.saved_steps, run.train_cfg.steps)
-    owes_evaluation, owes_pictures = owed_at(run.out, run.train_cfg, step, final)
+    final = step in (run.saved_train.steps, run.train_cfg.steps)
+    owes_evaluation, owes_pictures = owed_at(run.out, run.train_cfg, run.saved_train, step, final)
     if not (owes_evaluation or owes_pictures):
         return
     if run.model_cfg.vanishing_residual:  # the next step sets its own again

@@ -509,6 +509,52 @@ def test_a_resume_from_a_checkpoint_off_the_schedules_ends_as_a_run_of_the_steps
         assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.parametrize(
+    "killed_at, resumed_with, swd_at, grids_at",
+    [
+        (4, dict(sample_every=3, eval_every=3), [4, 6, 9, 10], [4, 6, 9, 10]),
+        (6, dict(sample_every=3, eval_every=3), [4, 9, 10], [4, 9, 10]),
+        (4, dict(eval_every=0), [], [4, 8, 10]),
+    ],
+    ids=["on-the-old-schedule-only", "on-the-new-schedule-only", "evaluations-turned-off"],
+)
+def test_a_resume_with_new_schedules_makes_what_the_old_ones_owed_at_its_checkpoint(
+    tmp_path, monkeypatch, killed_at, resumed_with, swd_at, grids_at
+):
+    """A run evaluating and drawing every 4 steps, killed after its checkpoint of step `killed_at` and before that
+    step's evaluation and pictures, resumed with other --sample-every/--eval-every: the checkpoint's step owes what
+    the killed run's schedule made there (step 4), not what the new one would (step 6: the new schedule's steps come
+    after the checkpoint's), and no evaluation where the resume makes none. (Judged by the new schedule, step 4's
+    grid was never made, and step 6 got one no schedule asked for.)"""
+    write_checkpoint = train_module.write_checkpoint
+
+    def dying_after_checkpoint(run):
+        written = write_checkpoint(run)
+        if run.step.steps_done == killed_at:
+            raise RuntimeError("killed")
+        return written
+
+    monkeypatch.setattr(train_module, "write_checkpoint", dying_after_checkpoint)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(
+            setup_run(
+                MODEL, train_cfg(10, eval_every=4, checkpoint_every=2), DATA, RunOptions(out=tmp_path, quiet=True)
+            )
+        )
+    monkeypatch.setattr(train_module, "write_checkpoint", write_checkpoint)
+    train(
+        setup_run(
+            MODEL,
+            train_cfg(10, checkpoint_every=2, **resumed_with),
+            DATA,
+            RunOptions(out=tmp_path, resume=True, quiet=True),
+            explicit={"train": {"steps", *resumed_with}},
+        )
+    )
+    assert [row["step"] for row in reports.read_stats(tmp_path / "stats.jsonl") if "swd" in row] == swd_at
+    assert [step for step, _ in reports.sample_frames(tmp_path)] == grids_at
+
+
 def test_resume_checks_the_settings_given_again(tmp_path):
     run_steps(tmp_path, 4)
     changed = dataclasses.replace(train_cfg(8), batch_size=2, log_every=4)
