@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
+import torch
+
 # Every launch compiles with Triton's floating-point fusion on: a*b + c as one FMA (one rounding, one instruction).
 # That was Triton's default up to 3.9, which warns that 3.10 turns it off; pinned, a kernel computes the same, as
 # fast, whichever Triton compiles it (TRITON_DEFAULT_FP_FUSION changes nothing here).
@@ -22,3 +26,20 @@ def launched_kernels() -> list[tuple[object, str, object]]:
         for name, value in vars(module).items()
         if name.endswith("_kernel") and isinstance(value, KernelInterface)
     ]
+
+
+def on_the_inputs_device(launcher):
+    """Run `launcher` (a host launcher whose first argument is a tensor) with that tensor's CUDA device current.
+    Triton compiles for and launches on the current device, not on the one its pointers lead to: a tensor on cuda:1
+    given by a process whose current device is 0 (the Python API, a model moved with .to("cuda:1")) would have its
+    kernels run on GPU 0 and its CUDA graph capture there. FlashAttention's and Liger-Kernel's launchers guard the
+    same way. CPU tensors (the interpreter) run as they are."""
+
+    @functools.wraps(launcher)
+    def launch(first: torch.Tensor, *args, **kwargs):
+        if not first.is_cuda:
+            return launcher(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(first, *args, **kwargs)
+
+    return launch

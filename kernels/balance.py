@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import FP_FUSION
+from kernels import FP_FUSION, on_the_inputs_device
 from kernels.interpreter import INTERPRET, round_to
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -199,6 +199,7 @@ def check_balance_inputs(x: torch.Tensor, rx: torch.Tensor, fake: torch.Tensor, 
         raise BalanceInputError("began balance: inputs must be all contiguous or all channels_last-contiguous")
 
 
+@on_the_inputs_device
 def balance_forward(
     x: torch.Tensor,
     rx: torch.Tensor,
@@ -239,6 +240,7 @@ def balance_forward(
     return stats, k_used
 
 
+@on_the_inputs_device
 def balance_backward(
     x: torch.Tensor,
     rx: torch.Tensor,

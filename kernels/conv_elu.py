@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import FP_FUSION
+from kernels import FP_FUSION, on_the_inputs_device
 from kernels.interpreter import INTERPRET, round_to
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -465,6 +465,7 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return packed.view(9, weight.shape[1], weight.shape[0])
 
 
+@on_the_inputs_device
 def conv_elu_forward(
     x: torch.Tensor,
     skip: torch.Tensor | None,
@@ -523,6 +524,7 @@ def conv_elu_forward(
     return y
 
 
+@on_the_inputs_device
 def conv_elu_input_grad(
     grad_y: torch.Tensor,
     y: torch.Tensor,
@@ -578,6 +580,7 @@ def conv_elu_input_grad(
     return dx
 
 
+@on_the_inputs_device
 def conv_elu_weight_grad(
     x: torch.Tensor,
     skip: torch.Tensor | None,

@@ -1,0 +1,85 @@
+"""The kernels run on their inputs' GPU, whatever the current CUDA device: Triton compiles for and launches on the
+current device, not the one its pointers lead to, so each host launcher of kernels/ makes its inputs' device current
+(kernels.on_the_inputs_device). Without it, networks moved to cuda:1 by a process whose current device is 0 (the
+Python API, with no script to call torch.cuda.set_device) had their kernels launched on GPU 0."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from began_fast import ops
+from began_fast.config import ModelConfig
+from began_fast.model import Discriminator, Generator
+from kernels import balance, conv_elu
+
+LAUNCHERS = [
+    conv_elu.conv_elu_forward,
+    conv_elu.conv_elu_input_grad,
+    conv_elu.conv_elu_weight_grad,
+    balance.balance_forward,
+    balance.balance_backward,
+]
+
+
+class Entered(Exception):
+    """Raised by the stand-in for torch.cuda.device on entering: the call goes no further."""
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda launcher: launcher.__name__)
+def test_a_launcher_makes_its_inputs_gpu_current_before_anything_else(monkeypatch, launcher):
+    """Given a tensor on cuda:1 (a stand-in: this machine may have no GPU), the launcher enters that device's
+    context first of all, before it allocates or launches."""
+
+    def entering(device):
+        raise Entered(device)
+
+    monkeypatch.setattr(torch.cuda, "device", entering)
+    with pytest.raises(Entered) as entered:
+        launcher(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
+    assert entered.value.args == (torch.device("cuda", 1),)
+
+
+def test_kernels_on_cpu_tensors_take_no_cuda_device(monkeypatch):
+    """Under the interpreter (CPU tensors) no CUDA device is made current: a conv_elu and a balance step, forward
+    and backward, never call torch.cuda.device (which refuses a CPU device)."""
+    if not conv_elu.runs_on(torch.device("cpu")):
+        pytest.skip("the kernels take CPU tensors only under TRITON_INTERPRET=1")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: pytest.fail(f"torch.cuda.device({device}) called"))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    weight, bias = torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    y = ops.conv_elu(x, weight, bias, impl="triton")
+    result = ops.began_balance(x, y[:, :3], x.detach() * 0.5, y[:, 1:], 0.25, 0.5, 1e-3, impl="triton")
+    (result.l_d + result.l_g).backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (x, weight, bias))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_networks_on_the_second_gpu_compute_as_with_it_current():
+    """G, D and the balance step on cuda:1, called from a process whose current device is 0, give bit for bit what
+    they give with cuda:1 current (the same kernels on the same GPU), forward and backward, and leave 0 current."""
+    torch.cuda.set_device(0)
+    model = ModelConfig(image_size=32, n=16, h=16, skip=True)
+    torch.manual_seed(0)
+    G = Generator(model, impl="triton").to("cuda:1")
+    D = Discriminator(model, impl="triton").to("cuda:1")
+    z = torch.rand(4, model.z_size, device="cuda:1") * 2 - 1
+    x = torch.rand(4, 3, 32, 32, device="cuda:1") * 2 - 1
+    k = torch.full((), 0.25, device="cuda:1")
+
+    def step():
+        fake = G(z)
+        result = ops.began_balance(x, D(x), fake, D(fake), k, 0.5, 1e-3, impl="triton")
+        grads = torch.autograd.grad(result.l_d + result.l_g, [*G.parameters(), *D.parameters()])
+        torch.cuda.synchronize("cuda:1")
+        return [fake, *result, *grads]
+
+    with_0_current = step()
+    assert torch.cuda.current_device() == 0
+    with torch.cuda.device(1):
+        with_1_current = step()
+    for a, b in zip(with_0_current, with_1_current, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
