@@ -33,11 +33,12 @@ def on_the_inputs_device(launcher):
     Triton compiles for and launches on the current device, not on the one its pointers lead to: a tensor on cuda:1
     given by a process whose current device is 0 (the Python API, a model moved with .to("cuda:1")) would have its
     kernels run on GPU 0 and its CUDA graph capture there. FlashAttention's and Liger-Kernel's launchers guard the
-    same way. CPU tensors (the interpreter) run as they are."""
+    same way. CPU tensors (the interpreter), and those on the current device (the common case: no context entered,
+    a launch's host time matters for small layers), run as they are."""
 
     @functools.wraps(launcher)
     def launch(first: torch.Tensor, *args, **kwargs):
-        if not first.is_cuda:
+        if not first.is_cuda or first.device.index == torch.cuda.current_device():
             return launcher(first, *args, **kwargs)
         with torch.cuda.device(first.device):
             return launcher(first, *args, **kwargs)

@@ -30,15 +30,21 @@ class Entered(Exception):
 
 @pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda launcher: launcher.__name__)
 def test_a_launcher_makes_its_inputs_gpu_current_before_anything_else(monkeypatch, launcher):
-    """Given a tensor on cuda:1 (a stand-in: this machine may have no GPU), the launcher enters that device's
-    context first of all, before it allocates or launches."""
+    """Given a tensor on cuda:1 (a stand-in: this machine may have no GPU) while GPU 0 is current, the launcher
+    enters that device's context first of all, before it allocates or launches; with GPU 1 current it enters none."""
+    on_gpu_1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: pytest.fail(f"torch.cuda.device({device}) entered"))
+    with pytest.raises(TypeError, match="missing"):  # reached the launcher itself, given one argument of its many
+        launcher(on_gpu_1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
     def entering(device):
         raise Entered(device)
 
     monkeypatch.setattr(torch.cuda, "device", entering)
     with pytest.raises(Entered) as entered:
-        launcher(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
+        launcher(on_gpu_1)
     assert entered.value.args == (torch.device("cuda", 1),)
 
 
