@@ -187,30 +187,35 @@ class CudaGraphStep:
             raise ValueError("--cuda-graphs needs a CUDA device")
         self.step, self.stream = step, stream
         self.static_x = torch.zeros(batch_shape, dtype=torch.float32, device=step.device)
-        if stream is not None:
-            stream.sample_into(self.static_x)
-        # Warm up with the optimizer state present (fused Adam creates it lazily, outside any capture).
-        snap = step.snapshot()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                step.body(self.static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        step.restore(snap)
-        self.graph = torch.cuda.CUDAGraph()
-        # The noise generator is not the default one: the graph must advance its Philox offset on every replay.
-        self.graph.register_generator_state(step.z_gen)
-        for opt in (step.opt_g, step.opt_d):
-            opt.zero_grad(set_to_none=True)
-        # thread_local: the capture refuses unsafe CUDA calls of this thread only. The loaders' threads (the
-        # DataLoader's pin-memory thread, DALI's) go on while it runs, and in the default global mode a call of theirs
-        # that is unsafe during a capture (a cudaHostAlloc, an event query) would fail it now and then.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # The warm-up and the capture run on a stream of the step's device, also where the caller's current device
+        # is another (the Python API, networks moved to cuda:1).
+        with torch.cuda.device(step.device):
             if stream is not None:
                 stream.sample_into(self.static_x)
-            step.body(self.static_x)
-        torch.cuda.synchronize()
+            # Warm up with the optimizer state present (fused Adam creates it lazily, outside any capture).
+            snap = step.snapshot()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup_steps):
+                    step.body(self.static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            step.restore(snap)
+            self.graph = torch.cuda.CUDAGraph()
+            # The noise generator is not the default one: the graph must advance its Philox offset on every replay.
+            self.graph.register_generator_state(step.z_gen)
+            for opt in (step.opt_g, step.opt_d):
+                opt.zero_grad(set_to_none=True)
+            # thread_local: the capture refuses unsafe CUDA calls of this thread only. The loaders' threads (the
+            # DataLoader's pin-memory thread, DALI's) go on while it runs, and in the default global mode a call of
+            # theirs that is unsafe during a capture (a cudaHostAlloc, an event query) would fail it now and then.
+            # Captured on the warm-up's stream, idle by now: torch.cuda.graph's own default is one stream per process,
+            # made on the device current at its first capture, so a later capture on another GPU would leave there.
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                if stream is not None:
+                    stream.sample_into(self.static_x)
+                step.body(self.static_x)
+        torch.cuda.synchronize(step.device)
 
     def __call__(self, x: torch.Tensor | None = None) -> None:
         if x is not None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from began_fast import ops
-from began_fast.config import ModelConfig
+from began_fast.config import ModelConfig, TrainConfig
+from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
 from kernels import balance, conv_elu
 
@@ -62,17 +63,20 @@ def test_kernels_on_cpu_tensors_take_no_cuda_device(monkeypatch):
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (x, weight, bias))
 
 
+TWO_GPUS = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+MODEL = ModelConfig(image_size=32, n=16, h=16, skip=True)
+
+
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@TWO_GPUS
 def test_networks_on_the_second_gpu_compute_as_with_it_current():
     """G, D and the balance step on cuda:1, called from a process whose current device is 0, give bit for bit what
     they give with cuda:1 current (the same kernels on the same GPU), forward and backward, and leave 0 current."""
     torch.cuda.set_device(0)
-    model = ModelConfig(image_size=32, n=16, h=16, skip=True)
     torch.manual_seed(0)
-    G = Generator(model, impl="triton").to("cuda:1")
-    D = Discriminator(model, impl="triton").to("cuda:1")
-    z = torch.rand(4, model.z_size, device="cuda:1") * 2 - 1
+    G = Generator(MODEL, impl="triton").to("cuda:1")
+    D = Discriminator(MODEL, impl="triton").to("cuda:1")
+    z = torch.rand(4, MODEL.z_size, device="cuda:1") * 2 - 1
     x = torch.rand(4, 3, 32, 32, device="cuda:1") * 2 - 1
     k = torch.full((), 0.25, device="cuda:1")
 
@@ -89,3 +93,33 @@ def test_networks_on_the_second_gpu_compute_as_with_it_current():
         with_1_current = step()
     for a, b in zip(with_0_current, with_1_current, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def fast_step_on(device: str) -> FastStep:
+    torch.manual_seed(0)
+    G, D = Generator(MODEL, impl="triton").to(device), Discriminator(MODEL, impl="triton").to(device)
+    return FastStep(G, D, TrainConfig(batch_size=4), device, amp="bf16", impl="triton")
+
+
+@pytest.mark.cuda
+@TWO_GPUS
+def test_a_step_graphed_on_the_second_gpu_replays_its_eager_steps():
+    """A fast step on cuda:1, CUDA-graphed by a process whose current device is 0 and which captured a graph on GPU
+    0 first (torch.cuda.graph's default capture stream is made there, once per process), replays what the same
+    step run eagerly on cuda:1 computes, bit for bit: the warm-up and the capture ran on GPU 1's stream."""
+    torch.cuda.set_device(0)
+    on_0 = fast_step_on("cuda:0")
+    CudaGraphStep(on_0, (4, 3, 32, 32))
+    graphed, eager = fast_step_on("cuda:1"), fast_step_on("cuda:1")
+    data = [torch.rand(4, 3, 32, 32, device="cuda:1") * 2 - 1 for _ in range(4)]
+    graphed(data[0])  # both start from one real step, so Adam's state exists in both
+    eager(data[0])
+    graph = CudaGraphStep(graphed, data[0].shape)
+    assert torch.cuda.current_device() == 0
+    for x in data[1:]:
+        graph(x)
+        eager(x)
+    torch.cuda.synchronize("cuda:1")
+    for a, b in zip(graphed.parameters(), eager.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(graphed.k, eager.k) and graphed.steps_done == eager.steps_done == 4
