@@ -242,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         missing = [str(readme) for readme in readmes if not readme.is_file()]
         if missing:
             raise ReportError(f"--readme {', '.join(missing)}: no such file")
+        for readme in readmes:  # read before anything is written: a PNG named by mistake is refused, not a traceback
+            try:
+                readme.read_text()
+            except UnicodeDecodeError:
+                raise ReportError(f"--readme {readme}: not a UTF-8 text file; expected a markdown README") from None
         written = write_report(args.json, args.suite, args.out_dir, readmes)
     except (ReportError, OSError) as e:  # nothing is written before the input is checked
         print(f"error: {e}", file=sys.stderr)

@@ -275,6 +275,20 @@ def test_a_readme_named_but_missing_is_refused(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_readme_that_is_not_text_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A --readme naming a PNG (or any non-UTF-8 file) ended in a UnicodeDecodeError traceback, after the dated
+    .json and .md records had been written."""
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(SYNTHETIC))
+    picture = tmp_path / "plot.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    argv = [str(source), "--suite", "kernels", "--out-dir", str(tmp_path / "r"), f"--readme={picture}"]
+    assert bench_report.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --readme {picture}: not a UTF-8 text file; expected a markdown README\n", err
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_suite_without_triton_or_flop_counts_gets_neither_their_columns_nor_their_note():
     """The data suite times loaders: a table of times only, without empty TFLOP/s columns or the triton note."""
     loaders = SYNTHETIC | {
