@@ -86,6 +86,16 @@ def resolve_device(requested: str | None) -> str:
     return requested
 
 
+def check_impl_env() -> None:
+    """BEGAN_FAST_IMPL, which overrides the networks' impl="auto" (ops.resolve_impl): ConfigError when it is set to
+    no impl, before any work; otherwise the first layer of the first forward raises a ValueError there."""
+    from began_fast.ops import IMPL_ENV, IMPLS
+
+    value = os.environ.get(IMPL_ENV, "")
+    if value and value not in IMPLS:
+        raise ConfigError(f"{IMPL_ENV} must be one of {IMPLS}, got {value!r}")
+
+
 def data_path(given: str | None) -> str | None:
     """--data as an absolute path (a run resumes from any folder); None (not given) means the built-in faces. An
     empty value (an unset shell variable) is refused: it would name the working directory."""

@@ -30,6 +30,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.checkpoint import CheckpointError, load_models, saved_configs
     from began_fast.cli import (
         OneLineParser,
+        check_impl_env,
         check_seed,
         check_stop,
         check_writable,
@@ -161,6 +162,7 @@ def evaluate(args: argparse.Namespace) -> int:
         if args.inception_weights is not None and not args.fid:
             raise ConfigError("--inception-weights is for FID: add --fid, or leave it out")
         args.device = resolve_device(args.device)
+        check_impl_env()
         if args.fid:
             require_fid(args.inception_weights)
         if args.json is not None and args.json.suffix != ".json":  # --json latest.pt would replace a checkpoint

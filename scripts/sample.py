@@ -42,6 +42,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.checkpoint import CheckpointError, load_models
     from began_fast.cli import (
         OneLineParser,
+        check_impl_env,
         check_seed,
         check_stop,
         check_writable,
@@ -226,6 +227,7 @@ def main(argv=None) -> int:
             raise ConfigError("--grid, --interp-rows and --num are all 0: there is nothing to draw")
         check_seed(args.seed)
         args.device = resolve_device(args.device)
+        check_impl_env()
         G, _, state = load_models(args.checkpoint, args.device)
         check_writable(args.out, "--out", folder=True)  # after the checks above: a refused call creates no folder
         with stop_signals():

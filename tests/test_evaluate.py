@@ -146,6 +146,19 @@ def test_scripts_refuse_an_unknown_device_with_one_line(tiny_checkpoint, tmp_pat
     assert err == f"error: --device must be cpu, cuda or cuda:N, got {device!r}\n"
 
 
+@pytest.mark.parametrize("script", ["evaluate", "sample"])
+def test_scripts_refuse_an_unknown_began_fast_impl_in_one_line(tiny_checkpoint, tmp_path, monkeypatch, capsys, script):
+    """BEGAN_FAST_IMPL=garbage ended both scripts in a ValueError traceback from G's first layer (status 1); train.py
+    refused it in one line."""
+    monkeypatch.setenv("BEGAN_FAST_IMPL", "garbage")
+    out = tmp_path / "out"
+    argv = [str(tiny_checkpoint[0]), "--device", "cpu"] + (["--out", str(out)] if script == "sample" else [])
+    assert load_script(script).main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "error: BEGAN_FAST_IMPL must be one of ('auto', 'torch', 'triton'), got 'garbage'\n", err
+    assert not out.exists()
+
+
 def test_sample_script_refuses_a_diverged_generator_and_writes_nothing(tiny_checkpoint, tmp_path, capsys):
     state = load_checkpoint(tiny_checkpoint[0])
     state["G"] = {name: torch.full_like(value, float("nan")) for name, value in state["G"].items()}
