@@ -52,6 +52,7 @@ with quiet_ctrl_c_while_importing():
         resolve_device,
         stop_signals,
         stop_signals_held,
+        warnings_as_lines,
     )
     from began_fast.config import ConfigError
     from began_fast.seeds import SAMPLING, generator
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
         check_impl_env()
         G, _, state = load_models(args.checkpoint, args.device)
         check_writable(args.out, "--out", folder=True)  # after the checks above: a refused call creates no folder
-        with stop_signals():
+        with warnings_as_lines(), stop_signals():
             write_samples(G, args)
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

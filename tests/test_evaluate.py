@@ -587,6 +587,21 @@ def test_evaluate_script_warns_in_one_line(tiny_checkpoint, tmp_path, capsys):
     assert err.count("\n") == 1, err
 
 
+def test_sample_script_warns_in_one_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """The fallback from Triton to PyTorch (BEGAN_FAST_IMPL=triton where triton is not installed) is "warning: ...",
+    as in evaluate.py and train.py, not Python's "file:line: UserWarning: message" with the source line under it."""
+    from began_fast import ops
+
+    monkeypatch.setenv("BEGAN_FAST_IMPL", "triton")
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    ops._warn_fallback.cache_clear()  # warned once per process: another test may have had it
+    argv = [str(tiny_checkpoint[0]), "--out", str(tmp_path / "s"), "--grid", "4", "--interp-rows", "0"]
+    assert load_script("sample").main(argv + ["--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: began_fast: impl='triton' unavailable (triton is not installed)"), err
+    assert "UserWarning" not in err and err.count("\n") == 2, err  # the warning, then "wrote grid.png ..."
+
+
 def _folder_run(tiny_checkpoint, tmp_path):
     """(checkpoint, folder): the tiny checkpoint as if trained on a folder of 6 faces holding out the last 2."""
     folder = tmp_path / "images"
