@@ -49,6 +49,11 @@
 # same call as the phases after it, or call again at once. Usage, from the repository root:
 #   bash scripts/gpu_checks.sh OUT_DIR [PHASE...]
 set -uo pipefail
+case ${1:-} in  # before the GPU's checks start: --help is not an OUT_DIR (mkdir and tee would take it as an option)
+    -h | --help) sed -n '2,/^set /s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -*) echo "usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...] (not the option $1; --help lists the phases)"
+        exit 2 ;;
+esac
 out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...]}
 shift
 phases=${*:-compile tests bench profile torchrun startup startup_pair quality}

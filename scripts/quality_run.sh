@@ -10,6 +10,11 @@
 set -euo pipefail
 ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)) ||
     { echo "quality_run.sh needs bash 5.1 or newer (for wait -n -p), not $BASH_VERSION"; exit 2; }
+case ${1:-} in  # --help is not an OUT_DIR (mkdir would take it as an option, and both runs fail on it)
+    -h | --help) sed -n '2,/^set /s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -*) echo "usage: bash scripts/quality_run.sh [OUT_DIR] [STEPS] [PRESET] (not the option $1; see --help)"
+        exit 2 ;;
+esac
 out=${1:-runs/quality}
 steps=${2:-10000}
 preset=${3:-paper64}

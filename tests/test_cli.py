@@ -149,3 +149,25 @@ def test_a_ctrl_c_while_a_script_imports_torch_is_one_line(tmp_path, script):
         timeout=60,
     )
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "error: interrupted while starting\n")
+
+
+@pytest.mark.parametrize("script", ["gpu_checks", "quality_run"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_the_shell_scripts_help_prints_their_usage_and_runs_nothing(tmp_path, script, flag):
+    """`bash scripts/gpu_checks.sh --help` took --help for OUT_DIR: mkdir printed its own help, tee refused every
+    log name as an option, and on a GPU machine every phase ran (hours); quality_run.sh started both training runs.
+    A stand-in python, first on the path (and PYTHON for quality_run.sh), records any run."""
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "ran"}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(stub)}
+    work = tmp_path / "work"
+    work.mkdir()
+    command = ["bash", str(ROOT / "scripts" / f"{script}.sh")]
+    done = subprocess.run([*command, flag], cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and f"bash scripts/{script}.sh" in done.stdout and not done.stderr, done
+    assert not (tmp_path / "ran").exists() and not list(work.iterdir())
+    done = subprocess.run([*command, "--out", "x"], cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout.startswith(f"usage: bash scripts/{script}.sh"), done
+    assert not (tmp_path / "ran").exists() and not list(work.iterdir())
