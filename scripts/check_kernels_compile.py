@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, choices=sorted(MAX_SHARED_BYTES), default=90)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
+    if args.jobs < 1:  # ThreadPoolExecutor's ValueError would end it in a traceback
+        parser.error(f"--jobs must be >= 1 (compiling threads), got {args.jobs}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: unset it, this script compiles the kernels rather than interpreting")
 

@@ -147,3 +147,12 @@ def test_refuses_to_run_under_the_interpreter():
     result = run([SCRIPT, "--preset", "demo"], interpret=True)
     assert result.returncode == 2
     assert "TRITON_INTERPRET=1 is set: unset it" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1"])
+def test_refuses_fewer_than_one_job_in_one_line(jobs):
+    """--jobs 0 ended in ThreadPoolExecutor's ValueError traceback ("max_workers must be greater than 0")."""
+    result = run([SCRIPT, "--preset", "demo", "--jobs", jobs])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"error: --jobs must be >= 1 (compiling threads), got {jobs}"), last
