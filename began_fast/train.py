@@ -231,6 +231,15 @@ def setup_run(
             )
             raise ConfigError(f"the run in {opts.out} {where}: give --steps above {state['step']} to train it further")
         check_same_run(opts.out, state.get("run_id"))
+        if (
+            data_cfg.path is not None
+            and "path" not in (explicit or {}).get("data", ())
+            and not Path(data_cfg.path).exists()
+        ):
+            raise ConfigError(
+                f"the run's data {data_cfg.path} is not there any more; if it moved, resume with --data naming where "
+                "it is now"
+            )
     if "eval_images" in (explicit or {}).get("train", ()) and not train_cfg.eval_every:
         raise ConfigError("eval_images sizes the SWD evaluations, and this run has none: give --eval-every N too")
     check_out_outside_data(opts.out, data_cfg)

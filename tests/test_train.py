@@ -595,6 +595,25 @@ def test_a_resume_on_a_changed_image_folder_says_so(tmp_path, capsys):
     )
 
 
+def test_a_resume_whose_data_moved_says_to_give_data_again(tmp_path):
+    """The run's image folder moved: the resume said only "data path ... does not exist; expected an image folder or
+    an HDF5 file", not that --data may name it where it is now (README: --data may be given anew on --resume)."""
+    write_faces(tmp_path / "faces", range(16))
+    data = DataConfig(path=str(tmp_path / "faces"), crop="center", num_workers=0)
+    train(setup_run(MODEL, train_cfg(2), data, RunOptions(out=tmp_path / "run", quiet=True)))
+    (tmp_path / "faces").rename(tmp_path / "moved")
+    options = RunOptions(out=tmp_path / "run", resume=True, quiet=True)
+    with pytest.raises(ConfigError) as refused:
+        setup_run(MODEL, train_cfg(4), DataConfig(), options, explicit={"train": {"steps"}})
+    assert str(refused.value) == (
+        f"the run's data {tmp_path / 'faces'} is not there any more; if it moved, resume with --data naming where it "
+        "is now"
+    )
+    moved = DataConfig(path=str(tmp_path / "moved"))
+    train(setup_run(MODEL, train_cfg(4), moved, options, explicit={"train": {"steps"}, "data": {"path"}}))
+    assert load_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 4
+
+
 def test_a_resume_of_a_run_on_the_built_in_faces_refuses_other_data(tmp_path):
     """--data on resume names the run's data moved; the built-in faces have no files to move: a path there is
     other data, refused with one line before anything changes."""
