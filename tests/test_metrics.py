@@ -165,6 +165,18 @@ def test_swd_of_a_set_against_itself_is_the_small_sampling_floor(faces):
     assert itself["avg"] < 0.7 * swd(a, faces[1], seed=3, descriptors_per_image=64)["avg"]  # against 48
 
 
+def test_swd_of_a_flat_image_set_is_a_number(faces):
+    """A set of flat images (a collapsed G's, say) has descriptors of no spread: each set normalised by its own
+    std would be 0/0, so the std is floored. Two flat sets of other greys are alike to SWD (0: normalised per set),
+    and a flat set is far from faces, by a finite distance."""
+    greys = torch.randint(0, 256, (2,), generator=torch.Generator().manual_seed(4)).tolist()
+    flat, other_grey = (torch.full_like(faces[0], grey) for grey in greys)
+    assert swd(flat, other_grey, seed=2, descriptors_per_image=16) == {"32": 0.0, "16": 0.0, "avg": 0.0}
+    far = swd(flat, faces[0], seed=2, descriptors_per_image=16)
+    assert all(np.isfinite(list(far.values())))
+    assert far["avg"] > 3 * swd(faces[1], faces[0], seed=2, descriptors_per_image=16)["avg"]
+
+
 def test_swd_grows_with_added_noise(faces):
     x = faces[0].float() / 127.5 - 1
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
