@@ -229,6 +229,17 @@ def test_swd_cut_into_chunks_is_the_swd_of_the_whole_sets(faces):
         (torch.zeros(4, 3, 16, 16, dtype=torch.int32), torch.zeros(4, 3, 16, 16, dtype=torch.int32), "uint8 or"),
         (torch.full((4, 3, 16, 16), 200.0), torch.zeros(4, 3, 16, 16), r"\[-1, 1\], got values in \[200, 200\]"),
         (torch.zeros(4, 3, 16, 16), torch.full((4, 3, 16, 16), float("nan")), r"must lie in \[-1, 1\]"),
+        # Just outside, on either side: G's unclamped output is refused here, not clamped unseen (generated_pixels).
+        (
+            torch.rand(4, 3, 16, 16) * 2 - 1,
+            torch.rand(4, 3, 16, 16) * 2.2 - 1,
+            r"must lie in \[-1, 1\], got .*, 1\.\d+\]",
+        ),
+        (
+            torch.rand(4, 3, 16, 16) * 2.2 - 1.2,
+            torch.rand(4, 3, 16, 16) * 2 - 1,
+            r"must lie in \[-1, 1\], got values in \[-1\.\d+",
+        ),
     ],
 )
 def test_swd_rejects_bad_input_with_one_line(a, b, match):
