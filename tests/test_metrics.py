@@ -289,6 +289,8 @@ def test_evaluate_models_reports_swd_and_the_reconstruction_error_on_the_held_ou
     without = evaluate_models(G, D, real, num=10, seed=1, batch_size=4)
     assert without["recon_l1"] == pytest.approx(_recon_l1(D, real.images[:10]), rel=1e-5)
     assert without["swd"] == result["swd"]
+    # Real images as a tensor (of more than num): its first num images, as the Dataset's.
+    assert evaluate_models(G, D, real.images, num=10, seed=1, batch_size=4) == without
     assert evaluate_models(G, D, real, num=10, seed=1, batch_size=7, held_out=held_out) == result
     assert evaluate_models(G, D, real, num=10, seed=2, batch_size=4)["swd"] != result["swd"]
 
