@@ -315,6 +315,9 @@ def test_evaluation_noise_is_not_the_stream_that_draws_a_runs_weights():
     evaluate_models(G, D, BuiltinFaces(8, 16, seed=0), num=8, seed=3)
     weights_stream = torch.rand(8, G.cfg.z_size, generator=torch.Generator().manual_seed(3)) * 2 - 1
     assert torch.cat(zs).shape == weights_stream.shape and not torch.allclose(torch.cat(zs), weights_stream, atol=1e-3)
+    # z ~ U(-1, 1), the prior G was trained on: not U(0, 1).
+    z = torch.cat(zs)
+    assert -1 <= z.min() < -0.5 and 0.5 < z.max() <= 1
 
 
 def test_evaluate_models_scores_in_float32_under_the_callers_autocast_with_its_seed():
