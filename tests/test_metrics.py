@@ -423,6 +423,33 @@ def test_fid_refuses_a_weights_file_that_is_not_torch_fidelitys_inception(tmp_pa
     assert require_fid(_stand_in_weights(tmp_path)) == tmp_path / INCEPTION_WEIGHTS_FILE
 
 
+unpickled = []
+
+
+def _run_on_load():
+    unpickled.append(1)
+    return torch.zeros(1)
+
+
+class _CodeOnLoad:
+    """An object whose unpickling runs a function: what a malicious weights file would hold."""
+
+    def __reduce__(self):
+        return _run_on_load, ()
+
+
+def test_fid_reads_the_weights_file_without_running_what_it_holds(tmp_path, monkeypatch):
+    """The weights file is a download from the internet: it is read with torch.load(weights_only=True), which
+    refuses to unpickle anything but tensors and plain containers, never running code it holds."""
+    _stand_in_torch_fidelity(monkeypatch, None, "fid")
+    weights = tmp_path / INCEPTION_WEIGHTS_FILE
+    torch.save({INCEPTION_STATE_KEY: _CodeOnLoad()}, weights)
+    unpickled.clear()
+    with pytest.raises(FIDUnavailableError, match=r"cannot be read by torch.load \(UnpicklingError\)"):
+        require_fid(weights)
+    assert unpickled == []
+
+
 def test_fid_without_weights_or_torch_fidelity_says_both_at_once(tmp_path, monkeypatch):
     """Not one, then after the user mends it, the other."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
@@ -448,8 +475,9 @@ def test_fid_hands_torch_fidelity_uint8_image_datasets_and_the_weights(tmp_path,
     weights = _stand_in_weights(tmp_path)
     a = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     b = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
-    assert fid(a, b, weights=weights) == 12.5
+    assert fid(a, b, weights=weights, batch_size=5) == 12.5
     assert calls["fid"] and calls["feature_extractor_weights_path"] == str(weights) and not calls["cuda"]
+    assert calls["batch_size"] == 5  # evaluate.py's --batch-size bounds torch-fidelity's memory too
     assert len(calls["input1"]) == 3 and torch.equal(calls["input1"][2], a[2]) and torch.equal(calls["input2"][0], b[0])
 
 
