@@ -81,6 +81,15 @@ def test_update_progress_before_any_sample_writes_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_to_uint8_clamps_values_outside_minus_1_to_1():
+    """G has no squashing activation: its samples overshoot [-1, 1] and must saturate at black and white, not wrap
+    around the uint8 range."""
+    x = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 4 - 2
+    expected = np.round((np.clip(x.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8)
+    np.testing.assert_array_equal(reports.to_uint8(x).numpy(), expected)
+    assert reports.to_uint8(x)[x > 1].min() == 255 and reports.to_uint8(x)[x < -1].max() == 0
+
+
 def test_image_grid_with_a_partly_filled_last_row():
     images = torch.rand(10, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2)) * 2 - 1
     pixels = np.asarray(reports.image_grid(images, nrow=4))
