@@ -94,6 +94,8 @@ def test_image_grid_with_a_partly_filled_last_row():
     images = torch.rand(10, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2)) * 2 - 1
     pixels = np.asarray(reports.image_grid(images, nrow=4))
     assert pixels.shape == (3 * (SIZE + 2) + 2, 4 * (SIZE + 2) + 2, 3)
+    # By default about square: ceil(sqrt(10)) = 4 per row, so again 3 rows of 4.
+    np.testing.assert_array_equal(np.asarray(reports.image_grid(images)), pixels)
     third_row = 2 + 2 * (SIZE + 2)
     np.testing.assert_array_equal(pixels[third_row : third_row + SIZE, 20 : 20 + SIZE], reports.to_uint8_hwc(images)[9])
     assert (pixels[third_row:, 2 * (SIZE + 2) :] == 255).all()  # the two empty places are white
@@ -111,6 +113,10 @@ def test_reconstruction_grid_puts_each_real_image_next_to_its_reconstruction(tmp
     # Row 2 holds pairs 3, 4, 5: columns 0 and 1 are real[3] and recon[3].
     np.testing.assert_array_equal(tile[:, 2 : 2 + SIZE], reports.to_uint8_hwc(real[3:4])[0])
     np.testing.assert_array_equal(tile[:, 20 : 20 + SIZE], reports.to_uint8_hwc(recon[3:4])[0])
+    # By default about square: ceil(sqrt(6)) = 3 pairs per row, as above.
+    reports.save_reconstruction_grid(real, recon, tmp_path / "default.png")
+    with Image.open(tmp_path / "default.png") as grid:
+        np.testing.assert_array_equal(np.asarray(grid.convert("RGB")), pixels)
     with pytest.raises(ValueError, match="differ"):
         reports.save_reconstruction_grid(real, recon[:5], tmp_path / "bad.png")
 
