@@ -64,6 +64,14 @@ def test_progress_strip_shows_the_grids_in_step_order(tmp_path):
     assert all(band.max() == 255 and band.min() < 64 for band in bands)
 
 
+@pytest.mark.parametrize(("frames", "count"), [(15, 10), (61, 60), (100, 7)])
+def test_the_frames_kept_are_those_nearest_even_spacing(frames, count):
+    kept = reports._evenly_spaced(list(range(frames)), count)
+    ideal = np.linspace(0, frames - 1, count)
+    assert len(kept) == count and kept[0] == 0 and kept[-1] == frames - 1
+    assert np.abs(np.array(kept) - ideal).max() <= 0.5
+
+
 def test_progress_gif_loops_holds_its_last_frame_and_keeps_at_most_max_frames(tmp_path):
     _write_samples(tmp_path, range(0, 1200, 100))  # 12 grids; the GIF keeps 5 of them, the first and the last
     reports.save_progress_gif(reports.sample_frames(tmp_path), tmp_path / "p.gif", max_frames=5, height=32, frame_ms=70)
