@@ -160,6 +160,11 @@ def test_convergence_plot_adds_an_swd_panel_when_evaluated(tmp_path, with_swd):
         assert plot.size == (700, 275 * (3 if with_swd else 2))
 
 
+def test_read_stats_of_a_run_without_a_stats_file_is_no_rows(tmp_path):
+    """A resume into a folder whose stats.jsonl is gone (copied without it, or removed) reads no rows, not an error."""
+    assert reports.read_stats(tmp_path / "stats.jsonl") == []
+
+
 def _lines_by_axis(fig) -> dict[str, list]:
     """Each axes' y label -> its lines as (label, colour, x, y)."""
     return {
