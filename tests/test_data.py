@@ -175,7 +175,9 @@ def test_folder_images_smaller_than_the_model_are_warned_about_once(tmp_path):
 
 
 def test_folder_source_converts_modes_and_skips_corrupt_files(mixed_folder):
-    with pytest.warns(SkippedImagesWarning, match="skipped 3 of 7"):
+    # The warning names the first file (in sorted order) that failed, not the first file.
+    said = rf"skipped 3 of 7 image files that could not be decoded \(first: {mixed_folder / 'e_truncated.jpg'}\)"
+    with pytest.warns(SkippedImagesWarning, match=said):
         source = open_source(DataConfig(path=str(mixed_folder)), 32)
     assert source.kind == "folder"
     assert sorted(Path(p).name for p in source.files) == ["a.png", "b.jpg", "c_gray.jpg", "d_cmyk.jpg"]
@@ -287,7 +289,8 @@ def test_folder_errors(tmp_path, mixed_folder):
     (broken / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     with pytest.raises(DataError, match="none of the 2 image files could be decoded"):
         open_source(DataConfig(path=str(broken)), 32)
-    with pytest.raises(DataError, match="smaller than the celeba crop box"):
+    # Which image does not fit: the first, in sorted order, of the files that passed the scan.
+    with pytest.raises(DataError, match=rf"^{mixed_folder / 'b.jpg'}: a 48x48 image is smaller than the celeba crop"):
         open_source(DataConfig(path=str(mixed_folder), crop="celeba"), 32)
 
 
