@@ -275,6 +275,10 @@ def test_a_folder_linked_into_itself_is_listed_once(tmp_path):
     (tmp_path / "faces" / "again").symlink_to(tmp_path / "faces" / "sub")
     source = open_source(DataConfig(path=str(tmp_path / "faces"), crop="center"), 16)
     assert len(source) == 3
+    # A folder of links to image folders (a data set assembled from several places) is read through its links.
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "faces").symlink_to(tmp_path / "faces" / "sub")
+    assert len(open_source(DataConfig(path=str(tmp_path / "links"), crop="center"), 16)) == 3
 
 
 def test_folder_errors(tmp_path, mixed_folder):
