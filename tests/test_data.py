@@ -359,6 +359,12 @@ def test_hdf5_layouts_and_resize(tmp_path):
     # The h5py handle opened by a read is not pickled: a worker process reopens the file.
     clone = pickle.loads(pickle.dumps(ours))
     assert torch.equal(clone[4], ours[4])
+    # A forked worker inherits the handle, which h5py does not support across a fork: it opens its own.
+    inherited = ours._file
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "getpid", lambda: -1)  # as in a forked DataLoader worker
+        assert torch.equal(ours[2], torch.from_numpy(faces[2]).permute(2, 0, 1)) and ours._file is not inherited
+    inherited.close()
 
 
 @pytest.mark.parametrize(
