@@ -416,6 +416,44 @@ def test_builtin_faces_are_deterministic_and_varied():
     assert ((centre - corners).abs() > 5).float().mean() > 0.6
 
 
+def test_every_face_of_every_seed_is_its_own():
+    """Face i of set s comes from a stream seeded with (s, i): faces far apart in one set, and neighbouring faces of
+    neighbouring seeds, are different faces (no stream seeded with s + i, none wrapping around)."""
+    seed = int(torch.randint(0, 2**31, ()))
+    far_apart = torch.stack([BuiltinFaces(1, 16, seed, first=i)[0] for i in (3, 1003, 10_003, 65_539)]).float()
+    neighbours = torch.stack([BuiltinFaces(2, 16, seed + k)[1 - k] for k in (0, 1)]).float()
+    for faces in (far_apart, neighbours):
+        flat = faces.flatten(1)
+        distances = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
+        assert distances[~torch.eye(len(faces), dtype=torch.bool)].min() > 10
+
+
+def test_builtin_faces_are_supersampled_at_least_4x_below_64_px_and_2x_from_it(monkeypatch):
+    """Drawn on a canvas of max(128, 2 S) pixels and reduced: that supersampling is the antialiasing."""
+    canvases = []
+    draw_face = builtin.draw_face
+    monkeypatch.setattr(builtin, "draw_face", lambda rng, canvas: canvases.append(canvas) or draw_face(rng, canvas))
+    monkeypatch.setattr(builtin, "_drawn", {})
+    for size in (16, 32, 64, 96):
+        assert BuiltinFaces(1, size, seed=1)[0].shape == (3, size, size)
+    assert canvases == [128, 128, 128, 192]
+
+
+def test_a_few_faces_are_drawn_here_without_forking(monkeypatch):
+    """Forking pays only for FACES_PER_PROCESS faces or more per process: fewer are drawn in this process."""
+    monkeypatch.setattr(builtin, "_drawn", {})
+    monkeypatch.setattr(builtin, "FACES_PER_PROCESS", 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    drawn_here = []
+    draw_face = builtin.draw_face
+    monkeypatch.setattr(builtin, "draw_face", lambda *args: drawn_here.append(1) or draw_face(*args))
+    draw_faces(7, 16, seed=4)  # 7 // 4: one process's worth, drawn here
+    assert len(drawn_here) == 7
+    draw_faces(12, 16, seed=4, first=7)  # three processes' worth: drawn on them
+    assert len(drawn_here) == 7
+
+
 def test_builtin_faces_are_drawn_when_first_read_and_alike_in_any_order(monkeypatch):
     """A run does not wait for its 10,000 faces: each is drawn when it is first read, the same face whatever was
     read before it, and kept for the next read."""
