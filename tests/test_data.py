@@ -625,6 +625,11 @@ def test_batch_order_resumed_with_another_global_batch_finishes_its_epoch():
     assert one.continued_at(8).batch(9)[0].tolist() == one.batch(9)[0].tolist()
     with pytest.raises(DataError, match="both >= 0"):
         BatchOrder(50, 4, seed=3, start_position=(0, -4))
+    # Before the start there is no position to go back to (it would slice the permutation at a negative offset).
+    with pytest.raises(ValueError, match="step 2 comes before the start, step 3"):
+        one.batch(2)
+    with pytest.raises(DataError, match="start_step >= 0, got 4 and -1"):
+        BatchOrder(50, 4, seed=3, start_step=-1)
 
 
 def test_batch_order_resumed_on_a_shrunk_data_set_starts_its_next_epoch_whole():
