@@ -987,6 +987,9 @@ def test_builtin_faces_after_the_training_set_are_held_out():
     fewer = open_source(DataConfig(builtin_count=12, builtin_seed=3, holdout=2), 16)
     assert len(fewer) == 10 and torch.equal(held_out_images(fewer, 4), BuiltinFaces(14, 16, 3).images[10:])
     assert "faces 12 to 15" in BuiltinFaces(4, 16, 3, first=12).describe()
+    # A set that starts further on (through the Python API): its held-out faces are those after its own last face.
+    later = BuiltinFaces(5, 16, 3, first=20)
+    assert torch.equal(held_out_images(later, 3), BuiltinFaces(28, 16, 3).images[25:])
     with pytest.raises(DataError, match="--holdout 12 must leave training images"):
         open_source(DataConfig(builtin_count=12, holdout=12), 16)
 
