@@ -222,13 +222,13 @@ def test_swd_cut_into_chunks_is_the_swd_of_the_whole_sets(faces):
 @pytest.mark.parametrize(
     ("a", "b", "match"),
     [
-        (torch.zeros(4, 3, 32, 32), torch.zeros(5, 3, 32, 32), "same shape"),
+        (torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(5, 3, 32, 32) * 2 - 1, "same shape"),
         (torch.zeros(4, 1, 32, 32), torch.zeros(4, 1, 32, 32), r"\(N, 3, S, S\)"),
         (torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), "size >= 16"),
         (torch.empty(0, 3, 16, 16, dtype=torch.uint8), torch.empty(0, 3, 16, 16, dtype=torch.uint8), ">= 1 image"),
         (torch.zeros(4, 3, 16, 16, dtype=torch.int32), torch.zeros(4, 3, 16, 16, dtype=torch.int32), "uint8 or"),
         (torch.full((4, 3, 16, 16), 200.0), torch.zeros(4, 3, 16, 16), r"\[-1, 1\], got values in \[200, 200\]"),
-        (torch.zeros(4, 3, 16, 16), torch.full((4, 3, 16, 16), float("nan")), r"must lie in \[-1, 1\]"),
+        (torch.rand(4, 3, 16, 16) * 2 - 1, torch.full((4, 3, 16, 16), float("nan")), r"must lie in \[-1, 1\]"),
         # Just outside, on either side: G's unclamped output is refused here, not clamped unseen (generated_pixels).
         (
             torch.rand(4, 3, 16, 16) * 2 - 1,
