@@ -190,6 +190,21 @@ def test_center_crop_of_mixed_sizes_grayscale_cmyk_png(tmp_path):
 
 
 @needs_dali
+def test_center_crop_of_a_given_size_in_wide_and_tall_images(tmp_path):
+    """--crop center --crop-size N: the N x N box at the centre of each image, along its width and its height,
+    whichever is the long side."""
+    faces = np.random.default_rng().choice(1000, 4, replace=False)
+    for i, (face, (width, height)) in enumerate(zip(faces, [(120, 72), (72, 120), (96, 80), (80, 96)], strict=True)):
+        _face(int(face), width, height).save(tmp_path / f"{i}.jpg", quality=90)
+    cfg = DataConfig(path=str(tmp_path), crop="center", crop_size=64, flip=False, num_workers=1)
+    batch = next(_dali(cfg, 32, 4))
+    reference = _reference(cfg, 32)
+    order = _match(batch, reference)
+    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    _assert_close_to_torch(batch, reference[order], "center crop of 64 px, wide and tall images")
+
+
+@needs_dali
 def test_bad_files_are_skipped_and_counted(celeba_dir, tmp_path):
     for i in range(8):
         _face(i).save(tmp_path / f"good{i}.jpg", quality=90)
