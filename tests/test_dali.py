@@ -243,6 +243,19 @@ def test_bad_arguments_fail_with_one_line(celeba_dir):
         _dali(DataConfig(builtin_count=8), 16, 4)
 
 
+@needs_dali
+def test_dali_threads_are_the_workers_asked_for_at_least_one_else_the_ranks_share_of_the_cores(celeba_dir, monkeypatch):
+    """--workers N gives DALI N CPU threads (0, which the torch loader takes as "decode in the main process", is one
+    thread); without --workers, this rank's share of the cores as for the torch loader's workers."""
+    monkeypatch.setattr("began_fast.distributed.machine_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    for workers, threads in [(0, 1), (3, 3), (None, 4)]:
+        loader = _dali(DataConfig(path=celeba_dir, flip=True, num_workers=workers), 16, 4)
+        assert loader.num_threads == threads and f"{threads} threads" in loader.describe()
+        batch = next(loader)
+        assert batch.shape == (4, 3, 16, 16) and torch.isfinite(batch).all()
+
+
 @pytest.fixture
 def hdf5_file(tmp_path):
     path = tmp_path / "faces.h5"
