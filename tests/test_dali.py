@@ -65,13 +65,21 @@ def celeba_dir(tmp_path_factory):
 
 
 def _dali(
-    cfg: DataConfig, image_size: int, batch_size: int, *, source=None, device="cpu", dtype=torch.float32, **order
+    cfg: DataConfig,
+    image_size: int,
+    batch_size: int,
+    *,
+    source=None,
+    device="cpu",
+    dtype=torch.float32,
+    seed: int = 0,
+    **order,
 ):
-    """DaliLoader over cfg's source (or `source`) in BatchOrder(len(source), batch_size, seed=0, **order)."""
+    """DaliLoader over cfg's source (or `source`) in BatchOrder(len(source), batch_size, seed, **order)."""
     from began_fast.data.dali import DaliLoader
 
     source = open_source(cfg, image_size) if source is None else source
-    order = BatchOrder(len(source), batch_size, seed=0, **order)
+    order = BatchOrder(len(source), batch_size, seed=seed, **order)
     return DaliLoader(cfg, image_size, source, order, device=device, dtype=dtype)
 
 
@@ -143,6 +151,15 @@ def test_float16_output_is_the_float32_output_rounded(celeba_dir):
     assert half.dtype == torch.float16
     # Same seed, same files and flips; fp16 rounds values in [-1, 1] to within 2**-11.
     torch.testing.assert_close(half.float(), single, atol=2**-11, rtol=0)
+
+
+@needs_dali
+def test_bfloat16_output_is_the_float32_output_rounded(celeba_dir):
+    # DALI has no bfloat16: the batch is made in float32 and rounded by torch, so it is that batch's rounding.
+    cfg = DataConfig(path=celeba_dir, flip=True, num_workers=1)
+    seed = int(torch.randint(0, 2**31, ()))
+    bf16, single = (next(_dali(cfg, 32, 8, dtype=dtype, seed=seed)) for dtype in (torch.bfloat16, torch.float32))
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, single.to(torch.bfloat16))
 
 
 @needs_dali
