@@ -172,6 +172,7 @@ def test_shards_cover_every_file_once_per_epoch(celeba_dir, world_size, batch_si
     loaders = [_dali(cfg, 16, batch_size, rank=rank, world_size=world_size) for rank in range(world_size)]
     per_rank = NUM_FACES // world_size // batch_size
     assert all(len(loader) == per_rank for loader in loaders)
+    assert all(f"shard {rank} of {world_size})" in loader.describe() for rank, loader in enumerate(loaders))
     epochs = []
     for epoch in range(3):
         seen = torch.cat([_match(_epoch(loader), reference) for loader in loaders]).tolist()
