@@ -360,7 +360,10 @@ def test_a_batch_only_dali_cannot_decode_is_one_line(breaking_folder, monkeypatc
     monkeypatch.setattr(dali, "load_image", lambda *args: None)  # as if PIL decoded every file
     with pytest.warns(UserWarning, match="cannot decode .*000007.jpg"):  # deleted: found when its bytes are read
         loader = _dali(cfg, 128, 4, source=source)
-        with pytest.raises(DataError, match=r"^DALI failed on the batch of step \d+ \(.*\) and PIL decodes each"):
+        one_line = (
+            r"^DALI failed on the batch of step \d+ \(.*\) and PIL decodes each of its files; use --loader torch$"
+        )
+        with pytest.raises(DataError, match=one_line):
             for _ in range(6):
                 next(loader)
 
