@@ -410,3 +410,14 @@ def test_mixed_decoder_matches_torch_loader(celeba_dir):
     reference = _reference(cfg, 64)
     images = images.cpu()
     _assert_close_to_torch(images, reference[_match(images, reference)], "mixed decoder, 64px")
+
+
+@needs_dali
+@pytest.mark.cuda
+def test_hdf5_batches_on_the_gpu_are_the_cpu_pipelines(hdf5_file):
+    """HDF5 rows go to the GPU before the resize and the normalisation: the batches are made and returned there."""
+    cfg = DataConfig(path=hdf5_file, flip=True, num_workers=2)
+    for size in (64, 32):  # stored size, and resized
+        batch = next(_dali(cfg, size, 8, device="cuda"))
+        assert batch.device.type == "cuda"
+        _assert_close_to_torch(batch.cpu(), next(_dali(cfg, size, 8)), f"hdf5 on the GPU, {size}px")
