@@ -831,6 +831,9 @@ def test_gpu_resident_set_of_a_plain_dataset_and_a_stream_without_flips():
     assert flipped > 0  # the order's flips were there to ignore
     with pytest.raises(DataError, match="non-empty set of square images"):
         GpuResidentSet(torch.empty(0, 3, 16, 16, dtype=torch.uint8), "cpu")
+    for shape in [(2, 3, 16, 12), (2, 12, 16, 3)]:  # NCHW and NHWC, 12 wide and 16 high
+        with pytest.raises(DataError, match="non-empty set of square images"):
+            GpuResidentSet(torch.randint(0, 256, shape, dtype=torch.uint8), "cpu")
 
 
 def test_gpu_resident_images_may_take_half_the_free_memory(monkeypatch):
