@@ -842,6 +842,8 @@ def test_gpu_resident_images_may_take_half_the_free_memory(monkeypatch):
     pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
     monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
     assert fits(2666, 16, "cpu") and not fits(2667, 16, "cpu")
+    pages["SC_AVPHYS_PAGES"] = 3  # half of it 6144 bytes: exactly 8 images, which fit
+    assert fits(8, 16, "cpu") and not fits(9, 16, "cpu")
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
