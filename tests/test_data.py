@@ -881,6 +881,7 @@ def test_gpu_resident_stream_gives_the_torch_loaders_batches(world_size):
         replayed.sample_into(out)
         assert torch.equal(out, shards[0])
     assert one.describe().startswith("cpu-side gather (batch") and "over cpu-resident uint8" in one.describe()
+    assert "share" not in one.describe()  # one process: no rank's share to name
     if world_size > 1:
         assert "rank 1's share of a" in streams[1].describe()
 
