@@ -907,6 +907,8 @@ def test_make_batches_picks_the_loader(monkeypatch):
     monkeypatch.setattr("began_fast.data.fits", lambda num_images, image_size, device: num_images < 16)
     with pytest.raises(DataError, match=r"--loader gpu: the 16 images need 0\.0 GiB, more than 50% of the free"):
         make_batches(DataConfig(builtin_count=16, loader="gpu"), 16, 4, device="cpu", seed=0)
+    with pytest.raises(DataError, match=r"--loader gpu: the 2097152 images need 1\.5 GiB, more than 50% of the free"):
+        make_batches(DataConfig(builtin_count=2**21, loader="gpu"), 16, 4, device="cpu", seed=0)  # 768 bytes each
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
