@@ -932,6 +932,54 @@ def test_auto_loader_on_cuda_asks_once_whether_the_images_fit(monkeypatch):
         assert batches == expected and len(readings) == 1
 
 
+def test_auto_loader_chooses_by_device_source_and_dali(monkeypatch, tmp_path, celeba_root):
+    """--loader auto: DALI for CelebA and image folders on a GPU when it is installed, the GPU-resident set for
+    HDF5 files and the built-in faces on a GPU when they fit, the torch loader otherwise; an explicit --loader is
+    taken as given. The loader gets the run's device, workers and order (no GPU here, and DALI may be missing: the
+    loaders, the memory reading and DALI's presence are stand-ins)."""
+    rng = np.random.default_rng()
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    h5 = write_h5(tmp_path / "faces.h5", rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    installed, room = [True], [True]
+    monkeypatch.setattr("began_fast.data.dali_installed", lambda: installed[0])
+    monkeypatch.setattr("began_fast.data.fits", lambda num_images, image_size, device: room[0])
+    monkeypatch.setattr("began_fast.data.GpuResidentSet", lambda source, device: device)
+    monkeypatch.setattr("began_fast.data.GpuResidentStream", lambda device, order, flip: ("gpu", device, order))
+    monkeypatch.setattr(
+        "began_fast.data.TorchLoader",
+        lambda source, order, flip, num_workers, device: ("torch", device, order, num_workers),
+    )
+    fake_dali = type(sys)("began_fast.data.dali")
+    fake_dali.DaliLoader = lambda cfg, image_size, source, order, device: ("dali", device, order)
+    monkeypatch.setitem(sys.modules, "began_fast.data.dali", fake_dali)
+    cases = [  # (data settings, device, DALI installed, the images fit) -> loader
+        (dict(path=str(folder)), "cuda", True, True, "dali"),
+        (dict(path=str(folder), source="folder"), "cuda", True, True, "dali"),
+        (dict(path=str(celeba_root), source="celeba"), "cuda:1", True, True, "dali"),
+        (dict(path=str(folder)), "cpu", True, True, "torch"),
+        (dict(path=str(folder)), "cuda", False, True, "torch"),
+        (dict(path=str(folder), loader="dali"), "cpu", True, True, "dali"),
+        (dict(path=str(folder), loader="torch"), "cuda", True, True, "torch"),
+        (dict(path=str(h5)), "cuda", True, True, "gpu"),
+        (dict(path=str(h5)), "cuda", True, False, "torch"),
+        (dict(path=str(h5)), "cpu", True, True, "torch"),
+        (dict(builtin_count=6), "cuda", False, True, "gpu"),
+        (dict(builtin_count=6), "cuda", True, False, "torch"),
+    ]
+    for settings, device, installed[0], room[0], expected in cases:
+        cfg = DataConfig(num_workers=3, **settings)
+        chosen = make_batches(
+            cfg, 16, 2, device=device, seed=5, start_step=3, start_position=(0, 2), rank=1, world_size=2
+        )
+        assert chosen[:2] == (expected, torch.device(device)), (settings, device, installed[0], room[0])
+        order = chosen[2]
+        assert (order.start_step, order.start_position, order.rank, order.world_size) == (3, (0, 2), 1, 2)
+        assert chosen[3:] == ((3,) if expected == "torch" else ())
+
+
 # --- held-out images ------------------------------------------------------------------------------------------
 
 
