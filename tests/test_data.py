@@ -980,6 +980,25 @@ def test_auto_loader_chooses_by_device_source_and_dali(monkeypatch, tmp_path, ce
         assert chosen[3:] == ((3,) if expected == "torch" else ())
 
 
+@pytest.mark.parametrize("loader", ["torch", "gpu"])
+def test_make_batches_reads_the_ranks_share_from_the_resumed_position_unmirrored_without_flips(loader):
+    """make_batches hands the loader the run's rank, start step, data position (a resume on another number of
+    ranks goes on from it, not from the step's place) and flip setting: with --no-flip no image is mirrored."""
+    seed = int(torch.randint(0, 2**31, ()))
+    cfg = DataConfig(builtin_count=14, builtin_seed=seed, flip=False, loader=loader, num_workers=0)
+    batches = make_batches(
+        cfg, 16, 2, device="cpu", seed=seed, start_step=3, start_position=(0, 8), rank=1, world_size=2
+    )
+    images = open_source(cfg, 16).as_uint8().float() / 127.5 - 1
+    order = BatchOrder(14, 2, seed, 3, start_position=(0, 8), rank=1, world_size=2)
+    flipped = 0
+    for step in range(3, 10):  # into the next epoch: (0, 8) leaves one global batch of 4 in epoch 0
+        indices, flips = order.batch(step)
+        flipped += int(flips.sum())
+        assert torch.equal(next(batches), images[indices]), f"step {step}"
+    assert flipped > 0  # the order's flips were there to ignore
+
+
 # --- held-out images ------------------------------------------------------------------------------------------
 
 
