@@ -353,6 +353,27 @@ def test_files_that_fail_during_the_run_are_replaced_as_the_torch_loader_does(br
 
 
 @needs_dali
+@pytest.mark.parametrize("start_step", [0, 5], ids=["run", "resume"])
+def test_a_file_dali_cannot_decode_in_the_first_batch_is_replaced_as_in_any_other(tmp_path, start_step):
+    """The first batch of a loader, a run's or a resumed run's, is made by its first next(), where a file DALI cannot
+    decode is replaced as in a later batch, and not by its constructor, which stopped the run with DALI's
+    traceback."""
+    faces = np.random.default_rng().choice(1000, 12, replace=False)
+    for i, face in enumerate(faces):
+        _face(int(face)).save(tmp_path / f"{i:06d}.jpg", quality=90)
+    broken = BatchOrder(12, 4, seed=0, start_step=start_step).batch(start_step)[0][1].item()
+    _break_huffman_table(tmp_path / f"{broken:06d}.jpg")
+    cfg = DataConfig(path=str(tmp_path), crop="celeba", flip=True, num_workers=1)  # 128 px box: no resize
+    source = open_source(cfg, 128)
+    with pytest.warns(UserWarning, match=rf"cannot decode .*{broken:06d}\.jpg"):
+        loader = _dali(cfg, 128, 4, source=source, start_step=start_step)
+        reference = TorchLoader(source, BatchOrder(12, 4, seed=0, start_step=start_step), flip=True, num_workers=0)
+        for step in range(start_step, start_step + 3):
+            torch.testing.assert_close(next(loader), next(reference), atol=EXACT_TOL, rtol=0, msg=f"step {step}")
+    assert loader.step == start_step + 3
+
+
+@needs_dali
 def test_a_batch_only_dali_cannot_decode_is_one_line(breaking_folder, monkeypatch):
     import began_fast.data.dali as dali
 

@@ -215,8 +215,11 @@ class DaliLoader:
             batches = _OrderedBatches(order, self.flip, self._files)
             pipe = pipeline(_folder_pipeline)(self.source, self.image_size, self.dtype, batches, self.decoder)
         pipe.build()
-        # The external source never ends: no reader, no epochs inside DALI (BatchOrder has them).
-        self._batches = DALIGenericIterator(pipe, ["images"], last_batch_policy=LastBatchPolicy.DROP)
+        # The external source never ends: no reader, no epochs inside DALI (BatchOrder has them). The first batch is
+        # made by the first next(), not here: a file DALI cannot decode in it fails there, where __next__ replaces it.
+        self._batches = DALIGenericIterator(
+            pipe, ["images"], last_batch_policy=LastBatchPolicy.DROP, prepare_first_batch=False
+        )
         self.step = step
 
     @property
