@@ -374,6 +374,23 @@ def test_a_file_dali_cannot_decode_in_the_first_batch_is_replaced_as_in_any_othe
 
 
 @needs_dali
+def test_a_file_overwritten_by_one_smaller_than_the_crop_box_is_replaced_as_the_torch_loader_does(tmp_path):
+    """DALI cannot cut the CelebA box out of a 100 x 100 image written over a face after the scan, and neither can
+    PIL: the file is dropped with a warning and the next one stands in for it, as in the torch loader."""
+    faces = np.random.default_rng().choice(1000, 8, replace=False)
+    for i, face in enumerate(faces):
+        _face(int(face)).save(tmp_path / f"{i:06d}.jpg", quality=90)
+    cfg = DataConfig(path=str(tmp_path), crop="celeba", flip=True, num_workers=1)  # 128 px box: no resize
+    source = open_source(cfg, 128)
+    _face(int(faces[5]), 100, 100).save(tmp_path / "000005.jpg", quality=90)
+    with pytest.warns(UserWarning, match=r"cannot decode .*000005\.jpg \(a 100x100 image is smaller than the celeba"):
+        loader = _dali(cfg, 128, 4, source=source)
+        reference = TorchLoader(source, BatchOrder(len(source), 4, seed=0), flip=True, num_workers=0)
+        for step in range(4):  # two epochs
+            torch.testing.assert_close(next(loader), next(reference), atol=EXACT_TOL, rtol=0, msg=f"step {step}")
+
+
+@needs_dali
 def test_a_batch_only_dali_cannot_decode_is_one_line(breaking_folder, monkeypatch):
     import began_fast.data.dali as dali
 

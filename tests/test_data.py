@@ -307,6 +307,18 @@ def test_file_that_breaks_after_the_scan_is_replaced_by_the_next(tmp_path):
         assert torch.equal(source[0], expected)
 
 
+def test_file_overwritten_after_the_scan_by_one_smaller_than_the_crop_box_is_replaced_by_the_next(tmp_path):
+    """An image that no longer holds the crop box (overwritten mid-run by a smaller one) is one more file that
+    cannot be decoded: the next image stands in for it, with a warning, and the run goes on."""
+    rng = np.random.default_rng()
+    paths = write_celeba_like(tmp_path / "faces", 3, seed=int(rng.integers(1000)))
+    source = open_source(DataConfig(path=str(tmp_path / "faces"), crop="celeba"), 16)
+    expected = source[2]
+    Image.fromarray(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(paths[1], quality=90)
+    with pytest.warns(UserWarning, match=r"cannot decode .* \(a 100x100 image is smaller than the celeba crop box"):
+        assert torch.equal(source[1], expected)
+
+
 def test_loader_workers_warn_once_between_them_about_a_file_that_broke(tmp_path):
     """Two worker processes, 4 epochs of 2 batches: each decodes the deleted file, one warning is printed. (In a
     subprocess: under pytest a forked worker's warnings are recorded in that worker and never shown.)"""
