@@ -374,6 +374,26 @@ def test_a_file_dali_cannot_decode_in_the_first_batch_is_replaced_as_in_any_othe
 
 
 @needs_dali
+def test_a_file_dali_cannot_decode_is_looked_for_in_the_batch_that_failed(tmp_path):
+    """DALI fails the batch that holds the broken file when the loader comes to it: PIL looks for the file in that
+    batch too, not only in those prepared after it (which here do not hold it again)."""
+    faces = np.random.default_rng().choice(1000, NUM_FACES, replace=False)
+    for i, face in enumerate(faces):
+        _face(int(face)).save(tmp_path / f"{i:06d}.jpg", quality=90)
+    order = BatchOrder(NUM_FACES, 4, seed=0)
+    steps = [order.batch(step)[0].tolist() for step in range(2 * NUM_FACES // 4)]  # two epochs of 6 batches
+    broken = next(i for i in steps[2] if not any(i in batch for batch in steps[3:9]))
+    _break_huffman_table(tmp_path / f"{broken:06d}.jpg")
+    cfg = DataConfig(path=str(tmp_path), crop="celeba", flip=True, num_workers=1)  # 128 px box: no resize
+    source = open_source(cfg, 128)
+    with pytest.warns(UserWarning, match=rf"cannot decode .*{broken:06d}\.jpg"):
+        loader = _dali(cfg, 128, 4, source=source)
+        reference = TorchLoader(source, order, flip=True, num_workers=0)
+        for step in range(6):
+            torch.testing.assert_close(next(loader), next(reference), atol=EXACT_TOL, rtol=0, msg=f"step {step}")
+
+
+@needs_dali
 def test_a_file_overwritten_by_one_smaller_than_the_crop_box_is_replaced_as_the_torch_loader_does(tmp_path):
     """DALI cannot cut the CelebA box out of a 100 x 100 image written over a face after the scan, and neither can
     PIL: the file is dropped with a warning and the next one stands in for it, as in the torch loader."""
