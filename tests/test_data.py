@@ -971,6 +971,7 @@ def test_auto_loader_chooses_by_device_source_and_dali(monkeypatch, tmp_path, ce
         (dict(path=str(folder)), "cuda", True, True, "dali"),
         (dict(path=str(folder), source="folder"), "cuda", True, True, "dali"),
         (dict(path=str(celeba_root), source="celeba"), "cuda:1", True, True, "dali"),
+        (dict(path=str(celeba_root)), "cuda", True, True, "dali"),
         (dict(path=str(folder)), "cpu", True, True, "torch"),
         (dict(path=str(folder)), "cuda", False, True, "torch"),
         (dict(path=str(folder), loader="dali"), "cpu", True, True, "dali"),
