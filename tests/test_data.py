@@ -179,6 +179,7 @@ def test_folder_source_converts_modes_and_skips_corrupt_files(mixed_folder):
     said = rf"skipped 3 of 7 image files that could not be decoded \(first: {mixed_folder / 'e_truncated.jpg'}\)"
     with pytest.warns(SkippedImagesWarning, match=said):
         source = open_source(DataConfig(path=str(mixed_folder)), 32)
+    assert issubclass(SkippedImagesWarning, UserWarning)  # -W ignore::UserWarning silences it with the others
     assert source.kind == "folder"
     assert sorted(Path(p).name for p in source.files) == ["a.png", "b.jpg", "c_gray.jpg", "d_cmyk.jpg"]
     items = {Path(p).name: source[i] for i, p in enumerate(source.files)}
