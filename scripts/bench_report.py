@@ -239,10 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     readmes = args.readme or [ROOT / "bench" / "README.md", ROOT / "README.md"]
     try:
-        missing = [str(readme) for readme in readmes if not readme.is_file()]
+        if args.out_dir.exists() and not args.out_dir.is_dir():
+            raise ReportError(f"--out-dir {args.out_dir} is a file; expected a folder for the reports")
+        missing = [str(readme) for readme in readmes if not readme.exists()]
         if missing:
             raise ReportError(f"--readme {', '.join(missing)}: no such file")
         for readme in readmes:  # read before anything is written: a PNG named by mistake is refused, not a traceback
+            if readme.is_dir():
+                raise ReportError(f"--readme {readme} is a folder; expected a markdown README")
             try:
                 readme.read_text()
             except UnicodeDecodeError:

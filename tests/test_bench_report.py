@@ -289,6 +289,28 @@ def test_a_readme_that_is_not_text_is_refused_before_anything_is_written(tmp_pat
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("named", ["--out-dir", "--readme"])
+def test_a_file_for_the_out_dir_or_a_folder_for_a_readme_is_refused_in_one_line(tmp_path, capsys, named):
+    """--out-dir naming a file ended in '[Errno 17] File exists', and --readme naming a folder in 'no such file':
+    each says what it names and what is expected, and nothing is written."""
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(SYNTHETIC))
+    readme = tmp_path / "README.md"
+    readme.write_text("# a readme\n")
+    out_dir = tmp_path / "r"
+    if named == "--out-dir":
+        out_dir.write_text("a file")
+        said = f"error: --out-dir {out_dir} is a file; expected a folder for the reports\n"
+    else:
+        readme = tmp_path / "docs"
+        readme.mkdir()
+        said = f"error: --readme {readme} is a folder; expected a markdown README\n"
+    argv = [str(source), "--suite", "kernels", "--out-dir", str(out_dir), f"--readme={readme}"]
+    assert bench_report.main(argv) == 2
+    assert capsys.readouterr().err == said
+    assert out_dir.is_file() if named == "--out-dir" else not out_dir.exists()
+
+
 def test_a_suite_without_triton_or_flop_counts_gets_neither_their_columns_nor_their_note():
     """The data suite times loaders: a table of times only, without empty TFLOP/s columns or the triton note."""
     loaders = SYNTHETIC | {
