@@ -224,21 +224,23 @@ def _close(f: h5py.File, out: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    error = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with stop_signals():
                 written, skipped = prepare(args)
         except (ConfigError, DataError, OSError) as e:
-            print(f"error: {one_line(e)}", file=sys.stderr)
-            return 2
+            error, status = one_line(e), 2
         except KeyboardInterrupt as e:
             stop = interruption(e)
-            print(f"error: {stop.what}; {args.out} left as it was", file=sys.stderr)
-            return stop.status
+            error, status = f"{stop.what}; {args.out} left as it was", stop.status
         finally:
-            for warning in caught:
+            for warning in caught:  # before the error: the line that says why it stopped is the last
                 print(f"warning: {warning.message}", file=sys.stderr)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return status
     note = f", skipped {skipped} more that could not be decoded" if skipped else ""
     print(f"wrote {written} images of {args.size}x{args.size} to {args.out}{note}", file=sys.stderr)
     return 0

@@ -11,6 +11,7 @@ import multiprocessing.pool
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1352,6 +1353,30 @@ def test_prepare_celeba_on_a_full_disk_ends_with_one_line_and_keeps_the_earlier_
         "faces.h5",
         "images",
     ]
+
+
+def test_prepare_celeba_ends_with_its_error_after_the_warnings_of_files_it_skipped(celeba_root, tmp_path, capsys):
+    """Files it could not decode, then a failure (here a full disk on the third image written): the skipped files'
+    warning comes first, and the last line is the error that says why it stopped."""
+    prepare_celeba = load_script("prepare_celeba")
+    root = shutil.copytree(celeba_root, tmp_path / "celeba")  # the module's folder stays whole for the other tests
+    names = sorted(root.rglob("*.jpg"))
+    names[0].write_bytes(names[0].read_bytes()[:200])  # cut short: skipped with a warning
+    writes = []
+
+    def full_disk_on_the_third(images, **kwargs):
+        for image in images:
+            writes.append(image)
+            if len(writes) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            yield image
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepare_celeba, "tqdm", full_disk_on_the_third)
+        status = prepare_celeba.main([str(root), str(tmp_path / "faces.h5"), "--size", "16", "--workers", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and lines[-1].startswith("error: ") and "No space left on device" in lines[-1], lines
+    assert any(line.startswith("warning: ") and "could not be decoded" in line for line in lines[:-1]), lines
 
 
 @pytest.mark.parametrize(
