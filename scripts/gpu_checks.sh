@@ -57,6 +57,11 @@ esac
 out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...]}
 shift
 phases=${*:-compile tests bench profile torchrun startup startup_pair quality}
+known=" compile tests tests_cuda bench_step bench_step_compile bench_kernels bench_kernels_compile bench_data report"
+known+=" bench profile torchrun startup startup_pair quality "
+for phase in $phases; do  # all named checked before the first starts: a typo in the last would end the script hours in
+    [[ $known == *" $phase "* ]] || { echo "unknown phase $phase (one of:${known% })"; exit 2; }
+done
 mkdir -p "$out"
 select=${BENCH_SELECT:+ and ($BENCH_SELECT)}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
@@ -159,8 +164,6 @@ for phase in $phases; do
         cat "$out"/startup_pair_[12].log
         ;;
     quality) run quality bash scripts/quality_run.sh "$out/quality" 10000 ;;
-    *) echo "unknown phase $phase (compile, tests, tests_cuda, bench_step, bench_step_compile, bench_kernels,"\
-        "bench_kernels_compile, bench_data, report, bench, profile, torchrun, startup, startup_pair, quality)"; exit 2 ;;
     esac
 done
 exit $status

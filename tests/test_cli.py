@@ -171,3 +171,24 @@ def test_the_shell_scripts_help_prints_their_usage_and_runs_nothing(tmp_path, sc
     done = subprocess.run([*command, "--out", "x"], cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout.startswith(f"usage: bash scripts/{script}.sh"), done
     assert not (tmp_path / "ran").exists() and not list(work.iterdir())
+
+
+def test_gpu_checks_refuses_an_unknown_phase_before_running_any(tmp_path):
+    """Every phase named is checked before the first runs: a typo in the last one ended the script only when it came
+    to it, hours in on a GPU machine. Valid names, the default list included, go on to the checks (a stand-in python,
+    first on the path, records that they started)."""
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "ran"}\nexit 1\n')  # "no GPU": the script stops there
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}"}
+    command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), str(tmp_path / "out")]
+    mistyped = [*command, "compile", "quality", "qualty"]
+    done = subprocess.run(mistyped, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout.startswith("unknown phase qualty (one of: compile tests "), done
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
+    for phases in (["bench", "startup_pair", "tests_cuda"], []):
+        done = subprocess.run([*command, *phases], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "unknown phase" not in done.stdout, done
+        assert "torch.cuda.is_available()" in (tmp_path / "ran").read_text()
+        (tmp_path / "ran").unlink()
