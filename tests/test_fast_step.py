@@ -156,6 +156,28 @@ def test_fast_step_trajectory_tracks_reference_float64():
     torch.testing.assert_close(fast.k, ref.k)
 
 
+def test_vanishing_residual_trajectory_tracks_reference_float64():
+    """Several full steps with the vanishing residual (carry 1, 2/3, 1/3, 0 over carry_steps=3): each step of either
+    kind blends its layers with the carry of its own step, so the two runs stay together, and both end having taken
+    the carry to 0. Their lr decays alike: both feed it the M of each step (windows of 2 steps)."""
+    model_cfg, train_cfg = CONFIGS[1], TrainConfig(batch_size=2, lr=1e-3, lr_decay_window=2)
+    ref = ReferenceStep(*build(model_cfg), train_cfg, "cpu")
+    fast = FastStep(*build(model_cfg), train_cfg, "cpu")
+    for i in range(4):
+        ref(real_batch(2, 16, seed=i))
+        fast(real_batch(2, 16, seed=i))
+    for step in (ref, fast):
+        assert step.steps_done == 4
+        assert step.G.decoder.carry.item() == step.D.decoder.carry.item() == 0.0
+    for net in ("G", "D"):
+        want, got = getattr(ref, net).state_dict(), getattr(fast, net).state_dict()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-7, atol=1e-9, msg=f"{net}.{name}")
+    assert ref.decay.best.isfinite() and ref.decay.count.item() == 0
+    for name, value in ref.decay.state_dict().items():
+        torch.testing.assert_close(fast.decay.state_dict()[name], value, rtol=1e-6, atol=0, msg=name)
+
+
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     model_cfg, train_cfg = CONFIGS[0], TrainConfig(batch_size=2)
     step = FastStep(*build(model_cfg, dtype=torch.float32), train_cfg, "cpu", amp="fp16")
@@ -205,6 +227,22 @@ def test_snapshot_restore_undoes_warmup_steps():
     for a, b in zip(step._mutable_tensors(), replica._mutable_tensors(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(step.z_gen.get_state(), replica.z_gen.get_state())
+
+
+def test_snapshot_restore_undoes_warmup_steps_of_the_lr_decay():
+    """The lr decay's window (its sum of M, its count of steps), its best window mean and the lr are put back too:
+    warm-up steps left in the window would end it early, at other steps than the run without warm-up."""
+    model_cfg, train_cfg = CONFIGS[0], TrainConfig(batch_size=2, lr_decay_window=2)
+    step = FastStep(*build(model_cfg, dtype=torch.float32), train_cfg, "cpu")
+    step(real_batch(2, 16, torch.float32))
+    saved = copy.deepcopy(step.decay.state_dict())
+    snap = step.snapshot()
+    for i in range(3):  # a window ends in the warm-up, and another one starts
+        step.body(real_batch(2, 16, torch.float32, seed=i + 1))
+    assert step.decay.best.isfinite()
+    step.restore(snap)
+    for name, value in saved.items():
+        assert torch.equal(getattr(step.decay, name), value), name
 
 
 def test_snapshot_restore_undoes_warmup_steps_of_the_fp16_loss_scale():

@@ -71,6 +71,17 @@ def test_k_and_statistics_follow_the_objective():
     assert stats["m"] == res.m.float().item() and stats["l_d"] == res.l_d.float().item()
 
 
+def test_the_lr_decay_watches_the_convergence_measure_m():
+    """The lr decay's window sums M = L_real + |gamma L_real - L_fake| of each step (float32 on the device), and a
+    window's mean is what the next windows are judged against."""
+    step = make_step(lr_decay_window=2)
+    ms = [step(real_batch(i)).m.float() for i in range(2)]
+    torch.testing.assert_close(step.decay.best, (ms[0] + ms[1]) / 2)
+    res = step(real_batch(2))
+    torch.testing.assert_close(step.decay.m_sum, res.m.float())
+    assert step.decay.count.item() == 1
+
+
 def resumed(a, state):
     """A step with other initial weights that takes a's networks and `state`, as a resume from a checkpoint does."""
     b = make_step(seed=123)
