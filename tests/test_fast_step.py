@@ -198,6 +198,29 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     assert torch.equal(step.decay.count, decay_count)  # and out of the lr decay's window of M
 
 
+def test_fp16_step_after_an_overflow_is_taken_again():
+    """An overflow skips only its own step: found_inf is cleared by the next unscale, so the next step whose scaled
+    gradients are finite updates G, D, k_t, the statistics and the lr decay's window as any clean step does."""
+    model_cfg, train_cfg = CONFIGS[0], TrainConfig(batch_size=2)
+    step = FastStep(*build(model_cfg, dtype=torch.float32), train_cfg, "cpu", amp="fp16")
+    step.loss_scale.scale.fill_(256.0)  # (2**16, the usual start, overflows this tiny net's first fp16 grads)
+    step(real_batch(2, 16, torch.float32))  # one clean step creates Adam's state
+    step.loss_scale.scale.fill_(3e38)  # the scaled loss overflows
+    step(real_batch(2, 16, torch.float32, seed=1))
+    assert step.loss_scale.found_inf.item() == 1
+    step.loss_scale.scale.fill_(256.0)
+    before = copy.deepcopy((step.G.state_dict(), step.D.state_dict(), step.k.clone()))
+    step.stats.read_and_reset()
+    decay_count = step.decay.count.clone()
+    step(real_batch(2, 16, torch.float32, seed=2))
+    assert step.loss_scale.found_inf.item() == 0
+    for saved, now in zip(before[:2], (step.G.state_dict(), step.D.state_dict()), strict=True):
+        assert all(not torch.equal(saved[key], now[key]) for key in saved)
+    assert not torch.equal(before[2], step.k)
+    assert step.stats.count.item() == 1
+    assert step.decay.count.item() == decay_count.item() + 1
+
+
 def test_fp16_loss_scale_grows_after_clean_steps_and_resumes_with_the_step_count():
     """The scale doubles after growth_interval clean steps; a state_dict round trip keeps the scale, the count of
     clean steps toward the next growth and the step count (the vanishing residual's carry is read from it)."""
@@ -277,6 +300,15 @@ def test_restore_to_before_the_first_update_zeroes_the_optimizer_state_created_s
         s(real_batch(2, 16, torch.float32, seed=7))
     for a, b in zip(step._mutable_tensors(), twin._mutable_tensors(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("amp", ["fp32", "float16", "BF16"])
+def test_an_unknown_amp_is_refused_when_the_step_is_made(amp):
+    """A precision the fast step does not know is refused by name at construction, not found later as a KeyError
+    inside the first step."""
+    nets = build(CONFIGS[0], dtype=torch.float32)
+    with pytest.raises(ValueError, match="amp must be None or one of"):
+        FastStep(*nets, TrainConfig(batch_size=2), "cpu", amp=amp)
 
 
 def test_cuda_graphs_need_cuda():
