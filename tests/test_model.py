@@ -207,6 +207,16 @@ def test_conv_elu_rejects_bad_arguments(kwargs, message):
         ops.conv_elu(x, w, torch.zeros(2), impl="torch", **kwargs)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_conv_elu_refuses_a_skip_of_another_batch(impl):
+    """The skip's batch must be x's: the kernels would read past the end of a smaller skip tensor."""
+    gen = torch.Generator().manual_seed(5)
+    x, skip = torch.randn(2, 4, 4, 4, generator=gen), torch.randn(1, 2, 4, 4, generator=gen)
+    weight, bias = torch.randn(3, 6, 3, 3, generator=gen), torch.randn(3, generator=gen)
+    with pytest.raises(ValueError, match="must match x's batch"):
+        ops.conv_elu(x, weight, bias, upsample=2, skip=skip, impl=impl)
+
+
 def test_impl_env_override(monkeypatch):
     monkeypatch.setenv(ops.IMPL_ENV, "torch")
     assert ops.resolve_impl("auto", torch.device("cuda")) == "torch"
@@ -214,6 +224,17 @@ def test_impl_env_override(monkeypatch):
     with pytest.raises(ValueError, match="BEGAN_FAST_IMPL"):
         ops.resolve_impl("auto", torch.device("cpu"))
     assert ops.resolve_impl("triton", torch.device("cpu")) == "triton"
+
+
+def test_an_unknown_impl_is_refused_not_taken_for_pytorch():
+    """A misspelt impl (impl="trition") is an error, not a silent run on PyTorch's ops."""
+    gen = torch.Generator().manual_seed(4)
+    x, weight, bias = (torch.randn(shape, generator=gen) for shape in ((2, 4, 5, 5), (3, 4, 3, 3), (3,)))
+    for impl in ("trition", "Torch", ""):
+        with pytest.raises(ValueError, match="impl must be one of"):
+            ops.resolve_impl(impl, torch.device("cpu"))
+        with pytest.raises(ValueError, match="impl must be one of"):
+            ops.conv_elu(x, weight, bias, impl=impl)
 
 
 def test_auto_is_triton_on_cuda_and_pytorch_elsewhere(monkeypatch):
