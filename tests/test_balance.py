@@ -221,6 +221,13 @@ def test_bad_input(device):
         balance_forward(x[..., ::2], rx[..., ::2], fake[..., ::2], rfake[..., ::2], k, GAMMA, LAMBDA_K)
 
 
+def test_an_empty_batch_is_refused_not_averaged_to_nan(device):
+    """A batch of no images has no mean: the kernels refuse it by name rather than return 0 / 0 for every loss."""
+    x, rx, fake, rfake = make_inputs((2, 3, 8, 8), torch.float32, device, seed=10)
+    with pytest.raises(BalanceInputError, match="expected 1 to 2"):
+        triton_began_balance(x[:0], rx[:0], fake[:0], rfake[:0], 0.2, GAMMA, LAMBDA_K)
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_images_give_float32_losses_and_keep_small_k_updates(impl, dtype, device):
