@@ -361,3 +361,33 @@ def test_exact_float32_autotunes_only_the_smallest_tile():
     assert conv_elu_kernels._one_tile_for_ieee(configs, {}, PRECISION="tf32") == configs
     (kept,) = conv_elu_kernels._one_tile_for_ieee(configs, {}, PRECISION="ieee")
     assert kept.kwargs == dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
+
+
+class _RecordPrecision:
+    """Stands in for a conv kernel: `kernel[grid](...)` launches nothing and records the PRECISION it was given."""
+
+    def __init__(self, name, seen):
+        self.name, self.seen = name, seen
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.seen.append((self.name, kwargs["PRECISION"]))
+
+
+@pytest.mark.parametrize("dtype, precision", [(torch.float32, "ieee"), (torch.bfloat16, "tf32")], ids=["fp32", "bf16"])
+def test_float32_layers_ask_every_kernel_for_exact_products(monkeypatch, dtype, precision):
+    """A float32 layer's forward, input gradient and weight gradient all multiply in IEEE float32: compiled, "tf32"
+    would round their operands to 10 mantissa bits (the interpreter multiplies exactly whatever it is told, so only
+    the launch arguments show it here). bf16 / fp16 operands take the tensor cores' own precision."""
+    seen = []
+    for name in ("conv_elu_fwd_kernel", "conv_elu_dgrad_kernel", "conv_elu_wgrad_kernel"):
+        monkeypatch.setattr(conv_elu_kernels, name, _RecordPrecision(name, seen))
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 4, 6, 6, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(3, 4, 3, 3, generator=gen, requires_grad=True)
+    bias = torch.randn(3, generator=gen, requires_grad=True)
+    ops.conv_elu(x, weight, bias, impl="triton").sum().backward()
+    assert sorted(seen) == [
+        ("conv_elu_dgrad_kernel", precision),
+        ("conv_elu_fwd_kernel", precision),
+        ("conv_elu_wgrad_kernel", precision),
+    ]
