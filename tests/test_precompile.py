@@ -210,6 +210,26 @@ def test_precompiling_for_hopper_fills_the_caches_the_launches_read_and_leaves_t
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes that launch cover it")
+def test_a_kernel_launched_again_alike_is_compiled_once():
+    """A dry run launches each kernel once per layer and step; each specialization (dtypes, alignment, sizes' 1 and
+    16-divisibility, constexprs) is compiled once, not once per launch: three balance ops on one shape ask for the
+    two forward kernels once each."""
+    probe = """
+        import json
+        from kernels.balance import balance_forward
+        from kernels.precompile import compile_only, compiling_for
+
+        calls = []
+        x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        with compiling_for(90), compile_only(lambda jit, args, kwargs, grid, tile: calls.append(jit.__name__)):
+            for _ in range(3):
+                balance_forward(x, x.flip(0).contiguous(), x.tanh(), x.sin(), torch.full((), 0.3), 0.5, 0.001)
+        print(json.dumps(calls))
+    """
+    calls, _ = run_probe(probe)
+    assert calls == ["_l1_partial_sums_kernel", "_balance_finalize_kernel"]
+
+
 def test_the_head_start_compiles_every_tile_autotuning_will_try_in_bf16():
     result, _ = run_probe(PROBE_TILES)
     assert result == dict.fromkeys(("conv_elu_fwd_kernel", "conv_elu_dgrad_kernel", "conv_elu_wgrad_kernel"), True)
