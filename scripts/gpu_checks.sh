@@ -40,7 +40,10 @@
 #             (kernels.precompile.CompilerTurn); each one's wall time and `kernels:` line in its log
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each, SWD side by side
 # Through the device tool, whose $OUT brings back at most 8 files: write OUT_DIR outside $OUT and pack it, e.g.
-#   bash scripts/gpu_checks.sh /tmp/gc compile tests; tar czf "$OUT/gc.tgz" -C /tmp gc
+#   bash scripts/gpu_checks.sh /tmp/gc compile tests; tar czf "$OUT/gc.tgz" --exclude='*.pt' -C /tmp gc
+# The tool brings back no file over 16 MiB, and one paper64 / gpu64 checkpoint is 181 MB: each phase that trains
+# (torchrun, startup, startup_pair, quality) moves its runs' checkpoints (*.pt) out of OUT_DIR when it ends, into
+# OUT_DIR.checkpoints beside it; a pack made while a phase still runs (quality, detached) must leave them out itself.
 # and a phase longer than one call (quality: two 10k-step runs) detached, collected by later calls while the machine
 # stays warm (it goes back after a short idle time and after 30 minutes held: call again at once, and poll):
 #   setsid nohup bash scripts/gpu_checks.sh /tmp/q quality >/tmp/q.log 2>&1 &
@@ -75,6 +78,14 @@ run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, remember a failure, go 
 start_once() {  # start_once OUT: the wall time of a 1-step gpu64 run (--amp --cuda-graphs) into the run folder OUT
     local TIMEFORMAT="wall %R s"
     time python scripts/train.py --preset gpu64 --steps 1 --amp --cuda-graphs --quiet --out "$1"
+}
+checkpoints=${out%/}.checkpoints
+put_checkpoints_away() {  # the *.pt under OUT_DIR (runs' checkpoints) moved to OUT_DIR.checkpoints, same subpaths
+    local pt dest
+    while IFS= read -r -d '' pt; do
+        dest=$checkpoints/${pt#"${out%/}"/}
+        mkdir -p "$(dirname "$dest")" && mv -f "$pt" "$dest" || status=1
+    done < <(find "${out%/}" -name '*.pt' -type f -print0)
 }
 bench_deadline=$((SECONDS + ${BENCH_BUDGET_S:-540}))
 bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILTER (and BENCH_SELECT) -> NAME.json
@@ -165,5 +176,6 @@ for phase in $phases; do
         ;;
     quality) run quality bash scripts/quality_run.sh "$out/quality" 10000 ;;
     esac
+    put_checkpoints_away
 done
 exit $status

@@ -192,3 +192,37 @@ def test_gpu_checks_refuses_an_unknown_phase_before_running_any(tmp_path):
         assert done.returncode == 2 and "unknown phase" not in done.stdout, done
         assert "torch.cuda.is_available()" in (tmp_path / "ran").read_text()
         (tmp_path / "ran").unlink()
+
+
+def test_gpu_checks_moves_the_runs_checkpoints_out_of_the_folder_it_packs(tmp_path):
+    """The device tool brings back no file over 16 MiB, and a paper64 / gpu64 checkpoint is 181 MB: packed with the
+    torchrun, startup, startup_pair and quality runs' latest.pt, OUT_DIR came back as nothing. Each phase moves its
+    checkpoints to OUT_DIR.checkpoints when it ends; the logs and the runs' other files stay. A stand-in python
+    (and nvidia-smi), first on the path, says there is a GPU and writes a checkpoint into each --out."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "python"
+    stub.write_text(
+        "#!/bin/sh\n"
+        "while [ $# -gt 0 ]; do\n"
+        '    if [ "$1" = --out ]; then mkdir -p "$2" && echo weights >"$2/latest.pt" && echo {} >"$2/stats.jsonl"; fi\n'
+        "    shift\n"
+        "done\n"
+    )
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 1.0'\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHON", None)
+    out = tmp_path / "gc"
+    command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), f"{out}/", "torchrun", "startup", "startup_pair"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = ["torchrun", "startup_cold_one_by_one", "startup_cold_head_start", "startup_warm"]
+    runs += ["startup_pair_1", "startup_pair_2"]
+    assert not list(out.rglob("*.pt"))
+    assert sorted(p.relative_to(tmp_path / "gc.checkpoints") for p in (tmp_path / "gc.checkpoints").rglob("*.pt")) == [
+        Path(run) / "latest.pt" for run in sorted(runs)
+    ]
+    assert all((out / run / "stats.jsonl").is_file() for run in runs)
+    assert (out / "torchrun.log").is_file() and (out / "startup_pair_2.log").is_file()
