@@ -89,11 +89,12 @@ def resolve_device(requested: str | None) -> str:
 def check_impl_env() -> None:
     """BEGAN_FAST_IMPL, which overrides the networks' impl="auto" (ops.resolve_impl): ConfigError when it is set to
     no impl, before any work; otherwise the first layer of the first forward raises a ValueError there."""
-    from began_fast.ops import IMPL_ENV, IMPLS
+    from began_fast.ops import impl_override
 
-    value = os.environ.get(IMPL_ENV, "")
-    if value and value not in IMPLS:
-        raise ConfigError(f"{IMPL_ENV} must be one of {IMPLS}, got {value!r}")
+    try:
+        impl_override()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def data_path(given: str | None) -> str | None:

@@ -38,14 +38,21 @@ def _warn_fallback(reason: str) -> None:
     warnings.warn(f"began_fast: impl='triton' unavailable ({reason}); using impl='torch'", stacklevel=3)
 
 
+def impl_override() -> str:
+    """What BEGAN_FAST_IMPL makes of impl="auto": its value, "auto" when unset or empty; ValueError when it names no
+    impl."""
+    impl = os.environ.get(IMPL_ENV, "auto") or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"{IMPL_ENV} must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """Map "auto" (or the BEGAN_FAST_IMPL override) to a concrete impl for tensors on `device`."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = os.environ.get(IMPL_ENV, "auto") or "auto"
-        if impl not in IMPLS:
-            raise ValueError(f"{IMPL_ENV} must be one of {IMPLS}, got {impl!r}")
+        impl = impl_override()
     if impl == "auto":
         impl = "triton" if device.type == "cuda" and triton_available() else "torch"
     if impl == "triton" and not triton_available():
