@@ -9,6 +9,12 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+
+# A test that hangs fails by name after this many seconds, through pytest-timeout (the `test` extra), instead of holding
+# CI until its own limit: 5x the slowest test on a loaded 2-core CPU (175 s). `--timeout N` or PYTEST_TIMEOUT set
+# another (0: none); without pytest-timeout installed, nothing is timed.
+SUITE_TIMEOUT_S = 900
+os.environ.setdefault("PYTEST_TIMEOUT", str(SUITE_TIMEOUT_S))
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
