@@ -156,6 +156,28 @@ def test_wgrad_scale_weights_each_sample(device, variant):
     assert_parity(grads[3], expected_b, name="scaled grad bias")
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "needs", [(False, True, False, False), (False, False, False, True)], ids=["skip-only", "bias-only"]
+)
+def test_a_gradient_is_given_to_each_input_that_needs_one_alone(device, impl, needs):
+    """Each of x, skip, weight, bias gets its gradient when it is the only input that needs one: a skip whose x is
+    frozen (a decoder fed a constant), a bias whose weight is frozen. The others get none."""
+    layer = VARIANTS["upsample_skip"]
+    inputs = make_inputs(layer, device, torch.float32, seed=13)
+    x, skip, weight, bias, grad_out = inputs
+    leaves = [t.detach().clone().requires_grad_(need) for t, need in zip((x, skip, weight, bias), needs, strict=True)]
+    y = ops.conv_elu(leaves[0], leaves[2], leaves[3], upsample=layer.upsample, skip=leaves[1], impl=impl)
+    y.backward(grad_out)
+    _, grads64 = run_layer(conv_elu_ref, layer, *float64(inputs))
+    for name, leaf, need, g64 in zip(GRAD_NAMES, leaves, needs, grads64, strict=True):
+        if need:
+            assert leaf.grad is not None, f"{impl}: no {name}"
+            assert_parity(leaf.grad, g64, name=f"{impl} {name}")
+        else:
+            assert leaf.grad is None, f"{impl}: {name} given"
+
+
 AMP_DTYPES = pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 
 
