@@ -55,6 +55,10 @@ VARIANTS = {
         batch=2, c1=3, size=4, width=6, c_out=5, upsample=2, c2=2, skip_size=2, skip_width=6
     ),
     "stride2_nonsquare": Layer(batch=2, c1=3, size=7, width=10, c_out=4, stride=2),
+    # A skip at the full logical height and half its width: blocks of 1 row by 2 columns.
+    "upsample_skip_full_height": Layer(
+        batch=2, c1=3, size=4, width=3, c_out=4, upsample=2, c2=2, skip_size=8, skip_width=3
+    ),
 }
 
 
