@@ -55,6 +55,9 @@ VARIANTS = {
         batch=2, c1=3, size=4, width=6, c_out=5, upsample=2, c2=2, skip_size=2, skip_width=6
     ),
     "stride2_nonsquare": Layer(batch=2, c1=3, size=7, width=10, c_out=4, stride=2),
+    # Odd sides: the largest stride-2 parity class (2 x 9 x 9 = 162 pixels) needs one block of 128 more than the
+    # others (2 x 8 x 8 = 128).
+    "stride2_odd_classes": Layer(batch=2, c1=3, size=17, c_out=4, stride=2),
     # A skip at the full logical height and half its width: blocks of 1 row by 2 columns.
     "upsample_skip_full_height": Layer(
         batch=2, c1=3, size=4, width=3, c_out=4, upsample=2, c2=2, skip_size=8, skip_width=3
