@@ -5,7 +5,7 @@ import torch
 
 from began_fast import ops
 from began_fast.config import ModelConfig
-from began_fast.model import Discriminator, Generator, carry_at
+from began_fast.model import ConvELU, Discriminator, Generator, carry_at
 from began_fast.reference import conv_elu_ref
 
 
@@ -47,6 +47,18 @@ def test_skip_variant_concatenates_h0_at_every_later_scale():
         x = conv_elu_ref(x, second.weight, second.bias)
     expected = conv_elu_ref(x, G.decoder.out.weight, G.decoder.out.bias, act=False)
     torch.testing.assert_close(G(z), expected)
+
+
+@pytest.mark.parametrize("c_in, c_out, skip_channels", [(4, 6, 0), (3, 5, 2)])
+def test_conv_layers_start_as_nn_conv2d_would(c_in, c_out, skip_channels):
+    """Each conv's weight and bias are drawn as nn.Conv2d's default initialisation draws them (kaiming-uniform with
+    a = sqrt(5), bias uniform in +-1/sqrt(fan_in), fan_in counting the skip's channels): the same numbers from the
+    same seed."""
+    torch.manual_seed(7)
+    expected = torch.nn.Conv2d(c_in + skip_channels, c_out, 3, padding=1)
+    torch.manual_seed(7)
+    conv = ConvELU(c_in, c_out, skip_channels=skip_channels, impl="torch")
+    assert torch.equal(conv.weight, expected.weight) and torch.equal(conv.bias, expected.bias)
 
 
 def test_vanishing_residual_blends_shape_preserving_layers():
