@@ -2,7 +2,8 @@
 
 The interpreter lane checks what the kernels compute; these tests check that Triton's compiler accepts every
 specialization a training step launches and that each fits the GPU's shared memory. Each runs the script in a
-subprocess without TRITON_INTERPRET (the test process's kernels are interpreted). Where a GPU is present, the
+subprocess without TRITON_INTERPRET (the test process's kernels are interpreted), except the last two, which call
+its report and its step builder in-process and compile nothing. Where a GPU is present, the
 compiled test suite covers this, so they are skipped there.
 """
 
@@ -10,10 +11,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import Future
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "check_kernels_compile.py"
@@ -156,3 +161,26 @@ def test_refuses_fewer_than_one_job_in_one_line(jobs):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.endswith(f"error: --jobs must be >= 1 (compiling threads), got {jobs}"), last
+
+
+def test_a_kernel_using_exactly_the_shared_memory_an_architecture_allows_passes():
+    """The architecture's maximum is one block's opt-in limit, which a kernel may use whole: one byte more fails."""
+    check = load_script("check_kernels_compile")
+    compiles = []
+    for arch, limit in check.MAX_SHARED_BYTES.items():
+        for shared in (limit, limit + 1):
+            done = Future()
+            done.set_result((SimpleNamespace(metadata=SimpleNamespace(shared=shared)), 0.1))
+            compiles.append((arch, check.Compile(f"k{shared}_kernel", "float32", "", done)))
+    for arch in check.MAX_SHARED_BYTES:
+        assert check.report([c for a, c in compiles if a == arch], arch) == 1
+
+
+def test_the_skip_variant_builds_the_networks_with_skip_connections():
+    """--skip compiles the kernels of the paper's skip connections: its step's G and D have them, the plain one's
+    none."""
+    check = load_script("check_kernels_compile")
+    for skip in (False, True):
+        step, shape = check.preset_step("demo", skip, None)
+        assert step.G.decoder.skip is skip and step.D.decoder.skip is skip
+        assert shape[1:] == (3, step.G.cfg.image_size, step.G.cfg.image_size)
