@@ -284,6 +284,10 @@ def test_tensors_beyond_int32_offsets_are_refused(monkeypatch):
     assert "int32" in conv_elu_kernels.unsupported(low_res, torch.empty(256, 128, 8, 8, **meta), narrow, 1, 2)
     narrower = torch.empty(1, 128, 3, 3, **meta)
     assert conv_elu_kernels.unsupported(low_res, torch.empty(256, 127, 8, 8, **meta), narrower, 1, 2) is None
+    # Stride 2 on an odd side keeps the last row and column: a 3 x 3 input gives a 2 x 2 output, 4 * 2**29 elements.
+    tiny, wide = torch.empty(1, 1, 3, 3, **meta), torch.empty(2**29, 1, 3, 3, **meta)
+    assert "int32" in conv_elu_kernels.unsupported(tiny, None, wide, 2, 1)
+    assert conv_elu_kernels.unsupported(tiny, None, torch.empty(2**29 - 1, 1, 3, 3, **meta), 2, 1) is None
 
 
 def _model_parity(make_net, net_input, device, **forward_kwargs):
