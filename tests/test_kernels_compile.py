@@ -2,11 +2,12 @@
 
 The interpreter lane checks what the kernels compute; these tests check that Triton's compiler accepts every
 specialization a training step launches and that each fits the GPU's shared memory. Each runs the script in a
-subprocess without TRITON_INTERPRET (the test process's kernels are interpreted), except the last two, which call
-its report and its step builder in-process and compile nothing. Where a GPU is present, the
+subprocess without TRITON_INTERPRET (the test process's kernels are interpreted), except the last three, which call
+its report, its step builder and its main in-process and compile nothing. Where a GPU is present, the
 compiled test suite covers this, so they are skipped there.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -184,3 +185,29 @@ def test_the_skip_variant_builds_the_networks_with_skip_connections():
         step, shape = check.preset_step("demo", skip, None)
         assert step.G.decoder.skip is skip and step.D.decoder.skip is skip
         assert shape[1:] == (3, step.G.cfg.image_size, step.G.cfg.image_size)
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["all-ok", "one-failed"])
+def test_main_steps_through_every_preset_skip_and_amp_and_fails_with_a_compile(monkeypatch, capsys, failing):
+    """main runs one step per preset, skip variant (--skip: without, then with) and precision, and ends with
+    status 1 when a compile failed, 0 when none did (compile_only and the step stubbed: nothing is compiled)."""
+    check = load_script("check_kernels_compile")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    steps = []
+    monkeypatch.setattr(check, "run_one_step", lambda preset, skip, amp: steps.append((preset, skip, amp)))
+    result = Future()
+    if failing:
+        result.set_exception(RuntimeError("ptxas died"))
+    else:
+        result.set_result((SimpleNamespace(metadata=SimpleNamespace(shared=0)), 0.1))
+
+    @contextlib.contextmanager
+    def one_compile(arch, configs, jobs, compiles):
+        compiles.append(check.Compile("some_kernel", "float32", "", result))
+        yield None
+
+    monkeypatch.setattr(check, "compile_only", one_compile)
+    rc = check.main(["--preset", "demo", "--skip", "--amp", "none", "bf16", "--jobs", "1"])
+    assert steps == [("demo", False, None), ("demo", False, "bf16"), ("demo", True, None), ("demo", True, "bf16")]
+    assert rc == (1 if failing else 0)
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f": {int(failing)} failed")
