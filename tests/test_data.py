@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
+from began_fast import seeds
 from began_fast.config import DataConfig
 from began_fast.data import (
     BatchOrder,
@@ -618,6 +619,17 @@ def test_batch_order_streams_of_neighbouring_seeds_do_not_collide():
     assert not torch.equal(order.permutation(1), neighbour.permutation(0))
     flips = [torch.cat([o.batch(s)[1] for s in steps]) for o, steps in ((order, range(1, 40)), (neighbour, range(39)))]
     assert not torch.equal(*flips)
+
+
+def test_every_stream_tag_seeds_a_64_bit_stream_of_its_own():
+    """seeds.py: each tag (permutations, flips, noise, its restart, the fixed z, sampling) of a seed gets its own
+    derived 64-bit seed and draws its own numbers; 18 seeds all below 2**32 would have a chance of 2**-576."""
+    tags = (seeds.PERMUTATION, seeds.FLIPS, seeds.NOISE_RESTART, seeds.NOISE, seeds.FIXED_Z, seeds.SAMPLING)
+    derived = [seeds.derived_seed(seed, tag) for seed in (0, 1, 2**62) for tag in tags]
+    assert len(set(derived)) == len(derived)
+    assert all(0 <= d < 2**64 for d in derived) and max(derived) >= 2**32
+    draws = {tuple(torch.rand(4, generator=seeds.generator(5, tag)).tolist()) for tag in tags}
+    assert len(draws) == len(tags)
 
 
 def test_batch_order_resumed_with_another_global_batch_finishes_its_epoch():
