@@ -125,7 +125,9 @@ def test_a_write_that_fails_leaves_the_readme_whole(tmp_path, monkeypatch, capsy
 
 
 def test_missing_extra_info_is_a_clear_error(tmp_path):
-    data = dict(SYNTHETIC, benchmarks=[{"name": "test_x", "stats": {"median": 1.0}, "extra_info": {"layer": "a"}}])
+    """Two cases lacking the same keys are named for what they lack, not taken for one case given twice."""
+    lacking = [{"name": f"test_{x}", "stats": {"median": 1.0}, "extra_info": {"layer": "a"}} for x in "xy"]
+    data = dict(SYNTHETIC, benchmarks=lacking)
     source = tmp_path / "run.json"
     source.write_text(json.dumps(data))
     with pytest.raises(bench_report.ReportError, match="direction"):
@@ -235,6 +237,7 @@ def edited(edit):
         (edited(lambda d: d["benchmarks"][0].pop("stats")), "has no stats.median > 0 or no extra_info object"),
         (edited(lambda d: d["benchmarks"][0]["stats"].update(median="fast")), "has no stats.median > 0"),
         (edited(lambda d: d["benchmarks"][0]["stats"].update(median=0)), "has no stats.median > 0"),
+        (edited(lambda d: d["benchmarks"][0]["stats"].update(median=True)), "has no stats.median > 0"),
         (edited(lambda d: d["benchmarks"][0].update(extra_info=None)), "or no extra_info object"),
         (edited(lambda d: d.update(benchmarks=["x"])), "benchmark 'x' has no stats.median > 0"),
         (edited(lambda d: d.update(benchmarks={"a": 1})), "machine_info, commit_info or benchmarks is not as"),
@@ -249,6 +252,7 @@ def edited(edit):
         "no-stats",
         "median-text",
         "median-0",
+        "median-true",
         "extra-info-null",
         "benchmark-not-object",
         "benchmarks-not-list",
