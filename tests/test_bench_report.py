@@ -81,6 +81,15 @@ def test_times_are_per_call_of_rounds_of_several_calls():
     assert row == ["paper64", "step", "16", "100.000", "20.000", "30.0", "150.0", "0.20"]
 
 
+def test_triton_is_timed_over_every_baseline_of_the_run():
+    """One ratio column per baseline the run measured, fp32, tf32 and bf16 eager and compile, each over its own time."""
+    times = (("torch", 0.004), ("torch-tf32", 0.0025), ("torch-bf16", 0.001), ("compile", 0.003), ("triton", 0.002))
+    benches = [synthetic_bench("conv A", "forward", 16, p, median_s, 8e12) for p, median_s in times]
+    header, _, row = table_rows(bench_report.render_table(dict(SYNTHETIC, benchmarks=benches)))
+    ratios = ["triton/torch time", "triton/torch-tf32 time", "triton/torch-bf16 time", "triton/compile time"]
+    assert header[-4:] == ratios and row[-4:] == ["0.50", "0.80", "2.00", "0.67"]
+
+
 def test_readme_section_is_replaced_between_markers_only(tmp_path):
     source = tmp_path / "run.json"
     source.write_text(json.dumps(SYNTHETIC))
