@@ -54,6 +54,7 @@ def test_report_files_and_table(tmp_path):
     out_dir = tmp_path / "results"
     written = bench_report.write_report(source, "kernels", out_dir, readmes=[])
     stem = out_dir / "2031-02-03_synthetic-gpu-80gb_kernels"
+    assert bench_report.slug(" NVIDIA H200 (SXM) ") == "nvidia-h200-sxm" and bench_report.slug("--") == "unknown"
     assert written == [stem.with_suffix(".json"), stem.with_suffix(".md")]
     assert json.loads(stem.with_suffix(".json").read_text()) == SYNTHETIC
     markdown = stem.with_suffix(".md").read_text()
