@@ -69,6 +69,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def interpreted_kernels_bounds_checked():
+    """Without a GPU, every kernel a test launches has its loads and stores checked against the bounds of the tensors it
+    was given (tests/bounds_checked.py): the interpreter checks none, and an unmasked access passes parity tests."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        yield
+        return
+    from bounds_checked import bounds_checked
+
+    with bounds_checked():
+        yield
+
+
 @pytest.fixture
 def device():
     """The device the parity tests run on: the GPU when there is one (compiled kernels), else the CPU."""
