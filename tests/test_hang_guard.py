@@ -9,7 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from began_fast.distributed import Collectives, World
+import began_fast.hang_guard as hang_guard
+from began_fast.distributed import DEFAULT_TIMEOUT_S, PROCESS_GROUP_MARGIN_S, Collectives, World
 from began_fast.hang_guard import HangGuard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,3 +115,20 @@ def test_it_ends_the_rank_soon_after_the_timeout_passes():
         beat = time.monotonic()
         assert recorder.called.wait(4 * timeout_s)
         assert time.monotonic() - beat < 1.5 * timeout_s
+
+
+def test_at_the_default_timeout_it_ends_the_rank_within_a_second_of_it(monkeypatch):
+    """It looks at least once a second, also at the default --dist-timeout (600 s): one that looked every tenth of
+    the timeout (60 s) would let the process group's own timeout, PROCESS_GROUP_MARGIN_S (30 s) later, fire first
+    with its multi-line log. A clock that jumps stands in for the ten minutes."""
+    jumped = [0.0]
+    clock = type("Clock", (), {"monotonic": staticmethod(lambda: time.monotonic() + jumped[0])})
+    monkeypatch.setattr(hang_guard, "time", clock)
+    recorder = ExitRecorder()
+    with HangGuard(Collectives(World(1, 2, 1), DEFAULT_TIMEOUT_S), exit_process=recorder) as g:
+        g.beat(41)
+        jumped[0] = DEFAULT_TIMEOUT_S - PROCESS_GROUP_MARGIN_S  # a long step, within the timeout
+        assert not recorder.called.wait(1.5)
+        jumped[0] = DEFAULT_TIMEOUT_S + 0.1
+        assert recorder.called.wait(5.0)
+    assert recorder.codes == [1]
