@@ -162,6 +162,9 @@ def rank_main(rank, port, folder):
             train(run)
         except ConfigError as e:
             results[f"data_{case}_error"] = (str(e), run.step.steps_done, run.out.exists())
+    # The stop signals the loop's statistics reads agree on: rank 0 got SIGINT and rank 1 SIGTERM, both SIGTERM, none.
+    received = ((signal.SIGINT, signal.SIGTERM)[rank], signal.SIGTERM, 0)
+    results["largest"] = [collectives.max_(int(signum), torch.device("cpu")) for signum in received]
     if rank == 1:
         torch.save(results, folder / f"rank{rank}.pt")
         return  # leaves the job: rank 0's next collective must fail with one clear line
@@ -355,6 +358,13 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path, monkeypatc
     assert all(torch.isfinite(p).all() for p in run.G.parameters())
 
 
+def test_the_ranks_agree_on_the_largest_stop_signal_any_of_them_received(two_ranks):
+    """Collectives.max_ is the largest over the ranks (SIGTERM over SIGINT), on every rank: not their sum, which for
+    a SIGINT on one rank and a SIGTERM on the other would be SIGCHLD's number."""
+    _, ranks = two_ranks
+    assert [rank["largest"] for rank in ranks] == [[signal.SIGTERM, signal.SIGTERM, 0]] * 2
+
+
 def test_a_dead_rank_ends_the_others_with_one_line(two_ranks):
     _, (rank0, _) = two_ranks
     message = rank0["dead_rank_error"]
@@ -430,6 +440,68 @@ def test_a_dist_timeout_outside_its_range_is_refused_even_for_one_process(timeou
     with pytest.raises(ConfigError, match=r"--dist-timeout must be in \(0, 604800\] seconds \(a week\), got"):
         start(World(), "cpu", timeout_s)
     assert start(World(), "cpu", MAX_TIMEOUT_S) is None
+
+
+def test_rank_0_of_the_job_alone_is_main_and_each_rank_takes_its_machines_gpu_local_rank(monkeypatch):
+    """On two machines of two GPUs: rank 2 is its machine's first (LOCAL_RANK 0) but not the job's rank 0, so it
+    writes nothing; it takes GPU 0 of its machine, rank 3 GPU 1. A third rank on a machine of two GPUs is refused."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    machine_0, machine_1 = [World(0, 4, 0), World(1, 4, 1)], [World(2, 4, 0), World(3, 4, 1)]
+    assert [world.is_main for world in machine_0 + machine_1] == [True, False, False, False]
+    assert [world.device("cuda") for world in machine_0 + machine_1] == ["cuda:0", "cuda:1"] * 2
+    with pytest.raises(ConfigError, match=r"^LOCAL_RANK 2 needs GPU 2, but this machine has 2; start at most"):
+        World(2, 3, 2).device("cuda")
+
+
+def test_a_collectives_failure_is_one_line_naming_the_rank_and_the_timeout():
+    """gloo's errors can run over several lines (a message, then where in gloo): the first is quoted; an error with no
+    message is named by its type."""
+    collectives = Collectives(World(1, 2, 1), 5.0)
+    gloo = RuntimeError("Connection closed by peer [127.0.0.1]:29500\n[../third_party/gloo/gloo/transport/pair.cc:598]")
+    assert str(collectives.failure(gloo)) == (
+        "rank 1 of 2: a collective failed or timed out (--dist-timeout 5 s); another rank probably died or hung; "
+        "check the other ranks' logs (Connection closed by peer [127.0.0.1]:29500)"
+    )
+    assert str(collectives.failure(TimeoutError())).endswith("check the other ranks' logs (TimeoutError)")
+
+
+def test_a_rank_that_cannot_join_the_process_group_says_so_in_one_line(monkeypatch):
+    """A failed rendezvous (here no MASTER_ADDR, as a job script that forgot it) is one CollectiveError naming the
+    rank and what to check, not torch's ValueError or DistStoreError."""
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with pytest.raises(CollectiveError) as refused:
+        start(World(1, 2, 1), "cpu", 5.0)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(
+        "rank 1 of 2: could not join the job's process group (--dist-timeout 5 s); another rank probably did not "
+        "start, or MASTER_ADDR:MASTER_PORT is wrong; check the other ranks' logs ("
+    )
+    assert "MASTER_ADDR" in message.split("logs (")[1] and not dist.is_initialized()
+
+
+def test_the_process_groups_own_timeout_leaves_the_hang_guard_time_to_speak_first(monkeypatch):
+    """A hung collective is the HangGuard's to report, with one line, about a second after --dist-timeout: the
+    process group's own timeout (gloo's error, NCCL's watchdog log) must come well after that."""
+    joined = []
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: joined.append((args, kwargs)))
+    collectives = start(World(3, 4, 1), "cpu", 5.0)  # rank 3 of 4, the second of its machine
+    assert (collectives.rank, collectives.world_size, collectives.timeout_s) == (3, 4, 5.0)
+    [(args, kwargs)] = joined
+    assert args == ("gloo",) and (kwargs["rank"], kwargs["world_size"], kwargs["init_method"]) == (3, 4, "env://")
+    assert kwargs["timeout"].total_seconds() >= 5.0 + 10
+
+
+def test_stop_leaves_the_process_group_and_does_nothing_without_one(tmp_path):
+    stop()  # none started: a single process
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        stop()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_an_explicit_gpu_index_is_refused_under_torchrun():
