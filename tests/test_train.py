@@ -732,6 +732,65 @@ def test_a_checkpoint_reaches_the_disk_before_its_name_and_the_name_before_the_w
     assert torch.equal(torch.load(path)["fixed_z"], fixed_z)
 
 
+def test_a_small_files_bytes_reach_the_disk_before_its_name(tmp_path, monkeypatch):
+    """A few hundred bytes (config.json, a line of stats) sit in the file object's buffer: they are written out before
+    the temporary file is synced, or the sync would leave the new name on an empty file after a power loss."""
+    from began_fast.atomic_files import atomic_write
+
+    sizes, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (sizes.append(os.fstat(fd).st_size), fsync(fd)))
+    text = os.urandom(300)
+    atomic_write(tmp_path / "config.json", lambda f: f.write(text))
+    assert sizes[0] == len(text) and (tmp_path / "config.json").read_bytes() == text
+
+
+@pytest.mark.parametrize(
+    "failure, raised",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), r"^\[Errno 28\] cannot write .*stats\.jsonl: No space left"),
+        (KeyboardInterrupt(), r"^$"),
+    ],
+    ids=["full-disk", "ctrl-c"],
+)
+def test_a_write_cut_short_names_its_file_and_leaves_the_old_one_and_no_temporary(tmp_path, failure, raised):
+    """A full disk in any atomic write (stats, reports, pictures) is an OSError naming the file, not the temporary
+    one or none; a Ctrl-C mid-write ends it as well: the old file whole, its temporary removed at once (a
+    checkpoint's can be hundreds of MB), not left for the next start to find."""
+    from began_fast.atomic_files import atomic_write
+
+    path = tmp_path / "stats.jsonl"
+    old = os.urandom(1000)
+    path.write_bytes(old)
+
+    def write(f):
+        f.write(os.urandom(5000))
+        raise failure
+
+    with pytest.raises(type(failure), match=raised) as stopped:
+        atomic_write(path, write)
+    assert getattr(stopped.value, "errno", None) == getattr(failure, "errno", None)
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["stats.jsonl"]
+
+
+@pytest.mark.parametrize("of", [None, "grid.png"], ids=["folder", "file"])
+def test_the_temporary_a_killed_write_leaves_is_one_the_next_start_removes(tmp_path, of):
+    """atomic_write's temporary files are named as remove_stale_temporaries looks for them: for the whole folder (a
+    new training start) and for the one file (sample.py's grid.png); other programs' files stay."""
+    from began_fast.atomic_files import atomic_write, remove_stale_temporaries
+
+    temporaries = []
+
+    def write(f):
+        temporaries.append(Path(os.readlink(f"/proc/self/fd/{f.fileno()}")))
+        f.write(os.urandom(100))
+
+    atomic_write(tmp_path / "grid.png", write)
+    temporaries[0].write_bytes(os.urandom(50))  # what a SIGKILL mid-write would have left
+    (tmp_path / ".notes.txt.swp").write_bytes(b"an editor's")
+    remove_stale_temporaries(tmp_path, of=of)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.swp", "grid.png"]
+
+
 def test_a_failing_evaluation_keeps_its_steps_checkpoint(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise MetricError("broken evaluation")
