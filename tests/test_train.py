@@ -27,7 +27,7 @@ from PIL import Image
 
 import began_fast.train as train_module
 from began_fast import metrics, reports
-from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models
+from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models, save_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data.builtin import BuiltinFaces, draw_faces
 from began_fast.distributed import CollectiveError, Collectives, World
@@ -1266,6 +1266,78 @@ def test_damaged_checkpoints_are_refused_with_one_line(tmp_path):
         (tmp_path / "latest.pt").write_bytes(damage)
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(tmp_path / "latest.pt")
+
+
+def test_a_file_beginning_as_a_zip_archive_does_not_is_not_called_damaged(tmp_path):
+    """Another program's file that happens to begin with "PK" is no checkpoint cut short."""
+    (tmp_path / "notes.pt").write_bytes(b"PK notes: " + os.urandom(200))
+    with pytest.raises(CheckpointError, match=r"notes\.pt cannot be read \(\w+\); is it a began-fast \.pt file\?$"):
+        load_checkpoint(tmp_path / "notes.pt")
+
+
+def entries(step):
+    """A checkpoint's entries of the types every reader takes for granted."""
+    configs = {name: {"seed": random.randrange(100)} for name in ("model_config", "train_config", "data_config")}
+    nets = {name: {"w": torch.rand(3, 2)} for name in ("G", "D")}
+    return {"step": step, **configs, **nets, "trainer": {"k": torch.rand(())}, "fixed_z": torch.rand(4, 3) * 2 - 1}
+
+
+def test_a_checkpoint_is_read_from_a_path_given_as_text_and_only_in_its_own_format(tmp_path):
+    """load_checkpoint takes a str as a Path (a .pt file or a run folder), and every step from 0; a checkpoint of
+    another format (a later version's) is refused with one line, whatever entries it holds."""
+    state = entries(0)
+    save_checkpoint(tmp_path / "latest.pt", state)
+    for path in (str(tmp_path / "latest.pt"), str(tmp_path), tmp_path):
+        loaded = load_checkpoint(path)
+        assert loaded["step"] == 0 and torch.equal(loaded["fixed_z"], state["fixed_z"])
+    torch.save({**state, "format": "began-fast/2"}, tmp_path / "latest.pt")
+    with pytest.raises(CheckpointError, match=r"latest\.pt is not a began-fast checkpoint \(expected format 'began-"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (
+            RuntimeError("[enforce fail at inline_container.cc:778] .\n PytorchStreamWriter failed"),
+            "PytorchStreamWriter",
+        ),
+        (RuntimeError(), "RuntimeError"),
+    ],
+    ids=["multi-line", "no-message"],
+)
+def test_a_checkpoint_write_that_torch_fails_alone_is_one_line_and_keeps_the_last_one(
+    tmp_path, monkeypatch, error, reason
+):
+    """torch.save's zip writer can fail with a RuntimeError of several lines, or none, with no OSError behind it."""
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, entries(4))
+    good = path.read_bytes()
+
+    def fail(obj, f):
+        f.write(os.urandom(1000))
+        raise error
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError) as failed:
+        save_checkpoint(path, entries(8))
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith(f"cannot write checkpoint {path}: ") and reason in message
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+
+
+def test_models_are_loaded_on_the_layers_asked_for_and_a_problem_is_named_by_its_first_line(tmp_path):
+    """evaluate.py and sample.py --impl torch run PyTorch's own layers; the one line of a misfit is the problem's
+    first, unless that is only a heading."""
+    from began_fast.checkpoint import misfit
+
+    run_steps(tmp_path, 2)
+    G, D, _ = load_models(tmp_path, impl="torch")
+    assert {module.impl for net in (G, D) for module in net.modules() if hasattr(module, "impl")} == {"torch"}
+    error = RuntimeError("fixed_z is (64, 7), expected (64, 4)\nwhile resuming")
+    assert str(misfit("x.pt", error)) == (
+        "checkpoint x.pt does not fit this version of began-fast (RuntimeError: fixed_z is (64, 7), expected (64, 4))"
+    )
 
 
 def test_resume_of_a_checkpoint_whose_noise_generator_ran_on_another_kind_of_device(tmp_path, capsys):
