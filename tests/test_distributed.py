@@ -165,6 +165,11 @@ def rank_main(rank, port, folder):
     # The stop signals the loop's statistics reads agree on: rank 0 got SIGINT and rank 1 SIGTERM, both SIGTERM, none.
     received = ((signal.SIGINT, signal.SIGTERM)[rank], signal.SIGTERM, 0)
     results["largest"] = [collectives.max_(int(signum), torch.device("cpu")) for signum in received]
+    # Fingerprints are 64-bit digests: ones that differ in their lowest bit alone differ.
+    try:
+        collectives.check_same({"the weights": 2**62 + rank, "the starting step": 7}, "cpu")
+    except ConfigError as e:
+        results["low_bit_error"] = str(e)
     if rank == 1:
         torch.save(results, folder / f"rank{rank}.pt")
         return  # leaves the job: rank 0's next collective must fail with one clear line
@@ -363,6 +368,14 @@ def test_the_ranks_agree_on_the_largest_stop_signal_any_of_them_received(two_ran
     a SIGINT on one rank and a SIGTERM on the other would be SIGCHLD's number."""
     _, ranks = two_ranks
     assert [rank["largest"] for rank in ranks] == [[signal.SIGTERM, signal.SIGTERM, 0]] * 2
+
+
+def test_ranks_whose_fingerprints_differ_in_the_lowest_bit_alone_are_refused(two_ranks):
+    _, ranks = two_ranks
+    assert [rank.get("low_bit_error", "") for rank in ranks] == [
+        "the 2 ranks do not start from the same run: the weights differ between ranks; give every rank the same flags "
+        "and, to resume, the same latest.pt"
+    ] * 2
 
 
 def test_a_dead_rank_ends_the_others_with_one_line(two_ranks):
