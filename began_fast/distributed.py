@@ -54,11 +54,6 @@ class World:
     world_size: int = 1
     local_rank: int = 0
 
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 writes the run folder; the others only train."""
-        return self.rank == 0
-
     @classmethod
     def from_env(cls) -> World:
         """The world torchrun describes in the environment (env://); a plain `python` run is rank 0 of 1."""

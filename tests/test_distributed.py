@@ -437,7 +437,7 @@ def test_world_from_torchrun_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")
     world = World.from_env()
-    assert (world.rank, world.world_size, world.local_rank, world.is_main) == (3, 4, 1, False)
+    assert (world.rank, world.world_size, world.local_rank) == (3, 4, 1)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(ValueError, match=r"RANK must be in \[0, WORLD_SIZE\).*RANK=4 of 4"):
         World.from_env()
@@ -455,12 +455,11 @@ def test_a_dist_timeout_outside_its_range_is_refused_even_for_one_process(timeou
     assert start(World(), "cpu", MAX_TIMEOUT_S) is None
 
 
-def test_rank_0_of_the_job_alone_is_main_and_each_rank_takes_its_machines_gpu_local_rank(monkeypatch):
-    """On two machines of two GPUs: rank 2 is its machine's first (LOCAL_RANK 0) but not the job's rank 0, so it
-    writes nothing; it takes GPU 0 of its machine, rank 3 GPU 1. A third rank on a machine of two GPUs is refused."""
+def test_each_rank_takes_its_machines_gpu_local_rank(monkeypatch):
+    """On two machines of two GPUs: rank 2 (its machine's LOCAL_RANK 0) takes GPU 0 of its machine, rank 3 GPU 1. A
+    third rank on a machine of two GPUs is refused."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     machine_0, machine_1 = [World(0, 4, 0), World(1, 4, 1)], [World(2, 4, 0), World(3, 4, 1)]
-    assert [world.is_main for world in machine_0 + machine_1] == [True, False, False, False]
     assert [world.device("cuda") for world in machine_0 + machine_1] == ["cuda:0", "cuda:1"] * 2
     with pytest.raises(ConfigError, match=r"^LOCAL_RANK 2 needs GPU 2, but this machine has 2; start at most"):
         World(2, 3, 2).device("cuda")
