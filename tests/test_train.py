@@ -29,6 +29,7 @@ import began_fast.train as train_module
 from began_fast import metrics, reports
 from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models, save_checkpoint
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from began_fast.data import DataError
 from began_fast.data.builtin import BuiltinFaces, draw_faces
 from began_fast.distributed import CollectiveError, Collectives, World
 from began_fast.hang_guard import HangGuard
@@ -173,6 +174,14 @@ def test_tensorboard_shows_a_resumed_run_once_after_its_predecessor_died(tmp_pat
     assert [event.step for event in events.Scalars("began/m")] == [2, 4, 6, 8]
     assert [event.step for event in events.Scalars("eval/swd")] == [4, 8]  # 4: the first run's last step
     assert resumed.step.steps_done == 8
+    # Every statistic of stats.jsonl, at its steps and values.
+    rows = reports.read_stats(tmp_path / "stats.jsonl")
+    logged = {f"began/{key}" for key in ("m", "k", "l_d", "l_g", "l_real", "l_fake", "lr")} | {"eval/recon_l1"}
+    assert set(events.Tags()["scalars"]) == logged | {"eval/swd"}
+    for tag in logged:
+        key = tag.split("/")[1]
+        expected = [(row["step"], row[key]) for row in rows if key in row]
+        assert [(event.step, event.value) for event in events.Scalars(tag)] == pytest.approx(expected, rel=1e-6)
 
 
 def test_the_gpu_resident_loader_trains_and_resumes_as_the_torch_loader(tmp_path):
@@ -245,6 +254,53 @@ def test_a_run_refuses_a_folder_another_run_wrote_after_it_looked(tmp_path):
     assert load_checkpoint(latest)["step"] == 8
 
 
+def test_a_run_folder_on_a_file_system_without_locks_trains_as_before_them(tmp_path, monkeypatch):
+    """Where flock fails for want of locks (ENOLCK: an NFS mount without its lock service), the run goes on
+    unlocked rather than refusing every folder there."""
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(train_module.fcntl, "flock", no_locks)
+    run_steps(tmp_path, 2)
+    assert load_checkpoint(tmp_path / "latest.pt")["step"] == 2
+
+
+def test_a_checkpoint_rewritten_in_place_or_replaced_by_one_of_its_size_and_time_is_not_the_one_read(tmp_path):
+    """file_identity tells the latest.pt a resume read from one written after: overwritten in place (`cp` keeps the
+    inode) with a checkpoint of the same size, or replaced by one of the same size and time (`rsync -t`, `cp -p`)."""
+    path = tmp_path / "latest.pt"
+    path.write_bytes(os.urandom(64))
+    read = train_module.file_identity(path)
+    stat_then = path.stat()
+    with open(path, "r+b") as f:  # in place: the same inode and size, written a second later
+        f.write(os.urandom(64))
+    os.utime(path, ns=(stat_then.st_atime_ns, stat_then.st_mtime_ns + 10**9))
+    assert path.stat().st_ino == stat_then.st_ino and train_module.file_identity(path) != read
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(os.urandom(64))
+    os.utime(copy, ns=(stat_then.st_atime_ns, stat_then.st_mtime_ns))  # the same size and time, another inode
+    os.replace(copy, path)
+    assert train_module.file_identity(path) != read
+    path.unlink()
+    assert train_module.file_identity(path) is None
+
+
+def test_a_runs_evaluations_say_whether_d_reconstructed_held_out_or_training_images(tmp_path):
+    """stats.jsonl's recon_images: "held-out" where the run holds images out (--holdout, or the built-in faces),
+    "training" where D's reconstruction error can only be measured on the images it trains on."""
+    write_faces(tmp_path / "faces", range(20))
+    for holdout, images in ((0, "training"), (4, "held-out")):
+        data = DataConfig(path=str(tmp_path / "faces"), crop="center", num_workers=0, holdout=holdout)
+        out = tmp_path / f"run{holdout}"
+        train(setup_run(MODEL, train_cfg(2, eval_images=8), data, RunOptions(out=out, quiet=True)))
+        evaluations = [row for row in reports.read_stats(out / "stats.jsonl") if "swd" in row]
+        assert [(row["step"], row["recon_images"]) for row in evaluations] == [(2, images)]
+    run_steps(tmp_path / "builtin", 2)
+    evaluations = [row for row in reports.read_stats(tmp_path / "builtin" / "stats.jsonl") if "swd" in row]
+    assert [(row["step"], row["recon_images"]) for row in evaluations] == [(2, "held-out")]
+
+
 @pytest.mark.parametrize("first, then", [("reference", "fp16"), ("fp16", "reference")])
 def test_a_run_resumes_with_another_kind_of_step(tmp_path, first, then):
     """--reference-step and --amp are not saved: a checkpoint of one kind of step resumes on another (Adam keeps
@@ -299,16 +355,19 @@ def test_a_new_run_refuses_a_folder_whose_files_it_would_overwrite_and_restarts_
     assert (moved / "step_0000002.pt").read_bytes() == snapshot
     project = tmp_path / "project"
     project.mkdir()
-    for text in ('{"name": "my project"}', "not json", "\udcff"):
+    for text in ('{"name": "my project"}', '{"model": {"layers": 12}, "train": {"epochs": 3}}', "not json", "\udcff"):
         (project / "config.json").write_text(text, errors="surrogateescape")
         with pytest.raises(ConfigError, match="config.json is not a began-fast run's: a new run would overwrite it"):
             run_steps(project, 2)
         assert (project / "config.json").read_text(errors="surrogateescape") == text
     run_steps(tmp_path / "dead", 2)
+    logged = [row["step"] for row in reports.read_stats(tmp_path / "dead" / "stats.jsonl")]
     for checkpoint in (tmp_path / "dead").glob("*.pt"):  # as if it had died before its first checkpoint
         checkpoint.unlink()
     run_steps(tmp_path / "dead", 2)
     assert load_checkpoint(tmp_path / "dead" / "latest.pt")["step"] == 2
+    # Its stats start afresh: the dead start's rows would stand beside the new run's, each step twice.
+    assert [row["step"] for row in reports.read_stats(tmp_path / "dead" / "stats.jsonl")] == logged == [2, 2]
 
 
 def test_resume_drops_what_was_written_after_the_checkpoint(tmp_path):
@@ -609,6 +668,11 @@ def test_a_resume_whose_data_moved_says_to_give_data_again(tmp_path):
         f"the run's data {tmp_path / 'faces'} is not there any more; if it moved, resume with --data naming where it "
         "is now"
     )
+    # --data given anew, naming a path that is not there either (a typo): that path is what is missing.
+    typo = tmp_path / "mvoed"
+    given = {"train": {"steps"}, "data": {"path"}}
+    with pytest.raises(DataError, match=f"^data path {re.escape(str(typo))} does not exist"):
+        setup_run(MODEL, train_cfg(4), DataConfig(path=str(typo)), options, explicit=given)
     moved = DataConfig(path=str(tmp_path / "moved"))
     train(setup_run(MODEL, train_cfg(4), moved, options, explicit={"train": {"steps"}, "data": {"path"}}))
     assert load_checkpoint(tmp_path / "run" / "latest.pt")["step"] == 4
@@ -677,6 +741,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_keeps_the_last_one(t
     good = (tmp_path / "latest.pt").read_bytes()
     killed = tmp_path / f".latest.pt.killed{atomic_files.TEMPORARY_SUFFIX}"
     killed.write_bytes(b"half a checkpoint")
+    killed_grid = tmp_path / "samples" / f".step_0000008.png.killed{atomic_files.TEMPORARY_SUFFIX}"
+    killed_grid.write_bytes(b"half a sample grid")
     (tmp_path / ".notes.txt.tmp").write_text("an editor's file in a run folder given as --out .")
     real_fdopen = os.fdopen
 
@@ -711,6 +777,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_keeps_the_last_one(t
         run_steps(tmp_path, 8, resume=True)
     assert (tmp_path / "latest.pt").read_bytes() == good
     assert [p.name for p in tmp_path.glob(".*.tmp")] == [".notes.txt.tmp"]
+    assert not killed_grid.exists()
 
 
 def test_a_checkpoint_reaches_the_disk_before_its_name_and_the_name_before_the_write_returns(tmp_path, monkeypatch):
@@ -857,6 +924,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match="non-finite loss .* up to step 6"):
         train(run)
     assert (tmp_path / "latest.pt").read_bytes() == good
+    # Before the first checkpoint: no checkpoint to name (not a latest.pt that is not there).
+    run = setup_run(MODEL, train_cfg(8), DATA, RunOptions(out=tmp_path / "new", quiet=True))
+    with torch.no_grad():
+        run.D.decoder.out.bias.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"up to step 2 .*; training stopped, no checkpoint had been written yet$"):
+        train(run)
+    assert not (tmp_path / "new" / "latest.pt").exists()
 
 
 def test_weights_that_diverge_on_a_checkpoints_step_never_replace_the_last_good_one(tmp_path):
@@ -1631,6 +1705,12 @@ def test_ranks_agree_on_a_stop_at_every_statistics_read_and_the_last_step():
     stops = [train_module.stop_signal(run, [], done) for done in range(1, 12)]
     assert [done for done, stop in zip(range(1, 12), stops, strict=True) if stop] == [2, 4, 6, 8, 10, 11]
     assert set(stops) == {0, signal.SIGTERM} and agreed == [0] * 6  # its own: none
+    # A checkpoint off the logging schedule reads the statistics too: the ranks agree there as well.
+    agreed.clear()
+    run.train_cfg = train_cfg(11, log_every=3, checkpoint_every=4)
+    stops = [train_module.stop_signal(run, [signal.SIGINT], done) for done in range(1, 12)]
+    assert [done for done, stop in zip(range(1, 12), stops, strict=True) if stop] == [3, 4, 6, 8, 9, 11]
+    assert agreed == [signal.SIGINT] * 6
     one_process = SimpleNamespace(collectives=None, train_cfg=run.train_cfg, step=run.step)
     assert train_module.stop_signal(one_process, [signal.SIGINT, signal.SIGTERM], 3) == signal.SIGINT
 
