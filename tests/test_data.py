@@ -649,8 +649,9 @@ def test_batch_order_resumed_with_another_global_batch_finishes_its_epoch():
         BatchOrder(50, 4, seed=3).batch(25)[0].tolist()
     )
     assert one.continued_at(8).batch(9)[0].tolist() == one.batch(9)[0].tolist()
-    with pytest.raises(DataError, match="both >= 0"):
-        BatchOrder(50, 4, seed=3, start_position=(0, -4))
+    for position in ((0, -4), (0, -1), (-1, 8)):
+        with pytest.raises(DataError, match="both >= 0"):
+            BatchOrder(50, 4, seed=3, start_position=position)
     # Before the start there is no position to go back to (it would slice the permutation at a negative offset).
     with pytest.raises(ValueError, match="step 2 comes before the start, step 3"):
         one.batch(2)
