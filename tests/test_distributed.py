@@ -331,6 +331,23 @@ def test_the_data_fingerprint_is_the_same_however_the_folder_is_named(tmp_path):
     assert prints[0] == prints[1] == prints[2]
 
 
+def test_the_data_fingerprint_tells_folders_apart_by_their_file_names(tmp_path):
+    """Two copies of a folder of as many images, alike in the first, middle and last (the images the fingerprint
+    reads), one with a file the other lacks and the other with one the first lacks: the names tell them apart,
+    else the ranks would cut their shards from different orders."""
+    faces = draw_faces(6, 16, seed=int(torch.randint(0, 2**31, ())))
+    one, other = tmp_path / "one", tmp_path / "other"
+    for folder, names in ((one, ("a", "b", "d", "e", "f")), (other, ("a", "c", "d", "e", "f"))):
+        folder.mkdir()
+        for name, face in zip(names, (faces[0], faces[1 if folder == one else 5], *faces[2:5]), strict=True):
+            Image.fromarray(face).save(folder / f"{name}.png")
+    prints = []
+    for folder in (one, other):
+        source = open_source(DataConfig(path=str(folder)), 16)
+        prints.append(data_fingerprint(source, TorchLoader(source, BatchOrder(len(source), 2, seed=0), num_workers=0)))
+    assert [key for key in prints[0] if prints[0][key] != prints[1][key]] == ["the training images"]
+
+
 def test_the_data_fingerprint_names_the_loader():
     source = BuiltinFaces(8, 16, seed=0)
     torch_loader = TorchLoader(source, BatchOrder(len(source), 2, seed=0), num_workers=0)
