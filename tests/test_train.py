@@ -28,7 +28,7 @@ from PIL import Image
 import began_fast.train as train_module
 from began_fast import metrics, reports
 from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models, save_checkpoint
-from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig, get_preset
 from began_fast.data import DataError
 from began_fast.data.builtin import BuiltinFaces, draw_faces
 from began_fast.distributed import CollectiveError, Collectives, World
@@ -1574,6 +1574,40 @@ def test_cli_no_flip_trains_on_unmirrored_images_and_a_resume_keeps_it(tmp_path,
     assert script.main([*args, "--steps", "2", "--resume", "--flip"]) == 2
     assert "whose data setting flip is False, not True" in capsys.readouterr().err
     assert script.main([*args, "--steps", "2", "--resume"]) == 0 and seen == [False, False]
+
+
+def test_cli_settings_given_as_zero_or_off_are_given_and_a_gpu_starts_from_gpu64(tmp_path):
+    """A flag given a false value (--no-flip, --eval-every 0, --holdout 0) is given all the same: a resume checks or
+    applies it (--eval-every 0 turns a run's evaluations off). Without --preset a new run on a GPU takes gpu64."""
+    script = load_script("train")
+    parser = script.build_parser()
+    steps = random.randint(2, 99)
+    given = ["--out", str(tmp_path), "--resume", "--steps", str(steps), "--no-flip", "--eval-every", "0"]
+    *configs, explicit = script.configs_from_flags(parser.parse_args([*given, "--holdout", "0"]), "cpu")
+    assert explicit == {"model": set(), "train": {"steps", "eval_every"}, "data": {"flip", "holdout"}}
+    assert configs[1].steps == steps and configs[1].eval_every == 0 and configs[2].flip is False
+    for device, preset in (("cuda", "gpu64"), ("cuda:1", "gpu64"), ("cpu", "demo")):
+        model, train_config, *_ = script.configs_from_flags(parser.parse_args(["--out", str(tmp_path)]), device)
+        assert (model, train_config) == (get_preset(preset).model, get_preset(preset).train), device
+
+
+def test_cli_an_error_that_names_no_setting_is_said_as_it_is(tmp_path, capsys):
+    """A config error that starts with a setting's name is said with its flag ("--steps must be ..."); one that
+    starts with anything else (a path, "the run in ...") is left as it is, not given a "--" of its own."""
+    script = load_script("train")
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--quiet", "--device", "cpu", "--image-size", "16", "--batch-size", "2"]
+    assert script.main([*args, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert script.main([*args, "--steps", "1", "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: the run in {out} has done its 1 steps: give --steps above 1 to train it further\n"
+    )
+    assert script.main([*args, "--steps", "1"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out} already holds a run ({out / 'latest.pt'}); add --resume to continue it, or choose another "
+        "--out\n"
+    )
 
 
 def test_cli_switches_on_the_vanishing_residual(tmp_path):
