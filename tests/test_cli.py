@@ -1,5 +1,6 @@
 """What the scripts share (began_fast/cli.py): the --device flag and one-line error messages."""
 
+import argparse
 import os
 import signal
 import subprocess
@@ -12,10 +13,12 @@ import torch
 
 from began_fast.cli import (
     Interrupted,
+    check_seed,
     check_stop,
     check_writable,
     data_path,
     one_line,
+    output_path,
     resolve_device,
     stop_signals,
     stop_signals_held,
@@ -83,6 +86,33 @@ def test_check_writable_tries_a_write_before_any_work(tmp_path):
     assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []  # the probe leaves nothing
 
 
+def test_check_writable_takes_a_file_to_replace_and_refuses_a_file_where_a_folder_is_needed(tmp_path):
+    """An existing output file is one to replace (an earlier --json); a file given as a folder, or standing where a
+    folder of the path should be, is refused naming the flag."""
+    earlier = tmp_path / "results.json"
+    earlier.write_bytes(os.urandom(16))
+    check_writable(earlier, "--json")
+    with pytest.raises(ConfigError, match=f"^--out {earlier} is a file; expected a folder$"):
+        check_writable(earlier, "--out", folder=True)
+    with pytest.raises(ConfigError, match=f"^--json {earlier}/x.json: {earlier} is a file, not a folder$"):
+        check_writable(earlier / "x.json", "--json")
+    with pytest.raises(ConfigError, match=f"^--json {tmp_path} is a folder; expected a file name$"):
+        check_writable(tmp_path, "--json")
+
+
+def test_output_path_and_seed_checks_refuse_what_would_misfire():
+    """An --out of spaces (an unset variable between quotes) names no folder; a seed must be in [0, 2**63 - 1)."""
+    for empty in ("", "  ", "\t"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is empty"):
+            output_path(empty)
+    assert output_path(" runs/x") == Path(" runs/x")
+    for seed in (0, 2**63 - 2):
+        check_seed(seed)
+    for seed in (-1, 2**63 - 1):
+        with pytest.raises(ConfigError, match=rf"^--seed must be in \[0, 2\*\*63 - 1\), got {seed}$"):
+            check_seed(seed)
+
+
 def test_data_path_is_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
     """--data is saved in the run's config: a relative path would name another folder when the resume runs elsewhere."""
     (tmp_path / "faces").mkdir()
@@ -107,10 +137,14 @@ def test_a_stop_signal_that_a_finalizer_dropped_is_raised_again_by_check_stop(mo
         held = Held()
         weakref.finalize(held, signal.raise_signal, signal.SIGTERM)
         del held  # the finalizer runs here, and the handler's Interrupted is dropped
+        held = Held()
+        weakref.finalize(held, signal.raise_signal, signal.SIGINT)
+        del held  # a second one, dropped too: the first is the one to stop on
         with pytest.raises(Interrupted) as stopped:
             check_stop()
     assert (stopped.value.status, stopped.value.what) == (143, "stopped by SIGTERM")
     assert dropped == [] and sigterm_recorded == []
+    assert sys.unraisablehook == dropped.append  # the hook before stop_signals is back
     check_stop()  # outside stop_signals: nothing to raise
 
 
@@ -126,6 +160,9 @@ def test_a_stop_signal_held_through_a_block_is_raised_after_it_and_the_next_stop
                 signal.raise_signal(signal.SIGTERM)
                 done.append("the whole block")
         assert done == ["the whole block"] and stopped.value.signum == signal.SIGTERM
+        with pytest.raises(Interrupted) as again:  # remembered, should the first be dropped (a finalizer's block)
+            check_stop()
+        assert again.value.signum == signal.SIGTERM
         with pytest.raises(Interrupted) as stopped:
             signal.raise_signal(signal.SIGINT)
         assert stopped.value.signum == signal.SIGINT
