@@ -120,6 +120,9 @@ def test_the_steps_noise_is_not_the_stream_that_drew_the_weights(tmp_path, refer
     assert torch.cdist(z, rows).min() > 1e-3
     assert torch.cdist(run.fixed_z.cpu(), rows).min() > 1e-3
     assert torch.cdist(run.fixed_z.cpu(), z.cpu()).min() > 1e-3  # nor is it the steps' noise: a stream of its own
+    # The sample grids' z is drawn as the steps' is, from U(-1, 1): not from a part of the space G trains on.
+    for noise in (z, run.fixed_z):
+        assert -1 <= noise.min() < -0.5 and 0.5 < noise.max() <= 1 and abs(noise.mean()) < 0.3
 
 
 def assert_same_trainer_state(a, b, where="trainer"):
@@ -284,6 +287,17 @@ def test_a_checkpoint_rewritten_in_place_or_replaced_by_one_of_its_size_and_time
     assert train_module.file_identity(path) != read
     path.unlink()
     assert train_module.file_identity(path) is None
+
+
+def test_a_run_on_fewer_images_than_a_reconstruction_grid_draws_them_all(tmp_path):
+    """reconstruction.png pairs the first 16 real images with D's reconstructions, or all of them when the data set
+    holds fewer."""
+    count = random.randint(4, 15)
+    write_faces(tmp_path / "faces", range(count))
+    data = DataConfig(path=str(tmp_path / "faces"), crop="center", num_workers=0)
+    train(setup_run(MODEL, train_cfg(2, eval_every=0), data, RunOptions(out=tmp_path / "run", quiet=True)))
+    assert (tmp_path / "run" / "reconstruction.png").exists()
+    assert (tmp_path / "run" / "samples" / "step_0000002.png").exists()
 
 
 def test_a_runs_evaluations_say_whether_d_reconstructed_held_out_or_training_images(tmp_path):
