@@ -584,6 +584,7 @@ def test_train_script_under_torchrun_stops_with_a_checkpoint_on_a_signal_to_the_
     step = int(stopped[0][0])
     assert step % 5 == 0 and load_checkpoint(out / "latest.pt")["step"] == step
     assert "resume with: the same torchrun launch of" in stderr and "Traceback" not in stderr.split(" at step ")[0]
+    assert stderr.count("resume with:") == 1  # rank 0's line alone
     assert job.returncode == 1
 
 
