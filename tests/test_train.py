@@ -125,6 +125,24 @@ def test_the_steps_noise_is_not_the_stream_that_drew_the_weights(tmp_path, refer
         assert -1 <= noise.min() < -0.5 and 0.5 < noise.max() <= 1 and abs(noise.mean()) < 0.3
 
 
+def test_a_new_runs_networks_and_sample_noise_are_its_seeds(tmp_path):
+    """--seed draws a new run's initial weights and its fixed z: the same seed gives them bit for bit (every rank of a
+    torchrun job builds its own copy from it), another seed others."""
+    seed = random.randint(1, 2**31)
+    runs = [
+        setup_run(MODEL, train_cfg(2, seed=s), DATA, RunOptions(out=tmp_path / str(i), quiet=True))
+        for i, s in enumerate((seed, seed, seed + 1))
+    ]
+    torch.rand(1000)  # the global stream moved on between runs: it draws none of it
+    runs.append(setup_run(MODEL, train_cfg(2, seed=seed), DATA, RunOptions(out=tmp_path / "3", quiet=True)))
+    same, other, again = runs[1], runs[2], runs[3]
+    for run in (same, again):
+        assert all(torch.equal(a, b) for a, b in zip(parameters(runs[0]), parameters(run), strict=True))
+        assert torch.equal(runs[0].fixed_z, run.fixed_z)
+    assert not any(torch.equal(a, b) for a, b in zip(parameters(runs[0]), parameters(other), strict=True) if a.std())
+    assert not torch.equal(runs[0].fixed_z, other.fixed_z)
+
+
 def assert_same_trainer_state(a, b, where="trainer"):
     """Two step states (both Adam states, k_t, the lr decay's, the noise generator's) are equal, bit for bit."""
     if isinstance(a, dict):
