@@ -20,6 +20,7 @@ from began_fast.cli import (
     one_line,
     output_path,
     resolve_device,
+    say_line,
     stop_signals,
     stop_signals_held,
 )
@@ -111,6 +112,18 @@ def test_output_path_and_seed_checks_refuse_what_would_misfire():
     for seed in (-1, 2**63 - 1):
         with pytest.raises(ConfigError, match=rf"^--seed must be in \[0, 2\*\*63 - 1\), got {seed}$"):
             check_seed(seed)
+
+
+def test_say_line_comes_after_what_was_printed_before_it(tmp_path, monkeypatch):
+    """say_line writes its line to stderr's file descriptor in one write, after what print() left in stderr's buffer
+    (a line said in part, as rank 0's "kernels: compiling ..." is until it is done): never before it."""
+    words = [f"{n:x}" for n in torch.randint(0, 2**31, (2,)).tolist()]
+    stderr = open(tmp_path / "stderr.txt", "w")  # buffered, with a file descriptor, as a redirected stderr
+    with stderr, monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", stderr)
+        print(f"  kernels: {words[0]} ...", end="", file=sys.stderr)
+        say_line(f"error: {words[1]}")
+    assert (tmp_path / "stderr.txt").read_text() == f"  kernels: {words[0]} ...error: {words[1]}\n"
 
 
 def test_data_path_is_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
