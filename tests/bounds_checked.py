@@ -16,6 +16,24 @@ import numpy as np
 import torch
 from triton.runtime import interpreter
 
+# What of Triton's interpreter this wraps (not its public API; Triton 3.6 to 3.9 have them all).
+INTERNALS = (
+    "GridExecutor._init_args_hst",
+    "interpreter_builder.create_masked_load",
+    "interpreter_builder.create_masked_store",
+    "_get_np_dtype",
+)
+
+
+def missing_internals() -> list[str]:
+    """The INTERNALS this Triton's interpreter lacks (a Triton that renamed them needs this module updated)."""
+    missing = []
+    for name in INTERNALS:
+        owner, _, attribute = name.rpartition(".")
+        if not hasattr(getattr(interpreter, owner) if owner else interpreter, attribute):
+            missing.append(name)
+    return missing
+
 
 class OutOfBounds(AssertionError):
     """An interpreted kernel loaded or stored outside every tensor it was given."""

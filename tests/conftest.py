@@ -58,6 +58,16 @@ def pytest_configure(config):
             f"with NumPy {numpy.__version__}: install NumPy below 2.4 (pip install 'numpy<2.4') or Triton 3.7 or "
             "newer (with the torch release that pins it)"
         )
+    if interpreting:
+        from bounds_checked import missing_internals
+
+        if missing := missing_internals():
+            import triton
+
+            raise pytest.UsageError(
+                f"tests/bounds_checked.py, which checks the interpreted kernels' memory accesses, wraps parts of "
+                f"Triton's interpreter that Triton {triton.__version__} lacks ({', '.join(missing)}): update it"
+            )
 
 
 def pytest_collection_modifyitems(config, items):
