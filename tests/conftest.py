@@ -17,6 +17,8 @@ SUITE_TIMEOUT_S = 900
 os.environ.setdefault("PYTEST_TIMEOUT", str(SUITE_TIMEOUT_S))
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Whether this run's kernels go through Triton's interpreter (decided once, here, before any kernel is defined).
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 
 
 def _interpreter_takes_runtime_loop_bounds() -> bool:
@@ -48,8 +50,7 @@ def _interpreter_takes_runtime_loop_bounds() -> bool:
 
 
 def pytest_configure(config):
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-    if interpreting and not _interpreter_takes_runtime_loop_bounds():
+    if INTERPRETING and not _interpreter_takes_runtime_loop_bounds():
         import numpy
         import triton
 
@@ -58,7 +59,7 @@ def pytest_configure(config):
             f"with NumPy {numpy.__version__}: install NumPy below 2.4 (pip install 'numpy<2.4') or Triton 3.7 or "
             "newer (with the torch release that pins it)"
         )
-    if interpreting:
+    if INTERPRETING:
         from bounds_checked import missing_internals
 
         if missing := missing_internals():
@@ -83,7 +84,7 @@ def pytest_collection_modifyitems(config, items):
 def interpreted_kernels_bounds_checked():
     """Without a GPU, every kernel a test launches has its loads and stores checked against the bounds of the tensors it
     was given (tests/bounds_checked.py): the interpreter checks none, and an unmasked access passes parity tests."""
-    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+    if not INTERPRETING:
         yield
         return
     from bounds_checked import bounds_checked

@@ -1,17 +1,15 @@
 """The suite's bounds check of interpreted kernels (tests/bounds_checked.py, on for every test by tests/conftest.py):
 an access outside the tensors a kernel was given is an error, an access inside them is not."""
 
-import os
-
 import pytest
 import torch
 import triton
 import triton.language as tl
 from bounds_checked import byte_range
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="checks Triton's interpreter (the lane without a GPU)"
-)
+from kernels.interpreter import INTERPRET
+
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="checks Triton's interpreter (the lane without a GPU)")
 
 
 @triton.jit
