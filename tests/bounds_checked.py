@@ -3,9 +3,11 @@
 Triton's interpreter reads and writes whatever address a kernel computes: it checks no bounds (docs/DESIGN.md section
 6). A load that lacks its mask then reads the memory next to a tensor, and where the loaded values are masked out or
 multiplied by 0 later, every parity test still passes; compiled, the same load may read past the end of an allocation
-and fault. `bounds_checked()` checks every lane a load or store leaves active against the byte ranges of the running
-kernel's tensor arguments: a lane inside none of them is an OutOfBounds error naming the kernel. A lane that strays
-into another argument's range (torch may place two allocations side by side) is not seen.
+and fault. `bounds_checked()` checks the lanes a load or store leaves active against the byte ranges of the running
+kernel's tensor arguments: every active lane of one access must lie in one of them (each access of this project's
+kernels offsets one tensor's pointer), else it is an OutOfBounds error naming the kernel. So a lane that strays past
+its tensor into another argument's range (torch may place two allocations side by side) is an error too; an access
+whose every lane lands in another argument is not seen.
 """
 
 from __future__ import annotations
@@ -69,15 +71,18 @@ def bounds_checked():
         itemsize = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
         first, last = int(addresses.min()), int(addresses.max()) + itemsize
         if any(start <= first and last <= end for start, end in launch["ranges"]):
-            return  # the usual case, all lanes in one tensor, at the cost of a min and a max
+            return  # all lanes in one tensor, at the cost of a min and a max
         inside = np.zeros(addresses.shape, dtype=bool)
         for start, end in launch["ranges"]:
             inside |= (addresses >= np.uint64(start)) & (addresses + np.uint64(itemsize) <= np.uint64(end))
-        if not inside.all():
-            raise OutOfBounds(
-                f"{launch['kernel']}: a {access} of {addresses.size} active lanes has {(~inside).sum()} outside every "
-                "tensor argument (a missing or too wide mask)"
-            )
+        where = (
+            f"{(~inside).sum()} outside every tensor argument"
+            if not inside.all()
+            else "lanes in more than one tensor argument (one strayed past its tensor into another)"
+        )
+        raise OutOfBounds(
+            f"{launch['kernel']}: a {access} of {addresses.size} active lanes has {where} (a missing or too wide mask)"
+        )
 
     def load_checked(ptrs, mask, other, *args):
         check(ptrs, mask, "load")

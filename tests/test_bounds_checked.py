@@ -49,6 +49,17 @@ def test_an_access_past_a_tensors_end_is_an_error_naming_the_kernel(access):
         _copy(src, mask_load=access != "load", mask_store=access != "store")
 
 
+def test_lanes_straying_past_a_tensor_into_the_next_argument_are_an_error():
+    # src and dst side by side in one buffer: an unmasked load's lanes past src's end land inside dst, a tensor the
+    # kernel was given, yet no lane of a load from src may be there.
+    buffer = torch.randn(20)
+    src, dst = buffer[:10], buffer[10:]
+    with pytest.raises(
+        triton.runtime.errors.InterpreterError, match="copy_kernel: a load of 16 active lanes has lanes in more"
+    ):
+        copy_kernel[(1,)](src, dst, 10, 1, BLOCK=16, MASK_LOAD=False, MASK_STORE=True)
+
+
 def test_byte_range_spans_a_views_elements():
     matrix = torch.randn(5, 7, dtype=torch.float64)
     start = matrix.data_ptr() + 2 * 8
