@@ -23,8 +23,9 @@
 #             pytest-benchmark writes its JSON only when a session ends: the bench phases send themselves SIGINT
 #             once BENCH_BUDGET_S seconds (default 540, under a device call's 600) have passed since this script
 #             started, and one that would start with less than a minute left is skipped; the JSON then holds the
-#             cases that finished (bench/conftest.py leaves the interrupted one out), and the stop is not a failure. Narrow the rest with BENCH_SELECT, a pytest -k expression ANDed to
-#             the phase's own (e.g. BENCH_SELECT="paper64 and not skip"), and set BENCH_TAG to keep that session's
+#             cases that finished (bench/conftest.py leaves the interrupted one out), and the stop is not a failure.
+#             Narrow the rest with BENCH_SELECT, a pytest -k expression ANDed to the phase's own (e.g.
+#             BENCH_SELECT="paper64 and not skip"), and set BENCH_TAG to keep that session's
 #             JSON apart (OUT_DIR/<name>_<tag>.json); report merges every JSON of a suite. The bench phases refuse
 #             to start without BEGAN_FAST_COMMIT (a quoted result names its commit).
 #   profile   where the fast step's time goes (scripts/profile_step.py): each kernel's device time per step, the
@@ -47,6 +48,13 @@
 # and a phase longer than one call (quality: two 10k-step runs) detached, collected by later calls while the machine
 # stays warm (it goes back after a short idle time and after 30 minutes held: call again at once, and poll):
 #   setsid nohup bash scripts/gpu_checks.sh /tmp/q quality >/tmp/q.log 2>&1 &
+# One session's device time (30 minutes, idle time included, from the first call), in the order the open issues need
+# it (an order not yet tried on a GPU: pack OUT_DIR at the end of every call, whatever has finished):
+#   call 1  compile torchrun (issue 6's 1-GPU launch, on the cache compile filled), then the quality phase detached as
+#           above (issue 7's 10k-step pair: the longest phase, so it starts as early as the cache allows)
+#   call 2  tests_cuda (or tests), at once, while quality runs: every test marked cuda, on the GPU the pair shares
+#   call 3+ poll quality; when it has ended, bench (BENCH_BUDGET_S under what is left), then profile
+# startup (near 600 s alone) and bench_data come after these, in a session of their own if need be.
 # The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
 # ~/.triton, which is lost with the machine: where the machine goes back after a short idle time, run `compile` in the
 # same call as the phases after it, or call again at once. Usage, from the repository root:
