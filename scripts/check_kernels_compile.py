@@ -18,7 +18,6 @@ Usage: TRITON_INTERPRET must be unset.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -122,9 +121,10 @@ def report(compiles: list[Compile], arch: int) -> int:
 
 
 def main(argv=None) -> int:
+    from began_fast.cli import OneLineParser
     from began_fast.config import PRESETS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["gpu64", "paper64", "paper128"])
     parser.add_argument("--skip", action="store_true", help="also each preset with the paper's skip connections")
     parser.add_argument("--amp", nargs="+", choices=list(AMPS), default=list(AMPS))

@@ -13,7 +13,6 @@ It prints a table, per kernel: Triton's or PyTorch's, launches and device time p
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -130,9 +129,10 @@ def report(rows: list[KernelTime], graph_ms: float, eager_ms: float, title: str)
 
 def main(argv=None) -> int:
     from began_fast.atomic_files import atomic_write
+    from began_fast.cli import OneLineParser
     from began_fast.config import PRESETS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper64")
     parser.add_argument("--batch", type=int, default=16, help="images per step (default 16)")
     parser.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16")

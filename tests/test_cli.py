@@ -26,7 +26,7 @@ from began_fast.cli import (
 )
 from began_fast.config import ConfigError
 from began_fast.data import DataError
-from tests.scripts import ROOT
+from tests.scripts import ROOT, load_script
 
 
 def test_resolve_device(monkeypatch):
@@ -199,6 +199,24 @@ def test_a_ctrl_c_while_a_script_imports_torch_is_one_line(tmp_path, script):
         timeout=60,
     )
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "error: interrupted while starting\n")
+
+
+@pytest.mark.parametrize(
+    "script, argv, said",
+    [
+        ("profile_step", ["--batch", "0"], "--batch must be at least 1, got 0"),
+        ("profile_step", ["--preset", "paper32"], "argument --preset: invalid choice: 'paper32'"),
+        ("check_kernels_compile", ["--jobs", "0"], "--jobs must be >= 1 (compiling threads), got 0"),
+        ("check_kernels_compile", ["--arch", "70"], "argument --arch: invalid choice: 70"),
+    ],
+)
+def test_the_gpu_scripts_refuse_a_bad_flag_in_one_line(capsys, script, argv, said):
+    """profile_step.py and check_kernels_compile.py printed argparse's whole usage text (three to five lines) before
+    their error, as no other script does: one `error:` line and status 2, as the others."""
+    with pytest.raises(SystemExit) as ended:
+        load_script(script).main(argv)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.startswith(f"error: {said}") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("script", ["gpu_checks", "quality_run"])
