@@ -153,7 +153,13 @@ def write_single_images(G, z: torch.Tensor, device, folder: Path) -> None:
         for chunk in tqdm(z.split(256), desc="images", unit="batch"):
             for image in reports.to_uint8_hwc(generate(G, chunk, device)):
                 check_stop()  # a Ctrl-C that a finalizer dropped
-                Image.fromarray(image).save(drawing / f"{index:06d}.png")
+                name = f"{index:06d}.png"
+                try:
+                    Image.fromarray(image).save(drawing / name)
+                except OSError as e:  # a full disk: PIL's write names no file ("[Errno 28] No space left on device")
+                    if e.errno is None:
+                        raise
+                    raise OSError(e.errno, f"cannot write {folder / name}: {e.strerror}") from e
                 index += 1
         check_stop()
         if not _exchange(folder, drawing):

@@ -324,6 +324,31 @@ def _contents(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
+def test_sample_script_full_disk_names_the_image_it_could_not_write(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """A disk that fills while --num images are drawn ended with `error: [Errno 28] No space left on device`, which
+    names no file (PIL's write gives none): the line names the image, as atomic_write's do for the other outputs;
+    the earlier images stay whole and no temporary folder is left."""
+    out = tmp_path / "fid"
+    draw = [str(tiny_checkpoint[0]), "--out", str(out), "--grid", "0", "--interp-rows", "0", "--device", "cpu"]
+    sample = load_script("sample")
+    assert sample.main([*draw, "--num", "3"]) == 0
+    earlier, saved = _contents(out / "images"), []
+    save = sample.Image.Image.save
+
+    def save_until_the_disk_is_full(image, path, *args, **kwargs):
+        if len(saved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        return save(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(sample.Image.Image, "save", save_until_the_disk_is_full)
+    capsys.readouterr()
+    assert sample.main([*draw, "--num", "4", "--seed", "1"]) == 2
+    said = f"error: [Errno 28] cannot write {out / 'images' / '000002.png'}: No space left on device\n"
+    assert capsys.readouterr().err.splitlines(keepends=True)[-1] == said
+    assert _contents(out / "images") == earlier and sorted(p.name for p in out.iterdir()) == ["images"]
+
+
 @pytest.mark.parametrize(
     "failure",
     [None, "no renameat2", errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP],
