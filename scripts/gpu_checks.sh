@@ -65,7 +65,11 @@ case ${1:-} in  # before the GPU's checks start: --help is not an OUT_DIR (mkdir
     -*) echo "usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...] (not the option $1; --help lists the phases)"
         exit 2 ;;
 esac
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...]}
+if [[ -z ${1:-} ]]; then  # none or empty (an unset variable); ${1:?...} said "...: line 60: 1: usage: ...", status 1
+    echo "usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...] (--help lists the phases)"
+    exit 2
+fi
+out=$1
 shift
 phases=${*:-compile tests bench profile torchrun startup startup_pair quality}
 known=" compile tests tests_cuda bench_step bench_step_compile bench_kernels bench_kernels_compile bench_data report"

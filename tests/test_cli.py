@@ -241,6 +241,22 @@ def test_the_shell_scripts_help_prints_their_usage_and_runs_nothing(tmp_path, sc
     assert not (tmp_path / "ran").exists() and not list(work.iterdir())
 
 
+@pytest.mark.parametrize("argv", [[], [""]], ids=["none", "empty"])
+def test_gpu_checks_without_an_out_dir_prints_its_usage_and_status_2(tmp_path, argv):
+    """`bash scripts/gpu_checks.sh` with no OUT_DIR (or an empty one, an unset variable) said "scripts/gpu_checks.sh:
+    line 60: 1: usage: ..." and exited 1, the status of a failed check: its usage line and 2, as for a bad option."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    usage = "usage: bash scripts/gpu_checks.sh OUT_DIR [PHASE...] (--help lists the phases)\n"
+    assert (done.returncode, done.stdout, done.stderr) == (2, usage, ""), done
+    assert not list(tmp_path.iterdir())
+
+
 def test_gpu_checks_refuses_an_unknown_phase_before_running_any(tmp_path):
     """Every phase named is checked before the first runs: a typo in the last one ended the script only when it came
     to it, hours in on a GPU machine. Valid names, the default list included, go on to the checks (a stand-in python,
