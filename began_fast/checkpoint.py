@@ -74,7 +74,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             f"checkpoint {path} is damaged ({damaged}); copy an earlier snapshot (step_XXXXXXX.pt) over it"
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint holds tensors, dicts, lists and numbers only; a pickled object in a file handed
+        # to evaluate.py or sample.py is refused, its code never run (torch.load's weights_only=False runs it)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many kinds for a damaged file
         reason = type(e).__name__
         raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); is it a began-fast .pt file?") from None

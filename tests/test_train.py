@@ -1381,6 +1381,25 @@ def test_a_file_beginning_as_a_zip_archive_does_not_is_not_called_damaged(tmp_pa
         load_checkpoint(tmp_path / "notes.pt")
 
 
+class _RunsCodeWhenUnpickled:
+    """A pickled object whose unpickling calls a function: what a malicious checkpoint would run."""
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.path),))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_and_its_code_never_run(tmp_path):
+    """evaluate.py and sample.py read a checkpoint a user may have been handed: read with torch.load's
+    weights_only=False, an object pickled in it ran its code (here, making a folder) before any check."""
+    ran = tmp_path / "ran"
+    payload = _RunsCodeWhenUnpickled()
+    payload.path = ran
+    torch.save({**entries(3), "format": "began-fast/1", "trainer": {"k": payload}}, tmp_path / "latest.pt")
+    with pytest.raises(CheckpointError, match=r"latest\.pt cannot be read \(UnpicklingError\); is it a began-fast"):
+        load_checkpoint(tmp_path / "latest.pt")
+    assert not ran.exists()
+
+
 def entries(step):
     """A checkpoint's entries of the types every reader takes for granted."""
     configs = {name: {"seed": random.randrange(100)} for name in ("model_config", "train_config", "data_config")}
