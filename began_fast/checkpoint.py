@@ -69,6 +69,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             damaged = "its index or a record's header cannot be read"
     elif _starts_a_zip_archive(path):  # the archive's index, written last, is missing
         damaged = "it ends early, as a write to a full disk or a copy cut short leaves it"
+    elif path.stat().st_size == 0:  # torch.load's EOFError would say nothing of it
+        damaged = "it is empty, 0 bytes"
     if damaged is not None:
         raise CheckpointError(
             f"checkpoint {path} is damaged ({damaged}); copy an earlier snapshot (step_XXXXXXX.pt) over it"

@@ -1368,6 +1368,7 @@ def test_damaged_checkpoints_are_refused_with_one_line(tmp_path):
         (whole[: len(whole) // 2], r"is damaged \(it ends early, .+ a copy cut short .+\); copy an earlier snapshot"),
         (whole[:-5], r"is damaged \(it ends early"),
         (b"\x00" * 100, "cannot be read"),
+        (b"", r"is damaged \(it is empty, 0 bytes\); copy an earlier snapshot"),  # was "cannot be read (EOFError)"
     ):
         (tmp_path / "latest.pt").write_bytes(damage)
         with pytest.raises(CheckpointError, match=message):
