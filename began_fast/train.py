@@ -202,6 +202,8 @@ def setup_run(
     device = torch.device(opts.device)
     if opts.out.exists() and not opts.out.is_dir():
         raise ConfigError(f"--out {opts.out} is a file; expected a run folder (a new one, or one that holds a run)")
+    if held_by_another(opts.out):  # before reading anything: a run not at its first checkpoint yet has no latest.pt
+        raise ConfigError(folder_in_use(opts.out))
     latest = opts.out / "latest.pt"
     if not opts.resume:
         check_new_run_folder(opts.out)
@@ -748,12 +750,27 @@ def lock_run_folder(out: Path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise ConfigError(
-            f"another process is training in {out} (it holds {RUN_LOCK}): let it end, or choose another --out"
-        ) from None
+        raise ConfigError(folder_in_use(out)) from None
     except OSError:  # no locks here (ENOLCK): as before them
         pass
     return handle
+
+
+def folder_in_use(out: Path) -> str:
+    return f"another process is training in {out} (it holds {RUN_LOCK}): let it end, or choose another --out"
+
+
+def held_by_another(out: Path) -> bool:
+    """Whether a process holds the run folder `out` now (lock_run_folder); False where it has no lock file or the
+    file system no locks. The lock tried here goes with the file's closing."""
+    try:
+        with open(out / RUN_LOCK, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no folder, no lock file, or no locks (ENOLCK)
+        return False
+    return False
 
 
 def file_identity(path: Path) -> tuple[int, int, int] | None:

@@ -258,6 +258,32 @@ def test_a_run_folder_another_process_trains_in_is_refused(tmp_path, monkeypatch
     assert states == ["held"] and lock_state() == "free"
 
 
+def test_a_resume_in_a_folder_whose_run_has_no_checkpoint_yet_says_another_process_trains_there(tmp_path):
+    """A run before its first checkpoint holds its folder but has no latest.pt: a resume there is refused because
+    another process trains in it, not because the checkpoint "does not exist" (which reads as a lost run)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    hold = "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "; time.sleep(120)", str(out / RUN_LOCK)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "1\n"
+        for resume in (True, False):
+            with pytest.raises(ConfigError) as refused:
+                setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=out, resume=resume, quiet=True))
+            assert str(refused.value) == (
+                f"another process is training in {out} (it holds {RUN_LOCK}): let it end, or choose another --out"
+            )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(os.listdir(out)) == sorted([RUN_LOCK, "config.json"])
+    with pytest.raises(CheckpointError, match="does not exist"):  # once it let go: the folder's own state
+        setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=out, resume=True, quiet=True))
+
+
 def test_a_run_refuses_a_folder_another_run_wrote_after_it_looked(tmp_path):
     """setup_run looks at the folder before train() holds it: a run that held it meanwhile, and has let go, wrote
     there. A new run set up before that, or a resume that read the checkpoint before it, would overwrite its work:
