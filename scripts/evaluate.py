@@ -177,6 +177,15 @@ def evaluate(args: argparse.Namespace) -> int:
         )
         if args.json is not None:  # before the evaluation, not after it; after the checks: a refused call creates
             check_writable(args.json, "--json")  # no folder
+        # The evaluation takes tens of seconds on a CPU and prints nothing until it ends: say what runs meanwhile.
+        metrics = "SWD and FID" if args.fid else "SWD"
+        recon_on = f"{args.num if held_out is None else len(held_out)} {recon_images} images"
+        print(
+            f"evaluating step {state['step']} on {args.device}: {metrics} of {args.num} samples against {args.num} "
+            f"real images, D's error on {recon_on} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         result = evaluate_models(
             G,
             D,
