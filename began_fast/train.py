@@ -885,7 +885,8 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
                 if stop:
                     if main:
                         how = "interrupted" if stop == signal.SIGINT else f"stopped by {signal.Signals(stop).name}"
-                        print(f"{how} at step {done}; checkpoint written to {last_checkpoint}", file=sys.stderr)
+                        # tqdm.write: the line clears the progress bar's, where print would end it mid-bar
+                        tqdm.write(f"{how} at step {done}; checkpoint written to {last_checkpoint}", file=sys.stderr)
                     break
             with guard.paused():
                 pictures.wait()

@@ -1074,6 +1074,10 @@ def test_cli_ctrl_c_or_sigterm_exits_with_the_signal_and_says_how_to_resume(
     assert lines[-2] == f"{said} at step 3; checkpoint written to {out / 'latest.pt'}"
     assert lines[-1] == f"resume with: python scripts/train.py --out '{out}' --resume --device cpu"
     assert load_checkpoint(out / "latest.pt")["step"] == 3
+    # With the progress bar on stderr, the line starts a line of its own (it was written after the bar's text).
+    assert script.main(["--out", str(tmp_path / "bar"), "--device", "cpu", "--steps", "6", *tiny]) == status
+    shown = [line.rsplit("\r", 1)[-1] for line in capsys.readouterr().err.splitlines()]  # what a terminal shows
+    assert f"{said} at step 3; checkpoint written to {tmp_path / 'bar' / 'latest.pt'}" in shown
     monkeypatch.chdir(tmp_path)  # run from elsewhere: the command names the script where it is
     how = SimpleNamespace(out=out, device="cpu", impl=None, amp=None, cuda_graphs=False, reference_step=False)
     assert script.resume_command(how) == f"{ROOT / 'scripts' / 'train.py'} --out '{out}' --resume --device cpu"
