@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from began_fast.config import ConfigError
 
@@ -145,15 +146,17 @@ def out_of_memory(error: RuntimeError, what: str) -> str | None:
 
 def say_line(line: str) -> None:
     """`line` on stderr in one write: the ranks of a torchrun job share the launcher's stderr, and lines written in
-    parts can interleave. A stderr with no file descriptor (replaced in the process, as pytest's capsys does) gets
-    it as text."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both an OSError and a ValueError
-        print(line, file=sys.stderr)
-        return
-    sys.stderr.flush()
-    os.write(fd, (line + "\n").encode())
+    parts can interleave. A progress bar on stderr is cleared first and drawn again after it (tqdm's
+    external_write_mode), so the line does not land in the middle of the bar's. A stderr with no file descriptor
+    (replaced in the process, as pytest's capsys does) gets it as text."""
+    with tqdm.external_write_mode(file=sys.stderr):
+        try:
+            fd = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both an OSError and a ValueError
+            print(line, file=sys.stderr)
+            return
+        sys.stderr.flush()
+        os.write(fd, (line + "\n").encode())
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from began_fast import metrics, ops, reports
 from began_fast.atomic_files import atomic_write, remove_stale_temporaries
 from began_fast.checkpoint import config_dict, load_checkpoint, misfit, save_checkpoint, saved_configs
-from began_fast.cli import STOP_SIGNALS
+from began_fast.cli import STOP_SIGNALS, say_line
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import held_out_images, make_batches, open_source, resolve_source
 from began_fast.data.gpu_resident import GpuResidentStream
@@ -885,8 +885,7 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
                 if stop:
                     if main:
                         how = "interrupted" if stop == signal.SIGINT else f"stopped by {signal.Signals(stop).name}"
-                        # tqdm.write: the line clears the progress bar's, where print would end it mid-bar
-                        tqdm.write(f"{how} at step {done}; checkpoint written to {last_checkpoint}", file=sys.stderr)
+                        say_line(f"{how} at step {done}; checkpoint written to {last_checkpoint}")
                     break
             with guard.paused():
                 pictures.wait()

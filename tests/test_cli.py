@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from began_fast.cli import (
     Interrupted,
@@ -124,6 +125,23 @@ def test_say_line_comes_after_what_was_printed_before_it(tmp_path, monkeypatch):
         print(f"  kernels: {words[0]} ...", end="", file=sys.stderr)
         say_line(f"error: {words[1]}")
     assert (tmp_path / "stderr.txt").read_text() == f"  kernels: {words[0]} ...error: {words[1]}\n"
+
+
+def test_say_line_clears_a_progress_bar_on_stderr_and_draws_it_again(tmp_path, monkeypatch):
+    """A warning or a stop line said while the training's progress bar is on stderr starts a line of its own, as a
+    terminal shows it (after the line's last carriage return), and the bar is drawn again after it; before, it
+    followed the bar's text on the bar's line."""
+    stderr = open(tmp_path / "stderr.txt", "w")
+    with stderr, monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", stderr)
+        bar = tqdm(total=10, file=sys.stderr, mininterval=0, ncols=60)
+        bar.update(3)
+        say_line("warning: skipped 1 image file")
+        bar.close()
+    shown = [line.rsplit("\r", 1)[-1] for line in (tmp_path / "stderr.txt").read_text().split("\n")]
+    assert "warning: skipped 1 image file" in shown, shown
+    after = [line for line in shown[shown.index("warning: skipped 1 image file") + 1 :] if line.strip()]
+    assert after and "3/10" in after[0], shown  # drawn again where it was
 
 
 def test_data_path_is_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
