@@ -86,6 +86,11 @@ class ModelConfig:
     def num_scales(self) -> int:
         return (self.image_size // 8).bit_length()
 
+    def describe(self) -> str:
+        """One line for a run's start: "64 px, n 128, h 64, z 64, no skips[, vanishing residual over N steps]"."""
+        line = f"{self.image_size} px, n {self.n}, h {self.h}, z {self.z_size}, {'skips' if self.skip else 'no skips'}"
+        return line + (f", vanishing residual over {self.carry_steps} steps" if self.vanishing_residual else "")
+
 
 @dataclass(frozen=True)
 class TrainConfig:

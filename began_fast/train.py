@@ -725,7 +725,7 @@ def announce(run: Run, data: str) -> None:
             "  warning: the checkpoint's noise generator ran on another kind of device and cannot go on here: z "
             "comes from a new stream, seeded from the seed and the step"
         )
-    lines.append(f"  model: {run.model_cfg}")
+    lines.append(f"  model: {run.model_cfg.describe()}")
     lines.append(f"  train: {cfg.steps} steps, gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}, Adam betas {cfg.betas}")
     step_kind = "reference" if run.opts.reference_step else f"fast, amp={run.opts.amp}, graphs={run.opts.cuda_graphs}"
     lines.append(f"  step: {step_kind}, impl={run.opts.impl}, device={run.opts.device}")

@@ -152,3 +152,10 @@ def test_replace_keeps_the_values_not_given_and_checks_the_result():
     assert replace(cfg, lr=None, steps=7, gamma=None) == TrainConfig(batch_size=4, lr=3e-4, steps=7)
     with pytest.raises(ConfigError, match=r"gamma must be in \(0, 1\], got 2.0"):
         replace(cfg, gamma=2.0)
+
+
+def test_a_model_config_describes_itself_in_one_line_for_a_runs_start():
+    assert get_preset("paper64").model.describe() == "64 px, n 128, h 64, z 64, no skips"
+    assert get_preset("demo").model.describe() == "32 px, n 16, h 32, z 32, skips"
+    model = ModelConfig(image_size=16, n=4, h=8, z_dim=3, vanishing_residual=True, carry_steps=500)
+    assert model.describe() == "16 px, n 4, h 8, z 3, no skips, vanishing residual over 500 steps"
