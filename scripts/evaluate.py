@@ -179,10 +179,10 @@ def evaluate(args: argparse.Namespace) -> int:
             check_writable(args.json, "--json")  # no folder
         # The evaluation takes tens of seconds on a CPU and prints nothing until it ends: say what runs meanwhile.
         metrics = "SWD and FID" if args.fid else "SWD"
-        recon_on = f"{args.num if held_out is None else len(held_out)} {recon_images} images"
+        recon_num = args.num if held_out is None else len(held_out)
         print(
             f"evaluating step {state['step']} on {args.device}: {metrics} of {args.num} samples against {args.num} "
-            f"real images, D's error on {recon_on} ...",
+            f"real images, D's error on {recon_num} {recon_images} images ...",
             file=sys.stderr,
             flush=True,
         )
@@ -204,7 +204,7 @@ def evaluate(args: argparse.Namespace) -> int:
             "data": real.describe(),
             **result,
             "recon_images": recon_images,
-            "recon_num": args.num if held_out is None else len(held_out),
+            "recon_num": recon_num,
         }
         print(format_table(report))
         if args.json is not None:
