@@ -147,8 +147,9 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
     kind, _ = resolve_source(cfg)
     if kind not in ("celeba", "folder"):  # before it is opened: opening an HDF5 file warns about its image size
         raise DataError(f"{args.src} is not an image folder (it is a {kind} source)")
+    # Before the folder is opened: opening checks every file's header (a minute for CelebA), then the hour of decoding.
+    check_writable(args.out, "the output")
     source = open_source(cfg, args.size)
-    check_writable(args.out, "the output")  # before the hour of decoding, not after it
     files = source.files
     remove_stale_temporaries(args.out)
     tmp = _temporary(args.out, os.getpid())

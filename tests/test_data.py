@@ -27,7 +27,7 @@ import torch
 from PIL import ExifTags, Image
 
 from began_fast import seeds
-from began_fast.config import DataConfig
+from began_fast.config import ConfigError, DataConfig
 from began_fast.data import (
     BatchOrder,
     DataError,
@@ -168,8 +168,8 @@ def test_folder_images_smaller_than_the_model_are_warned_about_once(tmp_path):
     with pytest.warns(UserWarning) as warned:
         open_source(DataConfig(path=str(tmp_path), crop="center"), 16)
     assert [str(w.message) for w in warned] == [
-        f"3 of 4 images are smaller than the model's 16x16 once cropped (first: {tmp_path / '1.png'}): each is "
-        "upscaled, so the model learns blurred images"
+        f"3 of 4 images are smaller, once cropped, than the 16x16 they are resized to (first: {tmp_path / '1.png'}): "
+        "each is upscaled, so a model trained on them learns blurred images"
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -328,7 +328,7 @@ def test_loader_workers_warn_once_between_them_about_a_file_that_broke(tmp_path)
     paths = write_celeba_like(tmp_path / "faces", 8, seed=3)
     program = f"""
 import os, torch
-from began_fast.config import DataConfig
+from began_fast.config import ConfigError, DataConfig
 from began_fast.data import BatchOrder, TorchLoader, open_source
 source = open_source(DataConfig(path={str(tmp_path / "faces")!r}), 16)
 os.remove({str(paths[5])!r})
@@ -1132,6 +1132,20 @@ def test_prepare_celeba_replaces_an_existing_file_only_when_told(tmp_path, celeb
     assert out.read_bytes() == b"an earlier data set"
     assert run_prepare(celeba_root, out, "--size", 16, "--workers", 1, "--overwrite").returncode == 0
     assert len(open_source(DataConfig(path=str(out)), 16)) == CELEBA_COUNT
+
+
+def test_prepare_celeba_refuses_an_output_it_cannot_write_before_opening_the_folder(tmp_path, celeba_root, monkeypatch):
+    """Opening the folder reads every file's header (a minute for CelebA's 202,599): an output that cannot be written
+    is said first, not after that minute."""
+    prepare_celeba = load_script("prepare_celeba")
+    opened = []
+    monkeypatch.setattr(prepare_celeba, "open_source", lambda *args: opened.append(args))
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "celeba16.h5"
+    args = prepare_celeba.parse_args([str(celeba_root), str(out), "--size", "16", "--workers", "1"])
+    with pytest.raises(ConfigError, match=f"^the output {re.escape(str(out))}: .*a_file is a file, not a folder$"):
+        prepare_celeba.prepare(args)
+    assert opened == []
 
 
 def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporary(tmp_path, celeba_root, monkeypatch):

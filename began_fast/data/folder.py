@@ -88,8 +88,8 @@ def scan_images(files: list[str], crop: str | None, crop_size: int | None, image
             small.append(path)
     if small:
         warnings.warn(
-            f"{len(small)} of {len(good)} images are smaller than the model's {image_size}x{image_size} once cropped "
-            f"(first: {small[0]}): each is upscaled, so the model learns blurred images",
+            f"{len(small)} of {len(good)} images are smaller, once cropped, than the {image_size}x{image_size} they "
+            f"are resized to (first: {small[0]}): each is upscaled, so a model trained on them learns blurred images",
             stacklevel=3,
         )
     skipped = len(files) - len(good)
