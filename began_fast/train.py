@@ -58,6 +58,8 @@ COMPILER_WAIT_S = 600.0
 RECONSTRUCTION_PAIRS = 16
 # In the run folder: {"step": S}, written after the last picture of step S (pictures_written).
 PICTURES_RECORD = "pictures.json"
+# In the run folder: the pictures drawn at each sample step from its grid, the stats and D (_write_pictures).
+DRAWN_WITH_THE_GRIDS = ("progress.png", "progress.gif", "reconstruction.png", "convergence.png")
 # A stop signal repeated sooner is the same request (stop_on_interrupt): torchrun's launcher repeats the signal it
 # got to its workers at once, and they got it too when it came from a scheduler that signals every process of a job
 # (a terminal's Ctrl-C reaches the launcher alone: the workers run in sessions of their own). A person's second
@@ -675,13 +677,22 @@ def open_stats(out: Path, start: int):
     return open(path, "a")
 
 
-def drop_later_samples(out: Path, start: int) -> None:
+def drop_later_pictures(out: Path, start: int) -> None:
     """Remove the sample grids of steps after `start`, drawn by a run that then died before its next checkpoint
     (a new run, start 0, removes those of a run that died before its first): this run draws them again when it
-    gets there, and if it stops sooner they must not end its progress strip."""
-    for step, path in reports.sample_frames(out):
-        if step > start:
-            path.unlink()
+    gets there, and if it stops sooner they must not end its progress strip. The pictures drawn with them showed
+    those steps until this run's first sample step: the progress strip and GIF are drawn again from the grids that
+    stay, the convergence plot from the stats rows that stay (open_stats dropped the later ones), and the
+    reconstructions, which only a sample step draws, are removed."""
+    later = [path for step, path in reports.sample_frames(out) if step > start]
+    if not later:
+        return
+    for path in later:
+        path.unlink()
+    for name in DRAWN_WITH_THE_GRIDS:
+        (out / name).unlink(missing_ok=True)
+    if reports.update_progress(out):
+        reports.plot_convergence(reports.read_stats(out / "stats.jsonl"), out / "convergence.png")
 
 
 def check_evaluation_data(run: Run, real: RealImages) -> None:
@@ -853,7 +864,7 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=run.opts.quiet or not main)
     stats = open_stats(out, start) if main else contextlib.nullcontext()  # None on the other ranks
     if main:
-        drop_later_samples(out, start)
+        drop_later_pictures(out, start)
     pictures = reports.BackgroundWriter()
     try:
         # The pictures in flight are written with the stop signals still deferred: under torchrun a rank that stops

@@ -444,6 +444,36 @@ def test_resume_drops_what_was_written_after_the_checkpoint(tmp_path):
     assert [step for step, _ in reports.sample_frames(tmp_path)] == [4, 8]
 
 
+@pytest.mark.parametrize("start", [0, 4], ids=["dead-start", "dead-resume"])
+def test_a_restart_shows_no_picture_of_the_steps_it_drops(tmp_path, monkeypatch, start):
+    """A run that drew its pictures at step 12 and died before checkpointing it (its last checkpoint at step 4, or
+    none: a dead start): until the run started again draws its own, its strip, GIF and convergence plot show the
+    steps it keeps and no later one, and no reconstruction grid of a dropped step stands."""
+    run_steps(tmp_path, 4)
+    grids = tmp_path / "samples"
+    shutil.copy(grids / "step_0000004.png", grids / "step_0000012.png")
+    reports.update_progress(tmp_path)  # the strip and the GIF end at step 12
+    for name in ("reconstruction.png", "convergence.png"):
+        (tmp_path / name).write_bytes(b"drawn at step 12")
+    if start == 0:
+        for checkpoint in tmp_path.glob("*.pt"):
+            checkpoint.unlink()
+    monkeypatch.setattr(train_module, "write_pictures", lambda *args: None)  # the restart draws none of its own
+    run_steps(tmp_path, start + 2, resume=start > 0)
+    if start == 0:
+        assert [name for name in train_module.DRAWN_WITH_THE_GRIDS if (tmp_path / name).exists()] == []
+        return
+    assert not (tmp_path / "reconstruction.png").exists()
+    kept = tmp_path / "kept"
+    (kept / "samples").mkdir(parents=True)
+    shutil.copy(grids / "step_0000004.png", kept / "samples")
+    reports.update_progress(kept)
+    rows = [row for row in reports.read_stats(tmp_path / "stats.jsonl") if row["step"] <= start]
+    reports.plot_convergence(rows, kept / "convergence.png")
+    for name in ("progress.png", "progress.gif", "convergence.png"):
+        assert (tmp_path / name).read_bytes() == (kept / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("died", [False, True], ids=["after-its-pictures", "between-checkpoint-and-evaluation"])
 def test_a_resume_makes_the_evaluation_and_pictures_its_checkpoints_step_missed(tmp_path, monkeypatch, died):
     """A run killed after the checkpoint of an evaluation step and before its evaluation and pictures (or stopped by
