@@ -17,10 +17,25 @@ from tqdm import tqdm
 
 from began_fast.config import ConfigError
 
+# A negative number in scientific notation, which argparse (Python 3.10 to 3.13) reads as a flag, not as a value.
+NEGATIVE_SCIENTIFIC = re.compile(r"-(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse's parser, whose errors (a missing argument, `--steps abc`) are one line on stderr, exit 2, rather
-    than the whole usage text and then the error."""
+    than the whole usage text and then the error. `--lr -1e-4` is read as `--lr=-1e-4`, so the value is checked as
+    one (argparse said that --lr's argument was missing)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        given = list(sys.argv[1:] if args is None else args)
+        joined: list[str] = []
+        for arg in given:
+            after_a_flag = joined and joined[-1].startswith("--") and "=" not in joined[-1] and "--" not in joined
+            if after_a_flag and NEGATIVE_SCIENTIFIC.fullmatch(arg):
+                joined[-1] += "=" + arg
+            else:
+                joined.append(arg)
+        return super().parse_known_args(joined, namespace)
 
     def error(self, message: str):
         say_line(f"error: {message} (see {self.prog} --help)")

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from began_fast.cli import (
     Interrupted,
+    OneLineParser,
     check_seed,
     check_stop,
     check_writable,
@@ -235,6 +236,31 @@ def test_the_gpu_scripts_refuse_a_bad_flag_in_one_line(capsys, script, argv, sai
         load_script(script).main(argv)
     err = capsys.readouterr().err
     assert ended.value.code == 2 and err.startswith(f"error: {said}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("value", ["-1e-4", "-1.5E+2", "-.5e1", "-3.e0"])
+def test_a_negative_number_in_scientific_notation_is_a_flags_value(capsys, value):
+    """argparse reads `-1e-4` as a flag and says that --lr's argument is missing; the parser reads it as --lr's
+    value, which train.py then refuses for what it is. A negative number after `--` stays a positional argument."""
+    parser = OneLineParser(prog="train.py")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("rest", nargs="*")
+    assert parser.parse_args(["--lr", value]).lr == float(value)
+    assert parser.parse_args(["--quiet", "--", value]).rest == [value]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quiet", value])  # a flag that takes no value: refused, as a value after it is
+    assert "ignored explicit argument" in capsys.readouterr().err
+
+
+def test_train_refuses_a_negative_lr_in_scientific_notation_for_what_it_is():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--lr", "-1e-4", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr == "error: --lr must be a finite number > 0, got -0.0001\n"
 
 
 @pytest.mark.parametrize("script", ["gpu_checks", "quality_run"])
