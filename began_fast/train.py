@@ -289,9 +289,10 @@ def owed_at(out: Path, cfg: TrainConfig, saved: TrainConfig, step: int, final: b
     """(evaluation, pictures): whether a run resumed with `cfg` from a checkpoint of `step` written by a run with
     `saved` makes each there, the run folder `out` not holding it. Due at a run's last step (`final`), or on the
     schedule of the run that wrote the checkpoint (a resume that changes --sample-every or --eval-every owes the
-    steps of the old schedule, not of its own, whose steps start after this one); an evaluation only where `cfg`
-    still evaluates (a resume given --eval-every 0 makes none)."""
-    evaluation = bool(cfg.eval_every) and (final or bool(saved.eval_every) and step % saved.eval_every == 0)
+    steps of the old schedule, not of its own, whose steps start after this one); an evaluation only where both
+    evaluate (a run that made none owes none, at its last step either; a resume given --eval-every 0 makes none)."""
+    evaluates = bool(cfg.eval_every and saved.eval_every)
+    evaluation = evaluates and (final or step % saved.eval_every == 0)
     if evaluation:
         evaluation = not any("swd" in row and row["step"] == step for row in reports.read_stats(out / "stats.jsonl"))
     pictures = final or step % saved.sample_every == 0

@@ -656,6 +656,26 @@ def test_a_resume_from_a_checkpoint_off_the_schedules_ends_as_a_run_of_the_steps
         assert a.read_bytes() == b.read_bytes()
 
 
+def test_a_finished_run_that_made_no_evaluations_owes_none_at_its_last_step(tmp_path):
+    """A run of 4 steps without evaluations, resumed for 4 more with --eval-every 2: its evaluations start after the
+    checkpoint, as they would have on a resume from the middle of a run (step 4 was no evaluation step of the run
+    that wrote it), and the same resume with --steps 4 has nothing to make."""
+    run = lambda steps, resume=False, **given: train(  # noqa: E731
+        setup_run(
+            MODEL,
+            train_cfg(steps, **given),
+            DATA,
+            RunOptions(out=tmp_path, resume=resume, quiet=True),
+            explicit={"train": {"steps", *given}},
+        )
+    )
+    run(4, eval_every=0)
+    with pytest.raises(ConfigError, match="has done its 4 steps: give --steps above 4"):
+        run(4, resume=True, eval_every=2)
+    run(8, resume=True, eval_every=2)
+    assert [row["step"] for row in reports.read_stats(tmp_path / "stats.jsonl") if "swd" in row] == [6, 8]
+
+
 @pytest.mark.parametrize(
     "killed_at, resumed_with, swd_at, grids_at",
     [
