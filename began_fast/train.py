@@ -66,6 +66,7 @@ DRAWN_WITH_THE_GRIDS = ("progress.png", "progress.gif", "reconstruction.png", "c
 # Ctrl-C, to stop at once, comes later.
 REPEAT_WINDOW_S = 2.0
 RUN_LOCK = ".began-fast.lock"  # in the run folder: held by the process that trains there (lock_run_folder)
+LOCK_PATIENCE_S = 1.0  # how long lock_run_folder tries before it says the folder is another run's
 # On --resume the checkpoint's configs stand. These settings may still be given anew: how long the run goes, how
 # it is watched, and where and how its data is read (the same data, moved); any other one must match the saved.
 RESUME_MAY_CHANGE = {
@@ -758,14 +759,21 @@ def lock_run_folder(out: Path):
         handle = open(out / RUN_LOCK, "a+")
     except OSError as e:
         raise ConfigError(f"cannot write into the run folder --out {out}: {e.strerror}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise ConfigError(folder_in_use(out)) from None
-    except OSError:  # no locks here (ENOLCK): as before them
-        pass
-    return handle
+    # A held_by_another that looks at that moment (another rank of this job, another run's setup) holds a shared lock
+    # for microseconds: tried again for a while, the lock is refused only by a process that keeps it, a run.
+    deadline = time.monotonic() + LOCK_PATIENCE_S
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.01)
+                continue
+            handle.close()
+            raise ConfigError(folder_in_use(out)) from None
+        except OSError:  # no locks here (ENOLCK): as before them
+            return handle
 
 
 def folder_in_use(out: Path) -> str:
@@ -774,10 +782,11 @@ def folder_in_use(out: Path) -> str:
 
 def held_by_another(out: Path) -> bool:
     """Whether a process holds the run folder `out` now (lock_run_folder); False where it has no lock file or the
-    file system no locks. The lock tried here goes with the file's closing."""
+    file system no locks. The lock tried here is a shared one, which only a run's exclusive lock refuses (every rank
+    of a job looks at once: exclusive tries refused each other), and goes with the file's closing."""
     try:
         with open(out / RUN_LOCK, "rb") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     except OSError:  # no folder, no lock file, or no locks (ENOLCK)

@@ -258,6 +258,27 @@ def test_a_run_folder_another_process_trains_in_is_refused(tmp_path, monkeypatch
     assert states == ["held"] and lock_state() == "free"
 
 
+def test_a_look_at_the_run_folder_neither_refuses_another_look_nor_the_run_that_takes_it(tmp_path):
+    """Every rank of a torchrun job looks whether another process holds the run folder, at about the same moment, and
+    rank 0 then takes it. Looks that tried an exclusive lock refused each other (a 2-rank resume failed with "another
+    process is training" once in 17, found by a helper), and a look at the moment a run took the folder refused the
+    run. Here another process looks without pause while this one looks and takes the folder, again and again."""
+    (tmp_path / RUN_LOCK).touch()
+    look = (
+        "import sys, pathlib; from began_fast.train import held_by_another; out = pathlib.Path(sys.argv[1]); "
+        "print(1, flush=True)\nwhile not (out / 'stop').exists(): held_by_another(out)"
+    )
+    looker = subprocess.Popen([sys.executable, "-c", look, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert looker.stdout.readline() == "1\n"
+        for _ in range(300):
+            assert not train_module.held_by_another(tmp_path)
+            train_module.lock_run_folder(tmp_path).close()
+    finally:
+        (tmp_path / "stop").touch()
+        assert looker.wait(timeout=60) == 0
+
+
 def test_a_resume_in_a_folder_whose_run_has_no_checkpoint_yet_says_another_process_trains_there(tmp_path):
     """A run before its first checkpoint holds its folder but has no latest.pt: a resume there is refused because
     another process trains in it, not because the checkpoint "does not exist" (which reads as a lost run)."""
