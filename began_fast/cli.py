@@ -24,7 +24,10 @@ NEGATIVE_SCIENTIFIC = re.compile(r"-(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 class OneLineParser(argparse.ArgumentParser):
     """argparse's parser, whose errors (a missing argument, `--steps abc`) are one line on stderr, exit 2, rather
     than the whole usage text and then the error. `--lr -1e-4` is read as `--lr=-1e-4`, so the value is checked as
-    one (argparse said that --lr's argument was missing)."""
+    one (argparse said that --lr's argument was missing). `error_prefix` goes before the message, as every other
+    error of the script has it ("rank R of N: " under torchrun)."""
+
+    error_prefix = ""
 
     def parse_known_args(self, args=None, namespace=None):
         given = list(sys.argv[1:] if args is None else args)
@@ -38,7 +41,7 @@ class OneLineParser(argparse.ArgumentParser):
         return super().parse_known_args(joined, namespace)
 
     def error(self, message: str):
-        say_line(f"error: {message} (see {self.prog} --help)")
+        say_line(f"error: {self.error_prefix}{message} (see {self.prog} --help)")
         sys.exit(2)
 
 
@@ -69,6 +72,17 @@ def check_writable(path: Path, flag: str, *, folder: bool = False) -> None:
         tempfile.TemporaryFile(dir=where).close()
     except OSError as e:
         raise ConfigError(f"{flag} {path}: cannot write into {where} ({e.strerror})") from None
+
+
+def check_one_process(script: str) -> None:
+    """ConfigError when torchrun started `script`, one of those that run in one process (all but train.py), as
+    several: each would do the whole job, on the same GPU, and write the same files."""
+    processes = os.environ.get("WORLD_SIZE", "1")
+    if processes != "1":
+        raise ConfigError(
+            f"{script} runs in one process, and torchrun started {processes} (WORLD_SIZE): start it with python; "
+            "only train.py trains across processes"
+        )
 
 
 def check_seed(seed: int) -> None:

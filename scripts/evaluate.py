@@ -31,6 +31,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.cli import (
         OneLineParser,
         check_impl_env,
+        check_one_process,
         check_seed,
         check_stop,
         check_writable,
@@ -154,6 +155,7 @@ def main(argv=None) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     try:
+        check_one_process("evaluate.py")
         if args.num < 1 or args.batch_size < 1:
             raise ConfigError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
         if args.fid and args.num < 2:

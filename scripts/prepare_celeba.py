@@ -37,6 +37,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.cli import (
         STOP_SIGNALS,
         OneLineParser,
+        check_one_process,
         check_stop,
         check_writable,
         interruption,
@@ -132,6 +133,7 @@ def _running(pid: int) -> bool:
 
 def prepare(args: argparse.Namespace) -> tuple[int, int]:
     """Write the file; returns (images written, files skipped)."""
+    check_one_process("prepare_celeba.py")
     if args.size not in IMAGE_SIZES:  # another size is resized again on every read
         raise DataError(f"--size must be an image size the model trains at, one of {IMAGE_SIZES}, got {args.size}")
     most_workers = 4 * (os.cpu_count() or 1)  # decoding is CPU-bound: more processes only take more memory

@@ -129,8 +129,8 @@ def report(rows: list[KernelTime], graph_ms: float, eager_ms: float, title: str)
 
 def main(argv=None) -> int:
     from began_fast.atomic_files import atomic_write
-    from began_fast.cli import OneLineParser
-    from began_fast.config import PRESETS
+    from began_fast.cli import OneLineParser, check_one_process
+    from began_fast.config import PRESETS, ConfigError
 
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper64")
@@ -143,6 +143,11 @@ def main(argv=None) -> int:
     for name in ("batch", "steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    try:
+        check_one_process("profile_step.py")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():  # not a flag's fault: no pointer to --help
         print("error: no CUDA GPU: the profile times the fast step's kernels on one", file=sys.stderr)
         return 2

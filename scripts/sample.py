@@ -43,6 +43,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.cli import (
         OneLineParser,
         check_impl_env,
+        check_one_process,
         check_seed,
         check_stop,
         check_writable,
@@ -222,6 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     args = p.parse_args(argv)
     try:
+        check_one_process("sample.py")
         for name, most in (("grid", MAX_GRID), ("num", MAX_NUM), ("interp_rows", MAX_GRID)):
             if not 0 <= getattr(args, name) <= most:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, {most}], got {getattr(args, name)}")

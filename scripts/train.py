@@ -214,11 +214,16 @@ def resume_command(args: argparse.Namespace) -> str:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    rank = ""  # under torchrun, "rank R of N: ": each rank that meets an error says so, on its own machine's terms
     try:
         world = World.from_env()
-        rank = f"rank {world.rank} of {world.world_size}: " if world.world_size > 1 else ""
+    except ConfigError as e:
+        say_line(f"error: {one_line(e)}")
+        return 2
+    # Under torchrun, "rank R of N: ": each rank that meets an error says so, on its own machine's terms, a bad flag
+    # included.
+    parser.error_prefix = rank = f"rank {world.rank} of {world.world_size}: " if world.world_size > 1 else ""
+    args = parser.parse_args(argv)
+    try:
         with warnings_as_lines(rank):
             device = world.device(resolve_device(args.device))
             model_cfg, train_cfg, data_cfg, explicit = configs_from_flags(args, device)

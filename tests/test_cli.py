@@ -263,6 +263,29 @@ def test_train_refuses_a_negative_lr_in_scientific_notation_for_what_it_is():
     assert done.returncode == 2 and done.stderr == "error: --lr must be a finite number > 0, got -0.0001\n"
 
 
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("evaluate", ["{tmp}/run"]),
+        ("sample", ["{tmp}/run", "--out", "{tmp}/drawn"]),
+        ("prepare_celeba", ["{tmp}/faces", "{tmp}/faces.h5"]),
+        ("profile_step", ["--out", "{tmp}/profile"]),
+    ],
+)
+def test_the_one_process_scripts_refuse_to_run_as_several_under_torchrun(tmp_path, monkeypatch, capsys, script, argv):
+    """Launched by torchrun as 2 processes, evaluate.py printed its table twice and both wrote the --json, and one
+    of two sample.py calls failed on the other's folder (torchrun then exited 1, the pictures written): each refuses
+    in one line before it does anything."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert load_script(script).main([arg.format(tmp=tmp_path) for arg in argv]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {script}.py runs in one process, and torchrun started 2 (WORLD_SIZE): start it with python; only "
+        "train.py trains across processes\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("script", ["gpu_checks", "quality_run"])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_the_shell_scripts_help_prints_their_usage_and_runs_nothing(tmp_path, script, flag):

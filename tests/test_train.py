@@ -1879,6 +1879,22 @@ def test_cli_exit_status_says_how_the_run_ended(tmp_path, monkeypatch, capsys, e
     assert capsys.readouterr().err == line + "\n"
 
 
+def test_a_bad_flag_or_environment_under_torchrun_is_one_line_and_a_flag_names_the_rank(monkeypatch, capsys):
+    """Every error of a torchrun rank says "rank R of N: " (the README's promise), a bad flag too: before, argparse's
+    line came without it, once per rank. A torchrun environment that is not one is a line of its own."""
+    script = load_script("train")
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as ended:
+        script.main(["--dist-timeout", "abc"])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: rank 1 of 2: argument --dist-timeout: invalid float value: 'abc' (see "), err
+    monkeypatch.setenv("RANK", "one")
+    assert script.main(["--steps", "1"]) == 2
+    assert capsys.readouterr().err == "error: environment variable RANK must be a non-negative integer, got 'one'\n"
+
+
 def test_ranks_agree_on_a_stop_at_every_statistics_read_and_the_last_step():
     """Under torchrun a SIGTERM that reached one rank stops every rank at the next step where they read their
     statistics (every log_every steps), not at the next checkpoint (thousands of steps later, past a scheduler's
