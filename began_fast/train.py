@@ -40,7 +40,7 @@ from began_fast.atomic_files import atomic_write, remove_stale_temporaries
 from began_fast.checkpoint import config_dict, load_checkpoint, misfit, save_checkpoint, saved_configs
 from began_fast.cli import STOP_SIGNALS, say_line
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from began_fast.data import held_out_images, make_batches, open_source, resolve_source
+from began_fast.data import fitted_crop, held_out_images, make_batches, open_source, resolve_source
 from began_fast.data.gpu_resident import GpuResidentStream
 from began_fast.data.sampler import data_position
 from began_fast.distributed import Collectives, cores_per_rank, machine_cores
@@ -247,6 +247,7 @@ def setup_run(
             )
     if "eval_images" in (explicit or {}).get("train", ()) and not train_cfg.eval_every:
         raise ConfigError("eval_images sizes the SWD evaluations, and this run has none: give --eval-every N too")
+    data_cfg = fitted_crop(data_cfg, (explicit or {}).get("data", set()), resumed=opts.resume)
     check_out_outside_data(opts.out, data_cfg)
     torch.manual_seed(train_cfg.seed)
     G = Generator(model_cfg, impl=opts.impl).to(device)

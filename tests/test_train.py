@@ -37,6 +37,7 @@ from began_fast.metrics import MetricError
 from began_fast.step import ADAM_IMPLEMENTATION
 from began_fast.train import RUN_LOCK, RunOptions, TrainingError, setup_run, train
 from tests.scripts import load_script
+from tests.test_data import write_celeba_like, write_h5
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(image_size=16, n=4, h=4)
@@ -447,6 +448,34 @@ def test_a_new_run_refuses_a_folder_whose_files_it_would_overwrite_and_restarts_
     assert load_checkpoint(tmp_path / "dead" / "latest.pt")["step"] == 2
     # Its stats start afresh: the dead start's rows would stand beside the new run's, each step twice.
     assert [row["step"] for row in reports.read_stats(tmp_path / "dead" / "stats.jsonl")] == logged == [2, 2]
+
+
+def test_a_celeba_folder_moved_under_another_name_is_cropped_as_the_run_was(tmp_path):
+    """A CelebA folder is told by its name (img_align_celeba): a run resumed on it moved under another name took it
+    for a plain folder and cropped the centred square, not the CelebA box, without a word (found by a data-path
+    helper). The run saves the crop it takes and the resume keeps it; a resume on an HDF5 file, whose images are
+    stored cropped, drops it (the file prepare_celeba made of the run's folder, say)."""
+    write_celeba_like(tmp_path / "img_align_celeba", 8, seed=1)
+    folder = DataConfig(path=str(tmp_path / "img_align_celeba"), num_workers=0)
+    out = tmp_path / "run"
+    train(setup_run(MODEL, train_cfg(2, eval_every=0), folder, RunOptions(out=out, quiet=True)))
+    assert json.loads((out / "config.json").read_text())["data"]["crop"] == "celeba"
+    (tmp_path / "img_align_celeba").rename(tmp_path / "faces")
+    resume = lambda steps, data: setup_run(  # noqa: E731
+        MODEL,
+        train_cfg(steps, eval_every=0),
+        data,
+        RunOptions(out=out, resume=True, quiet=True),
+        explicit={"train": {"steps", "eval_every"}, "data": {"path"}},
+    )
+    moved = resume(4, DataConfig(path=str(tmp_path / "faces"), num_workers=0))
+    assert moved.data_cfg.crop == "celeba"
+    train(moved)
+    prepared = DataConfig(path=str(write_h5(tmp_path / "faces16.h5", draw_faces(8, 16, seed=1))), num_workers=0)
+    on_the_file = resume(6, prepared)
+    assert (on_the_file.data_cfg.crop, on_the_file.data_cfg.crop_size) == (None, None)
+    train(on_the_file)
+    assert load_checkpoint(out / "latest.pt")["step"] == 6
 
 
 def test_resume_drops_what_was_written_after_the_checkpoint(tmp_path):

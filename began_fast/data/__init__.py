@@ -7,6 +7,7 @@ one-line `describe()`; folder sources also list their `files`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -16,7 +17,7 @@ import torch
 from began_fast.config import DataConfig
 from began_fast.data.builtin import BuiltinFaces
 from began_fast.data.errors import DataError, SkippedImagesWarning
-from began_fast.data.folder import ImageFolder
+from began_fast.data.folder import ImageFolder, default_crop
 from began_fast.data.gpu_resident import MEMORY_SHARE, GpuResidentSet, GpuResidentStream, fits
 from began_fast.data.hdf5 import Hdf5Images
 from began_fast.data.holdout import TrainingImages, held_out_images
@@ -33,6 +34,8 @@ __all__ = [
     "TorchLoader",
     "crop_box",
     "dali_install_command",
+    "default_crop",
+    "fitted_crop",
     "dali_installed",
     "detect_source",
     "held_out_images",
@@ -77,6 +80,23 @@ def resolve_source(cfg: DataConfig) -> tuple[str, str | None]:
     if (cfg.source == "hdf5") != (detected == "hdf5"):
         raise DataError(f"data path {cfg.path} is not a {cfg.source} source (it looks like {detected})")
     return cfg.source, detected_path if detected == cfg.source else cfg.path
+
+
+def fitted_crop(cfg: DataConfig, given: set[str] | frozenset[str] = frozenset(), resumed: bool = False) -> DataConfig:
+    """cfg's crop settings as a run saves them. An image folder's default crop is written out: the folder's kind is
+    told by its name, so a CelebA folder moved under another name would be cropped as a plain one when the run
+    resumes, without a word. On a resume onto an HDF5 file (the one prepare_celeba made of the run's folder, say)
+    the saved crop settings are dropped, as the file holds cropped images; those `given` anew are kept, and refused
+    when it is opened. A path that cannot be resolved stays as it is: opening it says why."""
+    try:
+        kind, _ = resolve_source(cfg)
+    except DataError:
+        return cfg
+    if kind in ("celeba", "folder") and cfg.crop is None:
+        return dataclasses.replace(cfg, crop=default_crop(kind))
+    if kind == "hdf5" and resumed and not given & {"crop", "crop_size"}:
+        return dataclasses.replace(cfg, crop=None, crop_size=None)
+    return cfg
 
 
 def open_source(cfg: DataConfig, image_size: int):

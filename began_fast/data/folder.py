@@ -103,6 +103,12 @@ def scan_images(files: list[str], crop: str | None, crop_size: int | None, image
     return [path for path, _ in good]
 
 
+def default_crop(kind: str) -> str:
+    """The crop an image folder of `kind` takes when none is given: the CelebA box for a CelebA folder, the centred
+    square for another."""
+    return "celeba" if kind == "celeba" else "center"
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """The images of a folder, decoded on demand: item i is a (3, S, S) uint8 tensor (CHW), cropped and resized.
 
@@ -112,7 +118,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root: str, image_size: int, crop: str | None, crop_size: int | None, kind: str):
         self.root, self.image_size, self.kind = root, image_size, kind
-        self.crop = crop or ("celeba" if kind == "celeba" else "center")
+        self.crop = crop or default_crop(kind)
         self.crop_size = crop_size
         files = find_images(root)
         if not files:
