@@ -74,6 +74,18 @@ def check_writable(path: Path, flag: str, *, folder: bool = False) -> None:
         raise ConfigError(f"{flag} {path}: cannot write into {where} ({e.strerror})") from None
 
 
+def print_result(text: str) -> None:
+    """`text` on stdout: a script's result (a table, JSON). A reader that went away early (`| head -1`) is no error
+    of the script's: the rest of the text is dropped, stdout then goes to /dev/null (Python's flush at exit would
+    fail again, with a traceback), and the script goes on to write its files."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def check_one_process(script: str) -> None:
     """ConfigError when torchrun started `script`, one of those that run in one process (all but train.py), as
     several: each would do the whole job, on the same GPU, and write the same files."""

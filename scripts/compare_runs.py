@@ -34,6 +34,7 @@ with quiet_ctrl_c_while_importing():
         interruption,
         one_line,
         output_path,
+        print_result,
         stop_signals,
     )
     from began_fast.config import ConfigError
@@ -205,7 +206,7 @@ def _compare(args: argparse.Namespace) -> int:
         if a.name == b.name:
             a.name, b.name = str(args.run_a), str(args.run_b)
         comparison = compare(a, b)
-        print(json.dumps(comparison, indent=2) if args.json else format_table(comparison))
+        print_result(json.dumps(comparison, indent=2) if args.json else format_table(comparison))
         if args.plot is not None:
             check_stop()
             plot_runs({a.name: a.stats, b.name: b.stats}, args.plot)

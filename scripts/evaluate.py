@@ -40,6 +40,7 @@ with quiet_ctrl_c_while_importing():
         one_line,
         out_of_memory,
         output_path,
+        print_result,
         resolve_device,
         stop_signals,
         warnings_as_lines,
@@ -48,7 +49,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.data import DataError, detect_source, held_out_images, open_source
     from began_fast.data.builtin import BuiltinFaces
     from began_fast.fid import FIDUnavailableError, require_fid
-    from began_fast.metrics import MetricError, check_image_count, evaluate_models
+    from began_fast.metrics import MetricError, evaluate_models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def too_many(num: int, available: int) -> str:
+    return f"--num {num} is more than the {available} real images to compare with: give --num {available} or less"
+
+
 def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_size: int, trained_images=None):
     """(real, held_out, recon_images): the real images SWD compares with, the images D's reconstruction error is
     measured on (None: the same real images) and what those are, "held-out" or "training".
@@ -77,7 +82,8 @@ def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_
     moved, with a warning. Built-in faces are drawn per (seed, index), so only the faces needed are drawn."""
     if path is None and trained_on.path is None:
         training = trained_on.builtin_count - trained_on.holdout
-        check_image_count(num, training)  # before the held-out faces are drawn (a millisecond each)
+        if training < num:  # before the held-out faces are drawn (a millisecond each)
+            raise ConfigError(too_many(num, training))
         real = BuiltinFaces(num, image_size, trained_on.builtin_seed)
         return real, BuiltinFaces(num, image_size, trained_on.builtin_seed, first=training).images, "held-out"
     if path is None:
@@ -177,6 +183,8 @@ def evaluate(args: argparse.Namespace) -> int:
             G.cfg.image_size,
             state.get("data_images"),
         )
+        if len(real) < args.num:  # before the evaluation is announced (the built-in faces are counted before drawn)
+            raise ConfigError(too_many(args.num, len(real)))
         if args.json is not None:  # before the evaluation, not after it; after the checks: a refused call creates
             check_writable(args.json, "--json")  # no folder
         # The evaluation takes tens of seconds on a CPU and prints nothing until it ends: say what runs meanwhile.
@@ -208,7 +216,7 @@ def evaluate(args: argparse.Namespace) -> int:
             "recon_images": recon_images,
             "recon_num": recon_num,
         }
-        print(format_table(report))
+        print_result(format_table(report))
         if args.json is not None:
             check_stop()  # a Ctrl-C that a finalizer dropped
             atomic_write(args.json, lambda f: f.write((json.dumps(report, indent=2, allow_nan=False) + "\n").encode()))
