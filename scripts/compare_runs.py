@@ -111,9 +111,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def _relative_verdict(name_a: str, name_b: str, a: float, b: float, what: str, even: float) -> str:
     # Lower is better for SWD and for M.
     if abs(a - b) <= even * max(abs(a), abs(b)):
-        return f"even: {what} {a:.4g} vs {b:.4g} differ by less than {even:.0%}, within two runs' noise"
+        return f"even: {what}: {a:.4g} vs {b:.4g}, apart by less than {even:.0%} of the larger, within two runs' noise"
     better, worse = (name_a, name_b) if a < b else (name_b, name_a)
-    return f"{better} is better than {worse}: {what} {a:.4g} ({name_a}) vs {b:.4g} ({name_b})"
+    return f"{better} is better than {worse}: {what}: {a:.4g} ({name_a}) vs {b:.4g} ({name_b})"
 
 
 def compare(a: RunRecord, b: RunRecord) -> dict:
@@ -137,6 +137,9 @@ def compare(a: RunRecord, b: RunRecord) -> dict:
     }
     measure = "SWD" if swd_common else "M"
     differing = [key for key in MUST_MATCH[measure] if key in config_diff]
+    m_comparable = not any(key in config_diff for key in MUST_MATCH["M"])
+    m_what = f"mean M over the last {len(tail)} common steps"
+    m_verdict = _relative_verdict(a.name, b.name, *tail_m, m_what, EVEN["M"]) if m_comparable else None
     if differing:
         settings = ", ".join(f"{key} {config_diff[key][0]} vs {config_diff[key][1]}" for key in differing)
         verdict = f"none: {measure} does not compare runs with different {settings}"
@@ -147,7 +150,7 @@ def compare(a: RunRecord, b: RunRecord) -> dict:
         what = f"SWD at step {steps}" if len(last) == 1 else f"mean SWD at steps {steps}"
         verdict = _relative_verdict(a.name, b.name, *means, what, EVEN["SWD"])
     else:
-        what = f"mean M over the last {len(tail)} common steps (no common SWD evaluation; M is a weaker guide)"
+        what = f"{m_what} (no common SWD evaluation; M is a weaker guide)"
         verdict = _relative_verdict(a.name, b.name, *tail_m, what, EVEN["M"])
     return {
         "runs": [a.name, b.name],
@@ -159,6 +162,9 @@ def compare(a: RunRecord, b: RunRecord) -> dict:
         "m_tail_mean": list(tail_m),
         "swd_at_common_steps": swd_common,
         "verdict": verdict,
+        # M's own verdict beside SWD's: early in a run SWD can rank a G collapsed to one face below an untrained one
+        # (whose output scores about as uniform noise does), where M tells them apart.
+        "m_verdict": m_verdict if measure == "SWD" else None,
     }
 
 
@@ -177,6 +183,8 @@ def format_table(c: dict) -> str:
         f"SWD at step {row['step']:<5} {row['swd'][0]:.2f} vs {row['swd'][1]:.2f}" for row in c["swd_at_common_steps"]
     ]
     lines.append(f"verdict: {c['verdict']}")
+    if c["m_verdict"] is not None:
+        lines.append(f"by M alone: {c['m_verdict']}")
     return "\n".join(lines)
 
 

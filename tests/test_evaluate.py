@@ -814,10 +814,30 @@ def test_compare_runs_judges_swd_over_its_last_evaluations_and_within_run_to_run
     h = _write_run(tmp_path / "h", lr=1e-4, m_of_step=lambda s: 0.2, steps=steps, swd=h_swd)
     pairs = [(a, b), snapshots[:2], snapshots[2:], (g, h)]
     verdicts = [json.loads(compare([x, y, "--json"])[1])["verdict"] for x, y in pairs]
-    assert verdicts[0] == "a is better than b: mean SWD at steps 2000, 4000, 6000 100 (a) vs 160 (b)"
-    assert verdicts[1] == "even: SWD at step 4000 167.8 vs 226.6 differ by less than 30%, within two runs' noise"
-    assert verdicts[2] == "e is better than f: SWD at step 10000 89.67 (e) vs 131.3 (f)"
-    assert verdicts[3] == "g is better than h: mean SWD at steps 4000, 6000, 8000 100 (g) vs 150 (h)"
+    assert verdicts[0] == "a is better than b: mean SWD at steps 2000, 4000, 6000: 100 (a) vs 160 (b)"
+    assert verdicts[1] == (
+        "even: SWD at step 4000: 167.8 vs 226.6, apart by less than 30% of the larger, within two runs' noise"
+    )
+    assert verdicts[2] == "e is better than f: SWD at step 10000: 89.67 (e) vs 131.3 (f)"
+    assert verdicts[3] == "g is better than h: mean SWD at steps 4000, 6000, 8000: 100 (g) vs 150 (h)"
+
+
+def test_compare_runs_gives_ms_verdict_beside_swds(tmp_path, compare):
+    """A run trained 300 steps against one that did not learn (lr 1e-9): SWD called them even (278 vs 204, the
+    collapsed G's samples scoring worse than the untrained G's noise-like ones) though M, 0.20 against 0.41, tells
+    them apart (found by an evaluation-audit helper). M's verdict is said beside SWD's; where M is the verdict, once."""
+    steps = range(25, 301, 25)
+    a = _write_run(tmp_path / "a", lr=5e-4, m_of_step=lambda s: 0.2, steps=steps, swd={100: 290, 200: 270, 300: 274})
+    b = _write_run(tmp_path / "b", lr=1e-9, m_of_step=lambda s: 0.41, steps=steps, swd={100: 204, 200: 204, 300: 204})
+    rc, out, err = compare([a, b])
+    assert rc == 0, err
+    assert "verdict: even: mean SWD at steps 100, 200, 300: 278 vs 204, apart by less than 30%" in out
+    assert "by M alone: a is better than b: mean M over the last 10 common steps: 0.2 (a) vs 0.41 (b)" in out
+    c = _write_run(tmp_path / "c", lr=1e-9, m_of_step=lambda s: 0.41, steps=steps)
+    for other, m_verdict in ((b, "a is better than b: mean M"), (c, None)):  # c: no SWD, M is the verdict
+        compared = json.loads(compare([a, other, "--json"])[1])
+        assert compared["m_verdict"] is None if m_verdict is None else compared["m_verdict"].startswith(m_verdict)
+    assert "by M alone" not in compare([a, c])[1]
 
 
 def test_compare_runs_keeps_each_runs_swd_whatever_the_runs_are_named(tmp_path, compare):
@@ -847,8 +867,8 @@ def test_compare_runs_judges_m_over_the_last_common_steps_and_calls_under_10_per
     with_b, with_c = (json.loads(compare([a, other, "--json"])[1]) for other in (b, c))
     assert with_b["m_tail_mean"] == pytest.approx([0.2, 0.216])
     assert with_b["verdict"] == (
-        "even: mean M over the last 10 common steps (no common SWD evaluation; M is a weaker guide) 0.2 vs 0.216 "
-        "differ by less than 10%, within two runs' noise"
+        "even: mean M over the last 10 common steps (no common SWD evaluation; M is a weaker guide): 0.2 vs 0.216, "
+        "apart by less than 10% of the larger, within two runs' noise"
     )
     assert with_b["m_mean_abs_diff"] == pytest.approx((10 * 0.1 + 10 * 0.016) / 20)  # the gaps, not their sum
     assert with_c["verdict"].startswith("a is better than c: mean M over the last 10 common steps")
