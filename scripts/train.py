@@ -135,7 +135,9 @@ def in_flag_terms(message: str, parser: argparse.ArgumentParser) -> str:
     message names it ("--steps must be an integer >= 1, got 0")."""
     field, space, rest = message.partition(" ")
     flag = _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
-    return f"{flag} {rest}" if space and flag in parser._option_string_actions else message
+    if not (space and flag in parser._option_string_actions):
+        return message
+    return f"{flag} {rest.replace('must be None or ', 'must be ', 1)}"  # a flag left out is None; one given, not
 
 
 def configs_from_flags(args: argparse.Namespace, device: str):

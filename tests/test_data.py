@@ -296,9 +296,19 @@ def test_folder_errors(tmp_path, mixed_folder):
     (broken / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     with pytest.raises(DataError, match="none of the 2 image files could be decoded"):
         open_source(DataConfig(path=str(broken)), 32)
-    # Which image does not fit: the first, in sorted order, of the files that passed the scan.
+    # Which image does not fit: the first, in sorted order, of the files that passed the scan, and how many do not
+    # (one stray thumbnail is better taken out than every image's crop shrunk to its size).
     with pytest.raises(DataError, match=rf"^{mixed_folder / 'b.jpg'}: a 48x48 image is smaller than the celeba crop"):
         open_source(DataConfig(path=str(mixed_folder), crop="celeba"), 32)
+    faces = tmp_path / "faces"
+    write_celeba_like(faces, 3, seed=3)
+    Image.fromarray(draw_faces(1, 16, seed=0)[0]).save(faces / "thumbnail.png")
+    with pytest.raises(DataError) as refused:
+        open_source(DataConfig(path=str(faces), crop="center", crop_size=100), 32)
+    assert str(refused.value) == (
+        f"{faces / 'thumbnail.png'}: a 16x16 image is smaller than the center crop box of 100x100 at left -42, top "
+        "-42; use a --crop-size of at most 16, or take out of the folder the 1 of 4 images the box does not fit"
+    )
 
 
 def test_file_that_breaks_after_the_scan_is_replaced_by_the_next(tmp_path):
@@ -361,7 +371,7 @@ def test_hdf5_layouts_and_resize(tmp_path):
     assert torch.equal(resized[1], torch.from_numpy(expected).permute(2, 0, 1))
     assert resized.as_uint8().shape == (5, 3, 32, 32)
     # Stored smaller than the model's size: upscaled, and said so (a model would learn blurred images unawares).
-    with pytest.warns(UserWarning, match=r"ours.h5 stores 64x64 images, smaller than the model's 128x128: each is"):
+    with pytest.warns(UserWarning, match=r"ours.h5 stores 64x64 images, smaller than the 128x128 they are resized to"):
         upscaled = open_source(DataConfig(path=str(tmp_path / "ours.h5")), 128)
     assert upscaled[0].shape == (3, 128, 128)
 
@@ -684,6 +694,14 @@ def test_batch_order_sharding():
         BatchOrder(10, 4, seed=0, world_size=3)
     with pytest.raises(DataError, match="rank"):
         BatchOrder(40, 4, seed=0, rank=3, world_size=3)
+    # A data set that --holdout leaves smaller than a batch says so: "the data set has 8 images" read as the file's.
+    held_out = DataConfig(builtin_count=20, holdout=12, num_workers=0)
+    with pytest.raises(DataError) as refused:
+        make_batches(held_out, 16, 16, device="cpu", seed=0)
+    assert str(refused.value) == (
+        "the data set has 8 training images once --holdout 12 are held out, fewer than one global batch of 16 "
+        "(batch 16 x 1 ranks)"
+    )
 
 
 # --- loaders ------------------------------------------------------------------------------------------------

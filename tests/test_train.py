@@ -1412,6 +1412,7 @@ def cli(*args, env=None):
         (["--data", ""], "--data is empty: give a CelebA folder", {}),
         (["--steps", "0"], "error: --steps must be an integer >= 1, got 0", {}),
         (["--lr", "inf"], "error: --lr must be a finite number > 0, got inf", {}),
+        (["--crop-size", "0"], "error: --crop-size must be an integer >= 1, got 0", {}),  # not "None or an integer"
         (["--seed", str(2**64 - 1)], "error: --seed must be in [0, 2**63 - 1)", {}),
         (["--eval-images", "64"], "error: --eval-images sizes the SWD evaluations, and this run has none: give", {}),
         (["--workers", "100000"], "] (4 per core), got 100000", {}),  # not 100,000 processes, then out of memory

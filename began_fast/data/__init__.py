@@ -158,6 +158,11 @@ def make_batches(
             raise DataError(f"--loader dali needs NVIDIA DALI: {dali_install_command()}")
         dali = False
     source = open_source(cfg, image_size) if source is None else source
+    if cfg.holdout and len(source) < batch_size * world_size:  # BatchOrder would count them as the data set's
+        raise DataError(
+            f"the data set has {len(source)} training images once --holdout {cfg.holdout} are held out, fewer than "
+            f"one global batch of {batch_size * world_size} (batch {batch_size} x {world_size} ranks)"
+        )
     order = BatchOrder(
         len(source), batch_size, seed, start_step, start_position=start_position, rank=rank, world_size=world_size
     )

@@ -78,14 +78,20 @@ def scan_images(files: list[str], crop: str | None, crop_size: int | None, image
     good = [(path, size) for path, size in zip(files, sizes, strict=True) if size is not None]
     if not good:
         raise DataError(f"none of the {len(files)} image files could be decoded (first: {files[0]})")
-    small = []
+    small, unfit = [], []
     for path, (width, height) in good:
         try:
             _, _, side = crop_box(width, height, crop, crop_size)
         except DataError as error:
-            raise DataError(f"{path}: {error}") from None
+            unfit.append((path, error))
+            continue
         if side < image_size:
             small.append(path)
+    if unfit:  # the first, and how many: one stray thumbnail is taken out, not the crop of every image shrunk to it
+        path, error = unfit[0]
+        raise DataError(
+            f"{path}: {error}, or take out of the folder the {len(unfit)} of {len(good)} images the box does not fit"
+        )
     if small:
         warnings.warn(
             f"{len(small)} of {len(good)} images are smaller, once cropped, than the {image_size}x{image_size} they "

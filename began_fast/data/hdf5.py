@@ -57,9 +57,9 @@ class Hdf5Images(torch.utils.data.Dataset):
             raise DataError(f"{path}:{DATASET} holds no images")
         if self.stored_size < image_size:
             warnings.warn(
-                f"{path} stores {self.stored_size}x{self.stored_size} images, smaller than the model's {image_size}x"
-                f"{image_size}: each is upscaled, so the model learns blurred images; prepare the data set at "
-                f"{image_size}px or more",
+                f"{path} stores {self.stored_size}x{self.stored_size} images, smaller than the {image_size}x"
+                f"{image_size} they are resized to: each is upscaled, so a model trained on them learns blurred "
+                f"images; prepare the data set at {image_size}px or more",
                 stacklevel=2,
             )
         self._file, self._pid = None, None
