@@ -11,6 +11,7 @@ import io
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,20 +60,29 @@ def save_image_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: i
     save_png(image_grid(images, nrow), path)
 
 
-def read_stats(path: str | Path) -> list[dict]:
+def read_stats(path: str | Path, *, warn: bool = False) -> list[dict]:
     """The rows of a run's stats.jsonl: one JSON object per logging window, with its "step". A line that is not one
-    (the torn last line of a crash mid-write, or bytes damaged on disk) is skipped."""
-    rows = []
+    (the torn last line of a crash mid-write, or bytes damaged on disk) is skipped; with `warn`, one warning counts
+    the skipped lines other than a torn last one (no newline after it: a crash's, or a row being written)."""
+    rows, damaged = [], []
     path = Path(path)
     if not path.exists():
         return rows
-    for line in path.read_bytes().splitlines():
+    text = path.read_bytes()
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError)
-            continue
+            row = None
         if isinstance(row, dict) and type(row.get("step")) is int:
             rows.append(row)
+        elif line.strip() and not (number == len(lines) and not text.endswith(b"\n")):
+            damaged.append(number)
+    if warn and damaged:
+        which = f"{len(damaged)} lines that are not stats rows (first: line {damaged[0]})"
+        which = which if damaged[1:] else f"line {damaged[0]}, not a stats row"
+        warnings.warn(f"{path}: skipped {which}", stacklevel=2)
     return rows
 
 

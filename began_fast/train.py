@@ -675,7 +675,8 @@ def open_stats(out: Path, start: int):
     if start == 0:
         return open(path, "w")
     if path.exists():
-        kept = "".join(json.dumps(row) + "\n" for row in reports.read_stats(path) if row["step"] <= start)
+        rows = reports.read_stats(path, warn=True)  # said: the lines skipped are not written back
+        kept = "".join(json.dumps(row) + "\n" for row in rows if row["step"] <= start)
         atomic_write(path, lambda f: f.write(kept.encode()))
     return open(path, "a")
 

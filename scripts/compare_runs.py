@@ -36,6 +36,7 @@ with quiet_ctrl_c_while_importing():
         output_path,
         print_result,
         stop_signals,
+        warnings_as_lines,
     )
     from began_fast.config import ConfigError
     from began_fast.reports import plot_runs, read_stats, swd_points, training_rows
@@ -90,7 +91,7 @@ def load_run(folder: Path) -> RunRecord:
         raise RunFolderError(f"{config_path} is not valid JSON") from None
     if not isinstance(config, dict):
         raise RunFolderError(f"{config_path} does not hold a JSON object")
-    stats = read_stats(stats_path)
+    stats = read_stats(stats_path, warn=True)
     if not training_rows(stats):
         raise RunFolderError(f"{stats_path} has no logged step yet (no row with a finite M)")
     latest = folder / "latest.pt"
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=output_path, help="write a PNG with both runs' M (and SWD) curves overlaid")
     args = p.parse_args(argv)
     try:
-        with stop_signals():
+        with stop_signals(), warnings_as_lines():
             return _compare(args)
     except KeyboardInterrupt as e:
         stop = interruption(e)

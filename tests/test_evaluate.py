@@ -840,6 +840,17 @@ def test_compare_runs_gives_ms_verdict_beside_swds(tmp_path, compare):
     assert "by M alone" not in compare([a, c])[1]
 
 
+def test_compare_runs_says_how_many_lines_of_a_runs_stats_it_skipped(tmp_path, compare):
+    a = _write_run(tmp_path / "a", lr=1e-4, m_of_step=lambda s: 0.3, steps=range(50, 501, 50), swd={500: 90.0})
+    b = _write_run(tmp_path / "b", lr=1e-4, m_of_step=lambda s: 0.3, steps=range(50, 501, 50), swd={500: 91.0})
+    lines = (b / "stats.jsonl").read_text().splitlines()
+    lines[3] = lines[3][:10]  # damaged in the middle: step 200's row
+    (b / "stats.jsonl").write_text("\n".join(lines) + "\n")
+    rc, out, err = compare([a, b])
+    assert rc == 0 and "common steps      9 logged" in out
+    assert err == f"warning: {b / 'stats.jsonl'}: skipped line 4, not a stats row\n"
+
+
 def test_compare_runs_keeps_each_runs_swd_whatever_the_runs_are_named(tmp_path, compare):
     step = _write_run(tmp_path / "step", lr=1e-4, m_of_step=lambda s: 0.3, steps=[100], swd={100: 50.0})
     other = _write_run(tmp_path / "other", lr=1e-4, m_of_step=lambda s: 0.3, steps=[100], swd={100: 90.0})

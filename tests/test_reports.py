@@ -3,6 +3,7 @@ with the lr and SWD, and the runs-compared plot; each file is written whole, has
 shows its data in order, on the axes named for it."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -163,6 +164,27 @@ def test_convergence_plot_adds_an_swd_panel_when_evaluated(tmp_path, with_swd):
 def test_read_stats_of_a_run_without_a_stats_file_is_no_rows(tmp_path):
     """A resume into a folder whose stats.jsonl is gone (copied without it, or removed) reads no rows, not an error."""
     assert reports.read_stats(tmp_path / "stats.jsonl") == []
+
+
+def test_read_stats_counts_the_damaged_lines_it_skips_when_asked(tmp_path):
+    """Lines damaged in the middle of stats.jsonl were skipped without a word, by compare_runs and by a resume, which
+    rewrites the file without them (found by an evaluation-audit helper). Asked, read_stats counts them in one
+    warning; a torn last line (no newline: a crash's, or a row being written) is no damage, and blank lines none."""
+    stats = tmp_path / "stats.jsonl"
+    good = [{"step": step, "m": 0.1} for step in (1, 2, 3)]
+    rows = [json.dumps(good[0]), '{"step": 2, "m"', "", json.dumps(good[1]), "[1, 2]", json.dumps(good[2])]
+    stats.write_text("\n".join(rows) + '\n{"step": 4')
+    with pytest.warns(UserWarning) as warned:
+        assert reports.read_stats(stats, warn=True) == good
+    assert [str(w.message) for w in warned] == [f"{stats}: skipped 2 lines that are not stats rows (first: line 2)"]
+    stats.write_text("\n".join([json.dumps(good[0]), "\x00\x00", json.dumps(good[1])]) + "\n")
+    with pytest.warns(UserWarning, match=r"stats.jsonl: skipped line 2, not a stats row$"):
+        reports.read_stats(stats, warn=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reports.read_stats(stats) == good[:2]  # not asked: quiet (the loop reads it at every picture)
+        stats.write_text(json.dumps(good[0]) + '\n{"step": 2, "m"')
+        assert reports.read_stats(stats, warn=True) == good[:1]
 
 
 def _lines_by_axis(fig) -> dict[str, list]:

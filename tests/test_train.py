@@ -478,6 +478,17 @@ def test_a_celeba_folder_moved_under_another_name_is_cropped_as_the_run_was(tmp_
     assert load_checkpoint(out / "latest.pt")["step"] == 6
 
 
+def test_a_resume_says_which_damaged_lines_of_its_stats_it_does_not_keep(tmp_path):
+    """The resume rewrites stats.jsonl with the rows up to its checkpoint: a line damaged in the middle is not written
+    back, and is said (it was dropped without a word); the rows around it stay."""
+    run_steps(tmp_path, 4)
+    lines = (tmp_path / "stats.jsonl").read_text().splitlines()
+    (tmp_path / "stats.jsonl").write_text("\n".join([lines[0], "\x00" * 12, *lines[1:]]) + "\n")
+    with pytest.warns(UserWarning, match=r"stats.jsonl: skipped line 2, not a stats row$"):
+        run_steps(tmp_path, 6, resume=True)
+    assert [row["step"] for row in reports.read_stats(tmp_path / "stats.jsonl") if "m" in row] == [2, 4, 6]
+
+
 def test_resume_drops_what_was_written_after_the_checkpoint(tmp_path):
     """A run that died after logging step 6 and drawing a grid at step 12, mid-way through writing a stats row,
     before it checkpointed: the resume logs step 6 anew, once, and its progress strip ends at its own last grid."""
