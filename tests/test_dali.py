@@ -479,3 +479,25 @@ def test_hdf5_batches_on_the_gpu_are_the_cpu_pipelines(hdf5_file):
         batch = next(_dali(cfg, size, 8, device="cuda"))
         assert batch.device.type == "cuda"
         _assert_close_to_torch(batch.cpu(), next(_dali(cfg, size, 8)), f"hdf5 on the GPU, {size}px")
+
+
+@needs_dali
+def test_files_gone_from_under_dali_are_named_up_to_a_few_then_in_one_line(tmp_path):
+    """As the torch loader's: a folder emptied mid-run names its first NAMED_FAILURES files, then one line for the
+    others, then the error (each of its files was named before)."""
+    from began_fast.data.dali import _EncodedFiles
+    from began_fast.data.errors import NAMED_FAILURES
+
+    files = []
+    for i in range(14):
+        files.append(tmp_path / f"{i:06d}.jpg")
+        files[-1].write_bytes(b"\xff\xd8 stand-in bytes")
+    encoded = _EncodedFiles([str(path) for path in files])
+    assert bytes(encoded.read(3)) == b"\xff\xd8 stand-in bytes"
+    for path in files:
+        path.unlink()
+    with pytest.warns(UserWarning) as warned, pytest.raises(DataError, match="none of the 14 image files can be read"):
+        encoded.read(3)
+    said = [str(w.message) for w in warned]
+    assert len(said) == NAMED_FAILURES + 1 and said[0].startswith(f"cannot decode {files[3]} (")
+    assert said[-1].startswith(f"more than {NAMED_FAILURES} image files cannot be decoded")

@@ -45,6 +45,7 @@ from began_fast.data import (
     open_source,
 )
 from began_fast.data.builtin import BuiltinFaces, draw_faces
+from began_fast.data.errors import NAMED_FAILURES
 from began_fast.data.gpu_resident import fits
 from tests.scripts import dropped_by_a_finalizer, load_script
 
@@ -310,6 +311,28 @@ def test_folder_errors(tmp_path, mixed_folder):
         f"{faces / 'thumbnail.png'}: a 16x16 image is smaller than the center crop box of 100x100 at left -42, top "
         "-42; use a --crop-size of at most 16, or take out of the folder the 1 of 4 images the box does not fit"
     )
+
+
+def test_a_folder_emptied_or_gone_mid_run_is_said_in_a_few_lines(tmp_path):
+    """Files removed from under a run (a folder emptied, a disk unmounted) were each named in a warning before the
+    error: 202,599 lines for CelebA (found by a data-path helper). The first NAMED_FAILURES are named, then one line
+    stands for the others; a folder gone altogether is the error at once."""
+    paths = write_celeba_like(tmp_path / "faces", 14, seed=3)
+    source = open_source(DataConfig(path=str(tmp_path / "faces")), 16)
+    for path in paths:
+        path.unlink()
+    with pytest.warns(UserWarning) as warned, pytest.raises(DataError, match="none of the 14 images under .* any more"):
+        source[0]
+    said = [str(w.message) for w in warned]
+    assert len(said) == NAMED_FAILURES + 1 and all(line.startswith("cannot decode") for line in said[:-1])
+    assert said[-1] == "more than 10 image files cannot be decoded: the others are skipped without a warning each"
+    write_celeba_like(tmp_path / "more", 3, seed=4)
+    gone = open_source(DataConfig(path=str(tmp_path / "more")), 16)
+    shutil.rmtree(tmp_path / "more")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match=rf"^the image folder {tmp_path / 'more'} is gone \(moved, removed or"):
+            gone[1]
 
 
 def test_file_that_breaks_after_the_scan_is_replaced_by_the_next(tmp_path):

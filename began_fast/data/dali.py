@@ -20,8 +20,6 @@ threads or the GPU. Both iterate forever; an epoch's last partial global batch i
 
 from __future__ import annotations
 
-import warnings
-
 import h5py
 import numpy as np
 import nvidia.dali.math as dali_math
@@ -33,7 +31,7 @@ from PIL import Image
 
 from began_fast.config import DataConfig
 from began_fast.data import default_workers
-from began_fast.data.errors import DataError
+from began_fast.data.errors import DataError, warn_undecodable
 from began_fast.data.hdf5 import DATASET
 from began_fast.data.images import crop_box, load_image
 from began_fast.data.sampler import BatchOrder
@@ -126,7 +124,7 @@ class _EncodedFiles:
     def drop(self, index: int, error: Exception) -> None:
         """Leave file `index` out from now on, with one warning (the torch loader's)."""
         self.broken.add(index)
-        warnings.warn(f"cannot decode {self.files[index]} ({error}); using the next image", stacklevel=2)
+        warn_undecodable(self.files[index], error, len(self.broken))
 
 
 class _Hdf5Rows:
