@@ -38,7 +38,8 @@ with quiet_ctrl_c_while_importing():
         stop_signals,
         warnings_as_lines,
     )
-    from began_fast.config import ConfigError
+    from began_fast.config import ConfigError, DataConfig
+    from began_fast.data import fitted_crop
     from began_fast.reports import plot_runs, read_stats, swd_points, training_rows
 
 
@@ -99,6 +100,17 @@ def load_run(folder: Path) -> RunRecord:
     return RunRecord(folder.name or str(folder), config, stats, step)
 
 
+def with_its_crop(config: dict) -> dict:
+    """config.json with the crop its run took written out where it saved none (runs before the crop was saved: an
+    image folder's default, told by the folder's name), so that such a run compares with a later one on the same
+    data. As it is where the data cannot be resolved (moved, or not a run's data settings)."""
+    try:
+        data = DataConfig(**config["data"])
+    except (KeyError, TypeError, ValueError):
+        return config
+    return config | {"data": config["data"] | {"crop": fitted_crop(data).crop}}
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in d.items():
@@ -130,7 +142,7 @@ def compare(a: RunRecord, b: RunRecord) -> dict:
     swd_common = [{"step": s, "swd": [swd_a[s], swd_b[s]]} for s in sorted(set(swd_a) & set(swd_b))]
     tail = common[-M_TAIL:]
     tail_m = (sum(m_a[s] for s in tail) / len(tail), sum(m_b[s] for s in tail) / len(tail))
-    config_a, config_b = flatten(a.config), flatten(b.config)
+    config_a, config_b = flatten(with_its_crop(a.config)), flatten(with_its_crop(b.config))
     config_diff = {
         key: [config_a.get(key), config_b.get(key)]
         for key in sorted(set(config_a) | set(config_b))

@@ -851,6 +851,26 @@ def test_compare_runs_says_how_many_lines_of_a_runs_stats_it_skipped(tmp_path, c
     assert err == f"warning: {b / 'stats.jsonl'}: skipped line 4, not a stats row\n"
 
 
+def test_compare_runs_takes_a_run_that_saved_no_crop_for_the_crop_its_folder_took(tmp_path, compare):
+    """Runs save the crop they take since a CelebA folder moved under another name was cropped as a plain one on
+    resume; an earlier run on the same folder saved none. They are compared, not refused as of different data."""
+    folder = tmp_path / "img_align_celeba"
+    folder.mkdir()
+    Image.fromarray(draw_faces(1, 64, seed=0)[0]).resize((178, 218)).save(folder / "000001.jpg")
+    data = {"path": str(folder)}
+    steps, swd = range(50, 501, 50), {500: 90.0}
+    earlier = _write_run(tmp_path / "earlier", lr=1e-4, m_of_step=lambda s: 0.3, steps=steps, swd=swd, data=data)
+    later = _write_run(
+        tmp_path / "later", lr=1e-4, m_of_step=lambda s: 0.3, steps=steps, swd=swd, data=data | {"crop": "celeba"}
+    )
+    compared = json.loads(compare([earlier, later, "--json"])[1])
+    assert compared["config_diff"] == {} and compared["verdict"].startswith("even: SWD at step 500")
+    centre = _write_run(
+        tmp_path / "centre", lr=1e-4, m_of_step=lambda s: 0.3, steps=steps, swd=swd, data=data | {"crop": "center"}
+    )
+    assert json.loads(compare([earlier, centre, "--json"])[1])["verdict"].startswith("none: SWD does not compare")
+
+
 def test_compare_runs_keeps_each_runs_swd_whatever_the_runs_are_named(tmp_path, compare):
     step = _write_run(tmp_path / "step", lr=1e-4, m_of_step=lambda s: 0.3, steps=[100], swd={100: 50.0})
     other = _write_run(tmp_path / "other", lr=1e-4, m_of_step=lambda s: 0.3, steps=[100], swd={100: 90.0})
