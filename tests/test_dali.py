@@ -484,7 +484,7 @@ def test_hdf5_batches_on_the_gpu_are_the_cpu_pipelines(hdf5_file):
 @needs_dali
 def test_files_gone_from_under_dali_are_named_up_to_a_few_then_in_one_line(tmp_path):
     """As the torch loader's: a folder emptied mid-run names its first NAMED_FAILURES files, then one line for the
-    others, then the error (each of its files was named before)."""
+    others, then the error (each of its files was named before); a folder gone is the error at once."""
     from began_fast.data.dali import _EncodedFiles
     from began_fast.data.errors import NAMED_FAILURES
 
@@ -492,7 +492,7 @@ def test_files_gone_from_under_dali_are_named_up_to_a_few_then_in_one_line(tmp_p
     for i in range(14):
         files.append(tmp_path / f"{i:06d}.jpg")
         files[-1].write_bytes(b"\xff\xd8 stand-in bytes")
-    encoded = _EncodedFiles([str(path) for path in files])
+    encoded = _EncodedFiles([str(path) for path in files], str(tmp_path))
     assert bytes(encoded.read(3)) == b"\xff\xd8 stand-in bytes"
     for path in files:
         path.unlink()
@@ -501,3 +501,8 @@ def test_files_gone_from_under_dali_are_named_up_to_a_few_then_in_one_line(tmp_p
     said = [str(w.message) for w in warned]
     assert len(said) == NAMED_FAILURES + 1 and said[0].startswith(f"cannot decode {files[3]} (")
     assert said[-1].startswith(f"more than {NAMED_FAILURES} image files cannot be decoded")
+    gone = _EncodedFiles([str(tmp_path / "faces" / "000001.jpg")], str(tmp_path / "faces"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match=rf"^the image folder {tmp_path / 'faces'} is gone \(moved, removed"):
+            gone.read(0)

@@ -318,6 +318,9 @@ def test_a_folder_emptied_or_gone_mid_run_is_said_in_a_few_lines(tmp_path):
     error: 202,599 lines for CelebA (found by a data-path helper). The first NAMED_FAILURES are named, then one line
     stands for the others; a folder gone altogether is the error at once."""
     paths = write_celeba_like(tmp_path / "faces", 14, seed=3)
+    # Each failure's count is taken with its mark, under the lock the workers share: two workers cannot both see 11.
+    counted = open_source(DataConfig(path=str(tmp_path / "faces")), 16)
+    assert [counted._first_failure(i) for i in (5, 5, 7, 0)] == [1, 0, 2, 3]
     source = open_source(DataConfig(path=str(tmp_path / "faces")), 16)
     for path in paths:
         path.unlink()

@@ -20,6 +20,8 @@ threads or the GPU. Both iterate forever; an epoch's last partial global batch i
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import nvidia.dali.math as dali_math
@@ -104,8 +106,8 @@ class _EncodedFiles:
     replaced by the next one of the list, as the torch loader replaces a file it cannot decode.
     """
 
-    def __init__(self, files: list[str]):
-        self.files, self.broken = files, set()
+    def __init__(self, files: list[str], root: str):
+        self.files, self.root, self.broken = files, root, set()
 
     def __call__(self, indices: np.ndarray) -> list[np.ndarray]:
         return [self.read(i) for i in indices]
@@ -118,6 +120,8 @@ class _EncodedFiles:
             try:
                 return np.fromfile(self.files[i], dtype=np.uint8)
             except OSError as error:
+                if not os.path.isdir(self.root):  # as the torch loader: not a file's fault
+                    raise DataError(f"the image folder {self.root} is gone (moved, removed or unmounted)") from None
                 self.drop(i, error)
         raise DataError(f"none of the {len(self.files)} image files can be read any more")
 
@@ -189,7 +193,7 @@ class DaliLoader:
         self.decoder = "mixed" if on_gpu else "cpu"
         workers = default_workers("folder") if cfg.num_workers is None else cfg.num_workers
         self.num_threads = max(1, workers)
-        self._files = _EncodedFiles(self.source.files) if self.source.kind != "hdf5" else None
+        self._files = _EncodedFiles(self.source.files, self.source.root) if self.source.kind != "hdf5" else None
         self._order = order
         self.batches_per_epoch = order.batches_per_epoch
         self._start(order.start_step)

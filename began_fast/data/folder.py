@@ -133,19 +133,21 @@ class ImageFolder(torch.utils.data.Dataset):
         # Which files were warned about, seen by every worker (shared memory, under fork or spawn).
         self._warned = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
 
-    def _first_failure(self, index: int) -> bool:
-        """Whether file `index` fails here for the first time (in any worker), marking it. Tested and set under a
-        lock on the folder (flock, taken on a descriptor of this call's own, so it holds between processes), so
-        two workers that meet a broken file at once warn once between them. Where the lock cannot be had (a file
-        system without flock, a folder gone), it goes on without: at worst a second warning."""
+    def _first_failure(self, index: int) -> int:
+        """How many files have failed so far (in any worker), this one included, when file `index` fails here for
+        the first time, marking it; 0 when it failed before. Tested, set and counted under a lock on the folder
+        (flock, taken on a descriptor of this call's own, so it holds between processes), so that two workers that
+        meet a broken file at once warn once between them, and each failure has a count of its own. Where the lock
+        cannot be had (a file system without flock), it goes on without: at worst a second warning."""
         with contextlib.ExitStack() as held:
             with contextlib.suppress(OSError):
                 folder = os.open(self.root, os.O_RDONLY)
                 held.callback(os.close, folder)  # closing the descriptor releases the lock
                 fcntl.flock(folder, fcntl.LOCK_EX)
-            first = not bool(self._warned[index])
+            if self._warned[index]:
+                return 0
             self._warned[index] = True
-        return first
+            return int(self._warned.sum())
 
     def __len__(self) -> int:
         return len(self.files)
@@ -164,8 +166,9 @@ class ImageFolder(torch.utils.data.Dataset):
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 if not os.path.isdir(self.root):  # not a file's fault: each would be tried and warned about in turn
                     raise DataError(f"the image folder {self.root} is gone (moved, removed or unmounted)") from None
-                if self._first_failure(i):
-                    warn_undecodable(self.files[i], error, int(self._warned.sum()))
+                failures = self._first_failure(i)
+                if failures:
+                    warn_undecodable(self.files[i], error, failures)
                 continue
             return torch.from_numpy(array).permute(2, 0, 1).contiguous()
         raise DataError(f"none of the {len(within)} images under {self.root} can be decoded any more")
