@@ -687,12 +687,16 @@ def drop_later_pictures(out: Path, start: int) -> None:
     gets there, and if it stops sooner they must not end its progress strip. The pictures drawn with them showed
     those steps until this run's first sample step: the progress strip and GIF are drawn again from the grids that
     stay, the convergence plot from the stats rows that stay (open_stats dropped the later ones), and the
-    reconstructions, which only a sample step draws, are removed."""
+    reconstructions, which only a sample step draws, are removed. A PICTURES_RECORD past `start` comes back to it:
+    at a dropped step, it would say that this run's pictures of that step were all written once its grid is."""
     later = [path for step, path in reports.sample_frames(out) if step > start]
     if not later:
         return
     for path in later:
         path.unlink()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # none, or damaged: pictures_written's call
+        if json.loads((out / PICTURES_RECORD).read_text())["step"] > start:
+            atomic_write(out / PICTURES_RECORD, lambda f: f.write((json.dumps({"step": start}) + "\n").encode()))
     for name in DRAWN_WITH_THE_GRIDS:
         (out / name).unlink(missing_ok=True)
     if reports.update_progress(out):

@@ -298,18 +298,20 @@ def test_folder_errors(tmp_path, mixed_folder):
     (broken / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     with pytest.raises(DataError, match="none of the 2 image files could be decoded"):
         open_source(DataConfig(path=str(broken)), 32)
-    # Which image does not fit: the first, in sorted order, of the files that passed the scan, and how many do not
-    # (one stray thumbnail is better taken out than every image's crop shrunk to its size).
+    # Which image does not fit: the smallest (the first, in sorted order, of equals) of the files that passed the
+    # scan, whose advice fits them all, and how many do not (one stray thumbnail is better taken out than every
+    # image's crop shrunk to its size).
     with pytest.raises(DataError, match=rf"^{mixed_folder / 'b.jpg'}: a 48x48 image is smaller than the celeba crop"):
         open_source(DataConfig(path=str(mixed_folder), crop="celeba"), 32)
     faces = tmp_path / "faces"
     write_celeba_like(faces, 3, seed=3)
-    Image.fromarray(draw_faces(1, 16, seed=0)[0]).save(faces / "thumbnail.png")
+    for name, size in (("a_thumbnail.png", 16), ("b_thumbnail.png", 10)):
+        Image.fromarray(draw_faces(1, size, seed=0)[0]).save(faces / name)
     with pytest.raises(DataError) as refused:
         open_source(DataConfig(path=str(faces), crop="center", crop_size=100), 32)
     assert str(refused.value) == (
-        f"{faces / 'thumbnail.png'}: a 16x16 image is smaller than the center crop box of 100x100 at left -42, top "
-        "-42; use a --crop-size of at most 16, or take out of the folder the 1 of 4 images the box does not fit"
+        f"{faces / 'b_thumbnail.png'}: a 10x10 image is smaller than the center crop box of 100x100 at left -45, top "
+        "-45; use a --crop-size of at most 10, or take out of the folder the 2 of 5 images the box does not fit"
     )
 
 

@@ -516,6 +516,7 @@ def test_a_restart_shows_no_picture_of_the_steps_it_drops(tmp_path, monkeypatch,
     reports.update_progress(tmp_path)  # the strip and the GIF end at step 12
     for name in ("reconstruction.png", "convergence.png"):
         (tmp_path / name).write_bytes(b"drawn at step 12")
+    (tmp_path / train_module.PICTURES_RECORD).write_text('{"step": 12}')
     if start == 0:
         for checkpoint in tmp_path.glob("*.pt"):
             checkpoint.unlink()
@@ -525,6 +526,12 @@ def test_a_restart_shows_no_picture_of_the_steps_it_drops(tmp_path, monkeypatch,
         assert [name for name in train_module.DRAWN_WITH_THE_GRIDS if (tmp_path / name).exists()] == []
         return
     assert not (tmp_path / "reconstruction.png").exists()
+    # The record of pictures comes back to the checkpoint's step: at 12, a kill of the resumed run between step 8's
+    # grid and the pictures after it would count step 8's pictures as written (README: as never made).
+    assert json.loads((tmp_path / train_module.PICTURES_RECORD).read_text()) == {"step": start}
+    (grids / "step_0000008.png").write_bytes(b"a grid")
+    assert not train_module.pictures_written(tmp_path, 8)
+    (grids / "step_0000008.png").unlink()
     kept = tmp_path / "kept"
     (kept / "samples").mkdir(parents=True)
     shutil.copy(grids / "step_0000004.png", kept / "samples")

@@ -83,12 +83,12 @@ def scan_images(files: list[str], crop: str | None, crop_size: int | None, image
         try:
             _, _, side = crop_box(width, height, crop, crop_size)
         except DataError as error:
-            unfit.append((path, error))
+            unfit.append((min(width, height), path, error))
             continue
         if side < image_size:
             small.append(path)
-    if unfit:  # the first, and how many: one stray thumbnail is taken out, not the crop of every image shrunk to it
-        path, error = unfit[0]
+    if unfit:  # the smallest (its advice fits them all), and how many: one stray thumbnail is better taken out
+        _, path, error = min(unfit, key=lambda item: item[0])
         raise DataError(
             f"{path}: {error}, or take out of the folder the {len(unfit)} of {len(good)} images the box does not fit"
         )
