@@ -33,8 +33,10 @@ class OneLineParser(argparse.ArgumentParser):
         given = list(sys.argv[1:] if args is None else args)
         joined: list[str] = []
         for arg in given:
-            after_a_flag = joined and joined[-1].startswith("--") and "=" not in joined[-1] and "--" not in joined
-            if after_a_flag and NEGATIVE_SCIENTIFIC.fullmatch(arg):
+            # After a flag spelt in full that takes one value (argparse's own table of them: an abbreviation, or a
+            # flag that takes none, keeps argparse's message about it), before any "--".
+            action = self._option_string_actions.get(joined[-1]) if joined and "--" not in joined else None
+            if action is not None and action.nargs is None and NEGATIVE_SCIENTIFIC.fullmatch(arg):
                 joined[-1] += "=" + arg
             else:
                 joined.append(arg)
@@ -89,10 +91,12 @@ def print_result(text: str) -> None:
 def check_one_process(script: str) -> None:
     """ConfigError when torchrun started `script`, one of those that run in one process (all but train.py), as
     several: each would do the whole job, on the same GPU, and write the same files."""
-    processes = os.environ.get("WORLD_SIZE", "1")
-    if processes != "1":
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit():  # as train.py says it (distributed.World.from_env)
+        raise ConfigError(f"environment variable WORLD_SIZE must be a non-negative integer, got {text!r}")
+    if int(text) > 1:
         raise ConfigError(
-            f"{script} runs in one process, and torchrun started {processes} (WORLD_SIZE): start it with python; "
+            f"{script} runs in one process, and torchrun started {int(text)} (WORLD_SIZE): start it with python; "
             "only train.py trains across processes"
         )
 

@@ -219,6 +219,7 @@ def main(argv=None) -> int:
     try:
         world = World.from_env()
     except ConfigError as e:
+        parser.parse_args(argv)  # --help still prints the help
         say_line(f"error: {one_line(e)}")
         return 2
     # Under torchrun, "rank R of N: ": each rank that meets an error says so, on its own machine's terms, a bad flag

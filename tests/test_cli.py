@@ -15,6 +15,7 @@ from tqdm import tqdm
 from began_fast.cli import (
     Interrupted,
     OneLineParser,
+    check_one_process,
     check_seed,
     check_stop,
     check_writable,
@@ -248,9 +249,12 @@ def test_a_negative_number_in_scientific_notation_is_a_flags_value(capsys, value
     parser.add_argument("rest", nargs="*")
     assert parser.parse_args(["--lr", value]).lr == float(value)
     assert parser.parse_args(["--quiet", "--", value]).rest == [value]
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--quiet", value])  # a flag that takes no value: refused, as a value after it is
-    assert "ignored explicit argument" in capsys.readouterr().err
+    # A flag that takes no value, and an abbreviation, keep argparse's messages: no "=" the user did not type.
+    kept = [(["--quiet", value], f"unrecognized arguments: {value} "), (["--l", value], "--lr: expected one argument")]
+    for argv, said in kept:
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert said in capsys.readouterr().err
 
 
 def test_train_refuses_a_negative_lr_in_scientific_notation_for_what_it_is():
@@ -284,6 +288,19 @@ def test_the_one_process_scripts_refuse_to_run_as_several_under_torchrun(tmp_pat
         "train.py trains across processes\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_torchrun_of_one_process_runs_the_one_process_scripts():
+    """`torchrun --nproc-per-node 1` (WORLD_SIZE 1) is one process: the check lets it through; an environment that
+    is not a number is said as train.py says it."""
+    for text in ("1", "01", None):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.delenv("WORLD_SIZE", raising=False) if text is None else patch.setenv("WORLD_SIZE", text)
+            check_one_process("evaluate.py")
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(ConfigError) as refused:
+        patch.setenv("WORLD_SIZE", "")
+        check_one_process("evaluate.py")
+    assert str(refused.value) == "environment variable WORLD_SIZE must be a non-negative integer, got ''"
 
 
 @pytest.mark.parametrize("script", ["gpu_checks", "quality_run"])

@@ -1941,6 +1941,9 @@ def test_a_bad_flag_or_environment_under_torchrun_is_one_line_and_a_flag_names_t
     monkeypatch.setenv("RANK", "one")
     assert script.main(["--steps", "1"]) == 2
     assert capsys.readouterr().err == "error: environment variable RANK must be a non-negative integer, got 'one'\n"
+    with pytest.raises(SystemExit) as ended:  # --help is not refused for it
+        script.main(["--help"])
+    assert ended.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
 
 
 def test_ranks_agree_on_a_stop_at_every_statistics_read_and_the_last_step():
