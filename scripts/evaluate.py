@@ -46,7 +46,7 @@ with quiet_ctrl_c_while_importing():
         warnings_as_lines,
     )
     from began_fast.config import ConfigError, DataConfig
-    from began_fast.data import DataError, detect_source, held_out_images, open_source
+    from began_fast.data import DataError, detect_source, fitted_crop, held_out_images, open_source
     from began_fast.data.builtin import BuiltinFaces
     from began_fast.fid import FIDUnavailableError, require_fid
     from began_fast.metrics import MetricError, evaluate_models
@@ -102,6 +102,8 @@ def evaluation_images(trained_on: DataConfig, path: str | None, num: int, image_
             crop_size=trained_on.crop_size,
             holdout=trained_on.holdout,
         )
+        # An HDF5 file (the one prepare_celeba made of the run's folder) holds cropped images: the crop is left out.
+        cfg = fitted_crop(cfg, resumed=True)
         try:
             real = open_source(cfg, image_size)
         except DataError:

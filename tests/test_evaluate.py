@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 from PIL import Image
@@ -729,6 +730,14 @@ def test_evaluation_on_the_runs_own_celeba_folder_however_it_is_named(tmp_path):
     for trained_images in (5, None):
         real, held_out, recon_images = evaluation_images(moved, str(images), 4, 16, trained_images)
         assert "celeba crop" in real.describe() and held_out is None and recon_images == "held-out"
+    # The run's folder gone and the HDF5 file made of it given: that data, moved, though the run saved its crop
+    # (runs do since a renamed CelebA folder was cropped as a plain one), which an HDF5 file's images have had.
+    h5 = tmp_path / "celeba16.h5"
+    with h5py.File(h5, "w") as f:
+        f.create_dataset("images", data=draw_faces(6, 16, seed=0))
+    with pytest.warns(UserWarning, match="is gone; .* taken for that data, moved: its crop and holdout are reused"):
+        real, held_out, recon_images = evaluation_images(moved, str(h5), 4, 16, 4)
+    assert "hdf5" in real.describe() and len(real) == 4 and len(held_out) == 2 and recon_images == "held-out"
 
 
 def _write_run(folder, *, lr, m_of_step, steps, swd=None, image_size=16, data=None, **train):
