@@ -55,10 +55,11 @@ def output_path(text: str) -> Path:
     return Path(text)
 
 
-def check_writable(path: Path, flag: str, *, folder: bool = False) -> None:
+def check_writable(path: Path, flag: str, *, folder: bool = False, create: bool = True) -> None:
     """Before any work is done: that `path`, given by `flag`, can be written, as a folder to write into or (folder
     False) as a file that atomic_write replaces (a temporary file beside it, renamed over it). Creates the missing
-    folders; ConfigError naming the flag otherwise."""
+    folders, or (create False: checks that come before others that may still refuse the call) tries a write in the
+    nearest one there is; ConfigError naming the flag otherwise."""
     for existing in (path, *path.parents):
         if existing.exists():
             if existing != path and not existing.is_dir():
@@ -69,6 +70,8 @@ def check_writable(path: Path, flag: str, *, folder: bool = False) -> None:
     if not folder and path.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; expected a file name")
     where = path if folder else path.parent
+    if not create:
+        where = next(existing for existing in (where, *where.parents) if existing.exists())
     try:
         where.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=where).close()

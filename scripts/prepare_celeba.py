@@ -150,8 +150,10 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
     if kind not in ("celeba", "folder"):  # before it is opened: opening an HDF5 file warns about its image size
         raise DataError(f"{args.src} is not an image folder (it is a {kind} source)")
     # Before the folder is opened: opening checks every file's header (a minute for CelebA), then the hour of decoding.
-    check_writable(args.out, "the output")
+    # Its missing folders are made once it opened: a source refused leaves none behind.
+    check_writable(args.out, "the output", create=False)
     source = open_source(cfg, args.size)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     files = source.files
     remove_stale_temporaries(args.out)
     tmp = _temporary(args.out, os.getpid())

@@ -1200,6 +1200,14 @@ def test_prepare_celeba_refuses_an_output_it_cannot_write_before_opening_the_fol
     with pytest.raises(ConfigError, match=f"^the output {re.escape(str(out))}: .*a_file is a file, not a folder$"):
         prepare_celeba.prepare(args)
     assert opened == []
+    # An output in folders yet to be made, from a source then refused: none are made.
+    monkeypatch.undo()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    args = prepare_celeba.parse_args([str(tmp_path / "notes"), str(tmp_path / "new" / "sub" / "x.h5"), "--size", "16"])
+    with pytest.raises(DataError, match="no images"):
+        prepare_celeba.prepare(args)
+    assert not (tmp_path / "new").exists()
 
 
 def test_prepare_celeba_syncs_before_renaming_and_removes_a_killed_runs_temporary(tmp_path, celeba_root, monkeypatch):
