@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from began_fast.config import ConfigError
+from began_fast.distributed import World
 
 # A negative number in scientific notation, which argparse (Python 3.10 to 3.13) reads as a flag, not as a value.
 NEGATIVE_SCIENTIFIC = re.compile(r"-(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -94,12 +95,10 @@ def print_result(text: str) -> None:
 def check_one_process(script: str) -> None:
     """ConfigError when torchrun started `script`, one of those that run in one process (all but train.py), as
     several: each would do the whole job, on the same GPU, and write the same files."""
-    text = os.environ.get("WORLD_SIZE", "1")
-    if not text.isdigit():  # as train.py says it (distributed.World.from_env)
-        raise ConfigError(f"environment variable WORLD_SIZE must be a non-negative integer, got {text!r}")
-    if int(text) > 1:
+    processes = World.from_env().world_size  # a torchrun environment that is not one: said as train.py says it
+    if processes > 1:
         raise ConfigError(
-            f"{script} runs in one process, and torchrun started {int(text)} (WORLD_SIZE): start it with python; "
+            f"{script} runs in one process, and torchrun started {processes} (WORLD_SIZE): start it with python; "
             "only train.py trains across processes"
         )
 
