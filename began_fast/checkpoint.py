@@ -128,6 +128,16 @@ def misfit(path: str | Path, error: Exception) -> CheckpointError:
     return CheckpointError(f"checkpoint {path} does not fit this version of began-fast ({what})")
 
 
+def another_runs(latest: Path, state: dict, folder: dict) -> str | None:
+    """Why checkpoint `state`, read from a run folder's `latest`, is not the run of the folder's config.json (parsed:
+    `folder`), whose stats and pictures stand beside it; None where it is, or where either names no run (older)."""
+    run_id = state.get("run_id")
+    folder_run = folder["run"].get("run_id") if isinstance(folder.get("run"), dict) else None
+    if None in (run_id, folder_run) or run_id == folder_run:
+        return None
+    return f"{latest} belongs to another run ({run_id}) than the folder's config.json and stats.jsonl ({folder_run})"
+
+
 def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from began_fast import metrics, ops, reports
 from began_fast.atomic_files import atomic_write, remove_stale_temporaries
-from began_fast.checkpoint import config_dict, load_checkpoint, misfit, save_checkpoint, saved_configs
+from began_fast.checkpoint import another_runs, config_dict, load_checkpoint, misfit, save_checkpoint, saved_configs
 from began_fast.cli import STOP_SIGNALS, say_line
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import fitted_crop, held_out_images, make_batches, open_source, resolve_source
@@ -345,14 +345,12 @@ def check_same_run(out: Path, run_id: str | None) -> None:
     """Refuse to resume a latest.pt of one run in a folder whose config.json belongs to another (a checkpoint
     copied into the wrong folder would go on writing its stats and pictures among that run's)."""
     try:
-        folder_run = json.loads((out / "config.json").read_text())["run"].get("run_id")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no config.json (a rank's own folder), or old
+        folder = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):  # no config.json (a rank's own folder), or not JSON
         return
-    if run_id is not None and folder_run is not None and folder_run != run_id:
-        raise ConfigError(
-            f"{out / 'latest.pt'} belongs to another run ({run_id}) than the folder's config.json and stats.jsonl "
-            f"({folder_run}): resume it in a folder of its own"
-        )
+    why = another_runs(out / "latest.pt", {"run_id": run_id}, folder) if isinstance(folder, dict) else None
+    if why:
+        raise ConfigError(f"{why}: resume it in a folder of its own")
 
 
 def check_out_outside_data(out: Path, data_cfg: DataConfig) -> None:

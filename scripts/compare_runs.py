@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from began_fast.startup import quiet_ctrl_c_while_importing  # noqa: E402
 
 with quiet_ctrl_c_while_importing():
-    from began_fast.checkpoint import CheckpointError, load_checkpoint
+    from began_fast.checkpoint import CheckpointError, another_runs, load_checkpoint
     from began_fast.cli import (
         OneLineParser,
         check_stop,
@@ -96,7 +96,13 @@ def load_run(folder: Path) -> RunRecord:
     if not training_rows(stats):
         raise RunFolderError(f"{stats_path} has no logged step yet (no row with a finite M)")
     latest = folder / "latest.pt"
-    step = load_checkpoint(latest)["step"] if latest.is_file() else None
+    step = None
+    if latest.is_file():
+        state = load_checkpoint(latest)
+        why = another_runs(latest, state, config)  # as train.py refuses to resume it there
+        if why:
+            raise RunFolderError(f"{why}: its step is not theirs")
+        step = state["step"]
     return RunRecord(folder.name or str(folder), config, stats, step)
 
 

@@ -880,6 +880,26 @@ def test_compare_runs_takes_a_run_that_saved_no_crop_for_the_crop_its_folder_too
     assert json.loads(compare([earlier, centre, "--json"])[1])["verdict"].startswith("none: SWD does not compare")
 
 
+def test_compare_runs_refuses_a_latest_pt_of_another_run(tmp_path, compare, tiny_checkpoint):
+    """A latest.pt copied into another run's folder: its step was shown beside that run's stats (found by an
+    evaluation-audit helper); refused as train.py refuses to resume it there. One of the same run is read."""
+    a = _write_run(tmp_path / "a", lr=1e-4, m_of_step=lambda s: 0.3, steps=range(50, 501, 50))
+    b = _write_run(tmp_path / "b", lr=1e-4, m_of_step=lambda s: 0.3, steps=range(50, 501, 50))
+    config = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps(config | {"run": {"run_id": "b-run"}}))
+    state = load_checkpoint(tiny_checkpoint[0])
+    save_checkpoint(b / "latest.pt", state | {"run_id": "b-run"})
+    rc, out, err = compare([a, b])
+    assert rc == 0 and "checkpoint step   None vs 123" in out, err
+    save_checkpoint(b / "latest.pt", state | {"run_id": "p-run"})
+    assert compare([a, b]) == (
+        2,
+        "",
+        f"error: {b / 'latest.pt'} belongs to another run (p-run) than the folder's config.json and stats.jsonl "
+        "(b-run): its step is not theirs\n",
+    )
+
+
 def test_compare_runs_keeps_each_runs_swd_whatever_the_runs_are_named(tmp_path, compare):
     step = _write_run(tmp_path / "step", lr=1e-4, m_of_step=lambda s: 0.3, steps=[100], swd={100: 50.0})
     other = _write_run(tmp_path / "other", lr=1e-4, m_of_step=lambda s: 0.3, steps=[100], swd={100: 90.0})
