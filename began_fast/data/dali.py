@@ -20,8 +20,6 @@ threads or the GPU. Both iterate forever; an epoch's last partial global batch i
 
 from __future__ import annotations
 
-import os
-
 import h5py
 import numpy as np
 import nvidia.dali.math as dali_math
@@ -33,7 +31,7 @@ from PIL import Image
 
 from began_fast.config import DataConfig
 from began_fast.data import default_workers
-from began_fast.data.errors import DataError, warn_undecodable
+from began_fast.data.errors import DataError, check_folder_there, warn_undecodable
 from began_fast.data.hdf5 import DATASET
 from began_fast.data.images import crop_box, load_image
 from began_fast.data.sampler import BatchOrder
@@ -120,8 +118,7 @@ class _EncodedFiles:
             try:
                 return np.fromfile(self.files[i], dtype=np.uint8)
             except OSError as error:
-                if not os.path.isdir(self.root):  # as the torch loader: not a file's fault
-                    raise DataError(f"the image folder {self.root} is gone (moved, removed or unmounted)") from None
+                check_folder_there(self.root)  # as the torch loader
                 self.drop(i, error)
         raise DataError(f"none of the {len(self.files)} image files can be read any more")
 

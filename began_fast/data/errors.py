@@ -1,5 +1,6 @@
 """The data package's user-facing error and warnings."""
 
+import os
 import warnings
 
 # Image files that fail during the run, each named in a warning; past these, one line says the rest are not (a folder
@@ -25,3 +26,10 @@ def warn_undecodable(path: str, error: Exception, failures: int) -> None:
             f"more than {NAMED_FAILURES} image files cannot be decoded: the others are skipped without a warning each",
             stacklevel=3,
         )
+
+
+def check_folder_there(root: str) -> None:
+    """DataError when the image folder `root` is gone during the run (moved, removed, unmounted): a file that then
+    fails is not at fault, and each would be tried and warned about in turn."""
+    if not os.path.isdir(root):
+        raise DataError(f"the image folder {root} is gone (moved, removed or unmounted)") from None

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from PIL import ExifTags, Image
 
-from began_fast.data.errors import DataError, SkippedImagesWarning, warn_undecodable
+from began_fast.data.errors import DataError, SkippedImagesWarning, check_folder_there, warn_undecodable
 from began_fast.data.images import IMAGE_EXTENSIONS, crop_box, load_image
 
 TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # by the format PIL reads, not the file's extension
@@ -164,8 +164,7 @@ class ImageFolder(torch.utils.data.Dataset):
             try:
                 array = load_image(self.files[i], self.image_size, self.crop, self.crop_size)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
-                if not os.path.isdir(self.root):  # not a file's fault: each would be tried and warned about in turn
-                    raise DataError(f"the image folder {self.root} is gone (moved, removed or unmounted)") from None
+                check_folder_there(self.root)
                 failures = self._first_failure(i)
                 if failures:
                     warn_undecodable(self.files[i], error, failures)
