@@ -21,6 +21,7 @@ import ctypes
 import datetime
 import math
 import os
+import re
 import signal
 from dataclasses import dataclass
 
@@ -137,7 +138,7 @@ class Collectives:
         self, error: BaseException, what: str = "a collective failed or timed out", cause: str = "died or hung"
     ) -> CollectiveError:
         """error as one line: which rank saw it, the timeout, and the likely cause."""
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        detail = _gist(error)
         return CollectiveError(
             f"rank {self.rank} of {self.world_size}: {what} (--dist-timeout {self.timeout_s:g} s); another rank "
             f"probably {cause}; check the other ranks' logs ({detail})"
@@ -190,6 +191,14 @@ class Collectives:
         value = torch.tensor(float(number), device=device)
         self._all_reduce(value, op=dist.ReduceOp.MAX)
         return int(value.item())
+
+
+def _gist(error: BaseException) -> str:
+    """The first sentence of error's message, without the source location gloo puts before it ("[.../pair.cc:553]
+    Connection closed by peer [host]:port. This is typically caused by ... GLHF!"); its type where it has none."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    message = re.sub(r"^\[[^\]]*:\d+\]\s*", "", first_line)
+    return message.split(". ")[0] or type(error).__name__
 
 
 def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Collectives | None:

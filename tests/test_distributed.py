@@ -492,6 +492,13 @@ def test_a_collectives_failure_is_one_line_naming_the_rank_and_the_timeout():
         "check the other ranks' logs (Connection closed by peer [127.0.0.1]:29500)"
     )
     assert str(collectives.failure(TimeoutError())).endswith("check the other ranks' logs (TimeoutError)")
+    # torch 2.13's gloo, when a peer is killed: its source location first, then advice the line already gives
+    killed = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[127.0.0.1]:37779. This is typically caused by a remote worker crashing. Check the logs of the remote worker "
+        "before reporting an error. GLHF! \N{BEACH WITH UMBRELLA}"
+    )
+    assert str(collectives.failure(killed)).endswith("logs (Connection closed by peer [127.0.0.1]:37779)")
 
 
 def test_a_rank_that_cannot_join_the_process_group_says_so_in_one_line(monkeypatch):
