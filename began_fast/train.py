@@ -1,7 +1,8 @@
 """The training loop behind scripts/train.py, readable top to bottom.
 
 A run folder holds config.json, stats.jsonl (a row per logging window, and a row per evaluation with "swd",
-"recon_l1" and "recon_images": D's error on held-out images, or on training images when the run holds none out),
+"recon_l1", "recon_images" and "recon_num": D's error on that many held-out images, or on training images when the run
+holds none out),
 TensorBoard events (when tensorboard is installed), samples/step_XXXXXXX.png from a fixed z with progress.png and
 progress.gif (the grids over time), reconstruction.png (real images next to D(x)), convergence.png (M, k_t, lr
 and SWD against the step), latest.pt and snapshots step_XXXXXXX.pt. The step keeps its statistics on the
@@ -494,6 +495,7 @@ def evaluate(run: Run, real: RealImages, stats_file, writer) -> None:
         "swd": result["swd"]["avg"],
         "recon_l1": result["recon_l1"],
         "recon_images": "training" if real.held_out is None else "held-out",
+        "recon_num": run.train_cfg.eval_images if real.held_out is None else len(real.held_out),
     }
     stats_file.write(json.dumps(row) + "\n")
     stats_file.flush()

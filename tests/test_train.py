@@ -368,17 +368,18 @@ def test_a_run_on_fewer_images_than_a_reconstruction_grid_draws_them_all(tmp_pat
 
 def test_a_runs_evaluations_say_whether_d_reconstructed_held_out_or_training_images(tmp_path):
     """stats.jsonl's recon_images: "held-out" where the run holds images out (--holdout, or the built-in faces),
-    "training" where D's reconstruction error can only be measured on the images it trains on."""
+    "training" where D's reconstruction error can only be measured on the images it trains on; recon_num: on how
+    many (the 4 held out, fewer than --eval-images 8)."""
     write_faces(tmp_path / "faces", range(20))
-    for holdout, images in ((0, "training"), (4, "held-out")):
+    for holdout, images, num in ((0, "training", 8), (4, "held-out", 4)):
         data = DataConfig(path=str(tmp_path / "faces"), crop="center", num_workers=0, holdout=holdout)
         out = tmp_path / f"run{holdout}"
         train(setup_run(MODEL, train_cfg(2, eval_images=8), data, RunOptions(out=out, quiet=True)))
         evaluations = [row for row in reports.read_stats(out / "stats.jsonl") if "swd" in row]
-        assert [(row["step"], row["recon_images"]) for row in evaluations] == [(2, images)]
+        assert [(row["step"], row["recon_images"], row["recon_num"]) for row in evaluations] == [(2, images, num)]
     run_steps(tmp_path / "builtin", 2)
     evaluations = [row for row in reports.read_stats(tmp_path / "builtin" / "stats.jsonl") if "swd" in row]
-    assert [(row["step"], row["recon_images"]) for row in evaluations] == [(2, "held-out")]
+    assert [(row["step"], row["recon_images"], row["recon_num"]) for row in evaluations] == [(2, "held-out", 16)]
 
 
 @pytest.mark.parametrize("first, then", [("reference", "fp16"), ("fp16", "reference")])
