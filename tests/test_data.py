@@ -178,6 +178,29 @@ def test_folder_images_smaller_than_the_model_are_warned_about_once(tmp_path):
         open_source(DataConfig(path=str(tmp_path), crop="center"), 8)
 
 
+def test_images_past_pils_pixel_limits_are_warned_about_once_by_name(tmp_path, monkeypatch):
+    """PIL warns (without the file's name) on every decode of an image above Image.MAX_IMAGE_PIXELS, and refuses one
+    above twice that, as a decompression bomb: the scan warns once about each kind, naming the first, and the refused
+    are counted as such, not as files that could not be decoded. Limits lowered here so small images pass them."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40)
+    faces = draw_faces(4, 16, seed=0)
+    for i, size in enumerate((16, 16, 50, 60)):  # 50 x 50 above the limit, 60 x 60 above twice it
+        Image.fromarray(faces[i]).resize((size, size)).save(tmp_path / f"{i}.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning) as warned:
+        source = open_source(DataConfig(path=str(tmp_path), crop="center"), 16)
+    assert [str(w.message) for w in warned] == [
+        f"1 of 3 images have more than 1,600 pixels (first: {tmp_path / '2.png'}, 50x50): each is decoded whole "
+        "whenever it is read, which is slow; shrink them",
+        f"skipped 1 of 5 image files that have more than 3,200 pixels, PIL's limit (first: {tmp_path / '3.png'}): "
+        "shrink them to train on them",
+        f"skipped 1 of 5 image files that could not be decoded (first: {tmp_path / 'junk.png'})",
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's own warning, on each read of the large image, is left out
+        assert source[2].shape == (3, 16, 16)
+
+
 def test_folder_source_converts_modes_and_skips_corrupt_files(mixed_folder):
     # The warning names the first file (in sorted order) that failed, not the first file.
     said = rf"skipped 3 of 7 image files that could not be decoded \(first: {mixed_folder / 'e_truncated.jpg'}\)"

@@ -1,17 +1,18 @@
 """Image-folder sources: the aligned CelebA JPEGs, and any folder of images (searched recursively).
 
-Corrupt files. When the source is opened every file gets a cheap check, run on a thread pool (I/O bound): PIL
-parses its header (this rejects non-images with an image extension and gives the size, upright by the EXIF
-orientation, which is checked against the crop box), and a JPEG must end with its end-of-image marker FFD9 and a
-PNG with its IEND chunk (this rejects truncated downloads without decoding; a file whose last bytes are something
-else, such as a JPEG with data appended after the marker, is decoded in full instead); a PNG's chunk checksums are
-verified too (a damaged PNG would otherwise stop DALI's decoder). Files that fail are left out and ONE
-SkippedImagesWarning names the count; if every file fails the source raises DataError. A file that passes but
-still fails to decode later (say, it was deleted or damaged mid-run) is replaced by the next image of its range
-(the training images, or the held-out ones), with one warning per such file, so a long run does not die on one bad
-JPEG. Which files were warned about is kept in shared memory, so the DataLoader's worker processes warn once
-between them rather than once each. A JPEG damaged inside but whole at its ends can decode without an error, to a
-partly grey image: the check does not decode every file, and such an image is trained on.
+Corrupt files. When the source is opened every file gets a cheap check, run on a thread pool (I/O bound): PIL parses
+its header (this rejects non-images with an image extension and gives the size, upright by the EXIF orientation,
+which is checked against the crop box), and a JPEG must end with its end-of-image marker FFD9 and a PNG with its
+IEND chunk (this rejects truncated downloads without decoding; a file whose last bytes are something else, such as a
+JPEG with data appended after the marker, is decoded in full instead); a PNG's chunk checksums are verified too (a
+damaged PNG would otherwise stop DALI's decoder). Files that fail are left out and ONE SkippedImagesWarning names
+the count (another counts those PIL refuses to open, above twice its Image.MAX_IMAGE_PIXELS, and one warning names
+those above it, slow to decode); if every file fails the source raises DataError. A file that passes but still fails
+to decode later (say, it was deleted or damaged mid-run) is replaced by the next image of its range (the training
+images, or the held-out ones), with one warning per such file, so a long run does not die on one bad JPEG. Which
+files were warned about is kept in shared memory, so the DataLoader's worker processes warn once between them rather
+than once each. A JPEG damaged inside but whole at its ends can decode without an error, to a partly grey image: the
+check does not decode every file, and such an image is trained on.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def find_images(root: str | Path) -> list[str]:
     return sorted(found)
 
 
-def _image_size(path: str) -> tuple[int, int] | None:
-    """(width, height) from the header, or None when the file is not a whole image (see the module docstring)."""
+def _image_size(path: str) -> tuple[int, int] | Exception:
+    """(width, height) from the header, or the error when the file is not a whole image (see the module docstring)
+    or has more pixels than PIL opens (Image.DecompressionBombError)."""
     try:
         with Image.open(path) as image:
             size, trailer = image.size, TRAILERS.get(image.format)
@@ -63,8 +65,8 @@ def _image_size(path: str) -> tuple[int, int] | None:
                     with Image.open(path) as image:
                         image.load()  # raises when the file is cut short
         return size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's verify raises SyntaxError
-        return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # verify raises SyntaxError
+        return error
 
 
 def scan_images(files: list[str], crop: str | None, crop_size: int | None, image_size: int) -> list[str]:
@@ -73,11 +75,26 @@ def scan_images(files: list[str], crop: str | None, crop_size: int | None, image
 
     Raises DataError when none pass, or when an image is smaller than the crop box.
     """
-    with ThreadPoolExecutor(max_workers=16) as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=16) as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said once below, with a file's name
         sizes = list(pool.map(_image_size, files, chunksize=64))
-    good = [(path, size) for path, size in zip(files, sizes, strict=True) if size is not None]
+    good, too_large, undecodable = [], [], []
+    for path, size in zip(files, sizes, strict=True):
+        if isinstance(size, tuple):
+            good.append((path, size))
+        else:
+            (too_large if isinstance(size, Image.DecompressionBombError) else undecodable).append(path)
     if not good:
         raise DataError(f"none of the {len(files)} image files could be decoded (first: {files[0]})")
+    limit = Image.MAX_IMAGE_PIXELS  # PIL warns above it and refuses above twice it; None (set by a user): no limit
+    large = [(path, size) for path, size in good if limit and size[0] * size[1] > limit]
+    if large:
+        path, (width, height) = large[0]
+        warnings.warn(
+            f"{len(large)} of {len(good)} images have more than {limit:,} pixels (first: {path}, "
+            f"{width}x{height}): each is decoded whole whenever it is read, which is slow; shrink them",
+            stacklevel=3,
+        )
     small, unfit = [], []
     for path, (width, height) in good:
         try:
@@ -98,11 +115,17 @@ def scan_images(files: list[str], crop: str | None, crop_size: int | None, image
             f"are resized to (first: {small[0]}): each is upscaled, so a model trained on them learns blurred images",
             stacklevel=3,
         )
-    skipped = len(files) - len(good)
-    if skipped:
-        first = next(path for path, size in zip(files, sizes, strict=True) if size is None)
+    if too_large:  # PIL refuses them, as it would a decompression bomb
         warnings.warn(
-            f"skipped {skipped} of {len(files)} image files that could not be decoded (first: {first})",
+            f"skipped {len(too_large)} of {len(files)} image files that have more than {2 * limit:,} pixels, "
+            f"PIL's limit (first: {too_large[0]}): shrink them to train on them",
+            SkippedImagesWarning,
+            stacklevel=3,
+        )
+    if undecodable:
+        warnings.warn(
+            f"skipped {len(undecodable)} of {len(files)} image files that could not be decoded "
+            f"(first: {undecodable[0]})",
             SkippedImagesWarning,
             stacklevel=3,
         )

@@ -8,6 +8,8 @@ to S x S.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -60,8 +62,10 @@ def load_image(path: str, image_size: int, crop: str | None, crop_size: int | No
 
     Raises OSError (or a PIL error) when the file cannot be decoded, DataError when it is smaller than the box.
     """
-    with Image.open(path) as image:
-        image = upright_rgb(image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the folder's scan warns once, naming it
+        with Image.open(path) as image:
+            image = upright_rgb(image)
     left, top, size = crop_box(image.width, image.height, crop, crop_size)
     return resize_square(image.crop((left, top, left + size, top + size)), image_size)
 
