@@ -36,17 +36,28 @@ def ieee_float32():
     """PyTorch's float32 convolutions and matmuls in IEEE float32 inside the block. By default PyTorch lets cuDNN's
     float32 convolutions round their inputs to TF32 (10 mantissa bits) on Ampere and later GPUs: a float32 step
     would not be one. Under bf16 / fp16 autocast the layers run in half precision and this changes nothing.
-    Through PyTorch's fp32_precision settings: once those are in use (the user's torch.backends.fp32_precision,
-    or set_float32_matmul_precision("medium")), the older allow_tf32 flags can no longer be read. Inside the block
-    torch.backends.cudnn.allow_tf32 cannot be read either (PyTorch 2.11 to 2.13 refuse to): code run in a float32
-    step, a hook say, must read the fp32_precision settings instead."""
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    Through PyTorch's fp32_precision settings, and the older matmul precision too where it can be read: PyTorch
+    refuses to read a TF32 setting when the two disagree (a user's allow_tf32 = True or set_float32_matmul_precision
+    ("high") against the newer setting made here), as its TunableOp GEMMs do, and `torch.backends.cuda.matmul.
+    allow_tf32` in a hook. torch.backends.cudnn.allow_tf32 cannot be read inside the block (PyTorch 2.11 to 2.13
+    refuse to): code run in a float32 step must read the fp32_precision settings instead."""
+    backends = torch.backends.cudnn.conv, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    saved = [backend.fp32_precision for backend in backends]
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the user's settings already mix the two APIs: the older one is left as it is
+        legacy = None
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")  # also sets the matmuls' fp32_precision to "ieee"
+    for backend in backends:
+        backend.fp32_precision = "ieee"
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for backend, value in zip(backends, saved, strict=True):  # after: set_float32_matmul_precision changes them
+            backend.fp32_precision = value
 
 
 class StepState:
