@@ -90,8 +90,6 @@ class TritonConvELU(torch.autograd.Function):
         reason = unsupported(x, skip, weight, stride, upsample)
         if reason is not None:
             raise ValueError(f"conv_elu(impl='triton'): {reason}")
-        if wgrad_scale is not None and tuple(wgrad_scale.shape) != (x.shape[0],):
-            raise ValueError(f"conv_elu: wgrad_scale must have shape ({x.shape[0]},), got {tuple(wgrad_scale.shape)}")
         x = x.contiguous(memory_format=torch.channels_last)
         if skip is not None:
             skip = skip.to(x.dtype).contiguous(memory_format=torch.channels_last)

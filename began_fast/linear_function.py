@@ -18,6 +18,7 @@ class ScaledLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, scale = ctx.saved_tensors
-        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]  # no bias (None) needs none
+        grad_x = grad_y @ weight if needs_x else None
         gs = grad_y * scale.to(grad_y.dtype)[:, None]
-        return grad_x, gs.t() @ x, gs.sum(0), None
+        return grad_x, gs.t() @ x if needs_weight else None, gs.sum(0) if needs_bias else None, None

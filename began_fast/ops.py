@@ -86,6 +86,12 @@ def autocast_inputs(*tensors):
     return cast, torch.autocast(device_type, enabled=False)
 
 
+def check_wgrad_scale(op: str, x: torch.Tensor, wgrad_scale: torch.Tensor | None) -> None:
+    """wgrad_scale holds one number per sample of x, for either impl (PyTorch's would broadcast a (1,) one)."""
+    if wgrad_scale is not None and tuple(wgrad_scale.shape) != (x.shape[0],):
+        raise ValueError(f"{op}: wgrad_scale must have shape ({x.shape[0]},), got {tuple(wgrad_scale.shape)}")
+
+
 def _check_conv_args(x, weight, skip, stride, upsample):
     if x.dim() != 4:
         raise ValueError(f"conv_elu: x must be (B, C, H, W), got shape {tuple(x.shape)}")
@@ -122,6 +128,7 @@ def conv_elu(
     sample's contribution to the weight and bias gradients only; the input gradients stay unscaled.
     """
     _check_conv_args(x, weight, skip, stride, upsample)
+    check_wgrad_scale("conv_elu", x, wgrad_scale)
     (x, skip), autocast_off = autocast_inputs(x, skip)
     function = TorchConvELU
     if resolve_impl(impl, x.device) == "triton":
@@ -150,6 +157,7 @@ def linear(
     """y = x W^T + b, with an optional per-sample scale (B,) on the weight and bias gradients only."""
     if wgrad_scale is None:
         return torch.nn.functional.linear(x, weight, bias)
+    check_wgrad_scale("linear", x, wgrad_scale)
     (x, weight, bias), autocast_off = autocast_inputs(x, weight, bias)
     with autocast_off:
         return ScaledLinear.apply(x, weight, bias, wgrad_scale)
@@ -178,10 +186,12 @@ def began_balance(
         )
     if resolve_impl(impl, x.device) == "triton":
         from began_fast.balance_function import triton_began_balance
-        from kernels.balance import DTYPES
+        from kernels.balance import unsupported
 
-        if impl == "triton" or x.dtype in DTYPES:
+        # As conv_elu: "auto" takes PyTorch where the kernels cannot go, an explicit "triton" raises.
+        reason = None if impl == "triton" else unsupported(x)
+        if reason is None:
             return triton_began_balance(x, rx, fake, rfake, k, gamma, lambda_k)
-        _warn_fallback(f"the balance kernels take {DTYPES}, got {x.dtype}")
+        _warn_fallback(f"the balance kernels cannot run: {reason}")
     x, rx, fake, rfake = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (x, rx, fake, rfake))
     return began_objective(x, rx, fake, rfake, k, gamma, lambda_k)

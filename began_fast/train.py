@@ -105,7 +105,7 @@ class RunOptions:
         except ValueError as e:  # an unknown impl, or BEGAN_FAST_IMPL set to one
             raise ConfigError(str(e)) from None
         if impl == "triton":
-            from kernels.conv_elu import runs_on  # triton is installed: resolve_impl said so
+            from kernels.interpreter import runs_on  # triton is installed: resolve_impl said so
 
             if not runs_on(device):
                 raise ConfigError(

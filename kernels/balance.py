@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import FP_FUSION, on_the_inputs_device
+from kernels import FP_FUSION, interpreter, on_the_inputs_device
 from kernels.interpreter import INTERPRET, round_to
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -177,9 +177,23 @@ class BalanceInputError(ValueError):
     """The balance kernels cannot take these tensors; the message says what is expected."""
 
 
+def unsupported(x: torch.Tensor) -> str | None:
+    """Why these kernels cannot take images like x (a phrase for an error message): its device or its dtype; None
+    if they can."""
+    on_device = interpreter.device_unsupported(x.device)
+    if on_device is not None:
+        return on_device
+    if x.dtype not in DTYPES:
+        return f"x dtype {x.dtype} unsupported; expected one of {DTYPES}"
+    return None
+
+
 def check_balance_inputs(x: torch.Tensor, rx: torch.Tensor, fake: torch.Tensor, rfake: torch.Tensor) -> None:
     """Raise BalanceInputError unless the four tensors meet the layout contract of this module's docstring."""
     tensors = (x, rx, fake, rfake)
+    on_device = interpreter.device_unsupported(x.device)
+    if on_device is not None:
+        raise BalanceInputError(f"began balance: {on_device}")
     if len({t.shape for t in tensors}) != 1:
         raise BalanceInputError(
             f"began balance: x, rx, fake, rfake must share one shape, got {[tuple(t.shape) for t in tensors]}"

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import FP_FUSION, on_the_inputs_device
+from kernels import FP_FUSION, interpreter, on_the_inputs_device
 from kernels.interpreter import INTERPRET, round_to
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -422,11 +422,6 @@ def conv_elu_wgrad_kernel(
             tl.store(db_ptr + pid_s * COUT + offs_n, bias_acc, mask=mask_n)
 
 
-def runs_on(device: torch.device) -> bool:
-    """Whether these kernels take tensors on `device`: CUDA ones compiled, any under the interpreter."""
-    return device.type == "cuda" or INTERPRET
-
-
 # Every offset the kernels compute is int32: a tensor they read or write must hold fewer elements than this.
 MAX_ELEMENTS = 2**31
 
@@ -435,8 +430,9 @@ def unsupported(x: torch.Tensor, skip: torch.Tensor | None, weight: torch.Tensor
     """Why these kernels cannot run conv_elu on these tensors (a phrase for an error message), or None if they can:
     the device, the dtype, or a tensor (the output, or the skip's gradient on the upsampled grid) too large for
     int32 offsets. Shapes as conv_elu_forward's."""
-    if not runs_on(x.device):
-        return f"x is on {x.device.type}; expected a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on the CPU)"
+    on_device = interpreter.device_unsupported(x.device)
+    if on_device is not None:
+        return on_device
     if x.dtype not in SUPPORTED_DTYPES:
         return f"x dtype {x.dtype} unsupported; expected one of {SUPPORTED_DTYPES}"
     bsz, _, h, w = x.shape

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels take tensors on `device`: CUDA ones compiled, any under the interpreter."""
+    return device.type == "cuda" or INTERPRET
+
+
+def device_unsupported(device: torch.device) -> str | None:
+    """Why the kernels cannot take tensors on `device` (a phrase for an error message), or None if they can."""
+    if runs_on(device):
+        return None
+    return f"x is on {device.type}; expected a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on the CPU)"
 
 
 @triton.jit

@@ -35,6 +35,7 @@ from triton.runtime.driver import driver
 
 import kernels
 import kernels.conv_elu
+import kernels.interpreter
 
 try:
     import fcntl
@@ -225,6 +226,6 @@ def compiling_for(arch: int):
     # Triton reads the target from its active driver; without a GPU there is none to read it from.
     with (
         mock.patch.object(driver, "_active", _AbsentGpuDriver(arch)),
-        mock.patch.object(kernels.conv_elu, "runs_on", lambda device: True),
+        mock.patch.object(kernels.interpreter, "runs_on", lambda device: True),
     ):
         yield

@@ -9,6 +9,7 @@ paper's shapes run compiled in the `cuda`-marked test.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 import pytest
@@ -18,7 +19,8 @@ import kernels.conv_elu as conv_elu_kernels
 from began_fast import ops
 from began_fast.config import ModelConfig
 from began_fast.model import Discriminator, Generator
-from began_fast.reference import conv_elu_ref
+from began_fast.reference import began_objective, conv_elu_ref
+from kernels import interpreter
 from tests.glue_ops import ComputedTensors, stub_kernels
 from tests.tolerances import assert_parity
 
@@ -263,14 +265,38 @@ def test_auto_takes_pytorch_where_the_kernels_cannot_go(device, monkeypatch, rec
     images = [torch.rand(2, 3, 8, 8, dtype=torch.float64, device=device) for _ in range(4)]
     assert ops.began_balance(*images, 0.1, 0.5, 0.001, impl="auto").l_real.dtype == torch.float64
     fallbacks = [str(w.message) for w in recwarn.list if str(w.message).startswith("began_fast")]
-    assert len(fallbacks) == 2 and "the balance kernels take" in fallbacks[1]
+    assert len(fallbacks) == 2 and "the balance kernels cannot run: x dtype torch.float64" in fallbacks[1]
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused_or_fall_back(monkeypatch, recwarn):
+    """The kernels take CPU tensors only under TRITON_INTERPRET=1 (here: made to say they do not): an explicit
+    impl="triton" refuses a conv_elu and a balance in one line, "auto" resolved to Triton runs both on PyTorch with one
+    warning each. (A review helper: the balance crashed in Triton's driver lookup, "0 active drivers".)"""
+    monkeypatch.setattr(interpreter, "runs_on", lambda device: device.type == "cuda")
+    monkeypatch.setenv(ops.IMPL_ENV, "triton")
+    ops._warn_fallback.cache_clear()
+    x, _, weight, bias, _ = make_inputs(VARIANTS["stride1"], torch.device("cpu"), torch.float32, seed=5)
+    images = [torch.rand(2, 3, 8, 8) for _ in range(4)]
+    expected = "x is on cpu; expected a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on the CPU)"
+    with pytest.raises(ValueError, match=rf"^conv_elu\(impl='triton'\): {re.escape(expected)}$"):
+        ops.conv_elu(x, weight, bias, impl="triton")
+    with pytest.raises(ValueError, match=rf"^began balance: {re.escape(expected)}$"):
+        ops.began_balance(*images, 0.1, 0.5, 0.001, impl="triton")
+    assert torch.equal(ops.conv_elu(x, weight, bias, impl="auto"), conv_elu_ref(x, weight, bias))
+    result = ops.began_balance(*images, 0.1, 0.5, 0.001, impl="auto")
+    assert torch.equal(result.k_next, began_objective(*images, 0.1, 0.5, 0.001).k_next)
+    fallbacks = [str(w.message) for w in recwarn.list if str(w.message).startswith("began_fast")]
+    assert fallbacks == [
+        f"began_fast: impl='triton' unavailable ({expected}); using impl='torch'",
+        f"began_fast: impl='triton' unavailable (the balance kernels cannot run: {expected}); using impl='torch'",
+    ]
 
 
 def test_tensors_beyond_int32_offsets_are_refused(monkeypatch):
     """The kernels index with int32: a layer whose output (or the skip's gradient on the upsampled grid) holds
     2**31 elements or more must not reach them (meta tensors, taken as a device the kernels run on: only the shapes
     matter)."""
-    monkeypatch.setattr(conv_elu_kernels, "runs_on", lambda device: True)
+    monkeypatch.setattr(interpreter, "runs_on", lambda device: True)
     meta = dict(device="meta", dtype=torch.bfloat16)
     weight = torch.empty(128, 128, 3, 3, **meta)
     fits = torch.empty(255, 128, 256, 256, **meta)  # 256 x 128 channels x 256^2 is exactly 2**31

@@ -14,7 +14,7 @@ from began_fast import ops
 from began_fast.config import ModelConfig, TrainConfig
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
-from kernels import balance, conv_elu
+from kernels import balance, conv_elu, interpreter
 
 LAUNCHERS = [
     conv_elu.conv_elu_forward,
@@ -52,7 +52,7 @@ def test_a_launcher_makes_its_inputs_gpu_current_before_anything_else(monkeypatc
 def test_kernels_on_cpu_tensors_take_no_cuda_device(monkeypatch):
     """Under the interpreter (CPU tensors) no CUDA device is made current: a conv_elu and a balance step, forward
     and backward, never call torch.cuda.device (which refuses a CPU device)."""
-    if not conv_elu.runs_on(torch.device("cpu")):
+    if not interpreter.runs_on(torch.device("cpu")):
         pytest.skip("the kernels take CPU tensors only under TRITON_INTERPRET=1")
     monkeypatch.setattr(torch.cuda, "device", lambda device: pytest.fail(f"torch.cuda.device({device}) called"))
     x = torch.randn(2, 3, 6, 6, requires_grad=True)

@@ -202,6 +202,19 @@ def test_linear_wgrad_scale():
     torch.testing.assert_close(gw, (seed * scale[:, None]).t() @ x)
     torch.testing.assert_close(gb, (seed * scale[:, None]).sum(0))
     torch.testing.assert_close(gx, seed @ w)
+    # Without a bias, and with only the weight's gradient asked for (a review helper: a bias gradient was returned)
+    (gw_alone,) = torch.autograd.grad((ops.linear(x.detach(), w, None, wgrad_scale=scale) * seed).sum(), (w,))
+    torch.testing.assert_close(gw_alone, gw)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_wgrad_scale_of_another_shape_than_the_batch_is_refused(impl):
+    """One scale per sample, for both impls: PyTorch's would broadcast a (1,) scale where the kernels refuse it."""
+    x, weight = torch.randn(4, 3, 6, 6), torch.randn(2, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"^conv_elu: wgrad_scale must have shape \(4,\), got \(1,\)$"):
+        ops.conv_elu(x, weight, torch.randn(2), wgrad_scale=torch.ones(1), impl=impl)
+    with pytest.raises(ValueError, match=r"^linear: wgrad_scale must have shape \(4,\), got \(1,\)$"):
+        ops.linear(torch.randn(4, 5), torch.randn(3, 5), torch.randn(3), wgrad_scale=torch.ones(1))
 
 
 @pytest.mark.parametrize(
