@@ -82,7 +82,9 @@ def _balance_finalize_kernel(
     # BEGAN (docs/DESIGN.md section 3): the balance gamma * L_real - L_fake drives k_t (a proportional controller
     # clamped to [0, 1]) and, through its magnitude, the convergence measure M.
     balance = gamma * l_real - l_fake
-    k_next = tl.minimum(tl.maximum(k + lambda_k * balance, 0.0), 1.0)
+    k_raw = k + lambda_k * balance
+    # min() and max() drop a NaN (a diverged loss): it stays NaN, as torch.clamp keeps it, and is not clamped to 0.
+    k_next = tl.where(k_raw == k_raw, tl.minimum(tl.maximum(k_raw, 0.0), 1.0), k_raw)
     tl.store(stats_ptr + 0, l_real)
     tl.store(stats_ptr + 1, l_fake)
     tl.store(stats_ptr + 2, l_real - k * l_fake)

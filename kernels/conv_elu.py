@@ -239,8 +239,9 @@ def conv_elu_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if ACT:
-        # ELU (alpha = 1) on the float32 accumulator; min() keeps exp finite where the branch is not taken.
-        acc = tl.where(acc > 0, acc, tl.exp(tl.minimum(acc, 0.0)) - 1.0)
+        # ELU (alpha = 1) on the float32 accumulator; min() keeps exp finite where the branch is not taken. The test
+        # is acc <= 0, not acc > 0: min() drops a NaN, which must take the acc branch to stay NaN, as in PyTorch.
+        acc = tl.where(acc <= 0, tl.exp(tl.minimum(acc, 0.0)) - 1.0, acc)
     y_offs = offs_m[:, None] * COUT + offs_n[None, :]
     tl.store(y_ptr + y_offs, round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=mask_m[:, None] & mask_n[None, :])
 

@@ -135,6 +135,20 @@ def test_k_clamps(k, fake_scale, lambda_k, expected, device):
     assert_parity(result.m, ref.m, name="m")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy, under the interpreter
+def test_a_nan_in_the_images_makes_every_statistic_nan_as_in_pytorch(device):
+    """A diverged step's NaN reaches the losses, k_next and M, as in the reference, for the loop's non-finite check
+    to see: the clamp of k_next dropped it (a review helper: k_next came out 0)."""
+    x, rx, fake, rfake = make_inputs((2, 3, 8, 8), torch.float32, device, seed=4)
+    rfake = rfake.clone()
+    rfake[1, 2, 3, 4] = float("nan")
+    fast = triton_began_balance(x, rx, fake, rfake, 0.5, GAMMA, 0.001)
+    ref = began_objective(x, rx, fake, rfake, 0.5, GAMMA, 0.001)
+    assert ref.l_real.isfinite() and ref.l_fake.isnan() and ref.k_next.isnan() and ref.m.isnan()
+    assert [value.isnan().item() for value in fast] == [value.isnan().item() for value in ref]
+    assert_parity(fast.l_real, ref.l_real.double(), name="l_real")
+
+
 def test_backward_uses_the_k_t_of_the_forward_after_the_owner_updates_k(device):
     """A step may write k_next into its k_t between the forward and the backward: L_D's gradients stay those of the
     k_t the forward read."""

@@ -268,6 +268,25 @@ def test_auto_takes_pytorch_where_the_kernels_cannot_go(device, monkeypatch, rec
     assert len(fallbacks) == 2 and "the balance kernels cannot run: x dtype torch.float64" in fallbacks[1]
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy, under the interpreter
+@pytest.mark.parametrize("act", [True, False], ids=["elu", "linear"])
+def test_nan_and_inf_reach_the_output_as_in_pytorch(device, act):
+    """A NaN or inf in a layer's input (a diverged run) stays NaN / inf in its output, where PyTorch's has it, so the
+    loop's non-finite check sees it: the ELU's min() drops a NaN (a review helper: NaN came out as 0)."""
+    x, _, weight, bias, _ = make_inputs(VARIANTS["stride1"], device, torch.float32, seed=6)
+    x = x.detach().clone()
+    x[0, 0, 1, 1], x[-1, -1, 2, 3] = float("nan"), float("inf")
+    fast = ops.conv_elu(x, weight, bias, act=act, impl="triton").cpu()
+    # float64 on the CPU: a direct convolution, whose NaN stay within each output's 3x3 window (a Winograd one would
+    # spread them over its tile)
+    reference = conv_elu_ref(*(t.detach().cpu().double() for t in (x, weight, bias)), act=act)
+    assert reference.isnan().any() and reference.isinf().any() and reference.isfinite().any()
+    assert torch.equal(fast.isnan(), reference.isnan()) and torch.equal(fast.isinf(), reference.isinf())
+    finite = reference.isfinite()
+    assert torch.equal(fast[~finite & ~fast.isnan()], reference[~finite & ~fast.isnan()].float())  # the same infs
+    assert_parity(fast[finite], reference[finite], name="output")
+
+
 def test_cpu_tensors_without_the_interpreter_are_refused_or_fall_back(monkeypatch, recwarn):
     """The kernels take CPU tensors only under TRITON_INTERPRET=1 (here: made to say they do not): an explicit
     impl="triton" refuses a conv_elu and a balance in one line, "auto" resolved to Triton runs both on PyTorch with one
