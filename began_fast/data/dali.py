@@ -31,7 +31,7 @@ from PIL import Image
 
 from began_fast.config import DataConfig
 from began_fast.data import default_workers
-from began_fast.data.errors import DataError, check_folder_there, warn_undecodable
+from began_fast.data.errors import DataError, check_folder_there
 from began_fast.data.hdf5 import DATASET
 from began_fast.data.images import crop_box, load_image
 from began_fast.data.sampler import BatchOrder
@@ -98,14 +98,14 @@ class _OrderedBatches:
 
 
 class _EncodedFiles:
-    """A folder's files as encoded bytes, one uint8 array per file, for DALI's decoder.
+    """A folder's files (source: an ImageFolder) as encoded bytes, one uint8 array per file, for DALI's decoder.
 
     A file in `broken` (one DALI could not decode, see DaliLoader.__next__) or that cannot be read any more is
     replaced by the next one of the list, as the torch loader replaces a file it cannot decode.
     """
 
-    def __init__(self, files: list[str], root: str):
-        self.files, self.root, self.broken = files, root, set()
+    def __init__(self, source):
+        self.source, self.files, self.root, self.broken = source, source.files, source.root, set()
 
     def __call__(self, indices: np.ndarray) -> list[np.ndarray]:
         return [self.read(i) for i in indices]
@@ -123,9 +123,10 @@ class _EncodedFiles:
         raise DataError(f"none of the {len(self.files)} image files can be read any more")
 
     def drop(self, index: int, error: Exception) -> None:
-        """Leave file `index` out from now on, with one warning (the torch loader's)."""
+        """Leave file `index` out from now on, with the folder's one warning about it: the reconstruction grid's
+        reads of the folder, meeting it too, say nothing more."""
         self.broken.add(index)
-        warn_undecodable(self.files[index], error, len(self.broken))
+        self.source.failed(index, error)
 
 
 class _Hdf5Rows:
@@ -190,7 +191,7 @@ class DaliLoader:
         self.decoder = "mixed" if on_gpu else "cpu"
         workers = default_workers("folder") if cfg.num_workers is None else cfg.num_workers
         self.num_threads = max(1, workers)
-        self._files = _EncodedFiles(self.source.files, self.source.root) if self.source.kind != "hdf5" else None
+        self._files = _EncodedFiles(self.source) if self.source.kind != "hdf5" else None
         self._order = order
         self.batches_per_epoch = order.batches_per_epoch
         self._start(order.start_step)

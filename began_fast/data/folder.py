@@ -172,6 +172,13 @@ class ImageFolder(torch.utils.data.Dataset):
             self._warned[index] = True
             return int(self._warned.sum())
 
+    def failed(self, index: int, error: Exception) -> None:
+        """File `index` failed to decode or to be read: one warning, the first time any reader of this folder (a
+        DataLoader worker, DALI's reader, the pictures' reads) meets it."""
+        failures = self._first_failure(index)
+        if failures:
+            warn_undecodable(self.files[index], error, failures)
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -188,9 +195,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 array = load_image(self.files[i], self.image_size, self.crop, self.crop_size)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 check_folder_there(self.root)
-                failures = self._first_failure(i)
-                if failures:
-                    warn_undecodable(self.files[i], error, failures)
+                self.failed(i, error)
                 continue
             return torch.from_numpy(array).permute(2, 0, 1).contiguous()
         raise DataError(f"none of the {len(within)} images under {self.root} can be decoded any more")
