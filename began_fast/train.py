@@ -432,11 +432,13 @@ def checkpoint_state(run: Run) -> dict:
 
 
 def write_checkpoint(run: Run) -> Path:
+    """latest.pt, and the snapshot of a snapshot step first: a run killed while it writes the snapshot resumes from
+    the checkpoint before, and so comes back to this step and writes it (resumed from this one, it never would)."""
     state = checkpoint_state(run)
-    latest = run.out / "latest.pt"
-    save_checkpoint(latest, state)
     if run.step.steps_done % run.train_cfg.snapshot_every == 0:
         save_checkpoint(run.out / f"step_{run.step.steps_done:07d}.pt", state)
+    latest = run.out / "latest.pt"
+    save_checkpoint(latest, state)
     return latest
 
 

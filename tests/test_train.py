@@ -641,6 +641,32 @@ def test_a_new_run_drops_the_record_of_a_dead_starts_pictures(tmp_path, monkeypa
     assert not (tmp_path / train_module.PICTURES_RECORD).exists()
 
 
+def test_a_run_killed_while_it_writes_a_snapshot_writes_it_when_resumed(tmp_path, monkeypatch):
+    """Killed in the write of step 8's snapshot, a run resumed ends with the snapshots and latest.pt of one never
+    killed (a checkpoint helper: latest.pt was written first, so the resume went on from step 8 without it)."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_steps(whole, 12)
+
+    class Killed(BaseException):
+        pass
+
+    def killed_in_the_snapshot(path, state):
+        if Path(path).name == "step_0000008.pt":
+            raise Killed
+        save_checkpoint(path, state)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", killed_in_the_snapshot)
+    with pytest.raises(Killed):
+        run_steps(split, 12)
+    monkeypatch.undo()
+    run_steps(split, 12, resume=True)
+    snapshots = sorted(path.name for path in split.glob("step_*.pt"))
+    assert snapshots == sorted(path.name for path in whole.glob("step_*.pt")) == ["step_0000008.pt"]
+    for name in ("step_0000008.pt", "latest.pt"):
+        got, want = (load_checkpoint(folder / name) for folder in (split, whole))
+        assert got["step"] == want["step"] and all(torch.equal(got["G"][k], v) for k, v in want["G"].items())
+
+
 @pytest.mark.parametrize("steps_again", [6, 10], ids=["same-steps", "more-steps"])
 @pytest.mark.parametrize("dies_in", ["evaluate", "write_pictures"])
 def test_a_run_killed_after_its_last_checkpoint_gets_its_last_steps_evaluation_and_pictures(
