@@ -15,6 +15,8 @@ IMAGE_SIZES = (16, 32, 64, 128, 256)
 # A batch draws its images from the data set without repeats, so it is at most the data set's size: this is five times
 # CelebA's 202,599, and keeps a mistyped batch from sizing tensors past what torch can allocate (2**62 overflows).
 MAX_BATCH_SIZE = 2**20
+# The positive normal float32 numbers, which the lr is held in (a tensor, so that CUDA graphs see its decay)
+FLOAT32_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 
@@ -126,6 +128,10 @@ class TrainConfig:
         _require_integers(self, ranges | {name: (1, None) for name in (*counts, "eval_images")})
         _require(self.seed < 2**63 - 1, f"seed must be in [0, 2**63 - 1), got {self.seed}")
         _require(0 < self.lr < math.inf, f"lr must be a finite number > 0, got {self.lr}")
+        _require(
+            FLOAT32_RANGE[0] <= self.lr <= FLOAT32_RANGE[1],
+            f"lr must be in [1.2e-38, 3.4e38], the range of the float32 it is held in, got {self.lr}",
+        )
         _require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"betas must be two numbers in [0, 1), got {self.betas}",

@@ -1457,6 +1457,13 @@ def cli(*args, env=None):
         (["--data", ""], "--data is empty: give a CelebA folder", {}),
         (["--steps", "0"], "error: --steps must be an integer >= 1, got 0", {}),
         (["--lr", "inf"], "error: --lr must be a finite number > 0, got inf", {}),
+        # Not 0 or inf once held in float32 (a checkpoint helper: it trained at lr 0, "after decay")
+        (
+            ["--lr", "1e-46"],
+            "error: --lr must be in [1.2e-38, 3.4e38], the range of the float32 it is held in, got",
+            {},
+        ),
+        (["--lr", "1e39"], "error: --lr must be in [1.2e-38, 3.4e38], the range of the float32 it is held", {}),
         (["--crop-size", "0"], "error: --crop-size must be an integer >= 1, got 0", {}),  # not "None or an integer"
         (["--seed", str(2**64 - 1)], "error: --seed must be in [0, 2**63 - 1)", {}),
         (["--eval-images", "64"], "error: --eval-images sizes the SWD evaluations, and this run has none: give", {}),
