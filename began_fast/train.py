@@ -539,13 +539,14 @@ def open_tensorboard(out: Path, start: int):
     return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start + 1)
 
 
-def log_window(run: Run, stats_file, writer, bar) -> dict:
-    """Read the window's means from the device (the loop's only sync), check them, and write them out (rank 0:
-    the other ranks pass stats_file=None and only read and check)."""
+def log_window(run: Run, stats_file, writer, bar, since: int) -> dict:
+    """Read the means of the window after step `since` from the device (the loop's only sync), check them, and
+    write them out (rank 0: the other ranks pass stats_file=None and only read and check)."""
     row = {"step": run.step.steps_done, **run.step.stats.read_and_reset(), "lr": run.step.lr.item()}
     if not all(math.isfinite(v) for v in row.values()):
+        window = f"step {row['step']}" if row["step"] == since + 1 else f"steps {since + 1} to {row['step']}"
         raise TrainingError(
-            f"non-finite loss in the {run.train_cfg.log_every} steps up to step {row['step']} "
+            f"non-finite loss in {window} "
             f"(L_D={row['l_d']:.4g}, L_G={row['l_g']:.4g}, M={row['m']:.4g}); training stopped, "
             f"{last_good_checkpoint(run)}"
         )
@@ -890,6 +891,7 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
         with stop_on_interrupt() as interrupted, stats as stats_file, HangGuard(run.collectives) as guard:
             if main:
                 catch_up(run, real, stats_file, writer, pictures)
+            logged = start  # the last step whose window was read
             for _ in range(start, cfg.steps):
                 feed()
                 done = run.step.steps_done
@@ -900,7 +902,8 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
                 checkpoint_due = checkpoint_due or done == cfg.steps or stop
                 # Statistics and weights are read before every checkpoint: it never holds a diverged model.
                 if done % cfg.log_every == 0 or checkpoint_due:
-                    log_window(run, stats_file, writer, bar)
+                    log_window(run, stats_file, writer, bar, since=logged)
+                    logged = done
                 if checkpoint_due:
                     check_weights(run)
                 with guard.paused():  # rank 0's own work; the other ranks' wait for it counts against their timeout

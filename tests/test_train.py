@@ -1124,16 +1124,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run = setup_run(MODEL, train_cfg(8), DATA, RunOptions(out=tmp_path, resume=True, quiet=True))
     with torch.no_grad():
         run.D.decoder.out.bias.fill_(float("nan"))
-    with pytest.raises(TrainingError, match="non-finite loss .* up to step 6"):
+    with pytest.raises(TrainingError, match=r"^non-finite loss in steps 5 to 6 \(L_D=nan"):
         train(run)
     assert (tmp_path / "latest.pt").read_bytes() == good
     # Before the first checkpoint: no checkpoint to name (not a latest.pt that is not there).
     run = setup_run(MODEL, train_cfg(8), DATA, RunOptions(out=tmp_path / "new", quiet=True))
     with torch.no_grad():
         run.D.decoder.out.bias.fill_(float("nan"))
-    with pytest.raises(TrainingError, match=r"up to step 2 .*; training stopped, no checkpoint had been written yet$"):
+    with pytest.raises(
+        TrainingError, match=r"in steps 1 to 2 .*; training stopped, no checkpoint had been written yet$"
+    ):
         train(run)
     assert not (tmp_path / "new" / "latest.pt").exists()
+    # A window cut short by the run's last step: its own one step, not --log-every's 2 (a checkpoint helper)
+    run = setup_run(MODEL, train_cfg(5), DATA, RunOptions(out=tmp_path, resume=True, quiet=True))
+    with torch.no_grad():
+        run.D.decoder.out.bias.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"^non-finite loss in step 5 \(L_D=nan"):
+        train(run)
 
 
 def test_weights_that_diverge_on_a_checkpoints_step_never_replace_the_last_good_one(tmp_path):
