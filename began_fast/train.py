@@ -579,11 +579,12 @@ def last_good_checkpoint(run: Run) -> str:
 
 
 @contextlib.contextmanager
-def stop_on_interrupt():
+def stop_on_interrupt(acknowledge: bool = True):
     """Turn Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption or time limit, `timeout`, `docker stop`) into a
     request the loop honours between steps (a step is never cut in half): it yields the list of the signals received,
     each once. The same signal again acts at once, as it would have without this, unless it comes within
-    REPEAT_WINDOW_S of the first: then it is the first's echo."""
+    REPEAT_WINDOW_S of the first: then it is the first's echo. acknowledge: say so at once, when the request comes (an
+    evaluation in progress can take a minute before the loop stops): rank 0's part."""
     requested, first_at, previous = [], {}, {}
 
     def handler(signum, frame):
@@ -593,6 +594,11 @@ def stop_on_interrupt():
             signal.raise_signal(signum)
         elif signum not in requested:
             requested.append(signum)
+            if acknowledge:
+                name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                say_line(
+                    f"{name}: stopping after the step in progress, with a checkpoint ({name} again to stop at once)"
+                )
 
     for signum in STOP_SIGNALS:
         previous[signum] = signal.signal(signum, handler)
@@ -888,7 +894,11 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
     try:
         # The pictures in flight are written with the stop signals still deferred: under torchrun a rank that stops
         # on a signal may leave before rank 0 is done, and the launcher then ends rank 0 with SIGTERM.
-        with stop_on_interrupt() as interrupted, stats as stats_file, HangGuard(run.collectives) as guard:
+        with (
+            stop_on_interrupt(acknowledge=main) as interrupted,
+            stats as stats_file,
+            HangGuard(run.collectives) as guard,
+        ):
             if main:
                 catch_up(run, real, stats_file, writer, pictures)
             logged = start  # the last step whose window was read

@@ -1182,13 +1182,17 @@ def interrupt_after(run, steps_done, signum=signal.SIGINT, times=1):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 @pytest.mark.parametrize("times", [1, 2], ids=["once", "with-its-echo"])
-def test_ctrl_c_or_sigterm_checkpoints_after_the_step_in_flight(tmp_path, signum, times):
+def test_ctrl_c_or_sigterm_checkpoints_after_the_step_in_flight(tmp_path, capsys, signum, times):
     """SIGTERM is how schedulers (a preemption, a time limit), `timeout` and `docker stop` end a run: it stops as
     Ctrl-C does, with a checkpoint, instead of losing the steps since the last one. The signal's echo (torchrun's
-    launcher repeats it to its workers at once) is the same request."""
+    launcher repeats it to its workers at once) is the same request. The request is said at once, once (a checkpoint
+    helper: a Ctrl-C during a minute-long evaluation got no answer)."""
     run = setup_run(MODEL, train_cfg(20), DATA, RunOptions(out=tmp_path, quiet=True))
     train(interrupt_after(run, 3, signum, times))
     assert load_checkpoint(tmp_path / "latest.pt")["step"] == 3 and run.stopped_by == signum
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    said = f"{name}: stopping after the step in progress, with a checkpoint ({name} again to stop at once)"
+    assert capsys.readouterr().err.splitlines().count(said) == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
