@@ -213,6 +213,7 @@ def setup_run(
         check_new_run_folder(opts.out)
     state = checkpoint_identity = None
     if opts.resume:
+        check_resumable(opts.out)
         checkpoint_identity = file_identity(latest)  # before reading: a file replaced meanwhile counts as changed
         state = load_checkpoint(latest)
         given = {"model": model_cfg, "train": train_cfg, "data": data_cfg}
@@ -315,6 +316,27 @@ def pictures_written(out: Path, step: int) -> bool:
         return True
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def check_resumable(out: Path) -> None:
+    """Refuse --resume in one line that says why where `out` holds no latest.pt: a run that ended before its first
+    checkpoint (its config.json is there), or none at all. A latest.pt that is there is read by load_checkpoint, which
+    says what is wrong with it."""
+    latest = out / "latest.pt"
+    if latest.exists() or latest.is_symlink():
+        return
+    snapshots = sorted(out.glob("step_*.pt"))
+    if snapshots:
+        raise ConfigError(
+            f"--resume: {out} holds snapshots but no latest.pt: copy the last one ({snapshots[-1].name}) to "
+            "latest.pt to resume from it"
+        )
+    if (out / "config.json").is_file():
+        raise ConfigError(
+            f"--resume: the run in {out} ended before its first checkpoint (it has a config.json, no latest.pt): start "
+            "it again without --resume"
+        )
+    raise ConfigError(f"--resume: {out} holds no run (no latest.pt): leave out --resume to start one there")
 
 
 def check_new_run_folder(out: Path) -> None:

@@ -302,7 +302,16 @@ def test_a_resume_in_a_folder_whose_run_has_no_checkpoint_yet_says_another_proce
         holder.kill()
         holder.wait()
     assert sorted(os.listdir(out)) == sorted([RUN_LOCK, "config.json"])
-    with pytest.raises(CheckpointError, match="does not exist"):  # once it let go: the folder's own state
+    with pytest.raises(ConfigError) as refused:  # once it let go: the folder's own state, a run's dead start
+        setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=out, resume=True, quiet=True))
+    assert str(refused.value) == (
+        f"--resume: the run in {out} ended before its first checkpoint (it has a config.json, no latest.pt): start it "
+        "again without --resume"
+    )
+    (out / "step_0000008.pt").write_bytes(b"a snapshot")  # a run's snapshots, whose latest.pt was moved away
+    with pytest.raises(
+        ConfigError, match=r"^--resume: .* holds snapshots but no latest.pt: copy the last one \(step_0"
+    ):
         setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=out, resume=True, quiet=True))
 
 
@@ -1453,7 +1462,7 @@ def cli(*args, env=None):
     [
         (["--data", "/no/such/folder"], "does not exist", {}),
         (["--gamma", "1.5"], "error: --gamma must be in (0, 1]", {}),
-        (["--resume"], "latest.pt does not exist", {}),
+        (["--resume"], "holds no run (no latest.pt): leave out --resume to start one there", {}),
         (["--device", "cpu", "--cuda-graphs"], "needs a CUDA device", {}),
         (["--reference-step", "--amp"], "--reference-step runs in float32", {}),
         (["--device", "bogus"], "--device must be cpu, cuda or cuda:N, got 'bogus'", {}),
