@@ -6,6 +6,7 @@ library (h5py) through durable_replace.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -27,7 +28,10 @@ def atomic_write(path: str | Path, write) -> None:
     own names no file, or the temporary one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where the folder should be (mkdir's message names neither)
+        raise OSError(errno.ENOTDIR, f"cannot write {path}: {path.parent} is a file, not a folder") from None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)

@@ -41,6 +41,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
             torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
         except (OSError, RuntimeError) as e:  # torch's zip writer may report a failed write as a RuntimeError
             cause = e if isinstance(e, OSError) or not isinstance(e.__context__, OSError) else e.__context__
+            if isinstance(cause, OSError) and cause.errno is not None:  # atomic_write names the file, as for others
+                raise OSError(cause.errno, cause.strerror) from e
             reason = " ".join(str(cause).split()) or type(cause).__name__
             raise OSError(f"cannot write checkpoint {path}: {reason}") from e
 

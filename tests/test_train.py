@@ -985,9 +985,11 @@ def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_keeps_the_last_one(t
 
     monkeypatch.setattr(atomic_files.os, "fdopen", lambda fd, mode: FullDisk(fd))
     room = 10_000  # full in the middle of the checkpoint
-    with pytest.raises(OSError, match=r"^cannot write checkpoint .*latest\.pt: \[Errno 28\] No space left on device$"):
+    # Said as any file's full disk is (a checkpoint helper: it read "cannot write checkpoint X: [Errno 28] ..."),
+    # and about step 8's snapshot, written before latest.pt.
+    with pytest.raises(OSError, match=r"^\[Errno 28\] cannot write .*step_0000008\.pt: No space left on device$"):
         run_steps(tmp_path, 8, resume=True)
-    assert (tmp_path / "latest.pt").read_bytes() == good
+    assert (tmp_path / "latest.pt").read_bytes() == good and not (tmp_path / "step_0000008.pt").exists()
     assert [p.name for p in tmp_path.glob(".*.tmp")] == [".notes.txt.tmp"]
     assert not killed_grid.exists()
 
@@ -1049,6 +1051,19 @@ def test_a_write_cut_short_names_its_file_and_leaves_the_old_one_and_no_temporar
         atomic_write(path, write)
     assert getattr(stopped.value, "errno", None) == getattr(failure, "errno", None)
     assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["stats.jsonl"]
+
+
+def test_a_write_into_a_folder_that_is_a_file_says_so(tmp_path):
+    """A run folder's samples/ made a file by hand: the write names its file and what is in the way (a checkpoint
+    helper: it was mkdir's "[Errno 17] File exists: '.../samples'")."""
+    from began_fast.atomic_files import atomic_write
+
+    (tmp_path / "samples").write_text("not a folder")
+    path = tmp_path / "samples" / "step_0000004.png"
+    with pytest.raises(
+        OSError, match=rf"^\[Errno 20\] cannot write {re.escape(str(path))}: .*samples is a file, not a"
+    ):
+        atomic_write(path, lambda f: f.write(b"grid"))
 
 
 @pytest.mark.parametrize("of", [None, "grid.png"], ids=["folder", "file"])
