@@ -52,11 +52,12 @@ with quiet_ctrl_c_while_importing():
 
 
 _job: tuple[int, str, int | None] = (64, "center", None)  # (size, crop, crop_size), set in each worker
+_large: frozenset[str] = frozenset()  # the files above PIL's pixel limit (the source's scan warned about them)
 
 
-def _init_worker(size: int, crop: str, crop_size: int | None) -> None:
-    global _job
-    _job = (size, crop, crop_size)
+def _init_worker(size: int, crop: str, crop_size: int | None, large: frozenset[str]) -> None:
+    global _job, _large
+    _job, _large = (size, crop, crop_size), large
     # Ctrl-C and SIGTERM, which a terminal or a scheduler may send every process of the job, are the main process's
     # to handle (one line, not one per worker): it ends the pool in order (_end_pool). A worker killed while it sends
     # its result would keep the result queue's lock, and the pool would hang.
@@ -90,7 +91,7 @@ def _end_pool(pool) -> None:
 def _decode(path: str) -> np.ndarray | None:
     """(S, S, 3) uint8, or None when the file cannot be decoded."""
     try:
-        return load_image(path, *_job)
+        return load_image(path, *_job, path in _large)
     except (OSError, ValueError):
         return None
 
@@ -159,7 +160,7 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
     tmp = _temporary(args.out, os.getpid())
     chunk = max(1, min(64, len(files) // (4 * args.workers)))
     try:
-        with Pool(args.workers, _init_worker, (args.size, source.crop, source.crop_size)) as pool:
+        with Pool(args.workers, _init_worker, (args.size, source.crop, source.crop_size, source.large)) as pool:
             try:
                 written = _write(tmp, _decoded(pool, files, chunk, window=2 * chunk * args.workers), args, source)
             finally:

@@ -199,6 +199,14 @@ def test_images_past_pils_pixel_limits_are_warned_about_once_by_name(tmp_path, m
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # PIL's own warning, on each read of the large image, is left out
         assert source[2].shape == (3, 16, 16)
+    # ...by a filter set for that image's reads alone: one set on every read made Python forget the warnings it had
+    # shown, so that each was shown again after every read (a review helper)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            warnings.warn("a warning shown once", UserWarning, stacklevel=1)
+            source[0]
+    assert [str(w.message) for w in shown] == ["a warning shown once"]
 
 
 def test_folder_source_converts_modes_and_skips_corrupt_files(mixed_folder):
@@ -1356,7 +1364,7 @@ def test_prepare_celeba_workers_leave_stop_signals_to_the_main_process():
     ignore both, and the main process ends the pool in order and says its one line. A worker they killed printed a
     traceback, and one killed while it sent its result kept the result queue's lock: the pool hung."""
     prepare_celeba = load_script("prepare_celeba")
-    pool = multiprocessing.Pool(1, prepare_celeba._init_worker, (16, "center", None))
+    pool = multiprocessing.Pool(1, prepare_celeba._init_worker, (16, "center", None, frozenset()))
     try:
         assert pool.apply(_stop_signal_handlers) == [signal.SIG_IGN, signal.SIG_IGN]
     finally:

@@ -262,7 +262,10 @@ class DaliLoader:
                 if i in self._files.broken:
                     continue
                 try:
-                    load_image(self.source.files[i], self.image_size, self.source.crop, self.source.crop_size)
+                    path = self.source.files[i]
+                    load_image(
+                        path, self.image_size, self.source.crop, self.source.crop_size, path in self.source.large
+                    )
                 except (OSError, ValueError, Image.DecompressionBombError) as error:
                     self._files.drop(i, error)
                     dropped = True

@@ -69,9 +69,12 @@ def _image_size(path: str) -> tuple[int, int] | Exception:
         return error
 
 
-def scan_images(files: list[str], crop: str | None, crop_size: int | None, image_size: int) -> list[str]:
-    """The files that pass the check, in order; warns once about the others, and once about those whose crop is
-    smaller than image_size (upscaled, as an HDF5 file of smaller images is, with its warning).
+def scan_images(
+    files: list[str], crop: str | None, crop_size: int | None, image_size: int
+) -> tuple[list[str], frozenset[str]]:
+    """(the files that pass the check, in order; those of them above PIL's Image.MAX_IMAGE_PIXELS). Warns once about
+    the others, once about those above the limit, and once about those whose crop is smaller than image_size
+    (upscaled, as an HDF5 file of smaller images is, with its warning).
 
     Raises DataError when none pass, or when an image is smaller than the crop box.
     """
@@ -129,7 +132,7 @@ def scan_images(files: list[str], crop: str | None, crop_size: int | None, image
             SkippedImagesWarning,
             stacklevel=3,
         )
-    return [path for path, _ in good]
+    return [path for path, _ in good], frozenset(path for path, _ in large)
 
 
 def default_crop(kind: str) -> str:
@@ -152,7 +155,7 @@ class ImageFolder(torch.utils.data.Dataset):
         files = find_images(root)
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-        self.files = scan_images(files, self.crop, crop_size, image_size)
+        self.files, self.large = scan_images(files, self.crop, crop_size, image_size)
         # Which files were warned about, seen by every worker (shared memory, under fork or spawn).
         self._warned = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
 
@@ -192,7 +195,8 @@ class ImageFolder(torch.utils.data.Dataset):
         for k in range(len(within)):
             i = within[(index - within.start + k) % len(within)]
             try:
-                array = load_image(self.files[i], self.image_size, self.crop, self.crop_size)
+                path = self.files[i]
+                array = load_image(path, self.image_size, self.crop, self.crop_size, path in self.large)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 check_folder_there(self.root)
                 self.failed(i, error)

@@ -8,6 +8,7 @@ to S x S.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -57,17 +58,26 @@ def resize_square(image: Image.Image, image_size: int) -> np.ndarray:
     return np.array(image, dtype=np.uint8)
 
 
-def load_image(path: str, image_size: int, crop: str | None, crop_size: int | None) -> np.ndarray:
+def load_image(path: str, image_size: int, crop: str | None, crop_size: int | None, large: bool = False) -> np.ndarray:
     """Decode `path`, convert to RGB, crop (see crop_box) and resize: an (S, S, 3) uint8 array (HWC).
 
+    large: the file has more pixels than PIL's Image.MAX_IMAGE_PIXELS, which a folder's scan warned about once,
+    naming it: PIL's own warning, on each decode, is left out. Only then: changing the warning filters makes Python
+    forget which warnings it has shown, so each would be shown again after every read.
     Raises OSError (or a PIL error) when the file cannot be decoded, DataError when it is smaller than the box.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the folder's scan warns once, naming it
+    with _pil_size_warning_off() if large else contextlib.nullcontext():
         with Image.open(path) as image:
             image = upright_rgb(image)
     left, top, size = crop_box(image.width, image.height, crop, crop_size)
     return resize_square(image.crop((left, top, left + size, top + size)), image_size)
+
+
+@contextlib.contextmanager
+def _pil_size_warning_off():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
