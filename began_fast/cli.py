@@ -215,6 +215,25 @@ def warnings_as_lines(prefix: str = ""):
         yield
 
 
+def say_line_in_a_handler(line: str, below_a_bar: bool) -> None:
+    """`line` on stderr from a signal handler, which runs between two bytecodes of the code it interrupts: straight
+    to stderr's descriptor, past Python's stream buffer and tqdm's lock, which that code may hold (say, blocked
+    writing a progress bar to a full pipe: say_line would then raise into it). below_a_bar: start a new line first.
+    A line that cannot be written is left out."""
+    text = ("\n" if below_a_bar else "") + line + "\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced in the process (pytest's capsys)
+        fd = None
+    try:
+        if fd is None:
+            sys.stderr.write(text)
+        else:
+            os.write(fd, text.encode())
+    except (OSError, ValueError, RuntimeError):
+        pass
+
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; a scheduler's preemption or time limit, `timeout`
 _stop_state: list[list[int]] = []  # the signals received within each open stop_signals(), innermost last
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from began_fast import metrics, ops, reports
 from began_fast.atomic_files import atomic_write, remove_stale_temporaries
 from began_fast.checkpoint import another_runs, config_dict, load_checkpoint, misfit, save_checkpoint, saved_configs
-from began_fast.cli import STOP_SIGNALS, say_line
+from began_fast.cli import STOP_SIGNALS, say_line, say_line_in_a_handler
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import fitted_crop, held_out_images, make_batches, open_source, resolve_source
 from began_fast.data.gpu_resident import GpuResidentStream
@@ -601,12 +601,13 @@ def last_good_checkpoint(run: Run) -> str:
 
 
 @contextlib.contextmanager
-def stop_on_interrupt(acknowledge: bool = True):
+def stop_on_interrupt(acknowledge: bool = True, below_a_bar: bool = False):
     """Turn Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption or time limit, `timeout`, `docker stop`) into a
     request the loop honours between steps (a step is never cut in half): it yields the list of the signals received,
     each once. The same signal again acts at once, as it would have without this, unless it comes within
     REPEAT_WINDOW_S of the first: then it is the first's echo. acknowledge: say so at once, when the request comes (an
-    evaluation in progress can take a minute before the loop stops): rank 0's part."""
+    evaluation in progress can take a minute before the loop stops): rank 0's part; below_a_bar: a progress bar is
+    drawn, and the line starts below it."""
     requested, first_at, previous = [], {}, {}
 
     def handler(signum, frame):
@@ -618,8 +619,10 @@ def stop_on_interrupt(acknowledge: bool = True):
             requested.append(signum)
             if acknowledge:
                 name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-                say_line(
-                    f"{name}: stopping after the step in progress, with a checkpoint ({name} again to stop at once)"
+                say_line_in_a_handler(
+                    f"{name}: stopping after the step in progress, with a checkpoint (another {name}, "
+                    f"{REPEAT_WINDOW_S:g} s or more from now, stops at once)",
+                    below_a_bar,
                 )
 
     for signum in STOP_SIGNALS:
@@ -917,7 +920,7 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
         # The pictures in flight are written with the stop signals still deferred: under torchrun a rank that stops
         # on a signal may leave before rank 0 is done, and the launcher then ends rank 0 with SIGTERM.
         with (
-            stop_on_interrupt(acknowledge=main) as interrupted,
+            stop_on_interrupt(acknowledge=main, below_a_bar=not bar.disable) as interrupted,
             stats as stats_file,
             HangGuard(run.collectives) as guard,
         ):

@@ -1,6 +1,7 @@
 """What the scripts share (began_fast/cli.py): the --device flag and one-line error messages."""
 
 import argparse
+import io
 import os
 import signal
 import subprocess
@@ -24,12 +25,40 @@ from began_fast.cli import (
     output_path,
     resolve_device,
     say_line,
+    say_line_in_a_handler,
     stop_signals,
     stop_signals_held,
 )
 from began_fast.config import ConfigError
 from began_fast.data import DataError
 from tests.scripts import ROOT, load_script
+
+
+def test_a_signal_handlers_line_never_raises_into_the_code_it_interrupted(monkeypatch, tmp_path):
+    """A handler runs between two bytecodes of the code it interrupts, which may hold stderr's buffer (a progress bar
+    blocked on a full pipe): a write there raises "reentrant call" (a review helper reproduced it), and that error
+    would end the training loop at a random point. The line goes straight to the descriptor, or is left out."""
+
+    class HeldStream:
+        def fileno(self):
+            raise io.UnsupportedOperation("fileno")
+
+        def write(self, text):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+    monkeypatch.setattr(sys, "stderr", HeldStream())
+    say_line_in_a_handler("stopping", below_a_bar=False)  # no error
+    with open(tmp_path / "err", "wb") as file:
+
+        class Descriptor(HeldStream):
+            def fileno(self):
+                return file.fileno()
+
+        monkeypatch.setattr(sys, "stderr", Descriptor())
+        say_line_in_a_handler("stopping", below_a_bar=True)  # past the held stream, to its descriptor
+    assert (tmp_path / "err").read_bytes() == b"\nstopping\n"
+    monkeypatch.setattr(sys, "stderr", type("Closed", (HeldStream,), {"fileno": lambda self: 10**6})())
+    say_line_in_a_handler("stopping", below_a_bar=False)  # EBADF: left out
 
 
 def test_resolve_device(monkeypatch):
