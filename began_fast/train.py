@@ -318,20 +318,42 @@ def pictures_written(out: Path, step: int) -> bool:
         return False
 
 
+@dataclasses.dataclass(frozen=True)
+class FolderContents:
+    """What a run folder holds that decides whether a run starts or resumes there."""
+
+    latest: bool  # a latest.pt (or a link by that name: a checkpoint on a disk not mounted now holds a run too)
+    snapshots: list[Path]  # step_*.pt, in step order
+    config: str  # "none", "run" (a began-fast run's config.json) or "other" (--out . in a project folder, say)
+
+    @classmethod
+    def of(cls, out: Path) -> FolderContents:
+        latest = out / "latest.pt"
+        snapshots = sorted(out.glob("step_*.pt"), key=lambda path: (len(path.name), path.name))  # past 9,999,999 too
+        config = out / "config.json"
+        kind = "none"
+        if config.exists():
+            try:
+                saved = json.loads(config.read_text())
+            except (OSError, ValueError):  # unreadable, or not JSON (UnicodeDecodeError is a ValueError)
+                saved = None
+            kind = "run" if isinstance(saved, dict) and {"model", "train", "run"} <= saved.keys() else "other"
+        return cls(latest.exists() or latest.is_symlink(), snapshots, kind)
+
+
 def check_resumable(out: Path) -> None:
-    """Refuse --resume in one line that says why where `out` holds no latest.pt: a run that ended before its first
-    checkpoint (its config.json is there), or none at all. A latest.pt that is there is read by load_checkpoint, which
-    says what is wrong with it."""
-    latest = out / "latest.pt"
-    if latest.exists() or latest.is_symlink():
+    """Refuse --resume in one line that says why where `out` holds no latest.pt: snapshots alone, a run that ended
+    before its first checkpoint (its config.json is there), or none at all. A latest.pt that is there is read by
+    load_checkpoint, which says what is wrong with it."""
+    held = FolderContents.of(out)
+    if held.latest:
         return
-    snapshots = sorted(out.glob("step_*.pt"))
-    if snapshots:
+    if held.snapshots:
         raise ConfigError(
-            f"--resume: {out} holds snapshots but no latest.pt: copy the last one ({snapshots[-1].name}) to "
+            f"--resume: {out} holds snapshots but no latest.pt: copy the last one ({held.snapshots[-1].name}) to "
             "latest.pt to resume from it"
         )
-    if (out / "config.json").is_file():
+    if held.config == "run":
         raise ConfigError(
             f"--resume: the run in {out} ended before its first checkpoint (it has a config.json, no latest.pt): start "
             "it again without --resume"
@@ -344,24 +366,21 @@ def check_new_run_folder(out: Path) -> None:
     run's checkpoints (latest.pt, or step_*.pt snapshots whose latest.pt was moved away), or a config.json that is
     not a run's (--out . in a project folder). A run folder that holds only a run's config.json, stats and pictures
     (one that died before its first checkpoint) is started again."""
-    latest = out / "latest.pt"
-    if latest.exists() or latest.is_symlink():  # a link to a checkpoint on a disk not mounted now holds a run too
-        raise ConfigError(f"{out} already holds a run ({latest}); add --resume to continue it, or choose another --out")
-    snapshots = sorted(out.glob("step_*.pt"))
-    if snapshots:
-        others = f" and {len(snapshots) - 1} more" if len(snapshots) > 1 else ""
+    held = FolderContents.of(out)
+    if held.latest:
         raise ConfigError(
-            f"{out} holds a run's checkpoints ({snapshots[-1].name}{others}) but no latest.pt: a new run would "
+            f"{out} already holds a run ({out / 'latest.pt'}); add --resume to continue it, or choose another --out"
+        )
+    if held.snapshots:
+        others = f" and {len(held.snapshots) - 1} more" if len(held.snapshots) > 1 else ""
+        raise ConfigError(
+            f"{out} holds a run's checkpoints ({held.snapshots[-1].name}{others}) but no latest.pt: a new run would "
             "overwrite them; move them away, or choose another --out"
         )
-    config = out / "config.json"
-    if config.exists():
-        try:
-            saved = json.loads(config.read_text())
-        except (OSError, ValueError):  # unreadable, or not JSON (UnicodeDecodeError is a ValueError)
-            saved = None
-        if not (isinstance(saved, dict) and {"model", "train", "run"} <= saved.keys()):
-            raise ConfigError(f"{config} is not a began-fast run's: a new run would overwrite it; choose another --out")
+    if held.config == "other":
+        raise ConfigError(
+            f"{out / 'config.json'} is not a began-fast run's: a new run would overwrite it; choose another --out"
+        )
 
 
 def check_same_run(out: Path, run_id: str | None) -> None:

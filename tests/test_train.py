@@ -302,17 +302,21 @@ def test_a_resume_in_a_folder_whose_run_has_no_checkpoint_yet_says_another_proce
         holder.kill()
         holder.wait()
     assert sorted(os.listdir(out)) == sorted([RUN_LOCK, "config.json"])
-    with pytest.raises(ConfigError) as refused:  # once it let go: the folder's own state, a run's dead start
-        setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=out, resume=True, quiet=True))
+    resume = lambda: setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=out, resume=True, quiet=True))  # noqa: E731
+    with pytest.raises(ConfigError) as refused:  # once it let go: the folder's own state; "{}" is no run's config
+        resume()
+    assert str(refused.value) == f"--resume: {out} holds no run (no latest.pt): leave out --resume to start one there"
+    (out / "config.json").write_text(json.dumps({"model": {}, "train": {}, "run": {}}))  # a run's dead start
+    with pytest.raises(ConfigError) as refused:
+        resume()
     assert str(refused.value) == (
         f"--resume: the run in {out} ended before its first checkpoint (it has a config.json, no latest.pt): start it "
         "again without --resume"
     )
-    (out / "step_0000008.pt").write_bytes(b"a snapshot")  # a run's snapshots, whose latest.pt was moved away
-    with pytest.raises(
-        ConfigError, match=r"^--resume: .* holds snapshots but no latest.pt: copy the last one \(step_0"
-    ):
-        setup_run(MODEL, train_cfg(2), DATA, RunOptions(out=out, resume=True, quiet=True))
+    for step in (9_999_999, 10_000_000):  # a run's snapshots, whose latest.pt was moved away; the last past 7 digits
+        (out / f"step_{step:07d}.pt").write_bytes(b"a snapshot")
+    with pytest.raises(ConfigError, match=r"^--resume: .* no latest.pt: copy the last one \(step_10000000.pt\)"):
+        resume()
 
 
 def test_a_run_refuses_a_folder_another_run_wrote_after_it_looked(tmp_path):
