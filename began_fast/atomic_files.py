@@ -30,8 +30,9 @@ def atomic_write(path: str | Path, write) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # a file where the folder should be (mkdir's message names neither)
-        raise OSError(errno.ENOTDIR, f"cannot write {path}: {path.parent} is a file, not a folder") from None
+    except FileExistsError:  # something that is no folder where the folder should be (mkdir's message names neither)
+        what = "a link to a folder that is not there" if path.parent.is_symlink() else "a file, not a folder"
+        raise OSError(errno.ENOTDIR, f"cannot write {path}: {path.parent} is {what}") from None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)

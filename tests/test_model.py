@@ -213,6 +213,10 @@ def test_a_wgrad_scale_of_another_shape_than_the_batch_is_refused(impl):
     x, weight = torch.randn(4, 3, 6, 6), torch.randn(2, 3, 3, 3)
     with pytest.raises(ValueError, match=r"^conv_elu: wgrad_scale must have shape \(4,\), got \(1,\)$"):
         ops.conv_elu(x, weight, torch.randn(2), wgrad_scale=torch.ones(1), impl=impl)
+
+
+def test_a_linear_wgrad_scale_of_another_shape_than_the_batch_is_refused():
+    """ops.linear has one impl, PyTorch's, which would broadcast a (1,) scale."""
     with pytest.raises(ValueError, match=r"^linear: wgrad_scale must have shape \(4,\), got \(1,\)$"):
         ops.linear(torch.randn(4, 5), torch.randn(3, 5), torch.randn(3), wgrad_scale=torch.ones(1))
 

@@ -1064,9 +1064,12 @@ def test_a_write_into_a_folder_that_is_a_file_says_so(tmp_path):
 
     (tmp_path / "samples").write_text("not a folder")
     path = tmp_path / "samples" / "step_0000004.png"
-    with pytest.raises(
-        OSError, match=rf"^\[Errno 20\] cannot write {re.escape(str(path))}: .*samples is a file, not a"
-    ):
+    said = rf"^\[Errno 20\] cannot write {re.escape(str(path))}: .*samples is a file, not a folder$"
+    with pytest.raises(OSError, match=said):
+        atomic_write(path, lambda f: f.write(b"grid"))
+    (tmp_path / "samples").unlink()
+    (tmp_path / "samples").symlink_to(tmp_path / "unmounted" / "samples")  # a link to a disk not mounted now
+    with pytest.raises(OSError, match=r"samples is a link to a folder that is not there$"):
         atomic_write(path, lambda f: f.write(b"grid"))
 
 
