@@ -66,11 +66,11 @@ def load_image(path: str, image_size: int, crop: str | None, crop_size: int | No
     forget which warnings it has shown, so each would be shown again after every read.
     Raises OSError (or a PIL error) when the file cannot be decoded, DataError when it is smaller than the box.
     """
-    with _pil_size_warning_off() if large else contextlib.nullcontext():
+    with _pil_size_warning_off() if large else contextlib.nullcontext():  # crop() warns too, in Pillow 10
         with Image.open(path) as image:
             image = upright_rgb(image)
-    left, top, size = crop_box(image.width, image.height, crop, crop_size)
-    return resize_square(image.crop((left, top, left + size, top + size)), image_size)
+        left, top, size = crop_box(image.width, image.height, crop, crop_size)
+        return resize_square(image.crop((left, top, left + size, top + size)), image_size)
 
 
 @contextlib.contextmanager
