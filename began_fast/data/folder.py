@@ -28,7 +28,7 @@ import torch
 from PIL import ExifTags, Image
 
 from began_fast.data.errors import DataError, SkippedImagesWarning, check_folder_there, warn_undecodable
-from began_fast.data.images import IMAGE_EXTENSIONS, crop_box, load_image
+from began_fast.data.images import IMAGE_EXTENSIONS, crop_box, load_image, pil_size_warning_off
 
 TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # by the format PIL reads, not the file's extension
 TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -78,8 +78,7 @@ def scan_images(
 
     Raises DataError when none pass, or when an image is smaller than the crop box.
     """
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=16) as pool:
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said once below, with a file's name
+    with pil_size_warning_off(), ThreadPoolExecutor(max_workers=16) as pool:  # said once below, with a file's name
         sizes = list(pool.map(_image_size, files, chunksize=64))
     good, too_large, undecodable = [], [], []
     for path, size in zip(files, sizes, strict=True):

@@ -66,7 +66,7 @@ def load_image(path: str, image_size: int, crop: str | None, crop_size: int | No
     forget which warnings it has shown, so each would be shown again after every read.
     Raises OSError (or a PIL error) when the file cannot be decoded, DataError when it is smaller than the box.
     """
-    with _pil_size_warning_off() if large else contextlib.nullcontext():  # crop() warns too, in Pillow 10
+    with pil_size_warning_off() if large else contextlib.nullcontext():  # crop() warns too, in Pillow 10
         with Image.open(path) as image:
             image = upright_rgb(image)
         left, top, size = crop_box(image.width, image.height, crop, crop_size)
@@ -74,7 +74,8 @@ def load_image(path: str, image_size: int, crop: str | None, crop_size: int | No
 
 
 @contextlib.contextmanager
-def _pil_size_warning_off():
+def pil_size_warning_off():
+    """Inside, PIL's warning about an image above Image.MAX_IMAGE_PIXELS is left out (a folder's scan says it once)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         yield
