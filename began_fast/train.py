@@ -61,6 +61,9 @@ RECONSTRUCTION_PAIRS = 16
 PICTURES_RECORD = "pictures.json"
 # In the run folder: the pictures drawn at each sample step from its grid, the stats and D (_write_pictures).
 DRAWN_WITH_THE_GRIDS = ("progress.png", "progress.gif", "reconstruction.png", "convergence.png")
+# What a run writes in its folder, files and folders (check_run_entries): a name taken by the other kind stops the run.
+RUN_FILES = ("config.json", "stats.jsonl", "latest.pt", PICTURES_RECORD, *DRAWN_WITH_THE_GRIDS)
+RUN_FOLDERS = ("samples", "tensorboard")
 # A stop signal repeated sooner is the same request (stop_on_interrupt): torchrun's launcher repeats the signal it
 # got to its workers at once, and they got it too when it came from a scheduler that signals every process of a job
 # (a terminal's Ctrl-C reaches the launcher alone: the workers run in sessions of their own). A person's second
@@ -206,6 +209,7 @@ def setup_run(
     device = torch.device(opts.device)
     if opts.out.exists() and not opts.out.is_dir():
         raise ConfigError(f"--out {opts.out} is a file; expected a run folder (a new one, or one that holds a run)")
+    check_run_entries(opts.out)
     if held_by_another(opts.out):  # before reading anything: a run not at its first checkpoint yet has no latest.pt
         raise ConfigError(folder_in_use(opts.out))
     latest = opts.out / "latest.pt"
@@ -339,6 +343,24 @@ class FolderContents:
                 saved = None
             kind = "run" if isinstance(saved, dict) and {"model", "train", "run"} <= saved.keys() else "other"
         return cls(latest.exists() or latest.is_symlink(), snapshots, kind)
+
+
+def check_run_entries(out: Path) -> None:
+    """Refuse in one line a run folder where a name the run writes is taken by the other kind (a folder named
+    stats.jsonl, a file named samples): the run would stop at its first write there with the OS's bare "[Errno 21]
+    Is a directory" or "[Errno 17] File exists". A link is taken for what it links to; a dangling one is left to
+    the write, which names it (atomic_write)."""
+    for name in RUN_FILES:
+        if (out / name).is_dir():
+            raise ConfigError(
+                f"{out / name} is a folder, where the run writes its file {name}: move it away, or choose another --out"
+            )
+    for name in RUN_FOLDERS:
+        if (out / name).exists() and not (out / name).is_dir():
+            raise ConfigError(
+                f"{out / name} is a file, where the run writes its folder {name}/: "
+                "move it away, or choose another --out"
+            )
 
 
 def check_resumable(out: Path) -> None:

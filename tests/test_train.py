@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import fcntl
+import importlib.util
 import io
 import json
 import math
@@ -35,7 +36,7 @@ from began_fast.distributed import CollectiveError, Collectives, World
 from began_fast.hang_guard import HangGuard
 from began_fast.metrics import MetricError
 from began_fast.step import ADAM_IMPLEMENTATION
-from began_fast.train import RUN_LOCK, RunOptions, TrainingError, setup_run, train
+from began_fast.train import RUN_FILES, RUN_FOLDERS, RUN_LOCK, RunOptions, TrainingError, setup_run, train
 from tests.scripts import load_script
 from tests.test_data import write_celeba_like, write_h5
 
@@ -462,6 +463,35 @@ def test_a_new_run_refuses_a_folder_whose_files_it_would_overwrite_and_restarts_
     assert load_checkpoint(tmp_path / "dead" / "latest.pt")["step"] == 2
     # Its stats start afresh: the dead start's rows would stand beside the new run's, each step twice.
     assert [row["step"] for row in reports.read_stats(tmp_path / "dead" / "stats.jsonl")] == logged == [2, 2]
+
+
+def test_a_run_folder_whose_names_are_taken_by_the_other_kind_is_refused_in_one_line(tmp_path):
+    """A folder named stats.jsonl, or a file named samples, where a run writes: refused before anything is read or
+    written, on a new run and on a resume (it was the OS's bare "[Errno 21] Is a directory" or "[Errno 17] File
+    exists" at the first write). The names checked are all those a run writes."""
+    run = tmp_path / "run"
+    run_steps(run, 8)
+    written = {path.name for path in run.iterdir() if not path.name.startswith("step_")} - {RUN_LOCK}
+    optional = set() if importlib.util.find_spec("tensorboard") else {"tensorboard"}  # the tensorboard extra
+    assert written | optional == set(RUN_FILES) | set(RUN_FOLDERS)
+    for name in RUN_FILES + RUN_FOLDERS:
+        folder = tmp_path / f"new_{name}"
+        folder.mkdir()
+        if name in RUN_FILES:
+            (folder / name).mkdir()
+            said = f"{folder / name} is a folder, where the run writes its file {name}: move it away, or choose"
+        else:
+            (folder / name).write_text("not a folder")
+            said = f"{folder / name} is a file, where the run writes its folder {name}/: move it away, or choose"
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            run_steps(folder, 2)
+        assert [path.name for path in folder.iterdir()] == [name]
+    latest = (run / "latest.pt").read_bytes()
+    shutil.rmtree(run / "samples")
+    (run / "samples").write_text("not a folder")
+    with pytest.raises(ConfigError, match="samples is a file, where the run writes its folder samples/"):
+        run_steps(run, 10, resume=True)
+    assert (run / "latest.pt").read_bytes() == latest
 
 
 def test_a_celeba_folder_moved_under_another_name_is_cropped_as_the_run_was(tmp_path):
