@@ -50,6 +50,7 @@ from began_fast.hang_guard import HangGuard
 from began_fast.model import Discriminator, Generator, carry_after
 from began_fast.seeds import FIXED_Z, generator
 from began_fast.step import ReferenceStep, StepState
+from began_fast.wording import counted
 
 SAMPLE_GRID = 64  # images in a sample grid (8 x 8)
 PRECOMPILE_ENV = "BEGAN_FAST_PRECOMPILE"  # "0": no head start, the first step compiles the kernels (compile_kernels)
@@ -236,7 +237,7 @@ def setup_run(
         )
         if train_cfg.steps < state["step"] or (train_cfg.steps == state["step"] and not finishes):
             where = (
-                f"has done its {train_cfg.steps} steps"
+                f"has done its {counted(train_cfg.steps, 'step')}"
                 if train_cfg.steps == state["step"]
                 else f"is at step {state['step']}, already past --steps {train_cfg.steps}"
             )
@@ -808,7 +809,7 @@ def announce(run: Run, data: str) -> None:
     cfg, start = run.train_cfg, run.step.steps_done
     lines = [f"began-fast: {'resuming at step ' + str(start) if start else 'new run'} in {run.out}", f"  data: {data}"]
     if start == cfg.steps:
-        lines.append(f"  its {start} steps are done: this makes the evaluation or pictures of that step it never wrote")
+        lines.append(f"  its last step, {start}, is done: this makes the evaluation or pictures of it never written")
     if run.saved_data_images not in (None, run.data_images):
         lines.append(
             f"  warning: the data set now holds {run.data_images} training images, the run read "
@@ -820,7 +821,8 @@ def announce(run: Run, data: str) -> None:
             "comes from a new stream, seeded from the seed and the step"
         )
     lines.append(f"  model: {run.model_cfg.describe()}")
-    lines.append(f"  train: {cfg.steps} steps, gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}, Adam betas {cfg.betas}")
+    objective = f"gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}, Adam betas {cfg.betas}"
+    lines.append(f"  train: {counted(cfg.steps, 'step')}, {objective}")
     step_kind = "reference" if run.opts.reference_step else f"fast, amp={run.opts.amp}, graphs={run.opts.cuda_graphs}"
     lines.append(f"  step: {step_kind}, impl={run.opts.impl}, device={run.opts.device}")
     lr = run.step.lr.item()  # float32: compared with a margin, not for equality

@@ -123,6 +123,7 @@ def report(compiles: list[Compile], arch: int) -> int:
 def main(argv=None) -> int:
     from began_fast.cli import OneLineParser
     from began_fast.config import PRESETS
+    from began_fast.wording import counted
 
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["gpu64", "paper64", "paper128"])
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     failures = report(compiles, args.arch)
     print(
         f"{len(compiles)} kernel compiles for sm_{args.arch} in {time.perf_counter() - start:.0f} s on "
-        f"{args.jobs} threads: {failures} failed"
+        f"{counted(args.jobs, 'thread')}: {failures} failed"
     )
     return 1 if failures else 0
 

@@ -49,6 +49,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.config import IMAGE_SIZES, ConfigError, DataConfig
     from began_fast.data import DataError, open_source, resolve_source
     from began_fast.data.images import load_image
+    from began_fast.wording import counted
 
 
 _job: tuple[int, str, int | None] = (64, "center", None)  # (size, crop, crop_size), set in each worker
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return status
     note = f", skipped {skipped} more that could not be decoded" if skipped else ""
-    print(f"wrote {written} images of {args.size}x{args.size} to {args.out}{note}", file=sys.stderr)
+    print(f"wrote {counted(written, 'image')} of {args.size}x{args.size} to {args.out}{note}", file=sys.stderr)
     return 0
 
 

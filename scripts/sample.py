@@ -57,6 +57,7 @@ with quiet_ctrl_c_while_importing():
     )
     from began_fast.config import ConfigError
     from began_fast.seeds import SAMPLING, generator
+    from began_fast.wording import counted
 
 
 NUMBERED = re.compile(r"\d{6,}\.png")  # the single images' names: 000000.png, 000001.png, ...
@@ -252,7 +253,7 @@ def main(argv=None) -> int:
         )
         return stop.status
     written = [name for name, asked in (("grid.png", args.grid), ("interpolation.png", args.interp_rows)) if asked]
-    written += [f"{args.num} images in images/"] if args.num else []
+    written += [f"{counted(args.num, 'image')} in images/"] if args.num else []
     print(f"wrote {', '.join(written)} from step {state['step']} to {args.out}", file=sys.stderr)
     return 0
 

@@ -46,6 +46,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, machine_cores, start, stop
     from began_fast.metrics import MetricError
     from began_fast.train import RunOptions, TrainingError, setup_run, train
+    from began_fast.wording import counted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
         # reads the signal from it.
         return 128 + run.stopped_by
     if run.is_main:
-        done = f"done: {run.step.steps_done} steps; checkpoint {last}; samples in {run.out / 'samples'}"
+        done = f"done: {counted(run.step.steps_done, 'step')}; checkpoint {last}; samples in {run.out / 'samples'}"
         print(done, file=sys.stderr)
     return 0
 

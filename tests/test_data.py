@@ -767,7 +767,7 @@ def test_batch_order_sharding():
         make_batches(held_out, 16, 16, device="cpu", seed=0)
     assert str(refused.value) == (
         "the data set has 8 training images once --holdout 12 are held out, fewer than one global batch of 16 "
-        "(batch 16 x 1 ranks)"
+        "(batch 16 x 1 rank)"
     )
 
 

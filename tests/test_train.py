@@ -742,7 +742,7 @@ def test_a_run_killed_after_its_last_checkpoint_gets_its_last_steps_evaluation_a
     assert [step for step, _ in reports.sample_frames(split)] == [4]
     capsys.readouterr()
     run(split, steps_again, resume=True)
-    said = "its 6 steps are done: this makes the evaluation or pictures of that step it never wrote"
+    said = "its last step, 6, is done: this makes the evaluation or pictures of it never written"
     assert (said in capsys.readouterr().err) == (steps_again == 6)
     assert reports.read_stats(split / "stats.jsonl") == reports.read_stats(whole / "stats.jsonl")
     frames = [reports.sample_frames(folder) for folder in (whole, split)]
@@ -1910,7 +1910,7 @@ def test_cli_an_error_that_names_no_setting_is_said_as_it_is(tmp_path, capsys):
     capsys.readouterr()
     assert script.main([*args, "--steps", "1", "--resume"]) == 2
     assert capsys.readouterr().err == (
-        f"error: the run in {out} has done its 1 steps: give --steps above 1 to train it further\n"
+        f"error: the run in {out} has done its 1 step: give --steps above 1 to train it further\n"
     )
     assert script.main([*args, "--steps", "1"]) == 2
     assert capsys.readouterr().err == (

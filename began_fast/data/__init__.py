@@ -25,6 +25,7 @@ from began_fast.data.images import crop_box
 from began_fast.data.loader import TorchLoader
 from began_fast.data.sampler import BatchOrder
 from began_fast.distributed import cores_per_rank
+from began_fast.wording import counted
 
 __all__ = [
     "BatchOrder",
@@ -159,9 +160,10 @@ def make_batches(
         dali = False
     source = open_source(cfg, image_size) if source is None else source
     if cfg.holdout and len(source) < batch_size * world_size:  # BatchOrder would count them as the data set's
+        global_batch = f"{batch_size * world_size} (batch {batch_size} x {counted(world_size, 'rank')})"
         raise DataError(
-            f"the data set has {len(source)} training images once --holdout {cfg.holdout} are held out, fewer than "
-            f"one global batch of {batch_size * world_size} (batch {batch_size} x {world_size} ranks)"
+            f"the data set has {counted(len(source), 'training image')} once --holdout {cfg.holdout} are held out, "
+            f"fewer than one global batch of {global_batch}"
         )
     order = BatchOrder(
         len(source), batch_size, seed, start_step, start_position=start_position, rank=rank, world_size=world_size

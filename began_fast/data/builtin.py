@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from began_fast.data.images import resize_square
 from began_fast.distributed import cores_per_rank
+from began_fast.wording import counted
 
 SKIN_TONES = np.array(
     [(255, 224, 196), (241, 194, 167), (224, 172, 135), (198, 134, 96), (160, 102, 66), (111, 69, 45), (80, 50, 35)],
@@ -266,5 +267,6 @@ class BuiltinFaces(torch.utils.data.Dataset):
         return self.images
 
     def describe(self) -> str:
-        faces = f"{self.count} images" if self.first == 0 else f"faces {self.first} to {self.first + self.count - 1}"
+        last = self.first + self.count - 1
+        faces = counted(self.count, "image") if self.first == 0 else f"faces {self.first} to {last}"
         return f"builtin faces: {faces} at {self.image_size}px, seed {self.seed}"

@@ -35,6 +35,7 @@ from began_fast.data.errors import DataError, check_folder_there
 from began_fast.data.hdf5 import DATASET
 from began_fast.data.images import crop_box, load_image
 from began_fast.data.sampler import BatchOrder
+from began_fast.wording import counted
 
 # DALI has no bfloat16: bf16 batches are normalised in float32 and cast by torch.
 OUTPUT_TYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
@@ -273,6 +274,6 @@ class DaliLoader:
 
     def describe(self) -> str:
         return (
-            f"DALI ({self.decoder} decode, {self.num_threads} threads, prefetch {self.prefetch}, batch "
+            f"DALI ({self.decoder} decode, {counted(self.num_threads, 'thread')}, prefetch {self.prefetch}, batch "
             f"{self.batch_size}, shard {self._order.rank} of {self._order.world_size}) over {self.source.describe()}"
         )

@@ -29,6 +29,7 @@ from PIL import ExifTags, Image
 
 from began_fast.data.errors import DataError, SkippedImagesWarning, check_folder_there, warn_undecodable
 from began_fast.data.images import IMAGE_EXTENSIONS, crop_box, load_image, pil_size_warning_off
+from began_fast.wording import counted
 
 TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # by the format PIL reads, not the file's extension
 TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -206,4 +207,4 @@ class ImageFolder(torch.utils.data.Dataset):
     def describe(self) -> str:
         box = f"{self.crop} crop" + (f" {self.crop_size}px" if self.crop_size else "")
         kind = "CelebA folder" if self.kind == "celeba" else "image folder"
-        return f"{kind} {self.root}: {len(self.files)} images, {box}, resized to {self.image_size}px"
+        return f"{kind} {self.root}: {counted(len(self.files), 'image')}, {box}, resized to {self.image_size}px"

@@ -17,6 +17,7 @@ from PIL import Image
 
 from began_fast.data.errors import DataError
 from began_fast.data.images import resize_square
+from began_fast.wording import counted
 
 DATASET = "images"
 FLAT_SIZE = 64  # the flattened layout's image size
@@ -99,7 +100,7 @@ class Hdf5Images(torch.utils.data.Dataset):
     def describe(self) -> str:
         resize = "" if self.stored_size == self.image_size else f", resized from {self.stored_size}px"
         layout = "flat 64x64x3 rows" if self.flat else "NHWC"
-        return f"hdf5 {self.path}: {self.count} images at {self.image_size}px ({layout}{resize})"
+        return f"hdf5 {self.path}: {counted(self.count, 'image')} at {self.image_size}px ({layout}{resize})"
 
     def __getstate__(self):
         # Pickled into spawned workers without the open handle; each reopens the file itself.

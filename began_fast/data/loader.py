@@ -10,6 +10,7 @@ import weakref
 import torch
 
 from began_fast.data.sampler import BatchOrder
+from began_fast.wording import counted
 
 
 class _FlippedItems(torch.utils.data.Dataset):
@@ -120,4 +121,5 @@ class TorchLoader:
         return batch.float().div_(127.5).sub_(1.0)
 
     def describe(self) -> str:
-        return f"torch DataLoader ({self.num_workers} workers, batch {self.batch_size}) over {self.source.describe()}"
+        workers = counted(self.num_workers, "worker")
+        return f"torch DataLoader ({workers}, batch {self.batch_size}) over {self.source.describe()}"

@@ -26,6 +26,7 @@ import torch
 
 from began_fast.data.errors import DataError
 from began_fast.seeds import FLIPS, PERMUTATION, generator
+from began_fast.wording import counted
 
 
 def check_rank(rank: int, world_size: int) -> None:
@@ -81,8 +82,8 @@ class BatchOrder:
         global_batch = batch_size * world_size
         if num_items < global_batch:
             raise DataError(
-                f"the data set has {num_items} images, fewer than one global batch of {global_batch} "
-                f"(batch {batch_size} x {world_size} ranks)"
+                f"the data set has {counted(num_items, 'image')}, fewer than one global batch of {global_batch} "
+                f"(batch {batch_size} x {counted(world_size, 'rank')})"
             )
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.start_step, self.start_position, self.rank, self.world_size = start_step, start_position, rank, world_size
