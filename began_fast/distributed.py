@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from began_fast.config import ConfigError
-from began_fast.reference import BalanceResult
+from began_fast.reference import BalanceResult, began_balance
 
 DEFAULT_TIMEOUT_S = 600.0
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: longer is a typo or "never", which would hang a job on a dead rank
@@ -156,14 +156,10 @@ class Collectives:
 
     def global_balance(self, res: BalanceResult, k: torch.Tensor, gamma: float, lambda_k: float) -> BalanceResult:
         """res with L_real and L_fake replaced by their means over the ranks, and L_D, L_G, k_next and M
-        recomputed from them (the formulas of reference.began_objective). Detached: only for k_t and statistics."""
+        recomputed from them (reference.began_balance). Detached: only for k_t and statistics."""
         means = torch.stack([res.l_real, res.l_fake]).detach().float().div(self.world_size)
         self._all_reduce(means)
-        l_real, l_fake = means.unbind(0)
-        k = k.to(l_real.dtype)
-        balance = gamma * l_real - l_fake
-        k_next = torch.clamp(k + lambda_k * balance, 0.0, 1.0)
-        return BalanceResult(l_real, l_fake, l_real - k * l_fake, l_fake, k_next, l_real + balance.abs())
+        return began_balance(*means.unbind(0), k, gamma, lambda_k)
 
     def check_same(
         self,

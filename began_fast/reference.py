@@ -61,8 +61,14 @@ def began_objective(
     k: k_t, a float or a 0-dim tensor. The losses carry autograd; k_next and m are detached statistics.
     Which loss reaches which network is the training step's business (see step.py).
     """
-    l_real = (x - rx).abs().mean()
-    l_fake = (fake - rfake).abs().mean()
+    return began_balance((x - rx).abs().mean(), (fake - rfake).abs().mean(), k, gamma, lambda_k)
+
+
+def began_balance(
+    l_real: torch.Tensor, l_fake: torch.Tensor, k: torch.Tensor | float, gamma: float, lambda_k: float
+) -> BalanceResult:
+    """began_objective from its two L1 losses (0-dim tensors): L_D and L_G carry the losses' autograd, k_next and M
+    are detached. Also the global balance of a torchrun job, from the losses averaged over the ranks."""
     k = torch.as_tensor(k, dtype=l_real.dtype, device=l_real.device)
     balance = gamma * l_real.detach() - l_fake.detach()
     k_next = torch.clamp(k + lambda_k * balance, 0.0, 1.0)
