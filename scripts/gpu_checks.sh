@@ -45,7 +45,7 @@
 # The tool brings back no file over 16 MiB, and one paper64 / gpu64 checkpoint is 181 MB: each phase that trains
 # (torchrun, startup, startup_pair, quality) moves its runs' checkpoints (*.pt) out of OUT_DIR when it ends, into
 # OUT_DIR.checkpoints beside it; a pack made while a phase still runs (quality, detached) must leave them out itself.
-# and a phase longer than one call (quality: two 10k-step runs) detached, collected by later calls while the machine
+# A phase longer than one call (quality: two 10k-step runs) runs detached, collected by later calls while the machine
 # stays warm (it goes back after a short idle time and after 30 minutes held: call again at once, and poll):
 #   setsid nohup bash scripts/gpu_checks.sh /tmp/q quality >/tmp/q.log 2>&1 &
 # One session's device time (30 minutes, idle time included, from the first call), in the order the open issues need

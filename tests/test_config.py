@@ -4,16 +4,19 @@ import dataclasses
 import inspect
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from began_fast import metrics
-from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig, get_preset, replace
+from began_fast.config import PRESETS, ConfigError, DataConfig, ModelConfig, TrainConfig, get_preset, replace
 from began_fast.fast_step import FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_train_defaults_are_the_papers():
@@ -46,6 +49,31 @@ def test_both_steps_run_adam_with_the_configs_lr_and_betas(step_class):
         [group] = optimizer.param_groups
         assert group["betas"] == (0.3, 0.9) and float(group["lr"]) == pytest.approx(3e-4)
     assert torch.equal(step.k, torch.zeros(())), "k_0 = 0"
+
+
+def test_the_readmes_preset_table_is_the_presets():
+    """README, Presets: a row per preset, and the values its text says every preset shares."""
+    readme = (ROOT / "README.md").read_text()
+    for name, preset in PRESETS.items():
+        m, t = preset.model, preset.train
+        lr = f"{t.lr:.0e}".replace("e-0", "e-")
+        cells = [
+            f"`{name}`",
+            m.image_size,
+            m.n,
+            m.h,
+            m.z_size,
+            "yes" if m.skip else "no",
+            t.batch_size,
+            lr,
+            f"{t.gamma:g}",
+        ]
+        cells += [f"{count:,}" for count in (t.steps, t.lr_decay_window, t.log_every, t.sample_every)]
+        cells += [f"{count:,}" for count in (t.checkpoint_every, t.snapshot_every)]
+        assert "| " + " | ".join(map(str, cells)) + " |\n" in readme, name
+        shared = (t.betas, t.lambda_k, t.lr_decay_factor, t.lr_floor, t.eval_every)
+        assert shared == ((0.5, 0.999), 0.001, 0.5, 2e-5, 0), name
+    assert DataConfig().flip
 
 
 def test_presets_are_the_ones_the_readme_describes():
