@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from began_fast.config import ConfigError
-from began_fast.distributed import World
+from began_fast.distributed import World, machine_cores
 
 # A negative number in scientific notation, which argparse (Python 3.10 to 3.13) reads as a flag, not as a value.
 NEGATIVE_SCIENTIFIC = re.compile(r"-(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -78,6 +78,14 @@ def check_writable(path: Path, flag: str, *, folder: bool = False, create: bool 
         tempfile.TemporaryFile(dir=where).close()
     except OSError as e:
         raise ConfigError(f"{flag} {path}: cannot write into {where} ({e.strerror})") from None
+
+
+def check_workers(workers: int, fewest: int) -> None:
+    """Refuse a --workers outside [fewest, 4 per core this process may run on]: decoding is CPU-bound, so more
+    processes only take more memory (--workers 100000 started that many, then ran out of it)."""
+    most = 4 * machine_cores()
+    if not fewest <= workers <= most:
+        raise ConfigError(f"--workers must be in [{fewest}, {most}] (4 per core), got {workers}")
 
 
 def print_result(text: str) -> None:

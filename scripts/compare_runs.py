@@ -3,14 +3,14 @@
     python scripts/compare_runs.py runs/baseline runs/skip
     python scripts/compare_runs.py runs/baseline runs/skip --plot compare.png --json
 
-A run folder is what scripts/train.py writes: config.json, stats.jsonl (a row per logging window with M; rows
-with "swd" are evaluations) and latest.pt. Only the steps both runs logged are compared. The verdict goes by
-the mean SWD over the last (up to 3) steps both runs were evaluated at; without evaluations, by the mean M over
-the last common steps (M tracks convergence, not sample quality, so that verdict is weaker and says so).
-Differences within the noise between two runs of one setting are called even: under 30% for SWD, 10% for M
-(above the largest differences measured between two runs of one setting: see EVEN). No verdict is given between
-runs whose numbers do not measure the same thing: SWD of another image size, evaluation size or data set, and M
-of another gamma (M = L_real + |gamma L_real - L_fake|). Bad input ends with one line on stderr and exit status 2.
+A run folder is what scripts/train.py writes: config.json, stats.jsonl (a row per logging window with M; rows with
+"swd" are evaluations) and latest.pt, if it has one. Only the steps both runs logged are compared. The verdict goes
+by the mean SWD over the last (up to 3) steps both runs were evaluated at; without evaluations, by the mean M over
+the last common steps (M tracks convergence, not sample quality, so that verdict is weaker and says so). Differences
+within the noise between two runs of one setting are called even: under 30% for SWD, 10% for M (above the largest
+differences measured between two runs of one setting, README Results). No verdict is given between runs whose
+numbers do not measure the same thing: SWD of another image size, evaluation size or data set, and M of another
+gamma (M = L_real + |gamma L_real - L_fake|). Bad input ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ with quiet_ctrl_c_while_importing():
         OneLineParser,
         check_one_process,
         check_stop,
+        check_workers,
         check_writable,
         interruption,
         one_line,
@@ -46,9 +47,10 @@ with quiet_ctrl_c_while_importing():
         stop_signals,
         stop_signals_held,
     )
-    from began_fast.config import IMAGE_SIZES, ConfigError, DataConfig
+    from began_fast.config import CROPS, IMAGE_SIZES, ConfigError, DataConfig
     from began_fast.data import DataError, open_source, resolve_source
     from began_fast.data.images import load_image
+    from began_fast.distributed import machine_cores
     from began_fast.wording import counted
 
 
@@ -102,9 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("src", help="a CelebA folder (img_align_celeba or its parent) or any folder of images")
     p.add_argument("out", type=output_path, help="the HDF5 file to write (.h5 or .hdf5)")
     p.add_argument("--size", type=int, default=64, help=f"image size S, one of {IMAGE_SIZES} (default 64)")
-    p.add_argument("--crop", choices=["celeba", "center"], help="crop before resizing (default: the folder's own)")
-    p.add_argument("--crop-size", type=int, help="side of the crop box in pixels")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
+    p.add_argument("--crop", choices=CROPS, help="crop before resizing (default: the folder's own)")
+    p.add_argument("--crop-size", type=int, help="side of the crop box in source pixels (default: the crop's own)")
+    p.add_argument("--workers", type=int, default=machine_cores(), help="decoding processes (default: one per core)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists (kept whole until the end)")
     return p.parse_args(argv)
 
@@ -138,9 +140,7 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
     check_one_process("prepare_celeba.py")
     if args.size not in IMAGE_SIZES:  # another size is resized again on every read
         raise DataError(f"--size must be an image size the model trains at, one of {IMAGE_SIZES}, got {args.size}")
-    most_workers = 4 * (os.cpu_count() or 1)  # decoding is CPU-bound: more processes only take more memory
-    if not 1 <= args.workers <= most_workers:
-        raise DataError(f"--workers must be in [1, {most_workers}] (4 per core), got {args.workers}")
+    check_workers(args.workers, fewest=1)
     if args.crop_size is not None and args.crop_size < 1:  # DataConfig would name its field, crop_size
         raise DataError(f"--crop-size must be >= 1, got {args.crop_size}")
     if args.out.suffix.lower() not in (".h5", ".hdf5"):

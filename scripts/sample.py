@@ -4,13 +4,14 @@
     python scripts/sample.py runs/began --out runs/fid --num 10000  # + runs/fid/images/000000.png ... (for FID tools)
 
 grid.png: a grid of G(z), z ~ U(-1, 1) (square for a square --grid). interpolation.png: each row walks from one
-random z to another along the great circle (slerp), as in the BEGAN paper's Figure 4. OUT/images/ holds exactly
-the --num images of the last call that finished: they are drawn beside it first and replace the numbered PNGs an
-earlier call left there only once all are drawn, so an FID tool reading the folder never mixes two calls' images and
-a call that fails or is interrupted leaves the earlier ones. On Linux the new set takes the earlier one's place in
-one step (renameat2's RENAME_EXCHANGE), so that even a SIGKILL or a power loss leaves one set whole; where the
-folders cannot be exchanged (see write_single_images) the images are replaced one by one, a Ctrl-C meanwhile waits
-for the end of it, and a SIGKILL can leave part of each. Errors end with one line on stderr, exit 2.
+random z to another along the great circle (slerp), as in the BEGAN paper's Figure 4. OUT/images/ holds exactly the
+--num images of the last call that finished: they are drawn beside it first and replace the numbered PNGs an earlier
+call left there only once all are drawn, so an FID tool reading the folder never mixes two calls' images and a call
+that fails or is interrupted leaves the earlier ones. On Linux the new set takes the earlier one's place in one step
+(renameat2's RENAME_EXCHANGE), so that even a SIGKILL or a power loss leaves one set whole; where the folders cannot
+be exchanged (an older C library, some network filesystems, a subfolder in OUT/images, OUT/images a link) the images are
+replaced one by one, a Ctrl-C meanwhile waits for the end of it, and a SIGKILL can leave part of each. Errors end
+with one line on stderr, exit 2.
 """
 
 from __future__ import annotations

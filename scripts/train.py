@@ -33,6 +33,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.cli import (
         STOP_SIGNALS,
         OneLineParser,
+        check_workers,
         data_path,
         one_line,
         out_of_memory,
@@ -41,10 +42,12 @@ with quiet_ctrl_c_while_importing():
         say_line,
         warnings_as_lines,
     )
-    from began_fast.config import LOADERS, LR_SCALINGS, PRESETS, ConfigError, DataConfig, get_preset, replace
+    from began_fast.config import CROPS, LOADERS, LR_SCALINGS, PRESETS, ConfigError, DataConfig, get_preset, replace
     from began_fast.data import DataError
-    from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, machine_cores, start, stop
+    from began_fast.distributed import DEFAULT_TIMEOUT_S, CollectiveError, World, start, stop
+    from began_fast.fast_step import AMP_DTYPES
     from began_fast.metrics import MetricError
+    from began_fast.ops import IMPLS
     from began_fast.train import RunOptions, TrainingError, setup_run, train
     from began_fast.wording import counted
 
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="CelebA folder, image folder or HDF5 file (default: the built-in faces)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: demo, gpu64 on a GPU)")
-    p.add_argument("--steps", type=int, help="train until this many steps are done")
+    p.add_argument("--steps", type=int, help="train until this many steps are done (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="batch per rank (global batch: this x the number of ranks)")
     p.add_argument("--gamma", type=float, help="diversity ratio gamma in (0, 1]")
     p.add_argument("--lr", type=float, help="the lr of one rank (see --lr-scaling)")
@@ -63,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lr-scaling", choices=LR_SCALINGS, help="lr for N torchrun ranks: as given (none, default), x N or x sqrt(N)"
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seeds the initial weights, each z, the data's order and flips (default 0)")
     p.add_argument("--image-size", type=int, help="override the preset's image size")
     p.add_argument(
         "--skip",
@@ -76,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the paper's vanishing residuals: each ELU conv blended with its input, fading over --carry-steps",
     )
     p.add_argument("--carry-steps", type=int, help="steps over which the vanishing residual fades (default 16000)")
-    p.add_argument("--crop", choices=["celeba", "center"], help="crop before resizing (default: the source's own)")
+    p.add_argument("--crop", choices=CROPS, help="crop before resizing (default: the source's own)")
     p.add_argument("--crop-size", type=int, help="side of the crop box in source pixels (default: the crop's own)")
     p.add_argument(
         "--flip",
@@ -102,20 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available; under torchrun GPU LOCAL_RANK)")
     p.add_argument(
         "--impl",
-        choices=["auto", "torch", "triton"],
+        choices=IMPLS,
         help="layer implementation (default: torch with --reference-step, so that it is plain PyTorch; else auto)",
     )
     p.add_argument(
-        "--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], help="mixed precision (bf16 when given bare)"
+        "--amp", nargs="?", const="bf16", choices=sorted(AMP_DTYPES), help="mixed precision (bf16 when given bare)"
     )
     p.add_argument("--cuda-graphs", action="store_true", help="capture the whole step in one CUDA graph")
     p.add_argument("--reference-step", action="store_true", help="run the specification's step (slow, float32)")
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--sample-every", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--snapshot-every", type=int, help="keep step_XXXXXXX.pt every this many steps")
-    p.add_argument("--eval-every", type=int, help="steps between SWD evaluations, logged beside M (default: never)")
-    p.add_argument("--eval-images", type=int, help="images per SWD evaluation (default 512)")
+    p.add_argument("--log-every", type=int, help="steps between statistics rows in stats.jsonl (default 50)")
+    p.add_argument("--sample-every", type=int, help="steps between sample grids and pictures (default: the preset's)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between rewrites of latest.pt (default: the preset's)")
+    p.add_argument(
+        "--snapshot-every", type=int, help="keep step_XXXXXXX.pt every this many steps (default: the preset's)"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        help="steps between evaluations (SWD and D's reconstruction error), logged beside M (default: never)",
+    )
+    p.add_argument("--eval-images", type=int, help="images per evaluation (default 512)")
     p.add_argument(
         "--dist-timeout",
         type=float,
@@ -145,9 +154,8 @@ def configs_from_flags(args: argparse.Namespace, device: str):
     """(model, train, data configs, the settings given by section): a new run's are the preset's with the flags laid
     over them; a resumed run's are the flags alone, which setup_run checks against the checkpoint's settings."""
     preset = get_preset(args.preset or ("gpu64" if device.startswith("cuda") else "demo"))
-    most_workers = 4 * machine_cores()  # decoding is CPU-bound: more processes only take more memory
-    if args.workers is not None and not 0 <= args.workers <= most_workers:
-        raise ConfigError(f"--workers must be in [0, {most_workers}] (4 per core), got {args.workers}")
+    if args.workers is not None:
+        check_workers(args.workers, fewest=0)
     # The settings given on the command line, by config section (None: not given, the preset's stands).
     flags = {
         "model": dict(

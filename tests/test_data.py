@@ -47,6 +47,7 @@ from began_fast.data import (
 from began_fast.data.builtin import BuiltinFaces, draw_faces
 from began_fast.data.errors import NAMED_FAILURES
 from began_fast.data.gpu_resident import fits
+from began_fast.distributed import machine_cores
 from tests.scripts import dropped_by_a_finalizer, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1499,13 +1500,25 @@ def test_prepare_celeba_ends_with_its_error_after_the_warnings_of_files_it_skipp
     assert any(line.startswith("warning: ") and "could not be decoded" in line for line in lines[:-1]), lines
 
 
+def test_prepare_celeba_workers_count_the_cores_this_process_may_run_on(tmp_path, celeba_root, monkeypatch, capsys):
+    """Under taskset or a scheduler's CPU affinity the default --workers and its cap (4 per core) count the cores
+    the process may run on, as train.py's do: they counted the machine's (os.cpu_count()), so a job given 1 core of
+    64 started 64 decoding processes on it."""
+    prepare_celeba = load_script("prepare_celeba")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert prepare_celeba.parse_args([str(celeba_root), str(tmp_path / "x.h5")]).workers == 1
+    assert prepare_celeba.main([str(celeba_root), str(tmp_path / "x.h5"), "--workers", "5"]) == 2
+    assert capsys.readouterr().err == "error: --workers must be in [1, 4] (4 per core), got 5\n"
+    assert not (tmp_path / "x.h5").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["{tmp}/missing", "{tmp}/x.h5"], "does not exist"),
         (["{celeba}", "{tmp}/x.txt"], "must be an .h5 or .hdf5 file"),
         (["{celeba}", "{tmp}/x.h5", "--size", "33"], "--size must be an image size the model trains at, one of (16,"),
-        (["{celeba}", "{tmp}/x.h5", "--workers", "0"], f"--workers must be in [1, {4 * os.cpu_count()}] (4 per core)"),
+        (["{celeba}", "{tmp}/x.h5", "--workers", "0"], f"--workers must be in [1, {4 * machine_cores()}] (4 per core)"),
         (["{celeba}", "{tmp}/x.h5", "--workers", "100000"], "got 100000"),  # each a process: more exhaust memory
         (["{celeba}", "{tmp}/folder.h5", "--overwrite"], "the output {tmp}/folder.h5 is a folder"),  # before decoding
         (["{celeba}", "{tmp}/a_file/x.h5"], "the output {tmp}/a_file/x.h5: {tmp}/a_file is a file, not a folder"),
