@@ -20,14 +20,14 @@
 #   report    the markdown reports of the JSON files there, merged per suite, into OUT_DIR/results/ and a copy of
 #             README.md in OUT_DIR (bring the JSON back and rerun scripts/bench_report.py in the repository)
 #   bench     bench_step, bench_kernels and report
-#             pytest-benchmark writes its JSON only when a session ends: the bench phases send themselves SIGINT
-#             once BENCH_BUDGET_S seconds (default 540, under a device call's 600) have passed since this script
-#             started, and one that would start with less than a minute left is skipped; the JSON then holds the
-#             cases that finished (bench/conftest.py leaves the interrupted one out), and the stop is not a failure.
-#             Narrow the rest with BENCH_SELECT, a pytest -k expression ANDed to the phase's own (e.g.
-#             BENCH_SELECT="paper64 and not skip"), and set BENCH_TAG to keep that session's
-#             JSON apart (OUT_DIR/<name>_<tag>.json); report merges every JSON of a suite. The bench phases refuse
-#             to start without BEGAN_FAST_COMMIT (a quoted result names its commit).
+#             pytest-benchmark writes its JSON only when a session ends: the bench phases send themselves SIGINT once
+#             BENCH_BUDGET_S seconds (default 540, under a device call's 600; never past CALL_LIMIT_S's end) have passed
+#             since this script started, and one that would start with less than a minute left is skipped; the JSON then
+#             holds the cases that finished (bench/conftest.py leaves the interrupted one out), and the stop is not a
+#             failure. Narrow the rest with BENCH_SELECT, a pytest -k expression ANDed to the phase's own (e.g.
+#             BENCH_SELECT="paper64 and not skip"), and set BENCH_TAG to keep that session's JSON apart
+#             (OUT_DIR/<name>_<tag>.json); report merges every JSON of a suite. The bench phases refuse to start without
+#             BEGAN_FAST_COMMIT (a quoted result names its commit).
 #   profile   where the fast step's time goes (scripts/profile_step.py): each kernel's device time per step, the
 #             Triton kernels against PyTorch's, and the graph-replayed against the eager step; paper64, batch 16,
 #             bf16, into OUT_DIR/profile/
@@ -39,21 +39,35 @@
 #   startup_pair  two such runs started together with one empty cache, as a sweep's runs or torchrun's ranks of a
 #             machine start: one compiles, the other waits its turn and then reads the kernels from the cache
 #             (kernels.precompile.CompilerTurn); each one's wall time and `kernels:` line in its log
-#   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each, SWD side by side
-# Through the device tool, whose $OUT brings back at most 8 files: write OUT_DIR outside $OUT and pack it, e.g.
-#   bash scripts/gpu_checks.sh /tmp/gc compile tests; tar czf "$OUT/gc.tgz" --exclude='*.pt' -C /tmp gc
+#   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each (QUALITY_STEPS),
+#             SWD side by side
+# Each phase that ends appends "PHASE STATUS SECONDS" to OUT_DIR/phases.txt (STATUS 124: stopped at the limit below;
+# "skipped": not started, too little time left).
+# Through the device tool, whose $OUT brings back at most 8 files, and none from a command stopped at its limit:
+# write OUT_DIR outside $OUT, set PACK to a .tgz under $OUT (OUT_DIR without *.pt is packed there after every phase,
+# so a call stopped at its limit still brings back what had finished) and CALL_LIMIT_S to the call's limit (600, or
+# the device time left when less: every phase is then stopped in time for the last pack), e.g.
+#   PACK=$OUT/gc.tgz CALL_LIMIT_S=600 BEGAN_FAST_COMMIT=<sha> bash scripts/gpu_checks.sh /tmp/gc compile tests
+# BEGAN_FAST_COMMIT names the tree the benchmarks ran on; the device's copy has no .git and includes edits not
+# committed, so set it from the checkout as $(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD || echo +dirty).
 # The tool brings back no file over 16 MiB, and one paper64 / gpu64 checkpoint is 181 MB: each phase that trains
 # (torchrun, startup, startup_pair, quality) moves its runs' checkpoints (*.pt) out of OUT_DIR when it ends, into
 # OUT_DIR.checkpoints beside it; a pack made while a phase still runs (quality, detached) must leave them out itself.
 # A phase longer than one call (quality: two 10k-step runs) runs detached, collected by later calls while the machine
-# stays warm (it goes back after a short idle time and after 30 minutes held: call again at once, and poll):
+# stays warm (it goes back about 30 s after a call ends and after 30 minutes held: call again at once). A call waits
+# for it within its own limit, then packs it:
 #   setsid nohup bash scripts/gpu_checks.sh /tmp/q quality >/tmp/q.log 2>&1 &
+#   until grep -qs '^quality ' /tmp/q/phases.txt || ((SECONDS > 540)); do sleep 10; done
+#   tar czf "$OUT/q.tgz" --exclude='*.pt' -C /tmp q q.log
 # One session's device time (30 minutes, idle time included, from the first call), in the order the open issues need
-# it (an order not yet tried on a GPU: pack OUT_DIR at the end of every call, whatever has finished):
-#   call 1  compile torchrun (issue 6's 1-GPU launch, on the cache compile filled), then the quality phase detached as
-#           above (issue 7's 10k-step pair: the longest phase, so it starts as early as the cache allows)
+# it (an order not yet tried on a GPU; every call with PACK and CALL_LIMIT_S set):
+#   call 1  the quality phase detached as above, first (issue 7's 10k-step pair, the longest phase: its reference run
+#           launches no Triton kernel, and its fast run compiles its own), then compile torchrun (issue 6's 1-GPU
+#           launch, on the cache compile filled)
 #   call 2  tests_cuda (or tests), at once, while quality runs: every test marked cuda, on the GPU the pair shares
-#   call 3+ poll quality; when it has ended, bench (BENCH_BUDGET_S under what is left), then profile
+#           (their small models' kernels are not among compile's: they compile as the tests run, minutes)
+#   call 3+ wait for quality and pack it; once it has ended, profile, then bench (BENCH_BUDGET_S under what is left),
+#           and bench_step_compile with BENCH_SELECT=paper64 if time is left (the ratio against torch.compile)
 # startup (near 600 s alone) and bench_data come after these, in a session of their own if need be.
 # The first compile of the Triton kernels takes minutes (autotuning every layer shape); Triton caches it in
 # ~/.triton, which is lost with the machine: where the machine goes back after a short idle time, run `compile` in the
@@ -77,20 +91,41 @@ known+=" bench profile torchrun startup startup_pair quality "
 for phase in $phases; do  # all named checked before the first starts: a typo in the last would end the script hours in
     [[ $known == *" $phase "* ]] || { echo "unknown phase $phase (one of:${known% })"; exit 2; }
 done
+[[ ${CALL_LIMIT_S:-0} =~ ^[0-9]+$ ]] || { echo "CALL_LIMIT_S must be a number of seconds, not $CALL_LIMIT_S"; exit 2; }
 mkdir -p "$out"
 select=${BENCH_SELECT:+ and ($BENCH_SELECT)}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 status=0
-run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, remember a failure, go on with the next check
-    local name=$1
+# The phases end by this time (SECONDS), leaving PACK_MARGIN_S for the last pack; without CALL_LIMIT_S, never.
+deadline=$((SECONDS + ${CALL_LIMIT_S:-1000000000} - ${PACK_MARGIN_S:-40}))
+left() { echo $((deadline - SECONDS)); }
+ended() {  # ended NAME STATUS START: the phase's line in OUT_DIR/phases.txt (START: its SECONDS when it began)
+    echo "$1 $2 $((SECONDS - $3))" >>"$out/phases.txt"
+}
+pack() {  # OUT_DIR without checkpoints into PACK, replaced whole (a pack stopped half-way leaves the last one)
+    [ -n "${PACK:-}" ] || return 0
+    tar czf "$PACK.part" --exclude='*.pt' -C "$(dirname "$out")" "$(basename "$out")" && mv -f "$PACK.part" "$PACK"
+}
+run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, stopped at the deadline, remember a failure, go on
+    local name=$1 rc start=$SECONDS
     shift
+    if (($(left) < 30)); then
+        echo "$name: skipped, less than 30 s of CALL_LIMIT_S left"
+        ended "$name" skipped "$start"
+        return
+    fi
     echo "== $name: $*"
-    "$@" 2>&1 | tee "$out/$name.log" || status=1
+    timeout -k 10 "$(left)" "$@" 2>&1 | tee "$out/$name.log"
+    rc=${PIPESTATUS[0]}
+    ((rc == 124)) && echo "$name: stopped at CALL_LIMIT_S; its log holds what it did"
+    ((rc == 0)) || status=1
+    ended "$name" "$rc" "$start"
 }
-start_once() {  # start_once OUT: the wall time of a 1-step gpu64 run (--amp --cuda-graphs) into the run folder OUT
-    local TIMEFORMAT="wall %R s"
-    time python scripts/train.py --preset gpu64 --steps 1 --amp --cuda-graphs --quiet --out "$1"
-}
+# start_once OUT: the wall time of a 1-step gpu64 run (--amp --cuda-graphs) into the run folder OUT (a command, not a
+# function, so that timeout can run it)
+# shellcheck disable=SC2016  # $1 is the inner bash's argument
+start_once=(bash -c 'TIMEFORMAT="wall %R s"; time python scripts/train.py --preset gpu64 --steps 1 --amp --cuda-graphs \
+    --quiet --out "$1"' start_once)
 checkpoints=${out%/}.checkpoints
 put_checkpoints_away() {  # the *.pt under OUT_DIR (runs' checkpoints) moved to OUT_DIR.checkpoints, same subpaths
     local pt dest
@@ -100,8 +135,9 @@ put_checkpoints_away() {  # the *.pt under OUT_DIR (runs' checkpoints) moved to 
     done < <(find "${out%/}" -name '*.pt' -type f -print0)
 }
 bench_deadline=$((SECONDS + ${BENCH_BUDGET_S:-540}))
+((bench_deadline < deadline)) || bench_deadline=$deadline
 bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILTER (and BENCH_SELECT) -> NAME.json
-    local name=$3${BENCH_TAG:+_$BENCH_TAG} left=$((bench_deadline - SECONDS)) rc
+    local name=$3${BENCH_TAG:+_$BENCH_TAG} left=$((bench_deadline - SECONDS)) rc start=$SECONDS
     if [ -z "${BEGAN_FAST_COMMIT:-}" ]; then
         echo "bench_$name: set BEGAN_FAST_COMMIT to the commit this tree is (its JSON must name it)"
         status=1
@@ -112,7 +148,9 @@ bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILT
         return
     fi
     echo "== bench_$name: bench/bench_$1.py -k '$2$select', at most $left s"
-    timeout -s INT -k 30 "$left" python -m pytest -q "bench/bench_$1.py" -k "$2$select" \
+    # --foreground: the SIGINT reaches pytest alone, once (to its whole process group it came twice, and the second
+    # interrupted pytest's handling of the first with some 300 lines of tracebacks).
+    timeout --foreground -s INT -k 30 "$left" python -m pytest -q "bench/bench_$1.py" -k "$2$select" \
         --benchmark-json "$out/$name.json" 2>&1 | tee "$out/bench_$name.log"
     rc=${PIPESTATUS[0]}
     if ((rc == 124)); then
@@ -120,6 +158,7 @@ bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILT
     elif ((rc != 0)); then
         status=1
     fi
+    ended "bench_$name" "$rc" "$start"
 }
 report() {  # each suite's JSON files in OUT_DIR, merged, as markdown into OUT_DIR/results and a README copy
     cp README.md "$out/README.md"
@@ -139,6 +178,11 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 # The tree copied to a GPU machine has no .git: the benchmarks' JSON takes the commit from BEGAN_FAST_COMMIT.
 echo "commit ${BEGAN_FAST_COMMIT:-unknown (set BEGAN_FAST_COMMIT)}" | tee -a "$out/device.txt"
 for phase in $phases; do
+    if (($(left) < 30)); then  # and not `timeout 0`, which is no limit at all
+        echo "$phase: skipped, less than 30 s of CALL_LIMIT_S left"
+        ended "$phase" skipped "$SECONDS"
+        continue
+    fi
     case $phase in
     compile)
         run compile python scripts/check_kernels_compile.py --preset gpu64 paper64 paper128 --skip \
@@ -172,22 +216,29 @@ for phase in $phases; do
         empty=$(mktemp -d) filled=$(mktemp -d)
         for case in "cold_one_by_one 0 $empty" "cold_head_start 1 $filled" "warm 1 $filled"; do
             read -r name head_start cache <<<"$case"
-            BEGAN_FAST_PRECOMPILE="$head_start" TRITON_CACHE_DIR="$cache" run "startup_$name" start_once \
+            BEGAN_FAST_PRECOMPILE="$head_start" TRITON_CACHE_DIR="$cache" run "startup_$name" "${start_once[@]}" \
                 "$out/startup_$name"
         done
         ;;
     startup_pair)
-        shared=$(mktemp -d) pids=()
+        shared=$(mktemp -d) pids=() start=$SECONDS
         for n in 1 2; do
             echo "== startup_pair_$n (in the background)"
-            TRITON_CACHE_DIR="$shared" start_once "$out/startup_pair_$n" >"$out/startup_pair_$n.log" 2>&1 &
+            TRITON_CACHE_DIR="$shared" timeout -k 10 "$(left)" "${start_once[@]}" "$out/startup_pair_$n" \
+                >"$out/startup_pair_$n.log" 2>&1 &
             pids+=($!)
         done
-        for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+        for n in 1 2; do
+            rc=0
+            wait "${pids[n - 1]}" || rc=$? status=1
+            ended "startup_pair_$n" "$rc" "$start"
+        done
         cat "$out"/startup_pair_[12].log
         ;;
-    quality) run quality bash scripts/quality_run.sh "$out/quality" 10000 ;;
+    quality) run quality bash scripts/quality_run.sh "$out/quality" "${QUALITY_STEPS:-10000}" ;;
     esac
     put_checkpoints_away
+    pack
 done
+pack  # the lines of the phases skipped at the end
 exit $status

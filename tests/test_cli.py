@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
+import time
 import weakref
 from pathlib import Path
 
@@ -423,3 +425,37 @@ def test_gpu_checks_moves_the_runs_checkpoints_out_of_the_folder_it_packs(tmp_pa
     ]
     assert all((out / run / "stats.jsonl").is_file() for run in runs)
     assert (out / "torchrun.log").is_file() and (out / "startup_pair_2.log").is_file()
+
+
+def test_gpu_checks_ends_its_phases_by_call_limit_s_and_packs_what_finished(tmp_path):
+    """A device call stopped at its limit brings nothing back, and the pack at the end of the command never ran: with
+    CALL_LIMIT_S each phase is stopped in time (a stand-in torchrun that would run for ever here), a phase with too
+    little time left is skipped rather than run under `timeout 0` (no limit), and PACK holds OUT_DIR after each
+    phase, without checkpoints. phases.txt says how each ended."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *torch.distributed.run*) echo started; exec sleep 1000 ;; esac\n'
+        "while [ $# -gt 0 ]; do\n"
+        '    if [ "$1" = --out ]; then mkdir -p "$2" && echo weights >"$2/latest.pt"; fi\n'
+        "    shift\n"
+        "done\n"
+    )
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 1.0'\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALL_LIMIT_S": "36"}
+    env |= {"PACK_MARGIN_S": "4", "PACK": str(tmp_path / "gc.tgz")}
+    out = tmp_path / "gc"
+    command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), str(out), "compile", "torchrun", "profile"]
+    began = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - began < 36, done.stdout
+    assert done.returncode == 1 and "torchrun: stopped at CALL_LIMIT_S" in done.stdout, done.stdout + done.stderr
+    ended = [line.split()[:2] for line in (out / "phases.txt").read_text().splitlines()]
+    assert ended == [["compile", "0"], ["torchrun", "124"], ["profile", "skipped"]]
+    with tarfile.open(tmp_path / "gc.tgz") as packed:
+        names = packed.getnames()
+    assert {"gc/compile.log", "gc/torchrun.log", "gc/phases.txt"} <= set(names), names
+    assert (out / "torchrun.log").read_text() == "started\n"
