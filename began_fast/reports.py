@@ -214,13 +214,10 @@ class BackgroundWriter:
 
 
 def swd_points(stats: list[dict]) -> list[tuple[int, float]]:
-    """(step, SWD avg) of the stats rows that carry an evaluation: "swd" is the average x1e3 or the dict
-    metrics.swd returns."""
+    """(step, SWD) of the stats rows that carry an evaluation ("swd": the average over the levels, x1e3)."""
     points = []
     for row in stats:
         value = row.get("swd")
-        if isinstance(value, dict):
-            value = value.get("avg")
         if finite_number(value):
             points.append((row["step"], float(value)))
     return points

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from began_fast import metrics, ops, reports
 from began_fast.atomic_files import atomic_write, remove_stale_temporaries
 from began_fast.checkpoint import another_runs, config_dict, load_checkpoint, misfit, save_checkpoint, saved_configs
-from began_fast.cli import STOP_SIGNALS, say_line, say_line_in_a_handler
+from began_fast.cli import STOP_SIGNALS, Interrupted, say_line, say_line_in_a_handler
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import fitted_crop, held_out_images, make_batches, open_source, resolve_source
 from began_fast.data.gpu_resident import GpuResidentStream
@@ -994,8 +994,7 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
                         write_pictures(run, real, pictures)
                 if stop:
                     if main:
-                        how = "interrupted" if stop == signal.SIGINT else f"stopped by {signal.Signals(stop).name}"
-                        say_line(f"{how} at step {done}; checkpoint written to {last_checkpoint}")
+                        say_line(f"{Interrupted(stop).what} at step {done}; checkpoint written to {last_checkpoint}")
                     break
             with guard.paused():
                 pictures.wait()

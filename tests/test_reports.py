@@ -135,17 +135,17 @@ def _stats_rows(with_swd):
         {"step": s, "m": 0.2 - s * 1e-5, "k": s * 1e-5, "lr": 1e-4 if s < 500 else 5e-5} for s in range(50, 1001, 50)
     ]
     if with_swd:
-        rows += [{"step": 500, "swd": 80.5}, {"step": 1000, "swd": {"64": 70.0, "avg": 60.25}}]
+        rows += [{"step": 500, "swd": 80.5}, {"step": 1000, "swd": 60.25}]
     return rows
 
 
-def test_swd_points_read_a_number_or_the_swd_dict():
+def test_swd_points_read_the_evaluations_swd():
     assert reports.swd_points(_stats_rows(True)) == [(500, 80.5), (1000, 60.25)]
     assert reports.swd_points(_stats_rows(False)) == []
     # A damaged or hand-edited row's value that is no finite number is left out (a NaN would make compare_runs'
     # mean SWD NaN); so is a row whose M is one.
     damaged = [{"step": 1, "swd": float("nan")}, {"step": 2, "swd": "61.5"}, {"step": 3, "swd": {"avg": None}}]
-    damaged += [{"step": 4, "swd": True}, {"step": 5, "swd": {"avg": float("inf")}}, {"step": 6, "swd": 42}]
+    damaged += [{"step": 4, "swd": True}, {"step": 5, "swd": {"avg": 60.25}}, {"step": 6, "swd": 42}]
     assert reports.swd_points(damaged) == [(6, 42.0)]
     rows = [{"step": 1, "m": float("nan")}, {"step": 2, "m": True}, {"step": 3, "m": "0.1"}, {"step": 4, "m": 0.25}]
     assert reports.training_rows(rows) == [{"step": 4, "m": 0.25}]

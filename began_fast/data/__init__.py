@@ -2,7 +2,8 @@
 them into float batches in [-1, 1] (torch DataLoader, GPU-resident, NVIDIA DALI).
 
 A source is a torch Dataset whose item i is a (3, S, S) uint8 tensor, already cropped and resized, with a
-one-line `describe()`; folder sources also list their `files`.
+one-line `describe()` and a `kind` ("builtin", "celeba", "folder" or "hdf5"); folder sources also list their
+`files`.
 """
 
 from __future__ import annotations

@@ -40,8 +40,9 @@ def fits(num_images: int, image_size: int, device: torch.device | str) -> bool:
 class GpuResidentSet:
     """All images of a source (or an array) as one (N, 3, S, S) uint8 tensor on `device`.
 
-    source_or_uint8_array: an ImageSource (its `as_uint8()` when it has one, else its items stacked), a uint8
-    tensor or numpy array of shape (N, 3, S, S), or of shape (N, S, S, 3) (NHWC, as HDF5 files store it).
+    source_or_uint8_array: a data source (data/__init__.py; its `as_uint8()` when it has one, else its items
+    stacked), a uint8 tensor or numpy array of shape (N, 3, S, S), or of shape (N, S, S, 3) (NHWC, as HDF5 files store
+    it).
     """
 
     def __init__(self, source_or_uint8_array, device: torch.device | str):
