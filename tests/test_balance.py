@@ -183,9 +183,12 @@ def test_grid_stride_loop_and_tails(device):
     torch.testing.assert_close(grads[3], 1.6 * torch.sign(rfake - fake))
 
 
-def test_layouts_are_reconciled(device):
+@pytest.mark.parametrize("odd", [True, False], ids=["reconstructions_channels_last", "images_channels_last"])
+def test_layouts_are_reconciled(device, odd):
+    """Inputs of both memory layouts at once, either way round (x, rx, fake, rfake): only rx and rfake in
+    channels_last was tested, and a check that looked at rx alone passed it."""
     inputs = make_inputs((2, 3, 9, 9), torch.float32, device, seed=6)
-    mixed = [t.contiguous(memory_format=torch.channels_last) if i % 2 else t for i, t in enumerate(inputs)]
+    mixed = [t.contiguous(memory_format=torch.channels_last) if i % 2 == odd else t for i, t in enumerate(inputs)]
     fast, grads = run(triton_began_balance, mixed, 0.5, LOSSES["mixed"])
     ref, ref_grads = run(began_objective, inputs, 0.5, LOSSES["mixed"], dtype=torch.float64)
     assert_parity(fast.l_fake, ref.l_fake, name="l_fake")

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_train_defaults_are_the_papers():
     cfg = TrainConfig()
     assert (cfg.lr, cfg.betas, cfg.gamma, cfg.lambda_k, cfg.batch_size) == (1e-4, (0.5, 0.999), 0.5, 0.001, 16)
+    assert cfg.lr_decay_factor == 0.5  # "halved when M stalls" (DESIGN section 3)
 
 
 def test_model_defaults_are_the_papers_64px_celeba_model():

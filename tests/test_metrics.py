@@ -295,6 +295,23 @@ def test_evaluate_models_reports_swd_and_the_reconstruction_error_on_the_held_ou
     assert evaluate_models(G, D, real, num=10, seed=2, batch_size=4)["swd"] != result["swd"]
 
 
+def test_evaluate_models_draws_its_z_from_its_seed():
+    """The samples' z comes from the evaluation's seed: SWD's projections take the seed too, so a z that ignored it
+    still changed the score with the seed, and passed the test above."""
+    G, D = _tiny_models()
+    real = BuiltinFaces(24, 16, seed=0)
+    drawn = []
+    G.register_forward_hook(lambda module, inputs, output: drawn.append(inputs[0].clone()))
+
+    def z_of(seed):
+        drawn.clear()
+        evaluate_models(G, D, real, num=10, seed=seed, batch_size=4)
+        return torch.cat(drawn)
+
+    assert torch.equal(z_of(1), z_of(1))
+    assert not torch.equal(z_of(1), z_of(2))
+
+
 def test_evaluate_models_records_no_autograd_graph():
     """evaluate.py calls it with autograd on: the graph kept with each batch's reconstruction errors held D's
     activations until the end (paper64 in float32: 15 MiB per image, 61 GiB at --num 4096)."""

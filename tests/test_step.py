@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from began_fast.config import ModelConfig, TrainConfig
+from began_fast.fast_step import FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.reference import began_objective
 from began_fast.step import ReferenceStep
@@ -156,3 +157,41 @@ def test_a_resume_gives_the_networks_the_checkpoints_carry_before_the_first_step
     step.load_state_dict(state)
     for net in (G.decoder, D.encoder, D.decoder):
         assert net.carry.item() == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("step_class", [ReferenceStep, FastStep], ids=["reference", "fast"])
+def test_the_step_takes_gamma_lambda_k_and_the_lr_decay_factor_from_its_config(step_class, monkeypatch):
+    """gpu64 and demo train at gamma 0.7: a step that used the paper's 0.5, or the default lambda_k or decay factor,
+    instead of its config's passed every test that ran at the defaults (a mutation audit found it). k_next and M
+    are the objective's at the config's gamma and lambda_k, and a stalled window multiplies the lr by its factor."""
+    cfg = TrainConfig(batch_size=3, gamma=0.7, lambda_k=0.05, lr=1e-3, lr_decay_window=1, lr_decay_factor=0.25)
+    torch.manual_seed(0)
+    G, D = Generator(MODEL, impl="torch").double(), Discriminator(MODEL, impl="torch").double()
+    G0, D0 = copy.deepcopy(G), copy.deepcopy(D)
+    step = step_class(G, D, cfg, "cpu")
+    step.k.fill_(0.3)
+    step.decay.best.fill_(0.0)  # every M is no lower: this step's window (one step) ends with a decay
+    z = torch.rand(3, MODEL.z_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    monkeypatch.setattr(step, "draw_z", lambda batch_size: z)
+    x = real_batch()
+    step(x)
+    fake = G0(z)
+    want = began_objective(x, D0(x), fake, D0(fake), 0.3, 0.7, 0.05)
+    assert step.k.item() == pytest.approx(want.k_next.item(), rel=1e-6)
+    assert step.k.item() != pytest.approx(began_objective(x, D0(x), fake, D0(fake), 0.3, 0.5, 0.05).k_next.item())
+    assert step.stats.read_and_reset()["m"] == pytest.approx(want.m.item(), rel=1e-6)
+    assert step.decay.lr.item() == pytest.approx(1e-3 * 0.25)
+
+
+def test_the_steps_noise_follows_the_runs_seed():
+    """Each z comes from a stream of the run's seed: two seeds draw two sequences (a step that seeded its noise with
+    a constant passed every test), one seed the same sequence."""
+
+    def noise(seed):
+        torch.manual_seed(0)
+        G, D = Generator(MODEL, impl="torch"), Discriminator(MODEL, impl="torch")
+        step = ReferenceStep(G, D, TrainConfig(batch_size=3, seed=seed), "cpu")
+        return torch.cat([step.draw_z(3) for _ in range(2)])
+
+    assert torch.equal(noise(1), noise(1))
+    assert not torch.equal(noise(1), noise(2))

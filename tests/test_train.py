@@ -28,7 +28,7 @@ from PIL import Image
 
 import began_fast.train as train_module
 from began_fast import metrics, reports
-from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models, save_checkpoint
+from began_fast.checkpoint import CheckpointError, load_checkpoint, load_models, save_checkpoint, saved_configs
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig, get_preset
 from began_fast.data import DataError
 from began_fast.data.builtin import BuiltinFaces, draw_faces
@@ -1739,6 +1739,52 @@ def test_resume_of_a_checkpoint_whose_noise_generator_ran_on_another_kind_of_dev
         assert torch.equal(a, b)
     run_steps(tmp_path / "a", 8, resume=True)
     assert "noise generator" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_gives_back_every_setting_it_saved(tmp_path):
+    """saved_configs reads back each field of the three configs as written: with every field away from its default
+    (the runs of the other tests keep most defaults, so a load that put the default betas back passed them)."""
+    model = ModelConfig(image_size=32, n=8, h=5, z_dim=7, skip=True, vanishing_residual=True, carry_steps=123)
+    train = TrainConfig(
+        batch_size=5,
+        lr=3e-4,
+        betas=(0.3, 0.9),
+        gamma=0.7,
+        lambda_k=0.002,
+        lr_decay_window=17,
+        lr_decay_factor=0.25,
+        lr_floor=1e-5,
+        steps=99,
+        seed=4,
+        log_every=3,
+        sample_every=9,
+        checkpoint_every=11,
+        snapshot_every=33,
+        lr_scaling="sqrt",
+        eval_every=6,
+        eval_images=64,
+    )
+    data = DataConfig(
+        path="/data/faces",
+        source="folder",
+        crop="center",
+        crop_size=100,
+        flip=False,
+        num_workers=3,
+        loader="torch",
+        builtin_count=500,
+        builtin_seed=2,
+        holdout=7,
+    )
+    for cfg in (model, train, data):
+        default = type(cfg)()
+        assert all(getattr(cfg, f.name) != getattr(default, f.name) for f in dataclasses.fields(cfg)), cfg
+    configs = {"model_config": model, "train_config": train, "data_config": data}
+    state = {key: dataclasses.asdict(cfg) for key, cfg in configs.items()}
+    state |= {"step": 3, "G": {}, "D": {}, "trainer": {}, "fixed_z": torch.zeros(1)}
+    save_checkpoint(tmp_path / "latest.pt", state)
+    loaded = saved_configs(load_checkpoint(tmp_path / "latest.pt"), tmp_path / "latest.pt")
+    assert loaded == {"model": model, "train": train, "data": data}
 
 
 def test_resume_refuses_another_runs_checkpoint_in_a_run_folder(tmp_path):
