@@ -35,6 +35,7 @@ from began_fast.data import (
     open_source,
 )
 from began_fast.data.builtin import draw_face
+from began_fast.wording import counted
 
 HAS_DALI = dali_installed()
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI is not installed (pip install 'began-fast[dali]')")
@@ -270,7 +271,7 @@ def test_dali_threads_are_the_workers_asked_for_at_least_one_else_the_ranks_shar
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     for workers, threads in [(0, 1), (3, 3), (None, 4)]:
         loader = _dali(DataConfig(path=celeba_dir, flip=True, num_workers=workers), 16, 4)
-        assert loader.num_threads == threads and f"{threads} threads" in loader.describe()
+        assert loader.num_threads == threads and f", {counted(threads, 'thread')}, prefetch" in loader.describe()
         batch = next(loader)
         assert batch.shape == (4, 3, 16, 16) and torch.isfinite(batch).all()
 
