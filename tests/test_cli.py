@@ -393,26 +393,27 @@ def test_gpu_checks_refuses_an_unknown_phase_before_running_any(tmp_path):
         (tmp_path / "ran").unlink()
 
 
-def test_gpu_checks_moves_the_runs_checkpoints_out_of_the_folder_it_packs(tmp_path):
-    """The device tool brings back no file over 16 MiB, and a paper64 / gpu64 checkpoint is 181 MB: packed with the
-    torchrun, startup, startup_pair and quality runs' latest.pt, OUT_DIR came back as nothing. Each phase moves its
-    checkpoints to OUT_DIR.checkpoints when it ends; the logs and the runs' other files stay. A stand-in python
-    (and nvidia-smi), first on the path, says there is a GPU and writes a checkpoint into each --out."""
+def stand_in_gpu(tmp_path, on_out: str, before: str = "") -> dict:
+    """The environment of a gpu_checks.sh run on a stand-in GPU: a python and an nvidia-smi first on the path; the
+    python runs `before` (sh) on its arguments, then `on_out` with "$2" the folder after each --out."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    stub = bin_dir / "python"
-    stub.write_text(
-        "#!/bin/sh\n"
-        "while [ $# -gt 0 ]; do\n"
-        '    if [ "$1" = --out ]; then mkdir -p "$2" && echo weights >"$2/latest.pt" && echo {} >"$2/stats.jsonl"; fi\n'
-        "    shift\n"
-        "done\n"
-    )
+    python = f'#!/bin/sh\n{before}while [ $# -gt 0 ]; do\n    if [ "$1" = --out ]; then {on_out}; fi\n    shift\ndone\n'
+    (bin_dir / "python").write_text(python)
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 1.0'\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTHON", None)
+    return env
+
+
+def test_gpu_checks_moves_the_runs_checkpoints_out_of_the_folder_it_packs(tmp_path):
+    """The device tool brings back no file over 16 MiB, and a paper64 / gpu64 checkpoint is 181 MB: packed with the
+    torchrun, startup, startup_pair and quality runs' latest.pt, OUT_DIR came back as nothing. Each phase moves its
+    checkpoints to OUT_DIR.checkpoints when it ends; the logs and the runs' other files stay. A stand-in python
+    (and nvidia-smi), first on the path, says there is a GPU and writes a checkpoint into each --out."""
+    env = stand_in_gpu(tmp_path, 'mkdir -p "$2" && echo weights >"$2/latest.pt" && echo {} >"$2/stats.jsonl"')
     out = tmp_path / "gc"
     command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), f"{out}/", "torchrun", "startup", "startup_pair"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -432,21 +433,9 @@ def test_gpu_checks_ends_its_phases_by_call_limit_s_and_packs_what_finished(tmp_
     CALL_LIMIT_S each phase is stopped in time (a stand-in torchrun that would run for ever here), a phase with too
     little time left is skipped rather than run under `timeout 0` (no limit), and PACK holds OUT_DIR after each
     phase, without checkpoints. phases.txt says how each ended."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text(
-        "#!/bin/sh\n"
-        'case "$*" in *torch.distributed.run*) echo started; exec sleep 1000 ;; esac\n'
-        "while [ $# -gt 0 ]; do\n"
-        '    if [ "$1" = --out ]; then mkdir -p "$2" && echo weights >"$2/latest.pt"; fi\n'
-        "    shift\n"
-        "done\n"
-    )
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 1.0'\n")
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALL_LIMIT_S": "36"}
-    env |= {"PACK_MARGIN_S": "4", "PACK": str(tmp_path / "gc.tgz")}
+    forever = 'case "$*" in *torch.distributed.run*) echo started; exec sleep 1000 ;; esac\n'
+    env = stand_in_gpu(tmp_path, 'mkdir -p "$2" && echo weights >"$2/latest.pt"', before=forever)
+    env |= {"CALL_LIMIT_S": "36", "PACK_MARGIN_S": "4", "PACK": str(tmp_path / "gc.tgz")}
     out = tmp_path / "gc"
     command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), str(out), "compile", "torchrun", "profile"]
     began = time.monotonic()
