@@ -42,11 +42,11 @@
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each (QUALITY_STEPS),
 #             SWD side by side
 # Each phase that ends appends "PHASE STATUS SECONDS" to OUT_DIR/phases.txt (STATUS 124: stopped at the limit below;
-# "skipped": not started, too little time left).
-# Through the device tool, whose $OUT brings back at most 8 files, and none from a command stopped at its limit:
-# write OUT_DIR outside $OUT, set PACK to a .tgz under $OUT (OUT_DIR without *.pt is packed there after every phase,
-# so a call stopped at its limit still brings back what had finished) and CALL_LIMIT_S to the call's limit (600, or
-# the device time left when less: every phase is then stopped in time for the last pack), e.g.
+# "skipped": not started, too little time left, a failure), and the script "end STATUS SECONDS" when it ends.
+# Through the device tool, whose $OUT brings back at most 8 files: write OUT_DIR outside $OUT, set PACK to a .tgz
+# under $OUT (OUT_DIR without *.pt is packed there after every phase: a `tar` after the script would never run in a
+# call stopped at its limit, and what is under $OUT comes back even then) and CALL_LIMIT_S to the call's limit (600,
+# or the device time left when less: every phase is then stopped in time for the last pack), e.g.
 #   PACK=$OUT/gc.tgz CALL_LIMIT_S=600 BEGAN_FAST_COMMIT=<sha> bash scripts/gpu_checks.sh /tmp/gc compile tests
 # BEGAN_FAST_COMMIT names the tree the benchmarks ran on; the device's copy has no .git and includes edits not
 # committed, so set it from the checkout as $(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD || echo +dirty).
@@ -56,8 +56,8 @@
 # A phase longer than one call (quality: two 10k-step runs) runs detached, collected by later calls while the machine
 # stays warm (it goes back about 30 s after a call ends and after 30 minutes held: call again at once). A call waits
 # for it within its own limit, then packs it:
-#   setsid nohup bash scripts/gpu_checks.sh /tmp/q quality >/tmp/q.log 2>&1 &
-#   until grep -qs '^quality ' /tmp/q/phases.txt || ((SECONDS > 540)); do sleep 10; done
+#   env -u CALL_LIMIT_S -u PACK setsid nohup bash scripts/gpu_checks.sh /tmp/q quality >/tmp/q.log 2>&1 &
+#   until grep -qs '^end ' /tmp/q/phases.txt || ((SECONDS > 540)); do sleep 10; done
 #   tar czf "$OUT/q.tgz" --exclude='*.pt' -C /tmp q q.log
 # One session's device time (30 minutes, idle time included, from the first call), in the order the open issues need
 # it (an order not yet tried on a GPU; every call with PACK and CALL_LIMIT_S set):
@@ -91,7 +91,10 @@ known+=" bench profile torchrun startup startup_pair quality "
 for phase in $phases; do  # all named checked before the first starts: a typo in the last would end the script hours in
     [[ $known == *" $phase "* ]] || { echo "unknown phase $phase (one of:${known% })"; exit 2; }
 done
-[[ ${CALL_LIMIT_S:-0} =~ ^[0-9]+$ ]] || { echo "CALL_LIMIT_S must be a number of seconds, not $CALL_LIMIT_S"; exit 2; }
+for setting in "CALL_LIMIT_S=${CALL_LIMIT_S-1}" "PACK_MARGIN_S=${PACK_MARGIN_S-1}"; do  # unset: none; 08 is octal
+    [[ ${setting#*=} =~ ^[1-9][0-9]*$ ]] ||
+        { echo "${setting%%=*} must be a number of seconds >= 1, not '${setting#*=}'"; exit 2; }
+done
 mkdir -p "$out"
 select=${BENCH_SELECT:+ and ($BENCH_SELECT)}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
@@ -102,20 +105,26 @@ left() { echo $((deadline - SECONDS)); }
 ended() {  # ended NAME STATUS START: the phase's line in OUT_DIR/phases.txt (START: its SECONDS when it began)
     echo "$1 $2 $((SECONDS - $3))" >>"$out/phases.txt"
 }
+too_late() {  # too_late NAME: true, and NAME recorded as skipped (a failure), when under 30 s of CALL_LIMIT_S are left
+    (($(left) >= 30)) && return 1
+    echo "$1: skipped, less than 30 s of CALL_LIMIT_S left"
+    ended "$1" skipped "$SECONDS"
+    status=1
+}
 pack() {  # OUT_DIR without checkpoints into PACK, replaced whole (a pack stopped half-way leaves the last one)
     [ -n "${PACK:-}" ] || return 0
-    tar czf "$PACK.part" --exclude='*.pt' -C "$(dirname "$out")" "$(basename "$out")" && mv -f "$PACK.part" "$PACK"
+    local part=$PACK.$$.part  # this process's own: a detached run packing elsewhere never writes it
+    tar czf "$part" --exclude='*.pt' -C "$(dirname "$out")" "$(basename "$out")" && mv -f "$part" "$PACK"
 }
 run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, stopped at the deadline, remember a failure, go on
-    local name=$1 rc start=$SECONDS
+    local name=$1 rc start=$SECONDS limit=()
     shift
-    if (($(left) < 30)); then
-        echo "$name: skipped, less than 30 s of CALL_LIMIT_S left"
-        ended "$name" skipped "$start"
-        return
-    fi
+    too_late "$name" && return
     echo "== $name: $*"
-    timeout -k 10 "$(left)" "$@" 2>&1 | tee "$out/$name.log"
+    # Under timeout only with a limit: timeout runs the command in a process group of its own, which a terminal's
+    # Ctrl-C does not reach.
+    [ -z "${CALL_LIMIT_S:-}" ] || limit=(timeout -k 10 "$(left)")
+    "${limit[@]}" "$@" 2>&1 | tee "$out/$name.log"
     rc=${PIPESTATUS[0]}
     ((rc == 124)) && echo "$name: stopped at CALL_LIMIT_S; its log holds what it did"
     ((rc == 0)) || status=1
@@ -135,16 +144,18 @@ put_checkpoints_away() {  # the *.pt under OUT_DIR (runs' checkpoints) moved to 
     done < <(find "${out%/}" -name '*.pt' -type f -print0)
 }
 bench_deadline=$((SECONDS + ${BENCH_BUDGET_S:-540}))
-((bench_deadline < deadline)) || bench_deadline=$deadline
+((bench_deadline < deadline - 60)) || bench_deadline=$((deadline - 60))  # a minute for the report after it
 bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILTER (and BENCH_SELECT) -> NAME.json
     local name=$3${BENCH_TAG:+_$BENCH_TAG} left=$((bench_deadline - SECONDS)) rc start=$SECONDS
     if [ -z "${BEGAN_FAST_COMMIT:-}" ]; then
         echo "bench_$name: set BEGAN_FAST_COMMIT to the commit this tree is (its JSON must name it)"
+        ended "bench_$name" "no BEGAN_FAST_COMMIT" "$start"
         status=1
         return
     fi
     if ((left < 60)); then
         echo "bench_$name: skipped, less than a minute of BENCH_BUDGET_S left"
+        ended "bench_$name" skipped "$start"
         return
     fi
     echo "== bench_$name: bench/bench_$1.py -k '$2$select', at most $left s"
@@ -178,11 +189,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 # The tree copied to a GPU machine has no .git: the benchmarks' JSON takes the commit from BEGAN_FAST_COMMIT.
 echo "commit ${BEGAN_FAST_COMMIT:-unknown (set BEGAN_FAST_COMMIT)}" | tee -a "$out/device.txt"
 for phase in $phases; do
-    if (($(left) < 30)); then  # and not `timeout 0`, which is no limit at all
-        echo "$phase: skipped, less than 30 s of CALL_LIMIT_S left"
-        ended "$phase" skipped "$SECONDS"
-        continue
-    fi
+    too_late "$phase" && continue  # (and not `timeout 0`, which is no limit at all)
     case $phase in
     compile)
         run compile python scripts/check_kernels_compile.py --preset gpu64 paper64 paper128 --skip \
@@ -240,5 +247,6 @@ for phase in $phases; do
     put_checkpoints_away
     pack
 done
-pack  # the lines of the phases skipped at the end
+echo "end $status $SECONDS" >>"$out/phases.txt"  # the last line: every phase has ended, its checkpoints moved
+pack
 exit $status

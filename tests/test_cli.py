@@ -428,11 +428,10 @@ def test_gpu_checks_moves_the_runs_checkpoints_out_of_the_folder_it_packs(tmp_pa
     assert (out / "torchrun.log").is_file() and (out / "startup_pair_2.log").is_file()
 
 
-def test_gpu_checks_ends_its_phases_by_call_limit_s_and_packs_what_finished(tmp_path):
-    """A device call stopped at its limit brings nothing back, and the pack at the end of the command never ran: with
-    CALL_LIMIT_S each phase is stopped in time (a stand-in torchrun that would run for ever here), a phase with too
-    little time left is skipped rather than run under `timeout 0` (no limit), and PACK holds OUT_DIR after each
-    phase, without checkpoints. phases.txt says how each ended."""
+def test_gpu_checks_ends_its_phases_by_call_limit_s(tmp_path):
+    """With CALL_LIMIT_S each phase is stopped in time for the last pack (here a stand-in torchrun that would run for
+    ever), and a phase with too little time left is skipped, a failure, rather than run under `timeout 0` (no limit
+    at all). phases.txt says how each ended, then that the script did."""
     forever = 'case "$*" in *torch.distributed.run*) echo started; exec sleep 1000 ;; esac\n'
     env = stand_in_gpu(tmp_path, 'mkdir -p "$2" && echo weights >"$2/latest.pt"', before=forever)
     env |= {"CALL_LIMIT_S": "36", "PACK_MARGIN_S": "4", "PACK": str(tmp_path / "gc.tgz")}
@@ -443,8 +442,32 @@ def test_gpu_checks_ends_its_phases_by_call_limit_s_and_packs_what_finished(tmp_
     assert time.monotonic() - began < 36, done.stdout
     assert done.returncode == 1 and "torchrun: stopped at CALL_LIMIT_S" in done.stdout, done.stdout + done.stderr
     ended = [line.split()[:2] for line in (out / "phases.txt").read_text().splitlines()]
-    assert ended == [["compile", "0"], ["torchrun", "124"], ["profile", "skipped"]]
-    with tarfile.open(tmp_path / "gc.tgz") as packed:
-        names = packed.getnames()
-    assert {"gc/compile.log", "gc/torchrun.log", "gc/phases.txt"} <= set(names), names
+    assert ended == [["compile", "0"], ["torchrun", "124"], ["profile", "skipped"], ["end", "1"]]
     assert (out / "torchrun.log").read_text() == "started\n"
+    with tarfile.open(tmp_path / "gc.tgz") as packed:  # the last pack, after the end line
+        assert packed.extractfile("gc/phases.txt").read() == (out / "phases.txt").read_bytes()
+
+
+def test_gpu_checks_packs_after_each_phase_what_a_killed_call_brings_back(tmp_path):
+    """A device call stopped at its limit is killed, and a `tar` after the script never runs; what is under $OUT comes
+    back even then. With PACK, OUT_DIR is packed after every phase: the script killed in its second phase has packed
+    the first one's log and line. Without CALL_LIMIT_S no phase runs under timeout (whose process group of its own a
+    terminal's Ctrl-C does not reach)."""
+    forever = 'case "$*" in *torch.distributed.run*) echo "$PPID" >started; exec sleep 1000 ;; esac\n'
+    env = stand_in_gpu(tmp_path, "true", before=forever) | {"PACK": str(tmp_path / "gc.tgz")}
+    out = tmp_path / "gc"
+    command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), str(out), "compile", "torchrun"]
+    script = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # The stand-in's parent is the script's own subshell of the pipeline, not timeout.
+        assert (tmp_path / "started").exists()
+        assert Path(f"/proc/{(tmp_path / 'started').read_text().strip()}/comm").read_text().strip() == "bash"
+    finally:
+        os.killpg(script.pid, signal.SIGKILL)
+        script.wait(timeout=60)
+    with tarfile.open(tmp_path / "gc.tgz") as packed:
+        assert "gc/compile.log" in packed.getnames()
+        assert packed.extractfile("gc/phases.txt").read().decode().startswith("compile 0 ")
