@@ -194,14 +194,13 @@ PRESETS: dict[str, Preset] = {
     "paper64": Preset(ModelConfig(image_size=64, n=128, h=64), TrainConfig(batch_size=16, lr=1e-4, gamma=0.5)),
     # The paper's hyper-parameters at 128x128, in carpedm20's layer layout (G 2.0 M, D 23.2 M parameters).
     "paper128": Preset(ModelConfig(image_size=128, n=128, h=64), TrainConfig(batch_size=16, lr=1e-4, gamma=0.5)),
-    # A GPU default for a first run: the paper's model at 64 px with gamma 0.7, the most diverse of the gammas the
-    # paper shows (gamma trades diversity for quality), for 50,000 steps. At gamma 0.5 (paper64) G
-    # collapsed to one face for the first 10k steps on the built-in faces (README, Results); on a 32 px version on
-    # the CPU, gamma 0.7 spread the samples over z 2.4x wider than gamma 0.5 at step 1500, and 0.11 against the
-    # data's 0.34 at step 3000.
+    # A GPU default for a first run: the paper's model at 64 px with gamma 0.7, the most diverse of the gammas the paper
+    # shows (gamma trades diversity for quality), for 50,000 steps. At gamma 0.5 (paper64) G collapsed to one face for
+    # the first 10k steps on the built-in faces (README, Results); on a 32 px version on the CPU, gamma 0.7 spread the
+    # samples over z 2.4x wider than gamma 0.5 at step 1500, and 0.11 against the data's 0.34 at step 3000.
     "gpu64": Preset(
         ModelConfig(image_size=64, n=128, h=64),
-        TrainConfig(batch_size=16, lr=1e-4, gamma=0.7, steps=50_000),
+        TrainConfig(gamma=0.7, steps=50_000),
     ),
     # Small enough that a 2-core CPU shows faces forming within minutes (6000 steps: about 10 minutes on this
     # project's 2-core machines, README Results): 32 px, n=16, with the paper's skip connections, which sharpen

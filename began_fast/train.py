@@ -62,15 +62,15 @@ RECONSTRUCTION_PAIRS = 16
 PICTURES_RECORD = "pictures.json"
 # In the run folder: the pictures drawn at each sample step from its grid, the stats and D (_write_pictures).
 DRAWN_WITH_THE_GRIDS = ("progress.png", "progress.gif", "reconstruction.png", "convergence.png")
-# What a run writes in its folder, files and folders (check_run_entries): a name taken by the other kind stops the run.
-RUN_FILES = ("config.json", "stats.jsonl", "latest.pt", PICTURES_RECORD, *DRAWN_WITH_THE_GRIDS)
-RUN_FOLDERS = ("samples", "tensorboard")
 # A stop signal repeated sooner is the same request (stop_on_interrupt): torchrun's launcher repeats the signal it
 # got to its workers at once, and they got it too when it came from a scheduler that signals every process of a job
 # (a terminal's Ctrl-C reaches the launcher alone: the workers run in sessions of their own). A person's second
 # Ctrl-C, to stop at once, comes later.
 REPEAT_WINDOW_S = 2.0
 RUN_LOCK = ".began-fast.lock"  # in the run folder: held by the process that trains there (lock_run_folder)
+# What a run writes in its folder, files and folders (check_run_entries): a name taken by the other kind stops the run.
+RUN_FILES = ("config.json", "stats.jsonl", "latest.pt", PICTURES_RECORD, *DRAWN_WITH_THE_GRIDS, RUN_LOCK)
+RUN_FOLDERS = ("samples", "tensorboard")
 LOCK_PATIENCE_S = 1.0  # how long lock_run_folder tries before it says the folder is another run's
 # On --resume the checkpoint's configs stand. These settings may still be given anew: how long the run goes, how
 # it is watched, and where and how its data is read (the same data, moved); any other one must match the saved.
@@ -809,7 +809,10 @@ def announce(run: Run, data: str) -> None:
     cfg, start = run.train_cfg, run.step.steps_done
     lines = [f"began-fast: {'resuming at step ' + str(start) if start else 'new run'} in {run.out}", f"  data: {data}"]
     if start == cfg.steps:
-        lines.append(f"  its last step, {start}, is done: this makes the evaluation or pictures of it never written")
+        lines.append(
+            f"  its last step, {start}, is done: this writes that step's evaluation or pictures, which the run "
+            "never wrote"
+        )
     if run.saved_data_images not in (None, run.data_images):
         lines.append(
             f"  warning: the data set now holds {run.data_images} training images, the run read "

@@ -35,7 +35,6 @@ from began_fast.data import (
     open_source,
 )
 from began_fast.data.builtin import draw_face
-from began_fast.wording import counted
 
 HAS_DALI = dali_installed()
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI is not installed (pip install 'began-fast[dali]')")
@@ -269,9 +268,9 @@ def test_dali_threads_are_the_workers_asked_for_at_least_one_else_the_ranks_shar
     thread); without --workers, this rank's share of the cores as for the torch loader's workers."""
     monkeypatch.setattr("began_fast.distributed.machine_cores", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    for workers, threads in [(0, 1), (3, 3), (None, 4)]:
+    for workers, threads, said in [(0, 1, "1 thread"), (3, 3, "3 threads"), (None, 4, "4 threads")]:
         loader = _dali(DataConfig(path=celeba_dir, flip=True, num_workers=workers), 16, 4)
-        assert loader.num_threads == threads and f", {counted(threads, 'thread')}, prefetch" in loader.describe()
+        assert loader.num_threads == threads and f", {said}, prefetch" in loader.describe()
         batch = next(loader)
         assert batch.shape == (4, 3, 16, 16) and torch.isfinite(batch).all()
 

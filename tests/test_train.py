@@ -471,7 +471,7 @@ def test_a_run_folder_whose_names_are_taken_by_the_other_kind_is_refused_in_one_
     exists" at the first write). The names checked are all those a run writes."""
     run = tmp_path / "run"
     run_steps(run, 8)
-    written = {path.name for path in run.iterdir() if not path.name.startswith("step_")} - {RUN_LOCK}
+    written = {path.name for path in run.iterdir() if not path.name.startswith("step_")}
     optional = set() if importlib.util.find_spec("tensorboard") else {"tensorboard"}  # the tensorboard extra
     assert written | optional == set(RUN_FILES) | set(RUN_FOLDERS)
     for name in RUN_FILES + RUN_FOLDERS:
@@ -742,7 +742,7 @@ def test_a_run_killed_after_its_last_checkpoint_gets_its_last_steps_evaluation_a
     assert [step for step, _ in reports.sample_frames(split)] == [4]
     capsys.readouterr()
     run(split, steps_again, resume=True)
-    said = "its last step, 6, is done: this makes the evaluation or pictures of it never written"
+    said = "its last step, 6, is done: this writes that step's evaluation or pictures, which the run never wrote"
     assert (said in capsys.readouterr().err) == (steps_again == 6)
     assert reports.read_stats(split / "stats.jsonl") == reports.read_stats(whole / "stats.jsonl")
     frames = [reports.sample_frames(folder) for folder in (whole, split)]
