@@ -50,6 +50,7 @@ from began_fast.hang_guard import HangGuard
 from began_fast.model import Discriminator, Generator, carry_after
 from began_fast.seeds import FIXED_Z, generator
 from began_fast.step import ReferenceStep, StepState
+from began_fast.tensorboard_log import open_tensorboard
 from began_fast.wording import counted
 
 SAMPLE_GRID = 64  # images in a sample grid (8 x 8)
@@ -566,8 +567,7 @@ def evaluate(run: Run, real: RealImages, stats_file, writer) -> None:
     stats_file.write(json.dumps(row) + "\n")
     stats_file.flush()
     if writer is not None:
-        writer.add_scalar("eval/swd", row["swd"], row["step"])
-        writer.add_scalar("eval/recon_l1", row["recon_l1"], row["step"])
+        writer.scalars({"eval/swd": row["swd"], "eval/recon_l1": row["recon_l1"]}, row["step"])
 
 
 def catch_up(run: Run, real: RealImages, stats_file, writer, pictures: reports.BackgroundWriter) -> None:
@@ -591,18 +591,6 @@ def catch_up(run: Run, real: RealImages, stats_file, writer, pictures: reports.B
         write_pictures(run, real, pictures)
 
 
-def open_tensorboard(out: Path, start: int):
-    """A SummaryWriter for a run that starts after step `start` when tensorboard is installed, else None (it is an
-    optional extra)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    # TensorBoard hides the events at purge_step and after it in the folder's earlier files: those a run that then
-    # died logged after the checkpoint this one resumes (open_stats drops their rows), or every one of a dead start.
-    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start + 1)
-
-
 def log_window(run: Run, stats_file, writer, bar, since: int) -> dict:
     """Read the means of the window after step `since` from the device (the loop's only sync), check them, and
     write them out (rank 0: the other ranks pass stats_file=None and only read and check)."""
@@ -619,8 +607,9 @@ def log_window(run: Run, stats_file, writer, bar, since: int) -> dict:
     stats_file.write(json.dumps(row) + "\n")
     stats_file.flush()
     if writer is not None:
-        for key in ("m", "k", "l_d", "l_g", "l_real", "l_fake", "lr"):
-            writer.add_scalar(f"began/{key}", row[key], row["step"])
+        writer.scalars(
+            {f"began/{key}": row[key] for key in ("m", "k", "l_d", "l_g", "l_real", "l_fake", "lr")}, row["step"]
+        )
     bar.set_postfix(M=f"{row['m']:.4f}", k=f"{row['k']:.4f}", L_D=f"{row['l_d']:.4f}", L_G=f"{row['l_g']:.4f}")
     return row
 

@@ -207,6 +207,29 @@ def test_tensorboard_shows_a_resumed_run_once_after_its_predecessor_died(tmp_pat
         assert [(event.step, event.value) for event in events.Scalars(tag)] == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_tensorboard_log_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, monkeypatch, capsys):
+    """Its folder deleted under the run (or the run folder, or a full disk): TensorBoard's writer thread printed its
+    traceback, and the next window's write raised the error with the event file's name as bytes. Now the window
+    whose scalars cannot be written raises one OSError that names the log's folder, and the thread prints nothing."""
+    pytest.importorskip("tensorboard")
+    run = setup_run(MODEL, train_cfg(8), DATA, RunOptions(out=tmp_path, quiet=True))
+    log_window = train_module.log_window
+
+    def losing_the_log_after_the_first_window(run, stats_file, writer, bar, since):
+        row = log_window(run, stats_file, writer, bar, since)
+        shutil.rmtree(tmp_path / "tensorboard", ignore_errors=True)
+        return row
+
+    monkeypatch.setattr(train_module, "log_window", losing_the_log_after_the_first_window)
+    reported = []  # what Python's hook for a thread's exception would print (pytest's own hook stands in for it)
+    monkeypatch.setattr(threading, "excepthook", reported.append)
+    folder = re.escape(str(tmp_path / "tensorboard"))
+    with pytest.raises(OSError, match=rf"^\[Errno 2\] cannot write the TensorBoard log in {folder}: No such file or"):
+        train(run)
+    assert reported == [] and "Traceback" not in capsys.readouterr().err
+    assert run.step.steps_done == 4  # the second window's
+
+
 def test_the_gpu_resident_loader_trains_and_resumes_as_the_torch_loader(tmp_path):
     """--loader gpu (here on the CPU) gathers the torch loader's batches: 4 steps, then 4 resumed, end where 8
     uninterrupted steps on the torch loader do, bit for bit."""
