@@ -140,6 +140,24 @@ def test_elu_at_zero_has_output_zero_and_slope_one(device):
         assert_parity(g, g64, name=f"ELU at 0: {name}")
 
 
+def test_elu_of_small_negative_pre_activations_keeps_their_precision(device):
+    """ELU is expm1 below 0, as PyTorch computes it: exp(a) - 1 in float32 loses a small |a|'s low bits to exp's
+    rounding near 1 (a pre-activation of -1e-6 came out about 1% off and one of -1e-8 as 0: a layer of tiny
+    activations failed any relative comparison). Zero weights make each channel's pre-activation its bias, here from
+    -1e-8 to -1 and a few positive ones: each output is within a few float32 ulps of the float64 ELU (4e-7 relative;
+    where |a| >= 1/16, exp's own rounding, relative to the smaller result, allows 4e-6)."""
+    layer = replace(VARIANTS["stride1"], c_out=24)
+    x, _, weight, _, _ = make_inputs(layer, device, torch.float32, seed=9)
+    count = layer.c_out
+    bias = -torch.logspace(-8, 0, count - 3, dtype=torch.float64)
+    bias = torch.cat([bias, torch.tensor([1e-7, 0.01, 2.0], dtype=torch.float64)]).float().to(device)
+    y = ops.conv_elu(x, torch.zeros_like(weight), bias, impl="triton").detach().cpu().double()
+    want = torch.nn.functional.elu(bias.cpu().double())[None, :, None, None].expand_as(y)
+    small = (bias.cpu().abs() < 1 / 16)[None, :, None, None].expand_as(y)
+    torch.testing.assert_close(y[small], want[small], rtol=4e-7, atol=0)
+    torch.testing.assert_close(y[~small], want[~small], rtol=4e-6, atol=0)
+
+
 @pytest.mark.parametrize("variant", ["stride2_odd_batch1", "upsample_skip"])
 def test_wgrad_scale_weights_each_sample(device, variant):
     """With wgrad_scale s, grad weight/bias = sum_i s_i * (sample i's gradient); input gradients are unscaled."""
