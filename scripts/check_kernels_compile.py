@@ -10,7 +10,7 @@ CUDA ones, so the step computes nothing meaningful, and the kernels' results are
 
 --configs smallest compiles the smallest tile of each autotuned kernel (the quick check CI runs); --configs all
 compiles every tile autotuning would try. It fails (exit 1) when a compile fails or a kernel needs more shared
-memory per block than the architecture has, and prints one line per compiled kernel.
+memory per block than the architecture has, and prints one line per compiled kernel as its compile ends.
 
 Usage: TRITON_INTERPRET must be unset.
   python scripts/check_kernels_compile.py [--preset gpu64 paper64 ...] [--amp none bf16 fp16] [--configs smallest]
@@ -57,10 +57,11 @@ def _timed(compile_fn, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def compile_only(arch: int, configs: str, jobs: int, compiles: list[Compile]):
+def compile_only(arch: int, configs: str, jobs: int, compiles: list[Compile], ended=None):
     """Inside: every launch of the project's kernels submits its compiles for sm_`arch` (kernels.precompile), run on
-    `jobs` threads at once, each recorded in `compiles`; yields the function that submits one (for other kernels,
-    through precompile.CompileOnly). On leaving, the compiles have ended."""
+    `jobs` threads at once, each recorded in `compiles` and, when `ended` is given, passed to ended(compile) as it
+    ends (on a compiling thread); yields the function that submits one (for other kernels, through
+    precompile.CompileOnly). On leaving, the compiles have ended."""
 
     def submit(jit, args, kwargs, grid, tile):
         dtypes = dict.fromkeys(
@@ -70,6 +71,8 @@ def compile_only(arch: int, configs: str, jobs: int, compiles: list[Compile]):
         result = pool.submit(_timed, jit.warmup, *args, grid=grid, **kwargs, **tile)
         config = " ".join(f"{k}={v}" for k, v in tile.items())
         compiles.append(Compile(jit.__name__, " ".join([*dtypes, *constexprs]), config, result))
+        if ended is not None:
+            result.add_done_callback(lambda _, compile=compiles[-1]: ended(compile))
 
     # The pool is left first, while the target is still set: leaving it waits for the compiles.
     with precompile.compiling_for(arch), ThreadPoolExecutor(jobs) as pool, precompile.compile_only(submit, configs):
@@ -97,27 +100,27 @@ def run_one_step(preset: str, skip: bool, amp: str | None) -> None:
     step(torch.rand(shape) * 2 - 1)
 
 
+def outcome(c: Compile, arch: int) -> tuple[bool, str]:
+    """(whether the ended compile `c` failed, its line: ok, or FAILED and why)."""
+    name = f"{c.kernel} [{c.variant}]" + (f" [{c.config}]" if c.config else "")
+    try:
+        kernel, seconds = c.result.result()
+    except Exception as error:  # noqa: BLE001 (a compile error of any kind is what this script reports)
+        # A CompilationError's text opens with the source position; its message is its last line.
+        message = getattr(error, "error_message", None) or str(error).strip().splitlines()[0]
+        return True, f"FAILED  {name}: {type(error).__name__}: {message}"
+    shared, limit = kernel.metadata.shared, MAX_SHARED_BYTES[arch]
+    if shared > limit:
+        return True, f"FAILED  {name}: needs {shared} B of shared memory per block, sm_{arch} has {limit} B"
+    return False, f"ok      {name}: {seconds:.1f} s, {shared} B of shared memory"
+
+
 def report(compiles: list[Compile], arch: int) -> int:
-    """Print one line per compile (ok, or FAILED and why); return how many failed."""
-    failures = 0
-    limit = MAX_SHARED_BYTES[arch]
-    for c in compiles:
-        name = f"{c.kernel} [{c.variant}]" + (f" [{c.config}]" if c.config else "")
-        try:
-            kernel, seconds = c.result.result()
-        except Exception as error:  # noqa: BLE001 (a compile error of any kind is what this script reports)
-            failures += 1
-            # A CompilationError's text opens with the source position; its message is its last line.
-            message = getattr(error, "error_message", None) or str(error).strip().splitlines()[0]
-            print(f"FAILED  {name}: {type(error).__name__}: {message}")
-            continue
-        shared = kernel.metadata.shared
-        if shared > limit:
-            failures += 1
-            print(f"FAILED  {name}: needs {shared} B of shared memory per block, sm_{arch} has {limit} B")
-        else:
-            print(f"ok      {name}: {seconds:.1f} s, {shared} B of shared memory")
-    return failures
+    """Print one line per compile (outcome); return how many failed."""
+    outcomes = [outcome(c, arch) for c in compiles]
+    for _, line in outcomes:
+        print(line)
+    return sum(failed for failed, _ in outcomes)
 
 
 def main(argv=None) -> int:
@@ -140,12 +143,17 @@ def main(argv=None) -> int:
 
     compiles: list[Compile] = []
     start = time.perf_counter()
-    with compile_only(args.arch, args.configs, args.jobs, compiles):
+
+    def say(c: Compile) -> None:  # as each compile ends: a run stopped at a time limit has logged those that ended
+        sys.stdout.write(outcome(c, args.arch)[1] + "\n")  # one write, whole among the threads'
+        sys.stdout.flush()
+
+    with compile_only(args.arch, args.configs, args.jobs, compiles, ended=say):
         for preset in args.preset:
             for skip in (False, True) if args.skip else (False,):
                 for amp in args.amp:
                     run_one_step(preset, skip, AMPS[amp])
-    failures = report(compiles, args.arch)
+    failures = sum(outcome(c, args.arch)[0] for c in compiles)
     print(
         f"{len(compiles)} kernel compiles for sm_{args.arch} in {time.perf_counter() - start:.0f} s on "
         f"{counted(args.jobs, 'thread')}: {failures} failed"

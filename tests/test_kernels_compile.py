@@ -133,11 +133,12 @@ def test_a_compile_error_and_a_tile_too_big_for_shared_memory_fail_the_check(tmp
                 b = tl.load(x_ptr + BLOCK * BLOCK + offs)
                 tl.store(x_ptr + offs, tl.dot(a, b).to(tl.bfloat16))
 
-            compiles = []
+            compiles, ended = [], []
             x = torch.empty(2 * 256 * 256, dtype=torch.bfloat16)
-            with check.compile_only(90, "smallest", 2, compiles) as submit:
+            with check.compile_only(90, "smallest", 2, compiles, ended=ended.append) as submit:
                 CompileOnly(tiny_dot_kernel, "smallest", submit)[(1,)](x, BLOCK=8)
                 CompileOnly(huge_tile_kernel, "smallest", submit)[(1,)](x, BLOCK=256)
+            print("ended", sorted(c.kernel for c in ended))  # each passed on as it ended, the failed one too
             sys.exit(check.report(compiles, 90))
             """
         )
@@ -147,6 +148,7 @@ def test_a_compile_error_and_a_tile_too_big_for_shared_memory_fail_the_check(tmp
     assert "FAILED  tiny_dot_kernel [bfloat16 BLOCK=8]: CompilationError: " in result.stdout
     assert "K >= 16" in result.stdout
     assert "FAILED  huge_tile_kernel [bfloat16 BLOCK=256]: needs 262144 B of shared memory per block" in result.stdout
+    assert "ended ['huge_tile_kernel', 'tiny_dot_kernel']" in result.stdout
 
 
 def test_refuses_to_run_under_the_interpreter():
@@ -203,12 +205,15 @@ def test_main_steps_through_every_preset_skip_and_amp_and_fails_with_a_compile(m
         result.set_result((SimpleNamespace(metadata=SimpleNamespace(shared=0)), 0.1))
 
     @contextlib.contextmanager
-    def one_compile(arch, configs, jobs, compiles):
+    def one_compile(arch, configs, jobs, compiles, ended):
         compiles.append(check.Compile("some_kernel", "float32", "", result))
+        ended(compiles[-1])
         yield None
 
     monkeypatch.setattr(check, "compile_only", one_compile)
     rc = check.main(["--preset", "demo", "--skip", "--amp", "none", "bf16", "--jobs", "1"])
     assert steps == [("demo", False, None), ("demo", False, "bf16"), ("demo", True, None), ("demo", True, "bf16")]
     assert rc == (1 if failing else 0)
-    assert capsys.readouterr().out.splitlines()[-1].endswith(f": {int(failing)} failed")
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("FAILED  some_kernel [float32]" if failing else "ok      some_kernel [float32]"), said
+    assert len(said) == 2 and said[-1].endswith(f": {int(failing)} failed"), said  # each compile's line once
