@@ -102,8 +102,11 @@ class RunOptions:
     def __post_init__(self):
         if self.reference_step and (self.amp or self.cuda_graphs):
             raise ConfigError("--reference-step runs in float32 without graphs; drop --amp / --cuda-graphs")
+        # The device may be the default, not one the user gave: on a machine without a GPU it is the CPU.
+        found = " (no GPU found, or --device cpu)" if self.device == "cpu" else ""
+        this_device = f"and this run's is {self.device}{found}"
         if self.cuda_graphs and not str(self.device).startswith("cuda"):
-            raise ConfigError(f"--cuda-graphs needs a CUDA device, got --device {self.device}")
+            raise ConfigError(f"--cuda-graphs needs a CUDA device, {this_device}")
         device = torch.device(self.device)
         try:
             impl = ops.resolve_impl(self.impl, device)
@@ -114,8 +117,8 @@ class RunOptions:
 
             if not runs_on(device):
                 raise ConfigError(
-                    f"the Triton kernels need a CUDA device, got --device {self.device} (TRITON_INTERPRET=1 runs "
-                    "them, slowly, on the CPU; --impl torch runs PyTorch's layers)"
+                    f"the Triton kernels need a CUDA device, {this_device}: --impl torch runs PyTorch's layers "
+                    "(TRITON_INTERPRET=1 runs the kernels on the CPU, at minutes per step: for tests)"
                 )
 
 
@@ -568,6 +571,10 @@ def evaluate(run: Run, real: RealImages, stats_file, writer) -> None:
     stats_file.flush()
     if writer is not None:
         writer.scalars({"eval/swd": row["swd"], "eval/recon_l1": row["recon_l1"]}, row["step"])
+    if not run.opts.quiet:  # an evaluation is rare, and what a user watches for
+        recon_on = counted(row["recon_num"], f"{row['recon_images']} image")
+        swd, recon = f"{row['swd']:.2f}", f"{row['recon_l1']:.4f}"
+        say_line(f"step {row['step']}: SWD x1e3 {swd}, D's reconstruction error {recon} on {recon_on}")
 
 
 def catch_up(run: Run, real: RealImages, stats_file, writer, pictures: reports.BackgroundWriter) -> None:

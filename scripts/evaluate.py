@@ -1,7 +1,7 @@
 """Evaluate a trained BEGAN: SWD (and FID) of its samples against real images, and D's reconstruction error.
 
     python scripts/evaluate.py runs/began/latest.pt                      # against the built-in faces
-    python scripts/evaluate.py runs/celeba64/latest.pt --data celeba64.h5 --num 8192 --json eval.json
+    python scripts/evaluate.py runs/celeba64/latest.pt --data data/celeba64.h5 --num 8192 --json eval.json
     python scripts/evaluate.py runs/celeba64/latest.pt --data img_align_celeba --fid \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth
 
@@ -50,6 +50,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.data.builtin import BuiltinFaces
     from began_fast.fid import FIDUnavailableError, require_fid
     from began_fast.metrics import MetricError, evaluate_models
+    from began_fast.wording import counted
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -147,7 +148,7 @@ def format_table(report: dict) -> str:
         lines.append(
             f"FID          {report['fid']:.2f} (of {report['num']} images: FID falls as N grows, compare at equal N)"
         )
-    recon_on = f"{report['recon_num']} {report['recon_images']} images"
+    recon_on = counted(report["recon_num"], f"{report['recon_images']} image")
     recon = f"D recon L1   {report['recon_l1']:.4f} (mean |x - D(x)| on {recon_on}"
     if report["recon_images"] == "training":
         recon += "; the run held out none: train with --holdout N"
@@ -193,8 +194,8 @@ def evaluate(args: argparse.Namespace) -> int:
         metrics = "SWD and FID" if args.fid else "SWD"
         recon_num = args.num if held_out is None else len(held_out)
         print(
-            f"evaluating step {state['step']} on {args.device}: {metrics} of {args.num} samples against {args.num} "
-            f"real images, D's error on {recon_num} {recon_images} images ...",
+            f"evaluating step {state['step']} on {args.device}: {metrics} of {counted(args.num, 'sample')} against "
+            f"{counted(args.num, 'real image')}, D's error on {counted(recon_num, recon_images + ' image')} ...",
             file=sys.stderr,
             flush=True,
         )

@@ -3,8 +3,8 @@
     python scripts/train.py                        # built-in faces, `demo` preset on a CPU (`gpu64` on a GPU)
     python scripts/train.py --data CELEBA_DIR_OR_H5 --preset paper64 --out runs/celeba64
     python scripts/train.py --out runs/celeba64 --resume --steps 200000
-    python scripts/train.py --data celeba64.h5 --amp --cuda-graphs     # the fast path on a GPU
-    torchrun --nproc-per-node 8 scripts/train.py --data celeba64.h5 --amp --cuda-graphs   # 8 GPUs, data-parallel
+    python scripts/train.py --data data/celeba64.h5 --amp --cuda-graphs     # the fast path on a GPU
+    torchrun --nproc-per-node 8 scripts/train.py --data data/celeba64.h5 --amp --cuda-graphs   # 8 GPUs, data-parallel
 
 Under torchrun every rank runs this script on its shard of each global batch (--batch-size is per rank); only
 rank 0 prints and writes the run folder. Bad input (a missing path, an invalid value, a damaged checkpoint, a
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-every",
         type=int,
-        help="steps between evaluations (SWD and D's reconstruction error), logged beside M (default: never)",
+        help="steps between evaluations (SWD and D's reconstruction error), printed and logged beside M "
+        "(default: never)",
     )
     p.add_argument("--eval-images", type=int, help="images per evaluation (default 512)")
     p.add_argument(

@@ -680,6 +680,13 @@ def _folder_run(tiny_checkpoint, tmp_path):
     return tmp_path / "folder_run.pt", folder
 
 
+def test_the_evaluation_table_counts_one_image_in_the_singular():
+    """ "on 1 held-out images" (evaluate.py --num 1, or a run that held out one image)."""
+    report = {"checkpoint": "c.pt", "step": 3, "data": "d", "swd": {"16": 1.0, "avg": 1.0}, "recon_l1": 0.5}
+    table = load_script("evaluate").format_table(report | {"recon_num": 1, "recon_images": "held-out"})
+    assert "(mean |x - D(x)| on 1 held-out image)" in table
+
+
 def test_evaluate_script_reports_ds_error_on_the_held_out_count_below_num(tiny_checkpoint, tmp_path, capsys):
     """A folder run that held out 2 images, evaluated with --num 4: D's error is measured on those 2, and the table
     and JSON say 2, not --num."""

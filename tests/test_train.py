@@ -52,7 +52,7 @@ def train_cfg(steps, **kw):
 
 
 def run_steps(out, steps, resume=False, **opts):
-    run = setup_run(MODEL, train_cfg(steps), DATA, RunOptions(out=out, resume=resume, quiet=True, **opts))
+    run = setup_run(MODEL, train_cfg(steps), DATA, RunOptions(**{"out": out, "resume": resume, "quiet": True} | opts))
     train(run)
     return run
 
@@ -205,6 +205,18 @@ def test_tensorboard_shows_a_resumed_run_once_after_its_predecessor_died(tmp_pat
         key = tag.split("/")[1]
         expected = [(row["step"], row[key]) for row in rows if key in row]
         assert [(event.step, event.value) for event in events.Scalars(tag)] == pytest.approx(expected, rel=1e-6)
+
+
+def test_each_evaluation_is_printed_unless_quiet(tmp_path, capsys):
+    """--eval-every's SWD and D's error reached only stats.jsonl and the plot: a user watching the run saw none."""
+    run_steps(tmp_path / "loud", 8, quiet=False)
+    said = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if ": SWD x1e3 " in line]
+    assert len(said) == 1, said  # train_cfg(8) evaluates at step 8
+    rows = [row for row in reports.read_stats(tmp_path / "loud" / "stats.jsonl") if "swd" in row]
+    swd, recon = f"{rows[0]['swd']:.2f}", f"{rows[0]['recon_l1']:.4f}"
+    assert said[0] == f"step 8: SWD x1e3 {swd}, D's reconstruction error {recon} on 16 held-out images"
+    run_steps(tmp_path / "quiet", 8)
+    assert ": SWD x1e3 " not in capsys.readouterr().err
 
 
 def test_a_tensorboard_log_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, monkeypatch, capsys):
@@ -1538,14 +1550,19 @@ def cli(*args, env=None):
         (["--data", "/no/such/folder"], "does not exist", {}),
         (["--gamma", "1.5"], "error: --gamma must be in (0, 1]", {}),
         (["--resume"], "holds no run (no latest.pt): leave out --resume to start one there", {}),
-        (["--device", "cpu", "--cuda-graphs"], "needs a CUDA device", {}),
+        # The device may not be one the user gave (it was "got --device cpu" without one).
+        (["--cuda-graphs"], "--cuda-graphs needs a CUDA device, and this run's is cpu (no GPU found, or --device", {}),
         (["--reference-step", "--amp"], "--reference-step runs in float32", {}),
         (["--device", "bogus"], "--device must be cpu, cuda or cuda:N, got 'bogus'", {}),
         (["--device", "mps"], "--device must be cpu, cuda or cuda:N, got 'mps'", {}),
         (["--out", "{file}"], "file is a file; expected a run folder (a new one, or one that holds a run)", {}),
         (["--out", "{file}/run"], "cannot create the run folder --out", {}),
         (["--lr", "1e-4", "--lr-floor", "1e-3"], "error: --lr-floor must be in [0, lr=0.0001]", {}),
-        (["--device", "cpu", "--impl", "triton"], "the Triton kernels need a CUDA", {"TRITON_INTERPRET": "0"}),
+        (
+            ["--impl", "triton"],
+            "the Triton kernels need a CUDA device, and this run's is cpu",
+            {"TRITON_INTERPRET": "0"},
+        ),
         ([], "BEGAN_FAST_IMPL must be one of", {"BEGAN_FAST_IMPL": "bogus"}),
         (["--holdout", "-1"], "error: --holdout must be an integer >= 0, got -1", {}),
         (["--dist-timeout", "inf"], "--dist-timeout must be in (0, 604800] seconds (a week), got inf", {}),
