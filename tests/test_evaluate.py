@@ -681,7 +681,7 @@ def _folder_run(tiny_checkpoint, tmp_path):
 
 
 def test_the_evaluation_table_counts_one_image_in_the_singular():
-    """ "on 1 held-out images" (evaluate.py --num 1, or a run that held out one image)."""
+    """One image is counted in the singular: the table said "on 1 held-out images" (evaluate.py --num 1)."""
     report = {"checkpoint": "c.pt", "step": 3, "data": "d", "swd": {"16": 1.0, "avg": 1.0}, "recon_l1": 0.5}
     table = load_script("evaluate").format_table(report | {"recon_num": 1, "recon_images": "held-out"})
     assert "(mean |x - D(x)| on 1 held-out image)" in table
