@@ -115,14 +115,6 @@ def outcome(c: Compile, arch: int) -> tuple[bool, str]:
     return False, f"ok      {name}: {seconds:.1f} s, {shared} B of shared memory"
 
 
-def report(compiles: list[Compile], arch: int) -> int:
-    """Print one line per compile (outcome); return how many failed."""
-    outcomes = [outcome(c, arch) for c in compiles]
-    for _, line in outcomes:
-        print(line)
-    return sum(failed for failed, _ in outcomes)
-
-
 def main(argv=None) -> int:
     from began_fast.cli import OneLineParser
     from began_fast.config import PRESETS

@@ -3,7 +3,7 @@
 The interpreter lane checks what the kernels compute; these tests check that Triton's compiler accepts every
 specialization a training step launches and that each fits the GPU's shared memory. Each runs the script in a
 subprocess without TRITON_INTERPRET (the test process's kernels are interpreted), except the last three, which call
-its report, its step builder and its main in-process and compile nothing. Where a GPU is present, the
+its outcome lines, its step builder and its main in-process and compile nothing. Where a GPU is present, the
 compiled test suite covers this, so they are skipped there.
 """
 
@@ -139,7 +139,9 @@ def test_a_compile_error_and_a_tile_too_big_for_shared_memory_fail_the_check(tmp
                 CompileOnly(tiny_dot_kernel, "smallest", submit)[(1,)](x, BLOCK=8)
                 CompileOnly(huge_tile_kernel, "smallest", submit)[(1,)](x, BLOCK=256)
             print("ended", sorted(c.kernel for c in ended))  # each passed on as it ended, the failed one too
-            sys.exit(check.report(compiles, 90))
+            outcomes = [check.outcome(c, 90) for c in ended]  # the lines main prints as each compile ends
+            print("\\n".join(line for _, line in outcomes))
+            sys.exit(sum(failed for failed, _ in outcomes))
             """
         )
     )
@@ -177,7 +179,7 @@ def test_a_kernel_using_exactly_the_shared_memory_an_architecture_allows_passes(
             done.set_result((SimpleNamespace(metadata=SimpleNamespace(shared=shared)), 0.1))
             compiles.append((arch, check.Compile(f"k{shared}_kernel", "float32", "", done)))
     for arch in check.MAX_SHARED_BYTES:
-        assert check.report([c for a, c in compiles if a == arch], arch) == 1
+        assert [check.outcome(c, arch)[0] for a, c in compiles if a == arch] == [False, True]
 
 
 def test_the_skip_variant_builds_the_networks_with_skip_connections():
