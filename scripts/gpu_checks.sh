@@ -116,15 +116,17 @@ pack() {  # OUT_DIR without checkpoints into PACK, replaced whole (a pack stoppe
     local part=$PACK.$$.part  # this process's own: a detached run packing elsewhere never writes it
     tar czf "$part" --exclude='*.pt' -C "$(dirname "$out")" "$(basename "$out")" && mv -f "$part" "$PACK"
 }
+limited() {  # limited COMMAND...: COMMAND, stopped at the deadline when there is one (CALL_LIMIT_S)
+    # Under timeout only then: timeout runs the command in a process group of its own, which a terminal's Ctrl-C
+    # does not reach.
+    if [ -n "${CALL_LIMIT_S:-}" ]; then timeout -k 10 "$(left)" "$@"; else "$@"; fi
+}
 run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, stopped at the deadline, remember a failure, go on
-    local name=$1 rc start=$SECONDS limit=()
+    local name=$1 rc start=$SECONDS
     shift
     too_late "$name" && return
     echo "== $name: $*"
-    # Under timeout only with a limit: timeout runs the command in a process group of its own, which a terminal's
-    # Ctrl-C does not reach.
-    [ -z "${CALL_LIMIT_S:-}" ] || limit=(timeout -k 10 "$(left)")
-    "${limit[@]}" "$@" 2>&1 | tee "$out/$name.log"
+    limited "$@" 2>&1 | tee "$out/$name.log"
     rc=${PIPESTATUS[0]}
     ((rc == 124)) && echo "$name: stopped at CALL_LIMIT_S; its log holds what it did"
     ((rc == 0)) || status=1
@@ -231,7 +233,7 @@ for phase in $phases; do
         shared=$(mktemp -d) pids=() start=$SECONDS
         for n in 1 2; do
             echo "== startup_pair_$n (in the background)"
-            TRITON_CACHE_DIR="$shared" timeout -k 10 "$(left)" "${start_once[@]}" "$out/startup_pair_$n" \
+            TRITON_CACHE_DIR="$shared" limited "${start_once[@]}" "$out/startup_pair_$n" \
                 >"$out/startup_pair_$n.log" 2>&1 &
             pids+=($!)
         done
