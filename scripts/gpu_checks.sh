@@ -41,8 +41,11 @@
 #             (kernels.precompile.CompilerTurn); each one's wall time and `kernels:` line in its log
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each (QUALITY_STEPS),
 #             SWD side by side
+# The phases that time (bench*, profile, startup*) are skipped, a failure, while other processes compute on the GPU
+# (nvidia-smi lists them: a detached quality run, say), whose work would be in their timings.
 # Each phase that ends appends "PHASE STATUS SECONDS" to OUT_DIR/phases.txt (STATUS 124: stopped at the limit below;
-# "skipped": not started, too little time left, a failure), and the script "end STATUS SECONDS" when it ends.
+# "skipped": not started, too little time left; "busy": the GPU was; both failures), and the script "end STATUS
+# SECONDS" when it ends.
 # Through the device tool, whose $OUT brings back at most 8 files: write OUT_DIR outside $OUT, set PACK to a .tgz
 # under $OUT (OUT_DIR without *.pt is packed there after every phase: a `tar` after the script would never run in a
 # call stopped at its limit, and what is under $OUT comes back even then) and CALL_LIMIT_S to the call's limit (600,
@@ -111,6 +114,15 @@ too_late() {  # too_late NAME: true, and NAME recorded as skipped (a failure), w
     ended "$1" skipped "$SECONDS"
     status=1
 }
+busy() {  # busy NAME: true, and NAME recorded as skipped (a failure), while other processes compute on the GPU
+    local others
+    others=$(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null | paste -sd ';' -)
+    [ -z "$others" ] && return 1
+    echo "$1: skipped, the GPU is computing for other processes ($others): its timings would share the GPU with them;" \
+        "run it once they end (a detached quality run has ended when its phases.txt has an end line)"
+    ended "$1" busy "$SECONDS"
+    status=1
+}
 pack() {  # OUT_DIR without checkpoints into PACK, replaced whole (a pack stopped half-way leaves the last one)
     [ -n "${PACK:-}" ] || return 0
     local part=$PACK.$$.part  # this process's own: a detached run packing elsewhere never writes it
@@ -137,6 +149,31 @@ run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, stopped at the deadline
 # shellcheck disable=SC2016  # $1 is the inner bash's argument
 start_once=(bash -c 'TIMEFORMAT="wall %R s"; time python scripts/train.py --preset gpu64 --steps 1 --amp --cuda-graphs \
     --quiet --out "$1"' start_once)
+startup() {  # the startup phase: three 1-step runs, each with its own Triton cache (the header says which)
+    local empty filled case name head_start cache
+    empty=$(mktemp -d) filled=$(mktemp -d)
+    for case in "cold_one_by_one 0 $empty" "cold_head_start 1 $filled" "warm 1 $filled"; do
+        read -r name head_start cache <<<"$case"
+        BEGAN_FAST_PRECOMPILE="$head_start" TRITON_CACHE_DIR="$cache" run "startup_$name" "${start_once[@]}" \
+            "$out/startup_$name"
+    done
+}
+startup_pair() {  # the startup_pair phase: two 1-step runs started together on one empty Triton cache
+    local shared pids=() start=$SECONDS n rc
+    shared=$(mktemp -d)
+    for n in 1 2; do
+        echo "== startup_pair_$n (in the background)"
+        TRITON_CACHE_DIR="$shared" limited "${start_once[@]}" "$out/startup_pair_$n" \
+            >"$out/startup_pair_$n.log" 2>&1 &
+        pids+=($!)
+    done
+    for n in 1 2; do
+        rc=0
+        wait "${pids[n - 1]}" || rc=$? status=1
+        ended "startup_pair_$n" "$rc" "$start"
+    done
+    cat "$out"/startup_pair_[12].log
+}
 checkpoints=${out%/}.checkpoints
 put_checkpoints_away() {  # the *.pt under OUT_DIR (runs' checkpoints) moved to OUT_DIR.checkpoints, same subpaths
     local pt dest
@@ -160,6 +197,7 @@ bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILT
         ended "bench_$name" skipped "$start"
         return
     fi
+    busy "bench_$name" && return
     echo "== bench_$name: bench/bench_$1.py -k '$2$select', at most $left s"
     # --foreground: the SIGINT reaches pytest alone, once (to its whole process group it came twice, and the second
     # interrupted pytest's handling of the first with some 300 lines of tracebacks).
@@ -216,34 +254,13 @@ for phase in $phases; do
         bench kernels "not compile" kernels
         report
         ;;
-    profile) run profile python scripts/profile_step.py --preset paper64 --batch 16 --amp bf16 --out "$out/profile" ;;
+    profile) busy profile || run profile python scripts/profile_step.py --preset paper64 --batch 16 --amp bf16 --out "$out/profile" ;;
     torchrun)
         run torchrun python -m torch.distributed.run --standalone --nproc-per-node 1 scripts/train.py --preset paper64 \
             --steps 300 --log-every 100 --amp --cuda-graphs --out "$out/torchrun" --quiet
         ;;
-    startup)
-        empty=$(mktemp -d) filled=$(mktemp -d)
-        for case in "cold_one_by_one 0 $empty" "cold_head_start 1 $filled" "warm 1 $filled"; do
-            read -r name head_start cache <<<"$case"
-            BEGAN_FAST_PRECOMPILE="$head_start" TRITON_CACHE_DIR="$cache" run "startup_$name" "${start_once[@]}" \
-                "$out/startup_$name"
-        done
-        ;;
-    startup_pair)
-        shared=$(mktemp -d) pids=() start=$SECONDS
-        for n in 1 2; do
-            echo "== startup_pair_$n (in the background)"
-            TRITON_CACHE_DIR="$shared" limited "${start_once[@]}" "$out/startup_pair_$n" \
-                >"$out/startup_pair_$n.log" 2>&1 &
-            pids+=($!)
-        done
-        for n in 1 2; do
-            rc=0
-            wait "${pids[n - 1]}" || rc=$? status=1
-            ended "startup_pair_$n" "$rc" "$start"
-        done
-        cat "$out"/startup_pair_[12].log
-        ;;
+    startup) busy startup || startup ;;
+    startup_pair) busy startup_pair || startup_pair ;;
     quality) run quality bash scripts/quality_run.sh "$out/quality" "${QUALITY_STEPS:-10000}" ;;
     esac
     put_checkpoints_away

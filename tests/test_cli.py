@@ -400,7 +400,9 @@ def stand_in_gpu(tmp_path, on_out: str, before: str = "") -> dict:
     bin_dir.mkdir()
     python = f'#!/bin/sh\n{before}while [ $# -gt 0 ]; do\n    if [ "$1" = --out ]; then {on_out}; fi\n    shift\ndone\n'
     (bin_dir / "python").write_text(python)
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 1.0'\n")
+    # Its compute processes are STAND_IN_APPS's, none when unset.
+    smi = '#!/bin/sh\ncase "$*" in\n*query-compute-apps*) [ -z "$STAND_IN_APPS" ] || echo "$STAND_IN_APPS" ;;\n'
+    (bin_dir / "nvidia-smi").write_text(smi + "*) echo 'Stand-in GPU, 1.0' ;;\nesac\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
@@ -426,6 +428,30 @@ def test_gpu_checks_moves_the_runs_checkpoints_out_of_the_folder_it_packs(tmp_pa
     ]
     assert all((out / run / "stats.jsonl").is_file() for run in runs)
     assert (out / "torchrun.log").is_file() and (out / "startup_pair_2.log").is_file()
+
+
+def test_gpu_checks_times_nothing_while_other_processes_compute_on_the_gpu(tmp_path):
+    """The session's plan runs the quality pair detached; a bench, profile or startup phase started before it ended
+    would have timed the GPU shared with its training, and said nothing. Each phase that times is now skipped, a
+    failure, while nvidia-smi lists compute processes; a phase that does not time (torchrun) runs."""
+    env = stand_in_gpu(tmp_path, 'mkdir -p "$2" && touch "$2/ran"') | {"BEGAN_FAST_COMMIT": "abc"}
+    out = tmp_path / "gc"
+    timing = ["profile", "startup", "startup_pair", "bench_step", "bench_data"]
+    command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), str(out), "torchrun", *timing]
+    busy = {**env, "STAND_IN_APPS": "4242, python\n4343, python"}
+    done = subprocess.run(command, cwd=ROOT, env=busy, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "profile: skipped, the GPU is computing for other processes (4242, python;4343, python)" in done.stdout
+    ended = [line.split()[:2] for line in (out / "phases.txt").read_text().splitlines()]
+    assert ended == [["torchrun", "0"], *([name, "busy"] for name in timing[:3]), ["bench_step", "busy"]] + [
+        ["bench_data", "busy"],
+        ["end", "1"],
+    ]
+    assert [p.parent.name for p in out.rglob("ran")] == ["torchrun"]
+    # With the GPU idle, the same phases run.
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "busy" not in (out / "phases.txt").read_text().split("end 1")[1], done.stdout + done.stderr
+    assert {"profile", "startup_cold_one_by_one", "startup_pair_2"} <= {p.parent.name for p in out.rglob("ran")}
 
 
 def test_gpu_checks_ends_its_phases_by_call_limit_s(tmp_path):
