@@ -8,6 +8,7 @@ A checkpoint is a dict saved with torch.save:
   trainer       the training step's state: optimizers, k_t, learning rates, lr-decay window, RNG states
   fixed_z       the noise of the sample grids, so a resumed run keeps drawing the same faces
   data_images   the number of training images the run read (a resume on a changed data set says so)
+  data_digest   train.training_images_digest of those images (a resume on other data of the same size says so)
   data_position the epoch the step's batch comes from and how many of its images the run's batches had taken
                 (data.BatchOrder: a resume with another global batch goes on from there)
   run_id        the run's name, also in its config.json (a checkpoint of another run is not resumed in its folder)

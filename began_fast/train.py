@@ -139,6 +139,9 @@ class Run:
     # checkpoint (None: a new run, or a checkpoint that did not record it).
     data_images: int | None = None
     saved_data_images: int | None = None
+    # The digest of those images (training_images_digest), and the one the checkpoint recorded (None as above).
+    data_digest: int | None = None
+    saved_data_digest: int | None = None
     # The step this process started at, and the data position (epoch, offset; data.BatchOrder) the checkpoint kept
     # for it (None: a new run, or a checkpoint that did not record one: the position its step gives).
     start_step: int = 0
@@ -284,6 +287,7 @@ def setup_run(
     run = Run(model_cfg, train_cfg, data_cfg, opts, G, D, step, fixed_z, collectives)
     if state is not None:
         run.saved_data_images = state.get("data_images")
+        run.saved_data_digest = state.get("data_digest")
         run.saved_data_position = saved_position
         run.run_id = state.get("run_id") or run.run_id
         run.checkpoint_identity = checkpoint_identity
@@ -462,19 +466,25 @@ def start_fingerprint(run: Run) -> dict[str, int]:
     }
 
 
-def data_fingerprint(source, batches) -> dict[str, int]:
-    """What every rank of a torchrun job must read alike, each as one int64 (the data path is not compared: each
-    machine may keep its copy elsewhere): the number of training images, their files' names (image folders) and
-    a first, middle and last image, and the loader. Ranks that opened different copies (one with a file missing or
-    damaged, so skipped) would cut their shards from different orders, overlapping and leaving images out; ranks
-    on different loaders (--loader auto picks one by each GPU's free memory) would not share one global batch."""
+def training_images_digest(source) -> int:
+    """One int64 that tells data sets apart without reading them whole: their files' names (image folders, relative
+    to the folder, so a moved copy keeps its digest) and a first, middle and last image."""
     count = len(source)
     root = getattr(source, "root", None)
     names = [os.path.relpath(name, root).encode() + b"\0" for name in getattr(source, "files", ())]
     images = [source[i].contiguous().numpy().tobytes() for i in sorted({0, count // 2, count - 1})]
+    return _int64_digest([*names, *images])
+
+
+def data_fingerprint(source, batches) -> dict[str, int]:
+    """What every rank of a torchrun job must read alike, each as one int64 (the data path is not compared: each
+    machine may keep its copy elsewhere): the number of training images, their digest, and the loader. Ranks that
+    opened different copies (one with a file missing or damaged, so skipped) would cut their shards from different
+    orders, overlapping and leaving images out; ranks on different loaders (--loader auto picks one by each GPU's
+    free memory) would not share one global batch."""
     return {
-        "the number of training images": count,
-        "the training images": _int64_digest([*names, *images]),
+        "the number of training images": len(source),
+        "the training images": training_images_digest(source),
         "the loaders": _int64_digest([type(batches).__name__.encode()]),
     }
 
@@ -490,6 +500,7 @@ def checkpoint_state(run: Run) -> dict:
         "trainer": run.step.state_dict(),
         "fixed_z": run.fixed_z.cpu(),
         "data_images": run.data_images,
+        "data_digest": run.data_digest,
         "data_position": list(
             data_position(
                 run.data_images, run.global_batch, run.step.steps_done, run.start_step, run.saved_data_position
@@ -814,6 +825,11 @@ def announce(run: Run, data: str) -> None:
             f"  warning: the data set now holds {run.data_images} training images, the run read "
             f"{run.saved_data_images} before its checkpoint: it goes on, but not with the batches it would have seen"
         )
+    elif run.saved_data_digest not in (None, run.data_digest):
+        lines.append(
+            "  warning: the data set's training images are not the ones the run read before its checkpoint (their "
+            "files' names, or the first, middle or last image, differ): it goes on, training on other data"
+        )
     if run.step.noise_restarted:
         lines.append(
             "  warning: the checkpoint's noise generator ran on another kind of device and cannot go on here: z "
@@ -930,7 +946,7 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
             run.step.device,
             remedy="give every rank the same data (a whole copy on every machine) and the same --loader",
         )
-    run.data_images = len(source)
+    run.data_images, run.data_digest = len(source), training_images_digest(source)
     real = RealImages(run, source)
     if main:
         check_evaluation_data(run, real)

@@ -935,6 +935,34 @@ def test_a_resume_on_a_changed_image_folder_says_so(tmp_path, capsys):
     )
 
 
+def test_a_resume_on_other_images_of_the_same_number_says_so(tmp_path, capsys):
+    """--data on a resume naming another data set of the same size went on without a word (only a changed count was
+    told); a copy of the same images elsewhere is the same data, and says nothing."""
+    write_faces(tmp_path / "faces", range(16))
+    data = DataConfig(path=str(tmp_path / "faces"), crop="center", num_workers=0)
+    train(setup_run(MODEL, train_cfg(2), data, RunOptions(out=tmp_path / "run", quiet=True)))
+    shutil.copytree(tmp_path / "faces", tmp_path / "copy")
+    options = RunOptions(out=tmp_path / "run", resume=True, quiet=True)
+    given = {"train": {"steps"}, "data": {"path"}}
+    train(
+        setup_run(MODEL, train_cfg(4), dataclasses.replace(data, path=str(tmp_path / "copy")), options, explicit=given)
+    )
+    assert "warning" not in capsys.readouterr().err
+    write_faces(tmp_path / "other", range(16, 32))
+    train(
+        setup_run(MODEL, train_cfg(6), dataclasses.replace(data, path=str(tmp_path / "other")), options, explicit=given)
+    )
+    assert (
+        "  warning: the data set's training images are not the ones the run read before its checkpoint (their files' "
+        "names, or the first, middle or last image, differ): it goes on, training on other data\n"
+    ) in capsys.readouterr().err
+    # The warning is about the checkpoint's data: the next resume, on the same other data, says nothing.
+    train(
+        setup_run(MODEL, train_cfg(8), dataclasses.replace(data, path=str(tmp_path / "other")), options, explicit=given)
+    )
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_resume_whose_data_moved_says_to_give_data_again(tmp_path):
     """The run's image folder moved: the resume said only "data path ... does not exist; expected an image folder or
     an HDF5 file", not that --data may name it where it is now (README: --data may be given anew on --resume)."""
