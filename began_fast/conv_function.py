@@ -4,7 +4,8 @@
 fused kernels' algorithm: ELU's derivative from the saved output (y > 0 ? 1 : y + 1), the input gradient
 mapped back through the upsample / skip-concat, and an optional per-sample scale on the weight and bias
 gradients only (the fast step gives the fake half of a [real; fake] batch the weight -k_t there while its
-input gradient flows unscaled into G).
+input gradient flows unscaled into G). ops.conv_elu runs it where such a scale is given; without one, the torch
+impl is reference.conv_elu_ref on plain autograd.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import torch
 
 from began_fast.conv_function import TorchConvELU
 from began_fast.linear_function import ScaledLinear
-from began_fast.reference import BalanceResult, began_objective
+from began_fast.reference import BalanceResult, began_objective, conv_elu_ref
 
 IMPLS = ("auto", "torch", "triton")
 IMPL_ENV = "BEGAN_FAST_IMPL"
@@ -147,6 +147,12 @@ def conv_elu(
         # take the float32 master weights as they are: packing them casts them, and their gradients come back
         # float32 from float32 sums, never rounded to the autocast dtype and cast back.
         (weight, bias), _ = autocast_inputs(weight, bias)
+        if wgrad_scale is None:
+            # The specification itself, on plain autograd, which computes only the gradients a backward asks for.
+            # TorchConvELU's explicit backward computes the weight gradient on every pass through the layer: the
+            # reference step's grad(L_G, G's parameters) through D computed all of D's again, and threw them away.
+            with autocast_off:
+                return conv_elu_ref(x, weight, bias, stride=stride, upsample=upsample, skip=skip, act=act)
     with autocast_off:
         return function.apply(x, skip, weight, bias, wgrad_scale, stride, upsample, act)
 
