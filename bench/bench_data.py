@@ -98,8 +98,10 @@ def test_fast_step_fed_by_loader(benchmark, jpeg_dir, feed):
     preset = get_preset("paper64")
     size, shape = preset.model.image_size, (STEP_BATCH, 3, preset.model.image_size, preset.model.image_size)
     torch.manual_seed(0)
-    G, D = Generator(preset.model).cuda(), Discriminator(preset.model).cuda()
-    step = FastStep(G, D, preset.train, "cuda", amp="bf16")
+    # impl="triton" as the step benchmark's: "auto" would fall back to PyTorch (BEGAN_FAST_IMPL=torch, a shape the
+    # kernels do not take) and still be reported as the fast step.
+    G, D = Generator(preset.model, impl="triton").cuda(), Discriminator(preset.model, impl="triton").cuda()
+    step = FastStep(G, D, preset.train, "cuda", amp="bf16", impl="triton")
     cfg = DataConfig(
         path=jpeg_dir, num_workers=CORES, loader={"gpu-resident": "gpu", "dali-mixed": "dali"}.get(feed, feed)
     )

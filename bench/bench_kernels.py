@@ -7,7 +7,8 @@ direction (forward with autograd recording as in training; backward of a saved f
 channels_last activations and weights, with three providers:
 
 - torch: reference.conv_elu_ref in eager mode (cuDNN conv, then bias and ELU as separate kernels);
-- compile: torch.compile of the same function (cuDNN conv with bias and ELU fused by Inductor);
+- compile: torch.compile of the same function, default mode (cuDNN conv with bias and ELU fused by Inductor; the
+  step benchmark's max-autotune would autotune conv templates for each of some 230 cases);
 - triton: ops.conv_elu(impl="triton"), the fused kernels.
 
 The balance op (L1 losses, k_t, M) runs against the eager and compiled reference.began_objective at each model's

@@ -11,14 +11,13 @@ hook adds the GPU, the torch and triton versions and the git commit to the JSON'
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
+
+from began_fast import provenance
 
 WARMUP_ROUNDS = 5
 ROUNDS = 30
@@ -33,13 +32,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cuda_uuid"] = str(getattr(properties, "uuid", ""))
     machine_info["torch"] = torch.__version__
     machine_info["triton"] = triton.__version__
-    try:
-        git = ["git", "rev-parse", "--short=12", "HEAD"]
-        commit = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
-        machine_info["git_commit"] = commit.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without .git (a remote GPU machine): the caller names the commit.
-        machine_info["git_commit"] = os.environ.get("BEGAN_FAST_COMMIT", "unknown")
+    machine_info["git_commit"] = provenance.commit()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -128,6 +128,7 @@ def report(rows: list[KernelTime], graph_ms: float, eager_ms: float, title: str)
 
 
 def main(argv=None) -> int:
+    from began_fast import provenance
     from began_fast.atomic_files import atomic_write
     from began_fast.cli import OneLineParser, check_one_process
     from began_fast.config import PRESETS, ConfigError
@@ -160,7 +161,10 @@ def main(argv=None) -> int:
             eager()
         torch.cuda.synchronize()
     rows = kernel_times(prof.key_averages(), args.steps, triton_kernel_names())
-    title = f"fast step, {args.preset}, batch {args.batch}, amp {args.amp}, {torch.cuda.get_device_name()}"
+    import triton
+
+    versions = f"torch {torch.__version__}, triton {triton.__version__}, commit {provenance.commit()}"
+    title = f"fast step, {args.preset}, batch {args.batch}, amp {args.amp}, {torch.cuda.get_device_name()}, {versions}"
     text = report(rows, graph_ms, eager_ms, title)
     print(text, end="")
     if args.out is not None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.scripts import load_script
+from began_fast import provenance
+from tests.scripts import ROOT, load_script
 
 bench_report = load_script("bench_report")
 
@@ -391,9 +392,23 @@ def test_a_suite_interrupted_keeps_the_cases_that_finished(tmp_path, interrupt_a
     subprocess.run(
         command,
         cwd=tmp_path,
-        env={**os.environ, "INTERRUPT_AT_CALL": str(interrupt_at_call), "PYTHONPATH": str(tmp_path)},
+        # The repository too: the suite's conftest imports began_fast (as it does where the README's install is not).
+        env={**os.environ, "INTERRUPT_AT_CALL": str(interrupt_at_call), "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
         capture_output=True,
         timeout=120,
     )
     expected = ["finished", "interrupted", "never-run"] if interrupt_at_call == 0 else ["finished"]
     assert [bench["extra_info"]["provider"] for bench in json.loads(out.read_text())["benchmarks"]] == expected
+
+
+def test_the_bench_commit_is_began_fast_commit_when_it_is_set(tmp_path, monkeypatch):
+    """A copy of the tree inside another repository recorded that repository's HEAD, with no "+dirty": the benchmarks'
+    commit is BEGAN_FAST_COMMIT when it is set (gpu_checks.sh's bench phases refuse to start without it), else git's
+    HEAD, else "unknown"."""
+    monkeypatch.setenv("BEGAN_FAST_COMMIT", "0123456789ab+dirty")
+    assert provenance.commit() == provenance.commit(tmp_path) == "0123456789ab+dirty"
+    monkeypatch.delenv("BEGAN_FAST_COMMIT")
+    git = ["git", "rev-parse", "--short=12", "HEAD"]
+    head = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
+    assert provenance.commit() == head.stdout.strip()
+    assert provenance.commit(tmp_path) == "unknown"
