@@ -35,7 +35,8 @@
 #   startup   the wall time of a 1-step gpu64 run (--amp --cuda-graphs) with an empty Triton cache and no head start
 #             (BEGAN_FAST_PRECOMPILE=0: the first step compiles the kernels one after another), with an empty cache
 #             and the head start (all compiled at once first), and again with that cache full; each its own cache,
-#             so the order of the phases does not matter
+#             so the order of the phases does not matter; after an untimed process has started CUDA once (loading
+#             torch's libraries from disk, which would be in the first case's time alone)
 #   startup_pair  two such runs started together with one empty cache, as a sweep's runs or torchrun's ranks of a
 #             machine start: one compiles, the other waits its turn and then reads the kernels from the cache
 #             (kernels.precompile.CompilerTurn); each one's wall time and `kernels:` line in its log
@@ -152,6 +153,10 @@ start_once=(bash -c 'TIMEFORMAT="wall %R s"; time python scripts/train.py --pres
 startup() {  # the startup phase: three 1-step runs, each with its own Triton cache (the header says which)
     local empty filled case name head_start cache
     empty=$(mktemp -d) filled=$(mktemp -d)
+    # Untimed: the first process to start CUDA and load torch's, cuDNN's and cuBLAS's libraries from disk would pay
+    # that in the first case's wall time alone.
+    python -c "import torch, triton; x = torch.ones(1, 1, 8, 8, device='cuda')
+torch.nn.functional.conv2d(x, x[..., :3, :3]).sum().item(); (x[0, 0] @ x[0, 0]).sum().item()"
     for case in "cold_one_by_one 0 $empty" "cold_head_start 1 $filled" "warm 1 $filled"; do
         read -r name head_start cache <<<"$case"
         BEGAN_FAST_PRECOMPILE="$head_start" TRITON_CACHE_DIR="$cache" run "startup_$name" "${start_once[@]}" \

@@ -434,7 +434,9 @@ def test_gpu_checks_times_nothing_while_other_processes_compute_on_the_gpu(tmp_p
     """The session's plan runs the quality pair detached; a bench, profile or startup phase started before it ended
     would have timed the GPU shared with its training, and said nothing. Each phase that times is now skipped, a
     failure, while nvidia-smi lists compute processes; a phase that does not time (torchrun) runs."""
-    env = stand_in_gpu(tmp_path, 'mkdir -p "$2" && touch "$2/ran"') | {"BEGAN_FAST_COMMIT": "abc"}
+    calls = tmp_path / "calls"
+    env = stand_in_gpu(tmp_path, 'mkdir -p "$2" && touch "$2/ran"', before=f'echo "$*" >>{calls}\n')
+    env |= {"BEGAN_FAST_COMMIT": "abc"}
     out = tmp_path / "gc"
     timing = ["profile", "startup", "startup_pair", "bench_step", "bench_data"]
     command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), str(out), "torchrun", *timing]
@@ -452,6 +454,9 @@ def test_gpu_checks_times_nothing_while_other_processes_compute_on_the_gpu(tmp_p
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert "busy" not in (out / "phases.txt").read_text().split("end 1")[1], done.stdout + done.stderr
     assert {"profile", "startup_cold_one_by_one", "startup_pair_2"} <= {p.parent.name for p in out.rglob("ran")}
+    # startup's first case is timed after an untimed process has started CUDA (and read torch's libraries from disk).
+    called = calls.read_text()
+    assert called.index("x = torch.ones(1, 1, 8, 8, device='cuda')") < called.index("startup_cold_one_by_one")
 
 
 def test_gpu_checks_ends_its_phases_by_call_limit_s(tmp_path):
