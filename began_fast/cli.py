@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from began_fast.config import ConfigError
-from began_fast.distributed import World, machine_cores
+from began_fast.distributed import World, cores_per_rank, machine_cores
 
 # A negative number in scientific notation, which argparse (Python 3.10 to 3.13) reads as a flag, not as a value.
 NEGATIVE_SCIENTIFIC = re.compile(r"-(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -81,11 +81,15 @@ def check_writable(path: Path, flag: str, *, folder: bool = False, create: bool 
 
 
 def check_workers(workers: int, fewest: int) -> None:
-    """Refuse a --workers outside [fewest, 4 per core this process may run on]: decoding is CPU-bound, so more
-    processes only take more memory (--workers 100000 started that many, then ran out of it)."""
-    most = 4 * machine_cores()
+    """Refuse a --workers outside [fewest, 4 per core of this process's share]: decoding is CPU-bound, so more
+    processes only take more memory (--workers 100000 started that many, then ran out of it). Each torchrun rank
+    starts its own workers, so its share is its part of the machine's cores (cores_per_rank): 8 ranks on 16 cores
+    were each allowed 64, 512 processes in all."""
+    cores, machine = cores_per_rank(), machine_cores()
+    most = 4 * cores
     if not fewest <= workers <= most:
-        raise ConfigError(f"--workers must be in [{fewest}, {most}] (4 per core), got {workers}")
+        share = "" if cores == machine else f" of this rank's {cores}, its share of the machine's {machine}"
+        raise ConfigError(f"--workers must be in [{fewest}, {most}] (4 per core{share}), got {workers}")
 
 
 def print_result(text: str) -> None:

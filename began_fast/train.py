@@ -948,8 +948,8 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
         )
     run.data_images, run.data_digest = len(source), training_images_digest(source)
     real = RealImages(run, source)
+    check_evaluation_data(run, real)  # on every rank: where rank 0 alone refused, the others said a rank had died
     if main:
-        check_evaluation_data(run, real)
         # Once every check passed: a refused start leaves no run folder, a refused resume its config as it was, and
         # either says nothing but its error.
         try:

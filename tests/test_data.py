@@ -28,6 +28,7 @@ from PIL import ExifTags, Image
 
 import began_fast.data.hdf5 as hdf5_module
 from began_fast import seeds
+from began_fast.cli import check_workers
 from began_fast.config import ConfigError, DataConfig
 from began_fast.data import (
     BatchOrder,
@@ -1520,6 +1521,21 @@ def test_prepare_celeba_workers_count_the_cores_this_process_may_run_on(tmp_path
     assert prepare_celeba.main([str(celeba_root), str(tmp_path / "x.h5"), "--workers", "5"]) == 2
     assert capsys.readouterr().err == "error: --workers must be in [1, 4] (4 per core), got 5\n"
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_workers_are_capped_by_the_ranks_share_of_the_machines_cores(monkeypatch):
+    """Each torchrun rank starts its own --workers: the cap counted the machine's cores for every rank, so 8 ranks on
+    16 cores could start 512 decoding processes (found by a torchrun data-audit helper)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_workers(8, fewest=0)
+    with pytest.raises(ConfigError) as refused:
+        check_workers(9, fewest=0)
+    assert str(refused.value) == (
+        "--workers must be in [0, 8] (4 per core of this rank's 2, its share of the machine's 4), got 9"
+    )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    check_workers(16, fewest=0)
 
 
 @pytest.mark.parametrize(

@@ -147,6 +147,13 @@ def rank_main(rank, port, folder):
         train(run)
     except ConfigError as e:
         results["mismatch_error"] = (str(e), run.step.steps_done)
+    # An evaluation asking for more real images than the data set holds: every rank refuses it, before its first step.
+    too_many = dataclasses.replace(loop_cfg(4), eval_every=2, eval_images=1000)
+    run = setup_run(MODEL, too_many, LOOP_DATA, RunOptions(out=folder / f"eval{rank}", quiet=True), collectives)
+    try:
+        train(run)
+    except ConfigError as e:
+        results["eval_images_error"] = (str(e), run.step.steps_done, run.out.exists())
     # Jobs whose ranks read different copies of one image folder (the data path is not compared: it may differ
     # between machines): rank 1's copy lacks a file, as a copy cut short would; then one of its faces differs.
     for case, count, changed in (("missing", 8 - rank, False), ("changed", 8, rank == 1)):
@@ -302,6 +309,16 @@ def test_ranks_given_different_settings_are_refused_before_the_first_step(two_ra
             "the 2 ranks do not start from the same run: the settings and the weights differ between ranks; "
             "give every rank the same flags and, to resume, the same latest.pt"
         )
+
+
+def test_every_rank_refuses_an_evaluation_the_data_set_cannot_feed(two_ranks):
+    """Rank 0 alone checked --eval-images against the data set: it gave the reason, and every other rank said only
+    that a collective had failed, another rank having probably died (found by a torchrun data-audit helper)."""
+    _, ranks = two_ranks
+    for rank in ranks:
+        message, steps_done, wrote_out = rank["eval_images_error"]
+        assert steps_done == 0 and not wrote_out
+        assert message.startswith("--eval-images 1000 needs that many real images, the data set holds ")
 
 
 @pytest.mark.parametrize(
