@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -510,15 +511,30 @@ def checkpoint_state(run: Run) -> dict:
     }
 
 
+def snapshot_path(out: Path, step: int) -> Path:
+    return out / f"step_{step:07d}.pt"
+
+
 def write_checkpoint(run: Run) -> Path:
-    """latest.pt, and the snapshot of a snapshot step first: a run killed while it writes the snapshot resumes from
-    the checkpoint before, and so comes back to this step and writes it (resumed from this one, it never would)."""
+    """latest.pt, then the snapshot of a snapshot step: a run killed between the two resumes from this step, and
+    catch_up copies latest.pt, which holds that step's state, to the snapshot. (The snapshot first left a first
+    checkpoint killed between them as a snapshot without latest.pt, which --resume refused until it was copied.)"""
     state = checkpoint_state(run)
-    if run.step.steps_done % run.train_cfg.snapshot_every == 0:
-        save_checkpoint(run.out / f"step_{run.step.steps_done:07d}.pt", state)
     latest = run.out / "latest.pt"
     save_checkpoint(latest, state)
+    if run.step.steps_done % run.train_cfg.snapshot_every == 0:
+        save_checkpoint(snapshot_path(run.out, run.step.steps_done), state)
     return latest
+
+
+def restore_snapshot(run: Run) -> None:
+    """The snapshot due at the resumed checkpoint's step (on the schedule of the run that wrote it), when the run was
+    killed before writing it: latest.pt, the same state, copied to its name."""
+    step, snapshot = run.start_step, snapshot_path(run.out, run.start_step)
+    if step % run.saved_train.snapshot_every or snapshot.exists():
+        return
+    with open(run.out / "latest.pt", "rb") as latest:
+        atomic_write(snapshot, lambda f: shutil.copyfileobj(latest, f))
 
 
 class RealImages:
@@ -589,13 +605,14 @@ def evaluate(run: Run, real: RealImages, stats_file, writer) -> None:
 
 
 def catch_up(run: Run, real: RealImages, stats_file, writer, pictures: reports.BackgroundWriter) -> None:
-    """On a resume, the evaluation and the pictures due at the checkpoint's step that the run never wrote (it was
-    killed between the checkpoint and them, or they failed): made now, as the loop would have made them then, with
+    """On a resume, the snapshot, evaluation and pictures due at the checkpoint's step that the run never wrote (it
+    was killed between latest.pt and them, or they failed): made now, as the loop would have made them then, with
     the carry of the step's last update, so the run's record has every step of its schedule. The checkpoint's step
     is a last step when the run that wrote it ended there, or when this resume does."""
     step = run.start_step
     if step == 0:
         return
+    restore_snapshot(run)
     final = step in (run.saved_train.steps, run.train_cfg.steps)
     owes_evaluation, owes_pictures = owed_at(run.out, run.train_cfg, run.saved_train, step, final)
     if not (owes_evaluation or owes_pictures):

@@ -935,6 +935,24 @@ def test_a_resume_on_a_changed_image_folder_says_so(tmp_path, capsys):
     )
 
 
+def test_a_run_killed_between_latest_and_its_snapshot_makes_the_snapshot_when_resumed(tmp_path, monkeypatch):
+    """write_checkpoint wrote a snapshot step's snapshot first: a first checkpoint killed between its two writes left
+    a snapshot without latest.pt, which --resume refused until the user copied it. latest.pt now comes first, and the
+    resume copies it, the same state, to the snapshot the run was killed before writing."""
+    written = []
+    save = train_module.save_checkpoint
+    monkeypatch.setattr(
+        train_module, "save_checkpoint", lambda path, state: [written.append(path.name), save(path, state)]
+    )
+    run_steps(tmp_path, 8)
+    assert written == ["latest.pt", "latest.pt", "step_0000008.pt"]
+    (tmp_path / "step_0000008.pt").unlink()  # the run killed between the two writes at step 8
+    latest = (tmp_path / "latest.pt").read_bytes()
+    run_steps(tmp_path, 10, resume=True)
+    assert (tmp_path / "step_0000008.pt").read_bytes() == latest
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_0000008.pt"]  # none for a step off schedule
+
+
 def test_a_resume_on_other_images_of_the_same_number_says_so(tmp_path, capsys):
     """--data on a resume naming another data set of the same size went on without a word (only a changed count was
     told); a copy of the same images elsewhere is the same data, and says nothing."""
