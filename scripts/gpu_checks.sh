@@ -155,7 +155,7 @@ startup() {  # the startup phase: three 1-step runs, each with its own Triton ca
     empty=$(mktemp -d) filled=$(mktemp -d)
     # Untimed: the first process to start CUDA and load torch's, cuDNN's and cuBLAS's libraries from disk would pay
     # that in the first case's wall time alone.
-    python -c "import torch, triton; x = torch.ones(1, 1, 8, 8, device='cuda')
+    limited python -c "import torch, triton; x = torch.ones(1, 1, 8, 8, device='cuda')
 torch.nn.functional.conv2d(x, x[..., :3, :3]).sum().item(); (x[0, 0] @ x[0, 0]).sum().item()"
     for case in "cold_one_by_one 0 $empty" "cold_head_start 1 $filled" "warm 1 $filled"; do
         read -r name head_start cache <<<"$case"
@@ -259,7 +259,10 @@ for phase in $phases; do
         bench kernels "not compile" kernels
         report
         ;;
-    profile) busy profile || run profile python scripts/profile_step.py --preset paper64 --batch 16 --amp bf16 --out "$out/profile" ;;
+    profile)
+        busy profile ||
+            run profile python scripts/profile_step.py --preset paper64 --batch 16 --amp bf16 --out "$out/profile"
+        ;;
     torchrun)
         run torchrun python -m torch.distributed.run --standalone --nproc-per-node 1 scripts/train.py --preset paper64 \
             --steps 300 --log-every 100 --amp --cuda-graphs --out "$out/torchrun" --quiet
