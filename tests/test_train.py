@@ -1101,8 +1101,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_keeps_the_last_one(t
     monkeypatch.setattr(atomic_files.os, "fdopen", lambda fd, mode: FullDisk(fd))
     room = 10_000  # full in the middle of the checkpoint
     # Said as any file's full disk is (a checkpoint helper: it read "cannot write checkpoint X: [Errno 28] ..."),
-    # and about step 8's snapshot, written before latest.pt.
-    with pytest.raises(OSError, match=r"^\[Errno 28\] cannot write .*step_0000008\.pt: No space left on device$"):
+    # and about latest.pt, written before step 8's snapshot.
+    with pytest.raises(OSError, match=r"^\[Errno 28\] cannot write .*/latest\.pt: No space left on device$"):
         run_steps(tmp_path, 8, resume=True)
     assert (tmp_path / "latest.pt").read_bytes() == good and not (tmp_path / "step_0000008.pt").exists()
     assert [p.name for p in tmp_path.glob(".*.tmp")] == [".notes.txt.tmp"]
