@@ -56,7 +56,8 @@ def run_info(data: dict) -> dict[str, str]:
 
 
 def collect_rows(data: dict) -> tuple[list[str], dict[tuple, dict[str, dict]]]:
-    """(providers in column order, {(layer, direction, batch): {provider: {median_s, flop}}}) in the run's order."""
+    """(providers in column order, {(layer, direction, batch): {provider: {median_s, spread, flop}}}) in the run's
+    order; spread: half the rounds' interquartile range over their median, None where the file has no IQR."""
     rows: dict[tuple, dict[str, dict]] = {}
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
@@ -67,7 +68,9 @@ def collect_rows(data: dict) -> tuple[list[str], dict[tuple, dict[str, dict]]]:
         key = (info["layer"], info["direction"], info["batch"])
         # pytest-benchmark's statistics are per round; a round of measure() makes calls_per_round calls.
         median = bench["stats"]["median"] / info.get("calls_per_round", 1)
-        rows.setdefault(key, {})[info["provider"]] = {"median_s": median, "flop": info.get("flop")}
+        iqr = bench["stats"].get("iqr")  # of the rounds, as the median; pytest-benchmark always writes it
+        spread = None if iqr is None else iqr / 2 / bench["stats"]["median"]
+        rows.setdefault(key, {})[info["provider"]] = {"median_s": median, "spread": spread, "flop": info.get("flop")}
     seen = {provider for cells in rows.values() for provider in cells}
     providers = [p for p in PROVIDER_ORDER if p in seen] + sorted(seen - set(PROVIDER_ORDER))
     return providers, rows
@@ -75,6 +78,14 @@ def collect_rows(data: dict) -> tuple[list[str], dict[tuple, dict[str, dict]]]:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
+
+
+def _ms(cell: dict | None) -> str:
+    """A provider's median ms, with its spread where the file has one ("4.000 ±2.5%")."""
+    if cell is None:
+        return "–"
+    spread = "" if cell["spread"] is None else f" ±{100 * cell['spread']:.1f}%"
+    return f"{1e3 * cell['median_s']:.3f}{spread}"
 
 
 def render_table(data: dict) -> str:
@@ -94,7 +105,7 @@ def render_table(data: dict) -> str:
             for p in providers
         }
         row = [str(layer), str(direction), str(batch)]
-        row += [_fmt(None if median[p] is None else 1e3 * median[p], ".3f") for p in providers]
+        row += [_ms(cells.get(p)) for p in providers]
         row += [_fmt(tflops[p], ".1f") for p in counted]
         for p in ratios:
             ratio = median["triton"] / median[p] if median["triton"] is not None and median[p] is not None else None
@@ -105,16 +116,23 @@ def render_table(data: dict) -> str:
 
 def render_section(data: dict) -> str:
     """The run's header line, the table and how to read it: the body of the .md file and of a README section."""
-    info = run_info(data)
+    info, providers = run_info(data), collect_rows(data)[0]
+    notes = [
+        "Median time per call (a data-suite call is the round of batches its layer names), of rounds that each make "
+        "one or more calls back to back and end in torch.cuda.synchronize(); ± is half the rounds' interquartile "
+        "range, relative to the median: a difference within the spreads is noise."
+    ]
+    if "triton" in providers:
+        notes.append("triton/X time < 1 means triton is faster.")
+        if "compile" not in providers:
+            notes.append(
+                "**No torch.compile baseline**: these files hold none of the suite's compile cases; run them on the "
+                "same GPU and commit (gpu_checks.sh's bench_step_compile, bench_kernels_compile) and report them "
+                "together."
+            )
     return (
         f"Device: {info['device']} · torch {info['torch']} · triton {info['triton']} · commit {info['commit']} · "
-        f"{info['date']}\n\n"
-        "Median time per call (a data-suite call is the round of batches its layer names), of rounds that each "
-        "make one or more calls back to back and end in torch.cuda.synchronize()."
-        + (" triton/X time < 1 means triton is faster." if "triton" in collect_rows(data)[0] else "")
-        + "\n\n"
-        + render_table(data)
-        + "\n"
+        f"{info['date']}\n\n" + " ".join(notes) + "\n\n" + render_table(data) + "\n"
     )
 
 
@@ -163,6 +181,9 @@ def check_layout(path: Path, data: dict) -> None:
         stats, info = (bench.get("stats"), bench.get("extra_info", {})) if isinstance(bench, dict) else (None, None)
         if not (isinstance(stats, dict) and _positive(stats.get("median")) and isinstance(info, dict)):
             raise ReportError(f"{path}: benchmark {name!r} has no stats.median > 0 or no extra_info object")
+        iqr = stats.get("iqr", 0)
+        if not (iqr == 0 and not isinstance(iqr, bool) or _positive(iqr)):
+            raise ReportError(f"{path}: benchmark {name!r} has a stats.iqr that is not a number >= 0")
         if not _positive(info.get("calls_per_round", 1)) or not (info.get("flop") is None or _positive(info["flop"])):
             raise ReportError(f"{path}: benchmark {name!r} has a calls_per_round or flop that is not a number > 0")
         if not all(isinstance(info.get(key, ""), (str, int)) for key in ROW_KEYS):

@@ -258,6 +258,8 @@ def edited(edit):
         (edited(lambda d: d["benchmarks"][0]["extra_info"].update(calls_per_round=0)), "a calls_per_round or flop"),
         (edited(lambda d: d["benchmarks"][0]["extra_info"].update(flop="many")), "a calls_per_round or flop"),
         (edited(lambda d: d["benchmarks"][0]["extra_info"].update(layer=["a"])), "provider not text or number"),
+        (edited(lambda d: d["benchmarks"][0]["stats"].update(iqr="wide")), "has a stats.iqr that is not a number >="),
+        (edited(lambda d: d["benchmarks"][0]["stats"].update(iqr=-1)), "has a stats.iqr that is not a number >= 0"),
     ],
     ids=[
         "no-stats",
@@ -273,6 +275,8 @@ def edited(edit):
         "calls-per-round-0",
         "flop-text",
         "layer-list",
+        "iqr-text",
+        "iqr-negative",
     ],
 )
 def test_a_file_not_laid_out_as_pytest_benchmark_writes_it_is_one_line(tmp_path, capsys, content, message):
@@ -412,3 +416,25 @@ def test_the_bench_commit_is_began_fast_commit_when_it_is_set(tmp_path, monkeypa
     head = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
     assert provenance.commit() == head.stdout.strip()
     assert provenance.commit(tmp_path) == "unknown"
+
+
+def test_each_time_shows_its_spread_and_a_missing_compile_baseline_is_said():
+    """The table gave medians alone, so a ratio could not be told from noise (the bench audit: METHOD's "a difference
+    smaller than the spread is noise"); each time now shows half its rounds' IQR relative to the median. A step or
+    kernel run without its torch.compile cases (gpu_checks.sh runs them as phases of their own) dropped that
+    baseline's column without a word; it is said in bold."""
+    benches = [
+        synthetic_bench("paper64", "step", 16, p, median_s, 3e12) for p, median_s in (("torch", 0.5), ("triton", 0.1))
+    ]
+    for bench, iqr in zip(benches, (0.05, 0.0), strict=True):
+        bench["stats"]["iqr"] = iqr
+        bench["extra_info"]["calls_per_round"] = 5
+    section = bench_report.render_section(dict(SYNTHETIC, benchmarks=benches))
+    _, _, row = table_rows(section)
+    # Rounds of 5 steps with medians 0.5 and 0.1 s: 100 and 20 ms a step; IQRs 0.05 and 0 s: ±5% and ±0%.
+    assert row == ["paper64", "step", "16", "100.000 ±5.0%", "20.000 ±0.0%", "30.0", "150.0", "0.20"]
+    assert "± is half the rounds' interquartile range" in section
+    assert "**No torch.compile baseline**" in section
+    assert "No torch.compile baseline" not in bench_report.render_section(SYNTHETIC)  # it has compile cases
+    loaders = [synthetic_bench("64px, 32 batches", "load", 64, p, 0.1, None) for p in ("torch", "dali-mixed")]
+    assert "No torch.compile baseline" not in bench_report.render_section(dict(SYNTHETIC, benchmarks=loaders))
