@@ -166,11 +166,14 @@ def test_reference_op_gradcheck_float64(v):
     def ref(x, w, b, *s):
         return conv_elu_ref(x, w, b, skip=s[0] if s else None, **kw)
 
+    # A per-sample scale of ones: without one the torch impl is conv_elu_ref itself, and only with one does it run
+    # TorchConvELU's explicit backward (the algorithm the kernels mirror), checked here against numerical derivatives.
+    ones = torch.ones(x.shape[0], dtype=torch.float64)
+
     def torch_op(x, w, b, *s):
-        return ops.conv_elu(x, w, b, skip=s[0] if s else None, impl="torch", **kw)
+        return ops.conv_elu(x, w, b, skip=s[0] if s else None, wgrad_scale=ones, impl="torch", **kw)
 
     assert torch.autograd.gradcheck(ref, inputs)
-    # The torch impl's explicit backward (the algorithm the kernels mirror) against numerical derivatives too.
     assert torch.autograd.gradcheck(torch_op, inputs)
     torch.testing.assert_close(torch_op(*inputs), ref(*inputs))
 

@@ -2061,19 +2061,19 @@ def test_cli_switches_on_the_vanishing_residual(tmp_path):
 
 def test_pictures_and_evaluation_run_in_the_steps_precision(tmp_path, monkeypatch):
     """A bf16 run draws its samples, reconstructions and SWD evaluations in bf16 too: compiled, a float32 layer
-    would need kernels of its own (minutes of compiling on a GPU) for a run that never trains in float32."""
+    would need kernels of its own (minutes of compiling on a GPU) for a run that never trains in float32. Every
+    layer's input dtype is recorded by ops.conv_elu, whichever function it then runs (the pictures and evaluation
+    pass no per-sample scale, so they run reference.conv_elu_ref, not TorchConvELU)."""
     from began_fast import ops
-    from began_fast.conv_function import TorchConvELU
 
     seen = set()
+    conv_elu = ops.conv_elu
 
-    class Recording(TorchConvELU):
-        @staticmethod
-        def forward(ctx, x, *args):
-            seen.add(x.dtype)
-            return TorchConvELU.forward(ctx, x, *args)
+    def recording(x, *args, **kwargs):
+        seen.add(ops.autocast_inputs(x)[0][0].dtype)  # the dtype the layer computes in: x as autocast casts it
+        return conv_elu(x, *args, **kwargs)
 
-    monkeypatch.setattr(ops, "TorchConvELU", Recording)
+    monkeypatch.setattr(ops, "conv_elu", recording)
     run = run_steps(tmp_path, 8, amp="bf16", impl="torch")
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "swd" in r] == [8] and (tmp_path / "samples" / "step_0000008.png").exists()
