@@ -88,7 +88,7 @@ def check_workers(workers: int, fewest: int) -> None:
     cores, machine = cores_per_rank(), machine_cores()
     most = 4 * cores
     if not fewest <= workers <= most:
-        share = "" if cores == machine else f" of this rank's {cores}, its share of the machine's {machine}"
+        share = "" if cores == machine else f" of this rank's {cores}, its share of the {machine} it may run on"
         raise ConfigError(f"--workers must be in [{fewest}, {most}] (4 per core{share}), got {workers}")
 
 

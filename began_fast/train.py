@@ -40,7 +40,7 @@ from tqdm import tqdm
 from began_fast import metrics, ops, reports
 from began_fast.atomic_files import atomic_write, remove_stale_temporaries
 from began_fast.checkpoint import another_runs, config_dict, load_checkpoint, misfit, save_checkpoint, saved_configs
-from began_fast.cli import STOP_SIGNALS, Interrupted, say_line, say_line_in_a_handler
+from began_fast.cli import STOP_SIGNALS, Interrupted, check_workers, say_line, say_line_in_a_handler
 from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.data import fitted_crop, held_out_images, make_batches, open_source, resolve_source
 from began_fast.data.gpu_resident import GpuResidentStream
@@ -260,6 +260,11 @@ def setup_run(
                 f"the run's data {data_cfg.path} is not there any more; if it moved, resume with --data naming where "
                 "it is now"
             )
+        if data_cfg.num_workers is not None and "num_workers" not in (explicit or {}).get("data", ()):
+            try:  # the run's own --workers, checked on this machine and number of ranks, as a given one is
+                check_workers(data_cfg.num_workers, fewest=0)
+            except ConfigError as e:
+                raise ConfigError(f"the run's saved {e}: give --workers anew") from None
     if "eval_images" in (explicit or {}).get("train", ()) and not train_cfg.eval_every:
         raise ConfigError("eval_images sizes the SWD evaluations, and this run has none: give --eval-every N too")
     data_cfg = fitted_crop(data_cfg, (explicit or {}).get("data", set()), resumed=opts.resume)
@@ -469,12 +474,21 @@ def start_fingerprint(run: Run) -> dict[str, int]:
 
 def training_images_digest(source) -> int:
     """One int64 that tells data sets apart without reading them whole: their files' names (image folders, relative
-    to the folder, so a moved copy keeps its digest) and a first, middle and last image."""
-    count = len(source)
+    to the folder, so a moved copy keeps its digest) and a first, middle and last image: its file's bytes as stored
+    (another machine's Pillow or libjpeg may decode the same file to other pixels), else its pixels."""
+    count, files = len(source), getattr(source, "files", ())
     root = getattr(source, "root", None)
-    names = [os.path.relpath(name, root).encode() + b"\0" for name in getattr(source, "files", ())]
-    images = [source[i].contiguous().numpy().tobytes() for i in sorted({0, count // 2, count - 1})]
-    return _int64_digest([*names, *images])
+    names = [os.path.relpath(name, root).encode() + b"\0" for name in files]
+
+    def image(i: int) -> bytes:
+        if files:
+            try:
+                return Path(files[i]).read_bytes()
+            except OSError:  # gone since the folder was opened: what the loader reads in its place
+                pass
+        return source[i].contiguous().numpy().tobytes()
+
+    return _int64_digest([*names, *(image(i) for i in sorted({0, count // 2, count - 1}))])
 
 
 def data_fingerprint(source, batches) -> dict[str, int]:
@@ -535,6 +549,8 @@ def restore_snapshot(run: Run) -> None:
         return
     with open(run.out / "latest.pt", "rb") as latest:
         atomic_write(snapshot, lambda f: shutil.copyfileobj(latest, f))
+    if not run.opts.quiet:  # a file appears that the user may have removed on purpose: say where it came from
+        say_line(f"  wrote the snapshot {snapshot.name} the run never wrote: a copy of latest.pt, its step's state")
 
 
 class RealImages:

@@ -1532,7 +1532,7 @@ def test_workers_are_capped_by_the_ranks_share_of_the_machines_cores(monkeypatch
     with pytest.raises(ConfigError) as refused:
         check_workers(9, fewest=0)
     assert str(refused.value) == (
-        "--workers must be in [0, 8] (4 per core of this rank's 2, its share of the machine's 4), got 9"
+        "--workers must be in [0, 8] (4 per core of this rank's 2, its share of the 4 it may run on), got 9"
     )
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     check_workers(16, fewest=0)

@@ -40,12 +40,13 @@ from began_fast.data import (
     open_source,
 )
 from began_fast.data.builtin import draw_faces
+from began_fast.data.folder import ImageFolder
 from began_fast.distributed import MAX_TIMEOUT_S, CollectiveError, Collectives, World, start, stop
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.reference import began_objective
 from began_fast.step import ReferenceStep
-from began_fast.train import RunOptions, data_fingerprint, setup_run, train
+from began_fast.train import RunOptions, data_fingerprint, setup_run, train, training_images_digest
 from tests.test_train import interrupt_after
 from tests.tolerances import assert_parity
 
@@ -346,6 +347,21 @@ def test_the_data_fingerprint_is_the_same_however_the_folder_is_named(tmp_path):
         source = open_source(DataConfig(path=path), 16)
         prints.append(data_fingerprint(source, TorchLoader(source, BatchOrder(len(source), 2, seed=0), num_workers=0)))
     assert prints[0] == prints[1] == prints[2]
+
+
+def test_the_data_fingerprint_reads_image_files_as_stored_not_as_decoded(tmp_path, monkeypatch):
+    """Machines whose Pillow or libjpeg decode the same files to other pixels hold the same data: the fingerprint
+    (and a resume's check of its data) read the files' bytes, where it decoded them (found by a diff review); a file
+    whose bytes differ still tells the folders apart."""
+    for i, face in enumerate(draw_faces(3, 16, seed=0)):
+        Image.fromarray(face).save(tmp_path / f"{i}.png")
+    source = open_source(DataConfig(path=str(tmp_path)), 16)
+    digest = training_images_digest(source)
+    decode = ImageFolder.__getitem__
+    monkeypatch.setattr(ImageFolder, "__getitem__", lambda self, i: 255 - decode(self, i))  # another decoder
+    assert training_images_digest(source) == digest
+    Image.fromarray(255 - draw_faces(3, 16, seed=0)[2]).save(tmp_path / "2.png")
+    assert training_images_digest(source) != digest
 
 
 def test_the_data_fingerprint_tells_folders_apart_by_their_file_names(tmp_path):

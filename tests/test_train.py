@@ -935,7 +935,7 @@ def test_a_resume_on_a_changed_image_folder_says_so(tmp_path, capsys):
     )
 
 
-def test_a_run_killed_between_latest_and_its_snapshot_makes_the_snapshot_when_resumed(tmp_path, monkeypatch):
+def test_a_run_killed_between_latest_and_its_snapshot_makes_the_snapshot_when_resumed(tmp_path, monkeypatch, capsys):
     """write_checkpoint wrote a snapshot step's snapshot first: a first checkpoint killed between its two writes left
     a snapshot without latest.pt, which --resume refused until the user copied it. latest.pt now comes first, and the
     resume copies it, the same state, to the snapshot the run was killed before writing."""
@@ -948,9 +948,29 @@ def test_a_run_killed_between_latest_and_its_snapshot_makes_the_snapshot_when_re
     assert written == ["latest.pt", "latest.pt", "step_0000008.pt"]
     (tmp_path / "step_0000008.pt").unlink()  # the run killed between the two writes at step 8
     latest = (tmp_path / "latest.pt").read_bytes()
-    run_steps(tmp_path, 10, resume=True)
+    run_steps(tmp_path, 10, resume=True, quiet=False)
     assert (tmp_path / "step_0000008.pt").read_bytes() == latest
+    said = "  wrote the snapshot step_0000008.pt the run never wrote: a copy of latest.pt, its step's state\n"
+    assert said in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_0000008.pt"]  # none for a step off schedule
+
+
+def test_a_resume_checks_the_runs_saved_workers_on_this_machine(tmp_path, monkeypatch):
+    """--workers is checked where it is given; a resume kept the checkpoint's unchecked, so a run saved with --workers
+    64 and resumed on a machine (or a number of ranks) allowing fewer started 64 per rank (found by a diff review)."""
+    run_steps(tmp_path, 2)
+    state = load_checkpoint(tmp_path / "latest.pt")
+    state["data_config"]["num_workers"] = 64
+    save_checkpoint(tmp_path / "latest.pt", state)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    options = RunOptions(out=tmp_path, resume=True, quiet=True)
+    with pytest.raises(ConfigError) as refused:
+        setup_run(MODEL, train_cfg(4), DATA, options)
+    assert str(refused.value) == (
+        "the run's saved --workers must be in [0, 8] (4 per core), got 64: give --workers anew"
+    )
+    given = {"train": {"steps"}, "data": {"num_workers"}}
+    assert setup_run(MODEL, train_cfg(4), DATA, options, explicit=given).data_cfg.num_workers == 0
 
 
 def test_a_resume_on_other_images_of_the_same_number_says_so(tmp_path, capsys):
