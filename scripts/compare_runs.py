@@ -56,6 +56,9 @@ M_TAIL = 10  # common logged steps averaged for the M verdict
 # The settings that must match for a verdict by each measure (config.json keys, flattened).
 SAME_DATA = ("model.image_size", "data.path", "data.source", "data.crop", "data.crop_size", "data.builtin_seed")
 MUST_MATCH = {"SWD": (*SAME_DATA, "train.eval_images"), "M": (*SAME_DATA, "train.gamma")}
+# config.json keys that name or describe the last invocation, not how the run trains: left out of the config diff,
+# where two runs' names and folders always differed.
+NOT_SETTINGS = ("run.run_id", "run.out", "run.resume", "run.quiet")
 
 
 class RunFolderError(ValueError):
@@ -152,7 +155,7 @@ def compare(a: RunRecord, b: RunRecord) -> dict:
     config_diff = {
         key: [config_a.get(key), config_b.get(key)]
         for key in sorted(set(config_a) | set(config_b))
-        if config_a.get(key) != config_b.get(key)
+        if config_a.get(key) != config_b.get(key) and key not in NOT_SETTINGS
     }
     measure = "SWD" if swd_common else "M"
     differing = [key for key in MUST_MATCH[measure] if key in config_diff]

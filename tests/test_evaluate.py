@@ -867,6 +867,19 @@ def test_compare_runs_says_how_many_lines_of_a_runs_stats_it_skipped(tmp_path, c
     assert err == f"warning: {b / 'stats.jsonl'}: skipped line 4, not a stats row\n"
 
 
+def test_compare_runs_config_diff_holds_settings_not_the_runs_names_and_folders(tmp_path, compare):
+    """Two real runs' config.json always differ in run_id and out, and often in resume and quiet: the diff listed
+    them beside the settings that matter (found by a new-user walkthrough). A setting of how it ran stays."""
+    folders = []
+    for name, invocation in (("a", {"resume": False, "quiet": True}), ("b", {"resume": True, "quiet": False})):
+        folder = _write_run(tmp_path / name, lr=1e-4, m_of_step=lambda s: 0.3, steps=range(50, 501, 50))
+        config = json.loads((folder / "config.json").read_text())
+        run = {"run_id": f"{name}-run", "out": str(folder), "amp": "bf16" if name == "b" else None, **invocation}
+        (folder / "config.json").write_text(json.dumps(config | {"run": run}))
+        folders.append(folder)
+    assert json.loads(compare([*folders, "--json"])[1])["config_diff"] == {"run.amp": [None, "bf16"]}
+
+
 def test_compare_runs_takes_a_run_that_saved_no_crop_for_the_crop_its_folder_took(tmp_path, compare):
     """Runs save the crop they take since a CelebA folder moved under another name was cropped as a plain one on
     resume; an earlier run on the same folder saved none. They are compared, not refused as of different data."""
