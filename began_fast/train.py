@@ -491,15 +491,16 @@ def training_images_digest(source) -> int:
     return _int64_digest([*names, *(image(i) for i in sorted({0, count // 2, count - 1}))])
 
 
-def data_fingerprint(source, batches) -> dict[str, int]:
+def data_fingerprint(count: int, digest: int, batches) -> dict[str, int]:
     """What every rank of a torchrun job must read alike, each as one int64 (the data path is not compared: each
-    machine may keep its copy elsewhere): the number of training images, their digest, and the loader. Ranks that
+    machine may keep its copy elsewhere): the number of training images, their digest (training_images_digest, which
+    the checkpoint keeps too), and the loader. Ranks that
     opened different copies (one with a file missing or damaged, so skipped) would cut their shards from different
     orders, overlapping and leaving images out; ranks on different loaders (--loader auto picks one by each GPU's
     free memory) would not share one global batch."""
     return {
-        "the number of training images": len(source),
-        "the training images": training_images_digest(source),
+        "the number of training images": count,
+        "the training images": digest,
         "the loaders": _int64_digest([type(batches).__name__.encode()]),
     }
 
@@ -973,13 +974,13 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
         world_size=run.step.world_size,
         source=source,
     )
+    run.data_images, run.data_digest = len(source), training_images_digest(source)
     if run.collectives is not None:
         run.collectives.check_same(
-            data_fingerprint(source, batches),
+            data_fingerprint(run.data_images, run.data_digest, batches),
             run.step.device,
             remedy="give every rank the same data (a whole copy on every machine) and the same --loader",
         )
-    run.data_images, run.data_digest = len(source), training_images_digest(source)
     real = RealImages(run, source)
     check_evaluation_data(run, real)  # on every rank: where rank 0 alone refused, the others said a rank had died
     if main:

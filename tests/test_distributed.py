@@ -337,6 +337,11 @@ def test_ranks_reading_different_data_are_refused_before_the_first_step(two_rank
         )
 
 
+def fingerprint(source, batches) -> dict[str, int]:
+    """The data fingerprint _train checks across ranks, of `source` read by `batches`."""
+    return data_fingerprint(len(source), training_images_digest(source), batches)
+
+
 def test_the_data_fingerprint_is_the_same_however_the_folder_is_named(tmp_path):
     for i, face in enumerate(draw_faces(4, 16, seed=0)):
         Image.fromarray(face).save(tmp_path / f"{i}.png")
@@ -345,7 +350,7 @@ def test_the_data_fingerprint_is_the_same_however_the_folder_is_named(tmp_path):
     prints = []
     for path in (str(tmp_path), str(tmp_path) + "/", str(copy)):
         source = open_source(DataConfig(path=path), 16)
-        prints.append(data_fingerprint(source, TorchLoader(source, BatchOrder(len(source), 2, seed=0), num_workers=0)))
+        prints.append(fingerprint(source, TorchLoader(source, BatchOrder(len(source), 2, seed=0), num_workers=0)))
     assert prints[0] == prints[1] == prints[2]
 
 
@@ -377,7 +382,7 @@ def test_the_data_fingerprint_tells_folders_apart_by_their_file_names(tmp_path):
     prints = []
     for folder in (one, other):
         source = open_source(DataConfig(path=str(folder)), 16)
-        prints.append(data_fingerprint(source, TorchLoader(source, BatchOrder(len(source), 2, seed=0), num_workers=0)))
+        prints.append(fingerprint(source, TorchLoader(source, BatchOrder(len(source), 2, seed=0), num_workers=0)))
     assert [key for key in prints[0] if prints[0][key] != prints[1][key]] == ["the training images"]
 
 
@@ -385,7 +390,7 @@ def test_the_data_fingerprint_names_the_loader():
     source = BuiltinFaces(8, 16, seed=0)
     torch_loader = TorchLoader(source, BatchOrder(len(source), 2, seed=0), num_workers=0)
     gpu_resident = GpuResidentStream(GpuResidentSet(source, "cpu"), BatchOrder(len(source), 2, seed=0))
-    one, other = data_fingerprint(source, torch_loader), data_fingerprint(source, gpu_resident)
+    one, other = fingerprint(source, torch_loader), fingerprint(source, gpu_resident)
     assert [key for key in one if one[key] != other[key]] == ["the loaders"]
 
 
