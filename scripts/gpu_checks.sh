@@ -43,7 +43,8 @@
 #   quality   scripts/quality_run.sh: paper64, reference step against fast step, 10k steps each (QUALITY_STEPS),
 #             SWD side by side
 # The phases that time (bench*, profile, startup*) are skipped, a failure, while other processes compute on the GPU
-# (nvidia-smi lists them: a detached quality run, say), whose work would be in their timings.
+# (nvidia-smi lists them, a detached quality run say, or, for another container's, shows the GPU in use for 3 s),
+# whose work would be in their timings; when nvidia-smi fails, they run and say it could not tell.
 # Each phase that ends appends "PHASE STATUS SECONDS" to OUT_DIR/phases.txt (STATUS 124: stopped at the limit below;
 # "skipped": not started, too little time left; "busy": the GPU was; both failures), and the script "end STATUS
 # SECONDS" when it ends.
@@ -116,9 +117,23 @@ too_late() {  # too_late NAME: true, and NAME recorded as skipped (a failure), w
     status=1
 }
 busy() {  # busy NAME: true, and NAME recorded as skipped (a failure), while other processes compute on the GPU
-    local others
-    others=$(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null | paste -sd ';' -)
-    [ -z "$others" ] && return 1
+    local others sample utilization
+    if ! others=$(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>&1); then
+        echo "$1: cannot tell whether other processes compute on the GPU (nvidia-smi failed: ${others//$'\n'/ });" \
+            "timing it anyway"
+        return 1
+    fi
+    others=$(paste -sd ';' - <<<"$others")
+    if [ -z "$others" ]; then
+        # nvidia-smi names no process of another container; the GPU's utilization counts them. Busy in 3 samples a
+        # second apart: the phase that has just ended may still show in the first.
+        for sample in 1 2 3; do
+            ((sample == 1)) || sleep 1
+            utilization=$(nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+            [[ $utilization =~ ^[1-9][0-9]*$ ]] || return 1
+        done
+    fi
+    [ -n "$others" ] || others="none that nvidia-smi names, at $utilization% utilization"
     echo "$1: skipped, the GPU is computing for other processes ($others): its timings would share the GPU with them;" \
         "run it once they end (a detached quality run has ended when its phases.txt has an end line)"
     ended "$1" busy "$SECONDS"

@@ -3,6 +3,7 @@
 import argparse
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -400,8 +401,15 @@ def stand_in_gpu(tmp_path, on_out: str, before: str = "") -> dict:
     bin_dir.mkdir()
     python = f'#!/bin/sh\n{before}while [ $# -gt 0 ]; do\n    if [ "$1" = --out ]; then {on_out}; fi\n    shift\ndone\n'
     (bin_dir / "python").write_text(python)
-    # Its compute processes are STAND_IN_APPS's, none when unset.
-    smi = '#!/bin/sh\ncase "$*" in\n*query-compute-apps*) [ -z "$STAND_IN_APPS" ] || echo "$STAND_IN_APPS" ;;\n'
+    # Its compute processes are STAND_IN_APPS's, none when unset (and when STAND_IN_APPS_FAIL is set, it fails to list
+    # them); its utilization is STAND_IN_UTILIZATION, 0 when unset, or, when that names a file, the file's first
+    # line, taken from it.
+    smi = '#!/bin/sh\ncase "$*" in\n*query-compute-apps*)\n'
+    smi += '    [ -z "$STAND_IN_APPS_FAIL" ] || { echo "$STAND_IN_APPS_FAIL"; exit 9; }\n'
+    smi += '    [ -z "$STAND_IN_APPS" ] || echo "$STAND_IN_APPS" ;;\n'
+    smi += '*utilization.gpu*) if [ -f "$STAND_IN_UTILIZATION" ]; then\n'
+    smi += '    head -n 1 "$STAND_IN_UTILIZATION"; sed -i 1d "$STAND_IN_UTILIZATION"\n'
+    smi += 'else echo "${STAND_IN_UTILIZATION:-0}"; fi ;;\n'
     (bin_dir / "nvidia-smi").write_text(smi + "*) echo 'Stand-in GPU, 1.0' ;;\nesac\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
@@ -457,6 +465,33 @@ def test_gpu_checks_times_nothing_while_other_processes_compute_on_the_gpu(tmp_p
     # startup's first case is timed after an untimed process has started CUDA (and read torch's libraries from disk).
     called = calls.read_text()
     assert called.index("x = torch.ones(1, 1, 8, 8, device='cuda')") < called.index("startup_cold_one_by_one")
+
+
+def test_gpu_checks_tells_a_gpu_busy_for_processes_nvidia_smi_cannot_name(tmp_path):
+    """nvidia-smi names no process of another container, and a busy() that read its empty list alone timed a shared
+    GPU. The GPU in use in 3 samples a second apart is busy too; one idle sample (a phase that has just ended may
+    show in the first) is not. An nvidia-smi that fails to list processes no longer reads as an idle GPU unsaid: the
+    phase runs and says it could not tell."""
+    env = stand_in_gpu(tmp_path, 'mkdir -p "$2" && touch "$2/ran"') | {"BEGAN_FAST_COMMIT": "abc"}
+    command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), str(tmp_path / "gc"), "profile"]
+
+    def phases(**settings) -> tuple[list[str], str]:
+        shutil.rmtree(tmp_path / "gc", ignore_errors=True)
+        done = subprocess.run(command, cwd=ROOT, env=env | settings, capture_output=True, text=True, timeout=120)
+        return (tmp_path / "gc" / "phases.txt").read_text().split()[:2], done.stdout
+
+    ended, said = phases(STAND_IN_UTILIZATION="37")
+    assert ended == ["profile", "busy"], said
+    assert "profile: skipped, the GPU is computing for other processes (none that nvidia-smi names, at 37% " in said
+    assert phases(STAND_IN_UTILIZATION="0")[0] == ["profile", "0"]
+    # Busy in the first two samples, idle in the third.
+    samples = tmp_path / "samples"
+    samples.write_text("55\n60\n0\n")
+    ended, said = phases(STAND_IN_UTILIZATION=str(samples))
+    assert ended == ["profile", "0"] and samples.read_text() == "", said
+    ended, said = phases(STAND_IN_APPS_FAIL="Failed to initialize NVML: Driver/library version mismatch")
+    assert ended == ["profile", "0"], said
+    assert "profile: cannot tell whether other processes compute on the GPU (nvidia-smi failed: Failed to " in said
 
 
 def test_gpu_checks_ends_its_phases_by_call_limit_s(tmp_path):
