@@ -870,10 +870,12 @@ def announce(run: Run, data: str) -> None:
             "comes from a new stream, seeded from the seed and the step"
         )
     lines.append(f"  model: {run.model_cfg.describe()}")
-    objective = f"gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}, Adam betas {cfg.betas}"
+    objective = f"gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}, Adam betas {', '.join(f'{b:g}' for b in cfg.betas)}"
     lines.append(f"  train: {counted(cfg.steps, 'step')}, {objective}")
-    step_kind = "reference" if run.opts.reference_step else f"fast, amp={run.opts.amp}, graphs={run.opts.cuda_graphs}"
-    lines.append(f"  step: {step_kind}, impl={run.opts.impl}, device={run.opts.device}")
+    opts = run.opts
+    graphs = "on" if opts.cuda_graphs else "off"
+    step_kind = "reference" if opts.reference_step else f"fast, amp {opts.amp or 'off'}, cuda graphs {graphs}"
+    lines.append(f"  step: {step_kind}, impl {opts.impl}, device {opts.device}")
     lr = run.step.lr.item()  # float32: compared with a margin, not for equality
     decayed = " after decay" if lr < 0.999 * cfg.lr * run.step.lr_factor else ""
     lines.append(

@@ -758,7 +758,7 @@ def test_train_script_on_two_machines_meets_through_the_c10d_rendezvous(tmp_path
     assert [agent.returncode for agent in agents] == [0, 0], logs
     log = "".join(logs)
     assert log.count("began-fast: new run") == 1  # rank 0, on whichever agent the rendezvous made node 0
-    assert "step: fast, amp=None, graphs=False, impl=torch, device=cpu" in log
+    assert "step: fast, amp off, cuda graphs off, impl torch, device cpu" in log
     assert "ranks: 2, batch 2 per rank, global batch 4" in log
     assert load_checkpoint(out / "latest.pt")["step"] == 2
 

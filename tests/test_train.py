@@ -1389,7 +1389,7 @@ def test_cli_ctrl_c_or_sigterm_exits_with_the_signal_and_says_how_to_resume(
     assert script.main(["--out", str(out), "--quiet", "--device", "cpu", "--steps", "6", *tiny]) == status
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0] == f"began-fast: new run in {out}"
-    assert "  train: 6 steps, gamma 0.7, lambda_k 0.001, Adam betas (0.5, 0.999)" in lines  # the demo preset's
+    assert "  train: 6 steps, gamma 0.7, lambda_k 0.001, Adam betas 0.5, 0.999" in lines  # the demo preset's
     assert "  model: 16 px, n 16, h 32, z 32, skips" in lines
     assert lines[-2] == f"{said} at step 3; checkpoint written to {out / 'latest.pt'}"
     assert lines[-1] == f"resume with: python scripts/train.py --out '{out}' --resume --device cpu"
