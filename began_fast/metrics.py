@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from began_fast.fid import fid
-from began_fast.reports import to_uint8
-from began_fast.seeds import SAMPLING, generator
+from began_fast.reports import from_uint8, to_uint8
+from began_fast.seeds import SAMPLING, generator, uniform_z
 
 PATCH_SIZE = 7
 MIN_RESOLUTION = 16
@@ -257,12 +257,12 @@ def evaluate_models(
     noise = generator(seed, SAMPLING)  # not torch.manual_seed(seed)'s stream, which drew a run's initial weights
     fakes = []
     for start in range(0, num, batch_size):
-        z = torch.rand(min(batch_size, num - start), G.cfg.z_size, generator=noise) * 2 - 1
+        z = uniform_z(min(batch_size, num - start), G.cfg.z_size, noise)
         fakes.append(generated_pixels(G(z.to(device))).cpu())
     fake = torch.cat(fakes)
     errors = []
     for start in range(0, held_out.shape[0], batch_size):
-        x = held_out[start : start + batch_size].to(device, torch.float32) / 127.5 - 1
+        x = from_uint8(held_out[start : start + batch_size], device)
         errors.append((x - D(x).float()).abs().flatten(1).mean(1).cpu())
     recon_l1 = torch.cat(errors).mean().item()
     if not math.isfinite(recon_l1):

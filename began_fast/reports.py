@@ -26,6 +26,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def from_uint8(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] on `device`, x = u8 / 127.5 - 1 (the data loaders' convention)."""
+    return images.to(device, torch.float32) / 127.5 - 1
+
+
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     """(B, 3, S, S) floats in [-1, 1] -> (B, S, S, 3) uint8."""
     return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()

@@ -25,6 +25,12 @@ def derived_seed(*key: int) -> int:
     return int(np.random.SeedSequence([k % 2**64 for k in key]).generate_state(1, np.uint64)[0])
 
 
+def uniform_z(rows: int, z_size: int, generator: torch.Generator, **factory) -> torch.Tensor:
+    """The paper's noise, z ~ U(-1, 1), (rows, z_size), drawn from `generator` (factory: torch.rand's device and
+    dtype)."""
+    return torch.rand(rows, z_size, generator=generator, **factory) * 2 - 1
+
+
 def generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator on `device` seeded with derived_seed(*key)."""
     return torch.Generator(device=device).manual_seed(derived_seed(*key))

@@ -22,7 +22,7 @@ from began_fast.config import TrainConfig
 from began_fast.distributed import Collectives, lr_factor
 from began_fast.model import Discriminator, Generator, carry_at
 from began_fast.reference import BalanceResult, began_objective
-from began_fast.seeds import NOISE, NOISE_RESTART, derived_seed, generator
+from began_fast.seeds import NOISE, NOISE_RESTART, derived_seed, generator, uniform_z
 from began_fast.stats import MStallDecay, RunningStats
 
 
@@ -113,8 +113,8 @@ class StepState:
         """
         dtype = self.G.decoder.fc.weight.dtype
         rows = batch_size * self.world_size
-        z = torch.rand(rows, self.G.cfg.z_size, device=self.device, dtype=dtype, generator=self.z_gen)
-        return z[self.rank * batch_size : (self.rank + 1) * batch_size] * 2 - 1
+        z = uniform_z(rows, self.G.cfg.z_size, self.z_gen, device=self.device, dtype=dtype)
+        return z[self.rank * batch_size : (self.rank + 1) * batch_size]
 
     def average_over_ranks(self, res: BalanceResult) -> BalanceResult:
         """After backward, before the optimizers: G's and D's gradients averaged over the ranks, and the step's

@@ -49,7 +49,7 @@ from began_fast.distributed import Collectives, cores_per_rank, machine_cores
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.hang_guard import HangGuard
 from began_fast.model import Discriminator, Generator, carry_after
-from began_fast.seeds import FIXED_Z, generator
+from began_fast.seeds import FIXED_Z, generator, uniform_z
 from began_fast.step import ReferenceStep, StepState
 from began_fast.tensorboard_log import open_tensorboard
 from began_fast.wording import counted
@@ -272,7 +272,7 @@ def setup_run(
     torch.manual_seed(train_cfg.seed)
     G = Generator(model_cfg, impl=opts.impl).to(device)
     D = Discriminator(model_cfg, impl=opts.impl).to(device)
-    fixed_z = torch.rand(SAMPLE_GRID, model_cfg.z_size, generator=generator(train_cfg.seed, FIXED_Z)) * 2 - 1
+    fixed_z = uniform_z(SAMPLE_GRID, model_cfg.z_size, generator(train_cfg.seed, FIXED_Z))
     fixed_z = fixed_z.to(device)
     if opts.reference_step:
         step = ReferenceStep(G, D, train_cfg, device, collectives=collectives)
@@ -571,7 +571,7 @@ class RealImages:
     def fixed_batch(self) -> torch.Tensor:
         """The first real images in [-1, 1] on the run's device: the same ones in every reconstruction grid."""
         images = torch.stack([self.source[i] for i in range(min(RECONSTRUCTION_PAIRS, len(self.source)))])
-        return images.to(self.run.opts.device, torch.float32) / 127.5 - 1
+        return reports.from_uint8(images, self.run.opts.device)
 
 
 @torch.no_grad()

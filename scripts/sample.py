@@ -57,7 +57,7 @@ with quiet_ctrl_c_while_importing():
         warnings_as_lines,
     )
     from began_fast.config import ConfigError
-    from began_fast.seeds import SAMPLING, generator
+    from began_fast.seeds import SAMPLING, generator, uniform_z
     from began_fast.wording import counted
 
 
@@ -81,10 +81,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     omega = torch.acos((a_n * b_n).sum(1).clamp(-1 + 1e-7, 1 - 1e-7))[:, None, None]
     t = t[None, :, None]
     return (torch.sin((1 - t) * omega) * a[:, None] + torch.sin(t * omega) * b[:, None]) / torch.sin(omega)
-
-
-def draw_z(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, dim, generator=gen) * 2 - 1
 
 
 @torch.no_grad()
@@ -127,14 +123,14 @@ def _only_call_writing(out: Path):
 
 def _draw(G, args, dim: int, gen) -> None:
     if args.grid:
-        reports.save_image_grid(generate(G, draw_z(args.grid, dim, gen), args.device), args.out / "grid.png")
+        reports.save_image_grid(generate(G, uniform_z(args.grid, dim, gen), args.device), args.out / "grid.png")
     if args.interp_rows:
-        ends = draw_z(2 * args.interp_rows, dim, gen)
+        ends = uniform_z(2 * args.interp_rows, dim, gen)
         path = slerp(ends[: args.interp_rows], ends[args.interp_rows :], torch.linspace(0, 1, args.interp_steps))
         images = generate(G, path.reshape(-1, dim), args.device)
         reports.save_image_grid(images, args.out / "interpolation.png", nrow=args.interp_steps)
     if args.num:
-        write_single_images(G, draw_z(args.num, dim, gen), args.device, args.out / "images")
+        write_single_images(G, uniform_z(args.num, dim, gen), args.device, args.out / "images")
 
 
 def write_single_images(G, z: torch.Tensor, device, folder: Path) -> None:
