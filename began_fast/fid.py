@@ -19,6 +19,9 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 # The first conv of torch-fidelity's FeatureExtractorInceptionV3, whose state dict its weights file holds.
 INCEPTION_STATE_KEY = "Conv2d_1a_3x3.conv.weight"
+# Its last layer: the TensorFlow FID network's 1008 classes. torchvision's ImageNet Inception, whose state dict has the
+# same first conv, has 1000 (and an auxiliary classifier, AuxLogits); torch-fidelity's strict load fails on it.
+INCEPTION_FC_KEY, INCEPTION_FC_SHAPE = "fc.weight", (1008, 2048)
 
 
 class FIDUnavailableError(ValueError):
@@ -53,6 +56,15 @@ def check_inception_weights(path: Path) -> None:
     if not isinstance(state, dict) or INCEPTION_STATE_KEY not in state:
         raise FIDUnavailableError(
             f"the Inception weights {path} are not torch-fidelity's Inception state dict (no {INCEPTION_STATE_KEY}): "
+            f"expected {INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}"
+        )
+    fc = state.get(INCEPTION_FC_KEY)
+    fc_shape = tuple(fc.shape) if torch.is_tensor(fc) else None
+    if fc_shape != INCEPTION_FC_SHAPE or any(name.startswith("AuxLogits.") for name in state):
+        found = "none" if fc_shape is None else " x ".join(map(str, fc_shape))
+        raise FIDUnavailableError(
+            f"the Inception weights {path} are not the FID network's (its {INCEPTION_FC_KEY} is {found}, the FID "
+            f"network's is 1008 x 2048 with no AuxLogits: torchvision's ImageNet Inception is another network): "
             f"expected {INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}"
         )
 

@@ -379,8 +379,16 @@ def _stand_in_weights(tmp_path):
     """A weights file that passes require_fid's check (a state dict with the Inception's first conv), for the tests
     whose torch-fidelity is a stand-in that never reads it."""
     weights = tmp_path / INCEPTION_WEIGHTS_FILE
-    torch.save({INCEPTION_STATE_KEY: torch.zeros(1)}, weights)
+    torch.save(_inception_like(), weights)
     return weights
+
+
+AUX_LOGITS = {"AuxLogits.fc.weight": torch.zeros(1)}  # torchvision's Inception's auxiliary classifier
+
+
+def _inception_like(classes: int = 1008, **more) -> dict:
+    """A state dict with the keys check_inception_weights reads, of their shapes (a stored element, expanded)."""
+    return {INCEPTION_STATE_KEY: torch.zeros(1), "fc.weight": torch.zeros(1).expand(classes, 2048), **more}
 
 
 def _stand_in_torch_fidelity(monkeypatch, calculate_metrics, key):
@@ -423,10 +431,15 @@ def test_fid_without_torch_fidelity_says_how_to_install(tmp_path):
         (b"not weights", "cannot be read by torch.load (UnpicklingError)"),
         (torch.zeros(3), f"are not torch-fidelity's Inception state dict (no {INCEPTION_STATE_KEY})"),
         ({"G": {"decoder.fc.weight": torch.zeros(1)}}, "are not torch-fidelity's Inception state dict"),  # a checkpoint
+        # torchvision's ImageNet Inception: the same first conv, 1000 classes and an auxiliary classifier.
+        (_inception_like(1000, **AUX_LOGITS), "are not the FID network's (its fc.weight is 1000 x 2048, the FID"),
+        (_inception_like(**AUX_LOGITS), "are not the FID network's (its fc.weight is 1008 x 2048, the FID"),
+        ({INCEPTION_STATE_KEY: torch.zeros(1)}, "are not the FID network's (its fc.weight is none"),
     ],
 )
 def test_fid_refuses_a_weights_file_that_is_not_torch_fidelitys_inception(tmp_path, monkeypatch, content, message):
-    """Checked up front, in one line: torch-fidelity would end in a traceback from torch.load after the SWD."""
+    """Checked up front, in one line: torch-fidelity would end in a traceback from torch.load, or from its strict
+    load_state_dict (torchvision's Inception), after the SWD."""
     _stand_in_torch_fidelity(monkeypatch, None, "fid")
     weights = tmp_path / "w.pth"
     if isinstance(content, bytes):
@@ -460,7 +473,7 @@ def test_fid_reads_the_weights_file_without_running_what_it_holds(tmp_path, monk
     refuses to unpickle anything but tensors and plain containers, never running code it holds."""
     _stand_in_torch_fidelity(monkeypatch, None, "fid")
     weights = tmp_path / INCEPTION_WEIGHTS_FILE
-    torch.save({INCEPTION_STATE_KEY: _CodeOnLoad()}, weights)
+    torch.save(_inception_like(**{INCEPTION_STATE_KEY: _CodeOnLoad()}), weights)
     unpickled.clear()
     with pytest.raises(FIDUnavailableError, match=r"cannot be read by torch.load \(UnpicklingError\)"):
         require_fid(weights)
