@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from began_fast import metrics
 from began_fast.config import ModelConfig
 from began_fast.data.builtin import BuiltinFaces
 from began_fast.fid import (
@@ -34,6 +35,7 @@ from began_fast.metrics import (
     swd,
 )
 from began_fast.model import Discriminator, Generator
+from began_fast.seeds import SAMPLING, generator
 
 # The published code's 5x5 Gaussian (cv2.pyrDown's), outer product of [1 4 6 4 1] / 16.
 GAUSSIAN_5X5 = np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1]).astype(np.float32) / 256
@@ -544,6 +546,34 @@ def test_evaluate_models_refuses_fid_of_one_image_and_a_non_finite_fid(tmp_path,
     assert "fid" not in evaluate_models(G, D, real, num=1)  # SWD alone takes one image
     with pytest.raises(MetricError, match="FID of 4 images came out nan"):
         evaluate_models(G, D, real, num=4, **fid_args)
+
+
+def test_evaluate_models_hands_fid_and_swd_its_samples_and_the_real_images(tmp_path, monkeypatch):
+    """FID and SWD each get G's samples (rounded to uint8 as a saved image) against the first `num` real images: an
+    evaluation that passed torch-fidelity the real images twice scored 0 and passed every other test here. The
+    samples are recomputed here from z ~ U(-1, 1) drawn from the evaluation's seed."""
+    compared = {}
+
+    def calculate_metrics(**kwargs):
+        compared["fid"] = kwargs["input1"], kwargs["input2"]
+        return {"f": 3.0}
+
+    def recorded_swd(a, b, **kwargs):
+        compared["swd"] = a, b
+        return swd(a, b, **kwargs)
+
+    _stand_in_torch_fidelity(monkeypatch, calculate_metrics, "f")
+    monkeypatch.setattr(metrics, "swd", recorded_swd)
+    G, D = _tiny_models()
+    real = BuiltinFaces(24, 16, seed=0)
+    fid_args = {"with_fid": True, "inception_weights": str(_stand_in_weights(tmp_path))}
+    assert evaluate_models(G, D, real, num=10, seed=5, batch_size=4, **fid_args)["fid"] == 3.0
+    z = torch.rand(10, G.cfg.z_size, generator=generator(5, SAMPLING)) * 2 - 1
+    with torch.no_grad():
+        samples = ((G(z).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    fid_fake, fid_real = (torch.stack([dataset[i] for i in range(len(dataset))]) for dataset in compared["fid"])
+    assert torch.equal(fid_fake, samples) and torch.equal(fid_real, real.images[:10])
+    assert torch.equal(compared["swd"][0], samples) and torch.equal(compared["swd"][1], real.images[:10])
 
 
 def test_fid_through_torch_fidelity_is_a_distance_on_stand_in_weights(tmp_path, monkeypatch, faces):
