@@ -55,7 +55,7 @@ from began_fast.tensorboard_log import open_tensorboard
 from began_fast.wording import counted
 
 SAMPLE_GRID = 64  # images in a sample grid (8 x 8)
-PRECOMPILE_ENV = "BEGAN_FAST_PRECOMPILE"  # "0": no head start, the first step compiles the kernels (compile_kernels)
+PRECOMPILE_ENV = "BEGAN_FAST_PRECOMPILE"  # "0": no head start, the first step compiles the kernels; "1", unset: one
 # The longest a run waits for another process of its machine to compile (compile_kernels): one stopped while it
 # compiles must not stop this one for ever; after it, this one compiles on its own share of the cores.
 COMPILER_WAIT_S = 600.0
@@ -113,6 +113,11 @@ class RunOptions:
             impl = ops.resolve_impl(self.impl, device)
         except ValueError as e:  # an unknown impl, or BEGAN_FAST_IMPL set to one
             raise ConfigError(str(e)) from None
+        if os.environ.get(PRECOMPILE_ENV, "") not in ("", "0", "1"):
+            raise ConfigError(
+                f"{PRECOMPILE_ENV} must be 0 (no head start: the first step compiles the kernels) or 1 (the default), "
+                f"got {os.environ[PRECOMPILE_ENV]!r}"
+            )
         if impl == "triton":
             from kernels.interpreter import runs_on  # triton is installed: resolve_impl said so
 
@@ -752,8 +757,12 @@ def compile_kernels(run: Run) -> None:
             first_line = (str(error).strip().splitlines() or [""])[0][:200]
             say(f" stopped ({type(error).__name__}: {first_line}); the first step compiles them instead")
             return
-    failed = f"; {done.failed} failed, left to the first step" if done.failed else ""
-    say(f" {done.compiles} ready in {done.seconds:.1f} s{failed}")
+    if done.failed:
+        ready = f"{done.compiles - done.failed} of {done.compiles}"
+        failed = f"; {done.failed} failed, left to the first step (the first: {done.first_failure})"
+    else:
+        ready, failed = str(done.compiles), ""
+    say(f" {ready} ready in {done.seconds:.1f} s{failed}")
 
 
 def make_feed(run: Run, batches):

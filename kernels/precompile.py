@@ -66,9 +66,10 @@ class CompileOnly:
         self.kernel, self.configs, self.compile = kernel, configs, compile
         self.autotuned = isinstance(kernel, Autotuner)
         self.jit = kernel.fn if self.autotuned else kernel
-        self.constexprs = {param.name for param in self.jit.params if param.is_constexpr}  # specialized on the value
-        # The argument binder, built here, once, rather than raced for by threads that compile.
-        self.jit.device_caches[driver.active.get_current_device()]
+        # Specialized on the value: the constexpr parameters, and the launch options (num_warps, num_stages, ...),
+        # which are no parameters.
+        self.by_value = {param.name for param in self.jit.params if param.is_constexpr}
+        self.parameters = set(self.jit.arg_names)
         self.seen: set[tuple] = set()
 
     def __getitem__(self, grid):
@@ -85,9 +86,13 @@ class CompileOnly:
         return [config.all_kwargs() for config in configs]
 
     def launch(self, args, kwargs, grid) -> None:
+        # The argument binder of the launch's GPU (the launchers make their tensors' GPU current), built here, in
+        # the launching thread, rather than raced for by the threads that compile.
+        self.jit.device_caches[driver.active.get_current_device()]
         arguments = {**dict(zip(self.jit.arg_names, args, strict=False)), **kwargs}.items()
         specialization = tuple(
-            (name, value if name in self.constexprs else _specialization(value)) for name, value in arguments
+            (name, value if name in self.by_value or name not in self.parameters else _specialization(value))
+            for name, value in arguments
         )
         for tile in self.tiles(args, kwargs):
             if (specialization, tuple(tile.items())) not in self.seen:
@@ -110,6 +115,7 @@ class Precompiled:
     compiles: int  # asked for: compiled, or read from Triton's disk cache where an earlier process compiled it
     failed: int  # left to the real launch, which compiles again and raises (or, autotuning, skips that config)
     seconds: float
+    first_failure: str = ""  # the first failed compile's error, "Type: its first line" (200 characters at most)
 
 
 def _warm_up(device: int, jit, args, kwargs, grid, tile) -> None:
@@ -140,8 +146,11 @@ def precompile(work: Callable[[], object], threads: int) -> Precompiled:
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # leaving the pool then waits for the running ones only
             raise
-    failed = sum(future.exception() is not None for future in compiles)
-    return Precompiled(len(compiles), failed, time.perf_counter() - start)
+    errors = [future.exception() for future in compiles if future.exception() is not None]
+    first = ""
+    if errors:
+        first = f"{type(errors[0]).__name__}: {(str(errors[0]).strip().splitlines() or [''])[0][:200]}"
+    return Precompiled(len(compiles), len(errors), time.perf_counter() - start, first)
 
 
 class CompilerTurn:

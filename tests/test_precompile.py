@@ -28,7 +28,7 @@ import torch
 import began_fast.train as train_module
 import kernels
 from began_fast import ops
-from began_fast.config import DataConfig, ModelConfig, TrainConfig
+from began_fast.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from began_fast.fast_step import FastStep
 from began_fast.model import Discriminator, Generator
 from began_fast.step import ReferenceStep
@@ -230,6 +230,44 @@ def test_a_kernel_launched_again_alike_is_compiled_once():
     assert calls == ["_l1_partial_sums_kernel", "_balance_finalize_kernel"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes that launch cover it")
+def test_a_kernel_launched_with_other_launch_options_is_compiled_for_each(tmp_path):
+    """num_warps, num_stages and the like are launch options, not parameters: Triton compiles per value. Keyed as a
+    parameter's integer (its being 1, a multiple of 16), num_warps 4 and 8 were one compile, and the launch with 8
+    then compiled inside the first step."""
+    (tmp_path / "tiny_kernel.py").write_text("import triton\n\n@triton.jit\ndef tiny(x_ptr, n):\n    pass\n")
+    probe = f"""
+        sys.path.insert(0, {str(tmp_path)!r})
+        from tiny_kernel import tiny
+        from kernels.precompile import CompileOnly, compiling_for
+
+        warps = []
+        with compiling_for(90):
+            kernel = CompileOnly(tiny, "all", lambda jit, args, kwargs, grid, tile: warps.append(kwargs["num_warps"]))
+            for num_warps in (4, 4, 8):
+                kernel[(1,)](torch.zeros(4), 4, num_warps=num_warps)
+        print(json.dumps(warps))
+    """
+    assert run_probe(probe)[0] == [4, 8]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probes that launch cover it")
+def test_a_failed_compile_is_counted_with_its_error():
+    """What the run's line says of a failed compile: how many failed, and the first one's error in one line."""
+    probe = """
+        def warm_up(device, jit, *launch):
+            if jit.__name__ == "_balance_finalize_kernel":
+                raise RuntimeError("out of resources: shared memory, Required: 262144\\nHardware limit: 232448")
+
+        precompile._warm_up = warm_up
+        with precompile.compiling_for(90):
+            done = ready_balance()
+        print(json.dumps([done.compiles, done.failed, done.first_failure]))
+    """
+    compiles, failed, first_failure = run_probe(probe)[0]
+    assert compiles > failed > 0 and first_failure == "RuntimeError: out of resources: shared memory, Required: 262144"
+
+
 def test_the_head_start_compiles_every_tile_autotuning_will_try_in_bf16():
     result, _ = run_probe(PROBE_TILES)
     assert result == dict.fromkeys(("conv_elu_fwd_kernel", "conv_elu_dgrad_kernel", "conv_elu_wgrad_kernel"), True)
@@ -355,7 +393,11 @@ def cpu_run(tmp_path, monkeypatch, head_start, rank=0, reference_step=False):
     "result, said",
     [
         (Precompiled(135, 0, 21.04), " 135 ready in 21.0 s\n"),
-        (Precompiled(135, 2, 3.0), " 135 ready in 3.0 s; 2 failed, left to the first step\n"),
+        (
+            Precompiled(135, 2, 3.0, "CompilationError: at 12:4: out of resources"),
+            " 133 of 135 ready in 3.0 s; 2 failed, left to the first step (the first: CompilationError: at 12:4: out "
+            "of resources)\n",
+        ),
         (
             AttributeError("module 'triton' has no attribute 'AsyncCompileMode'\nsecond line"),
             " stopped (AttributeError: module 'triton' has no attribute 'AsyncCompileMode'); the first step compiles "
@@ -425,6 +467,20 @@ def test_only_rank_0_says_it_and_a_cpu_run_or_one_told_not_to_takes_no_head_star
     monkeypatch.setenv("BEGAN_FAST_PRECOMPILE", "0")
     compile_kernels(cpu_run(tmp_path / "told", monkeypatch, head_start))
     assert head_start.threads == [8] and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("value", ["false", "no", "off", "00", " 0"])
+def test_a_precompile_setting_other_than_0_or_1_is_refused_before_any_work(tmp_path, monkeypatch, value):
+    """Only 0 turns the head start off: "false" or "no" would have been taken as on, without a word."""
+    monkeypatch.setenv("BEGAN_FAST_PRECOMPILE", value)
+    message = "BEGAN_FAST_PRECOMPILE must be 0 (no head start: the first step compiles the kernels) or 1 (the default)"
+    message += f", got {value!r}"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        RunOptions(out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    for accepted in ("0", "1", ""):
+        monkeypatch.setenv("BEGAN_FAST_PRECOMPILE", accepted)
+        RunOptions(out=tmp_path / "run")
 
 
 def test_a_reference_step_on_the_triton_layers_takes_the_head_start_too(tmp_path, monkeypatch, capsys):
