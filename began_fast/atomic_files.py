@@ -33,7 +33,10 @@ def atomic_write(path: str | Path, write) -> None:
     except FileExistsError:  # something that is no folder where the folder should be (mkdir's message names neither)
         what = "a link to a folder that is not there" if path.parent.is_symlink() else "a file, not a folder"
         raise OSError(errno.ENOTDIR, f"cannot write {path}: {path.parent} is {what}") from None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    except OSError as e:  # a read-only folder: the system's message names the temporary file, never `path`
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:

@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -919,6 +920,16 @@ def lock_run_folder(out: Path):
             return handle
 
 
+def check_run_folders_writable(out: Path) -> None:
+    """Before the first step: the run folder and those of its folders that exist (a resumed run's) take new files. A
+    read-only one refused the run's first picture or checkpoint, after its steps were computed."""
+    for folder in (out, *(out / name for name in RUN_FOLDERS if (out / name).is_dir())):
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise ConfigError(f"cannot write into the run folder --out {out}: {folder} ({e.strerror})") from None
+
+
 def folder_in_use(out: Path) -> str:
     return f"another process is training in {out} (it holds {RUN_LOCK}): let it end, or choose another --out"
 
@@ -1003,6 +1014,7 @@ def _train(run: Run, held: contextlib.ExitStack) -> Path:
             raise ConfigError(f"cannot create the run folder --out {out}: {e.strerror}") from None
         held.enter_context(lock_run_folder(out))
         check_folder_as_found(run)
+        check_run_folders_writable(out)
         for folder in (out, out / "samples"):
             remove_stale_temporaries(folder)
         write_config(run)

@@ -1204,6 +1204,39 @@ def test_a_write_into_a_folder_that_is_a_file_says_so(tmp_path):
         atomic_write(path, lambda f: f.write(b"grid"))
 
 
+def test_a_write_into_a_read_only_folder_names_its_file_not_the_temporary(tmp_path, monkeypatch):
+    """The temporary file is created before the write: in a read-only folder the system's error named it
+    ("Permission denied: '.../.config.json.plly9hs9.began-fast.tmp'"), a name the user never gave."""
+    from began_fast import atomic_files
+
+    def read_only(dir, prefix, suffix):
+        raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / f"{prefix}x1y2{suffix}"))
+
+    monkeypatch.setattr(atomic_files.tempfile, "mkstemp", read_only)
+    path = tmp_path / "config.json"
+    with pytest.raises(OSError, match=rf"^\[Errno 13\] cannot write {re.escape(str(path))}: Permission denied$"):
+        atomic_files.atomic_write(path, lambda f: f.write(b"{}"))
+
+
+def test_a_resume_into_a_read_only_run_folder_is_refused_before_its_first_step(tmp_path, monkeypatch):
+    """A samples/ (or run folder) made read-only since: the resume refused the first picture after its steps were
+    computed. Refused before the first step now, with the run's files as they were."""
+    run_steps(tmp_path, 4)
+    before = {name: (tmp_path / name).read_bytes() for name in ("latest.pt", "config.json", "stats.jsonl")}
+    temporary_file = train_module.tempfile.TemporaryFile
+
+    def read_only_samples(dir, **kwargs):
+        if Path(dir) == tmp_path / "samples":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return temporary_file(dir=dir, **kwargs)
+
+    monkeypatch.setattr(train_module.tempfile, "TemporaryFile", read_only_samples)
+    said = f"cannot write into the run folder --out {tmp_path}: {tmp_path / 'samples'} (Permission denied)"
+    with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
+        run_steps(tmp_path, 8, resume=True)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
 @pytest.mark.parametrize("of", [None, "grid.png"], ids=["folder", "file"])
 def test_the_temporary_a_killed_write_leaves_is_one_the_next_start_removes(tmp_path, of):
     """atomic_write's temporary files are named as remove_stale_temporaries looks for them: for the whole folder (a
