@@ -50,6 +50,7 @@ from began_fast.distributed import Collectives, cores_per_rank, machine_cores
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.hang_guard import HangGuard
 from began_fast.model import Discriminator, Generator, carry_after
+from began_fast.run_folder import DRAWN_WITH_THE_GRIDS, PICTURES_RECORD, RUN_FILES, RUN_FOLDERS, RUN_LOCK
 from began_fast.seeds import FIXED_Z, generator, uniform_z
 from began_fast.step import ReferenceStep, StepState
 from began_fast.tensorboard_log import open_tensorboard
@@ -61,19 +62,11 @@ PRECOMPILE_ENV = "BEGAN_FAST_PRECOMPILE"  # "0": no head start, the first step c
 # compiles must not stop this one for ever; after it, this one compiles on its own share of the cores.
 COMPILER_WAIT_S = 600.0
 RECONSTRUCTION_PAIRS = 16
-# In the run folder: {"step": S}, written after the last picture of step S (pictures_written).
-PICTURES_RECORD = "pictures.json"
-# In the run folder: the pictures drawn at each sample step from its grid, the stats and D (_write_pictures).
-DRAWN_WITH_THE_GRIDS = ("progress.png", "progress.gif", "reconstruction.png", "convergence.png")
 # A stop signal repeated sooner is the same request (stop_on_interrupt): torchrun's launcher repeats the signal it
 # got to its workers at once, and they got it too when it came from a scheduler that signals every process of a job
 # (a terminal's Ctrl-C reaches the launcher alone: the workers run in sessions of their own). A person's second
 # Ctrl-C, to stop at once, comes later.
 REPEAT_WINDOW_S = 2.0
-RUN_LOCK = ".began-fast.lock"  # in the run folder: held by the process that trains there (lock_run_folder)
-# What a run writes in its folder, files and folders (check_run_entries): a name taken by the other kind stops the run.
-RUN_FILES = ("config.json", "stats.jsonl", "latest.pt", PICTURES_RECORD, *DRAWN_WITH_THE_GRIDS, RUN_LOCK)
-RUN_FOLDERS = ("samples", "tensorboard")
 LOCK_PATIENCE_S = 1.0  # how long lock_run_folder tries before it says the folder is another run's
 # On --resume the checkpoint's configs stand. These settings may still be given anew: how long the run goes, how
 # it is watched, and where and how its data is read (the same data, moved); any other one must match the saved.

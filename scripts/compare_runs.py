@@ -41,6 +41,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.config import ConfigError, DataConfig
     from began_fast.data import fitted_crop
     from began_fast.reports import plot_runs, read_stats, swd_points, training_rows
+    from began_fast.run_folder import check_not_a_runs_file
 
 
 # The relative difference below which the runs are called even, per measure: above the largest difference measured
@@ -230,6 +231,8 @@ def _compare(args: argparse.Namespace) -> int:
     try:
         if args.plot is not None and args.plot.suffix.lower() != ".png":
             raise ConfigError(f"--plot {args.plot} must name a .png file (the plot is a PNG image)")
+        if args.plot is not None:
+            check_not_a_runs_file(args.plot, "--plot")  # --plot RUN/convergence.png replaced the run's own
         a, b = load_run(args.run_a), load_run(args.run_b)
         if args.plot is not None:  # after the runs are read: a refused call creates no folder
             check_writable(args.plot, "--plot")

@@ -50,6 +50,7 @@ with quiet_ctrl_c_while_importing():
     from began_fast.data.builtin import BuiltinFaces
     from began_fast.fid import FIDUnavailableError, require_fid
     from began_fast.metrics import MetricError, evaluate_models
+    from began_fast.run_folder import check_not_a_runs_file
     from began_fast.wording import counted
 
 
@@ -178,6 +179,8 @@ def evaluate(args: argparse.Namespace) -> int:
             require_fid(args.inception_weights)
         if args.json is not None and args.json.suffix != ".json":  # --json latest.pt would replace a checkpoint
             raise ConfigError(f"--json must name a .json file (it is replaced), got {args.json}")
+        if args.json is not None:
+            check_not_a_runs_file(args.json, "--json")  # --json RUN/config.json replaced the run's record
         G, D, state = load_models(args.checkpoint, device=args.device)
         real, held_out, recon_images = evaluation_images(
             saved_configs(state, args.checkpoint)["data"],

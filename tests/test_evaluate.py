@@ -812,6 +812,31 @@ def test_compare_runs_at_equal_steps_with_a_swd_verdict(tmp_path, compare, tiny_
     assert rc == 0 and "verdict: b is better than a" in table and "config train.lr: 0.0001 vs 0.0003" in table
 
 
+def test_evaluate_and_compare_runs_replace_no_file_of_a_run(tmp_path, compare, tiny_checkpoint, capsys):
+    """`evaluate.py RUN --json RUN/config.json` replaced the run's config.json, the only record of how it ran, with
+    the report (exit 0); `compare_runs.py A B --plot B/convergence.png` the run's own plot. Each is refused before
+    any work, and the file is as it was; a new name in the run folder is written."""
+    a = _write_run(tmp_path / "a", lr=1e-4, m_of_step=lambda s: 0.3, steps=range(50, 501, 50))
+    b = _write_run(tmp_path / "b", lr=3e-4, m_of_step=lambda s: 0.2, steps=range(50, 501, 50))
+    for run in (a, b):
+        shutil.copy(tiny_checkpoint[0], run / "latest.pt")
+        (run / "samples").mkdir()
+    before = {path: path.read_bytes() for path in (a / "config.json", a / "latest.pt")}
+    for plot in (b / "convergence.png", b / "samples" / "step_0000500.png"):
+        run = plot.parent.parent if plot.parent.name == "samples" else plot.parent
+        said = f"error: --plot {plot} is in the run {run}, whose files it would replace: give another file name\n"
+        assert compare([a, b, "--plot", plot]) == (2, "", said)
+        assert not plot.exists()
+    assert compare([a, b, "--plot", b / "against_a.png"])[0] == 0 and (b / "against_a.png").is_file()
+    evaluate = load_script("evaluate")
+    for report in (a / "config.json", a / "pictures.json", a / "samples" / "report.json"):
+        assert evaluate.main([str(a), "--json", str(report), "--device", "cpu", "--num", "4"]) == 2
+        assert "whose files it would replace: give another file name" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in before} == before and not (a / "pictures.json").exists()
+    assert evaluate.main([str(a), "--json", str(a / "eval.json"), "--device", "cpu", "--num", "4"]) == 0
+    assert json.loads((a / "eval.json").read_text())["step"] == 123
+
+
 def test_compare_runs_judges_swd_over_its_last_evaluations_and_within_run_to_run_noise(tmp_path, compare):
     """One snapshot's SWD is noisy (two runs of one setting: 167.85 and 226.59 at step 4000, 26% apart): the verdict
     averages the last three common evaluations, and calls a difference within that noise even (under 30%), but not
