@@ -56,6 +56,12 @@ def output_path(text: str) -> Path:
     return Path(text)
 
 
+def input_path(text: str) -> Path:
+    """argparse type of an argument naming what to read: an empty value is refused as output_path refuses it (read
+    as the working directory, it was reported as '. is not a run folder')."""
+    return output_path(text)
+
+
 def check_writable(path: Path, flag: str, *, folder: bool = False, create: bool = True) -> None:
     """Before any work is done: that `path`, given by `flag`, can be written, as a folder to write into or (folder
     False) as a file that atomic_write replaces (a temporary file beside it, renamed over it). Creates the missing

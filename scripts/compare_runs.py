@@ -31,6 +31,7 @@ with quiet_ctrl_c_while_importing():
         OneLineParser,
         check_stop,
         check_writable,
+        input_path,
         interruption,
         one_line,
         output_path,
@@ -213,8 +214,8 @@ def format_table(c: dict) -> str:
 
 def main(argv=None) -> int:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_a", type=Path)
-    p.add_argument("run_b", type=Path)
+    p.add_argument("run_a", type=input_path)
+    p.add_argument("run_b", type=input_path)
     p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a table")
     p.add_argument("--plot", type=output_path, help="write a PNG with both runs' M (and SWD) curves overlaid")
     args = p.parse_args(argv)

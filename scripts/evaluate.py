@@ -36,6 +36,7 @@ with quiet_ctrl_c_while_importing():
         check_stop,
         check_writable,
         data_path,
+        input_path,
         interruption,
         one_line,
         out_of_memory,
@@ -57,7 +58,9 @@ with quiet_ctrl_c_while_importing():
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "checkpoint", help="a began-fast .pt file (a run's latest.pt or a step_XXXXXXX.pt snapshot) or a run folder"
+        "checkpoint",
+        type=input_path,
+        help="a began-fast .pt file (a run's latest.pt or a step_XXXXXXX.pt snapshot) or a run folder",
     )
     p.add_argument("--data", help="CelebA folder, image folder or HDF5 file (default: the built-in faces)")
     p.add_argument("--num", type=int, default=2048, help="generated and real images to compare (default 2048)")

@@ -41,6 +41,7 @@ with quiet_ctrl_c_while_importing():
         check_stop,
         check_workers,
         check_writable,
+        input_path,
         interruption,
         one_line,
         output_path,
@@ -101,7 +102,9 @@ def _decode(path: str) -> np.ndarray | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="a CelebA folder (img_align_celeba or its parent) or any folder of images")
+    p.add_argument(
+        "src", type=input_path, help="a CelebA folder (img_align_celeba or its parent) or any folder of images"
+    )
     p.add_argument("out", type=output_path, help="the HDF5 file to write (.h5 or .hdf5)")
     p.add_argument("--size", type=int, default=64, help=f"image size S, one of {IMAGE_SIZES} (default 64)")
     p.add_argument("--crop", choices=CROPS, help="crop before resizing (default: the folder's own)")
@@ -147,7 +150,7 @@ def prepare(args: argparse.Namespace) -> tuple[int, int]:
         raise DataError(f"the output must be an .h5 or .hdf5 file, got {args.out}")
     if args.out.exists() and not args.overwrite:  # a prepared data set can take an hour to remake
         raise DataError(f"{args.out} already exists; give --overwrite to replace it, or choose another output")
-    cfg = DataConfig(path=args.src, crop=args.crop, crop_size=args.crop_size)
+    cfg = DataConfig(path=str(args.src), crop=args.crop, crop_size=args.crop_size)
     kind, _ = resolve_source(cfg)
     if kind not in ("celeba", "folder"):  # before it is opened: opening an HDF5 file warns about its image size
         raise DataError(f"{args.src} is not an image folder (it is a {kind} source)")

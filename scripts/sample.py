@@ -48,6 +48,7 @@ with quiet_ctrl_c_while_importing():
         check_seed,
         check_stop,
         check_writable,
+        input_path,
         interruption,
         one_line,
         output_path,
@@ -205,9 +206,23 @@ def _exchange(folder: Path, drawing: Path) -> bool:
     raise OSError(code, os.strerror(code), str(drawing), None, str(folder))
 
 
+def check_outputs_in_place(args: argparse.Namespace) -> None:
+    """Before drawing: no name this call writes in --out is taken by the other kind (an images file, a grid.png
+    folder). A file named images made the call fail after it had replaced grid.png and interpolation.png."""
+    for name, asked, folder in (
+        ("grid.png", args.grid, False),
+        ("interpolation.png", args.interp_rows, False),
+        ("images", args.num, True),
+    ):
+        path = args.out / name
+        if asked and path.exists() and path.is_dir() != folder:
+            kind, writes = ("a file", f"its folder {name}/") if folder else ("a folder", f"its picture {name}")
+            raise ConfigError(f"{path} is {kind}, where sample.py writes {writes}: move it away, or give another --out")
+
+
 def main(argv=None) -> int:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path, help="a began-fast .pt file or a run folder (its latest.pt)")
+    p.add_argument("checkpoint", type=input_path, help="a began-fast .pt file or a run folder (its latest.pt)")
     p.add_argument(
         "--out", type=output_path, default=Path("runs/samples"), help="output folder (default: runs/samples)"
     )
@@ -237,6 +252,7 @@ def main(argv=None) -> int:
         check_impl_env()
         G, _, state = load_models(args.checkpoint, args.device)
         check_writable(args.out, "--out", folder=True)  # after the checks above: a refused call creates no folder
+        check_outputs_in_place(args)
         with warnings_as_lines(), stop_signals():
             write_samples(G, args)
     except (CheckpointError, ConfigError, OSError) as e:

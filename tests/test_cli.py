@@ -271,6 +271,27 @@ def test_the_gpu_scripts_refuse_a_bad_flag_in_one_line(capsys, script, argv, sai
     assert ended.value.code == 2 and err.startswith(f"error: {said}") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize(
+    "script, argv, argument",
+    [
+        ("evaluate", [""], "checkpoint"),
+        ("sample", [" "], "checkpoint"),
+        ("compare_runs", ["runs/a", ""], "run_b"),
+        ("prepare_celeba", ["", "out.h5"], "src"),
+    ],
+)
+def test_an_empty_path_to_read_is_refused_as_empty(tmp_path, monkeypatch, capsys, script, argv, argument):
+    """An unset shell variable as the path to read was taken for the working directory: '. is a folder without a
+    latest.pt', '. is not a run folder', 'data path  does not exist'. Refused as empty, as the outputs are."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as ended:
+        load_script(script).main(argv)
+    err = capsys.readouterr().err
+    said = f"error: argument {argument}: is empty (an unset shell variable?); give a path (see "
+    assert ended.value.code == 2 and err.startswith(said) and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("value", ["-1e-4", "-1.5E+2", "-.5e1", "-3.e0"])
 def test_a_negative_number_in_scientific_notation_is_a_flags_value(capsys, value):
     """argparse reads `-1e-4` as a flag and says that --lr's argument is missing; the parser reads it as --lr's

@@ -247,6 +247,31 @@ def test_sample_script_refuses_a_request_it_cannot_draw(tiny_checkpoint, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("taken", "argv", "said"),
+    [
+        ("images", ["--num", "2"], "is a file, where sample.py writes its folder images/"),
+        ("grid.png/", [], "is a folder, where sample.py writes its picture grid.png"),
+        ("interpolation.png/", [], "is a folder, where sample.py writes its picture interpolation.png"),
+    ],
+)
+def test_sample_script_refuses_an_output_name_taken_by_the_other_kind_before_drawing(
+    tiny_checkpoint, tmp_path, capsys, taken, argv, said
+):
+    """A file named images made the call fail after it had replaced the earlier grid.png and interpolation.png."""
+    out = tmp_path / "samples"
+    out.mkdir()
+    earlier = {name: name.encode() for name in ("grid.png", "interpolation.png") if not taken.startswith(name)}
+    for name, content in earlier.items():
+        (out / name).write_bytes(content)
+    (out / taken.rstrip("/")).mkdir() if taken.endswith("/") else (out / taken).write_text("notes")
+    argv = [str(tiny_checkpoint[0]), "--out", str(out), "--device", "cpu", "--grid", "4", "--interp-rows", "2", *argv]
+    assert load_script("sample").main(argv) == 2
+    path = out / taken.rstrip("/")
+    assert capsys.readouterr().err == f"error: {path} {said}: move it away, or give another --out\n"
+    assert {name: (out / name).read_bytes() for name in earlier} == earlier
+
+
 def test_scripts_take_a_run_folder_for_its_latest_checkpoint(tiny_checkpoint, tmp_path, capsys):
     run = tiny_checkpoint[0].parent
     drawn = tmp_path / "drawn"
