@@ -209,6 +209,11 @@ def out_of_memory(error: RuntimeError, what: str) -> str | None:
     return None
 
 
+# What Python's own stderr does with what UTF-8 cannot encode: a path that is not UTF-8 (its bytes decoded as lone
+# surrogates) is written as '\udce9', where a strict encode raised in the middle of saying the error.
+STDERR_ERRORS = "backslashreplace"
+
+
 def say_line(line: str) -> None:
     """`line` on stderr in one write: the ranks of a torchrun job share the launcher's stderr, and lines written in
     parts can interleave. A progress bar on stderr is cleared first and drawn again after it (tqdm's
@@ -221,7 +226,7 @@ def say_line(line: str) -> None:
             print(line, file=sys.stderr)
             return
         sys.stderr.flush()
-        os.write(fd, (line + "\n").encode())
+        os.write(fd, (line + "\n").encode(errors=STDERR_ERRORS))
 
 
 @contextlib.contextmanager
@@ -247,7 +252,7 @@ def say_line_in_a_handler(line: str, below_a_bar: bool) -> None:
         if fd is None:
             sys.stderr.write(text)
         else:
-            os.write(fd, text.encode())
+            os.write(fd, text.encode(errors=STDERR_ERRORS))
     except (OSError, ValueError, RuntimeError):
         pass
 

@@ -97,6 +97,12 @@ class RunOptions:
     def __post_init__(self):
         if self.reference_step and (self.amp or self.cuda_graphs):
             raise ConfigError("--reference-step runs in float32 without graphs; drop --amp / --cuda-graphs")
+        try:
+            str(self.out).encode()
+        except UnicodeEncodeError:  # bytes that are not UTF-8, decoded as lone surrogates
+            # TensorBoard's log writer stopped the run in a traceback at its start, once config.json was written.
+            shown = str(self.out).encode(errors="backslashreplace").decode()
+            raise ConfigError(f"--out {shown} is not a UTF-8 path, as the run's logs need: give one that is") from None
         # The device may be the default, not one the user gave: on a machine without a GPU it is the CPU.
         found = " (no GPU found, or --device cpu)" if self.device == "cpu" else ""
         this_device = f"and this run's is {self.device}{found}"

@@ -193,7 +193,9 @@ def _write(tmp: Path, decoded, args: argparse.Namespace, source) -> int:
             dtype=np.uint8,
             chunks=(1, size, size, 3),
         )
-        f.attrs.update({"source": str(args.src), "crop": source.crop, "image_size": size})
+        # h5py stores text as UTF-8: a folder name that is not (its bytes decoded as lone surrogates) as '\udce9'.
+        source_name = str(args.src).encode(errors="backslashreplace").decode()
+        f.attrs.update({"source": source_name, "crop": source.crop, "image_size": size})
         for image in tqdm(decoded, total=len(files), unit="img"):
             check_stop()
             if image is not None:

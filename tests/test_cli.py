@@ -12,8 +12,10 @@ import time
 import weakref
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from began_fast.cli import (
@@ -34,6 +36,8 @@ from began_fast.cli import (
 )
 from began_fast.config import ConfigError
 from began_fast.data import DataError
+from began_fast.data.builtin import draw_faces
+from began_fast.train import RunOptions
 from tests.scripts import ROOT, load_script
 
 
@@ -558,3 +562,35 @@ def test_gpu_checks_packs_after_each_phase_what_a_killed_call_brings_back(tmp_pa
     with tarfile.open(tmp_path / "gc.tgz") as packed:
         assert "gc/compile.log" in packed.getnames()
         assert packed.extractfile("gc/phases.txt").read().decode().startswith("compile 0 ")
+
+
+NOT_UTF8 = os.fsdecode(b"lat\xe9")  # a name in Latin-1: its byte 0xe9 decoded as the lone surrogate '\udce9'
+
+
+def test_a_path_that_is_not_utf8_is_said_not_a_traceback(tmp_path, capfd):
+    """A message naming such a path (a --data that does not exist) raised UnicodeEncodeError as it was said, and the
+    traceback took its place. Both ways of saying a line write it as Python's stderr would: '\\udce9'."""
+    say_line(f"error: data path {NOT_UTF8} does not exist")
+    say_line_in_a_handler(f"Ctrl-C: stopping {NOT_UTF8}", below_a_bar=False)
+    assert capfd.readouterr().err == "error: data path lat\\udce9 does not exist\nCtrl-C: stopping lat\\udce9\n"
+
+
+def test_a_run_folder_that_is_not_utf8_is_refused_before_any_write(tmp_path):
+    """TensorBoard's log writer stopped such a run in a traceback at its start, once config.json was written."""
+    out = tmp_path / NOT_UTF8
+    with pytest.raises(ConfigError, match=r"^--out .*lat\\udce9 is not a UTF-8 path, as the run's logs need: give one"):
+        RunOptions(out=out)
+    assert not out.exists()
+
+
+def test_prepare_celeba_packs_a_folder_whose_name_is_not_utf8(tmp_path):
+    """h5py stores the source folder's name as UTF-8 text: the pack ended in a traceback as it began writing."""
+    folder = tmp_path / NOT_UTF8
+    folder.mkdir()
+    for i, face in enumerate(draw_faces(4, 16, seed=0)):
+        Image.fromarray(face).save(folder / f"{i}.png")
+    prepare_celeba = load_script("prepare_celeba")
+    args = prepare_celeba.parse_args([str(folder), str(tmp_path / "faces.h5"), "--size", "16", "--workers", "1"])
+    prepare_celeba.prepare(args)
+    with h5py.File(tmp_path / "faces.h5") as f:
+        assert f["images"].shape == (4, 16, 16, 3) and f.attrs["source"].endswith("lat\\udce9")
