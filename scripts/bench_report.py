@@ -3,13 +3,16 @@
 Writes bench/results/YYYY-MM-DD_<device>_<suite>.json (the input's benchmarks) and .md (a markdown table: per
 layer, direction and batch, each provider's median time per call and TFLOP/s, and triton's time over each baseline's:
 torch, torch-tf32, torch-bf16, compile), and puts the same table between `<!-- bench:<suite>:start -->` and
-`<!-- bench:<suite>:end -->` in each README that has those markers. Each benchmark must carry extra_info {layer,
-direction, batch, provider} and may carry flop (per call), as bench/conftest.py's `measure` records them.
+`<!-- bench:<suite>:end -->` in each README that has those markers (one named with --readme must have them, but for
+the data suite, whose table goes into no README). Each benchmark must carry extra_info {layer, direction, batch,
+provider} and may carry flop (per call), as bench/conftest.py's `measure` records them. Every folder and README it
+writes is checked first: a refusal leaves everything as it was.
 
 Several JSON files of one suite (say, the torch.compile cases run as a pytest session of their own, which keeps each
 session within a time limit) are merged into one record; they must come from one GPU (its UUID), versions and commit.
 
-usage: python scripts/bench_report.py RESULTS.json [MORE.json ...] --suite kernels [--out-dir DIR] [--readme FILE]
+usage: python scripts/bench_report.py RESULTS.json [MORE.json ...] --suite {data,kernels,step} [--out-dir DIR]
+       [--readme FILE]
 """
 
 from __future__ import annotations
@@ -26,11 +29,16 @@ from began_fast.startup import quiet_ctrl_c_while_importing  # noqa: E402
 
 with quiet_ctrl_c_while_importing():
     from began_fast.atomic_files import atomic_write
-    from began_fast.cli import OneLineParser
+    from began_fast.cli import OneLineParser, check_writable, output_path
+    from began_fast.config import ConfigError
 
 PROVIDER_ORDER = ("torch", "torch-tf32", "torch-bf16", "compile", "triton")
 BASELINES = ("torch", "torch-tf32", "torch-bf16", "compile")  # triton's time is reported over each of these present
 ROW_KEYS = ("layer", "direction", "batch", "provider")
+SUITES = ("data", "kernels", "step")  # bench/bench_<suite>.py
+# The suites whose table goes into a README; the data suite's loader table is a dated record only, so a README named
+# for it (gpu_checks.sh names its README copy for every suite) is left as it is, with a note.
+README_SUITES = ("kernels", "step")
 
 
 class ReportError(ValueError):
@@ -249,11 +257,13 @@ def write_report(json_paths: Path | list[Path], suite: str, out_dir: Path, readm
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path, nargs="+", help="pytest-benchmark JSON written by --benchmark-json")
-    parser.add_argument("--suite", required=True, help="suite name: file names and README markers (e.g. kernels)")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--suite", required=True, choices=SUITES, help="the bench/ suite: file names and README markers"
+    )
+    parser.add_argument("--out-dir", type=output_path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--readme",
-        type=Path,
+        type=output_path,
         action="append",
         help="README to update between the suite's markers (repeatable; default: bench/README.md and README.md)",
     )
@@ -269,11 +279,23 @@ def main(argv: list[str] | None = None) -> int:
             if readme.is_dir():
                 raise ReportError(f"--readme {readme} is a folder; expected a markdown README")
             try:
-                readme.read_text()
+                marked = replace_section(readme.read_text(), args.suite, "") is not None
             except UnicodeDecodeError:
                 raise ReportError(f"--readme {readme}: not a UTF-8 text file; expected a markdown README") from None
+            if marked:  # replaced once the records are written: a folder that takes no files fails before them
+                check_writable(readme, "--readme", create=False)
+            elif args.readme and args.suite in README_SUITES:  # a README named for the table would not get it
+                raise ReportError(
+                    f"--readme {readme} has no <!-- bench:{args.suite}:start --> and <!-- bench:{args.suite}:end --> "
+                    f"markers; expected a README with a section for the {args.suite} table"
+                )
+            elif args.readme:
+                print(
+                    f"note: the {args.suite} suite's table goes into no README: {readme} left as it is", file=sys.stderr
+                )
+        check_writable(args.out_dir, "--out-dir", folder=True, create=False)  # create=False: bad input makes no folder
         written = write_report(args.json, args.suite, args.out_dir, readmes)
-    except (ReportError, OSError) as e:  # nothing is written before the input is checked
+    except (ReportError, ConfigError, OSError) as e:  # nothing is written before the input is checked
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in written:

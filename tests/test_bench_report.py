@@ -1,5 +1,6 @@
 """scripts/bench_report.py on a small synthetic pytest-benchmark JSON (made-up numbers; tests the writer only)."""
 
+import errno
 import json
 import os
 import re
@@ -98,11 +99,9 @@ def test_readme_section_is_replaced_between_markers_only(tmp_path):
     before, after = "# Bench\n\nintro text\n\n", "\n\nmore text <!-- bench:step:start -->keep<!-- bench:step:end -->\n"
     readme = tmp_path / "README.md"
     readme.write_text(before + "<!-- bench:kernels:start -->\nold table\n<!-- bench:kernels:end -->" + after)
-    unmarked = tmp_path / "OTHER.md"
-    unmarked.write_text("no markers here\n")
-    bench_report.main(
-        [str(source), "--suite", "kernels", "--out-dir", str(tmp_path / "r")]
-        + [f"--readme={p}" for p in (readme, unmarked)]
+    assert (
+        bench_report.main([str(source), "--suite", "kernels", "--out-dir", str(tmp_path / "r"), f"--readme={readme}"])
+        == 0
     )
     text = readme.read_text()
     assert text.startswith(before) and text.endswith(after)
@@ -111,7 +110,91 @@ def test_readme_section_is_replaced_between_markers_only(tmp_path):
     assert section.startswith("<!-- bench:kernels:start -->\nDevice: Synthetic GPU 80GB")
     assert section.endswith("<!-- bench:kernels:end -->")
     assert "| conv A | forward | 16 | 4.000 |" in section
-    assert unmarked.read_text() == "no markers here\n"
+
+
+def test_a_readme_named_without_the_suite_s_markers_is_refused_and_the_data_suite_s_is_left_with_a_note(
+    tmp_path, capsys
+):
+    """A README named with --readme that has no markers for the suite got nothing, without a word (--suite kernel,
+    a typo, wrote kernel records and updated no README): it is refused before anything is written. The data suite's
+    table goes into no README by design (gpu_checks.sh names its README copy for every suite): a note says so."""
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(SYNTHETIC))
+    readme = tmp_path / "README.md"
+    marked = "<!-- bench:kernels:start -->\nold table\n<!-- bench:kernels:end -->\n"
+    readme.write_text(marked)
+    argv = [str(source), "--out-dir", str(tmp_path / "r"), f"--readme={readme}", "--suite"]
+    assert bench_report.main([*argv, "step"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --readme {readme} has no <!-- bench:step:start --> and <!-- bench:step:end --> markers; expected a "
+        "README with a section for the step table\n"
+    )
+    assert readme.read_text() == marked and not (tmp_path / "r").exists()
+    assert bench_report.main([*argv, "data"]) == 0
+    assert capsys.readouterr().err == f"note: the data suite's table goes into no README: {readme} left as it is\n"
+    assert readme.read_text() == marked
+    assert sorted(path.name for path in (tmp_path / "r").iterdir()) == [
+        "2031-02-03_synthetic-gpu-80gb_data.json",
+        "2031-02-03_synthetic-gpu-80gb_data.md",
+    ]
+
+
+def test_the_suites_are_bench_s_and_the_readmes_mark_those_that_go_into_them():
+    """--suite is one of bench/bench_<suite>.py, and README_SUITES, whose README named without markers is refused,
+    are the suites the READMEs have sections for."""
+    assert bench_report.SUITES == tuple(
+        sorted(p.stem.removeprefix("bench_") for p in (ROOT / "bench").glob("bench_*.py"))
+    )
+    readmes = (ROOT / "README.md", ROOT / "bench" / "README.md")
+    marked = {suite for readme in readmes for suite in re.findall(r"<!-- bench:(\w+):start -->", readme.read_text())}
+    assert marked == set(bench_report.README_SUITES)
+
+
+def refuse_new_files_in(folder: Path, monkeypatch) -> None:
+    """`folder` refuses new files and folders, as a read-only folder does (EACCES): as root, which CI's containers
+    run as, permission bits are ignored, so a chmod would test nothing."""
+    real_open, real_mkdir = os.open, os.mkdir
+    tmpfile = getattr(os, "O_TMPFILE", 0)  # an unnamed file in the folder named (TemporaryFile on Linux)
+
+    def refused(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def open_(path, flags, *args, **kwargs):
+        if tmpfile and flags & tmpfile == tmpfile and Path(path) == folder:
+            refused(path)
+        if flags & os.O_CREAT and Path(path).parent == folder:
+            refused(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).parent == folder:
+            refused(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("locked", ["--readme", "--out-dir"])
+def test_a_folder_that_takes_no_files_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, locked):
+    """A README in a read-only folder failed after the dated .json and .md were written, with "[Errno 13] Permission
+    denied: '.../.README.md.x.began-fast.tmp'"; an --out-dir in one with "[Errno 13] Permission denied: '...'". Each
+    is refused in one line that names its flag, before anything is written."""
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(SYNTHETIC))
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    readme = (folder if locked == "--readme" else tmp_path) / "README.md"
+    marked = "<!-- bench:kernels:start -->\nold table\n<!-- bench:kernels:end -->\n"
+    readme.write_text(marked)
+    out_dir = (tmp_path if locked == "--readme" else folder) / "r"
+    refuse_new_files_in(folder, monkeypatch)
+    argv = [str(source), "--suite", "kernels", "--out-dir", str(out_dir), f"--readme={readme}"]
+    assert bench_report.main(argv) == 2
+    named = readme if locked == "--readme" else out_dir
+    assert capsys.readouterr().err == f"error: {locked} {named}: cannot write into {folder} (Permission denied)\n"
+    assert readme.read_text() == marked and not out_dir.exists()
+    assert sorted(path.name for path in folder.iterdir()) == (["README.md"] if locked == "--readme" else [])
 
 
 def test_a_write_that_fails_leaves_the_readme_whole(tmp_path, monkeypatch, capsys):
@@ -209,14 +292,23 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, mes
     [
         ([], "the following arguments are required: json, --suite"),
         (["run.json", "--suite", "kernels", "--colour"], "unrecognized arguments: --colour"),
+        # --suite kernel wrote kernel records and updated no README; an empty --out-dir wrote into the working folder.
+        (["run.json", "--suite", "kernel"], "argument --suite: invalid choice: 'kernel' (choose from "),
+        (
+            ["run.json", "--suite", "kernels", "--out-dir", ""],
+            "argument --out-dir: is empty (an unset shell variable?)",
+        ),
+        (["run.json", "--suite", "kernels", "--readme", ""], "argument --readme: is empty (an unset shell variable?)"),
     ],
+    ids=["no-arguments", "unknown-flag", "unknown-suite", "empty-out-dir", "empty-readme"],
 )
 def test_a_mistyped_command_line_is_one_line(capsys, argv, message):
     """argparse's own errors, as every script's: one line naming the error and --help, status 2, not the usage text."""
     with pytest.raises(SystemExit) as ended:
         bench_report.main(argv)
     err = capsys.readouterr().err
-    assert ended.value.code == 2 and err.startswith(f"error: {message} (see ") and err.count("\n") == 1, err
+    assert ended.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert err.endswith(" --help)\n"), err
 
 
 def refused(tmp_path, capsys, content: str | None) -> str:
