@@ -14,6 +14,7 @@ It prints a table, per kernel: Triton's or PyTorch's, launches and device time p
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -127,10 +128,26 @@ def report(rows: list[KernelTime], graph_ms: float, eager_ms: float, title: str)
     return "\n".join(lines) + "\n"
 
 
+def export_trace(prof, path: Path) -> None:
+    """The profiler's Chrome trace at `path`, whole or not at all: written to a temporary file beside it, then renamed
+    over it. Kineto raises nothing when it cannot write the file (it logs an error and returns): OSError then, and an
+    earlier trace stays."""
+    from began_fast.atomic_files import TEMPORARY_SUFFIX, durable_replace
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
+    try:
+        prof.export_chrome_trace(str(tmp))
+        if not tmp.is_file():
+            raise OSError(f"cannot write {path}: the profiler wrote no trace (see its error above)")
+        durable_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv=None) -> int:
     from began_fast import provenance
     from began_fast.atomic_files import atomic_write
-    from began_fast.cli import OneLineParser, check_one_process
+    from began_fast.cli import OneLineParser, check_one_process, check_writable, one_line, out_of_memory, output_path
     from began_fast.config import PRESETS, ConfigError
 
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
@@ -139,7 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16")
     parser.add_argument("--steps", type=int, default=10, help="eager steps profiled (default 10)")
     parser.add_argument("--repeats", type=int, default=50, help="steps timed per median (default 50)")
-    parser.add_argument("--out", type=Path, help="folder for profile.md and trace.json")
+    parser.add_argument("--out", type=output_path, help="folder for profile.md and trace.json")
     args = parser.parse_args(argv)
     for name in ("batch", "steps", "repeats"):
         if getattr(args, name) < 1:
@@ -152,14 +169,25 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():  # not a flag's fault: no pointer to --help
         print("error: no CUDA GPU: the profile times the fast step's kernels on one", file=sys.stderr)
         return 2
-
-    eager, graph = build_step(args.preset, args.batch, None if args.amp == "none" else args.amp)
-    graph_ms, eager_ms = median_ms(graph, args.repeats), median_ms(eager, args.repeats)
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(args.steps):
-            eager()
-        torch.cuda.synchronize()
+    try:
+        if args.out is not None:  # before the minutes of GPU work; create=False: a profile that fails makes no folder
+            check_writable(args.out, "--out", folder=True, create=False)
+        eager, graph = build_step(args.preset, args.batch, None if args.amp == "none" else args.amp)
+        graph_ms, eager_ms = median_ms(graph, args.repeats), median_ms(eager, args.repeats)
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                eager()
+            torch.cuda.synchronize()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        ran_out = out_of_memory(e, "the step")
+        if ran_out is None:
+            raise
+        print(f"error: {ran_out}; lower --batch", file=sys.stderr)
+        return 2
     rows = kernel_times(prof.key_averages(), args.steps, triton_kernel_names())
     import triton
 
@@ -168,9 +196,14 @@ def main(argv=None) -> int:
     text = report(rows, graph_ms, eager_ms, title)
     print(text, end="")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out / "profile.md", lambda f: f.write(text.encode()))
-        prof.export_chrome_trace(str(args.out / "trace.json"))
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            # The trace first: when it cannot be written, the earlier trace.json and profile.md stay a pair.
+            export_trace(prof, args.out / "trace.json")
+            atomic_write(args.out / "profile.md", lambda f: f.write(text.encode()))
+        except OSError as e:  # the table is on stdout above: the profile is not lost
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
     return 0
 
 

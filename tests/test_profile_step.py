@@ -1,5 +1,6 @@
 """scripts/profile_step.py: its per-step kernel table from a profile (on made-up profiler rows without a GPU), its
-one-line refusal without a GPU, and a real profile of the demo preset (marked `cuda`)."""
+one-line refusal without a GPU, its one-line refusals of bad input on a faked GPU, and a real profile of the demo
+preset (marked `cuda`)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,100 @@ def test_profile_of_the_demo_preset(tmp_path):
     text = (tmp_path / "profile.md").read_text()
     assert "| `conv_elu_fwd_kernel` | Triton |" in text
     assert (tmp_path / "trace.json").stat().st_size > 0
+
+
+class FakeProfile:
+    """torch.profiler.profile's part that main() uses, with one Triton kernel's row; its trace is `trace` written to
+    the path given, or (trace None) nothing, as Kineto does when it cannot write the file: it logs and returns."""
+
+    def __init__(self, trace: str | None):
+        self.trace = trace
+
+    def __call__(self, activities):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def key_averages(self):
+        return [event("conv_elu_fwd_kernel", 8, 900.0)]
+
+    def export_chrome_trace(self, path):
+        if self.trace is not None:
+            Path(path).write_text(self.trace)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """main() on a CPU as on a GPU: a CUDA device, a step that runs nothing and a profile of one kernel. Returns the
+    preset, batch and amp of each step built."""
+    built = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
+    monkeypatch.setattr(profile_step, "build_step", lambda *args: (built.append(args), (lambda: None, lambda: None))[1])
+    monkeypatch.setattr(profile_step, "median_ms", lambda run, repeats: 0.5)
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile('{"traceEvents": []}'))
+    return built
+
+
+def test_the_fake_gpu_profile_writes_the_table_and_the_trace(tmp_path, fake_gpu, capsys):
+    """What the tests below refuse is refused by main() itself, not by the fakes."""
+    assert profile_step.main(["--out", str(tmp_path / "new" / "out")]) == 0
+    assert fake_gpu == [("paper64", 16, "bf16")]
+    assert "| `conv_elu_fwd_kernel` | Triton |" in (tmp_path / "new" / "out" / "profile.md").read_text()
+    assert (tmp_path / "new" / "out" / "trace.json").read_text() == '{"traceEvents": []}'
+    assert "| `conv_elu_fwd_kernel` | Triton |" in capsys.readouterr().out
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_any_gpu_work(tmp_path, fake_gpu, monkeypatch, capsys):
+    """--out naming a file ended, after the whole profile had run, in a FileExistsError traceback; --out '' (an
+    unset shell variable) wrote into the working folder. Each is one line, before any step is built."""
+    monkeypatch.chdir(tmp_path)
+    existing = tmp_path / "profile.md"
+    existing.write_text("an earlier table\n")
+    assert profile_step.main(["--out", str(existing)]) == 2
+    assert capsys.readouterr().err == f"error: --out {existing} is a file; expected a folder\n"
+    with pytest.raises(SystemExit) as ended:
+        profile_step.main(["--out", ""])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.startswith("error: argument --out: is empty (an unset shell variable?)"), err
+    assert fake_gpu == [] and existing.read_text() == "an earlier table\n"
+    assert list(tmp_path.iterdir()) == [existing]
+
+
+def test_a_batch_too_big_for_the_gpu_is_one_line(fake_gpu, monkeypatch, capsys):
+    """Out of GPU memory ended in torch's traceback: one line that says what to lower, as train.py's and
+    evaluate.py's; any other RuntimeError is a bug, and propagates."""
+    out_of_memory = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.2 GiB is "
+        "free.\nIf reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF"
+    )
+    monkeypatch.setattr(profile_step, "build_step", lambda *args: (_ for _ in ()).throw(out_of_memory))
+    assert profile_step.main(["--batch", "100000"]) == 2
+    assert capsys.readouterr().err == (
+        "error: CUDA out of memory: the step does not fit this GPU's memory; lower --batch\n"
+    )
+    monkeypatch.setattr(profile_step, "build_step", lambda *args: (_ for _ in ()).throw(RuntimeError("another error")))
+    with pytest.raises(RuntimeError, match="another error"):
+        profile_step.main([])
+
+
+def test_a_trace_the_profiler_cannot_write_is_said_and_the_earlier_files_stay(tmp_path, fake_gpu, monkeypatch, capsys):
+    """Kineto logs a trace it cannot write and returns: trace.json was left missing or cut short and the script
+    exited 0. The trace goes through a temporary file; when none was written, one line, status 2, and the earlier
+    trace.json and profile.md stay as they were."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "trace.json").write_text("an earlier trace")
+    (out / "profile.md").write_text("an earlier table\n")
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile(None))
+    assert profile_step.main(["--out", str(out)]) == 2
+    said = f"error: cannot write {out / 'trace.json'}: the profiler wrote no trace (see its error above)\n"
+    assert capsys.readouterr().err == said
+    assert sorted(path.name for path in out.iterdir()) == ["profile.md", "trace.json"]
+    assert (out / "trace.json").read_text() == "an earlier trace"
+    assert (out / "profile.md").read_text() == "an earlier table\n"
