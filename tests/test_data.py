@@ -28,7 +28,7 @@ from PIL import ExifTags, Image
 
 import began_fast.data.hdf5 as hdf5_module
 from began_fast import seeds
-from began_fast.cli import check_workers
+from began_fast.cli import check_workers, one_line
 from began_fast.config import ConfigError, DataConfig
 from began_fast.data import (
     BatchOrder,
@@ -486,6 +486,40 @@ def test_hdf5_without_images_dataset(tmp_path):
     (tmp_path / "text.h5").write_text("not hdf5")
     with pytest.raises(DataError, match="cannot read .* as HDF5"):
         open_source(DataConfig(path=str(tmp_path / "text.h5")), 32)
+
+
+def test_a_damaged_chunk_of_an_hdf5_file_stops_the_run_in_one_line_naming_the_file_and_rows(tmp_path):
+    """Bytes overwritten inside a compressed chunk fail HDF5's decompression, whose message named neither the file
+    nor the row ("Can't synchronously read data (filter returned failure during read)", found by an audit). Each
+    read of the rows fails the same way, in every loader: the run stops, in one line that says what to do."""
+    path = tmp_path / "faces.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=draw_faces(12, 16, seed=6), chunks=(4, 16, 16, 3), compression="gzip")
+        chunk = f["images"].id.get_chunk_info(1)  # rows 4 to 7
+    with open(path, "r+b") as f:
+        f.seek(chunk.byte_offset + chunk.size // 2)
+        f.write(bytes(32))
+    damaged = rf"^{path}:images {{}} cannot be read \(filter returned failure during read\): the file is damaged; "
+    damaged += r"re-create it with scripts/prepare_celeba.py$"
+    source = open_source(DataConfig(path=str(path)), 16)
+    assert source[3].shape == (3, 16, 16) and source[8].shape == (3, 16, 16)  # the other chunks are whole
+    with pytest.raises(DataError, match=damaged.format("row 6")):
+        source[6]
+    with pytest.raises(DataError, match=damaged.format("row 5")):
+        source[-7]
+    # The whole file at once (the GPU-resident loader's copy), at the stored size and resized a chunk at a time.
+    for image_size in (16, 8):
+        with pytest.raises(DataError, match=damaged.format("rows 4 to 7")):
+            open_source(DataConfig(path=str(path)), image_size).as_uint8()
+    # From a DataLoader worker, the error reaches the run as the DataError it was, which the scripts print as one
+    # line.
+    loader = TorchLoader(source, BatchOrder(len(source), 12, seed=0), num_workers=1)
+    try:
+        with pytest.raises(DataError) as stopped:
+            next(loader)
+    finally:
+        loader.close()
+    assert re.fullmatch(damaged.format("row [4-7]")[1:-1], one_line(stopped.value))
 
 
 # --- built-in faces -----------------------------------------------------------------------------------------

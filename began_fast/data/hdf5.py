@@ -3,11 +3,16 @@
 Layouts read: dataset `images`, uint8, (N, S, S, 3) (ours, NHWC as image libraries write it), or the earlier
 TensorFlow implementation's (N, 64*64*3), rows of flattened 64 x 64 x 3 images. The stored images are already
 cropped, so the crop settings do not apply; a stored size other than the model's is resized (Lanczos) on read.
+
+A row that cannot be read (a damaged chunk) stops the run with one DataError line naming the file and the row, in
+every loader: unlike a folder's file, no image stands in for it, since the GPU-resident loader reads the whole file
+at once, and the file is prepared data, made again from its folder by scripts/prepare_celeba.py.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import h5py
@@ -24,6 +29,21 @@ FLAT_SIZE = 64  # the flattened layout's image size
 # Images read and resized at a time by as_uint8 from a file stored at another size: the host holds one chunk of
 # stored images, not the whole file's (CelebA's 202,599 at 256 px are 40 GB; resized to 64 px, 2.5 GB).
 RESIZE_CHUNK = 1024
+# HDF5's reason in h5py's message for a failed read: "Can't synchronously read data (filter returned failure ...)".
+HDF5_REASON = re.compile(r"\(([^()]+)\)\s*$")
+
+
+def _first_unreadable(stored: h5py.Dataset, start: int, stop: int) -> tuple[int, int]:
+    """(first, last) row of the first stored chunk in rows start to stop - 1 that cannot be read, read a chunk at a
+    time (every row of a damaged chunk fails); (start, stop - 1) when each can (the failure was not the data's)."""
+    step = stored.chunks[0] if stored.chunks else RESIZE_CHUNK
+    for first in range(start - start % step, stop, step):
+        rows = max(first, start), min(first + step, stop)
+        try:
+            stored[rows[0] : rows[1]]
+        except OSError:
+            return rows[0], rows[1] - 1
+    return start, stop - 1
 
 
 def _check_layout(path: str) -> tuple[int, int, bool]:
@@ -84,18 +104,35 @@ class Hdf5Images(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(rows)).permute(0, 3, 1, 2).contiguous()
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self._to_chw(self._images()[index])[0]
+        index = range(self.count)[index]  # IndexError past the end, as a sequence must; a row's number to name
+        return self._to_chw(self._rows(self._images(), index, index + 1))[0]
 
     def as_uint8(self) -> torch.Tensor:
         """All images, (N, 3, S, S) uint8, read in one pass (RESIZE_CHUNK at a time where they are resized)."""
         with h5py.File(self.path, "r") as f:
             stored = f[DATASET]
             if self.stored_size == self.image_size:
-                return self._to_chw(stored[:])
+                return self._to_chw(self._rows(stored, 0, self.count))
             images = torch.empty((self.count, 3, self.image_size, self.image_size), dtype=torch.uint8)
             for start in range(0, self.count, RESIZE_CHUNK):
-                images[start : start + RESIZE_CHUNK] = self._to_chw(stored[start : start + RESIZE_CHUNK])
+                stop = min(start + RESIZE_CHUNK, self.count)
+                images[start:stop] = self._to_chw(self._rows(stored, start, stop))
             return images
+
+    def _rows(self, stored: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+        """Stored rows start to stop - 1. DataError naming the first that cannot be read: a damaged chunk (bytes
+        overwritten in a compressed file) fails HDF5's decompression in a message that names neither the file nor
+        the row, and would fail every read of it again, in whichever loader: the run stops at it."""
+        try:
+            return stored[start:stop]
+        except OSError as error:
+            first, last = _first_unreadable(stored, start, stop)
+            rows = f"row {first}" if first == last else f"rows {first} to {last}"
+            reason = HDF5_REASON.search(str(error))
+            raise DataError(
+                f"{self.path}:{DATASET} {rows} cannot be read ({reason[1] if reason else error}): the file is "
+                "damaged; re-create it with scripts/prepare_celeba.py"
+            ) from None
 
     def describe(self) -> str:
         resize = "" if self.stored_size == self.image_size else f", resized from {self.stored_size}px"
