@@ -348,6 +348,54 @@ def test_folder_errors(tmp_path, mixed_folder):
     )
 
 
+@contextlib.contextmanager
+def denied(*paths: Path):
+    """Inside, reading `paths` (folders listed, files opened) fails as it does without read permission. Patched, not
+    chmod-ed: root, which tests often run as, reads any file."""
+    denied_paths = {str(path) for path in paths}
+    scandir, open_image = os.scandir, Image.open
+
+    def refuse(path):
+        if str(path) in denied_paths:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "scandir", lambda path=".": refuse(path) or scandir(path))
+        patch.setattr(Image, "open", lambda path, *args, **kwargs: refuse(path) or open_image(path, *args, **kwargs))
+        yield
+
+
+def test_unreadable_folders_and_files_are_said_to_be_unreadable_not_empty_or_corrupt(tmp_path):
+    """A folder without read permission was reported as holding no images, and image files without it as files
+    that could not be decoded (found by an audit): each now says it cannot be read, and why."""
+    faces, nested = tmp_path / "faces", tmp_path / "nested"
+    paths = write_celeba_like(faces, 4, seed=3) + write_celeba_like(faces / "sub", 2, seed=4)
+    write_celeba_like(nested / "sub", 2, seed=4)
+    with (
+        denied(faces),
+        pytest.raises(DataError, match=rf"^cannot read the image folder {faces} \(Permission denied\)$"),
+    ):
+        open_source(DataConfig(path=str(faces)), 16)
+    with denied(nested / "sub"), pytest.raises(DataError) as refused:
+        open_source(DataConfig(path=str(nested)), 16)
+    assert str(refused.value) == (
+        f"no images (.jpg, .jpeg, .png, .bmp, .webp) found under {nested}: 1 folder under it cannot be read (first: "
+        f"{nested / 'sub'}, Permission denied)"
+    )
+    # A folder that cannot be read among others that can: its images are left out, as undecodable files are.
+    said = rf"^skipped 1 folder under {faces} that cannot be read \(first: {faces / 'sub'}, Permission denied\): "
+    with denied(faces / "sub"), pytest.warns(SkippedImagesWarning, match=said + "their images are left out$"):
+        assert len(open_source(DataConfig(path=str(faces)), 16)) == 4
+    with (
+        denied(*paths),
+        pytest.raises(DataError, match=rf"^none of the 6 image files could be read \(first: {paths[0]}, "),
+    ):
+        open_source(DataConfig(path=str(faces)), 16)
+    said = rf"^skipped 2 of 6 image files that could not be read or decoded \(first: {paths[1]}, Permission denied\)$"
+    with denied(paths[1], paths[2]), pytest.warns(SkippedImagesWarning, match=said):
+        assert len(open_source(DataConfig(path=str(faces)), 16)) == 4
+
+
 def test_a_folder_emptied_or_gone_mid_run_is_said_in_a_few_lines(tmp_path):
     """Files removed from under a run (a folder emptied, a disk unmounted) were each named in a warning before the
     error: 202,599 lines for CelebA (found by a data-path helper). The first NAMED_FAILURES are named, then one line

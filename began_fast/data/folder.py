@@ -36,15 +36,34 @@ TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def find_images(root: str | Path) -> list[str]:
-    """All files under `root` (recursively) with an image extension, sorted so the order is the same everywhere."""
-    found, visited = [], set()
-    for directory, subdirectories, names in os.walk(root, followlinks=True):
+    """All files under `root` (recursively) with an image extension, sorted so the order is the same everywhere.
+
+    A folder that cannot be listed (no permission to read it) is said: DataError when no image was found elsewhere
+    (the folder is not empty, only unreadable), else one SkippedImagesWarning names how many folders were left out.
+    """
+    found, visited, unreadable = [], set(), []
+    for directory, subdirectories, names in os.walk(root, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(directory)
         if real in visited:  # a link back up the tree, or a second link to a folder already listed
             subdirectories.clear()
             continue
         visited.add(real)
         found += [os.path.join(directory, name) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
+    if unreadable:
+        folder, why = unreadable[0].filename, unreadable[0].strerror
+        if folder == os.fspath(root):
+            raise DataError(f"cannot read the image folder {folder} ({why})")
+        if not found:
+            raise DataError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}: {counted(len(unreadable), 'folder')} "
+                f"under it cannot be read (first: {folder}, {why})"
+            )
+        warnings.warn(
+            f"skipped {counted(len(unreadable), 'folder')} under {root} that cannot be read (first: {folder}, {why}): "
+            "their images are left out",
+            SkippedImagesWarning,
+            stacklevel=3,
+        )
     return sorted(found)
 
 
@@ -70,6 +89,12 @@ def _image_size(path: str) -> tuple[int, int] | Exception:
         return error
 
 
+def _unreadable(error: Exception | tuple[int, int]) -> bool:
+    """Whether _image_size's result is an error of the file system (no permission, gone), not of the image: PIL's
+    errors for a file that is not a whole image are OSErrors too, without an errno."""
+    return isinstance(error, OSError) and error.errno is not None and bool(error.strerror)
+
+
 def scan_images(
     files: list[str], crop: str | None, crop_size: int | None, image_size: int
 ) -> tuple[list[str], frozenset[str]]:
@@ -85,9 +110,15 @@ def scan_images(
     for path, size in zip(files, sizes, strict=True):
         if isinstance(size, tuple):
             good.append((path, size))
+        elif isinstance(size, Image.DecompressionBombError):
+            too_large.append(path)
         else:
-            (too_large if isinstance(size, Image.DecompressionBombError) else undecodable).append(path)
-    if not good:
+            undecodable.append((path, size))
+    if not good:  # files that cannot be read (no permission) are not corrupt: the first file's error says which
+        if _unreadable(sizes[0]):
+            raise DataError(
+                f"none of the {len(files)} image files could be read (first: {files[0]}, {sizes[0].strerror})"
+            )
         raise DataError(f"none of the {len(files)} image files could be decoded (first: {files[0]})")
     limit = Image.MAX_IMAGE_PIXELS  # PIL warns above it and refuses above twice it; None (set by a user): no limit
     large = [(path, size) for path, size in good if limit and size[0] * size[1] > limit]
@@ -126,9 +157,12 @@ def scan_images(
             stacklevel=3,
         )
     if undecodable:
+        path, error = undecodable[0]
+        read = "read or " if any(_unreadable(failure) for _, failure in undecodable) else ""
+        why = f", {error.strerror}" if _unreadable(error) else ""
         warnings.warn(
-            f"skipped {len(undecodable)} of {len(files)} image files that could not be decoded "
-            f"(first: {undecodable[0]})",
+            f"skipped {len(undecodable)} of {len(files)} image files that could not be {read}decoded "
+            f"(first: {path}{why})",
             SkippedImagesWarning,
             stacklevel=3,
         )
