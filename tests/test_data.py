@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import itertools
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -48,6 +49,7 @@ from began_fast.data import (
 from began_fast.data.builtin import BuiltinFaces, draw_faces
 from began_fast.data.errors import NAMED_FAILURES
 from began_fast.data.gpu_resident import fits
+from began_fast.data.images import largest_crop_size
 from began_fast.distributed import machine_cores
 from tests.scripts import dropped_by_a_finalizer, load_script
 
@@ -120,12 +122,71 @@ def test_crop_box_values():
     assert crop_box(178, 218, "center", None) == (0, 20, 178)
     assert crop_box(178, 218, "center", 64) == (57, 77, 64)
     assert crop_box(300, 200, "center", None) == (50, 0, 200)
-    with pytest.raises(DataError, match="smaller than the celeba crop box .*; use --crop center or a smaller --crop-s"):
-        crop_box(100, 100, "celeba", None)
-    with pytest.raises(DataError, match="smaller than the celeba crop box of 200x200 at left -11, top 14"):
-        crop_box(300, 300, "celeba", 200)  # fits below and to the right, but starts left of the image (black border)
-    with pytest.raises(DataError, match="smaller than the center crop box .*; use a --crop-size of at most 178$"):
+    celeba = "the celeba box is placed for the 178x218 aligned CelebA images"
+    with pytest.raises(DataError) as refused:
+        crop_box(100, 150, "celeba", None)
+    assert str(refused.value) == (
+        f"a 100x150 image is smaller than the celeba crop box of 128x128 at left 25, top 50: {celeba}; one of at most "
+        "23x23 fits this one, as does the centred square (train.py and prepare_celeba.py: --crop-size 23 or less, or "
+        "--crop center)"
+    )
+    with pytest.raises(DataError) as refused:
         crop_box(178, 218, "center", 200)
+    assert str(refused.value) == (
+        "a 178x218 image is smaller than the center crop box of 200x200 at left -11, top 9; a centred box of at most "
+        "178x178 fits it (train.py and prepare_celeba.py: --crop-size 178 or less)"
+    )
+
+
+def test_a_celeba_box_outside_the_image_is_said_to_be_outside_it():
+    """The celeba box is placed for CelebA's images: one no larger than the image can lie outside it, where a
+    smaller --crop-size need not help. Found by an audit: 60x80 images and --crop-size 10 were said to be smaller
+    than the 10x10 box (at left 84, top 109), and a smaller --crop-size advised, which no size follows."""
+    celeba = "the celeba box is placed for the 178x218 aligned CelebA images"
+    with pytest.raises(DataError) as refused:
+        crop_box(60, 80, "celeba", 10)
+    assert str(refused.value) == (
+        f"the celeba crop box of 10x10 at left 84, top 109 falls outside a 60x80 image: {celeba}, and no celeba box "
+        "of any size fits this one; the centred square does (train.py and prepare_celeba.py: --crop center without "
+        "--crop-size)"
+    )
+    with pytest.raises(DataError) as refused:
+        crop_box(300, 300, "celeba", 200)  # fits below and to the right, but starts left of the image (black border)
+    assert str(refused.value) == (
+        f"the celeba crop box of 200x200 at left -11, top 14 falls outside a 300x300 image: {celeba}; one of at most "
+        "178x178 fits this one, as does the centred square (train.py and prepare_celeba.py: --crop-size 178 or less, "
+        "or --crop center without --crop-size)"
+    )
+    # The size said is the largest that fits, for every image size and crop.
+    for width, height, crop in itertools.product(range(1, 240, 9), range(1, 280, 13), ("celeba", "center")):
+        fits = [size for size in range(1, 300) if fits_crop(width, height, crop, size)]
+        assert fits == list(range(1, largest_crop_size(width, height, crop) + 1)), (width, height, crop)
+
+
+def fits_crop(width: int, height: int, crop: str, crop_size: int) -> bool:
+    try:
+        crop_box(width, height, crop, crop_size)
+    except DataError:
+        return False
+    return True
+
+
+def test_the_crop_advice_names_the_flags_as_train_and_prepare_celebas(tmp_path):
+    """evaluate.py crops a CelebA folder (named img_align_celeba) with the CelebA box, or a run's data with the run's
+    crop, and has no --crop or --crop-size: the advice to use them (found by an audit) now names whose they are."""
+    celeba = tmp_path / "img_align_celeba"
+    celeba.mkdir()
+    for i, face in enumerate(draw_faces(3, 64, seed=5)):
+        Image.fromarray(face).resize((60, 80)).save(celeba / f"{i:06d}.jpg", quality=95)
+    evaluate = load_script("evaluate")
+    with pytest.raises(DataError) as refused:
+        evaluate.evaluation_images(DataConfig(), str(celeba), num=2, image_size=16)
+    assert str(refused.value) == (
+        f"{celeba / '000000.jpg'}: a 60x80 image is smaller than the celeba crop box of 128x128 at left 25, top 50: "
+        "the celeba box is placed for the 178x218 aligned CelebA images, and no celeba box of any size fits this "
+        "one; the centred square does (train.py and prepare_celeba.py: --crop center), or take out of the folder "
+        "the 3 of 3 images the box does not fit"
+    )
 
 
 def test_detect_source(tmp_path, celeba_root, mixed_folder):
@@ -331,9 +392,9 @@ def test_folder_errors(tmp_path, mixed_folder):
     (broken / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     with pytest.raises(DataError, match="none of the 2 image files could be decoded"):
         open_source(DataConfig(path=str(broken)), 32)
-    # Which image does not fit: the smallest (the first, in sorted order, of equals) of the files that passed the
-    # scan, whose advice fits them all, and how many do not (one stray thumbnail is better taken out than every
-    # image's crop shrunk to its size).
+    # Which image does not fit: the one the fewest crop sizes fit (the first, in sorted order, of equals) of the
+    # files that passed the scan, whose advice fits them all, and how many do not (one stray thumbnail is better
+    # taken out than every image's crop shrunk to its size).
     with pytest.raises(DataError, match=rf"^{mixed_folder / 'b.jpg'}: a 48x48 image is smaller than the celeba crop"):
         open_source(DataConfig(path=str(mixed_folder), crop="celeba"), 32)
     faces = tmp_path / "faces"
@@ -344,8 +405,17 @@ def test_folder_errors(tmp_path, mixed_folder):
         open_source(DataConfig(path=str(faces), crop="center", crop_size=100), 32)
     assert str(refused.value) == (
         f"{faces / 'b_thumbnail.png'}: a 10x10 image is smaller than the center crop box of 100x100 at left -45, top "
-        "-45; use a --crop-size of at most 10, or take out of the folder the 2 of 5 images the box does not fit"
+        "-45; a centred box of at most 10x10 fits it (train.py and prepare_celeba.py: --crop-size 10 or less), or "
+        "take out of the folder the 2 of 5 images the box does not fit"
     )
+    # Named for the celeba box: the image the fewest sizes of it fit, here not the one with the shortest side (the
+    # box is off centre): a 170x170 image holds one of at most 113 px, a 160x300 one, of 143.
+    off_centre = tmp_path / "off_centre"
+    write_celeba_like(off_centre, 2, seed=3)
+    for name, size in (("a_tall.png", (160, 300)), ("b_square.png", (170, 170))):
+        Image.fromarray(draw_faces(1, 64, seed=0)[0]).resize(size).save(off_centre / name)
+    with pytest.raises(DataError, match=rf"^{off_centre / 'b_square.png'}: .* one of at most 113x113 fits this one"):
+        open_source(DataConfig(path=str(off_centre), crop="celeba", crop_size=150), 32)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import torch
 from PIL import ExifTags, Image
 
 from began_fast.data.errors import DataError, SkippedImagesWarning, check_folder_there, warn_undecodable
-from began_fast.data.images import IMAGE_EXTENSIONS, crop_box, load_image, pil_size_warning_off
+from began_fast.data.images import IMAGE_EXTENSIONS, crop_box, largest_crop_size, load_image, pil_size_warning_off
 from began_fast.wording import counted
 
 TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # by the format PIL reads, not the file's extension
@@ -134,11 +134,11 @@ def scan_images(
         try:
             _, _, side = crop_box(width, height, crop, crop_size)
         except DataError as error:
-            unfit.append((min(width, height), path, error))
+            unfit.append((largest_crop_size(width, height, crop), path, error))
             continue
         if side < image_size:
             small.append(path)
-    if unfit:  # the smallest (its advice fits them all), and how many: one stray thumbnail is better taken out
+    if unfit:  # the one fewest crop sizes fit (its advice fits them all), and how many: a stray one is better out
         _, path, error = min(unfit, key=lambda item: item[0])
         raise DataError(
             f"{path}: {error}, or take out of the folder the {len(unfit)} of {len(good)} images the box does not fit"

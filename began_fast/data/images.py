@@ -22,6 +22,7 @@ SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of a 
 # The aligned CelebA faces are 178 x 218; carpedm20/BEGAN-tensorflow keeps the 128 x 128 box at top 50, left 25,
 # which holds the face and little background. Its centre (89, 114) is kept when another crop_size is asked for.
 CELEBA_BOX = (25, 50, 128)
+CELEBA_SIZE = (178, 218)
 
 
 def crop_box(width: int, height: int, crop: str | None, crop_size: int | None) -> tuple[int, int, int]:
@@ -41,14 +42,42 @@ def crop_box(width: int, height: int, crop: str | None, crop_size: int | None) -
     else:
         raise DataError(f"crop must be 'celeba', 'center' or None, got {crop!r}")
     if left < 0 or top < 0 or left + size > width or top + size > height:
-        advice = "--crop center or a smaller --crop-size"
-        if crop == "center":
-            advice = f"a --crop-size of at most {min(width, height)}"
-        raise DataError(
-            f"a {width}x{height} image is smaller than the {crop or 'celeba'} crop box of {size}x{size} at "
-            f"left {left}, top {top}; use {advice}"
-        )
+        raise DataError(_unfit(width, height, crop or "celeba", crop_size, (left, top, size)))
     return left, top, size
+
+
+def largest_crop_size(width: int, height: int, crop: str | None) -> int:
+    """The largest crop_size whose box (crop_box) fits in a width x height image; < 1 when none does (the celeba box
+    of an image that does not hold the CelebA box's centre)."""
+    if crop == "center":
+        return min(width, height)
+    left, top, size = CELEBA_BOX
+    # Kept on the box's centre, a box of side s starts at left + (size - s) // 2 and ends at left + (size + s) // 2.
+    return min(size + 2 * min(left, top), 2 * (width - left) - size + 1, 2 * (height - top) - size + 1)
+
+
+def _unfit(width: int, height: int, crop: str, crop_size: int | None, box: tuple[int, int, int]) -> str:
+    """crop_box's message for a box that does not fit: what is wrong, then what fits. The flags are named as two
+    scripts' own: evaluate.py, which reaches this through a run's crop, has none to give."""
+    left, top, size = box
+    if size > width or size > height:
+        said = (
+            f"a {width}x{height} image is smaller than the {crop} crop box of {size}x{size} at left {left}, top {top}"
+        )
+    else:  # no larger than the image, yet not inside it: the celeba box, placed where CelebA's faces are
+        said = f"the {crop} crop box of {size}x{size} at left {left}, top {top} falls outside a {width}x{height} image"
+    largest = largest_crop_size(width, height, crop)
+    flags = "(train.py and prepare_celeba.py: "
+    if crop == "center":
+        return f"{said}; a centred box of at most {largest}x{largest} fits it {flags}--crop-size {largest} or less)"
+    placed = f"{said}: the celeba box is placed for the {CELEBA_SIZE[0]}x{CELEBA_SIZE[1]} aligned CelebA images"
+    center = "--crop center" if crop_size is None else "--crop center without --crop-size"
+    if largest < 1:
+        return f"{placed}, and no celeba box of any size fits this one; the centred square does {flags}{center})"
+    return (
+        f"{placed}; one of at most {largest}x{largest} fits this one, as does the centred square "
+        f"{flags}--crop-size {largest} or less, or {center})"
+    )
 
 
 def resize_square(image: Image.Image, image_size: int) -> np.ndarray:
