@@ -47,16 +47,21 @@ def faces():
     return BuiltinFaces(64, 32, seed=0).images, BuiltinFaces(64, 32, seed=1).images
 
 
-def test_pyramid_matches_the_published_numpy_code():
+@pytest.mark.parametrize("size", [32, 33, 31])
+def test_pyramid_matches_the_published_numpy_code(size):
+    """Odd sizes, which the published code does not take (its pyr_up doubles 17 to 34, not 33), as cv2 does, whose
+    pyrDown / pyrUp the published code says it matches: pyrDown rounds the size up, and pyrUp(dstsize) equals the
+    doubled image cropped. OpenCV 5.0's pyrDown and pyrUp(dstsize) gave our pyr_down and pyr_up exactly at 17, 31,
+    32, 33 and 63 px (checked once by hand; OpenCV is not a dependency)."""
     ndimage = pytest.importorskip("scipy.ndimage")
-    x = np.random.default_rng(0).uniform(0, 255, (2, 3, 32, 32)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 3, size, size)).astype(np.float32)
     # Karras et al.'s pyr_down / pyr_up: scipy convolve with mode="mirror", zero-interleaved upsampling x4 gain.
     down = ndimage.convolve(x, GAUSSIAN_5X5[None, None], mode="mirror")[:, :, ::2, ::2]
-    interleaved = np.zeros_like(x)
+    interleaved = np.zeros((2, 3, 2 * down.shape[2], 2 * down.shape[3]), np.float32)
     interleaved[:, :, ::2, ::2] = down
-    up = ndimage.convolve(interleaved, 4 * GAUSSIAN_5X5[None, None], mode="mirror")
+    up = ndimage.convolve(interleaved, 4 * GAUSSIAN_5X5[None, None], mode="mirror")[:, :, :size, :size]
     np.testing.assert_allclose(pyr_down(torch.from_numpy(x)).numpy(), down, atol=1e-4, rtol=1e-5)
-    np.testing.assert_allclose(pyr_up(torch.from_numpy(down), (32, 32)).numpy(), up, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(pyr_up(torch.from_numpy(down), (size, size)).numpy(), up, atol=1e-4, rtol=1e-5)
     np.testing.assert_allclose(laplacian_level(torch.from_numpy(x), 0, 2).numpy(), x - up, atol=1e-3, rtol=1e-5)
     np.testing.assert_allclose(laplacian_level(torch.from_numpy(x), 1, 2).numpy(), down, atol=1e-4, rtol=1e-5)
 
@@ -165,6 +170,16 @@ def test_swd_of_a_set_against_itself_is_the_small_sampling_floor(faces):
     noise = torch.randint(0, 256, a.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert 0 < itself["avg"] < 0.2 * swd(a, noise, seed=3, descriptors_per_image=64)["avg"]  # 27 against 202
     assert itself["avg"] < 0.7 * swd(a, faces[1], seed=3, descriptors_per_image=64)["avg"]  # against 48
+
+
+def test_swd_of_odd_sized_images_takes_patches_from_each_levels_own_size():
+    """At 33 px the levels are 33 and 17 px (pyrDown rounds up): each level's patches come from its own image, whole,
+    and the distances still tell a set from noise."""
+    a, b = (BuiltinFaces(32, 33, seed=seed).images for seed in (0, 1))
+    noise = torch.randint(0, 256, a.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    two_draws, against_noise = (swd(a, other, seed=1, descriptors_per_image=32) for other in (b, noise))
+    assert set(two_draws) == {"33", "17", "avg"}
+    assert 0 < two_draws["avg"] < 0.5 * against_noise["avg"]  # 75 against 211
 
 
 def test_swd_of_a_flat_image_set_is_a_number(faces):
