@@ -243,15 +243,22 @@ def convergence_figure(stats: list[dict], title: str = "BEGAN convergence"):
     fig, axes = plt.subplots(panels, 1, figsize=(7, 2.75 * panels), sharex=True)
     ax_m, ax_k = axes[0], axes[1]
     steps = [r["step"] for r in train_rows]
-    ax_m.plot(steps, [r["m"] for r in train_rows], color="tab:blue", label="M")
+    # A line of one point draws nothing: the first picture of a run that samples before it logs twice showed empty
+    # panels. A lone point gets a marker.
+    lone = "o" if len(steps) == 1 else None
+    (m_line,) = ax_m.plot(steps, [r["m"] for r in train_rows], color="tab:blue", label="M", marker=lone)
     ax_m.set_ylabel("M (convergence)")
     ax_m.grid(alpha=0.3)
     lr_rows = [r for r in train_rows if "lr" in r]
     if lr_rows:
         ax_lr = ax_m.twinx()
-        ax_lr.plot([r["step"] for r in lr_rows], [r["lr"] for r in lr_rows], color="tab:gray", linestyle="--")
+        lr_steps = [r["step"] for r in lr_rows]
+        (lr_line,) = ax_lr.plot(
+            lr_steps, [r["lr"] for r in lr_rows], color="tab:gray", linestyle="--", label="learning rate", marker=lone
+        )
         ax_lr.set_ylabel("learning rate (dashed)")
-    ax_k.plot(steps, [r["k"] for r in train_rows], color="tab:red")
+        ax_m.legend(handles=[m_line, lr_line], loc="upper right", fontsize="small")
+    ax_k.plot(steps, [r["k"] for r in train_rows], color="tab:red", marker=lone)
     ax_k.set_ylabel("k_t")
     ax_k.grid(alpha=0.3)
     if swd:

@@ -213,6 +213,20 @@ def test_convergence_figure_plots_m_lr_k_and_swd_on_their_axes(with_swd):
     assert swd == ([([500, 1000], [80.5, 60.25])] if with_swd else [])
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_convergence_figure_shows_a_lone_point_and_says_which_line_is_which(rows):
+    """A run whose first picture comes before its second log row: its M, lr and k_t lines held one point each, which
+    a line without markers does not draw (empty panels). The M panel's legend tells M from the dashed lr."""
+    stats = [r for r in _stats_rows(False) if "m" in r][:rows]
+    fig = reports.convergence_figure(stats)
+    markers = {ax.get_ylabel(): [line.get_marker() for line in ax.get_lines()] for ax in fig.axes}
+    legend = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    reports._pyplot().close(fig)
+    drawn = "o" if rows == 1 else "None"
+    assert markers == {"M (convergence)": [drawn], "k_t": [drawn], "learning rate (dashed)": [drawn]}
+    assert legend == ["M", "learning rate"]
+
+
 def test_runs_figure_gives_each_run_one_colour_in_both_panels():
     unevaluated, evaluated = _stats_rows(False), _stats_rows(True)
     fig = reports.runs_figure({"plain": unevaluated, "evaluated": evaluated})
