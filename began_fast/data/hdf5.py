@@ -29,8 +29,9 @@ FLAT_SIZE = 64  # the flattened layout's image size
 # Images read and resized at a time by as_uint8 from a file stored at another size: the host holds one chunk of
 # stored images, not the whole file's (CelebA's 202,599 at 256 px are 40 GB; resized to 64 px, 2.5 GB).
 RESIZE_CHUNK = 1024
-# HDF5's reason in h5py's message for a failed read: "Can't synchronously read data (filter returned failure ...)".
-HDF5_REASON = re.compile(r"\(([^()]+)\)\s*$")
+# HDF5's reason in h5py's message for a failed read: "Can't synchronously read data (filter returned failure during
+# read)" (HDF5 2.0), "... (inflate() failed)" (1.14): from the first parenthesis to the last.
+HDF5_REASON = re.compile(r"\((.+)\)\s*$")
 
 
 def _first_unreadable(stored: h5py.Dataset, start: int, stop: int) -> tuple[int, int]:
