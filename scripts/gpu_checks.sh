@@ -59,16 +59,21 @@
 # (torchrun, startup, startup_pair, quality) moves its runs' checkpoints (*.pt) out of OUT_DIR when it ends, into
 # OUT_DIR.checkpoints beside it; a pack made while a phase still runs (quality, detached) must leave them out itself.
 # A phase longer than one call (quality: two 10k-step runs) runs detached, collected by later calls while the machine
-# stays warm (it goes back about 30 s after a call ends and after 30 minutes held: call again at once). A call waits
-# for it within its own limit, then packs it:
+# stays warm (it goes back about 30 s after a call ends and after 30 minutes held: call again at once). It is
+# launched, into a folder not used before (phases.txt is appended to: an old end line would read as its end), by
 #   env -u CALL_LIMIT_S -u PACK setsid nohup bash scripts/gpu_checks.sh /tmp/q quality >/tmp/q.log 2>&1 &
+# each later call first packs what it has so far (should the machine be lost before the next call),
+#   tar czf "$OUT/q.tgz" --exclude='*.pt' --exclude='*.began-fast.tmp' -C /tmp q q.log
+# and the call that waits for it to end does so within its own limit, packs it again, and gives the phases after it
+# the time left (a CALL_LIMIT_S of the whole call would let them run past the call's end):
 #   until grep -qs '^end ' /tmp/q/phases.txt || ((SECONDS > 540)); do sleep 10; done
-#   tar czf "$OUT/q.tgz" --exclude='*.pt' -C /tmp q q.log
+#   tar czf "$OUT/q.tgz" --exclude='*.pt' --exclude='*.began-fast.tmp' -C /tmp q q.log
+#   PACK=$OUT/gc.tgz CALL_LIMIT_S=$((600 - SECONDS)) BEGAN_FAST_COMMIT=<sha> bash scripts/gpu_checks.sh /tmp/gc ...
 # One session's device time (30 minutes, idle time included, from the first call), in the order the open issues need
 # it (an order not yet tried on a GPU; every call with PACK and CALL_LIMIT_S set):
-#   call 1  the quality phase detached as above, first (issue 7's 10k-step pair, the longest phase: its reference run
-#           launches no Triton kernel, and its fast run compiles its own), then compile torchrun (issue 6's 1-GPU
-#           launch, on the cache compile filled)
+#   call 1  the quality phase launched detached as above, first (issue 7's 10k-step pair, the longest phase: its
+#           reference run launches no Triton kernel, and its fast run compiles its own), then compile torchrun
+#           (issue 6's 1-GPU launch, on the cache compile filled)
 #   call 2  tests_cuda (or tests), at once, while quality runs: every test marked cuda, on the GPU the pair shares
 #           (their small models' kernels are not among compile's: they compile as the tests run, minutes)
 #   call 3+ wait for quality and pack it; once it has ended, profile, then bench (BENCH_BUDGET_S under what is left),
@@ -142,12 +147,15 @@ busy() {  # busy NAME: true, and NAME recorded as skipped (a failure), while oth
 pack() {  # OUT_DIR without checkpoints into PACK, replaced whole (a pack stopped half-way leaves the last one)
     [ -n "${PACK:-}" ] || return 0
     local part=$PACK.$$.part  # this process's own: a detached run packing elsewhere never writes it
-    tar czf "$part" --exclude='*.pt' -C "$(dirname "$out")" "$(basename "$out")" && mv -f "$part" "$PACK"
+    # Without the checkpoint a run is writing too (its temporary file, .latest.pt.XXXX.began-fast.tmp: 181 MB).
+    tar czf "$part" --exclude='*.pt' --exclude='*.began-fast.tmp' -C "$(dirname "$out")" "$(basename "$out")" &&
+        mv -f "$part" "$PACK"
 }
-limited() {  # limited COMMAND...: COMMAND, stopped at the deadline when there is one (CALL_LIMIT_S)
-    # Under timeout only then: timeout runs the command in a process group of its own, which a terminal's Ctrl-C
-    # does not reach.
-    if [ -n "${CALL_LIMIT_S:-}" ]; then timeout -k 10 "$(left)" "$@"; else "$@"; fi
+limited() {  # limited COMMAND...: COMMAND, stopped at the deadline when there is one (CALL_LIMIT_S), by SIGTERM or
+    # by stop_signal when set (pytest: SIGINT, on which it still prints its failures; killed by SIGTERM it printed
+    # only their names). Under timeout only then: timeout runs the command in a process group of its own, which a
+    # terminal's Ctrl-C does not reach.
+    if [ -n "${CALL_LIMIT_S:-}" ]; then timeout -s "${stop_signal:-TERM}" -k 10 "$(left)" "$@"; else "$@"; fi
 }
 run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, stopped at the deadline, remember a failure, go on
     local name=$1 rc start=$SECONDS
@@ -215,6 +223,7 @@ bench() {  # bench SUITE FILTER NAME: bench/bench_SUITE.py's cases matching FILT
     if ((left < 60)); then
         echo "bench_$name: skipped, less than a minute of BENCH_BUDGET_S left"
         ended "bench_$name" skipped "$start"
+        status=1
         return
     fi
     busy "bench_$name" && return
@@ -260,9 +269,9 @@ for phase in $phases; do
             python -m pip install -q --no-index --no-deps .whl/xdist/*.whl
         parallel=()
         python -c "import xdist" 2>/dev/null && parallel=(-n 8)
-        run tests python -m pytest -v -rfEs "${parallel[@]}" tests
+        stop_signal=INT run tests python -m pytest -v -rfEs "${parallel[@]}" tests
         ;;
-    tests_cuda) run tests_cuda python -m pytest -v -rfEs -m cuda tests ;;
+    tests_cuda) stop_signal=INT run tests_cuda python -m pytest -v -rfEs -m cuda tests ;;
     bench_step) bench step "not compile" step ;;
     bench_step_compile) bench step compile step_compile ;;
     bench_kernels) bench kernels "not compile" kernels ;;

@@ -28,8 +28,10 @@ common=(--preset "$preset" --steps "$steps" --eval-every 2000 --eval-images 1024
 reference=$!
 "$python" scripts/train.py "${common[@]}" "${fast_flags[@]}" --out "$out/fast" >"$out/fast.log" 2>&1 &
 fast=$!
-# One run failing (or this script stopped) ends the other too; after both ended, kill finds none: not a failure.
-trap 'kill $reference $fast 2>/dev/null || true' EXIT
+# One run failing (or this script stopped) ends the other too; after both ended, kill finds none: not a failure. The
+# script ends once they have (a stopped run writes its checkpoint first): gpu_checks.sh, stopping it at its call's
+# limit, went on to move the checkpoints away and pack the folder while both runs were still writing.
+trap 'kill $reference $fast 2>/dev/null || true; wait || true' EXIT
 # Whichever run ends first is checked first: a run that fails at its start ends the check then, not after the
 # other run's 10k steps.
 declare -A run_of=([$reference]=reference [$fast]=fast)

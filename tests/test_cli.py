@@ -539,6 +539,47 @@ def test_gpu_checks_ends_its_phases_by_call_limit_s(tmp_path):
         assert packed.extractfile("gc/phases.txt").read() == (out / "phases.txt").read_bytes()
 
 
+def test_gpu_checks_stops_the_tests_at_call_limit_s_as_ctrl_c_would(tmp_path):
+    """pytest stopped by SIGTERM printed the failing tests' names only, not why they failed: the test phases are
+    stopped by SIGINT, on which pytest still prints its failures (a stand-in pytest prints them on SIGINT alone)."""
+    said = "trap 'echo \"2 failed: their reasons\"; exit 2' INT; while :; do sleep 0.2; done"
+    forever = f'case "$*" in *"-m cuda"*) {said} ;; esac\n'
+    env = stand_in_gpu(tmp_path, "true", before=forever) | {"CALL_LIMIT_S": "33", "PACK_MARGIN_S": "1"}
+    out = tmp_path / "gc"
+    command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), str(out), "tests_cuda"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (out / "phases.txt").read_text().split()[:2] == ["tests_cuda", "124"]
+    assert (out / "tests_cuda.log").read_text() == "2 failed: their reasons\n"
+
+
+def test_gpu_checks_packs_no_checkpoint_being_written(tmp_path):
+    """A run writes its checkpoint to a temporary file first (.latest.pt.XXXX.began-fast.tmp, 181 MB for paper64):
+    a pack made meanwhile took it, and a pack over 16 MiB does not come back."""
+    writing = 'mkdir -p "$2" && echo weights >"$2/.latest.pt.x1y2.began-fast.tmp" && echo {} >"$2/stats.jsonl"'
+    env = stand_in_gpu(tmp_path, writing) | {"PACK": str(tmp_path / "gc.tgz")}
+    command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), str(tmp_path / "gc"), "torchrun"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with tarfile.open(tmp_path / "gc.tgz") as packed:
+        names = packed.getnames()
+    assert "gc/torchrun/stats.jsonl" in names and not [name for name in names if name.endswith(".began-fast.tmp")]
+
+
+def test_gpu_checks_counts_a_bench_skipped_for_want_of_time_as_a_failure(tmp_path):
+    """As the header says of a skipped phase: a bench that could not start (less than a minute of BENCH_BUDGET_S
+    left) ended the script with status 0, as if it had run."""
+    env = stand_in_gpu(tmp_path, "true") | {"BENCH_BUDGET_S": "30", "BEGAN_FAST_COMMIT": "abc"}
+    out = tmp_path / "gc"
+    command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), str(out), "bench_step"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "bench_step: skipped, less than a minute of BENCH_BUDGET_S left" in done.stdout
+    assert [line.split()[:2] for line in (out / "phases.txt").read_text().splitlines()] == [
+        ["bench_step", "skipped"],
+        ["end", "1"],
+    ]
+
+
 def test_gpu_checks_packs_after_each_phase_what_a_killed_call_brings_back(tmp_path):
     """A device call stopped at its limit is killed, and a `tar` after the script never runs; what is under $OUT comes
     back even then. With PACK, OUT_DIR is packed after every phase: the script killed in its second phase has packed

@@ -1125,3 +1125,24 @@ def test_quality_run_stops_at_the_first_failed_run_and_ends_the_other(tmp_path):
     while _processes_naming(f"{out}/reference") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _processes_naming(f"{out}/reference")
+
+
+def test_quality_run_ends_after_the_run_it_stops_has_ended(tmp_path):
+    """A run stopped by SIGTERM finishes its step and writes its checkpoint before it exits. The script ended before
+    that: gpu_checks.sh, which stops it at a call's limit, then moved the checkpoints away and packed the folder
+    while the runs still wrote. A stand-in python: the fast run fails at once, the reference run takes a second to
+    stop and says so in a file."""
+    stopped = tmp_path / "stopped"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(
+        "#!/bin/bash\n"
+        'case "$*" in *--reference-step*) ;; *) exit 1 ;; esac\n'
+        f"trap 'sleep 1; touch {stopped}; exit 143' TERM\n"
+        "sleep 60 & wait\n"
+    )
+    stand_in.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stand_in)}
+    command = ["bash", "scripts/quality_run.sh", str(tmp_path / "q"), "10", "demo"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "the fast run failed" in done.stdout, done.stdout + done.stderr
+    assert stopped.exists()
