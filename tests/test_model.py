@@ -178,6 +178,48 @@ def test_reference_op_gradcheck_float64(v):
     torch.testing.assert_close(torch_op(*inputs), ref(*inputs))
 
 
+def _conv_elu_by_hand(x, w, b, *, stride, upsample, skip, act):
+    """The layer written out without F.interpolate, F.conv2d or F.elu: nearest upsampling as each pixel repeated,
+    the skip repeated to x's size and put after x's channels, a 3x3 conv with one pixel of zero padding as a sum
+    over its nine taps, ELU as y or exp(y) - 1."""
+    x = x.repeat_interleave(upsample, 2).repeat_interleave(upsample, 3)
+    if skip is not None:
+        k = x.shape[-1] // skip.shape[-1]
+        x = torch.cat([x, skip.repeat_interleave(k, 2).repeat_interleave(k, 3)], dim=1)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    h, w_out = (x.shape[-2] - 1) // stride + 1, (x.shape[-1] - 1) // stride + 1
+    y = b.view(1, -1, 1, 1).expand(x.shape[0], -1, h, w_out).clone()
+    for i in range(3):
+        for j in range(3):
+            window = padded[:, :, i : i + stride * (h - 1) + 1 : stride, j : j + stride * (w_out - 1) + 1 : stride]
+            y = y + torch.einsum("bchw,oc->bohw", window, w[:, :, i, j])
+    return torch.where(y > 0, y, torch.exp(y) - 1) if act else y
+
+
+@pytest.mark.parametrize(
+    "v",
+    [
+        *VARIANTS,
+        dict(stride=2, upsample=1, skip=False, act=True, hw=7),
+        dict(stride=1, upsample=2, skip=4, act=True, hw=4),
+    ],
+    ids=lambda v: "-".join(f"{k}{int(x)}" for k, x in v.items()),
+)
+def test_reference_op_is_the_layer_written_out_by_hand(v):
+    """The reference layer against the same layer from first principles: the gradcheck above compares it with
+    TorchConvELU, another version written on the same torch ops. Skips at half and at a quarter of x's upsampled
+    size (the decoder's h0 at its later scales), odd sizes at stride 2."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, v["hw"], v["hw"], dtype=torch.float64, generator=g)
+    factor = int(v["skip"]) if v["skip"] > 1 else 2  # the upsampled x is this many times the skip's size
+    side = v["hw"] * v["upsample"] // factor
+    skip = torch.randn(2, 2, side, side, dtype=torch.float64, generator=g) if v["skip"] else None
+    w = torch.randn(4, 3 + (2 if v["skip"] else 0), 3, 3, dtype=torch.float64, generator=g)
+    b = torch.randn(4, dtype=torch.float64, generator=g)
+    kw = dict(stride=v["stride"], upsample=v["upsample"], skip=skip, act=v["act"])
+    torch.testing.assert_close(conv_elu_ref(x, w, b, **kw), _conv_elu_by_hand(x, w, b, **kw))
+
+
 def test_wgrad_scale_scales_weight_grads_per_sample_and_leaves_input_grads():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
