@@ -15,7 +15,12 @@ DRAWN_WITH_THE_GRIDS = ("progress.png", "progress.gif", "reconstruction.png", "c
 # Files and folders (train.check_run_entries: a name taken by the other kind stops the run), and the snapshots.
 RUN_FILES = ("config.json", "stats.jsonl", "latest.pt", PICTURES_RECORD, *DRAWN_WITH_THE_GRIDS, RUN_LOCK)
 RUN_FOLDERS = ("samples", "tensorboard")
-SNAPSHOTS = "step_*.pt"
+SNAPSHOTS = "step_*.pt"  # snapshot_path's names
+
+
+def snapshot_path(out: Path, step: int) -> Path:
+    """The snapshot of step `step` in the run folder `out`."""
+    return out / f"step_{step:07d}.pt"
 
 
 def holds_a_run(folder: Path) -> bool:

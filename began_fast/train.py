@@ -50,7 +50,15 @@ from began_fast.distributed import Collectives, cores_per_rank, machine_cores
 from began_fast.fast_step import CudaGraphStep, FastStep
 from began_fast.hang_guard import HangGuard
 from began_fast.model import Discriminator, Generator, carry_after
-from began_fast.run_folder import DRAWN_WITH_THE_GRIDS, PICTURES_RECORD, RUN_FILES, RUN_FOLDERS, RUN_LOCK
+from began_fast.run_folder import (
+    DRAWN_WITH_THE_GRIDS,
+    PICTURES_RECORD,
+    RUN_FILES,
+    RUN_FOLDERS,
+    RUN_LOCK,
+    SNAPSHOTS,
+    snapshot_path,
+)
 from began_fast.seeds import FIXED_Z, generator, uniform_z
 from began_fast.step import ReferenceStep, StepState
 from began_fast.tensorboard_log import open_tensorboard
@@ -353,7 +361,7 @@ class FolderContents:
     @classmethod
     def of(cls, out: Path) -> FolderContents:
         latest = out / "latest.pt"
-        snapshots = sorted(out.glob("step_*.pt"), key=lambda path: (len(path.name), path.name))  # past 9,999,999 too
+        snapshots = sorted(out.glob(SNAPSHOTS), key=lambda path: (len(path.name), path.name))  # past 9,999,999 too
         config = out / "config.json"
         kind = "none"
         if config.exists():
@@ -529,10 +537,6 @@ def checkpoint_state(run: Run) -> dict:
         ),
         "run_id": run.run_id,
     }
-
-
-def snapshot_path(out: Path, step: int) -> Path:
-    return out / f"step_{step:07d}.pt"
 
 
 def write_checkpoint(run: Run) -> Path:
@@ -735,7 +739,7 @@ def compile_kernels(run: Run) -> None:
         return
     if ops.resolve_impl(run.opts.impl, step.device) != "triton":  # the layers' impl, the fast or reference step's
         return
-    from kernels.precompile import CompilerTurn  # Triton: on the triton impl only
+    from kernels.precompile import CompilerTurn, error_line  # Triton: on the triton impl only
 
     cores, share = machine_cores(), cores_per_rank()
     say = functools.partial(print, file=sys.stderr, flush=True) if run.is_main else lambda *args, **kwargs: None
@@ -754,8 +758,7 @@ def compile_kernels(run: Run) -> None:
         try:
             done = step.precompile((run.train_cfg.batch_size, 3, size, size), threads)
         except Exception as error:  # noqa: BLE001 (a head start only: whatever stopped it, the first step compiles)
-            first_line = (str(error).strip().splitlines() or [""])[0][:200]
-            say(f" stopped ({type(error).__name__}: {first_line}); the first step compiles them instead")
+            say(f" stopped ({error_line(error)}); the first step compiles them instead")
             return
     if done.failed:
         ready = f"{done.compiles - done.failed} of {done.compiles}"

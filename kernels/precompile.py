@@ -115,7 +115,7 @@ class Precompiled:
     compiles: int  # asked for: compiled, or read from Triton's disk cache where an earlier process compiled it
     failed: int  # left to the real launch, which compiles again and raises (or, autotuning, skips that config)
     seconds: float
-    first_failure: str = ""  # the first failed compile's error, "Type: its first line" (200 characters at most)
+    first_failure: str = ""  # the first failed compile's error_line
 
 
 def _warm_up(device: int, jit, args, kwargs, grid, tile) -> None:
@@ -147,10 +147,13 @@ def precompile(work: Callable[[], object], threads: int) -> Precompiled:
             pool.shutdown(wait=False, cancel_futures=True)  # leaving the pool then waits for the running ones only
             raise
     errors = [future.exception() for future in compiles if future.exception() is not None]
-    first = ""
-    if errors:
-        first = f"{type(errors[0]).__name__}: {(str(errors[0]).strip().splitlines() or [''])[0][:200]}"
-    return Precompiled(len(compiles), len(errors), time.perf_counter() - start, first)
+    return Precompiled(len(compiles), len(errors), time.perf_counter() - start, error_line(errors[0]) if errors else "")
+
+
+def error_line(error: BaseException) -> str:
+    """A compile's error in one line: "Type: its message's first line", 200 characters of it at most (Triton's
+    compile errors quote the kernel's source)."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
 
 
 class CompilerTurn:

@@ -230,9 +230,9 @@ def main(argv=None) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     try:
-        if args.plot is not None and args.plot.suffix.lower() != ".png":
-            raise ConfigError(f"--plot {args.plot} must name a .png file (the plot is a PNG image)")
         if args.plot is not None:
+            if args.plot.suffix.lower() != ".png":
+                raise ConfigError(f"--plot {args.plot} must name a .png file (the plot is a PNG image)")
             check_not_a_runs_file(args.plot, "--plot")  # --plot RUN/convergence.png replaced the run's own
         a, b = load_run(args.run_a), load_run(args.run_b)
         if args.plot is not None:  # after the runs are read: a refused call creates no folder

@@ -180,9 +180,9 @@ def evaluate(args: argparse.Namespace) -> int:
         check_impl_env()
         if args.fid:
             require_fid(args.inception_weights)
-        if args.json is not None and args.json.suffix != ".json":  # --json latest.pt would replace a checkpoint
-            raise ConfigError(f"--json must name a .json file (it is replaced), got {args.json}")
         if args.json is not None:
+            if args.json.suffix != ".json":  # --json latest.pt would replace a checkpoint
+                raise ConfigError(f"--json must name a .json file (it is replaced), got {args.json}")
             check_not_a_runs_file(args.json, "--json")  # --json RUN/config.json replaced the run's record
         G, D, state = load_models(args.checkpoint, device=args.device)
         real, held_out, recon_images = evaluation_images(
