@@ -216,6 +216,7 @@ def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_T
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
     backend = "nccl" if device.type == "cuda" else "gloo"
+    _import_holders_of_the_default_group()
     collectives = Collectives(world, timeout_s)
     try:
         dist.init_process_group(
@@ -230,6 +231,16 @@ def start(world: World, device: torch.device | str, timeout_s: float = DEFAULT_T
         what, cause = "could not join the job's process group", "did not start, or MASTER_ADDR:MASTER_PORT is wrong"
         raise collectives.failure(e, what, cause) from None
     return collectives
+
+
+def _import_holders_of_the_default_group() -> None:
+    """Import, before the process group exists, the torch modules whose functions take `dist.group.WORLD` as a
+    default argument (torch.distributed.nn's, which torch._dynamo imports, as torch.optim's first optimizer does):
+    a default argument keeps the group found at import, so a module imported after init_process_group holds the
+    group, and destroy_process_group() cannot free it. Its gloo threads then live on into the interpreter's exit,
+    where they can abort a rank that finished its work (SIGABRT, "terminate called without an active exception"),
+    and torchrun reports the job as failed. Imported first, those defaults hold None."""
+    import torch._dynamo  # noqa: F401
 
 
 def end_with_launcher() -> None:

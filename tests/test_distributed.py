@@ -598,6 +598,31 @@ def test_train_script_under_torchrun(tmp_path):
     assert load_checkpoint(out / "latest.pt")["step"] == 3
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists the threads in Linux's /proc")
+def test_a_rank_that_finished_leaves_no_gloo_thread_to_the_interpreters_exit(tmp_path):
+    """train.py's main() leaves the process group freed: torch modules imported after init_process_group (through
+    the first optimizer) held it in default arguments, so destroy_process_group() left its gloo threads running, and
+    at the interpreter's exit they aborted a rank now and then (SIGABRT, "terminate called without an active
+    exception"): torchrun then failed the job that had finished."""
+    rank_script = tmp_path / "rank.py"
+    rank_script.write_text(
+        "import os, runpy, sys\n"
+        f"status = runpy.run_path({str(ROOT / 'scripts' / 'train.py')!r})['main'](sys.argv[1:])\n"
+        "tasks = os.listdir('/proc/self/task')\n"
+        "threads = sorted(open(f'/proc/self/task/{task}/comm').read().strip() for task in tasks)\n"
+        "print(f\"rank {os.environ['RANK']}: status {status}, threads {threads}\", file=sys.stderr)\n"
+    )
+    args = ["--device", "cpu", "--out", str(tmp_path / "run"), "--quiet", "--image-size", "16", "--batch-size", "2"]
+    args += ["--steps", "2", "--workers", "0"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run([*launcher, str(rank_script), *args], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    ends = sorted(line for line in result.stderr.splitlines() if line.startswith("rank ") and "threads" in line)
+    assert [end.split(":")[0] for end in ends] == ["rank 0", "rank 1"], result.stderr
+    for end in ends:
+        assert ": status 0, threads [" in end and "gloo" not in end, end
+
+
 @pytest.mark.parametrize("signum, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "stopped by SIGTERM")])
 def test_train_script_under_torchrun_stops_with_a_checkpoint_on_a_signal_to_the_job(tmp_path, signum, said):
     """Ctrl-C in a terminal, or a scheduler's SIGTERM, reaches the launcher (its workers are in sessions of their
