@@ -1130,14 +1130,18 @@ def test_quality_run_stops_at_the_first_failed_run_and_ends_the_other(tmp_path):
 def test_quality_run_ends_after_the_run_it_stops_has_ended(tmp_path):
     """A run stopped by SIGTERM finishes its step and writes its checkpoint before it exits. The script ended before
     that: gpu_checks.sh, which stops it at a call's limit, then moved the checkpoints away and packed the folder
-    while the runs still wrote. A stand-in python: the fast run fails at once, the reference run takes a second to
-    stop and says so in a file."""
-    stopped = tmp_path / "stopped"
+    while the runs still wrote. A stand-in python: the fast run fails at its start, the reference run takes a second
+    to stop and says so in a file. The fast run fails once the reference run's trap is set: when it failed at once,
+    the reference run was now and then sent SIGTERM while its bash still started, before its trap (1 run in 3 under
+    load failed so)."""
+    stopped, trapped = tmp_path / "stopped", tmp_path / "trapped"
     stand_in = tmp_path / "python"
     stand_in.write_text(
         "#!/bin/bash\n"
-        'case "$*" in *--reference-step*) ;; *) exit 1 ;; esac\n'
+        f'case "$*" in *--reference-step*) ;; *) for _ in $(seq 600); do [ -e {trapped} ] && break; sleep 0.05; done\n'
+        "    exit 1 ;; esac\n"
         f"trap 'sleep 1; touch {stopped}; exit 143' TERM\n"
+        f"touch {trapped}\n"
         "sleep 60 & wait\n"
     )
     stand_in.chmod(0o755)
