@@ -180,7 +180,10 @@ def rank_main(rank, port, folder):
         results["low_bit_error"] = str(e)
     if rank == 1:
         torch.save(results, folder / f"rank{rank}.pt")
-        return  # leaves the job: rank 0's next collective must fail with one clear line
+        # Leaves the job, its process group left first as train.py leaves it (gloo's threads, left to the
+        # interpreter's exit, can abort the process): rank 0's next collective must fail with one clear line.
+        stop()
+        return
     try:
         collectives.max_(0, torch.device("cpu"))
     except CollectiveError as e:
@@ -933,7 +936,9 @@ def test_train_script_under_torchrun_on_two_gpus(tmp_path):
 def test_a_hung_rank_ends_the_others_with_one_line(tmp_path):
     """Rank 1 of a two-rank training run stops (SIGSTOP: alive, its connections open, so no collective sees it
     go); rank 0 must end with one line and exit status 1 within about --dist-timeout, its checkpoint intact."""
-    timeout_s, out = 3, tmp_path / "run"
+    # Rank 0's checkpoint write counts against rank 1's timeout (it waits for rank 0 in the next collective): 6 s
+    # leaves a slow disk's fsync time before rank 1's guard would speak first.
+    timeout_s, out = 6, tmp_path / "run"
     args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2"]
     args += ["--steps", "100000", "--log-every", "2", "--checkpoint-every", "4", "--sample-every", "100000"]
     args += ["--workers", "0", "--impl", "torch", "--dist-timeout", str(timeout_s)]
