@@ -591,12 +591,13 @@ def test_gpu_checks_packs_after_each_phase_what_a_killed_call_brings_back(tmp_pa
     command = ["bash", str(ROOT / "scripts" / "gpu_checks.sh"), str(out), "compile", "torchrun"]
     script = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        started, deadline = tmp_path / "started", time.monotonic() + 60
+        # Until its line is whole: the shell creates the file before echo writes into it.
+        while not (started.exists() and started.read_text().endswith("\n")) and time.monotonic() < deadline:
             time.sleep(0.1)
         # The stand-in's parent is the script's own subshell of the pipeline, not timeout.
-        assert (tmp_path / "started").exists()
-        assert Path(f"/proc/{(tmp_path / 'started').read_text().strip()}/comm").read_text().strip() == "bash"
+        assert started.exists() and started.read_text().endswith("\n")
+        assert Path(f"/proc/{started.read_text().strip()}/comm").read_text().strip() == "bash"
     finally:
         os.killpg(script.pid, signal.SIGKILL)
         script.wait(timeout=60)
