@@ -15,6 +15,9 @@ from began_fast.hang_guard import HangGuard
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 0.3
+# Where the guard must stay silent between beats: a test thread held up for most of 0.3 s (a garbage collection of
+# the suite's objects on a loaded 2-core machine) would pass for a hung step there.
+STEADY_TIMEOUT_S = 1.0
 
 
 class ExitRecorder:
@@ -28,8 +31,8 @@ class ExitRecorder:
         self.called.set()
 
 
-def guard(exit_hook, rank=1):
-    return HangGuard(Collectives(World(rank, 2, rank), TIMEOUT_S), exit_process=exit_hook)
+def guard(exit_hook, rank=1, timeout_s=TIMEOUT_S):
+    return HangGuard(Collectives(World(rank, 2, rank), timeout_s), exit_process=exit_hook)
 
 
 def test_no_step_for_the_timeout_ends_the_rank_with_one_line(capsys):
@@ -45,14 +48,14 @@ def test_no_step_for_the_timeout_ends_the_rank_with_one_line(capsys):
 
 def test_steps_pauses_and_the_first_step_do_not_trigger_it():
     recorder = ExitRecorder()
-    with guard(recorder) as g:
-        time.sleep(4 * TIMEOUT_S)  # not armed yet: the first step compiles and autotunes for as long as it needs
+    with guard(recorder, timeout_s=STEADY_TIMEOUT_S) as g:
+        time.sleep(2 * STEADY_TIMEOUT_S)  # not armed yet: the first step compiles and autotunes for as long as it needs
         for step in range(20):
             g.beat(step)
-            time.sleep(TIMEOUT_S / 6)
+            time.sleep(STEADY_TIMEOUT_S / 6)
         with g.paused():  # rank 0's pictures, evaluation, checkpoint
-            time.sleep(4 * TIMEOUT_S)
-        time.sleep(TIMEOUT_S / 3)  # the clock restarted after the pause
+            time.sleep(2 * STEADY_TIMEOUT_S)
+        time.sleep(STEADY_TIMEOUT_S / 3)  # the clock restarted after the pause
     assert not recorder.called.is_set()
 
 
