@@ -58,6 +58,8 @@ PARITY_CFG = TrainConfig(batch_size=GLOBAL_BATCH, lr=1e-3, lambda_k=0.05)
 LOOP_DATA = DataConfig(builtin_count=64, num_workers=0)
 LOOP_LOADERS = ("torch", "gpu")  # the epoch-ordered loader and the device-resident sampler (here on the CPU)
 JOB_TIMEOUT_S = 240  # the whole two-rank job; a hang fails the tests instead of stalling CI
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
+TWO_RANKS = (*TORCHRUN, "--standalone", "--nproc-per-node", "2")  # on this machine
 COLLECTIVE_TIMEOUT_S = 60.0
 WORLD_SIZE = 2
 
@@ -591,9 +593,8 @@ def test_train_script_under_torchrun(tmp_path):
     out = tmp_path / "run"
     args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2"]
     args += ["--steps", "3", "--checkpoint-every", "3", "--workers", "0", "--lr", "3e-4", "--lr-scaling", "linear"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = subprocess.run(
-        [*launcher, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, timeout=180
+        [*TWO_RANKS, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, timeout=180
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("began-fast: new run") == 1  # rank 0 alone prints
@@ -617,8 +618,7 @@ def test_a_rank_that_finished_leaves_no_gloo_thread_to_the_interpreters_exit(tmp
     )
     args = ["--device", "cpu", "--out", str(tmp_path / "run"), "--quiet", "--image-size", "16", "--batch-size", "2"]
     args += ["--steps", "2", "--workers", "0"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    result = subprocess.run([*launcher, str(rank_script), *args], capture_output=True, text=True, timeout=180)
+    result = subprocess.run([*TWO_RANKS, str(rank_script), *args], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     ends = sorted(line for line in result.stderr.splitlines() if line.startswith("rank ") and "threads" in line)
     assert [end.split(":")[0] for end in ends] == ["rank 0", "rank 1"], result.stderr
@@ -634,9 +634,8 @@ def test_train_script_under_torchrun_stops_with_a_checkpoint_on_a_signal_to_the_
     out = tmp_path / "run"
     args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2"]
     args += ["--steps", "100000", "--log-every", "5", "--checkpoint-every", "100000", "--workers", "0"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     job = subprocess.Popen(
-        [*launcher, str(ROOT / "scripts" / "train.py"), *args],
+        [*TWO_RANKS, str(ROOT / "scripts" / "train.py"), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -668,10 +667,9 @@ def test_train_script_under_torchrun_stops_with_a_checkpoint_when_its_launcher_i
     out = tmp_path / "run"
     args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2"]
     args += ["--steps", "100000", "--log-every", "5", "--checkpoint-every", "100000", "--workers", "0"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     with open(tmp_path / "stderr.txt", "w") as err:
         job = subprocess.Popen(
-            [*launcher, str(ROOT / "scripts" / "train.py"), *args],
+            [*TWO_RANKS, str(ROOT / "scripts" / "train.py"), *args],
             stdout=subprocess.DEVNULL,
             stderr=err,
             start_new_session=True,
@@ -745,9 +743,8 @@ def test_train_script_under_torchrun_fails_on_bad_input_with_one_line_per_rank(t
     leaves with the status 2 of bad input: Gloo's threads could abort a failing rank at interpreter exit (SIGABRT,
     "terminate called without an active exception"; 3 of 8 launches before the fix)."""
     args = ["--device", "cpu", "--out", str(tmp_path / "run"), "--quiet", "--data", str(tmp_path / "missing")]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = subprocess.run(
-        [*launcher, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, timeout=180
+        [*TWO_RANKS, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, timeout=180
     )
     assert result.returncode != 0
     errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error: "))
@@ -766,7 +763,7 @@ def test_train_script_on_two_machines_meets_through_the_c10d_rendezvous(tmp_path
     out = tmp_path / "run"
     args = ["--device", "cpu", "--out", str(out), "--quiet", "--image-size", "16", "--batch-size", "2", "--steps", "2"]
     args += ["--checkpoint-every", "2", "--workers", "0", "--impl", "torch"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    launcher = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1"]
     launcher += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "two-machines"]
     launcher += ["--local-addr", "127.0.0.1"]
     agents = [
@@ -923,9 +920,8 @@ def test_train_script_under_torchrun_on_two_gpus(tmp_path):
     out = tmp_path / "run"
     args = ["--out", str(out), "--quiet", "--image-size", "32", "--batch-size", "4", "--steps", "20"]
     args += ["--checkpoint-every", "20", "--log-every", "10", "--amp", "--cuda-graphs"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = subprocess.run(
-        [*launcher, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, timeout=900
+        [*TWO_RANKS, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stderr
     assert "ranks: 2, batch 4 per rank, global batch 8" in result.stderr
